@@ -1,0 +1,1 @@
+"""Code generation from the one message catalogue, tools/schema/messages.toml."""
