@@ -629,6 +629,9 @@ class MessageSpec(NamedTuple):
     usecases: tuple[str, ...]
 
 
+ERROR_BODY: Final[tuple[tuple[int, bool], ...]] = ((12, True), (13, True), (14, False))
+ACK_BODY: Final[tuple[tuple[int, bool], ...]] = ((15, False),)
+
 FIELDS: Final[dict[int, FieldSpec]] = {
     0: FieldSpec(0, 'ext', 'any', '', 0, 0, 0, 0, None, ()),
     1: FieldSpec(1, 'evse', 'uint', '', 0, 255, 0, 0, None, ()),

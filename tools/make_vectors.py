@@ -52,9 +52,13 @@ KEYS = {
 
 # ---------------------------------------------------------------- canonical packing
 def _float(v: float) -> bytes:
-    f32 = struct.unpack(">f", struct.pack(">f", v))[0] if math.isfinite(v) and abs(v) < 3.4e38 else None
-    if f32 is not None and f32 == v:
-        return b"\xca" + struct.pack(">f", v)
+    """float32 when the value survives the round trip through float32 bit for bit, else float64."""
+    try:
+        f32 = struct.pack(">f", v)
+    except OverflowError:
+        return b"\xcb" + struct.pack(">d", v)
+    if struct.pack(">d", struct.unpack(">f", f32)[0]) == struct.pack(">d", v):
+        return b"\xca" + f32
     return b"\xcb" + struct.pack(">d", v)
 
 

@@ -415,6 +415,12 @@ FLEN = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 120, 0, 64, 64, 0, 0, 0, 0, 0, 0,
 FITEM = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 FSUB = (None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, (b'\x1f ', b'\x14A'), None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, (b'@\x18', b'A\x19'), None, None, None, None, None, None, None, None, None, None, None, (b'"\x08', b''), None, None, None, None, None, None, None, None, (b'OP', b'Q\x01RS\x1a'), None, None, None, None, (b'UOPVWX', b'\x01'), None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, (b'jXc', b''), None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None,)
 
+# bodies of error and ack frames, whatever their action
+ERR_REQ = b'\x0c\r'
+ERR_OPT = b'\x0e'
+ACK_REQ = b''
+ACK_OPT = b'\x0f'
+
 # action tables: ACT_INDEX maps a code to a dense index (255: unknown)
 ACT_INDEX = b'\xff\x00\x01\x02\x03\x04\xff\xff\xff\xff\x05\x06\x07\x08\t\xff\xff\xff\xff\xff\n\x0b\x0c\r\x0e\xff\xff\x0f\x10\x11\x12\x13\x14\xff\xff\xff\xff\xff\xff\xff\x15\x16\x17\x18\x19\x1a\x1b\x1c\x1d\x1e\x1f !"#$%&\'()*+,-./01\xff23456789:;<=>?@A'
 ACT_KIND = b'\x00\x00\x00\x03\x00\x00\x00\x00\x00\x03\x00\x00\x00\x00\x03\x00\x00\x03\x03\x00\x03\x00\x03\x00\x00\x00\x00\x03\x00\x00\x03\x00\x00\x00\x00\x00\x03\x03\x03\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x00\x00\x03\x03\x03\x00\x00\x00\x00\x00'

@@ -16,10 +16,7 @@ from typing import Any
 
 import msgpack
 
-from gateway.schema import FIELDS, MAX_FRAME, MESSAGES, ErrorCode, Kind
-
-_ERROR_BODY = ((12, True), (13, True), (14, False))
-_ACK_BODY = ((15, False),)
+from gateway.schema import ACK_BODY, ERROR_BODY, FIELDS, MAX_FRAME, MESSAGES, ErrorCode, Kind
 
 
 class Rejected(Exception):
@@ -116,9 +113,9 @@ class PyReceiver:
         elif kind == Kind.RESPONSE:
             members = spec.response
         elif kind == Kind.ERROR:
-            members = _ERROR_BODY
+            members = ERROR_BODY
         else:
-            members = _ACK_BODY
+            members = ACK_BODY
         _check_body(env[7], members)
         return env
 

@@ -73,6 +73,12 @@ def emit(s: Schema) -> str:
     o.append(f"FITEM = {tuple(fitem)!r}")
     o.append(f"FSUB = ({', '.join(fsub)},)")
 
+    o.append("\n# bodies of error and ack frames, whatever their action")
+    o.append(f"ERR_REQ = {_keys(s.error_body, True)}")
+    o.append(f"ERR_OPT = {_keys(s.error_body, False)}")
+    o.append(f"ACK_REQ = {_keys(s.ack_body, True)}")
+    o.append(f"ACK_OPT = {_keys(s.ack_body, False)}")
+
     atop = max(m.code for m in msgs) + 1
     aindex = [255] * atop
     for i, m in enumerate(msgs):

@@ -61,6 +61,8 @@ class MessageSpec(NamedTuple):
 
 """
     )
+    o.append(f"ERROR_BODY: Final[tuple[tuple[int, bool], ...]] = {_members(s.error_body)}")
+    o.append(f"ACK_BODY: Final[tuple[tuple[int, bool], ...]] = {_members(s.ack_body)}\n")
     o.append("FIELDS: Final[dict[int, FieldSpec]] = {")
     for f in s.fields:
         o.append(

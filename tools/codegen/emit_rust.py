@@ -50,6 +50,10 @@ def emit(s: Schema) -> str:
     out.append("pub static ERRORS: &[(u16, &str, &str)] = &[")
     out += [f'    ({e.code}, "{e.name}", "{e.text}"),' for e in s.errors]
     out.append("];\n")
+    out.append("/// Body of an error frame, whatever its action.")
+    out.append(f"pub static ERROR_BODY: &[Member] = {_members(s.error_body)};")
+    out.append("/// Body of an ack frame, whatever its action.")
+    out.append(f"pub static ACK_BODY: &[Member] = {_members(s.ack_body)};\n")
     out.append("/// The field dictionary, sorted by key.\npub static FIELDS: &[FieldDef] = &[")
     for f in s.fields:
         numeric = f.elem if f.type == "list" else f.type

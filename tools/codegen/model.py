@@ -81,6 +81,8 @@ class Schema:
     fields: list[Field]
     structs: dict[str, tuple[Member, ...]]
     messages: list[Message]
+    error_body: tuple[Member, ...]
+    ack_body: tuple[Member, ...]
     by_name: dict[str, Field] = field(default_factory=dict)
 
 
@@ -217,6 +219,8 @@ def load(path: Path = SCHEMA_PATH) -> Schema:
         fields=fields,
         structs=structs,
         messages=messages,
+        error_body=_members(raw["bodies"]["error"], fdefs, "error body"),
+        ack_body=_members(raw["bodies"]["ack"], fdefs, "ack body"),
         by_name=by_name,
     )
 

@@ -1,0 +1,412 @@
+"""Frames of the link (docs/protocol.md): the 9-element envelope, its tag, validation
+against the generated schema tables, and splitting a byte stream into frames.
+
+    [ver, kind, seq, id, prio, ts, action, body, tag]
+
+`encode` writes a frame into a caller's `Writer` (u16 BE length prefix, envelope, then
+`c4 10` + the 16-byte tag). `decode` checks a received frame in the protocol's order of
+precedence and raises the first error as a `FrameError`:
+
+1. length above MAX_FRAME → OVERSIZE
+2. structure (msgpack.check): TRUNCATED, INVALID_MSGPACK, TOO_DEEP, TOO_MANY_ITEMS,
+   BAD_UTF8, whichever comes first in byte order; then TRAILING_BYTES
+3. envelope shape → BAD_ENVELOPE; 4. ver → BAD_VERSION; 5. tag → BAD_TAG;
+6. replay window → REPLAY
+7. kind > 4 → BAD_KIND; action unknown to the board → UNKNOWN_ACTION; kind not valid
+   for the action → BAD_KIND; prio > 3, or a request/event below its default class →
+   BAD_PRIORITY
+8. body, entries in wire order (structs inside lists the same way, recursively, each
+   struct in full where it stands): BAD_KEY, DUPLICATE_KEY, BAD_TYPE, OUT_OF_RANGE;
+   then MISSING_FIELD for the first required key missing, in table order. Only the
+   message's own fields (struct's own members) are checked against the field tables;
+   every other key, ext (0) included, is kept as it is, like the Rust core does.
+"""
+
+# ruff: noqa: PLR0917, PLR1714, SIM109, PLR0124
+# The envelope is positional, so encode/Frame take its fields positionally; `a == x or a == y`
+# compiles to two int compares on MicroPython; `v != v` is the NaN test.
+
+from .msgpack import ARRAY, BIN, BOOL, FLOAT, INT, MAP, STR, FrameError, Map, Reader, check
+from .schema import (
+    ACK_OPT,
+    ACK_REQ,
+    ACT_INDEX,
+    ACT_KIND,
+    ACT_OPT,
+    ACT_PRIO,
+    ACT_REQ,
+    E_BAD_ENVELOPE,
+    E_BAD_KEY,
+    E_BAD_KIND,
+    E_BAD_PRIORITY,
+    E_BAD_TAG,
+    E_BAD_TYPE,
+    E_BAD_VERSION,
+    E_DUPLICATE_KEY,
+    E_MISSING_FIELD,
+    E_OUT_OF_RANGE,
+    E_OVERSIZE,
+    E_TRAILING_BYTES,
+    E_UNKNOWN_ACTION,
+    ERR_OPT,
+    ERR_REQ,
+    F_ERROR_CODE,
+    F_FIELD,
+    F_REASON,
+    FELEM,
+    FITEM,
+    FLEN,
+    FMAX,
+    FMIN,
+    FSUB,
+    FTYPE,
+    K_ACK,
+    K_ERROR,
+    K_EVENT,
+    K_REQUEST,
+    K_RESPONSE,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    RES_OPT,
+    RES_REQ,
+    T_ANY,
+    T_BIN,
+    T_BOOL,
+    T_FLOAT,
+    T_INT,
+    T_LIST,
+    T_SECRET,
+    T_STR,
+    T_STRUCT,
+    T_UINT,
+    TAG_LEN,
+)
+
+try:
+    from micropython import const
+except ImportError:
+
+    def const(x):
+        return x
+
+
+_TAIL = const(18)  # c4 10 + 16-byte tag
+_NONE = const(255)
+
+_marks = [0] * 9  # item offsets of the envelope, filled by check(); decode is not reentrant
+
+
+class Frame:
+    """A decoded frame: the envelope's fields, `body` (a dict in wire order, OrderedDict
+    under MicroPython) and the 16-byte `tag`."""
+
+    def __init__(self, ver, kind, seq, mid, prio, ts, action, body, tag):
+        self.ver = ver
+        self.kind = kind
+        self.seq = seq
+        self.id = mid
+        self.prio = prio
+        self.ts = ts
+        self.action = action
+        self.body = body
+        self.tag = tag
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(w, kind, seq, mid, prio, ts, action, body, mac=None, tag=None, ver=PROTOCOL_VERSION):
+    """Write one length-prefixed frame into the Writer `w` from offset 0; return its end.
+
+    The frame itself is w.mv[2:end]. `mac` (a crypto.Hmac) computes the tag; without it
+    `tag` (16 bytes) is written as given, or zeros. `body` is a dict (written in its
+    iteration order) or msgpack.Pairs. Raises FrameError(E_OVERSIZE) when the frame
+    would exceed MAX_FRAME or the buffer.
+    """
+    w.pos = 2
+    w.byte(0x99)
+    w.integer(ver)
+    w.integer(kind)
+    w.integer(seq)
+    w.integer(mid)
+    w.integer(prio)
+    w.integer(ts)
+    w.integer(action)
+    w.value(body)
+    p = w.pos
+    end = p + _TAIL
+    if end - 2 > MAX_FRAME:
+        raise FrameError(E_OVERSIZE, "frame above MAX_FRAME")
+    w._room(_TAIL)
+    b = w.buf
+    b[p] = 0xC4
+    b[p + 1] = TAG_LEN
+    if mac is not None:
+        mac.tag_into(w.mv[2:p], b, p + 2)
+    else:
+        for i in range(TAG_LEN):
+            b[p + 2 + i] = tag[i] if tag is not None else 0
+    n = end - 2
+    b[0] = n >> 8
+    b[1] = n & 0xFF
+    w.pos = end
+    return end
+
+
+def error_body(e):
+    """The body of the error frame that answers FrameError `e`."""
+    body = Map()
+    body[F_ERROR_CODE] = e.code
+    body[F_REASON] = e.reason
+    if e.field is not None:
+        body[F_FIELD] = e.field
+    return body
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _scalar(r, cls, ft, k, maxlen):
+    # the value whose head `cls` was just read, for a field (or list element) of type ft
+    if ft == T_UINT or ft == T_INT:
+        if cls != INT:
+            raise FrameError(E_BAD_TYPE, "integer expected", k)
+        v = r.v
+        if v < FMIN[k] or v > FMAX[k]:
+            raise FrameError(E_OUT_OF_RANGE, "integer out of bounds", k)
+        return v
+    if ft == T_FLOAT:
+        if cls != FLOAT and cls != INT:
+            raise FrameError(E_BAD_TYPE, "number expected", k)
+        v = r.v
+        if v != v or v < FMIN[k] or v > FMAX[k]:
+            raise FrameError(E_OUT_OF_RANGE, "number out of bounds", k)
+        return v
+    if ft == T_BOOL:
+        if cls != BOOL:
+            raise FrameError(E_BAD_TYPE, "bool expected", k)
+        return r.v
+    if ft == T_STR:
+        if cls != STR:
+            raise FrameError(E_BAD_TYPE, "str expected", k)
+        if r.n > maxlen:
+            raise FrameError(E_OUT_OF_RANGE, "str too long", k)
+        return r.text()
+    if ft == T_BIN or ft == T_SECRET:
+        if cls != BIN:
+            raise FrameError(E_BAD_TYPE, "bin expected", k)
+        if r.n > maxlen:
+            raise FrameError(E_OUT_OF_RANGE, "bin too long", k)
+        return r.binary()
+    if ft == T_STRUCT:
+        if cls != MAP:
+            raise FrameError(E_BAD_TYPE, "map expected", k)
+        sub = FSUB[k]
+        return _entries(r, r.n, sub[0], sub[1])
+    if ft == T_ANY:
+        return r.finish(cls)
+    raise FrameError(E_BAD_TYPE, "type not allowed here", k)
+
+
+def _field(r, k, req, opt):
+    # the value of key k in a body or struct whose member keys are req + opt
+    cls = r.head()
+    if k > 255 or not (k in req or k in opt):
+        return r.finish(cls)  # a key this message does not know: kept as it is
+    ft = FTYPE[k]
+    if ft == _NONE or ft == T_ANY:
+        return r.finish(cls)
+    if ft != T_LIST:
+        return _scalar(r, cls, ft, k, FLEN[k])
+    if cls != ARRAY:
+        raise FrameError(E_BAD_TYPE, "list expected", k)
+    n = r.n
+    if n > FLEN[k]:
+        raise FrameError(E_OUT_OF_RANGE, "list too long", k)
+    et = FELEM[k]
+    item = FITEM[k] or MAX_FRAME
+    out = []
+    try:
+        for _ in range(n):
+            out.append(_scalar(r, r.head(), et, k, item))
+    except FrameError as e:
+        e.field = k  # the error names the body key at fault, as the Rust core does
+        raise
+    return out
+
+
+def _entries(r, n, req, opt):
+    # a body or struct map of n entries (head already read); req/opt: member keys
+    d = Map()
+    for _ in range(n):
+        if r.head() != INT or r.v < 0:
+            raise FrameError(E_BAD_KEY, "map key is not an unsigned int")
+        k = r.v
+        if k in d:
+            raise FrameError(E_DUPLICATE_KEY, "key appears twice", k)
+        d[k] = _field(r, k, req, opt)
+    for k in req:
+        if k not in d:
+            raise FrameError(E_MISSING_FIELD, "required field missing", k)
+    return d
+
+
+def decode(frame, mac=None, window=None):
+    """Check and decode one frame (bytes/bytearray/memoryview, no length prefix).
+
+    `mac` (a crypto.Hmac) verifies the tag; None skips the check. `window` (a
+    window.ReplayWindow) rejects replays and records `seq` once the frame is valid.
+    Returns a Frame; raises FrameError, with `id` and `action` set to the frame's when
+    the envelope could be read (else 0).
+    """
+    b = frame if isinstance(frame, memoryview) else memoryview(frame)
+    n = len(b)
+    if n > MAX_FRAME:
+        raise FrameError(E_OVERSIZE, "frame above MAX_FRAME")
+    marks = _marks
+    marks[8] = -1
+    if check(b, 0, n, 0, marks) != n:
+        raise FrameError(E_TRAILING_BYTES, "bytes after the envelope")
+
+    r = Reader(b)
+    if r.head() != ARRAY or r.n != 9:
+        raise FrameError(E_BAD_ENVELOPE, "not an array of 9")
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "ver is not an unsigned int")
+    ver = r.v
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "kind is not an unsigned int")
+    kind = r.v
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "seq is not an unsigned int")
+    seq = r.v
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "id is not an unsigned int")
+    mid = r.v
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "prio is not an unsigned int")
+    prio = r.v
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "ts is not an unsigned int")
+    ts = r.v
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, "action is not an unsigned int")
+    action = r.v
+    if r.head() != MAP:
+        raise FrameError(E_BAD_ENVELOPE, "body is not a map")
+    t = n - _TAIL
+    if marks[8] != t or b[t] != 0xC4 or b[t + 1] != TAG_LEN:
+        raise FrameError(E_BAD_ENVELOPE, "tag is not bin8 of 16 at the end")
+    try:
+        if ver != PROTOCOL_VERSION:
+            raise FrameError(E_BAD_VERSION, "unsupported protocol version")
+        tag = b[t + 2 : n]
+        if mac is not None and not mac.verify(b[0:t], tag):
+            raise FrameError(E_BAD_TAG, "tag does not verify")
+        if window is not None:
+            window.check(seq)
+
+        if kind > K_ACK:
+            raise FrameError(E_BAD_KIND, "kind above 4")
+        ai = ACT_INDEX[action] if action < len(ACT_INDEX) else _NONE
+        if ai == _NONE:
+            raise FrameError(E_UNKNOWN_ACTION, "action not known to this board")
+        if ACT_KIND[ai] == K_EVENT:
+            if kind == K_REQUEST or kind == K_RESPONSE:
+                raise FrameError(E_BAD_KIND, "kind not valid for an event")
+        elif kind == K_EVENT or kind == K_ACK:
+            raise FrameError(E_BAD_KIND, "kind not valid for a request")
+        if prio > 3:
+            raise FrameError(E_BAD_PRIORITY, "priority above 3")
+        if (kind == K_REQUEST or kind == K_EVENT) and prio > ACT_PRIO[ai]:
+            raise FrameError(E_BAD_PRIORITY, "priority below the action's default")
+
+        if kind == K_RESPONSE:
+            req = RES_REQ[ai]
+            opt = RES_OPT[ai]
+        elif kind == K_ERROR:
+            req = ERR_REQ
+            opt = ERR_OPT
+        elif kind == K_ACK:
+            req = ACK_REQ
+            opt = ACK_OPT
+        else:
+            req = ACT_REQ[ai]
+            opt = ACT_OPT[ai]
+        body = _entries(r, r.n, req, opt)
+        if window is not None:
+            window.accept(seq)
+    except FrameError as e:
+        e.id = mid
+        e.action = action
+        raise
+    return Frame(ver, kind, seq, mid, prio, ts, action, body, bytes(tag))
+
+
+# ---------------------------------------------------------------- stream splitting
+
+
+class FrameSplitter:
+    """Splits a byte stream of `u16 BE length || frame` records into frames.
+
+    Either `feed(data)` (a generator yielding each complete frame), or read straight into
+    the splitter with `sock.readinto(s.space())`, `s.wrote(n)` and `next()` until None.
+    A yielded frame is a memoryview into the splitter's buffer, valid until more bytes
+    are added. A prefix of 0 or above MAX_FRAME raises FrameError(E_OVERSIZE), and so
+    does every later call: the stream cannot be re-synchronised.
+    """
+
+    def __init__(self, size=MAX_FRAME + 2):
+        self.buf = bytearray(size)
+        self.mv = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.failed = False
+
+    def next(self):
+        """The next complete frame, or None when more bytes are needed."""
+        if self.failed:
+            raise FrameError(E_OVERSIZE, "stream already failed")
+        s = self.start
+        if self.end - s < 2:
+            return None
+        n = (self.buf[s] << 8) | self.buf[s + 1]
+        if n == 0 or n > MAX_FRAME:
+            self.failed = True
+            raise FrameError(E_OVERSIZE, "length prefix 0 or above MAX_FRAME")
+        if self.end - s < n + 2:
+            return None
+        self.start = s + 2 + n
+        return self.mv[s + 2 : s + 2 + n]
+
+    def space(self):
+        """Free space at the end of the buffer (after moving pending bytes to the front)."""
+        s = self.start
+        if s:
+            k = self.end - s
+            self.mv[0:k] = self.mv[s : self.end]
+            self.start = 0
+            self.end = k
+        return self.mv[self.end :]
+
+    def wrote(self, n):
+        """Record that n bytes were written into space()."""
+        self.end += n
+
+    def feed(self, data):
+        """Add `data` and yield every frame it completes."""
+        src = memoryview(data)
+        i = 0
+        n = len(src)
+        while True:
+            f = self.next()
+            while f is not None:
+                yield f
+                f = self.next()
+            if i >= n:
+                return
+            room = self.space()
+            k = min(len(room), n - i)
+            room[0:k] = src[i : i + k]
+            self.end += k
+            i += k
