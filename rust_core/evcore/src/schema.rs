@@ -360,6 +360,11 @@ pub static ERRORS: &[(u16, &str, &str)] = &[
     (28, "INTERNAL", "receiver failed; the message was not accepted"),
 ];
 
+/// Body of an error frame, whatever its action.
+pub static ERROR_BODY: &[Member] = &[Member { key: 12, required: true }, Member { key: 13, required: true }, Member { key: 14, required: false }];
+/// Body of an ack frame, whatever its action.
+pub static ACK_BODY: &[Member] = &[Member { key: 15, required: false }];
+
 /// The field dictionary, sorted by key.
 pub static FIELDS: &[FieldDef] = &[
     FieldDef { key: 0, name: "ext", ty: Ty::Any, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
