@@ -43,7 +43,7 @@ def make_frames(n: int) -> tuple[bytes, list[bytes]]:
             Key.SOC: 40 + i % 60,
             Key.TX_ID: 4242 + i % 8,
             Key.TIME: TS + i // 10,
-            Key.SAMPLES: [{Key.MEASURAND: 2, Key.VALUE: 230.5, Key.PHASES: 1}],
+            Key.SAMPLES: [{Key.MEASURAND: 2, Key.VALUE: 230.5, Key.PHASES: 1}, {Key.MEASURAND: 3, Key.VALUE: 0.1}],
         }
         frames.append(tx.seal(Kind.EVENT, 100_000 + i, Priority.TELEMETRY, TS + i // 10, Action.METER_VALUES, body))
     return k_up, frames
