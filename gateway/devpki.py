@@ -78,7 +78,9 @@ def issue(folder: Path, cn: str, *, ca: tuple[Path, Path], server: bool = True, 
         raise TypeError(f"{ca[1]}: the development CA key must be an EC key")
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    usages = [u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on]
+    usages = [
+        u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server), (ExtendedKeyUsageOID.CLIENT_AUTH, client)) if on
+    ]
     san = x509.SubjectAlternativeName(
         [
             x509.DNSName(cn),

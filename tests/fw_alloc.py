@@ -41,7 +41,7 @@ def _map(*kv):
     return m
 
 
-def measure(name, kind, prio, action, body, w, mac):  # noqa: PLR0917
+def measure(name, kind, prio, action, body, w, mac):
     frame.encode(w, kind, 1, 100, prio, 30000000, action, body, mac)  # warm up
     gc.collect()
     gc.disable()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

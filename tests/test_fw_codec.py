@@ -240,7 +240,7 @@ def test_garbage_values_raise_only_frame_errors(data: bytes) -> None:
 K = schema
 
 
-def _frame(kind: int, seq: int, mid: int, prio: int, action: int, body: Any, mac: Any = MAC) -> bytes:  # noqa: PLR0917
+def _frame(kind: int, seq: int, mid: int, prio: int, action: int, body: Any, mac: Any = MAC) -> bytes:
     w = Writer()
     end = encode(w, kind, seq, mid, prio, 30_000_000, action, body, mac)
     assert w.buf[0] << 8 | w.buf[1] == end - 2
@@ -256,7 +256,7 @@ def _code(data: bytes, mac: Any = MAC, win: Any = None) -> str:
     try:
         decode(data, mac, win)
     except FrameError as e:
-        return fw_vectors.ERROR_NAMES[e.code]
+        return str(fw_vectors.ERROR_NAMES[e.code])
     return "ok"
 
 

@@ -74,7 +74,10 @@ def test_hot_fields_have_one_byte_keys() -> None:
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        (('evse = { key = 1, type = "uint", max = 255 }', 'evse = { key = 2, type = "uint", max = 255 }'), "already used"),
+        (
+            ('evse = { key = 1, type = "uint", max = 255 }', 'evse = { key = 2, type = "uint", max = 255 }'),
+            "already used",
+        ),
         (('fields = ["evse", "state"', 'fields = ["evse", "nosuchfield"'), "unknown field"),
         (('sample = ["measurand"', 'sample = ["id_token", "measurand"'), "secret field"),
         (("code = 79\n", "code = 78\n"), "already used"),

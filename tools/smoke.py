@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         spent += time.perf_counter() - t0
         wire += sum(len(f) + 2 for f in frames)
 
-    order = []
+    order: list[int] = []
     while len(q):
         order.extend(item[0] for item in q.pop_batch(4096))
     first_urgent_run = order[: args.boards]
@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"boards {args.boards}, frames sealed {total}, bytes on the wire {wire:,} ({wire / total:.1f} per frame)")
     print(f"accepted {accepted}, rejected {sum(causes.values())}: {dict(sorted(causes.items()))}")
     print(f"ingest (decode + tag + schema + enqueue) {total / spent:,.0f} frames/s on one core")
-    print(f"queue drained {len(order)}: by class {dict(sorted(collections.Counter(order).items()))}; first {len(first_urgent_run)} out all urgent: {set(first_urgent_run) == {0}}")
+    by_class = dict(sorted(collections.Counter(order).items()))
+    print(f"queue drained {len(order)} frames, by class {by_class}")
+    print(f"first {len(first_urgent_run)} out are all urgent: {set(first_urgent_run) == {0}}")
     print(f"firmware manifests: {sum(verdicts)} of {len(verdicts)} signatures verify (one forged)")
     ok = (
         accepted == total

@@ -22,7 +22,7 @@ precedence and raises the first error as a `FrameError`:
    every other key, ext (0) included, is kept as it is, like the Rust core does.
 """
 
-# ruff: noqa: PLR0917, PLR1714, SIM109, PLR0124
+# ruff: noqa: PLR1714, SIM109, PLR0124
 # The envelope is positional, so encode/Frame take its fields positionally; `a == x or a == y`
 # compiles to two int compares on MicroPython; `v != v` is the NaN test.
 

@@ -20,7 +20,7 @@ order; a map whose keys cannot make a dict (a list or map as key, or two equal k
 decodes as `Pairs`, a list of (key, value) tuples that the encoder writes back as a map.
 """
 
-# ruff: noqa: PLR0917, PLR1714, SIM109, PLR0124
+# ruff: noqa: PLR1714, SIM109, PLR0124
 # Marker tests are written as chained int compares (the hot path on MicroPython); `v != v`
 # is the NaN test.
 

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     key, frames = make_frames(args.frames)
     size = statistics.median(len(f) for f in frames)
     rust, py, ratios = [], [], []
-    py_frames = frames[: max(args.batch, args.frames // 10)]  # the slow path gets a tenth: same frames, same kind of work
+    py_frames = frames[
+        : max(args.batch, args.frames // 10)
+    ]  # the slow path gets a tenth: same frames, same kind of work
     for _ in range(args.rounds):
         r = run_rust(key, frames, args.batch)
         p = run_python(key, py_frames, args.batch)
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(r / p)
     print(f"ingest: decode + tag verify + schema check + enqueue, {len(frames)} frames of median {size:.0f} bytes,")
     print(f"batches of {args.batch}, {args.rounds} rounds alternating, one core (cpus: {os.cpu_count()})")
-    print(f"  rust core   median {statistics.median(rust):>12,.0f} frames/s   (min {min(rust):,.0f}, max {max(rust):,.0f})")
-    print(f"  pure python median {statistics.median(py):>12,.0f} frames/s   (min {min(py):,.0f}, max {max(py):,.0f})")
+    for label, rates in (("rust core  ", rust), ("pure python", py)):
+        med, lo, hi = statistics.median(rates), min(rates), max(rates)
+        print(f"  {label} median {med:>12,.0f} frames/s   (min {lo:,.0f}, max {hi:,.0f})")
     print(f"  ratio       median {statistics.median(ratios):>12.1f} x")
     print()
     print("wire bytes per message (ours: frame + 2-byte length prefix, 16-byte tag included;")

@@ -38,7 +38,10 @@ class MixEntry:
 
 
 def _sample(value: float, measurand: str, unit: str) -> dict[str, Any]:
-    return {"timestamp": ISO_TS, "sampledValue": [{"value": value, "measurand": measurand, "unitOfMeasure": {"unit": unit}}]}
+    return {
+        "timestamp": ISO_TS,
+        "sampledValue": [{"value": value, "measurand": measurand, "unitOfMeasure": {"unit": unit}}],
+    }
 
 
 MIX: tuple[MixEntry, ...] = (
@@ -102,7 +105,7 @@ def ocpp_json(payload: Any) -> str:
     body = {k: v for k, v in _camel(dataclasses.asdict(payload)).items() if v is not None}
     msg = Call(unique_id=str(uuid.UUID(int=0x1234)), action=action, payload=body)
     _validate_payload(msg, "2.0.1")  # the sync core of the library's async validator
-    return msg.to_json()
+    return str(msg.to_json())
 
 
 def _camel(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Generate the schema's three targets; `--check` fails when any committed file is stale.
 
-    python -m tools.codegen           # write the generated files
-    python -m tools.codegen --check   # exit 1 and name the stale files
+python -m tools.codegen           # write the generated files
+python -m tools.codegen --check   # exit 1 and name the stale files
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def emit(s: Schema) -> str:
         if f.enum:
             bounds = f"enum {f.enum}"
         elif f.type == "list":
-            bounds = f"≤ {f.max_len} × {f.struct or f.elem}"
+            bounds = f"≤ {f.max_len} items of {f.struct or f.elem}"
         elif f.type in ("str", "bin", "secret"):
             bounds = f"≤ {f.max_len} bytes"
         elif f.type in ("uint", "int", "float"):

@@ -133,7 +133,7 @@ def load(path: Path = SCHEMA_PATH) -> Schema:
         if not 0 <= key <= 65535:
             raise SchemaError(f"field {name}: key {key} out of range")
         keys[key] = name
-        elem, struct, members = "", None, ()
+        elem, struct, members = "", None, tuple[Member, ...]()
         bty = ty
         if ty == "list":
             of = spec["of"]
@@ -165,8 +165,8 @@ def load(path: Path = SCHEMA_PATH) -> Schema:
         )
     fields.sort(key=lambda f: f.key)
     by_name = {f.name: f for f in fields}
-    for sname, members in structs.items():
-        for m in members:
+    for sname, smembers in structs.items():
+        for m in smembers:
             if by_name[m.name].type == "secret":
                 raise SchemaError(f"struct {sname}: secret field {m.name} allowed at body top level only")
 
