@@ -18,6 +18,7 @@ step "golden vectors are fresh"     python -m tools.make_vectors --check
 step "ruff check"                   ruff check .
 step "ruff format"                  ruff format --check .
 step "mypy (strict, host code)"     mypy
+step "firmware vs MicroPython stubs" mypy --config-file firmware/mypy.ini firmware
 step "stubs match the Rust module"  python -m mypy.stubtest gateway._core
 step "cargo fmt"                    cargo fmt --all --check
 step "clippy"                       cargo clippy --workspace --all-targets --quiet -- -D warnings

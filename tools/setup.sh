@@ -13,3 +13,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# MicroPython's typeshed, kept apart from site-packages: firmware/mypy.ini points mypy at it.
+[ -d .venv/mpy-typeshed/stdlib ] ||
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target .venv/mpy-typeshed "micropython-typeshed==0.1.0"

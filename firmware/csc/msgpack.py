@@ -53,7 +53,7 @@ except ImportError:  # CPython without the firmware/ shim on its path
 if sys.implementation.name == "micropython":
     from collections import OrderedDict as Map
 else:
-    Map = dict
+    Map = dict  # type: ignore[misc,assignment]  # CPython's dict keeps insertion order
 
 # value classes returned by Reader.head()
 NIL = const(0)
@@ -497,7 +497,7 @@ class Reader:
             for _ in range(n):
                 a.append(self.value())
             return a
-        d = Map()
+        d = Map()  # type: ignore[var-annotated]
         i = 0
         while i < n:
             k = self.value()
