@@ -1,0 +1,215 @@
+"""The clearing house: transaction hub switch (routes each request by its x-ev-to party id,
+fans broadcasts out to every counterpart, finds the home CSP of a token), SDR
+reconciliation (the CSO's SDR against the CSP's record of the session: energy and cost must
+match) and settlement (per CSO-CSP pair and currency, a Settlement message to both).
+
+It keeps: the SDRs it routed (for reconciliation and settlement), the CSPs' session records,
+the settlements, which parties it passed a token uid to (M10), and a routing log without
+bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from gateway import gid
+from gateway.roaming.client import RoamingError
+from gateway.roaming.http3 import H3Error
+
+from .endpoint import COUNTERPART, PERSONAL, Ctx, Endpoint, Refused, handles
+from .h3server import Reply
+
+DDL = """
+CREATE TABLE IF NOT EXISTS routed(at INTEGER NOT NULL, origin TEXT NOT NULL, dest TEXT NOT NULL,
+    message TEXT NOT NULL, status INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sdrs(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, csp TEXT NOT NULL, session_id TEXT NOT NULL,
+    energy_wh INTEGER NOT NULL, cost INTEGER NOT NULL, currency TEXT NOT NULL, token_uid TEXT, at INTEGER NOT NULL,
+    verdict TEXT, settlement INTEGER);
+CREATE TABLE IF NOT EXISTS csp_records(session_id TEXT PRIMARY KEY, csp TEXT NOT NULL, energy_wh INTEGER NOT NULL,
+    cost INTEGER NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS settlements(id INTEGER PRIMARY KEY, cso TEXT NOT NULL, csp TEXT NOT NULL, sdrs TEXT NOT NULL,
+    amount INTEGER NOT NULL, currency TEXT NOT NULL, at INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    sdr_id: str
+    verdict: str  # matched | mismatch | missing (no CSP record yet)
+    detail: str = ""
+
+
+class ClearingHouse(Endpoint):
+    role: ClassVar[str] = "ch"
+    DDL: ClassVar[str] = DDL
+
+    # ---- transaction hub switch
+    async def _forward(self, message: str, body: dict[str, Any], ctx: Ctx, dest: str) -> tuple[int, dict[str, Any]]:
+        try:
+            answer = await self.client(dest).call(message, body, to=dest, origin=ctx.origin)
+            status = 200
+        except RoamingError as exc:
+            status, answer = exc.status, {"error": exc.cause, "detail": f"{dest}: {exc.detail}"}
+            if exc.field:
+                answer["field"] = exc.field
+        except H3Error as exc:
+            status, answer = 502, {"error": "unreachable", "detail": f"{dest}: {exc}"}
+        with self.store.tx() as db:
+            db.execute("INSERT INTO routed VALUES(?,?,?,?,?)", (int(ctx.now), ctx.origin, dest, message, status))
+        if status == 200:
+            self.note_shared(message, body, dest)
+        return status, answer
+
+    async def _relay(self, message: str, body: dict[str, Any], ctx: Ctx) -> Reply:
+        dest = self.cfg.party(ctx.to)
+        if dest is None:
+            raise Refused(404, "unknown_party", f"{ctx.to} is not known to the clearing house")
+        if dest.party_id == ctx.origin:
+            raise Refused(400, "loop", "a request cannot be routed back to its origin")
+        if message == "PutSdr":
+            self._check_sdr(body, ctx, dest.party_id)
+        if message == "DeleteUserData":
+            self.forget(body["token_uid"])
+        status, answer = await self._forward(message, body, ctx, dest.party_id)
+        if status == 200 and message == "PutSdr":
+            self._keep_sdr(body, ctx, dest.party_id)
+        return self._reply(status, answer)
+
+    async def _fan_out(self, message: str, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        origin = self.cfg.party(ctx.origin)
+        assert origin is not None
+        worst: tuple[int, dict[str, Any]] = (200, {"status": "accepted"})
+        for p in self.cfg.of_role(COUNTERPART.get(origin.role, "")):
+            status, answer = await self._forward(message, body, ctx, p.party_id)
+            if status != 200 and worst[0] == 200:
+                worst = (status, answer)
+        if worst[0] != 200:
+            raise Refused(worst[0], str(worst[1]["error"]), str(worst[1].get("detail", "")), worst[1].get("field"))
+        return worst[1]
+
+    @handles("PutLocation", senders=("cso",))
+    async def _on_location(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        return await self._fan_out("PutLocation", body, ctx)
+
+    @handles("EvseStatusUpdate", senders=("cso",))
+    async def _on_status(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        return await self._fan_out("EvseStatusUpdate", body, ctx)
+
+    @handles("PushTariff", senders=("cso",))
+    async def _on_tariff(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        return await self._fan_out("PushTariff", body, ctx)
+
+    @handles("TokenList", senders=("csp",))
+    async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        return await self._fan_out("TokenList", body, ctx)
+
+    @handles("AuthorizeRoaming", senders=("cso",))
+    async def _on_authorize(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """No destination: find the home CSP (contract id's party first, then every CSP)."""
+        csps = [p.party_id for p in self.cfg.of_role("csp")]
+        if body["token_type"] == "iso15118":
+            home = gid.parse(body["token_uid"], expect="C").operator
+            csps = [home] if home in csps else []
+        for csp in csps:
+            status, answer = await self._forward("AuthorizeRoaming", body, ctx, csp)
+            if status == 200 and answer["auth_status"] != "unknown":
+                return answer
+        return {"auth_status": "unknown"}
+
+    @handles("SessionUpdate", senders=("csp",))
+    async def _on_csp_record(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """A CSP's own record of a completed session (sent after it received the SDR)."""
+        sid = body["roaming_session_id"]
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO csp_records VALUES(?,?,?,?,?)",
+                (sid, ctx.origin, body["energy_wh"], body.get("cost", 0), int(ctx.now)),
+            )
+        return {"status": "accepted"}
+
+    # ---- SDR reconciliation and settlement
+    def _check_sdr(self, body: dict[str, Any], ctx: Ctx, csp: str) -> None:
+        row = self.store.one("SELECT cso, energy_wh, cost FROM sdrs WHERE sdr_id=?", body["sdr_id"])
+        if row is not None and (row[0] != ctx.origin or (row[1], row[2]) != (body["energy_wh"], body["cost"])):
+            raise Refused(409, "conflict", f"SDR {body['sdr_id']} was already routed with other values", "sdr_id")
+
+    def _keep_sdr(self, body: dict[str, Any], ctx: Ctx, csp: str) -> None:
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO sdrs(sdr_id, cso, csp, session_id, energy_wh, cost, currency, token_uid,"
+                " at) VALUES(?,?,?,?,?,?,?,?,?)",
+                (
+                    body["sdr_id"],
+                    ctx.origin,
+                    csp,
+                    body["roaming_session_id"],
+                    body["energy_wh"],
+                    body["cost"],
+                    body["currency"],
+                    body["token_uid"],
+                    int(ctx.now),
+                ),
+            )
+
+    def reconcile(self) -> list[Reconciled]:
+        """Compare every unsettled SDR with the CSP's record of its session; store the verdicts."""
+        out = []
+        with self.store.tx() as db:
+            rows = db.execute(
+                "SELECT s.sdr_id, s.energy_wh, s.cost, r.energy_wh, r.cost, s.csp, r.csp FROM sdrs s"
+                " LEFT JOIN csp_records r ON r.session_id = s.session_id WHERE s.settlement IS NULL ORDER BY s.sdr_id"
+            ).fetchall()
+            for sdr_id, e, c, re_, rc, csp, rcsp in rows:
+                if re_ is None or rcsp != csp:
+                    r = Reconciled(sdr_id, "missing", "no record of the session from the CSP")
+                elif (e, c) != (re_, rc):
+                    r = Reconciled(sdr_id, "mismatch", f"CSO energy {e} Wh cost {c}, CSP energy {re_} Wh cost {rc}")
+                else:
+                    r = Reconciled(sdr_id, "matched")
+                db.execute("UPDATE sdrs SET verdict=? WHERE sdr_id=?", (r.verdict, sdr_id))
+                out.append(r)
+        return out
+
+    async def settle(self) -> list[dict[str, Any]]:
+        """Settle the matched SDRs per (CSO, CSP, currency); tell both parties (Settlement)."""
+        self.reconcile()
+        groups: dict[tuple[str, str, str], list[tuple[str, int]]] = {}
+        for sdr_id, cso, csp, cost, cur in self.store.all(
+            "SELECT sdr_id, cso, csp, cost, currency FROM sdrs WHERE verdict='matched' AND settlement IS NULL"
+            " ORDER BY sdr_id"
+        ):
+            groups.setdefault((cso, csp, cur), []).append((sdr_id, cost))
+        done = []
+        for (cso, csp, cur), items in groups.items():
+            for chunk in (items[i : i + 256] for i in range(0, len(items), 256)):
+                ids, amount = [s for s, _ in chunk], sum(c for _, c in chunk)
+                with self.store.tx() as db:
+                    cur_ = db.execute(
+                        "INSERT INTO settlements(cso, csp, sdrs, amount, currency, at) VALUES(?,?,?,?,?,?)",
+                        (cso, csp, json.dumps(ids), amount, cur, int(self.clock())),
+                    )
+                    sid = cur_.lastrowid
+                    db.executemany("UPDATE sdrs SET settlement=? WHERE sdr_id=?", [(sid, s) for s in ids])
+                await self.send("Settlement", {"party_id": csp, "sdrs": ids, "amount": amount, "currency": cur}, cso)
+                await self.send("Settlement", {"party_id": cso, "sdrs": ids, "amount": amount, "currency": cur}, csp)
+                self.store.exec("UPDATE settlements SET delivered=1 WHERE id=?", sid)
+                done.append({"cso": cso, "csp": csp, "sdrs": ids, "amount": amount, "currency": cur})
+        return done
+
+    # ---- privacy
+    def note_shared(self, message: str, body: dict[str, Any], to: str) -> None:
+        if message in PERSONAL:
+            super().note_shared(message, body, to)
+
+    def forget(self, token_uid: str) -> int:
+        with self.store.tx() as db:
+            n = db.execute("UPDATE sdrs SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
+            n += db.execute("DELETE FROM shared WHERE token_uid=?", (token_uid,)).rowcount
+        return n
+
+    def purge_personal(self, cut: int) -> int:
+        return self.store.db.execute(
+            "UPDATE sdrs SET token_uid=NULL WHERE token_uid IS NOT NULL AND at < ?", (cut,)
+        ).rowcount

@@ -1,0 +1,140 @@
+"""Configuration of one roaming endpoint: a dataclass, loadable from TOML.
+
+    party_id = "DE*CSO*O"
+    role = "cso"                      # cso | csp | ch
+    mode = "clearing_house"           # peer_to_peer | clearing_house | mixed
+    clearing_house = "DE*CHX*O"       # the CH's party id (clearing_house and mixed modes)
+    host = "127.0.0.1"
+    port = 4433
+    db = "data/cso.sqlite"
+    cert = "data/pki/cso.pem"
+    key = "data/pki/cso.key"
+    ca = "data/pki/ca.pem"
+    retention_s = 2592000             # personal data (token uids, contract ids) kept 30 days
+    token_lifetime_s = 1200           # PlatformLogin tokens: 20 minutes
+    currency = "EUR"
+
+    [[party]]                         # every party this endpoint talks to or accepts
+    party_id = "DE*CSP*O"
+    role = "csp"
+    host = "127.0.0.1"
+    port = 4434
+    password = "..."                  # the pair's login password (both directions)
+    secret = "hex..."                 # the pair's HMAC key (both directions)
+
+Relative paths are relative to the TOML file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from gateway import gid
+from gateway.roaming.auth import DEFAULT_TOKEN_LIFETIME
+
+ROLES = ("cso", "csp", "ch")
+MODES = ("peer_to_peer", "clearing_house", "mixed")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class PartyConfig:
+    """A party this endpoint knows: where it listens and the secrets the pair shares."""
+
+    party_id: str
+    role: str
+    password: str
+    secret: str
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    @property
+    def secret_bytes(self) -> bytes:
+        return bytes.fromhex(self.secret)
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    party_id: str
+    role: str
+    db: Path
+    cert: Path
+    key: Path
+    ca: Path
+    mode: str = "peer_to_peer"
+    clearing_house: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    retention_s: int = 30 * 86400
+    token_lifetime_s: int = DEFAULT_TOKEN_LIFETIME
+    currency: str = "EUR"
+    parties: tuple[PartyConfig, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        try:
+            gid.parse(self.party_id, expect="O")
+            for p in self.parties:
+                gid.parse(p.party_id, expect="O")
+        except gid.GidError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.role not in ROLES or any(p.role not in ROLES for p in self.parties):
+            raise ConfigError(f"role must be one of {ROLES}")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.role != "ch" and self.mode != "peer_to_peer":
+            ch = self.party(self.clearing_house or "")
+            if ch is None or ch.role != "ch":
+                raise ConfigError(f"mode {self.mode} needs clearing_house = the party id of a configured CH")
+        if self.token_lifetime_s <= 0 or self.retention_s <= 0:
+            raise ConfigError("token_lifetime_s and retention_s must be positive")
+
+    def party(self, party_id: str) -> PartyConfig | None:
+        for p in self.parties:
+            if p.party_id == party_id:
+                return p
+        return None
+
+    def of_role(self, role: str) -> list[PartyConfig]:
+        return [p for p in self.parties if p.role == role]
+
+    def with_port(self, port: int) -> EndpointConfig:
+        return replace(self, port=port)
+
+
+def load(path: Path) -> EndpointConfig:
+    data: dict[str, Any] = tomllib.loads(path.read_text())
+    base = path.parent
+    known = {f.name for f in fields(EndpointConfig)}
+    unknown = set(data) - known - {"party"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    parties = tuple(PartyConfig(**p) for p in data.pop("party", []))
+    for k in ("db", "cert", "key", "ca"):
+        if k in data:
+            data[k] = base / data[k]
+    return EndpointConfig(**data, parties=parties)
+
+
+def dump(cfg: EndpointConfig) -> str:
+    """TOML text of a configuration (what the testbed writes and `load` reads back)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, str | Path):
+            return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return str(v)
+
+    lines = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name != "parties" and v is not None:
+            lines.append(f"{f.name} = {value(v)}")
+    for p in cfg.parties:
+        lines.append("\n[[party]]")
+        lines += [f"{f.name} = {value(getattr(p, f.name))}" for f in fields(p)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,367 @@
+"""The CSO's roaming endpoint (visited operator): publishes its locations, states and tariffs,
+asks home CSPs to authorize tokens, runs remote commands through the `OperatorBackend`, and
+reports sessions and SDRs. It keeps: its sessions, the pre-distributed token lists (R4-2),
+reservations and plans — and of personal data only token uids, purged after the retention.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, ClassVar
+
+from gateway import gid
+from gateway.roaming.client import RoamingError
+
+from .config import EndpointConfig
+from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
+from .operator import OperatorBackend
+
+DDL = """
+CREATE TABLE IF NOT EXISTS tariffs(tariff_id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions(session_id TEXT PRIMARY KEY, evse_gid TEXT NOT NULL, token_uid TEXT,
+    csp TEXT NOT NULL, how TEXT NOT NULL, state TEXT NOT NULL, started INTEGER NOT NULL, stopped INTEGER,
+    meter_start_wh INTEGER NOT NULL DEFAULT 0, energy_wh INTEGER NOT NULL DEFAULT 0, power_w INTEGER NOT NULL DEFAULT 0,
+    cost INTEGER NOT NULL DEFAULT 0, tariff_id INTEGER, sdr_id TEXT);
+CREATE TABLE IF NOT EXISTS token_cache(token_uid TEXT PRIMARY KEY, party TEXT NOT NULL, auth_status TEXT NOT NULL,
+    expiry INTEGER);
+CREATE TABLE IF NOT EXISTS token_lists(party TEXT PRIMARY KEY, version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reservations(reservation_id INTEGER NOT NULL, csp TEXT NOT NULL, evse_gid TEXT NOT NULL,
+    token_uid TEXT, expiry INTEGER NOT NULL, PRIMARY KEY(csp, reservation_id));
+CREATE TABLE IF NOT EXISTS plans(session_id TEXT PRIMARY KEY, plan TEXT NOT NULL, by TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
+    currency TEXT NOT NULL, at INTEGER NOT NULL);
+"""
+
+
+class CsoEndpoint(Endpoint):
+    role: ClassVar[str] = "cso"
+    DDL: ClassVar[str] = DDL
+
+    def __init__(self, cfg: EndpointConfig, operator: OperatorBackend, **kw: Any) -> None:
+        super().__init__(cfg, **kw)
+        self.operator = operator
+
+    # ---- operator side: what the CSO's CSMS calls
+    async def publish_locations(self) -> int:
+        """R1-2: push every location to the CSPs (or the CH)."""
+        n = 0
+        for loc in await self.operator.locations():
+            await self.broadcast("PutLocation", loc)
+            n += 1
+        return n
+
+    async def publish_status(
+        self, evse_gid: str, status: str, *, outage_kind: str | None = None, reason: str | None = None
+    ) -> None:
+        """R1-3 dynamic status; R5-1 with outage_kind (maintenance / outage / restored)."""
+        body: dict[str, Any] = {"evse_gid": evse_gid, "evse_status": status, "time": int(self.clock())}
+        if outage_kind is not None:
+            body["outage_kind"] = outage_kind
+        if reason is not None:
+            body["reason"] = reason
+        await self.broadcast("EvseStatusUpdate", body)
+
+    async def publish_tariff(self, tariff: dict[str, Any]) -> None:
+        """R2-1: store the tariff (for R2-2 pulls) and push it."""
+        self.store.exec("INSERT OR REPLACE INTO tariffs VALUES(?,?)", tariff["tariff_id"], json.dumps(tariff))
+        await self.broadcast("PushTariff", tariff)
+
+    def _tariff(self) -> dict[str, Any] | None:
+        row = self.store.one("SELECT body FROM tariffs ORDER BY tariff_id DESC LIMIT 1")
+        return None if row is None else dict(json.loads(row[0]))
+
+    def _home_candidates(self, token_uid: str, token_type: str) -> list[str]:
+        row = self.store.one("SELECT party FROM token_cache WHERE token_uid=?", token_uid)
+        if row is not None:
+            return [str(row[0])]
+        if token_type == "iso15118":
+            with_party = gid.parse(token_uid, expect="C").operator
+            if self.cfg.party(with_party) is not None:
+                return [with_party]
+        return [p.party_id for p in self.cfg.of_role("csp")]
+
+    async def token_presented(self, evse_gid: str, token_uid: str, token_type: str = "rfid") -> dict[str, Any]:
+        """R3-1 (RFID at the EVSE), R3-3 (Plug & Charge: token_type iso15118, token_uid the contract
+        id), R4-1 (online identification): authorize with the home CSP, then start charging.
+        Falls back to the pre-distributed token list (R4-2) when no home CSP answers."""
+        require_gid(evse_gid, "E", "evse_gid")
+        if token_type == "iso15118":
+            require_gid(token_uid, "C", "token_uid")
+        if await self.operator.evse_status(evse_gid) is None:
+            raise Refused(404, "unknown_evse", f"{evse_gid} is not an EVSE of {self.me}", "evse_gid")
+        body = {"token_uid": token_uid, "evse_gid": evse_gid, "token_type": token_type}
+        answer: dict[str, Any] = {"auth_status": "unknown"}
+        ch = self.cfg.clearing_house
+        if self.hop("AuthorizeRoaming", "") == ch and ch is not None and not self._cached(token_uid):
+            answer = await self.client(ch).call("AuthorizeRoaming", body)  # the CH finds the home CSP
+        else:
+            for party in self._home_candidates(token_uid, token_type):
+                try:
+                    answer = await self.send("AuthorizeRoaming", body, party)
+                except (ConnectionError, RoamingError):
+                    continue  # that CSP (or the CH) is unreachable: try the next, then the token list
+                if answer["auth_status"] != "unknown":
+                    break
+        if answer["auth_status"] == "unknown":
+            answer = self._offline_authorize(token_uid)
+        if answer["auth_status"] != "accepted":
+            return answer
+        sid = answer["roaming_session_id"]
+        csp = gid.parse(sid, expect="S").operator if "csp" not in answer else answer.pop("csp")
+        result = await self._start(sid, evse_gid, token_uid, csp, "local")
+        return {**answer, "result": result}
+
+    def _cached(self, token_uid: str) -> bool:
+        return self.store.one("SELECT 1 FROM token_cache WHERE token_uid=?", token_uid) is not None
+
+    def _offline_authorize(self, token_uid: str) -> dict[str, Any]:
+        row = self.store.one("SELECT party, auth_status, expiry FROM token_cache WHERE token_uid=?", token_uid)
+        if row is None:
+            return {"auth_status": "unknown"}
+        if row[2] is not None and row[2] <= self.clock():
+            return {"auth_status": "expired"}
+        if row[1] != "accepted":
+            return {"auth_status": row[1]}
+        sid = self.issue("S", secrets.token_hex(12))
+        return {"auth_status": "accepted", "roaming_session_id": sid, "csp": row[0]}
+
+    async def _start(self, sid: str, evse_gid: str, token_uid: str, csp: str, how: str) -> str:
+        result = await self.operator.start(evse_gid, token_uid, sid)
+        if result == "accepted":
+            tariff = self._tariff()
+            self.store.exec(
+                "INSERT OR IGNORE INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started, tariff_id)"
+                " VALUES(?,?,?,?,?,?,?,?)",
+                sid,
+                evse_gid,
+                token_uid,
+                csp,
+                how,
+                "active",
+                int(self.clock()),
+                None if tariff is None else tariff["tariff_id"],
+            )
+        return result
+
+    def _cost(self, energy_wh: int, tariff_id: int | None) -> tuple[int, str]:
+        t = self._tariff()
+        if t is None:
+            return 0, self.cfg.currency
+        return energy_wh * int(t["price_kwh"]) // 1000 + int(t.get("price_session", 0)), str(t["currency"])
+
+    def session(self, sid: str) -> dict[str, Any]:
+        row = self.store.one("SELECT * FROM sessions WHERE session_id=?", sid)
+        if row is None:
+            raise Refused(404, "unknown_session", f"no session {sid} at {self.me}", "roaming_session_id")
+        return dict(row)
+
+    async def session_progress(self, sid: str, energy_wh: int, power_w: int) -> dict[str, Any]:
+        """R3-6: live energy, power and running cost to the home CSP."""
+        s = self.session(sid)
+        cost, _ = self._cost(energy_wh, s["tariff_id"])
+        self.store.exec(
+            "UPDATE sessions SET energy_wh=?, power_w=?, cost=? WHERE session_id=?", energy_wh, power_w, cost, sid
+        )
+        body = {
+            "roaming_session_id": sid,
+            "evse_gid": s["evse_gid"],
+            "energy_wh": energy_wh,
+            "power_w": power_w,
+            "cost": cost,
+            "time": int(self.clock()),
+        }
+        return await self.send("SessionUpdate", body, s["csp"])
+
+    async def session_ended(
+        self, sid: str, energy_wh: int, *, meter_start_wh: int = 0, signed_meter: str | None = None
+    ) -> dict[str, Any]:
+        """R3-5 and R3-9: the final SessionUpdate, then the SDR (its id stays the same on a retry)."""
+        s = self.session(sid)
+        cost, currency = self._cost(energy_wh, s["tariff_id"])
+        now = int(self.clock())
+        sdr_id = s["sdr_id"] or self.issue("R", secrets.token_hex(12))
+        self.store.exec(
+            "UPDATE sessions SET state='ended', stopped=COALESCE(stopped, ?), energy_wh=?, power_w=0, cost=?, sdr_id=?"
+            " WHERE session_id=?",
+            now,
+            energy_wh,
+            cost,
+            sdr_id,
+            sid,
+        )
+        s = self.session(sid)
+        update = {
+            "roaming_session_id": sid,
+            "evse_gid": s["evse_gid"],
+            "energy_wh": energy_wh,
+            "power_w": 0,
+            "cost": cost,
+            "time": now,
+        }
+        await self.send("SessionUpdate", update, s["csp"])
+        sdr: dict[str, Any] = {
+            "sdr_id": sdr_id,
+            "roaming_session_id": sid,
+            "evse_gid": s["evse_gid"],
+            "token_uid": s["token_uid"] or "",
+            "started": s["started"],
+            "stopped": s["stopped"],
+            "meter_start_wh": meter_start_wh,
+            "meter_stop_wh": meter_start_wh + energy_wh,
+            "energy_wh": energy_wh,
+            "cost": cost,
+            "currency": currency,
+        }
+        if s["tariff_id"] is not None:
+            sdr["tariff_id"] = s["tariff_id"]
+        if signed_meter is not None:
+            sdr["signed_meter"] = signed_meter
+        answer = await self.send("PutSdr", sdr, s["csp"])
+        return {**answer, "sdr_id": sdr_id, "cost": cost}
+
+    async def update_plan(self, sid: str, plan: list[dict[str, Any]]) -> dict[str, Any]:
+        """R3-10: the CSO changes the charge plan and tells the home CSP."""
+        s = self.session(sid)
+        self.store.exec("INSERT OR REPLACE INTO plans VALUES(?,?,?)", sid, json.dumps(plan), self.me)
+        return await self.send("ChargePlan", {"roaming_session_id": sid, "plan": plan}, s["csp"])
+
+    # ---- incoming (from the home CSP, or the CH)
+    async def _evse(self, evse_gid: str) -> str:
+        if gid.parse(evse_gid).operator != self.me:
+            raise Refused(404, "unknown_evse", f"{evse_gid} is not operated by {self.me}", "evse_gid")
+        state = await self.operator.evse_status(evse_gid)
+        if state is None:
+            raise Refused(404, "unknown_evse", f"{evse_gid} is not an EVSE of {self.me}", "evse_gid")
+        return state
+
+    @handles("GetTariffs", senders=("csp",))
+    async def _on_get_tariffs(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        if body["operator_id"] != self.me:
+            raise Refused(404, "unknown_operator", f"{body['operator_id']} is not {self.me}", "operator_id")
+        t = self._tariff()
+        if t is None:
+            return {"status": "unknown"}
+        return {
+            "status": "accepted",
+            "tariff_id": t["tariff_id"],
+            "price_kwh": t["price_kwh"],
+            "currency": t["currency"],
+        }
+
+    @handles("RemoteStart", senders=("csp",), key=lambda b: str(b["roaming_session_id"]))
+    async def _on_remote_start(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        await self._evse(body["evse_gid"])
+        sid = body["roaming_session_id"]
+        if gid.parse(sid).operator != ctx.origin:
+            raise Refused(403, "not_your_session", f"{sid} was not issued by {ctx.origin}", "roaming_session_id")
+        if self.store.one("SELECT 1 FROM sessions WHERE session_id=?", sid):
+            raise Refused(409, "conflict", f"session {sid} exists already", "roaming_session_id")
+        result = await self._start(sid, body["evse_gid"], body["token_uid"], ctx.origin, "remote")
+        return {"result": result}
+
+    def _own_session(self, sid: str, ctx: Ctx) -> dict[str, Any]:
+        s = self.session(sid)
+        if s["csp"] != ctx.origin:
+            raise Refused(404, "unknown_session", f"no session {sid} of {ctx.origin} here", "roaming_session_id")
+        return s
+
+    @handles("RemoteStop", senders=("csp",), key=lambda b: str(b["roaming_session_id"]))
+    async def _on_remote_stop(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        s = self._own_session(body["roaming_session_id"], ctx)
+        if s["state"] != "active":
+            return {"result": "rejected", "reason": "session already ended"}
+        result = await self.operator.stop(s["session_id"])
+        if result == "accepted":
+            self.store.exec(
+                "UPDATE sessions SET state='stopping', stopped=? WHERE session_id=?", int(ctx.now), s["session_id"]
+            )
+        return {"result": result}
+
+    @handles("ChargePlan", senders=("csp",))
+    async def _on_charge_plan(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        s = self._own_session(body["roaming_session_id"], ctx)
+        applied = await self.operator.apply_plan(s["session_id"], body["plan"])
+        if applied is None:
+            return {"status": "rejected"}
+        self.store.exec("INSERT OR REPLACE INTO plans VALUES(?,?,?)", s["session_id"], json.dumps(applied), ctx.origin)
+        return {"status": "accepted", "plan": applied}
+
+    @handles("ReserveRoaming", senders=("csp",), key=lambda b: str(b["reservation_id"]))
+    async def _on_reserve(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        await self._evse(body["evse_gid"])
+        if body["expiry"] <= ctx.now:
+            raise Refused(400, "expired", "reservation expiry is in the past", "expiry")
+        result = await self.operator.reserve(
+            body["evse_gid"], body["token_uid"], body["expiry"], body["reservation_id"]
+        )
+        if result == "accepted":
+            self.store.exec(
+                "INSERT OR REPLACE INTO reservations VALUES(?,?,?,?,?)",
+                body["reservation_id"],
+                ctx.origin,
+                body["evse_gid"],
+                body["token_uid"],
+                body["expiry"],
+            )
+        return {"result": result}
+
+    @handles("UnlockRoaming", senders=("csp",))
+    async def _on_unlock(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        await self._evse(body["evse_gid"])
+        sid = body.get("roaming_session_id")
+        if sid is not None:
+            self._own_session(sid, ctx)
+        result = await self.operator.unlock(body["evse_gid"], sid)
+        return {"result": result}
+
+    @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}")
+    async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        party = body["party_id"]
+        if party != ctx.origin:
+            raise Refused(403, "party_mismatch", f"{ctx.origin} may not send the list of {party}", "party_id")
+        for i, t in enumerate(body["tokens"]):
+            if t.get("party_id", party) != party:
+                raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
+        with self.store.tx() as db:
+            row = db.execute("SELECT version FROM token_lists WHERE party=?", (party,)).fetchone()
+            if row is not None and row[0] >= body["list_version"]:
+                raise Refused(409, "stale_version", f"list version {row[0]} is already installed", "list_version")
+            if body["update_type"] == "full":
+                db.execute("DELETE FROM token_cache WHERE party=?", (party,))
+            for t in body["tokens"]:
+                db.execute(
+                    "INSERT OR REPLACE INTO token_cache VALUES(?,?,?,?)",
+                    (t["token_uid"], party, t["auth_status"], t.get("expiry")),
+                )
+            db.execute("INSERT OR REPLACE INTO token_lists VALUES(?,?)", (party, body["list_version"]))
+        return {"status": "accepted"}
+
+    @handles("Settlement", senders=("ch",))
+    async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        self.store.exec(
+            "INSERT INTO settlements VALUES(?,?,?,?,?)",
+            body["party_id"],
+            json.dumps(body["sdrs"]),
+            body["amount"],
+            body["currency"],
+            int(ctx.now),
+        )
+        return {"status": "accepted"}
+
+    # ---- privacy
+    def forget(self, token_uid: str) -> int:
+        with self.store.tx() as db:
+            n = db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
+            n += db.execute("DELETE FROM token_cache WHERE token_uid=?", (token_uid,)).rowcount
+            n += db.execute("UPDATE reservations SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
+        return n
+
+    def purge_personal(self, cut: int) -> int:
+        db = self.store.db
+        n = db.execute(
+            "UPDATE sessions SET token_uid=NULL WHERE token_uid IS NOT NULL AND started < ?", (cut,)
+        ).rowcount
+        n += db.execute("DELETE FROM token_cache WHERE expiry IS NOT NULL AND expiry < ?", (cut,)).rowcount
+        n += db.execute("DELETE FROM reservations WHERE expiry < ?", (cut,)).rowcount
+        return n

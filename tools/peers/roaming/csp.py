@@ -1,0 +1,327 @@
+"""The home CSP's roaming endpoint: authorizes its customers' tokens and contracts, starts,
+stops, plans, reserves and unlocks at visited CSOs, and keeps its own record of each session
+(energy, cost from the CSO's tariff) to check the CSO's SDRs against. It keeps: its customers'
+tokens, the CSOs' locations, EVSE states and tariffs, its sessions and the SDRs received.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any, ClassVar
+
+from gateway import gid
+
+from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
+
+DDL = """
+CREATE TABLE IF NOT EXISTS customers(token_uid TEXT PRIMARY KEY, contract_id TEXT, auth_status TEXT NOT NULL,
+    expiry INTEGER);
+CREATE TABLE IF NOT EXISTS locations(location_id TEXT PRIMARY KEY, operator_id TEXT NOT NULL, body TEXT NOT NULL,
+    at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS evse_status(evse_gid TEXT PRIMARY KEY, status TEXT NOT NULL, time INTEGER NOT NULL,
+    outage_kind TEXT, reason TEXT);
+CREATE TABLE IF NOT EXISTS tariffs(operator_id TEXT NOT NULL, tariff_id INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY(operator_id, tariff_id));
+CREATE TABLE IF NOT EXISTS sessions(session_id TEXT PRIMARY KEY, cso TEXT NOT NULL, evse_gid TEXT NOT NULL,
+    token_uid TEXT, state TEXT NOT NULL, created INTEGER NOT NULL, energy_wh INTEGER NOT NULL DEFAULT 0,
+    power_w INTEGER NOT NULL DEFAULT 0, cost INTEGER NOT NULL DEFAULT 0, time INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS plans(session_id TEXT PRIMARY KEY, plan TEXT NOT NULL, by TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sdrs(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, session_id TEXT NOT NULL,
+    body TEXT NOT NULL, verdict TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS token_list(version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
+    currency TEXT NOT NULL, at INTEGER NOT NULL);
+"""
+
+
+class CspEndpoint(Endpoint):
+    role: ClassVar[str] = "csp"
+    DDL: ClassVar[str] = DDL
+
+    # ---- provider side: what the CSP's own back office calls
+    def add_customer(
+        self, token_uid: str, *, contract_id: str | None = None, status: str = "accepted", expiry: int | None = None
+    ) -> None:
+        if contract_id is not None:
+            require_gid(contract_id, "C", "contract_id")
+        self.store.exec("INSERT OR REPLACE INTO customers VALUES(?,?,?,?)", token_uid, contract_id, status, expiry)
+
+    def new_session_id(self) -> str:
+        return self.issue("S", secrets.token_hex(12))
+
+    async def start_remote(self, evse_gid: str, token_uid: str, session_id: str | None = None) -> dict[str, Any]:
+        """R3-2: the user starts from the app; the CSP issues the session id."""
+        cso = require_gid(evse_gid, "E", "evse_gid").operator
+        sid = session_id or self.new_session_id()
+        self._record_session(sid, cso, evse_gid, token_uid)
+        body = {"evse_gid": evse_gid, "token_uid": token_uid, "roaming_session_id": sid}
+        try:
+            answer = await self.send("RemoteStart", body, cso)
+        except Exception:
+            self.store.exec("DELETE FROM sessions WHERE session_id=? AND energy_wh=0", sid)
+            raise
+        if answer["result"] != "accepted":
+            self.store.exec("UPDATE sessions SET state='failed' WHERE session_id=?", sid)
+        return {**answer, "roaming_session_id": sid}
+
+    def _record_session(self, sid: str, cso: str, evse_gid: str, token_uid: str) -> None:
+        self.store.exec(
+            "INSERT OR IGNORE INTO sessions(session_id, cso, evse_gid, token_uid, state, created) VALUES(?,?,?,?,?,?)",
+            sid,
+            cso,
+            evse_gid,
+            token_uid,
+            "active",
+            int(self.clock()),
+        )
+
+    def session(self, sid: str) -> dict[str, Any]:
+        row = self.store.one("SELECT * FROM sessions WHERE session_id=?", sid)
+        if row is None:
+            raise Refused(404, "unknown_session", f"no session {sid} at {self.me}", "roaming_session_id")
+        return dict(row)
+
+    async def stop_remote(self, sid: str) -> dict[str, Any]:
+        """R3-4."""
+        return await self.send("RemoteStop", {"roaming_session_id": sid}, self.session(sid)["cso"])
+
+    async def send_plan(self, sid: str, plan: list[dict[str, Any]]) -> dict[str, Any]:
+        """R3-7: the CSP proposes a plan; the CSO answers with the plan it applies."""
+        answer = await self.send("ChargePlan", {"roaming_session_id": sid, "plan": plan}, self.session(sid)["cso"])
+        if answer["status"] == "accepted":
+            self.store.exec(
+                "INSERT OR REPLACE INTO plans VALUES(?,?,?)",
+                sid,
+                json.dumps(answer.get("plan", plan)),
+                self.session(sid)["cso"],
+            )
+        return answer
+
+    async def reserve(self, evse_gid: str, token_uid: str, expiry: int, reservation_id: int) -> dict[str, Any]:
+        """R3-8."""
+        cso = require_gid(evse_gid, "E", "evse_gid").operator
+        body = {"evse_gid": evse_gid, "token_uid": token_uid, "expiry": expiry, "reservation_id": reservation_id}
+        return await self.send("ReserveRoaming", body, cso)
+
+    async def unlock(self, evse_gid: str, sid: str | None = None, reason: str | None = None) -> dict[str, Any]:
+        """R5-2 (a session is active) / R5-3 (activation failed: no session)."""
+        cso = require_gid(evse_gid, "E", "evse_gid").operator
+        body: dict[str, Any] = {"evse_gid": evse_gid}
+        if sid is not None:
+            body["roaming_session_id"] = sid
+        if reason is not None:
+            body["reason"] = reason
+        return await self.send("UnlockRoaming", body, cso)
+
+    async def pull_tariffs(self, operator_id: str) -> dict[str, Any]:
+        """R2-2: ask the CSO for its current tariff and keep it."""
+        require_gid(operator_id, "O", "operator_id")
+        answer = await self.send("GetTariffs", {"operator_id": operator_id}, operator_id)
+        if answer["status"] == "accepted":
+            t = {k: answer[k] for k in ("tariff_id", "price_kwh", "currency")} | {"operator_id": operator_id}
+            self._store_tariff(t)
+        return answer
+
+    async def distribute_tokens(self, update_type: str = "full") -> dict[str, dict[str, Any]]:
+        """R4-2: send the customers' tokens to every CSO for offline authorization."""
+        with self.store.tx() as db:
+            row = db.execute("SELECT version FROM token_list").fetchone()
+            version = (row[0] if row else 0) + 1
+            db.execute("DELETE FROM token_list")
+            db.execute("INSERT INTO token_list VALUES(?)", (version,))
+        tokens = [
+            {"token_uid": r[0], "auth_status": r[1], "party_id": self.me} | ({"expiry": r[2]} if r[2] else {})
+            for r in self.store.all("SELECT token_uid, auth_status, expiry FROM customers ORDER BY token_uid")
+        ]
+        body = {"party_id": self.me, "list_version": version, "update_type": update_type, "tokens": tokens}
+        return await self.broadcast("TokenList", body)
+
+    def _store_tariff(self, t: dict[str, Any]) -> None:
+        self.store.exec("INSERT OR REPLACE INTO tariffs VALUES(?,?,?)", t["operator_id"], t["tariff_id"], json.dumps(t))
+
+    def _cost(self, cso: str, energy_wh: int) -> int | None:
+        row = self.store.one("SELECT body FROM tariffs WHERE operator_id=? ORDER BY tariff_id DESC LIMIT 1", cso)
+        if row is None:
+            return None
+        t = json.loads(row[0])
+        return energy_wh * int(t["price_kwh"]) // 1000 + int(t.get("price_session", 0))
+
+    # ---- incoming (from CSOs, or the CH)
+    @handles("PutLocation", senders=("cso",))
+    async def _on_location(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        if body["operator_id"] != ctx.origin:
+            raise Refused(
+                403, "party_mismatch", f"{ctx.origin} may not publish for {body['operator_id']}", "operator_id"
+            )
+        for i, e in enumerate(body["evses"]):
+            if gid.parse(e["evse_gid"]).operator != ctx.origin:
+                raise Refused(403, "party_mismatch", "EVSE of another operator", f"evses[{i}].evse_gid")
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO locations VALUES(?,?,?,?)",
+                (body["location_id"], body["operator_id"], json.dumps(body), int(ctx.now)),
+            )
+            for e in body["evses"]:
+                db.execute(
+                    "INSERT OR REPLACE INTO evse_status VALUES(?,?,?,NULL,NULL)",
+                    (e["evse_gid"], e["evse_status"], int(ctx.now)),
+                )
+        return {"status": "accepted"}
+
+    @handles("EvseStatusUpdate", senders=("cso",))
+    async def _on_status(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        evse = body["evse_gid"]
+        if gid.parse(evse).operator != ctx.origin:
+            raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
+        row = self.store.one("SELECT time FROM evse_status WHERE evse_gid=?", evse)
+        if row is None:
+            raise Refused(404, "unknown_evse", f"{evse} was never published in a location", "evse_gid")
+        if row[0] <= body["time"]:  # an older update arriving late changes nothing
+            self.store.exec(
+                "UPDATE evse_status SET status=?, time=?, outage_kind=?, reason=? WHERE evse_gid=?",
+                body["evse_status"],
+                body["time"],
+                body.get("outage_kind"),
+                body.get("reason"),
+                evse,
+            )
+        return {"status": "accepted"}
+
+    @handles("PushTariff", senders=("cso",))
+    async def _on_tariff(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        if body["operator_id"] != ctx.origin:
+            raise Refused(403, "party_mismatch", f"{ctx.origin} may not push for {body['operator_id']}", "operator_id")
+        self._store_tariff(body)
+        return {"status": "accepted"}
+
+    @handles("AuthorizeRoaming", senders=("cso",))
+    async def _on_authorize(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        uid, evse = body["token_uid"], body["evse_gid"]
+        if gid.parse(evse).operator != ctx.origin:
+            raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
+        if body["token_type"] == "iso15118":
+            require_gid(uid, "C", "token_uid")
+            row = self.store.one(
+                "SELECT token_uid, auth_status, expiry, contract_id FROM customers WHERE contract_id=?", uid
+            )
+        else:
+            row = self.store.one(
+                "SELECT token_uid, auth_status, expiry, contract_id FROM customers WHERE token_uid=?", uid
+            )
+        if row is None:
+            return {"auth_status": "unknown"}
+        status = row[1]
+        if status == "accepted" and row[2] is not None and row[2] <= ctx.now:
+            status = "expired"
+        if status != "accepted":
+            return {"auth_status": status}
+        sid = self.new_session_id()
+        self._record_session(sid, ctx.origin, evse, row[0])
+        answer: dict[str, Any] = {"auth_status": "accepted", "roaming_session_id": sid, "expiry": int(ctx.now) + 86400}
+        if row[3] is not None:
+            answer["contract_id"] = row[3]
+        return answer
+
+    @handles("SessionUpdate", senders=("cso",))
+    async def _on_session_update(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        sid = body["roaming_session_id"]
+        row = self.store.one("SELECT cso, time FROM sessions WHERE session_id=?", sid)
+        if row is None:
+            if gid.parse(sid).operator != ctx.origin:  # an offline session (R4-2) is issued by the CSO
+                raise Refused(404, "unknown_session", f"no session {sid} here", "roaming_session_id")
+            self._record_session(sid, ctx.origin, body["evse_gid"], "")
+        elif row[0] != ctx.origin:
+            raise Refused(404, "unknown_session", f"no session {sid} of {ctx.origin} here", "roaming_session_id")
+        elif row[1] > body["time"]:
+            return {"status": "accepted"}  # late and older: nothing to change
+        self.store.exec(
+            "UPDATE sessions SET energy_wh=?, power_w=?, cost=?, time=? WHERE session_id=?",
+            body["energy_wh"],
+            body["power_w"],
+            body.get("cost", 0),
+            body["time"],
+            sid,
+        )
+        return {"status": "accepted"}
+
+    @handles("ChargePlan", senders=("cso",))
+    async def _on_plan_update(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        sid = body["roaming_session_id"]
+        s = self.session(sid)
+        if s["cso"] != ctx.origin:
+            raise Refused(404, "unknown_session", f"no session {sid} of {ctx.origin} here", "roaming_session_id")
+        self.store.exec("INSERT OR REPLACE INTO plans VALUES(?,?,?)", sid, json.dumps(body["plan"]), ctx.origin)
+        return {"status": "accepted"}
+
+    @handles("PutSdr", senders=("cso",), key=lambda b: str(b["sdr_id"]))
+    async def _on_sdr(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        sid = body["roaming_session_id"]
+        if gid.parse(body["sdr_id"]).operator != ctx.origin:
+            raise Refused(403, "party_mismatch", f"{body['sdr_id']} was not issued by {ctx.origin}", "sdr_id")
+        if body["meter_stop_wh"] - body["meter_start_wh"] != body["energy_wh"] or body["stopped"] < body["started"]:
+            raise Refused(400, "inconsistent", "energy_wh must equal meter_stop_wh - meter_start_wh", "energy_wh")
+        s = self.session(sid)
+        if s["cso"] != ctx.origin:
+            raise Refused(404, "unknown_session", f"no session {sid} of {ctx.origin} here", "roaming_session_id")
+        own_cost = self._cost(ctx.origin, s["energy_wh"])
+        if own_cost is None:
+            own_cost = s["cost"]
+        match = s["energy_wh"] == body["energy_wh"] and own_cost == body["cost"]
+        verdict = "matched" if match else f"mismatch: own energy {s['energy_wh']} Wh cost {own_cost}"
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT INTO sdrs VALUES(?,?,?,?,?,?)",
+                (body["sdr_id"], ctx.origin, sid, json.dumps(body), verdict, int(ctx.now)),
+            )
+            db.execute("UPDATE sessions SET state='completed' WHERE session_id=?", (sid,))
+        ch = self.cfg.clearing_house
+        if ctx.via_ch and ch is not None:  # our record of the session, for the CH's reconciliation
+            record = {
+                "roaming_session_id": sid,
+                "evse_gid": s["evse_gid"],
+                "energy_wh": s["energy_wh"],
+                "power_w": 0,
+                "cost": own_cost,
+                "time": int(ctx.now),
+            }
+            await self.send("SessionUpdate", record, ch)
+        return {"status": "accepted"}
+
+    @handles("Settlement", senders=("ch",))
+    async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        self.store.exec(
+            "INSERT INTO settlements VALUES(?,?,?,?,?)",
+            body["party_id"],
+            json.dumps(body["sdrs"]),
+            body["amount"],
+            body["currency"],
+            int(ctx.now),
+        )
+        return {"status": "accepted"}
+
+    # ---- privacy
+    def forget(self, token_uid: str) -> int:
+        with self.store.tx() as db:
+            n = db.execute("DELETE FROM customers WHERE token_uid=? OR contract_id=?", (token_uid, token_uid)).rowcount
+            n += db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
+            for sdr_id, body in db.execute("SELECT sdr_id, body FROM sdrs").fetchall():
+                b = json.loads(body)
+                if b.get("token_uid") == token_uid:
+                    b["token_uid"] = ""
+                    db.execute("UPDATE sdrs SET body=? WHERE sdr_id=?", (json.dumps(b), sdr_id))
+                    n += 1
+        return n
+
+    def purge_personal(self, cut: int) -> int:
+        db = self.store.db
+        n = db.execute(
+            "UPDATE sessions SET token_uid=NULL WHERE token_uid IS NOT NULL AND created < ?", (cut,)
+        ).rowcount
+        for sdr_id, body in db.execute("SELECT sdr_id, body FROM sdrs WHERE at < ?", (cut,)).fetchall():
+            b = json.loads(body)
+            if b.get("token_uid"):
+                b["token_uid"] = ""
+                db.execute("UPDATE sdrs SET body=? WHERE sdr_id=?", (json.dumps(b), sdr_id))
+                n += 1
+        return n

@@ -1,0 +1,202 @@
+"""A loopback roaming network: one CSO, one home CSP, one clearing house, with a dev CA,
+certificates, fresh secrets and free UDP ports. Used by the tests and `--init`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gateway import devpki
+from gateway.roaming import auth
+from gateway.roaming.client import PREFIX, Peer, RoamingClient
+from gateway.roaming.http3 import H3Client, Response, TlsFiles
+
+from .ch import ClearingHouse
+from .config import EndpointConfig, PartyConfig, dump
+from .cso import CsoEndpoint
+from .csp import CspEndpoint
+from .endpoint import Endpoint
+from .operator import MemoryOperator
+
+CSO, CSP, CH = "DE*CSO*O", "DE*CSP*O", "DE*CHX*O"
+PARTIES = {"cso": CSO, "csp": CSP, "ch": CH}
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def network(
+    folder: Path, mode: str, *, token_lifetime_s: int = 1200, retention_s: int = 30 * 86400
+) -> dict[str, EndpointConfig]:
+    """Configurations of the three endpoints (role → config), certificates issued in folder/pki."""
+    pki = folder / "pki"
+    ca = devpki.ensure_ca(pki)
+    ports = {role: free_udp_port() for role in PARTIES}
+    roles = list(PARTIES)
+    pair = {
+        frozenset((a, b)): (secrets.token_urlsafe(12), secrets.token_hex(32))
+        for i, a in enumerate(roles)
+        for b in roles[i + 1 :]
+    }
+    out = {}
+    for role, party in PARTIES.items():
+        issued = devpki.issue(pki, role, ca=ca)
+        parties = tuple(
+            PartyConfig(PARTIES[r], r, *pair[frozenset((role, r))], host="127.0.0.1", port=ports[r])
+            for r in roles
+            if r != role
+        )
+        out[role] = EndpointConfig(
+            party_id=party,
+            role=role,
+            db=folder / f"{role}.sqlite",
+            cert=issued.cert,
+            key=issued.key,
+            ca=issued.ca,
+            mode=mode,
+            clearing_house=CH,
+            port=ports[role],
+            token_lifetime_s=token_lifetime_s,
+            retention_s=retention_s,
+            parties=parties,
+        )
+    return out
+
+
+def write_network(folder: Path, mode: str) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for role, cfg in network(folder, mode).items():
+        path = folder / f"{role}.toml"
+        path.write_text(dump(replace(cfg)))
+        paths[role] = path
+    return paths
+
+
+class FakeClock:
+    """A clock the tests move by hand (shared by the endpoints and test clients)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.t = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+EVSES = ["DE*CSO*E1-1", "DE*CSO*E1-2"]
+LOCATION = "DE*CSO*L1"
+
+
+@dataclass
+class Net:
+    cfgs: dict[str, EndpointConfig]
+    operator: MemoryOperator
+    clock: FakeClock
+    cso: CsoEndpoint
+    csp: CspEndpoint
+    ch: ClearingHouse
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {"cso": self.cso, "csp": self.csp, "ch": self.ch}
+
+    async def restart(self, role: str) -> Endpoint:
+        """Stop one endpoint and start a new one on the same SQLite file and port."""
+        old = self.endpoints()[role]
+        await old.stop()
+        new: Endpoint
+        if role == "cso":
+            new = self.cso = CsoEndpoint(self.cfgs[role], self.operator, clock=self.clock)
+        elif role == "csp":
+            new = self.csp = CspEndpoint(self.cfgs[role], clock=self.clock)
+        else:
+            new = self.ch = ClearingHouse(self.cfgs[role], clock=self.clock)
+        return await new.start()
+
+
+@asynccontextmanager
+async def running(folder: Path, mode: str, **kw: int) -> AsyncIterator[Net]:
+    """The three endpoints up on loopback; stopped on exit."""
+    cfgs = network(folder, mode, **kw)
+    clock = FakeClock()
+    op = MemoryOperator.one_site(CSO, LOCATION, list(EVSES))
+    net = Net(
+        cfgs,
+        op,
+        clock,
+        CsoEndpoint(cfgs["cso"], op, clock=clock),
+        CspEndpoint(cfgs["csp"], clock=clock),
+        ClearingHouse(cfgs["ch"], clock=clock),
+    )
+    for ep in net.endpoints().values():
+        await ep.start()
+    try:
+        yield net
+    finally:
+        for ep in net.endpoints().values():
+            if ep.server is not None:
+                await ep.stop()
+
+
+LOCATION_BODY: dict[str, Any] = {
+    "location_id": LOCATION,
+    "operator_id": CSO,
+    "name": "Depot",
+    "latitude": 48.1,
+    "longitude": 11.5,
+    "evses": [{"evse_gid": EVSES[0], "evse_status": "available", "max_power_w": 22000}],
+}
+
+
+class Raw:
+    """Hand-made requests from the CSO to a peer (the CSP by default), to break one rule at a time."""
+
+    def __init__(self, net: Net, to: str = CSP) -> None:
+        self.net = net
+        party = net.cfgs["cso"].party(to)
+        assert party is not None
+        self.party = party
+        cfg = net.cfgs["cso"]
+        self.http = H3Client("127.0.0.1", self.party.port, TlsFiles(cfg.ca))
+        peer = Peer(
+            to, "127.0.0.1", self.party.port, TlsFiles(cfg.ca), CSO, self.party.password, self.party.secret_bytes
+        )
+        self.login = RoamingClient(CSO, peer, clock=net.clock, http=self.http)
+
+    async def post(
+        self,
+        message: str,
+        body: bytes | dict[str, Any],
+        *,
+        token: str | None = "login",
+        secret: bytes | None = None,
+        nonce: str | None = None,
+        ts: float | None = None,
+        drop: str | None = None,
+    ) -> tuple[Response, dict[str, Any]]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        path = PREFIX + message
+        now = self.net.clock() if ts is None else ts
+        h = auth.sign(secret or self.party.secret_bytes, "POST", path, auth.Route(CSO), data, now=now, nonce=nonce)
+        if token == "login":
+            token = await self.login.login()
+        if token is not None:
+            h[auth.H_AUTH] = f"Bearer {token}"
+        if drop:
+            del h[drop]
+        r = await self.http.request("POST", path, h, data)
+        return r, json.loads(r.body)
