@@ -14,7 +14,7 @@ import pytest
 from gateway import devpki
 from gateway.roaming import auth
 from gateway.roaming.client import PREFIX, RoamingClient, RoamingError
-from gateway.roaming.http3 import H3Error, Response
+from gateway.roaming.http3 import H3Client, H3Error, Response, TlsFiles
 from tools.peers.roaming.testbed import CSO, CSP, EVSES, Net, Raw, running
 from tools.peers.roaming.testbed import LOCATION_BODY as LOCATION
 
@@ -205,5 +205,32 @@ def test_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
                     await net.cso.client(CSP).login()
             finally:
                 await impostor.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("client_cert", ["none", "other CA"])
+def test_client_without_a_site_ca_certificate_is_refused(tmp_path: Path, client_cert: str) -> None:
+    """Mutual TLS: an endpoint reads nothing from a client whose certificate does not chain to its CA."""
+
+    async def main() -> None:
+        async with running(tmp_path, "peer_to_peer") as net:
+            cfg = net.cfgs["cso"]
+            party = cfg.party(CSP)
+            assert party is not None
+            if client_cert == "none":
+                tls = TlsFiles(cfg.ca)
+            else:
+                other = devpki.ensure_ca(tmp_path / "other", org="someone else")
+                rogue = devpki.issue(tmp_path / "other", "cso", ca=other)
+                tls = TlsFiles(cfg.ca, rogue.cert, rogue.key)
+            http = H3Client("127.0.0.1", party.port, tls)
+            before = net.csp.store.snapshot()
+            try:
+                with pytest.raises(H3Error, match="certificate"):
+                    await http.request("POST", PREFIX + "PlatformLogin", {}, b"{}")
+            finally:
+                await http.close()
+            assert net.csp.store.snapshot() == before
 
     asyncio.run(main())

@@ -143,7 +143,13 @@ class Endpoint:
 
     async def start(self) -> Endpoint:
         self.server = await serve(
-            self.cfg.host, self.cfg.port, self.cfg.cert, self.cfg.key, self.handle, max_body=json_body.MAX_BODY
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.cert,
+            self.cfg.key,
+            self.handle,
+            max_body=json_body.MAX_BODY,
+            client_ca=self.cfg.ca,
         )
         self._purger = asyncio.create_task(self._purge_loop())
         return self

@@ -16,7 +16,10 @@ from aioquic.asyncio.server import QuicServer
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ProtocolNegotiated, QuicEvent
+from aioquic.quic.events import HandshakeCompleted, ProtocolNegotiated, QuicEvent
+from cryptography.x509.verification import ClientVerifier
+
+from gateway.mtls import ClientRejected, check_client, client_verifier, common_name, request_client_certificate
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Request:
     headers: dict[str, str]
     body: bytes = b""
     oversize: bool = False
+    peer: str = ""  # common name of the client's verified certificate
 
 
 @dataclass
@@ -41,16 +45,28 @@ Handler = Callable[[Request], Awaitable[Reply]]
 class _ServerProtocol(QuicConnectionProtocol):
     handler: Handler
     max_body: int
+    verifier: ClientVerifier
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._h3: H3Connection | None = None
         self._requests: dict[int, Request] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._peer = ""
+        request_client_certificate(self._quic)
 
     def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            try:
+                self._peer = common_name(check_client(self._quic, self.verifier))
+            except ClientRejected as e:
+                self._quic.close(error_code=0x0100, reason_phrase=str(e)[:200])  # H3_GENERAL_PROTOCOL_ERROR
+                self.transmit()
+                return
         if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
-            self._h3 = H3Connection(self._quic)
+            self._h3 = H3Connection(self._quic)  # ALPN is settled during the handshake, before the check
+        if not self._peer:
+            return  # no request is read from a client before its certificate checked out
         if self._h3 is not None:
             for h3_event in self._h3.handle_event(event):
                 self._h3_event(h3_event)
@@ -58,7 +74,7 @@ class _ServerProtocol(QuicConnectionProtocol):
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
             h = {k.decode("ascii", "replace"): v.decode("utf-8", "replace") for k, v in event.headers}
-            self._requests[event.stream_id] = Request(h.pop(":method", ""), h.pop(":path", ""), h)
+            self._requests[event.stream_id] = Request(h.pop(":method", ""), h.pop(":path", ""), h, peer=self._peer)
         elif isinstance(event, DataReceived):
             pending = self._requests.get(event.stream_id)
             if pending is None:
@@ -102,10 +118,14 @@ class H3Server:
         self._server.close()
 
 
-async def serve(host: str, port: int, cert: Path, key: Path, handler: Handler, *, max_body: int) -> H3Server:
+async def serve(
+    host: str, port: int, cert: Path, key: Path, handler: Handler, *, max_body: int, client_ca: Path
+) -> H3Server:
+    """Serve HTTP/3 with mutual TLS: clients must present a certificate issued by `client_ca`."""
     cfg = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536)
     cfg.load_cert_chain(str(cert), str(key))
-    protocol = type("RoamingH3", (_ServerProtocol,), {"handler": staticmethod(handler), "max_body": max_body})
+    attrs = {"handler": staticmethod(handler), "max_body": max_body, "verifier": client_verifier(client_ca)}
+    protocol = type("RoamingH3", (_ServerProtocol,), attrs)
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(
         lambda: QuicServer(configuration=cfg, create_protocol=protocol), local_addr=(host, port)

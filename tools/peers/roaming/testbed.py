@@ -171,10 +171,9 @@ class Raw:
         assert party is not None
         self.party = party
         cfg = net.cfgs["cso"]
-        self.http = H3Client("127.0.0.1", self.party.port, TlsFiles(cfg.ca))
-        peer = Peer(
-            to, "127.0.0.1", self.party.port, TlsFiles(cfg.ca), CSO, self.party.password, self.party.secret_bytes
-        )
+        tls = TlsFiles(cfg.ca, cfg.cert, cfg.key)
+        self.http = H3Client("127.0.0.1", self.party.port, tls)
+        peer = Peer(to, "127.0.0.1", self.party.port, tls, CSO, self.party.password, self.party.secret_bytes)
         self.login = RoamingClient(CSO, peer, clock=net.clock, http=self.http)
 
     async def post(
