@@ -1,0 +1,256 @@
+"""The emulated board: the firmware on the MicroPython unix port.
+
+    micropython -X heapsize=96k firmware/boards/unix.py --flash board.img --gw 127.0.0.1:7700 \
+        --id evse-1 --factory-key <64 hex> [--blocks 256] [--meter meter.txt]
+
+- Flash: `FileBlockDev` makes the image file a block device (4 KiB blocks) for
+  `vfs.VfsLfs2`, mounted at /flash (formatted on first use). Every block write reaches
+  the file before the call returns, so `kill -9` of the process is a power cut.
+- HAL: csc.hal_sim.SimHal; its meter register lives in the `--meter` file (the meter
+  keeps its register across a power cut, as a real one does).
+- Control channel: one JSON object per line on stdin (commands), one per line on stdout
+  (what the board did: {"ev": "...", ...}); see tools/board/ and docs/firmware.md.
+"""
+
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+
+import gc
+import json
+import os
+import sys
+
+import vfs
+
+if "" not in sys.path:
+    sys.path.append("")
+
+
+class FileBlockDev:
+    """A file standing for the board's flash: LittleFS2 block device, extended interface."""
+
+    def __init__(self, path, block_size=4096, blocks=256):
+        self.bs = block_size
+        self.n = blocks
+        try:
+            self.f = open(path, "r+b")  # noqa: SIM115 — open for the board's life
+        except OSError:
+            self.f = open(path, "w+b")  # noqa: SIM115
+            z = bytes(block_size)
+            for _ in range(blocks):
+                self.f.write(z)
+            self.f.flush()
+
+    def readblocks(self, block, buf, off=0):
+        self.f.seek(block * self.bs + off)
+        self.f.readinto(buf)
+
+    def writeblocks(self, block, buf, off=None):
+        self.f.seek(block * self.bs + (off or 0))
+        self.f.write(buf)
+        self.f.flush()
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.n
+        if op == 5:
+            return self.bs
+        if op == 6:  # erase: LittleFS never needs the bytes cleared on a file
+            return 0
+        return None
+
+
+def mount(path, blocks=256):
+    bd = FileBlockDev(path, blocks=blocks)
+    try:
+        vfs.mount(vfs.VfsLfs2(bd), "/flash")
+    except OSError:
+        vfs.VfsLfs2.mkfs(bd)
+        vfs.mount(vfs.VfsLfs2(bd), "/flash")
+    return bd
+
+
+def _args(argv):
+    a = {}
+    i = 1
+    while i < len(argv):
+        if argv[i].startswith("--") and i + 1 < len(argv):
+            a[argv[i][2:]] = argv[i + 1]
+            i += 2
+        else:
+            i += 1
+    return a
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {str(k): _jsonable(d[k]) for k in d}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(x) for x in d]
+    if isinstance(d, (bytes, bytearray)):
+        return d.hex()
+    return d
+
+
+def note(kind, data=None):
+    d = {"ev": kind}
+    if data:
+        for k in data:
+            d[k] = _jsonable(data[k])
+    print(json.dumps(d))
+
+
+class Control:
+    """Line-oriented JSON commands on stdin: the test's hands on the simulated board."""
+
+    def __init__(self, app, hal, meter_path):
+        self.app = app
+        self.hal = hal
+        self.meter_path = meter_path
+        self.peak = 0
+
+    def _meter_save(self):
+        if self.meter_path:
+            with open(self.meter_path, "w") as f:
+                f.write("%f %f" % (self.hal.wh_in, self.hal.wh_out))
+
+    async def run(self):
+        import asyncio
+
+        r = asyncio.StreamReader(sys.stdin)
+        while True:
+            line = await r.readline()
+            if not line:
+                return
+            try:
+                c = json.loads(line)
+                self.do(c)
+            except Exception as e:
+                note("control_error", {"what": repr(e)})
+
+    async def meter_task(self):
+        import asyncio
+
+        last = -1.0
+        while True:
+            await asyncio.sleep_ms(250)
+            self.hal.update()
+            if self.hal.wh_in != last:
+                last = self.hal.wh_in
+                self._meter_save()
+            gc.collect()
+            m = gc.mem_alloc()
+            self.peak = max(self.peak, m)
+
+    def do(self, c):
+        cmd = c.get("cmd")
+        hal = self.hal
+        app = self.app
+        if cmd == "plug":
+            hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False))
+        elif cmd == "ready":
+            hal.cp = 2 if c.get("on", True) else 1
+        elif cmd == "unplug":
+            hal.unplug()
+        elif cmd == "card":
+            tok = c["token"]
+            hal.present(tok.encode() if isinstance(tok, str) else bytes(tok), c.get("type", 0))
+        elif cmd == "freq":
+            hal.freq = c["mhz"]
+        elif cmd == "temp":
+            hal.temp = c["dc"]
+        elif cmd == "step":
+            hal.step(c["ms"])
+            app._t_s += c["ms"] // 1000
+        elif cmd == "tick":
+            app.tick()
+        elif cmd == "emit":  # test helper: n durable telemetry events, numbered from `from`
+            from csc.msgpack import Map
+            from csc.outbox import BILLING
+            from csc.schema import A_METER_VALUES, F_ENERGY_WH, F_EVSE, F_TIME
+
+            for i in range(c.get("n", 1)):
+                b = Map()
+                b[F_EVSE] = 1
+                b[F_ENERGY_WH] = c.get("from", 0) + i
+                b[F_TIME] = app.time()
+                app.emit(A_METER_VALUES, b, c.get("cls", BILLING))
+        elif cmd == "fill":  # occupy flash with a junk file (full-flash tests)
+            with open("/flash/junk", "ab") as f:
+                z = bytes(1024)
+                try:
+                    for _ in range(c.get("kb", 10000)):
+                        f.write(z)
+                        f.flush()
+                except OSError:
+                    pass
+            note("filled")
+        elif cmd == "unfill":
+            os.remove("/flash/junk")
+        elif cmd == "log":
+            app.log(c.get("text", "x") * c.get("n", 1))
+        elif cmd == "status":
+            d = hal.status()
+            tx = app.tx.s["tx"]
+            d["tx_id"] = tx["id"] if tx else None
+            d["svc"] = app.tx.s["svc"]
+            d["online"] = app.online
+            d["registered"] = app.registered
+            d["outbox"] = len(app.outbox)
+            d["outbox_refused"] = app.outbox.refused
+            d["bad"] = app.link.bad
+            d["errors"] = app.link.errors
+            d["urgent_max_ms"] = app.link.urgent_max_ms
+            d["hw_limit"] = app.tx.hw_limit
+            d["charging_state"] = app.tx.state
+            gc.collect()
+            d["mem_alloc"] = gc.mem_alloc()
+            d["mem_free"] = gc.mem_free()
+            d["peak"] = self.peak
+            note("status", d)
+        elif cmd == "reset_peak":
+            gc.collect()
+            self.peak = gc.mem_alloc()
+        elif cmd == "quit":
+            sys.exit(0)
+        else:
+            note("control_error", {"what": "unknown command %s" % cmd})
+
+
+def main():
+    a = _args(sys.argv)
+    gc.collect()
+    m0 = gc.mem_alloc()
+    mount(a.get("flash", "board.img"), int(a.get("blocks", "256")))
+    import asyncio
+
+    from csc import store
+    from csc.app import App
+    from csc.hal_sim import SimHal
+    from csc.services import admin, auth, config, firmware_update, smart_charging, transactions  # noqa: F401
+
+    store.ROOT = "/flash"
+    hal = SimHal()
+    mp = a.get("meter")
+    if mp:
+        try:
+            with open(mp) as f:
+                w = f.read().split()
+                hal.wh_in = float(w[0])
+                hal.wh_out = float(w[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    host, port = a.get("gw", "127.0.0.1:7700").split(":")
+    fk = bytes.fromhex(a.get("factory-key", "00" * 32))
+    gc.collect()
+    m1 = gc.mem_alloc()
+    app = App(hal, a.get("id", "evse-1"), fk, (host, int(port)), note)
+    gc.collect()
+    m2 = gc.mem_alloc()
+    ctl = Control(app, hal, mp)
+    ctl.peak = m2
+    note("boot", {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free()})
+    asyncio.run(app.main((ctl.run(), ctl.meter_task())))
+
+
+main()

@@ -1,0 +1,107 @@
+"""The hardware seam (MicroOcpp's inputs and outputs): everything the firmware knows of the
+board goes through one `Hal` object, so the same services run on a real EVSE
+(boards/esp32.py), on the emulated board (csc/hal_sim.py) and in tests.
+
+Inputs are polled by the services' tick; interrupt-like inputs (card read, button, a
+control-pilot edge) only set a bit in `flags` from their handler, as an ISR would, and the
+tick consumes it. Outputs are plain calls; none of them blocks.
+
+Units follow the schema: energy Wh, power W (negative = discharging), current mA,
+voltage dV, temperature d°C, frequency mHz.
+"""
+
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+
+from micropython import const
+
+# control-pilot states (schema CpState)
+CP_A = const(0)  # no EV
+CP_B = const(1)  # EV connected, not ready
+CP_C = const(2)  # EV ready (charging allowed)
+CP_D = const(3)
+CP_E = const(4)  # error
+CP_F = const(5)  # EVSE not available
+
+# bits of Hal.flags, set by interrupt-like inputs
+FLAG_CARD = const(1)
+FLAG_CP = const(2)
+FLAG_BUTTON = const(4)
+FLAG_FAULT = const(8)
+
+
+class Hal:
+    """Base class of a board: override the inputs and outputs that exist on it."""
+
+    rating_w = 11000  # hardware rating (charging), W
+    rating_discharge_w = 0  # largest discharge power, W (0: no V2G)
+    evses = 1
+    model = "CSC"
+    vendor = "evedge"
+    serial = "0"
+
+    def __init__(self):
+        self.flags = 0
+        self.card = None  # (token bytes, token type) set by the reader's handler
+
+    # ---- clock (monotonic ms; wraps like time.ticks_ms on a board)
+    def ticks_ms(self):
+        import time
+
+        return time.ticks_ms()
+
+    # ---- inputs
+    def cp_state(self, evse=1):
+        return CP_A
+
+    def plugged(self, evse=1):
+        return self.cp_state(evse) != CP_A
+
+    def meter(self, evse=1):
+        """(energy_import_wh, energy_export_wh, power_w, current_ma, voltage_dv)."""
+        return (0, 0, 0, 0, 2300)
+
+    def signed_meter(self, evse=1):
+        """A signed reading (bytes, ≤ 512) from an eichrecht meter, or None."""
+        return None
+
+    def temperature_dc(self):
+        return 250
+
+    def freq_mhz(self):
+        return 50000
+
+    def ev_discharge_ok(self, evse=1):
+        """True when the connected EV accepts discharging (ISO 15118-20 BPT)."""
+        return False
+
+    def take_card(self):
+        """The last card read (token, type) and clear it; None when there is none."""
+        c = self.card
+        self.card = None
+        self.flags &= ~FLAG_CARD
+        return c
+
+    # ---- outputs
+    def set_contactor(self, on, evse=1):
+        pass
+
+    def set_limit_w(self, watts, evse=1):
+        """Power the EVSE may transfer: ≥ 0 charge limit, < 0 discharge setpoint."""
+
+    def set_lock(self, locked, evse=1):
+        pass
+
+    def display(self, text):
+        pass
+
+    def led(self, color):
+        pass
+
+    def ev_exi(self, exi):
+        """Hand an ISO 15118 EXI message (certificate response) to the EV."""
+
+    def reboot(self):
+        import sys
+
+        sys.exit(3)

@@ -1,0 +1,143 @@
+"""The simulated board: a `Hal` whose inputs a test or the demo drives (plug in an EV,
+present a card, change the grid frequency, step the clock) and whose outputs it records.
+
+The meter integrates power over the simulated clock: with the contactor closed and the EV
+in state C, the power is the EV's demand clipped by the limit the firmware set (a
+negative limit discharges, when the EV allows it). Signed readings are HMAC-SHA256 over
+the register, standing for an eichrecht meter's signature.
+"""
+
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+
+import hashlib
+
+from .hal import CP_A, CP_B, CP_C, FLAG_CARD, FLAG_CP, Hal
+
+_METER_KEY = b"sim-meter-key"
+
+
+class SimHal(Hal):
+    rating_w = 11000
+    rating_discharge_w = 7000
+    model = "SIM-1"
+    serial = "SIM0001"
+
+    def __init__(self):
+        super().__init__()
+        import time
+
+        self._t = time
+        self.skew_ms = 0  # clock steps from the control channel
+        self.cp = CP_A
+        self.ev_max_w = 11000
+        self.ev_v2g = False
+        self.contactor = False
+        self.limit_w = 0
+        self.locked = False
+        self.text = ""
+        self.freq = 50000
+        self.temp = 250
+        self.wh_in = 0.0  # energy registers, Wh (float: sub-Wh steps accumulate)
+        self.wh_out = 0.0
+        self.last = self.ticks_ms()
+        self.exi = None
+
+    def ticks_ms(self):
+        return self._t.ticks_add(self._t.ticks_ms(), self.skew_ms)
+
+    def step(self, ms):
+        self.skew_ms += ms
+        self.update()
+
+    # ---- what the control channel does
+    def plug(self, ready=True, max_w=11000, v2g=False):
+        self.cp = CP_C if ready else CP_B
+        self.ev_max_w = max_w
+        self.ev_v2g = v2g
+        self.flags |= FLAG_CP
+
+    def unplug(self):
+        self.update()
+        self.cp = CP_A
+        self.flags |= FLAG_CP
+
+    def present(self, token, token_type=0):
+        self.card = (token, token_type)
+        self.flags |= FLAG_CARD
+
+    # ---- physics
+    def power(self):
+        if not self.contactor or self.cp != CP_C:
+            return 0
+        lim = self.limit_w
+        if lim < 0:
+            return max(lim, -self.rating_discharge_w) if self.ev_v2g else 0
+        return min(lim, self.ev_max_w, self.rating_w)
+
+    def update(self):
+        now = self.ticks_ms()
+        dt = self._t.ticks_diff(now, self.last)
+        self.last = now
+        if dt > 0:
+            p = self.power()
+            if p >= 0:
+                self.wh_in += p * dt / 3600000
+            else:
+                self.wh_out -= p * dt / 3600000
+
+    # ---- inputs
+    def cp_state(self, evse=1):
+        return self.cp
+
+    def meter(self, evse=1):
+        self.update()
+        p = self.power()
+        return (int(self.wh_in), int(self.wh_out), p, p * 10000 // 2300, 2300)
+
+    def signed_meter(self, evse=1):
+        wh = int(self.wh_in)
+        h = hashlib.sha256(_METER_KEY)
+        h.update(str(wh).encode())
+        return b"SIM1" + wh.to_bytes(8, "big") + h.digest()
+
+    def temperature_dc(self):
+        return self.temp
+
+    def freq_mhz(self):
+        return self.freq
+
+    def ev_discharge_ok(self, evse=1):
+        return self.ev_v2g and self.cp != CP_A
+
+    # ---- outputs
+    def set_contactor(self, on, evse=1):
+        self.update()
+        self.contactor = on
+
+    def set_limit_w(self, watts, evse=1):
+        self.update()
+        self.limit_w = watts
+
+    def set_lock(self, locked, evse=1):
+        self.locked = locked
+
+    def display(self, text):
+        self.text = text
+
+    def ev_exi(self, exi):
+        self.exi = exi
+
+    def status(self):
+        e_in, e_out, p, _, _ = self.meter()
+        return {
+            "cp": self.cp,
+            "contactor": self.contactor,
+            "limit_w": self.limit_w,
+            "power_w": p,
+            "wh_in": e_in,
+            "wh_out": e_out,
+            "locked": self.locked,
+            "text": self.text,
+            "freq": self.freq,
+        }

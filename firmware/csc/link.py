@@ -1,0 +1,421 @@
+"""The link protocol state machine, sans I/O (docs/protocol.md, "Link behaviour").
+
+No socket and no clock inside: every entry point takes `now_ms` (ticks from the caller),
+bytes come in through `receive()`, frames go out through `transmit()` (which seals the
+next queued message into a preallocated buffer), timers through `handle_timer()` /
+`get_timer()`, and what happened comes out of `next_event()` as small tuples whose first
+item names the event in the past tense:
+
+    (OPENED, hello_response_body)         handshake done, session keys in use
+    (KEY_PROVISIONED, device_key)         onboarding: store it, close, reconnect with it
+    (CLOSED, reason)                      the link must be closed (refused, flood, framing)
+    (REQUEST_RECEIVED, mid, action, prio, body)   a command to answer with respond()/refuse()
+    (EVENT_RECEIVED, mid, action, body)
+    (RESPONSE_RECEIVED, mid, action, body)        answer to our request
+    (ACKED, mid)                          a durable event of ours is durable at the gateway
+    (FAILED, mid, code, reason)           our request failed (error frame or TIMEOUT)
+
+Bad frames (malformed, replayed, wrongly tagged) are answered with an error frame,
+counted in `bad`/`errors`, and change no state; more than FLOOD_MAX of them within
+FLOOD_MS closes the link. Messages awaiting an answer are retransmitted after their
+timeout (same id and body, new seq and tag) with back-off ×2 up to 60 s; durable events
+are never given up, other requests fail with TIMEOUT after 3 tries.
+"""
+
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+
+from micropython import const
+
+from . import crypto, frame
+from .msgpack import FrameError, Map, Writer
+from .schema import (
+    A_CLOSE,
+    A_HELLO,
+    ACT_DURABLE,
+    ACT_INDEX,
+    ACT_PRIO,
+    ACT_TIMEOUT,
+    E_BAD_TAG,
+    E_RATE_LIMITED,
+    E_REJECTED,
+    E_TIMEOUT,
+    F_DEVICE_ID,
+    F_DEVICE_KEY,
+    F_FACTORY,
+    F_FW_VERSION,
+    F_IDS,
+    F_NONCE,
+    F_SCHEMA_REV,
+    F_VER_MAX,
+    F_VER_MIN,
+    K_ACK,
+    K_ERROR,
+    K_EVENT,
+    K_REQUEST,
+    K_RESPONSE,
+    P_CONTROL,
+    PROTOCOL_VERSION,
+    SCHEMA_REV,
+    TAG_LEN,
+)
+from .window import ReplayWindow
+
+# states
+IDLE = const(0)
+HELLO_SENT = const(1)
+OPEN = const(2)
+
+# events
+OPENED = const(1)
+KEY_PROVISIONED = const(2)
+CLOSED = const(3)
+REQUEST_RECEIVED = const(4)
+EVENT_RECEIVED = const(5)
+RESPONSE_RECEIVED = const(6)
+ACKED = const(7)
+FAILED = const(8)
+
+FLOOD_MAX = const(20)
+FLOOD_MS = const(10000)
+_MAX_TRIES = const(3)
+_MAX_BACKOFF = const(60000)
+_RECENT = const(32)
+TX_SIZE = const(1536)
+
+# inflight entry fields
+_ACT = const(0)
+_PRIO = const(1)
+_KIND = const(2)
+_BODY = const(3)
+_DEADLINE = const(4)
+_TIMEOUT = const(5)
+_TRIES = const(6)
+_DURABLE = const(7)
+
+
+def _known(action):
+    return action < len(ACT_INDEX) and ACT_INDEX[action] != 255
+
+
+def default_prio(action):
+    return ACT_PRIO[ACT_INDEX[action]] if _known(action) else P_CONTROL
+
+
+def ticks_diff(a, b):
+    try:
+        import time
+
+        return time.ticks_diff(a, b)
+    except AttributeError:  # CPython tooling: plain ints
+        return a - b
+
+
+class Link:
+    def __init__(self, q, device_id, fw_version=""):
+        self.q = q
+        self.device_id = device_id
+        self.fw_version = fw_version
+        self.state = IDLE
+        self.tx = Writer(size=TX_SIZE)
+        self.seq = 0
+        self.events = []
+        self.inflight = {}
+        self.recent = [0] * _RECENT  # ids of commands answered (dedup)
+        self.recent_ans = [None] * _RECENT  # (kind, action, prio, body) answered
+        self.recent_i = 0
+        self.bad = 0  # bad frames received, in all
+        self.errors = {}  # error code -> count
+        self._flood = 0
+        self._flood_t = 0
+        self.urgent_wait_ms = 0  # enqueue → sealed, of the last urgent frame
+        self.urgent_max_ms = 0
+        self._mac_up = None
+        self._mac_dn = None
+        self._win = None
+        self._e_up = None
+        self._e_dn = None
+
+    # ---------------------------------------------------------------- handshake
+    def connect(self, now_ms, k_dev, nonce, mid, factory=False):
+        """Start a connection: queue the Hello (seq 0, tagged under K_hello)."""
+        self.q.clear()
+        self.state = HELLO_SENT
+        self.seq = 0
+        self._k = k_dev
+        self._nonce = bytes(nonce)
+        self._hello_mid = mid
+        self._mac_up = crypto.Hmac(crypto.hello_key(k_dev))
+        self._hello_deadline = now_ms + ACT_TIMEOUT[ACT_INDEX[A_HELLO]]
+        body = Map()
+        body[F_DEVICE_ID] = self.device_id
+        body[F_NONCE] = self._nonce
+        body[F_VER_MIN] = PROTOCOL_VERSION
+        body[F_VER_MAX] = PROTOCOL_VERSION
+        body[F_SCHEMA_REV] = SCHEMA_REV
+        if self.fw_version:
+            body[F_FW_VERSION] = self.fw_version
+        if factory:
+            body[F_FACTORY] = True
+        self.q.put(K_REQUEST, P_CONTROL, mid, A_HELLO, body)
+
+    def close(self):
+        self.state = IDLE
+        self.q.clear()
+
+    def _hello_response(self, data):
+        try:
+            f = frame.decode(data)
+        except FrameError as e:
+            self._closed("bad hello response: " + e.reason)
+            return
+        if f.kind == K_ERROR:
+            self._closed("hello refused: %s" % f.body.get(13, ""))
+            return
+        if f.kind != K_RESPONSE or f.action != A_HELLO or f.seq != 1 or f.id != self._hello_mid:
+            self._closed("unexpected frame before hello")
+            return
+        k_up, k_dn, e_up, e_dn = crypto.derive(self._k, self._nonce, f.body[F_NONCE])
+        mac_dn = crypto.Hmac(k_dn)
+        n = len(data)
+        if not mac_dn.verify(data[0 : n - TAG_LEN - 2], f.tag):
+            self._count(E_BAD_TAG)
+            self._closed("hello response tag")
+            return
+        self._mac_up = crypto.Hmac(k_up)
+        self._mac_dn = mac_dn
+        self._e_up = e_up
+        self._e_dn = e_dn
+        self._win = ReplayWindow()
+        self._win.accept(1)
+        self.state = OPEN
+        key = f.body.get(F_DEVICE_KEY)
+        if key is not None:
+            self.events.append((KEY_PROVISIONED, crypto.ctr(e_dn, 1, F_DEVICE_KEY, key)))
+        self.events.append((OPENED, f.body))
+        for mid in self.inflight:  # resend what the last connection left unanswered
+            e = self.inflight[mid]
+            self._queue(mid, e)
+
+    def _closed(self, reason):
+        self.state = IDLE
+        self.q.clear()
+        self.events.append((CLOSED, reason))
+
+    # ---------------------------------------------------------------- receiving
+    def decrypt(self, seq, key, value):
+        """Plaintext of a secret field received in the frame with counter `seq`."""
+        return crypto.ctr(self._e_dn, seq, key, value)
+
+    def receive(self, data, now_ms):
+        """Process one received frame (no length prefix)."""
+        if self.state == HELLO_SENT:
+            self._hello_response(data)
+            return
+        if self.state != OPEN:
+            return
+        try:
+            f = frame.decode(data, self._mac_dn, self._win)
+        except FrameError as e:
+            self._reject(e, now_ms)
+            return
+        k = f.kind
+        mid = f.id
+        if k == K_RESPONSE or k == K_ERROR:  # noqa: PLR1714, SIM109 — two int compares on MicroPython
+            e = self.inflight.pop(mid, None)
+            if e is None:
+                return  # a late answer to something already settled
+            if k == K_RESPONSE:
+                self.events.append((RESPONSE_RECEIVED, mid, f.action, f.body))
+            else:
+                self.events.append((FAILED, mid, f.body.get(12, 0), f.body.get(13, "")))
+        elif k == K_ACK:
+            self._acked(mid)
+            for i in f.body.get(F_IDS, ()):
+                self._acked(i)
+        elif k == K_REQUEST:
+            for i in range(_RECENT):
+                if self.recent[i] == mid:
+                    a = self.recent_ans[i]
+                    if a is not None:  # a repeat: the same answer, not acted on twice
+                        self.q.put(a[0], a[2], mid, a[1], a[3])
+                    return
+            self.events.append((REQUEST_RECEIVED, mid, f.action, f.prio, f.body, f.seq))
+            self._remember(mid, None)
+        else:
+            if ACT_DURABLE[ACT_INDEX[f.action]]:
+                self.q.put(K_ACK, f.prio, mid, f.action, {})
+            self.events.append((EVENT_RECEIVED, mid, f.action, f.body))
+
+    def _acked(self, mid):
+        if self.inflight.pop(mid, None) is not None:
+            self.events.append((ACKED, mid))
+
+    def _count(self, code):
+        self.bad += 1
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+    def _reject(self, e, now_ms):
+        self._count(e.code)
+        if ticks_diff(now_ms, self._flood_t) > FLOOD_MS:
+            self._flood_t = now_ms
+            self._flood = 0
+        self._flood += 1
+        a = e.action if _known(e.action) else A_CLOSE
+        self.q.put(K_ERROR, default_prio(a), e.id, a, frame.error_body(e))
+        if self._flood > FLOOD_MAX:
+            self._count(E_RATE_LIMITED)
+            self._closed("flood of bad frames")
+
+    def _remember(self, mid, ans):
+        i = self.recent_i
+        self.recent[i] = mid
+        self.recent_ans[i] = ans
+        self.recent_i = (i + 1) % _RECENT
+
+    # ---------------------------------------------------------------- sending
+    def respond(self, mid, action, prio, body):
+        """Answer command `mid` (its response body)."""
+        self._answer(mid, (K_RESPONSE, action, prio, body))
+
+    def refuse(self, mid, action, prio, reason, code=E_REJECTED):
+        """Answer command `mid` with an error frame (REJECTED and a reason by default)."""
+        b = Map()
+        b[12] = code
+        b[13] = reason[:120]
+        self._answer(mid, (K_ERROR, action, prio, b))
+
+    def _answer(self, mid, a):
+        for i in range(_RECENT):
+            if self.recent[i] == mid:
+                self.recent_ans[i] = a
+                break
+        else:
+            self._remember(mid, a)
+        self.q.put(a[0], a[2], mid, a[1], a[3])
+
+    def request(self, mid, action, body, now_ms, prio=None):
+        """Send a request; its answer comes as RESPONSE_RECEIVED or FAILED."""
+        self._send(mid, action, body, now_ms, prio, K_REQUEST, False)
+
+    def event(self, mid, action, body, now_ms, prio=None):
+        """Publish an event; a durable one is resent until ACKED."""
+        d = ACT_DURABLE[ACT_INDEX[action]]
+        if not d:
+            if self.state == OPEN:
+                return self.q.put(K_EVENT, default_prio(action) if prio is None else prio, mid, action, body)
+            return False
+        self._send(mid, action, body, now_ms, prio, K_EVENT, True)
+        return True
+
+    def _send(self, mid, action, body, now_ms, prio, kind, durable):
+        t = ACT_TIMEOUT[ACT_INDEX[action]]
+        e = [action, default_prio(action) if prio is None else prio, kind, body, now_ms + t, t, 1, durable]
+        self.inflight[mid] = e
+        if self.state == OPEN:
+            self._queue(mid, e)
+
+    def _queue(self, mid, e):
+        if not self.q.put(e[_KIND], e[_PRIO], mid, e[_ACT], e[_BODY]):
+            e[_TRIES] -= 1  # not sent: the timer tries again without counting it
+            e[_DEADLINE] -= e[_TIMEOUT] - 50
+
+    def forget(self, mid):
+        """Stop waiting for an answer to `mid` (e.g. its record was retired)."""
+        self.inflight.pop(mid, None)
+
+    def transmit(self, now_ms, ts):
+        """Seal the next queued message into `self.tx`; return its end (0: nothing to send).
+        The bytes to write are self.tx.mv[0:end] (length prefix included)."""
+        q = self.q
+        c = q.next()
+        if c < 0:
+            return 0
+        s = q.slot(c)
+        if self.state == IDLE or (self.state == HELLO_SENT and q.action[s] != A_HELLO):
+            q.pop(c)
+            return 0
+        w = self.tx
+        seq = self.seq
+        body = q.body(c)
+        w.pos = 2
+        try:
+            w.byte(0x99)
+            w.integer(PROTOCOL_VERSION)
+            w.integer(q.kind[s])
+            w.integer(seq)
+            w.integer(q.mid[s])
+            w.integer(q.prio[s])
+            w.integer(ts)
+            w.integer(q.action[s])
+            p0 = w.pos
+            w.raw(body)
+            j = s * 6
+            while j < s * 6 + 6 and q.sec[j]:
+                o = p0 + q.sec[j + 1]
+                n = q.sec[j + 2]
+                w.mv[o : o + n] = crypto.ctr(self._e_up, seq, q.sec[j], w.mv[o : o + n])
+                j += 3
+            p = w.pos
+            w._room(TAG_LEN + 2)
+        except FrameError:
+            q.pop(c)
+            return 0
+        b = w.buf
+        b[p] = 0xC4
+        b[p + 1] = TAG_LEN
+        self._mac_up.tag_into(w.mv[2:p], b, p + 2)
+        end = p + TAG_LEN + 2
+        n = end - 2
+        b[0] = n >> 8
+        b[1] = n & 0xFF
+        if c == 0 and q.ticks is not None:
+            d = ticks_diff(q.ticks(), q.t[s])
+            self.urgent_wait_ms = d
+            self.urgent_max_ms = max(self.urgent_max_ms, d)
+        q.pop(c)
+        self.seq = seq + 1
+        return end
+
+    # ---------------------------------------------------------------- timers
+    def get_timer(self):
+        """The earliest deadline (ticks) or None."""
+        t = None
+        for mid in self.inflight:
+            d = self.inflight[mid][_DEADLINE]
+            if t is None or ticks_diff(d, t) < 0:
+                t = d
+        if self.state == HELLO_SENT and (t is None or ticks_diff(self._hello_deadline, t) < 0):
+            t = self._hello_deadline
+        return t
+
+    def handle_timer(self, now_ms):
+        if self.state == HELLO_SENT and ticks_diff(now_ms, self._hello_deadline) >= 0:
+            self._closed("hello timeout")
+            return
+        if self.state != OPEN:
+            return
+        due = None
+        for mid in self.inflight:
+            if ticks_diff(now_ms, self.inflight[mid][_DEADLINE]) >= 0:
+                if due is None:
+                    due = []
+                due.append(mid)
+        if due is None:
+            return
+        for mid in due:
+            e = self.inflight[mid]
+            if not e[_DURABLE] and e[_TRIES] >= _MAX_TRIES:
+                del self.inflight[mid]
+                self.events.append((FAILED, mid, E_TIMEOUT, "no answer"))
+                continue
+            e[_TRIES] += 1
+            t = e[_TIMEOUT] * 2
+            e[_TIMEOUT] = t if t < _MAX_BACKOFF else _MAX_BACKOFF
+            e[_DEADLINE] = now_ms + e[_TIMEOUT]
+            self._queue(mid, e)
+
+    def next_event(self):
+        if self.events:
+            return self.events.pop(0)
+        return None

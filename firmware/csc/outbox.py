@@ -1,0 +1,143 @@
+"""The persistent outbox (DESIGN.md "Delivery"): what the board must deliver —
+transaction events, billing meter values, security events, and telemetry worth keeping —
+is written to flash before it is sent and removed only when the gateway acknowledges it.
+
+One small file per message, `ob/<id in hex>`: 4 header bytes (action u16 BE, priority,
+value class) then the msgpack body. Files are written to a temporary name and renamed, so
+a power cut at any instant leaves the record whole or absent; a record is only "accepted"
+(put() returned True) once renamed, and its id is never reused (ids.py), so a resend after
+a power cut carries the same id and the receiver deduplicates it.
+
+Bounded: at most MAX_RECORDS records and MAX_BYTES bytes. When full, the policy is
+- room is made by shedding the lowest-value records: the oldest TELEMETRY first (monitor
+  events, frequency responses, reports); TX, SECURITY and BILLING records are never shed;
+- when nothing can be shed, BILLING records may use a reserve of RESERVE more records,
+  transaction and security events are taken as long as the flash has room;
+- what cannot be stored is refused (put() returns False) and counted; nothing already
+  stored is ever touched by a failed write (flash full included).
+`shed` counts the records dropped since the owner last reported them (the app reports
+them with a SecurityEvent "OutboxShed").
+"""
+
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+
+import os
+
+from micropython import const
+
+from . import store
+from .msgpack import packb
+
+TX = const(0)
+SECURITY = const(1)
+BILLING = const(2)
+TELEMETRY = const(3)
+
+MAX_RECORDS = const(48)
+RESERVE = const(16)
+MAX_BYTES = const(24576)
+
+
+class Outbox:
+    def __init__(self, name="ob"):
+        self._dir = store.path(name)
+        store.mkdir(self._dir)
+        self.index = []  # [mid, action, prio, cls, size], ascending mid
+        self.bytes = 0
+        self.shed = 0
+        self.refused = 0
+        for fn in os.listdir(self._dir):
+            p = self._dir + "/" + fn
+            if fn.endswith(".t"):
+                store.remove(p)  # a write the power cut interrupted: never accepted
+                continue
+            b = store.read(p)
+            try:
+                mid = int(fn, 16)
+            except ValueError:
+                mid = 0
+            if not b or len(b) < 5 or mid <= 0:
+                store.remove(p)
+                continue
+            self.index.append([mid, (b[0] << 8) | b[1], b[2], b[3], len(b)])
+            self.bytes += len(b)
+        self.index.sort(key=lambda r: r[0])
+
+    def __len__(self):
+        return len(self.index)
+
+    def _file(self, mid):
+        return "%s/%x" % (self._dir, mid)
+
+    def _victim(self, cls):
+        # the oldest telemetry record: the only class that may be shed
+        for r in self.index:
+            if r[3] == TELEMETRY:
+                return r
+        return None
+
+    def _drop(self, r):
+        store.remove(self._file(r[0]))
+        self.index.remove(r)
+        self.bytes -= r[4]
+        self.shed += 1
+
+    def put(self, mid, action, prio, cls, body):
+        """Persist a message; True once it is on flash, False when refused (counted)."""
+        data = bytearray(4)
+        data[0] = action >> 8
+        data[1] = action & 0xFF
+        data[2] = prio
+        data[3] = cls
+        data += packb(body, 4096)
+        n = len(data)
+        while len(self.index) >= MAX_RECORDS or self.bytes + n > MAX_BYTES:
+            v = self._victim(cls)
+            if v is None:
+                break
+            self._drop(v)
+        full = len(self.index) >= MAX_RECORDS or self.bytes + n > MAX_BYTES
+        # nothing more to shed: only the valuable classes may go beyond the bounds
+        if full and (cls == TELEMETRY or (cls == BILLING and len(self.index) >= MAX_RECORDS + RESERVE)):
+            self.refused += 1
+            return False
+        for _ in range(3):
+            try:
+                store.write_atomic(self._file(mid), data)
+                break
+            except OSError:  # flash full: shed what may be shed, try again
+                v = self._victim(cls)
+                if v is None:
+                    self.refused += 1
+                    return False
+                self._drop(v)
+        else:
+            self.refused += 1
+            return False
+        self.index.append([mid, action, prio, cls, n])
+        self.bytes += n
+        return True
+
+    def load(self, mid):
+        """The body of record `mid` (a dict), or None."""
+        b = store.read(self._file(mid))
+        if not b:
+            return None
+        from .msgpack import unpackb
+
+        return unpackb(memoryview(b)[4:])
+
+    def remove(self, mid):
+        """Retire an acknowledged record (absent ids are ignored: acks may repeat)."""
+        for r in self.index:
+            if r[0] == mid:
+                store.remove(self._file(mid))
+                self.index.remove(r)
+                self.bytes -= r[4]
+                return True
+        return False
+
+    def records(self, action=None):
+        """(mid, action, prio, cls) of stored records in id order, optionally one action."""
+        return [r for r in self.index if action is None or r[1] == action]

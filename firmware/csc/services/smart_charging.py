@@ -1,0 +1,320 @@
+"""E1 charging profiles, E5 DSO limit, E6 V2G (negative setpoints), E7 setpoint loop,
+E8 frequency droop: everything that decides the power the EVSE may transfer.
+
+`target(evse, now, tx)` is the signed power for the hardware (≥ 0 charge limit, < 0
+discharge setpoint), recomputed every tick and at once when a limit arrives:
+
+1. limit = hardware rating, lowered by the active profile of each purpose (highest
+   stack level wins within a purpose; tx_default/tx only during a transaction; a tx
+   profile beats tx_default) and by the DSO limit (E5, urgent: applied in the command
+   handler itself, checked against the meter at its deadline — a miss is a FaultReport);
+2. a profile period with a negative limit, or a negative setpoint (E6/E7), asks for
+   discharge: granted only when the EV and the hardware allow it, bounded by both;
+3. the droop curve (E8) overrides the setpoint when the measured frequency leaves the
+   dead band; each change is reported as a durable FrequencyResponse.
+Commands beyond the hardware (a limit above the rating, an unknown EVSE) are refused
+with a reason.
+"""
+
+from micropython import const
+
+from .. import store
+from ..app import Refused, status
+from ..link import ticks_diff
+from ..msgpack import Map
+from ..outbox import TELEMETRY
+from ..schema import (
+    A_CLEAR_CHARGING_PROFILE,
+    A_DSO_LIMIT,
+    A_FAULT_REPORT,
+    A_FREQUENCY_RESPONSE,
+    A_GET_COMPOSITE_SCHEDULE,
+    A_MEASURED_VALUES,
+    A_SET_CHARGING_PROFILE,
+    A_SET_FREQUENCY_DROOP,
+    A_SETPOINT,
+    A_START_SETPOINT_LOOP,
+    F_ACTIVE,
+    F_DEADBAND_MHZ,
+    F_DEADLINE_MS,
+    F_DROOP,
+    F_DURATION_S,
+    F_EVSE,
+    F_FAULT_CODE,
+    F_FREQ_MHZ,
+    F_LIMIT_W,
+    F_PERIODS,
+    F_POWER_W,
+    F_PROFILE_ID,
+    F_PURPOSE,
+    F_RATE_MS,
+    F_REASON,
+    F_SETPOINT_W,
+    F_STACK_LEVEL,
+    F_START_S,
+    F_TIME,
+    F_VALID_FROM,
+    F_VALID_TO,
+    PROFILE_PURPOSE_DSO,
+    PROFILE_PURPOSE_TX,
+    PROFILE_PURPOSE_TX_DEFAULT,
+    STATUS_ACCEPTED,
+    STATUS_REJECTED,
+    STATUS_UNKNOWN,
+)
+from . import Service
+
+FAULT_DSO_MISSED = const(1001)
+_NOMINAL = const(50000)
+
+
+class SmartCharging(Service):
+    def __init__(self, app):
+        super().__init__(app)
+        self.profiles = store.load(store.path("sc"), []) or []  # [pid, evse, level, purpose, periods, from, to, t0]
+        d = store.load(store.path("droop"), None)
+        self.droop = d  # [points [[f, p]...], deadband, rate]
+        self.dso = None  # [limit, valid_to, deadline ticks, checked]
+        self.setpoint = None
+        self.loop = None  # [rate_ms, end ticks or None, next ticks]
+        self.droop_w = None
+        self._mv_next = 0
+        for a, h in (
+            (A_SET_CHARGING_PROFILE, self.set_profile),
+            (A_CLEAR_CHARGING_PROFILE, self.clear_profile),
+            (A_GET_COMPOSITE_SCHEDULE, self.composite),
+            (A_DSO_LIMIT, self.dso_limit),
+            (A_START_SETPOINT_LOOP, self.start_loop),
+            (A_SET_FREQUENCY_DROOP, self.set_droop),
+        ):
+            app.on(a, h)
+        app.on_event(A_SETPOINT, self.on_setpoint)
+
+    def _evse(self, body, need=False):
+        e = body.get(F_EVSE, 0 if not need else None)
+        if e is None or e > self.app.hal.evses:
+            raise Refused("unknown evse %s" % e)
+        return e
+
+    def _watts(self, w):
+        hal = self.app.hal
+        if w > hal.rating_w:
+            raise Refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w))
+        if w < -hal.rating_discharge_w:
+            raise Refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w))
+
+    # ---------------------------------------------------------------- commands
+    def set_profile(self, body, seq):
+        evse = self._evse(body, True)
+        periods = []
+        for p in body[F_PERIODS]:
+            self._watts(p[F_LIMIT_W])
+            periods.append([p[F_START_S], p[F_LIMIT_W]])
+        purpose = body[F_PURPOSE]
+        if purpose == PROFILE_PURPOSE_TX and not self.app.tx.active(evse or 1):
+            return status(STATUS_REJECTED, "no transaction on this evse")
+        now = self.app.time()
+        pid = body[F_PROFILE_ID]
+        self.profiles = [p for p in self.profiles if p[0] != pid]
+        self.profiles.append(
+            [
+                pid,
+                evse,
+                body[F_STACK_LEVEL],
+                purpose,
+                periods,
+                body.get(F_VALID_FROM, 0),
+                body.get(F_VALID_TO, 0),
+                body.get(F_VALID_FROM) or now,
+            ]
+        )
+        store.save(store.path("sc"), self.profiles)
+        self.app.tx.apply()
+        return status(STATUS_ACCEPTED)
+
+    def clear_profile(self, body, seq):
+        pid = body.get(F_PROFILE_ID)
+        evse = body.get(F_EVSE)
+        pur = body.get(F_PURPOSE)
+        keep = [
+            p
+            for p in self.profiles
+            if not ((pid is None or p[0] == pid) and (evse is None or p[1] == evse) and (pur is None or p[3] == pur))
+        ]
+        found = len(keep) != len(self.profiles)
+        self.profiles = keep
+        store.save(store.path("sc"), keep)
+        self.app.tx.apply()
+        return status(STATUS_ACCEPTED if found else STATUS_UNKNOWN)
+
+    def composite(self, body, seq):
+        evse = self._evse(body, True)
+        b = status(STATUS_ACCEPTED)
+        p = Map()
+        p[F_START_S] = 0
+        p[F_LIMIT_W] = self.limit(evse or 1, self.app.tx.active(evse or 1))
+        b[F_PERIODS] = [p]
+        return b
+
+    def dso_limit(self, body, seq):
+        lim = body[F_LIMIT_W]
+        if lim < 0:
+            raise Refused("a DSO limit cannot be negative")
+        self._evse(body)
+        now = self.app.now()
+        self.dso = [lim, body.get(F_VALID_TO, 0), now + body[F_DEADLINE_MS], False]
+        self.app.tx.apply()  # the hardware gets the new limit before the answer leaves
+        self.app.note("dso_applied", {"limit_w": lim, "hw_limit_w": self.app.tx.hw_limit})
+        return status(STATUS_ACCEPTED)
+
+    def start_loop(self, body, seq):
+        self._evse(body, True)
+        d = body.get(F_DURATION_S)
+        now = self.app.now()
+        self.loop = [body[F_RATE_MS], now + d * 1000 if d else None, now]
+        return status(STATUS_ACCEPTED)
+
+    def on_setpoint(self, body):
+        w = body[F_SETPOINT_W]
+        hal = self.app.hal
+        self.setpoint = max(-hal.rating_discharge_w, min(w, hal.rating_w))
+        self.app.tx.apply()
+
+    def set_droop(self, body, seq):
+        self._evse(body)
+        pts = []
+        for p in body[F_DROOP]:
+            self._watts(p[F_POWER_W])
+            pts.append([p[F_FREQ_MHZ], p[F_POWER_W]])
+        if len(pts) < 2:
+            raise Refused("a droop curve needs at least two points")
+        pts.sort(key=lambda x: x[0])
+        self.droop = [pts, body[F_DEADBAND_MHZ], body.get(F_RATE_MS, 1000)]
+        store.save(store.path("droop"), self.droop)
+        return status(STATUS_ACCEPTED)
+
+    # ---------------------------------------------------------------- computing
+    def _period(self, p, t):
+        if (p[5] and t < p[5]) or (p[6] and t >= p[6]):
+            return None
+        lim = None
+        for s, w in p[4]:
+            if t - p[7] >= s:
+                lim = w
+        return lim
+
+    def limit(self, evse, tx):
+        """The signed power allowed now (before setpoints and droop)."""
+        hal = self.app.hal
+        t = self.app.time()
+        best = {}
+        for p in self.profiles:
+            if p[1] not in (0, evse):
+                continue
+            pur = p[3]
+            if pur in (PROFILE_PURPOSE_TX, PROFILE_PURPOSE_TX_DEFAULT) and not tx:
+                continue
+            w = self._period(p, t)
+            if w is None:
+                continue
+            b = best.get(pur)
+            if b is None or p[2] > b[0]:
+                best[pur] = (p[2], w)
+        if PROFILE_PURPOSE_TX in best:
+            best.pop(PROFILE_PURPOSE_TX_DEFAULT, None)
+        lim = hal.rating_w
+        neg = None
+        for pur in best:
+            w = best[pur][1]
+            if w < 0:
+                neg = w if neg is None else max(neg, w)
+            elif w < lim:
+                lim = w
+        d = self.dso
+        if d is not None:
+            if d[1] and t >= d[1]:
+                self.dso = None
+            else:
+                lim = min(lim, d[0])
+                if PROFILE_PURPOSE_DSO in best and best[PROFILE_PURPOSE_DSO][1] < lim:
+                    lim = best[PROFILE_PURPOSE_DSO][1]
+        if neg is not None:
+            return neg
+        return lim
+
+    def target(self, evse, tx):
+        hal = self.app.hal
+        lim = self.limit(evse, tx)
+        w = lim
+        if self.setpoint is not None:
+            w = min(self.setpoint, lim) if lim >= 0 else self.setpoint
+        dw = self._droop(hal.freq_mhz())
+        if dw is not None:
+            w = min(dw, lim) if lim >= 0 else dw
+        if w < 0:
+            if not hal.ev_discharge_ok(evse) or hal.rating_discharge_w <= 0:
+                return 0
+            w = max(w, -hal.rating_discharge_w)
+            d = self.dso
+            if d is not None and -w > d[0]:
+                w = -d[0]
+        return w
+
+    def _droop(self, f):
+        d = self.droop
+        if d is None or abs(f - _NOMINAL) <= d[1]:
+            return None
+        pts = d[0]
+        if f <= pts[0][0]:
+            return pts[0][1]
+        for i in range(1, len(pts)):
+            f1, p1 = pts[i]
+            if f <= f1:
+                f0, p0 = pts[i - 1]
+                return p0 + (p1 - p0) * (f - f0) // (f1 - f0)
+        return pts[-1][1]
+
+    # ---------------------------------------------------------------- tick
+    def tick(self, now):
+        app = self.app
+        hal = app.hal
+        d = self.dso
+        if d is not None and not d[3] and ticks_diff(now, d[2]) >= 0:
+            d[3] = True
+            p = hal.meter(1)[2]
+            ok = abs(p) <= d[0]
+            app.note("dso_checked", {"power_w": p, "limit_w": d[0], "ok": ok})
+            if not ok:
+                b = Map()
+                b[F_FAULT_CODE] = FAULT_DSO_MISSED
+                b[F_ACTIVE] = True
+                b[F_TIME] = app.time()
+                b[F_REASON] = "DSO limit not reached by the deadline"
+                app.emit(A_FAULT_REPORT, b, TELEMETRY)
+        if self.droop is not None and app.tx.active(1):
+            f = hal.freq_mhz()
+            dw = self._droop(f)
+            if dw != self.droop_w:
+                self.droop_w = dw
+                app.tx.apply()
+                b = Map()
+                b[F_EVSE] = 1
+                b[F_FREQ_MHZ] = f
+                b[F_POWER_W] = app.tx.hw_limit
+                b[F_TIME] = app.time()
+                app.emit(A_FREQUENCY_RESPONSE, b, TELEMETRY)
+        lp = self.loop
+        if lp is not None and ticks_diff(now, lp[2]) >= 0:
+            if lp[1] is not None and ticks_diff(now, lp[1]) >= 0:
+                self.loop = None
+                self.setpoint = None
+                return
+            lp[2] = now + lp[0]
+            m = hal.meter(1)
+            b = Map()
+            b[F_EVSE] = 1
+            b[F_POWER_W] = m[2]
+            if self.setpoint is not None:
+                b[F_SETPOINT_W] = self.setpoint
+            b[F_FREQ_MHZ] = hal.freq_mhz()
+            app.emit(A_MEASURED_VALUES, b)

@@ -1,0 +1,525 @@
+"""Sessions and transactions (63110-1 clause 6, Annex C), S1 reservations, S2/S3 start
+and stop, S4/S5 tariffs and running cost, S6 the SDR data of the final TransactionEvent.
+
+Per EVSE: a *service session* (from the first interaction — card, remote start,
+reservation use, plug-in — until the EV leaves with no transaction left) contains a
+*charging session* (plug-in to unplug) which holds one or more *transactions*; a tariff
+change splits the running transaction (ended + started, trigger tariff_changed) inside
+the same service session. Every id comes from the device's id counter (ids.py), so it is
+unique for the device's life.
+
+Each TransactionEvent is durable (outbox class TX) and numbered by `seq_no` from 0 within
+its transaction; the EVSE state (`tx<evse>` on flash) is saved right after the event is
+stored, with no await in between, so at boot the outbox tells what a power cut may have
+cut short: `recover()` replays the stored events of the transaction onto the saved state.
+A transaction found running at boot is ended with stop_reason power_loss.
+
+The final event carries the SDR: energy_wh (meter stop register), samples
+[energy_import_wh at start, at stop], meter_start_wh/meter_stop_wh, the signed meter
+reading, cost and tariff id.
+"""
+
+from micropython import const
+
+from .. import store
+from ..app import Refused, status
+from ..hal import CP_A, CP_B, CP_C, FLAG_CARD
+from ..link import ticks_diff
+from ..msgpack import Map
+from ..outbox import BILLING, TX
+from ..schema import (
+    A_CANCEL_RESERVATION,
+    A_COST_UPDATE,
+    A_REQUEST_START_TRANSACTION,
+    A_REQUEST_STOP_TRANSACTION,
+    A_RESERVATION_UPDATE,
+    A_RESERVE_NOW,
+    A_SET_TARIFF,
+    A_STATUS_NOTIFICATION,
+    A_TRANSACTION_EVENT,
+    AUTH_STATUS_ACCEPTED,
+    CHARGING_STATE_CHARGING,
+    CHARGING_STATE_DISCHARGING,
+    CHARGING_STATE_EV_CONNECTED,
+    CHARGING_STATE_SUSPENDED_EV,
+    CHARGING_STATE_SUSPENDED_EVSE,
+    CONNECTOR_STATUS_AVAILABLE,
+    CONNECTOR_STATUS_OCCUPIED,
+    CONNECTOR_STATUS_RESERVED,
+    F_CHARGING_STATE,
+    F_COST,
+    F_CP_STATE,
+    F_CURRENCY,
+    F_ENERGY_WH,
+    F_EVENT,
+    F_EVSE,
+    F_EXPIRY,
+    F_ID_TOKEN,
+    F_MEASURAND,
+    F_OFFLINE,
+    F_POWER_W,
+    F_PRICE_KWH,
+    F_PRICE_MIN,
+    F_PRICE_SESSION,
+    F_REASON,
+    F_REMOTE_START_ID,
+    F_RES_STATUS,
+    F_RESERVATION_ID,
+    F_SAMPLES,
+    F_SEQ_NO,
+    F_SESSION_ID,
+    F_SIGNED_METER,
+    F_STATE,
+    F_STATUS,
+    F_STOP_REASON,
+    F_TARIFF_ID,
+    F_TEXT,
+    F_TIME,
+    F_TOKEN_TYPE,
+    F_TRIGGER,
+    F_TX_ID,
+    F_VALUE,
+    MEASURAND_ENERGY_IMPORT_WH,
+    RESERVATION_STATUS_EXPIRED,
+    RESERVATION_STATUS_REMOVED,
+    RESERVATION_STATUS_USED,
+    STATUS_ACCEPTED,
+    STATUS_REJECTED,
+    STOP_REASON_EV_DISCONNECTED,
+    STOP_REASON_LOCAL,
+    STOP_REASON_OTHER,
+    STOP_REASON_POWER_LOSS,
+    STOP_REASON_REMOTE,
+    TOKEN_TYPE_CENTRAL,
+    TX_EVENT_ENDED,
+    TX_EVENT_STARTED,
+    TX_EVENT_UPDATED,
+    TX_TRIGGER_ABNORMAL_CONDITION,
+    TX_TRIGGER_AUTHORIZED,
+    TX_TRIGGER_CABLE_PLUGGED_IN,
+    TX_TRIGGER_CHARGING_STATE_CHANGED,
+    TX_TRIGGER_EV_DEPARTED,
+    TX_TRIGGER_METER_VALUE_PERIODIC,
+    TX_TRIGGER_REMOTE_START,
+    TX_TRIGGER_REMOTE_STOP,
+    TX_TRIGGER_STOP_AUTHORIZED,
+    TX_TRIGGER_TARIFF_CHANGED,
+)
+from . import Service
+
+F_METER_START_WH = const(161)  # in the dictionary, not (yet) in TransactionEvent's fields
+F_METER_STOP_WH = const(162)
+
+
+class Transactions(Service):
+    def __init__(self, app):
+        super().__init__(app)
+        self.p = store.path("tx1")
+        s = store.load(self.p, None)
+        # svc, chg: session ids; tx: the running transaction; auth: [token, type, remote id]
+        self.s = (
+            s if isinstance(s, dict) else {"svc": 0, "chg": 0, "tx": None, "auth": None, "res": None, "tariff": None}
+        )
+        self.hw_limit = 0
+        self.state = None
+        self.status = None
+        self._next_update = 0
+        self.last_tok = None
+        for a, h in (
+            (A_REQUEST_START_TRANSACTION, self.remote_start),
+            (A_REQUEST_STOP_TRANSACTION, self.remote_stop),
+            (A_RESERVE_NOW, self.reserve),
+            (A_CANCEL_RESERVATION, self.cancel_reservation),
+            (A_SET_TARIFF, self.set_tariff),
+            (A_COST_UPDATE, self.cost_update),
+        ):
+            app.on(a, h)
+
+    def save(self):
+        store.save(self.p, self.s)
+
+    def active(self, evse=1):
+        return self.s["tx"] is not None
+
+    # ---------------------------------------------------------------- boot recovery
+    def boot(self):
+        self.recover()
+        tx = self.s["tx"]
+        if tx is not None:  # the power went while charging
+            self.stop(STOP_REASON_POWER_LOSS, TX_TRIGGER_ABNORMAL_CONDITION)
+        self.s["chg"] = 0
+        self.s["auth"] = None
+        self.s["svc"] = 0
+        self.save()
+
+    def recover(self):
+        ob = self.app.outbox
+        changed = False
+        for r in ob.records(A_TRANSACTION_EVENT):
+            b = ob.load(r[0])
+            if b is None:
+                continue
+            tx = self.s["tx"]
+            tid = b[F_TX_ID]
+            if tx is not None and tid == tx["id"]:
+                if b[F_SEQ_NO] >= tx["seq"]:
+                    tx["seq"] = b[F_SEQ_NO] + 1
+                    changed = True
+                if b[F_EVENT] == TX_EVENT_ENDED:
+                    self.s["tx"] = None
+                    self.s["last"] = tid
+                    changed = True
+            elif tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.s.get("last", 0):
+                # stored, but the power went before the state was saved
+                self.s["tx"] = {
+                    "id": tid,
+                    "seq": b[F_SEQ_NO] + 1,
+                    "tok": b.get(F_ID_TOKEN),
+                    "tt": b.get(F_TOKEN_TYPE, 0),
+                    "wh0": b.get(F_ENERGY_WH, 0),
+                    "t0": b.get(F_TIME, 0),
+                    "tariff": b.get(F_TARIFF_ID),
+                }
+                self.s["svc"] = b.get(F_SESSION_ID, 0)
+                changed = True
+        if changed:
+            self.save()
+
+    # ---------------------------------------------------------------- events
+    def _event(self, ev, trigger, extra=None):
+        app = self.app
+        tx = self.s["tx"]
+        hal = app.hal
+        m = hal.meter(1)
+        b = Map()
+        b[F_EVENT] = ev
+        b[F_TX_ID] = tx["id"]
+        b[F_SEQ_NO] = tx["seq"]
+        b[F_TRIGGER] = trigger
+        b[F_EVSE] = 1
+        b[F_ENERGY_WH] = m[0]
+        b[F_POWER_W] = m[2]
+        b[F_TIME] = app.time()
+        b[F_CHARGING_STATE] = self.state = self._charging_state()
+        b[F_SESSION_ID] = self.s["svc"]
+        if not app.online:
+            b[F_OFFLINE] = True
+        if tx.get("tariff") is not None:
+            b[F_TARIFF_ID] = tx["tariff"]
+            b[F_COST] = self.cost(m[0])
+        if ev == TX_EVENT_STARTED:
+            if tx["tok"] is not None:
+                b[F_ID_TOKEN] = tx["tok"]
+                b[F_TOKEN_TYPE] = tx["tt"]
+            if tx.get("rsid") is not None:
+                b[F_REMOTE_START_ID] = tx["rsid"]
+            if tx.get("res") is not None:
+                b[F_RESERVATION_ID] = tx["res"]
+        if ev != TX_EVENT_UPDATED:
+            sm = hal.signed_meter(1)
+            if sm:
+                b[F_SIGNED_METER] = sm
+        if extra:
+            for k in extra:
+                b[k] = extra[k]
+        tx["seq"] += 1
+        ok = app.emit(A_TRANSACTION_EVENT, b, TX)
+        self.save()  # no await between the outbox write and this one (see recover())
+        return ok
+
+    def _charging_state(self):
+        hal = self.app.hal
+        cp = hal.cp_state(1)
+        if cp == CP_A:
+            return 0
+        p = hal.meter(1)[2]
+        if p > 0:
+            return CHARGING_STATE_CHARGING
+        if p < 0:
+            return CHARGING_STATE_DISCHARGING
+        if cp == CP_B:
+            return CHARGING_STATE_SUSPENDED_EV
+        if self.s["tx"] is not None and cp == CP_C:
+            return CHARGING_STATE_SUSPENDED_EVSE
+        return CHARGING_STATE_EV_CONNECTED
+
+    def start(self, trigger):
+        a = self.s["auth"]
+        app = self.app
+        if not self.s["svc"]:
+            self.s["svc"] = app.ids.next()
+        wh = app.hal.meter(1)[0]
+        tariff = self.s.get("tariff")
+        self.s["tx"] = {
+            "id": app.ids.next(),
+            "seq": 0,
+            "tok": a[0] if a else None,
+            "tt": a[1] if a else 0,
+            "rsid": a[2] if a else None,
+            "res": self.s.get("res_used"),
+            "wh0": wh,
+            "t0": app.time(),
+            "tariff": tariff[0] if tariff else None,
+        }
+        self.s["res_used"] = None
+        s = Map()
+        s[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
+        s[F_VALUE] = wh
+        s[F_TIME] = app.time()
+        ok = self._event(TX_EVENT_STARTED, trigger, {F_SAMPLES: [s], F_METER_START_WH: wh})
+        app.note("tx_started", {"tx_id": self.s["tx"]["id"], "ok": ok})
+        self._next_update = app.now() + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
+        self.apply()
+        return self.s["tx"]["id"]
+
+    def stop(self, reason, trigger):
+        tx = self.s["tx"]
+        if tx is None:
+            return
+        app = self.app
+        hal = app.hal
+        hal.set_contactor(False, 1)
+        hal.set_limit_w(0, 1)
+        self.hw_limit = 0
+        wh = hal.meter(1)[0]
+        s0 = Map()
+        s0[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
+        s0[F_VALUE] = tx["wh0"]
+        s0[F_TIME] = tx["t0"]
+        s1 = Map()
+        s1[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
+        s1[F_VALUE] = wh
+        s1[F_TIME] = app.time()
+        extra = {F_STOP_REASON: reason, F_SAMPLES: [s0, s1], F_METER_START_WH: tx["wh0"], F_METER_STOP_WH: wh}
+        self._event(TX_EVENT_ENDED, trigger, extra)
+        tid = tx["id"]
+        self.s["tx"] = None
+        self.s["last"] = tid
+        self.save()
+        app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx["wh0"]})
+
+    def forget(self, tok):
+        """M10: drop a token from the session state (not from stored billing events)."""
+        n = 0
+        a = self.s["auth"]
+        if a and a[0] == tok and self.s["tx"] is None:
+            self.s["auth"] = None
+            n += 1
+        r = self.s.get("res")
+        if r and r[2] == tok:
+            self.s["res"] = None
+            n += 1
+        if n:
+            self.save()
+        return n
+
+    # ---------------------------------------------------------------- power
+    def apply(self):
+        """Recompute the power target and give it to the hardware at once."""
+        hal = self.app.hal
+        on = self.s["tx"] is not None and hal.cp_state(1) == CP_C
+        w = self.app.sc.target(1, self.s["tx"] is not None) if on else 0
+        if w != self.hw_limit:
+            hal.set_limit_w(w, 1)
+            self.hw_limit = w
+        if on != getattr(self, "_on", False):
+            hal.set_contactor(on, 1)
+            self._on = on
+
+    # ---------------------------------------------------------------- tick
+    def tick(self, now):
+        app = self.app
+        hal = app.hal
+        s = self.s
+        if hal.flags & FLAG_CARD:
+            c = hal.take_card()
+            if c is not None:
+                self.card(c[0], c[1])
+        cp = hal.cp_state(1)
+        plugged = cp != CP_A
+        tx = s["tx"]
+        if tx is not None and not plugged:
+            self.stop(STOP_REASON_EV_DISCONNECTED, TX_TRIGGER_EV_DEPARTED)
+            tx = None
+        if plugged and not s["chg"]:
+            s["chg"] = app.ids.next()
+            if not s["svc"]:
+                s["svc"] = app.ids.next()
+            self.save()
+            if s["auth"] and tx is None:
+                self.start(TX_TRIGGER_CABLE_PLUGGED_IN)
+                tx = s["tx"]
+        if not plugged and s["chg"]:
+            s["chg"] = 0
+            s["svc"] = 0
+            s["auth"] = None
+            self.save()
+        r = s.get("res")
+        if r and r[1] <= app.time():
+            s["res"] = None
+            self.save()
+            self._res_update(r[0], RESERVATION_STATUS_EXPIRED)
+        self.apply()
+        if tx is not None:
+            if self._charging_state() != self.state:
+                self._event(TX_EVENT_UPDATED, TX_TRIGGER_CHARGING_STATE_CHANGED)
+            if ticks_diff(now, self._next_update) >= 0:
+                self._next_update = now + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
+                self._event(TX_EVENT_UPDATED, TX_TRIGGER_METER_VALUE_PERIODIC)
+            t = s.get("tariff")
+            if t:
+                hal.display("%s %d.%02d" % (t[2], self.cost(hal.meter(1)[0]) // 100, self.cost(hal.meter(1)[0]) % 100))
+        else:
+            self.state = None
+        st = (
+            CONNECTOR_STATUS_OCCUPIED
+            if plugged
+            else (CONNECTOR_STATUS_RESERVED if s.get("res") else CONNECTOR_STATUS_AVAILABLE)
+        )
+        if st != self.status:
+            self.status = st
+            b = Map()
+            b[F_EVSE] = 1
+            b[F_STATE] = st
+            b[F_CP_STATE] = cp
+            b[F_TIME] = app.time()
+            app.emit(A_STATUS_NOTIFICATION, b)
+
+    def online(self):
+        self.status = None  # report the connector status again
+
+    # ---------------------------------------------------------------- authorization
+    def card(self, tok, tt):
+        s = self.s
+        tx = s["tx"]
+        self.last_tok = tok
+        if tx is not None:
+            if tx["tok"] == tok:
+                self.stop(STOP_REASON_LOCAL, TX_TRIGGER_STOP_AUTHORIZED)
+            else:
+                self.app.note("card_ignored", {"why": "busy"})
+            return
+        r = s.get("res")
+        if r and r[2] != tok:
+            self.app.note("auth", {"status": "reserved"})
+            return
+
+        def done(st, src):
+            self.app.note("auth", {"status": st, "source": src})
+            if st != AUTH_STATUS_ACCEPTED or self.s["tx"] is not None:
+                return
+            if r:
+                self.s["res"] = None
+                self.s["res_used"] = r[0]
+                self._res_update(r[0], RESERVATION_STATUS_USED)
+            self.s["auth"] = [tok, tt, None]
+            if not self.s["svc"]:
+                self.s["svc"] = self.app.ids.next()
+            self.save()
+            if self.app.hal.plugged(1):
+                self.start(TX_TRIGGER_AUTHORIZED)
+
+        self.app.auth.check(tok, tt, done)
+
+    # ---------------------------------------------------------------- S3 remote start / stop
+    def remote_start(self, body, seq):
+        evse = body.get(F_EVSE, 1)
+        if evse < 1 or evse > self.app.hal.evses:
+            raise Refused("unknown evse %d" % evse)
+        if self.s["tx"] is not None:
+            return status(STATUS_REJECTED, "evse occupied by a transaction")
+        tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
+        r = self.s.get("res")
+        if r and r[2] != tok:
+            return status(STATUS_REJECTED, "evse reserved for another token")
+        self.s["auth"] = [tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID]]
+        if not self.s["svc"]:
+            self.s["svc"] = self.app.ids.next()
+        self.save()
+        b = status(STATUS_ACCEPTED)
+        if self.app.hal.plugged(1):
+            b[F_TX_ID] = self.start(TX_TRIGGER_REMOTE_START)
+        return b
+
+    def remote_stop(self, body, seq):
+        tx = self.s["tx"]
+        if tx is None or tx["id"] != body[F_TX_ID]:
+            return status(STATUS_REJECTED, "no such transaction")
+        self.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP)
+        return status(STATUS_ACCEPTED)
+
+    # ---------------------------------------------------------------- S1 reservations
+    def reserve(self, body, seq):
+        evse = body.get(F_EVSE, 1)
+        if evse < 0 or evse > self.app.hal.evses:
+            raise Refused("unknown evse %d" % evse)
+        if self.s["tx"] is not None or self.app.hal.plugged(1):
+            return status(STATUS_REJECTED, "evse occupied")
+        r = self.s.get("res")
+        rid = body[F_RESERVATION_ID]
+        if r and r[0] != rid:
+            return status(STATUS_REJECTED, "evse already reserved")
+        tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
+        self.s["res"] = [rid, body[F_EXPIRY], tok]
+        self.save()
+        return status(STATUS_ACCEPTED)
+
+    def cancel_reservation(self, body, seq):
+        r = self.s.get("res")
+        if not r or r[0] != body[F_RESERVATION_ID]:
+            return status(STATUS_REJECTED, "no such reservation")
+        self.s["res"] = None
+        self.save()
+        self._res_update(r[0], RESERVATION_STATUS_REMOVED)
+        return status(STATUS_ACCEPTED)
+
+    def _res_update(self, rid, st):
+        b = Map()
+        b[F_RESERVATION_ID] = rid
+        b[F_RES_STATUS] = st
+        self.app.emit(A_RESERVATION_UPDATE, b, BILLING)
+
+    # ---------------------------------------------------------------- S4/S5 tariffs
+    def cost(self, wh):
+        """Running cost of the transaction in minor currency units."""
+        t = self.s.get("tariff")
+        tx = self.s["tx"]
+        if not t or tx is None:
+            return 0
+        mins = max(0, self.app.time() - tx["t0"]) // 60
+        return t[3] + t[1] * (wh - tx["wh0"]) // 1000 + t[4] * mins
+
+    def set_tariff(self, body, seq):
+        if body.get(F_EVSE, 1) > self.app.hal.evses:
+            raise Refused("unknown evse")
+        # [id, price_kwh, currency, price_session, price_min]
+        t = [
+            body[F_TARIFF_ID],
+            body[F_PRICE_KWH],
+            body[F_CURRENCY],
+            body.get(F_PRICE_SESSION, 0),
+            body.get(F_PRICE_MIN, 0),
+        ]
+        old = self.s.get("tariff")
+        self.s["tariff"] = t
+        self.save()
+        self.app.hal.display(body.get(F_TEXT) or "%s %d.%02d/kWh" % (t[2], t[1] // 100, t[1] % 100))
+        tx = self.s["tx"]
+        if tx is not None and (old is None or old[0] != t[0]):
+            # a tariff change splits the transaction inside the same service session
+            auth = [tx["tok"], tx["tt"], None]
+            self.stop(STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
+            self.s["auth"] = auth
+            self.start(TX_TRIGGER_TARIFF_CHANGED)
+        return status(STATUS_ACCEPTED)
+
+    def cost_update(self, body, seq):
+        tx = self.s["tx"]
+        if tx is None or tx["id"] != body[F_TX_ID]:
+            return status(STATUS_REJECTED, "no such transaction")
+        c = body[F_COST]
+        self.app.hal.display("%s %d.%02d" % (body.get(F_CURRENCY, ""), c // 100, c % 100))
+        return status(STATUS_ACCEPTED)
+
+
+_unused = (CHARGING_STATE_EV_CONNECTED, F_REASON, F_STATUS)

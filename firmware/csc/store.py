@@ -1,0 +1,77 @@
+"""Small files on the board's flash: atomic replace, msgpack records.
+
+LittleFS commits a file on close and `rename` replaces atomically, so writing a temporary
+file and renaming it over the old one means a power cut leaves either the old or the new
+content, never a mix. A full flash (ENOSPC) leaves the old file in place.
+"""
+
+import os
+
+from .msgpack import Reader, check, packb
+
+ROOT = "/flash"  # the mount point; the unix board and tests may point it elsewhere
+
+
+def path(name):
+    return ROOT + "/" + name
+
+
+def exists(p):
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
+
+
+def remove(p):
+    try:
+        os.remove(p)
+    except OSError:
+        pass
+
+
+def mkdir(p):
+    try:
+        os.mkdir(p)
+    except OSError:
+        pass
+
+
+def write_atomic(p, data):
+    """Replace file p by `data`; raise OSError (old content kept) when it cannot."""
+    t = p + ".t"
+    try:
+        with open(t, "wb") as f:
+            f.write(data)
+        os.rename(t, p)
+    except OSError:
+        remove(t)
+        raise
+
+
+def read(p):
+    """The bytes of file p, or None."""
+    try:
+        with open(p, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def save(p, value):
+    write_atomic(p, packb(value, 4096))
+
+
+def load(p, default=None):
+    """The msgpack value in file p; `default` when it is missing or unreadable."""
+    b = read(p)
+    if not b:
+        return default
+    mv = memoryview(b)
+    try:
+        if check(mv, 0, len(b)) != len(b):
+            return default
+        return Reader(mv).value()
+    except Exception:  # a damaged file reads as missing
+        return default

@@ -1,0 +1,126 @@
+"""B16/B17 on the board: the persistent outbox on the emulated board's LittleFS2 flash.
+
+Every test runs the real firmware in `micropython` processes; a power cut is SIGKILL of
+the process, and the next process boots on the same flash image.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fwpeer import Rig
+
+from gateway.schema import Action, Key
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r.up()
+    finally:
+        r.close()
+
+
+def _stored(rig: Rig) -> set[int]:
+    return {e["id"] for e in rig.board.all("stored") if e["ok"]}
+
+
+def test_fw_b17_power_cut_during_outbox_writes_loses_nothing_duplicates_nothing(rig: Rig) -> None:
+    rnd = random.Random(1234)
+    n = 0
+    for _ in range(5):
+        rig.board.cmd("emit", n=30, **{"from": n})
+        n += 30
+        time.sleep(rnd.uniform(0.0, 0.4))  # somewhere in the middle of the writes
+        rig.power_cut()
+        rig.up()
+    rig.board.cmd("emit", n=5, **{"from": n})
+    stored = _stored(rig)
+    peer = rig.peer
+    peer.wait(lambda: stored <= {i for (_, i, _, _) in peer.persisted}, 30)
+    values = [b[Key.ENERGY_WH] for b in peer.durable(Action.METER_VALUES)]
+    assert len(values) == len(set(values)), "a logical event was stored twice under two ids"
+    ids = [i for (_, i, _, _) in peer.persisted]
+    assert len(ids) == len(set(ids))
+    assert len(stored) >= 35
+    st = rig.board.status()
+    assert st["outbox_refused"] == 0
+
+
+def test_fw_b17_power_cut_during_transaction_keeps_seq_no_contiguous(rig: Rig) -> None:
+    rig.peer.tokens[b"card-1"] = 0
+    rnd = random.Random(7)
+    for _ in range(4):
+        rig.board.cmd("plug")
+        rig.board.cmd("card", token="card-1")
+        rig.board.wait("tx_started", since=rig.board.mark() - 5)
+        time.sleep(rnd.uniform(0.0, 0.3))
+        rig.power_cut()
+        rig.up()
+    peer = rig.peer
+    time.sleep(1.0)
+    evs = peer.durable(Action.TRANSACTION_EVENT)
+    by_tx: dict[int, list[int]] = {}
+    for b in evs:
+        by_tx.setdefault(b[Key.TX_ID], []).append(b[Key.SEQ_NO])
+    assert len(by_tx) >= 3
+    for tx, seqs in by_tx.items():
+        assert sorted(seqs) == list(range(len(seqs))), (tx, seqs)
+    ended = [b for b in evs if b[Key.EVENT] == 2]
+    assert all(b[Key.STOP_REASON] == 3 for b in ended)  # power_loss, ended at the next boot
+
+
+def test_fw_b16_full_outbox_sheds_telemetry_first_and_reports_it(rig: Rig) -> None:
+    peer = rig.peer
+    peer.auto_ack = False  # the gateway cannot make anything durable for a while
+    rig.peer.tokens[b"card-1"] = 0
+    rig.board.cmd("plug")
+    rig.board.cmd("card", token="card-1")
+    rig.board.wait("tx_started")
+    rig.board.cmd("emit", n=70, cls=3)  # telemetry
+    rig.board.cmd("emit", n=10, cls=2, **{"from": 1000})  # billing
+    rig.board.cmd("unplug")
+    rig.board.wait("tx_ended")
+    st = rig.board.status()
+    assert st["outbox"] <= 48 + 16
+    assert st["outbox_refused"] == 0
+    peer.auto_ack = True
+    rig.power_cut()  # and even a power cut on top of it
+    rig.up()
+    peer.wait(lambda: any(b[Key.EVENT_NAME] == "OutboxShed" for b in peer.durable(Action.SECURITY_EVENT)), 20)
+    peer.wait(lambda: len([b for b in peer.durable(Action.TRANSACTION_EVENT)]) >= 2, 20)
+    billing = {b[Key.ENERGY_WH] for b in peer.durable(Action.METER_VALUES) if b[Key.ENERGY_WH] >= 1000}
+    peer.wait(
+        lambda: len({b[Key.ENERGY_WH] for b in peer.durable(Action.METER_VALUES) if b[Key.ENERGY_WH] >= 1000}) == 10, 20
+    )
+    assert billing <= set(range(1000, 1010))
+    tx = peer.durable(Action.TRANSACTION_EVENT)
+    assert sorted(b[Key.SEQ_NO] for b in tx) == list(range(len(tx)))
+
+
+def test_fw_b17_full_flash_never_corrupts_outbox(rig: Rig) -> None:
+    peer = rig.peer
+    peer.auto_ack = False
+    rig.board.cmd("emit", n=5, **{"from": 0})
+    time.sleep(0.3)
+    rig.board.cmd("fill")
+    rig.board.wait("filled")
+    rig.board.cmd("emit", n=5, **{"from": 100})
+    st = rig.board.status()
+    assert st["online"]
+    rig.power_cut()
+    peer.auto_ack = True
+    rig.up()
+    rig.board.cmd("unfill")
+    ok = _stored(rig)
+    peer.wait(lambda: ok <= {i for (_, i, _, _) in peer.persisted}, 20)
+    vals = sorted(b[Key.ENERGY_WH] for b in peer.durable(Action.METER_VALUES))
+    assert set(range(5)) <= set(vals)
+    assert len(vals) == len(set(vals))
