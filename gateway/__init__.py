@@ -2,6 +2,7 @@
 
 from gateway._core import (
     MAX_FRAME,
+    MAX_UP_FRAME,
     PROTOCOL_VERSION,
     SCHEMA_REV,
     CoreError,
@@ -29,6 +30,7 @@ from gateway._core import (
 
 __all__ = [
     "MAX_FRAME",
+    "MAX_UP_FRAME",
     "PROTOCOL_VERSION",
     "SCHEMA_REV",
     "CoreError",

@@ -12,6 +12,7 @@ from typing import Any, final
 
 __all__ = [
     "MAX_FRAME",
+    "MAX_UP_FRAME",
     "PROTOCOL_VERSION",
     "SCHEMA_REV",
     "CoreError",
@@ -40,6 +41,8 @@ __all__ = [
 __version__: str
 MAX_FRAME: int
 """Largest frame in bytes (4096)."""
+MAX_UP_FRAME: int
+"""Largest upstream envelope in bytes (1 MiB, docs/upstream.md)."""
 PROTOCOL_VERSION: int
 """The envelope's `ver` (1)."""
 SCHEMA_REV: int
@@ -135,9 +138,11 @@ def encode(
     tag under `key`. Values: None, bool, int, float, str, bytes, list/tuple, dict.
     The body is not validated (so that tests can build bad frames)."""
 
-def decode(frame: bytes, key: bytes | None = None) -> Frame:
+def decode(frame: bytes, key: bytes | None = None, *, max_frame: int | None = None) -> Frame:
     """Parses and validates a frame against the schema; checks the tag when `key` is
-    given. No replay window (see `Receiver`). Raises FrameError."""
+    given. No replay window (see `Receiver`). `max_frame` (default MAX_FRAME) raises the
+    size limit for upstream envelopes, up to MAX_UP_FRAME (ValueError beyond). Raises
+    FrameError."""
 
 def pack(value: Any) -> bytes:
     """One value in canonical msgpack."""

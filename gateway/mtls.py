@@ -1,67 +1,65 @@
-"""Mutual TLS on aioquic servers: ask for the client's certificate and check its chain.
+"""Client-certificate authentication for aioquic servers (B4, B10): mutual TLS in one place.
 
-aioquic 1.7 servers neither request a client certificate nor verify one: the TLS context
-has a request flag (`_request_client_certificate`) that its own tests use, and it checks
-the client's CertificateVerify signature (proof that the client holds the key), but it
-never validates the chain. This module is the one place that closes that gap:
-
-1. `request_client_certificate(quic)` sets the flag on the connection's TLS context as
-   soon as aioquic creates it (the context is made when the first datagram arrives);
-2. `check_client(quic, verifier)` runs on `HandshakeCompleted` and validates the
-   presented chain against the configured CA with `cryptography`'s X.509 verifier
-   (client-auth policy: chain, validity period, extended key usage).
-
-A server must not act on any stream data of a connection before `check_client` passed.
+aioquic 1.x can request a client certificate but has no public switch for it and never
+verifies one on the server side. This module adds both for every server of the project
+(the CSMS, the roaming endpoints, the test peers): the TLS context of each server
+connection requests a certificate, refuses a client without one (certificate_required)
+and verifies the chain against the configured CA with aioquic's own
+`tls.verify_certificate` before the handshake completes (bad_certificate), so a refused
+client never gets a stream. It relies on two private aioquic names
+(`QuicConnection._initialize`, `tls.Context._request_client_certificate`), pinned by
+tests/test_mtls.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
+from aioquic import tls
+from aioquic._buffer import Buffer
 from aioquic.quic.connection import QuicConnection
-from cryptography import x509
-from cryptography.x509.verification import ClientVerifier, PolicyBuilder, Store, VerificationError
+from cryptography.x509.oid import NameOID
 
 
-class ClientRejected(Exception):
-    """The client presented no certificate, or one that does not chain to the CA."""
+class AlertCertificateRequired(tls.Alert):
+    description = tls.AlertDescription.certificate_required
 
 
-def client_verifier(ca_file: Path) -> ClientVerifier:
-    """A verifier of client certificates issued by the CA(s) in `ca_file` (PEM)."""
-    cas = x509.load_pem_x509_certificates(ca_file.read_bytes())
-    return PolicyBuilder().store(Store(cas)).build_client_verifier()
+class _ClientCertContext(tls.Context):
+    client_cafile: str
+    verified_cn: str | None
+
+    def _server_handle_certificate(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate(input_buf)
+        if self._peer_certificate is None:
+            raise AlertCertificateRequired("a client certificate is required")
+
+    def _server_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._server_handle_certificate_verify(input_buf)
+        if self._peer_certificate is None:  # the override above already refused this
+            raise AlertCertificateRequired("a client certificate is required")
+        tls.verify_certificate(
+            certificate=self._peer_certificate, chain=self._peer_certificate_chain, cafile=self.client_cafile
+        )
+        cns = self._peer_certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        self.verified_cn = str(cns[0].value) if cns else None
 
 
-def request_client_certificate(quic: QuicConnection) -> None:
-    """Make the server side of `quic` send a CertificateRequest in its handshake."""
-    create: Callable[[bytes], None] = quic._initialize
+def require_client_certificates(quic: QuicConnection, cafile: str) -> None:
+    """Make this (server) connection demand a client certificate chaining to `cafile`."""
+    original = quic._initialize
 
     def initialize(peer_cid: bytes) -> None:
-        create(peer_cid)
-        quic.tls._request_client_certificate = True
+        original(peer_cid)
+        ctx = quic.tls
+        ctx.__class__ = _ClientCertContext
+        ctx._request_client_certificate = True
+        assert isinstance(ctx, _ClientCertContext)
+        ctx.client_cafile = cafile
+        ctx.verified_cn = None
 
-    quic._initialize = initialize  # type: ignore[method-assign]
-
-
-def check_client(quic: QuicConnection, verifier: ClientVerifier) -> x509.Certificate:
-    """The client's verified leaf certificate; raises ClientRejected naming the cause."""
-    leaf: x509.Certificate | None = quic.tls._peer_certificate
-    if leaf is None:
-        raise ClientRejected("client presented no certificate (mutual TLS is required)")
-    chain: list[x509.Certificate] = list(quic.tls._peer_certificate_chain)
-    try:
-        verifier.verify(leaf, chain)
-    except VerificationError as e:
-        raise ClientRejected(f"client certificate {leaf.subject.rfc4514_string()} refused: {e}") from e
-    return leaf
+    setattr(quic, "_initialize", initialize)  # noqa: B010 - no public hook in aioquic
 
 
-def common_name(cert: x509.Certificate) -> str:
-    """The certificate's subject CN (the site id of a gateway, the party id of an endpoint)."""
-    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    if not names:
-        raise ClientRejected("client certificate has no common name")
-    value = names[0].value
-    return value if isinstance(value, str) else value.decode()
+def peer_common_name(quic: QuicConnection) -> str | None:
+    """The CN of the verified client certificate (None before the handshake)."""
+    ctx = getattr(quic, "tls", None)
+    return ctx.verified_cn if isinstance(ctx, _ClientCertContext) else None

@@ -6,8 +6,9 @@ import enum
 from typing import Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
-SCHEMA_REV: Final = 1
+SCHEMA_REV: Final = 2
 MAX_FRAME: Final = 4096
+MAX_UP_FRAME: Final = 1048576
 MAX_CHUNK: Final = 1024
 MAX_DEPTH: Final = 8
 MAX_ITEMS: Final = 256
@@ -771,7 +772,7 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     135: FieldSpec(135, 'evse_gid', 'str', '', 0, 0, 48, 0, None, ()),
     136: FieldSpec(136, 'site_id', 'str', '', 0, 0, 48, 0, None, ()),
     137: FieldSpec(137, 'frame', 'bin', '', 0, 0, 4096, 0, None, ()),
-    138: FieldSpec(138, 'frames', 'list', 'struct', 0, 0, 256, 0, None, ((50, True), (137, True), (135, False))),
+    138: FieldSpec(138, 'frames', 'list', 'struct', 0, 0, 256, 0, None, ((50, True), (137, True), (135, False), (167, False))),
     139: FieldSpec(139, 'targets', 'list', 'str', 0, 0, 256, 48, None, ()),
     140: FieldSpec(140, 'results', 'list', 'struct', 0, 0, 256, 0, None, ((50, True), (26, True), (13, False))),
     141: FieldSpec(141, 'party_id', 'str', '', 0, 0, 16, 0, None, ()),
@@ -867,7 +868,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     75: MessageSpec(75, 'ClearCache', Kind.REQUEST, 'csms', Priority(1), 10000, False, (), ((26, True),), ('S2', )),
     76: MessageSpec(76, 'RequestStartTransaction', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((16, True), (40, True), (17, False), (1, False)), ((26, True), (3, False), (13, False)), ('S3', 'R3-2', )),
     77: MessageSpec(77, 'RequestStopTransaction', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((3, True),), ((26, True),), ('S3', 'R3-4', )),
-    78: MessageSpec(78, 'TransactionEvent', Kind.EVENT, 'cs', Priority(1), 30000, True, ((5, True), (3, True), (4, True), (6, True), (1, True), (7, False), (8, False), (20, False), (22, False), (16, False), (17, False), (19, False), (27, False), (28, False), (40, False), (38, False), (41, False), (29, False), (123, False), (30, False)), (), ('S2', 'S3', 'S6', 'E1', 'E6', 'R3-5', 'R3-6', )),
+    78: MessageSpec(78, 'TransactionEvent', Kind.EVENT, 'cs', Priority(1), 30000, True, ((5, True), (3, True), (4, True), (6, True), (1, True), (7, False), (8, False), (20, False), (22, False), (16, False), (17, False), (19, False), (27, False), (28, False), (40, False), (38, False), (41, False), (29, False), (123, False), (30, False), (161, False), (162, False)), (), ('S2', 'S3', 'S6', 'E1', 'E6', 'R3-5', 'R3-6', )),
     79: MessageSpec(79, 'MeterValues', Kind.EVENT, 'cs', Priority(2), 30000, True, ((1, True), (7, False), (8, False), (9, False), (10, False), (21, False), (3, False), (20, False), (41, False), (30, False)), (), ('E1', 'S6', 'R3-6', )),
     80: MessageSpec(80, 'StatusNotification', Kind.EVENT, 'cs', Priority(2), 30000, False, ((1, True), (11, True), (2, False), (23, False), (20, False)), (), ('R1-3', 'M3', )),
     81: MessageSpec(81, 'CostUpdate', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((3, True), (29, True), (127, False)), ((26, True),), ('S4', 'R3-6', )),
@@ -890,7 +891,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     208: MessageSpec(208, 'SessionUpdate', Kind.REQUEST, 're', Priority(2), 30000, False, ((153, True), (135, True), (7, True), (8, True), (29, False), (20, True)), ((26, True),), ('R3-5', 'R3-6', )),
     209: MessageSpec(209, 'ChargePlan', Kind.REQUEST, 're', Priority(1), 10000, False, ((153, True), (156, True)), ((26, True), (156, False)), ('R3-7', 'R3-10', )),
     210: MessageSpec(210, 'ReserveRoaming', Kind.REQUEST, 're', Priority(1), 10000, False, ((135, True), (167, True), (39, True), (38, True)), ((155, True), (13, False)), ('R3-8', )),
-    211: MessageSpec(211, 'PutSdr', Kind.REQUEST, 're', Priority(1), 30000, False, ((154, True), (153, True), (135, True), (167, True), (159, True), (160, True), (161, True), (162, True), (7, True), (29, True), (127, True), (123, False), (41, False)), ((26, True),), ('R3-9', 'R3-5', 'S6', )),
+    211: MessageSpec(211, 'PutSdr', Kind.REQUEST, 're', Priority(1), 30000, False, ((154, True), (153, True), (135, True), (167, True), (159, True), (160, True), (161, True), (162, True), (7, True), (29, True), (127, True), (123, False), (41, False)), ((26, True), (13, False)), ('R3-9', 'R3-5', 'S6', )),
     212: MessageSpec(212, 'TokenList', Kind.REQUEST, 're', Priority(3), 30000, False, ((141, True), (120, True), (121, True), (157, True)), ((26, True),), ('R4-2', )),
     213: MessageSpec(213, 'UnlockRoaming', Kind.REQUEST, 're', Priority(0), 5000, False, ((135, True), (153, False), (13, False)), ((155, True), (13, False)), ('R5-2', 'R5-3', )),
     214: MessageSpec(214, 'Settlement', Kind.REQUEST, 're', Priority(3), 30000, False, ((141, True), (164, True), (166, True), (127, True)), ((26, True), (13, False)), ('R3-9', )),

@@ -9,10 +9,9 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-from gateway.schema import Priority
+from gateway.schema import MAX_UP_FRAME, Priority
 
 ALPN: Final = "evedge-up/1"
-MAX_UP_FRAME: Final = 1 << 20
 K_UP: Final = hashlib.sha256(b"evedge-up/1").digest()
 """Public tag key of upstream envelopes: a checksum; TLS authenticates the connection."""
 

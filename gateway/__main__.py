@@ -1,0 +1,106 @@
+"""`python -m gateway [--config FILE]` runs the site gateway; `python -m gateway status`
+prints its status; `python -m gateway devices ...` manages device keys.
+
+Console script: `evedge-gateway` (same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import urllib.request
+from pathlib import Path
+
+from gateway import config as config_mod
+from gateway import metrics
+
+
+async def _run(cfg: config_mod.Config) -> None:
+    from gateway.service import Gateway  # noqa: PLC0415 (keeps `status` light)
+
+    gw = Gateway(cfg)
+    await gw.start()
+    msrv = await metrics.serve(gw, cfg.metrics_host, cfg.metrics_port)
+    logging.getLogger("gateway").info(
+        "site %s: LAN %s:%d, upstream %s:%d, metrics http://%s:%d/metrics",
+        cfg.site_id, cfg.lan_host, gw.lan_port, cfg.upstream_host, cfg.upstream_port, cfg.metrics_host, cfg.metrics_port,  # noqa: E501
+    )  # fmt: skip
+    print(f"READY lan={gw.lan_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    msrv.close()
+    await gw.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evedge-gateway", description="EV-charging site gateway")
+    p.add_argument("--config", type=Path, help="TOML configuration file (defaults are embedded)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("run", help="run the gateway (the default)")
+    sub.add_parser("status", help="print the running gateway's status")
+    dv = sub.add_parser("devices", help="device keys (M11, M12, M13)")
+    dv.add_argument("action", choices=["list", "deregister", "hand-over", "provision"])
+    dv.add_argument("device_id", nargs="?")
+    dv.add_argument("--key", help="hex key for provision")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+    )
+    try:
+        cfg = config_mod.prepare(config_mod.load(args.config))
+    except config_mod.ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "status":
+        url = f"http://{cfg.metrics_host}:{cfg.metrics_port}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                print(json.dumps(json.loads(r.read()), indent=1))
+        except OSError as e:
+            print(f"gateway not reachable at {url}: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args.cmd == "devices":
+        return _devices(cfg, args)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(cfg))
+    return 0
+
+
+def _devices(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    from gateway.devices import DeviceError, Devices  # noqa: PLC0415
+
+    devs = Devices(cfg.devices_path, cfg.factory_seed)
+    try:
+        if args.action == "list":
+            for did, idx, _key, status in devs._db.execute("SELECT device_id, idx, k_dev, status FROM devices"):
+                print(f"{idx:6d} {did} {status}")
+            return 0
+        if not args.device_id:
+            print("a device id is needed", file=sys.stderr)
+            return 2
+        if args.action == "deregister":
+            devs.deregister(args.device_id)
+        elif args.action == "hand-over":
+            print(devs.hand_over(args.device_id).hex())
+        elif args.action == "provision":
+            devs.provision(args.device_id, bytes.fromhex(args.key or ""))
+        return 0
+    except (DeviceError, ValueError) as e:
+        print(f"{args.action}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        devs.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The gateway side of one board link, sans I/O (docs/protocol.md, "Link behaviour").
+
+`Link` never touches a socket or a clock: the LAN glue feeds it frames with `now` and
+writes out the frames it returns. The hot path — tag, replay window, schema checks of many
+frames at once — is `Link.rx.ingest`, called by the glue with the frames of one read;
+this class handles what is rare: the Hello, error frames naming the cause, the flood
+policy, and sealing acks and responses with the link's counter.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import _core
+from gateway.devices import DeviceError, Devices
+from gateway.schema import EPOCH_UNIX, MESSAGES, PROTOCOL_VERSION, SCHEMA_REV, Action, ErrorCode, Key, Kind, Priority
+
+MAX_ACK_IDS = 64
+
+
+def proto_ts(now: float) -> int:
+    """Seconds since the protocol epoch (2024-01-01Z) of a Unix time."""
+    return max(0, int(now) - EPOCH_UNIX)
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = 0
+    OPEN = 1
+    CLOSED = 2
+
+
+class Verdict(enum.Enum):
+    """What the flood policy asks of the glue after bad frames."""
+
+    OK = 0
+    THROTTLE = 1
+    CLOSE = 2
+
+
+@dataclass(frozen=True)
+class FloodPolicy:
+    max_bad: int = 20
+    window_s: float = 10.0
+    throttle_s: float = 0.5
+
+
+@dataclass
+class Output:
+    """Frames to write (without length prefix) and whether to close the link after them."""
+
+    frames: list[bytes] = field(default_factory=list)
+    close: bool = False
+    verdict: Verdict = Verdict.OK
+    onboarded: bool = False
+
+
+def peek(frame: bytes) -> tuple[int, int, int, int]:
+    """`(kind, msg_id, prio, action)` of a frame as far as it can be read, for error
+    frames about frames the core rejected (zeros where unreadable)."""
+    try:
+        env = _core.unpack(frame)
+    except _core.CoreError:
+        return 0, 0, Priority.CONTROL, Action.CLOSE
+    if not isinstance(env, list) or len(env) != 9:
+        return 0, 0, Priority.CONTROL, Action.CLOSE
+    vals = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0 for v in env[1:7]]
+    kind, _seq, msg_id, prio, _ts, action = vals
+    # An action the schema does not know cannot be echoed (the board could not decode the
+    # error frame): such errors are about the link, and name Close.
+    return kind, msg_id, min(prio, 3), action if action in MESSAGES else Action.CLOSE
+
+
+class Link:
+    """One board connection: Hello, then counters in both directions."""
+
+    def __init__(self, devices: Devices, policy: FloodPolicy, *, interval_s: int = 60, window: int = 64) -> None:
+        self.devices = devices
+        self.policy = policy
+        self.interval_s = interval_s
+        self.window = window
+        self.state = State.AWAIT_HELLO
+        self.device_id = ""
+        self.idx = 0
+        self.rx: _core.Receiver | None = None
+        self.tx: _core.Sender | None = None
+        self.e_up = b""
+        self.e_dn = b""
+        self.rejected: dict[str, int] = {}
+        self._bad: deque[float] = deque()
+        self._next_id = 0
+
+    # ------------------------------------------------------------ handshake
+
+    def receive_hello(self, frame: bytes, now: float) -> Output:
+        """The first frame of a link must be the board's Hello (request, seq 0)."""
+        try:
+            hello = _core.decode(frame)
+        except _core.CoreError as e:
+            return self._refuse(e.name, e.reason, 0, None, now)
+        if hello.action != Action.HELLO or hello.kind != Kind.REQUEST or hello.seq != 0:
+            return self._refuse(
+                "BAD_KIND", "the first frame of a link must be a Hello request with seq 0", hello.msg_id, None, now
+            )
+        body = hello.body
+        device_id = body.get(Key.DEVICE_ID)
+        nonce_b = body.get(Key.NONCE)
+        factory = body.get(Key.FACTORY) is True
+        if not isinstance(device_id, str) or not isinstance(nonce_b, bytes) or len(nonce_b) != 16:
+            return self._refuse("BAD_TYPE", "Hello needs a device_id and a 16-byte nonce", hello.msg_id, None, now)
+        try:
+            k_dev = self.devices.hello_key(device_id, factory)
+        except DeviceError as e:
+            return self._refuse(e.name, e.reason, hello.msg_id, None, now)
+        k_hello = _core.hello_key(k_dev)
+        try:
+            _core.decode(frame, k_hello)
+        except _core.CoreError as e:
+            why = "factory key" if factory else "device key"
+            return self._refuse(
+                e.name, f"Hello tag does not verify under the {why} of {device_id}", hello.msg_id, k_hello, now
+            )
+        if not body.get(Key.VER_MIN, 1) <= PROTOCOL_VERSION <= body.get(Key.VER_MAX, 1):
+            return self._refuse(
+                "BAD_VERSION", f"gateway speaks version {PROTOCOL_VERSION} only", hello.msg_id, k_hello, now
+            )
+        nonce_g = os.urandom(16)
+        k_up, k_dn, self.e_up, self.e_dn = _core.derive_keys(k_dev, nonce_b, nonce_g)
+        self.rx = _core.Receiver(k_up, self.window)
+        self.tx = _core.Sender(k_dn)
+        self.device_id = device_id
+        self.idx = self.devices.idx_of(device_id)
+        self.state = State.OPEN
+        self._next_id = int(now * 1000) << 4  # unique per device across gateway restarts
+        reply: dict[int, Any] = {
+            Key.NONCE: nonce_g,
+            Key.VER: PROTOCOL_VERSION,
+            Key.TIME: proto_ts(now),
+            Key.TIME_MS: int(now * 1000) % 1000,
+            Key.SCHEMA_REV: SCHEMA_REV,
+            Key.INTERVAL_S: self.interval_s,
+        }
+        out = Output()
+        if factory:
+            new_key = self.devices.onboard(device_id)
+            reply[Key.DEVICE_KEY] = _core.aes_ctr(self.e_dn, self.tx.seq, Key.DEVICE_KEY, new_key)
+            out.onboarded = True
+        out.frames.append(
+            self.tx.seal(Kind.RESPONSE, hello.msg_id, Priority.CONTROL, proto_ts(now), Action.HELLO, reply)
+        )
+        return out
+
+    def _refuse(self, name: str, reason: str, msg_id: int, key: bytes | None, now: float) -> Output:
+        """Error frame before the session keys exist: tagged under K_hello when known,
+        else with a zero tag; the link is closed after it."""
+        self.count(name)
+        self.state = State.CLOSED
+        body = {Key.ERROR_CODE: ErrorCode[name], Key.REASON: reason[:120]}
+        frame = _core.encode(
+            Kind.ERROR, 0, msg_id, Priority.CONTROL, proto_ts(now), Action.HELLO, body, key or bytes(32)
+        )
+        if key is None:
+            frame = frame[:-16] + bytes(16)
+        return Output([frame], close=True)
+
+    # ------------------------------------------------------------ after Hello
+
+    def count(self, name: str) -> None:
+        self.rejected[name] = self.rejected.get(name, 0) + 1
+
+    def rejected_frames(self, frames: list[bytes], errors: Iterable[tuple[int, int, str]], now: float) -> Output:
+        """Error frames for the frames `Receiver.ingest` refused, and the flood verdict."""
+        out = Output()
+        for index, code, reason in errors:
+            name = _core.error_name(code)
+            if code == ErrorCode.QUEUE_FULL:
+                # Backpressure is not the board's fault: it retries, it is not counted as bad.
+                self.count(name)
+            else:
+                self.note_bad(name, now)
+            _kind, msg_id, prio, action = peek(frames[index])
+            out.frames.append(self.error(code, reason, msg_id, prio, action, now))
+        out.verdict = self.verdict(now)
+        if out.verdict is Verdict.CLOSE:
+            out.frames.append(
+                self.error(ErrorCode.RATE_LIMITED, "too many bad frames: link closed", 0, 1, Action.CLOSE, now)
+            )
+            out.close = True
+        return out
+
+    def note_bad(self, name: str, now: float) -> None:
+        self.count(name)
+        self._bad.append(now)
+
+    def verdict(self, now: float) -> Verdict:
+        bad = self._bad
+        while bad and bad[0] < now - self.policy.window_s:
+            bad.popleft()
+        if len(bad) >= 2 * self.policy.max_bad:
+            return Verdict.CLOSE
+        if len(bad) >= self.policy.max_bad:
+            return Verdict.THROTTLE
+        return Verdict.OK
+
+    def error(self, code: int, reason: str, msg_id: int, prio: int, action: int, now: float) -> bytes:
+        assert self.tx is not None
+        body = {Key.ERROR_CODE: int(code), Key.REASON: reason.encode()[:120].decode(errors="ignore")}
+        return self.tx.seal(Kind.ERROR, msg_id, prio, proto_ts(now), action, body)
+
+    def acks(self, items: Iterable[tuple[int, int, int]], now: float) -> list[bytes]:
+        """Batched ack frames for `(prio, msg_id, action)` items: one frame per class and
+        action, each covering up to 1 + 64 ids."""
+        assert self.tx is not None
+        groups: dict[tuple[int, int], list[int]] = {}
+        for prio, msg_id, action in items:
+            groups.setdefault((prio, action), []).append(msg_id)
+        out = []
+        ts = proto_ts(now)
+        for (prio, action), ids in sorted(groups.items()):
+            for i in range(0, len(ids), MAX_ACK_IDS + 1):
+                chunk = ids[i : i + MAX_ACK_IDS + 1]
+                body = {Key.IDS: chunk[1:]} if len(chunk) > 1 else {}
+                out.append(self.tx.seal(Kind.ACK, chunk[0], prio, ts, action, body))
+        return out
+
+    def respond(self, msg_id: int, prio: int, action: int, body: dict[int, Any], now: float) -> bytes:
+        assert self.tx is not None
+        return self.tx.seal(Kind.RESPONSE, msg_id, prio, proto_ts(now), action, body)
+
+    def request(self, action: int, body: dict[int, Any], now: float, prio: int | None = None) -> tuple[int, bytes]:
+        """Seals a gateway request (a command for the board); returns its id and frame."""
+        assert self.tx is not None
+        self._next_id += 1
+        p = MESSAGES[action].priority if prio is None else prio
+        return self._next_id, self.tx.seal(MESSAGES[action].kind, self._next_id, p, proto_ts(now), action, body)
+
+    def decrypt(self, seq: int, key: int, value: bytes) -> bytes:
+        """A `secret` field of an uplink frame in clear."""
+        return _core.aes_ctr(self.e_up, seq, key, value)

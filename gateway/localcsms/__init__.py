@@ -1,0 +1,2 @@
+"""The gateway as the site's local CSMS: authorization while upstream is away, site power
+management, the site clock."""

@@ -1,0 +1,185 @@
+"""The durable outbox: what the gateway owes upstream, in SQLite (WAL, synchronous=FULL).
+
+A row is a frame a board gave us, kept with its device and message id. The LAN side acks a
+frame to its board only after the transaction holding its row has committed; the uplink
+relays rows in `seq` order (the order of acceptance) and retires them when the CSMS acks.
+`(device, msg_id)` is unique, so a board that resends after a lost ack creates no second
+row; retired rows keep their key (frame dropped) for the dedup horizon, then are pruned.
+
+`Outbox` is synchronous and owned by one thread; `Committer` is the asyncio side: it
+gathers the rows that arrive while a commit is running into the next transaction (group
+commit), so the commit rate adapts to the disk and the event loop never waits on fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+
+class Row(NamedTuple):
+    """One frame owed upstream."""
+
+    seq: int
+    device: str
+    msg_id: int
+    prio: int
+    frame: bytes
+
+
+NewRow = tuple[str, int, int, bytes]
+"""(device, msg_id, prio, frame) of a frame to store."""
+
+
+class Outbox:
+    def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, device TEXT NOT NULL,"
+            " msg_id INTEGER NOT NULL, prio INTEGER NOT NULL, at_ms INTEGER NOT NULL, frame BLOB,"
+            " acked INTEGER NOT NULL DEFAULT 0, UNIQUE (device, msg_id))"
+        )
+        (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()
+        self.next_seq: int = last + 1
+
+    def close(self) -> None:
+        self._db.close()
+
+    def commit(self, rows: Sequence[NewRow], retire: Sequence[int], now_ms: int) -> list[int | None]:
+        """Stores `rows` and retires `retire` in one transaction; returns each row's seq,
+        None for a duplicate of a row already held (same device and message id)."""
+        first = self.next_seq
+        seqs: list[int | None] = list(range(first, first + len(rows)))
+        db = self._db
+        before = db.total_changes
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if rows:
+                db.executemany(
+                    "INSERT OR IGNORE INTO outbox(seq, device, msg_id, prio, at_ms, frame) VALUES (?,?,?,?,?,?)",
+                    [(first + i, d, m, p, now_ms, f) for i, (d, m, p, f) in enumerate(rows)],
+                )
+            inserted = db.total_changes - before
+            if retire:
+                db.executemany("UPDATE outbox SET acked = 1, frame = NULL WHERE seq = ?", [(s,) for s in retire])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.next_seq = first + len(rows)
+        if inserted != len(rows):
+            present = {
+                s for (s,) in db.execute("SELECT seq FROM outbox WHERE seq BETWEEN ? AND ?", (first, first + len(rows)))
+            }
+            seqs = [s if s in present else None for s in seqs]
+        return seqs
+
+    def pending(self) -> list[Row]:
+        """Every row not yet acknowledged upstream, in acceptance order (at start-up)."""
+        return [
+            Row(*r)
+            for r in self._db.execute(
+                "SELECT seq, device, msg_id, prio, frame FROM outbox WHERE acked = 0 ORDER BY seq"
+            )
+        ]
+
+    def oldest_pending_ms(self) -> int | None:
+        r = self._db.execute("SELECT min(at_ms) FROM outbox WHERE acked = 0").fetchone()
+        return None if r is None else r[0]
+
+    def prune(self, before_ms: int, limit: int = 50_000) -> int:
+        """Forgets retired rows accepted before `before_ms` (their dedup horizon is over)."""
+        cur = self._db.execute(
+            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE acked = 1 AND at_ms < ? LIMIT ?)",
+            (before_ms, limit),
+        )
+        return cur.rowcount
+
+
+Done = Callable[[list[int | None] | BaseException], None]
+
+
+class Committer:
+    """Group commit on one writer thread: rows submitted while a commit runs go into the next one."""
+
+    def __init__(self, outbox: Outbox, max_rows: int = 16_384) -> None:
+        self.outbox = outbox
+        self.max_rows = max_rows
+        self._rows: list[NewRow] = []
+        self._waiters: list[tuple[int, Done]] = []
+        self._retire: list[int] = []
+        self._busy = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="outbox")
+        self.commits = 0
+        self.rows_committed = 0
+        self.last_commit_s = 0.0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._rows)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def submit(self, rows: list[NewRow], done: Done) -> None:
+        self._rows.extend(rows)
+        self._waiters.append((len(rows), done))
+        self._kick()
+
+    def retire(self, seqs: Sequence[int]) -> None:
+        """Retirement need not be durable at once: a row relayed again after a crash is
+        deduplicated by the CSMS. It rides with the next commit."""
+        self._retire.extend(seqs)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._busy or not (self._rows or self._retire):
+            return
+        self._busy = True
+        rows, waiters, retire = self._rows, self._waiters, self._retire
+        self._rows, self._waiters, self._retire = [], [], []
+        loop = asyncio.get_running_loop()
+        now_ms = int(time.time() * 1000)
+        t0 = time.perf_counter()
+        fut = loop.run_in_executor(self._pool, self.outbox.commit, rows, retire, now_ms)
+
+        def finished(f: asyncio.Future[list[int | None]]) -> None:
+            self._busy = False
+            self.last_commit_s = time.perf_counter() - t0
+            exc = f.exception()
+            if exc is None:
+                seqs = f.result()
+                self.commits += 1
+                self.rows_committed += len(rows)
+                pos = 0
+                for n, done in waiters:
+                    done(seqs[pos : pos + n])
+                    pos += n
+            else:
+                self._retire[:0] = retire
+                for _, done in waiters:
+                    done(exc)
+            self._kick()
+
+        fut.add_done_callback(finished)
+
+    async def drain(self) -> None:
+        """Waits until nothing is waiting and no commit runs."""
+        while self._busy or self._rows or self._retire:
+            await asyncio.sleep(0.002)
+
+    def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]:
+        """Runs `fn` on the writer thread (the only thread that touches the database)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,501 @@
+"""The site gateway: LAN links → Rust queue → durable outbox → acks → uplink; commands back.
+
+One asyncio loop. `wake()` schedules one dispatch round that pops the shared
+PriorityQueue urgent-first: events go to the outbox (acked to their board once committed,
+then relayed), requests to the local CSMS, responses to the command that waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from gateway import _core
+from gateway.config import Config
+from gateway.devices import Devices
+from gateway.lan import BoardConnection, serve
+from gateway.link import FloodPolicy, State, proto_ts
+from gateway.localcsms.auth import Authorizer
+from gateway.localcsms.power import SITE, PowerManager
+from gateway.outbox import Committer, NewRow, Outbox, Row
+from gateway.schema import (
+    EPOCH_UNIX,
+    MESSAGES,
+    Action,
+    AuthStatus,
+    ErrorCode,
+    Key,
+    Kind,
+    Priority,
+    Registration,
+    Status,
+)
+from gateway.upstream import Uplink, UplinkRunner, UplinkSettings
+
+log = logging.getLogger("gateway")
+
+SIGNED_ACTIONS = frozenset(
+    {Action.UPDATE_FIRMWARE, Action.INSTALL_CERTIFICATE, Action.CERTIFICATE_SIGNED, Action.SET_TARIFF}
+)
+"""Commands a third party must be able to verify: Ed25519-signed upstream, checked here."""
+
+
+class Clock:
+    """The site's time source (B13): the local clock, corrected by the CSMS time of
+    SiteHello when they differ by more than a second."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def upstream_time(self, proto_seconds: int) -> None:
+        skew = EPOCH_UNIX + proto_seconds - time.time()
+        self.offset = skew if abs(skew) > 1.5 else 0.0
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.devices = Devices(cfg.devices_path, cfg.factory_seed, cfg.dev_seed, cfg.dev_prefix)
+        self.outbox = Outbox(cfg.outbox_path, cfg.synchronous)
+        self.committer = Committer(self.outbox, cfg.commit_max_rows)
+        self.auth = Authorizer(cfg.data_dir / "localcsms.sqlite", cfg.unknown_token_offline)
+        self.power = PowerManager(cfg.site_limit_w, cfg.zones, cfg.min_evse_w)
+        self.clock = Clock()
+        self.queue = _core.PriorityQueue(max_items=cfg.queue_high * 4, max_bytes=256 << 20)
+        self.flood = FloodPolicy(cfg.max_bad_frames, cfg.bad_window_s, cfg.throttle_s)
+        self.connections: set[BoardConnection] = set()
+        self.online: dict[str, BoardConnection] = {}
+        self.by_idx: dict[int, BoardConnection] = {}
+        self.came_online: dict[str, asyncio.Event] = {}
+        self.pending_cmds: dict[tuple[int, int], asyncio.Future[bytes]] = {}
+        self.uplink = Uplink(cfg.site_id, cfg.relay_max_frames, cfg.fifo)
+        pending = self.outbox.pending()
+        self.uplink.add(pending)
+        self.pending_rows = len(pending)
+        self.runner: UplinkRunner | None = None
+        self.paused: set[BoardConnection] = set()
+        self._scheduled = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.Server | None = None
+        # counters for metrics
+        self.frames_in = 0
+        self.frames_stored = 0
+        self.duplicates = 0
+        self.throttled = 0
+        self.rejections: dict[str, int] = {}
+        self.outbox_alarm = False
+        self.started = time.time()
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self._server = await serve(self, cfg.lan_host, cfg.lan_port)
+        if cfg.upstream_enabled:
+            assert cfg.ca_file and cfg.cert_file and cfg.key_file
+            settings = UplinkSettings(
+                cfg.upstream_host, cfg.upstream_port, cfg.server_name, str(cfg.ca_file), str(cfg.cert_file),
+                str(cfg.key_file), cfg.bulk_unsent_max, cfg.inflight_max_bytes, cfg.backoff_min_s, cfg.backoff_max_s,
+                cfg.idle_timeout_s,
+            )  # fmt: skip
+            self.runner = UplinkRunner(self.uplink, settings, cfg.site_id, self.relayed_acked, self.upstream_request)
+            self._tasks.append(asyncio.create_task(self.runner.run()))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    @property
+    def lan_port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.connections):
+            c.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.committer.drain()
+        self.committer.close()
+        self.outbox.close()
+        self.devices.close()
+        self.auth.close()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            horizon = int((time.time() - self.cfg.dedup_horizon_s) * 1000)
+            await self.committer.run_sync(functools.partial(self.outbox.prune, horizon))
+
+    # ------------------------------------------------------------ links
+
+    def link_opened(self, conn: BoardConnection) -> None:
+        did = conn.link.device_id
+        old = self.online.get(did)
+        if old is not None and old is not conn:
+            old.close()  # a board reconnecting replaces its stale link
+        self.online[did] = conn
+        self.by_idx[conn.link.idx] = conn
+        ev = self.came_online.pop(did, None)
+        if ev is not None:
+            ev.set()
+
+    def link_closed(self, conn: BoardConnection) -> None:
+        did = conn.link.device_id
+        if did and self.online.get(did) is conn:
+            del self.online[did]
+            self.by_idx.pop(conn.link.idx, None)
+        self.paused.discard(conn)
+        for key, fut in list(self.pending_cmds.items()):
+            if key[0] == conn.link.idx and not fut.done():
+                fut.set_exception(ConnectionError("link closed"))
+
+    def count_rejections(self, conn_link: Any) -> None:
+        for name, n in conn_link.rejected.items():
+            self.rejections[name] = self.rejections.get(name, 0) + n
+        conn_link.rejected.clear()
+
+    def count_name(self, name: str) -> None:
+        self.rejections[name] = self.rejections.get(name, 0) + 1
+
+    def pause(self, conn: BoardConnection) -> None:
+        conn.pause()
+        self.paused.add(conn)
+
+    # ------------------------------------------------------------ dispatch
+
+    def wake(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        cfg = self.cfg
+        if self.committer.waiting >= cfg.commit_max_rows:
+            return  # the commit in progress calls wake() when it is done
+        batch = self.queue.pop_batch(cfg.commit_max_rows)
+        now = self.clock.now()
+        rows: list[NewRow] = []
+        meta: list[tuple[BoardConnection | None, int, int, int]] = []
+        full: dict[BoardConnection, list[bytes]] = {}
+        room = cfg.outbox_max_rows - self.pending_rows - self.committer.waiting
+        for prio, idx, msg_id, action, frame in batch:
+            conn = self.by_idx.get(idx)
+            b = frame[2]
+            kind = b if b < 0x80 else _core.decode(frame).kind
+            if kind == Kind.EVENT:
+                if len(rows) >= room:
+                    if conn is not None:
+                        reason = "outbox full: event not stored, resend later"
+                        full.setdefault(conn, []).append(
+                            conn.link.error(ErrorCode.QUEUE_FULL, reason, msg_id, prio, action, now)
+                        )
+                        self.count_name("QUEUE_FULL")
+                    continue
+                device = conn.link.device_id if conn is not None else self.devices.by_idx(idx).device_id
+                rows.append((device, msg_id, prio, frame))
+                meta.append((conn, prio, msg_id, action if MESSAGES[action].durable else -1))
+            elif kind == Kind.REQUEST:
+                if conn is not None:
+                    self._board_request(conn, frame, now)
+            elif kind in (Kind.RESPONSE, Kind.ERROR):
+                fut = self.pending_cmds.pop((idx, msg_id), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(frame)
+        for conn, frames in full.items():
+            conn.write(frames)
+        if rows:
+            self.committer.submit(rows, lambda res: self._committed(rows, meta, res))
+        if len(self.queue):
+            self.wake()
+        elif self.paused and len(self.queue) < cfg.queue_high // 2:
+            for c in list(self.paused):
+                c.resume()
+            self.paused.clear()
+        self._check_alarm()
+
+    def _committed(self, rows: list[NewRow], meta: list[tuple[BoardConnection | None, int, int, int]],
+                   res: list[int | None] | BaseException) -> None:  # fmt: skip
+        now = self.clock.now()
+        if isinstance(res, BaseException):
+            log.error("outbox commit failed: %s", res)
+            for conn, prio, msg_id, action in meta:
+                if conn is not None and action >= 0:
+                    reason = f"outbox commit failed ({type(res).__name__}); resend"
+                    conn.send_one(conn.link.error(ErrorCode.INTERNAL, reason, msg_id, prio, action, now))
+            self.wake()
+            return
+        acks: dict[BoardConnection, list[tuple[int, int, int]]] = {}
+        new: list[Row] = []
+        for (device, msg_id, prio, frame), (conn, _p, _m, action), seq in zip(rows, meta, res, strict=True):
+            if seq is None:
+                self.duplicates += 1
+            else:
+                new.append(Row(seq, device, msg_id, prio, frame))
+            if action >= 0 and conn is not None and not conn.closed:
+                acks.setdefault(conn, []).append((prio, msg_id, action))
+        for conn, items in acks.items():
+            conn.write(conn.link.acks(items, now))
+        self.pending_rows += len(new)
+        self.frames_stored += len(new)
+        self.uplink.add(new)
+        if self.runner is not None:
+            self.runner.kick()
+        self.wake()
+
+    def relayed_acked(self, seqs: list[int]) -> None:
+        self.pending_rows -= len(seqs)
+        self.committer.retire(seqs)
+
+    def _check_alarm(self) -> None:
+        alarm = self.pending_rows >= self.cfg.outbox_alarm_ratio * self.cfg.outbox_max_rows
+        if alarm and not self.outbox_alarm:
+            log.warning(
+                "outbox alarm: %d of %d rows held (upstream away?)", self.pending_rows, self.cfg.outbox_max_rows
+            )
+        self.outbox_alarm = alarm
+
+    # ------------------------------------------------------------ local CSMS, board side
+
+    def _board_request(self, conn: BoardConnection, frame: bytes, now: float) -> None:
+        f = _core.decode(frame)
+        link = conn.link
+        a = f.action
+        body: dict[int, Any]
+        if a == Action.HEARTBEAT:
+            body = {Key.TIME: proto_ts(now)}
+        elif a == Action.TIME_SYNC:
+            body = {Key.TIME: proto_ts(now), Key.TIME_MS: int(now * 1000) % 1000}
+        elif a == Action.BOOT_NOTIFICATION:
+            body = {
+                Key.REGISTRATION: Registration.ACCEPTED,
+                Key.INTERVAL_S: self.cfg.heartbeat_s,
+                Key.TIME: proto_ts(now),
+            }
+        elif a == Action.AUTHORIZE:
+            token_ct = f.body[Key.ID_TOKEN]
+            token = link.decrypt(f.seq, Key.ID_TOKEN, token_ct).decode("utf-8", "replace")
+            d = self.auth.authorize(token, proto_ts(now))
+            body = {Key.AUTH_STATUS: d.status}
+            if d.expiry is not None:
+                body[Key.EXPIRY] = d.expiry
+            if d.status != AuthStatus.ACCEPTED:
+                body[Key.REASON] = f"token {d.source} at this site"
+        else:
+            name = MESSAGES[a].name
+            conn.send_one(
+                link.error(ErrorCode.NOT_SUPPORTED, f"{name} is not served by this gateway", f.msg_id, f.prio, a, now)
+            )
+            self.count_name("NOT_SUPPORTED")
+            return
+        conn.send_one(link.respond(f.msg_id, f.prio, a, body, now))
+
+    # ------------------------------------------------------------ commands from upstream
+
+    async def upstream_request(self, f: _core.Frame) -> tuple[int, dict[int, Any]]:
+        try:
+            if f.action == Action.COMMAND:
+                return await self._command(f.body)
+            if f.action == Action.AVAILABLE_POWER:
+                self.power.available_w = int(f.body[Key.AVAILABLE_W])
+                late = await self.apply_power(None, Action.SET_CHARGING_PROFILE, None)
+                return Kind.RESPONSE, {Key.STATUS: Status.ACCEPTED if not late else Status.REJECTED}
+            if f.action == Action.DSO_LIMIT:
+                return Kind.RESPONSE, await self._dso(f.body)
+        except (KeyError, ValueError, TypeError) as e:
+            return Kind.ERROR, {Key.ERROR_CODE: ErrorCode.REJECTED, Key.REASON: f"malformed request: {e}"[:120]}
+        return Kind.ERROR, {Key.ERROR_CODE: ErrorCode.NOT_SUPPORTED, Key.REASON: f"action {f.action} not served"}
+
+    def _err(self, code: int, reason: str) -> tuple[int, dict[int, Any]]:
+        self.count_name(_core.error_name(code))
+        return Kind.ERROR, {Key.ERROR_CODE: code, Key.REASON: reason[:120]}
+
+    async def _command(self, body: dict[int, Any]) -> tuple[int, dict[int, Any]]:
+        raw = body[Key.FRAME]
+        try:
+            inner = _core.decode(raw)
+        except _core.CoreError as e:
+            return self._err(e.code, f"inner frame: {e.reason}")
+        now = self.clock.now()
+        sig, signer = body.get(Key.SIGNATURE), body.get(Key.SIGNER)
+        if sig is not None or inner.action in SIGNED_ACTIONS:
+            pub = self.cfg.signers.get(str(signer)) if signer is not None else None
+            if sig is None or pub is None:
+                return self._err(
+                    ErrorCode.BAD_SIGNATURE, f"{MESSAGES[inner.action].name} must be signed by a known signer"
+                )
+            try:
+                ok = _core.ed25519_verify(pub, raw, sig)
+            except _core.SignatureError as e:
+                return self._err(ErrorCode.BAD_SIGNATURE, e.reason)
+            if not ok:
+                return self._err(ErrorCode.BAD_SIGNATURE, f"signature of {signer} does not verify")
+        expiry = body.get(Key.EXPIRY)
+        if expiry is not None and proto_ts(now) > expiry:
+            return self._err(ErrorCode.EXPIRED, f"command expired {proto_ts(now) - expiry} s ago")
+        targets: list[str] = list(body[Key.TARGETS])
+        if not targets:
+            status, reason = await self._site_command(inner)
+            res: dict[int, Any] = {Key.DEVICE_ID: self.cfg.site_id, Key.STATUS: status}
+            if reason:
+                res[Key.REASON] = reason
+            return Kind.RESPONSE, {Key.RESULTS: [res]}
+        timeout = MESSAGES[inner.action].timeout_ms / 1000
+        if expiry is not None:
+            timeout = min(timeout, max(0.0, expiry + 1 - proto_ts(now)))
+        results = await asyncio.gather(*(self._deliver(t, inner, timeout) for t in targets))
+        return Kind.RESPONSE, {Key.RESULTS: results}
+
+    async def _deliver(self, device_id: str, inner: _core.Frame, timeout: float) -> dict[int, Any]:
+        """Re-seals the command for one board (its key, its counter) and waits for its
+        answer; a board offline now gets it if it comes back before the deadline (B16)."""
+        deadline = time.monotonic() + timeout
+        conn = self.online.get(device_id)
+        if conn is None:
+            ev = self.came_online.setdefault(device_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout)
+            conn = self.online.get(device_id)
+            if conn is None:
+                return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "board offline until expiry"}
+        try:
+            answer = await self.send_request(
+                conn, inner.action, inner.body, max(0.0, deadline - time.monotonic()), inner.prio
+            )
+        except TimeoutError:
+            return {
+                Key.DEVICE_ID: device_id,
+                Key.STATUS: Status.FAILED,
+                Key.REASON: "TIMEOUT: no answer from the board",
+            }
+        except ConnectionError:
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link lost before the answer"}
+        if answer.kind == Kind.ERROR:
+            return {
+                Key.DEVICE_ID: device_id,
+                Key.STATUS: Status.REJECTED,
+                Key.REASON: str(answer.body.get(Key.REASON, "")),
+            }
+        out: dict[int, Any] = {Key.DEVICE_ID: device_id, Key.STATUS: int(answer.body.get(Key.STATUS, Status.ACCEPTED))}
+        if Key.REASON in answer.body:
+            out[Key.REASON] = answer.body[Key.REASON]
+        return out
+
+    async def send_request(self, conn: BoardConnection, action: int, body: dict[int, Any], timeout: float,
+                           prio: int | None = None) -> _core.Frame:  # fmt: skip
+        """Sends a request to a board and waits for its response or error frame."""
+        if conn.link.state is not State.OPEN:
+            raise ConnectionError("link not open")
+        msg_id, frame = conn.link.request(action, body, self.clock.now(), prio)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending_cmds[conn.link.idx, msg_id] = fut
+        conn.send_one(frame)
+        try:
+            raw = await asyncio.wait_for(fut, timeout)
+        finally:
+            self.pending_cmds.pop((conn.link.idx, msg_id), None)
+        return _core.decode(raw)
+
+    async def _site_command(self, inner: _core.Frame) -> tuple[int, str]:
+        b = inner.body
+        if inner.action == Action.TOKEN_LIST:
+            entries = [(str(t[Key.TOKEN_UID]), int(t[Key.AUTH_STATUS]), t.get(Key.EXPIRY)) for t in b[Key.TOKENS]]
+            await self.committer.run_sync(
+                lambda: self.auth.update_list(int(b[Key.LIST_VERSION]), b[Key.UPDATE_TYPE] == 0, entries)
+            )
+            return Status.ACCEPTED, ""
+        if inner.action == Action.CLEAR_CACHE:
+            self.auth.clear_cache()
+            return Status.ACCEPTED, ""
+        if inner.action == Action.DSO_LIMIT:
+            r = await self._dso(b)
+            return int(r[Key.STATUS]), str(r.get(Key.REASON, ""))
+        if inner.action == Action.AVAILABLE_POWER:
+            self.power.available_w = int(b[Key.AVAILABLE_W])
+            late = await self.apply_power(None, Action.SET_CHARGING_PROFILE, None)
+            return (Status.REJECTED, "late: " + ",".join(late)[:110]) if late else (Status.ACCEPTED, "")
+        return Status.NOT_SUPPORTED, f"{MESSAGES[inner.action].name} is not a site command"
+
+    async def _dso(self, b: dict[int, Any]) -> dict[int, Any]:
+        """E5: the new limit reaches every affected board, which confirms, within the deadline."""
+        zone = b.get(Key.ZONE)
+        self.power.dso[SITE if zone is None else int(zone)] = int(b[Key.LIMIT_W])
+        deadline_s = int(b[Key.DEADLINE_MS]) / 1000
+        late = await self.apply_power(zone, Action.DSO_LIMIT, deadline_s)
+        if late:
+            return {Key.STATUS: Status.REJECTED, Key.REASON: ("not confirmed in time: " + ",".join(late))[:120]}
+        return {Key.STATUS: Status.ACCEPTED}
+
+    async def apply_power(self, zone: int | None, action: int, deadline_s: float | None) -> list[str]:
+        """Sends each affected board its share; returns the boards that did not confirm in time."""
+        online = list(self.online)
+        shares = self.power.allocate(online)
+        affected = self.power.affected(zone, online) if action == Action.DSO_LIMIT else online
+        timeout = deadline_s if deadline_s is not None else MESSAGES[action].timeout_ms / 1000
+
+        async def one(did: str) -> str | None:
+            conn = self.online.get(did)
+            if conn is None:
+                return did
+            w = shares.get(did, 0)
+            if action == Action.DSO_LIMIT:
+                body: dict[int, Any] = {Key.LIMIT_W: w, Key.DEADLINE_MS: int(timeout * 1000), Key.EVSE: 0}
+            else:
+                body = {
+                    Key.EVSE: 0,
+                    Key.PROFILE_ID: 1,
+                    Key.STACK_LEVEL: 0,
+                    Key.PURPOSE: 4,
+                    Key.PERIODS: [{Key.START_S: 0, Key.LIMIT_W: w}],
+                }
+            try:
+                ans = await self.send_request(conn, action, body, timeout)
+            except (TimeoutError, ConnectionError):
+                return did
+            ok = ans.kind == Kind.RESPONSE and ans.body.get(Key.STATUS, 0) == Status.ACCEPTED
+            return None if ok else did
+
+        res = await asyncio.gather(*(one(d) for d in affected))
+        return [d for d in res if d is not None]
+
+    # ------------------------------------------------------------ views
+
+    def snapshot(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "site": self.cfg.site_id,
+            "uptime_s": round(time.time() - self.started, 1),
+            "links": len(self.online),
+            "connections": len(self.connections),
+            "frames_in": self.frames_in,
+            "frames_stored": self.frames_stored,
+            "duplicates": self.duplicates,
+            "queue": [self.queue.len_class(p) for p in range(4)],
+            "outbox_backlog": self.pending_rows,
+            "outbox_alarm": self.outbox_alarm,
+            "uplink_unsent": [self.uplink.depth(p) for p in range(4)],
+            "uplink_inflight": sum(len(x.rows) for x in self.uplink.inflight.values()),
+            "relayed": self.uplink.relayed,
+            "relay_acked": self.uplink.acked_frames,
+            "upstream": r.state if r else "disabled",
+            "upstream_connects": r.connects if r else 0,
+            "upstream_error": r.last_error if r else "",
+            "rejections": dict(self.rejections),
+            "throttled": self.throttled,
+            "commits": self.committer.commits,
+        }
+
+
+def iter_prios() -> Iterable[int]:
+    return (Priority.URGENT, Priority.CONTROL, Priority.TELEMETRY, Priority.BULK)

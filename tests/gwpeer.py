@@ -1,0 +1,252 @@
+"""A small upstream peer for the gateway's tests, on aioquic, speaking docs/upstream.md.
+
+It checks the gateway's certificate (mutual TLS), persists every relayed frame in SQLite
+once per (site, device, message id), acks each Relay after its commit, and can send
+Commands. The real CSMS lives in tools/peers/csms/; this one stays small on purpose.
+
+Run alone (for kill -9 tests): `python tests/gwpeer.py --port P --db FILE --pki DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sqlite3
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import HandshakeCompleted, QuicEvent, StreamDataReceived
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway import _core, devpki
+from gateway.link import proto_ts
+from gateway.mtls import peer_common_name, require_client_certificates
+from gateway.schema import EPOCH_UNIX, Action, Key, Kind, Priority
+from gateway.upstream_wire import ALPN, K_UP, StreamReader, prefix
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS frames (n INTEGER PRIMARY KEY, site TEXT, device TEXT, msg_id INTEGER,"
+            " prio INTEGER, action INTEGER, frame BLOB, at REAL, UNIQUE (site, device, msg_id))"
+        )
+        self.duplicates = 0
+
+    def put(self, rows: list[tuple[str, str, int, int, int, bytes, float]]) -> None:
+        before = self.db.total_changes
+        self.db.execute("BEGIN")
+        self.db.executemany(
+            "INSERT OR IGNORE INTO frames(site, device, msg_id, prio, action, frame, at) VALUES (?,?,?,?,?,?,?)", rows
+        )
+        self.db.execute("COMMIT")
+        self.duplicates += len(rows) - (self.db.total_changes - before)
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM frames").fetchone()[0])
+
+
+class Peer:
+    """State shared by the connections of one peer server."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.protocols: list[PeerProtocol] = []
+        self.connected = asyncio.Event()
+        self.received = 0
+        self.arrivals: list[tuple[float, int, int]] = []  # (time, prio, n) of relays, for latency
+        self.on_relay_frame: Any = None
+        self.ack = True
+
+
+class PeerProtocol(QuicConnectionProtocol):
+    def __init__(self, *args: Any, peer: Peer, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cafile = self._quic.configuration.cafile
+        assert cafile is not None, "the test peer's configuration names the site CA"
+        require_client_certificates(self._quic, cafile)
+        self.peer = peer
+        self.readers: dict[int, StreamReader] = {}
+        self.out_seq: dict[int, int] = {}
+        self.site = ""
+        self.pending: list[tuple[int, int, list[tuple[str, str, int, int, int, bytes, float]]]] = []
+        self.flush_scheduled = False
+        self.answers: dict[int, asyncio.Future[_core.Frame]] = {}
+        self.next_cmd = int(time.time() * 1000)
+        self.streams_seen: set[int] = set()
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, HandshakeCompleted):
+            self.site = peer_common_name(self._quic) or ""
+            self.peer.protocols.append(self)
+            self.peer.connected.set()
+        elif isinstance(event, StreamDataReceived):
+            self.streams_seen.add(event.stream_id)
+            reader = self.readers.setdefault(event.stream_id, StreamReader())
+            for raw in reader.feed(event.data):
+                self.frame(event.stream_id, raw)
+
+    def send(self, sid: int, kind: int, msg_id: int, prio: int, action: int, body: dict[int, Any]) -> None:
+        self.out_seq[sid] = self.out_seq.get(sid, 0) + 1
+        frame = _core.encode(kind, self.out_seq[sid], msg_id, prio, proto_ts(time.time()), action, body, K_UP)
+        self._quic.send_stream_data(sid, prefix(frame))
+
+    def frame(self, sid: int, raw: bytes) -> None:
+        f = _core.decode(raw, K_UP)
+        if f.action == Action.SITE_HELLO and f.kind == Kind.REQUEST:
+            self.send(sid, Kind.RESPONSE, f.msg_id, f.prio, f.action, {Key.VER: 1, Key.TIME: proto_ts(time.time())})
+            self.transmit()
+        elif f.action == Action.RELAY and f.kind == Kind.EVENT:
+            if f.body[Key.SITE_ID] != self.site:
+                body: dict[int, Any] = {Key.ERROR_CODE: 23, Key.REASON: "site id is not the certificate's"}
+                self.send(sid, Kind.ERROR, f.msg_id, f.prio, f.action, body)
+                return
+            now = time.time()
+            rows = []
+            for item in f.body[Key.FRAMES]:
+                inner = item[Key.FRAME]
+                env = _core.unpack(inner)
+                rows.append((self.site, item[Key.DEVICE_ID], env[3], env[4], env[6], inner, now))
+            self.peer.received += len(rows)
+            self.peer.arrivals.append((time.perf_counter(), sid // 4, len(rows)))
+            if self.peer.on_relay_frame is not None:
+                self.peer.on_relay_frame(sid // 4, rows)
+            self.pending.append((sid, f.msg_id, rows))
+            if not self.flush_scheduled:
+                self.flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        elif f.kind in (Kind.RESPONSE, Kind.ERROR):
+            fut = self.answers.pop(f.msg_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(f)
+
+    def flush(self) -> None:
+        """One transaction for every relay received in this loop turn, then their acks."""
+        self.flush_scheduled = False
+        pending, self.pending = self.pending, []
+        self.peer.store.put([r for _, _, rows in pending for r in rows])
+        if self.peer.ack:
+            for sid, relay_id, _ in pending:
+                self.send(sid, Kind.ACK, relay_id, Priority.TELEMETRY, Action.RELAY, {})
+            self.transmit()
+
+    async def command(self, targets: list[str], inner: bytes, *, prio: int = Priority.CONTROL, expiry: int | None = None,  # noqa: E501
+                      signature: bytes | None = None, signer: str | None = None, timeout: float = 10) -> _core.Frame:  # fmt: skip  # noqa: E501
+        self.next_cmd += 1
+        body: dict[int, Any] = {Key.TARGETS: targets, Key.FRAME: inner}
+        if expiry is not None:
+            body[Key.EXPIRY] = expiry
+        if signature is not None:
+            body[Key.SIGNATURE] = signature
+            body[Key.SIGNER] = signer
+        return await self.request(Action.COMMAND, body, prio, timeout)
+
+    async def request(
+        self, action: int, body: dict[int, Any], prio: int = Priority.CONTROL, timeout: float = 10
+    ) -> _core.Frame:
+        self.next_cmd += 1
+        sid = prio * 4 if prio * 4 in self.streams_seen else 4  # a client stream exists once it carried data
+        fut: asyncio.Future[_core.Frame] = asyncio.get_running_loop().create_future()
+        self.answers[self.next_cmd] = fut
+        self.send(
+            sid,
+            Kind.REQUEST,
+            self.next_cmd,
+            max(prio, Priority.CONTROL) if action == Action.COMMAND else prio,
+            action,
+            body,
+        )
+        self.transmit()
+        return await asyncio.wait_for(fut, timeout)
+
+
+def inner_frame(action: int, body: dict[int, Any], prio: int | None = None, kind: int = Kind.REQUEST) -> bytes:
+    """An envelope for a Command's `frame` (its tag is not checked: TLS protects the uplink)."""
+    from gateway.schema import MESSAGES
+
+    p = MESSAGES[action].priority if prio is None else prio
+    return _core.encode(kind, 1, 1, p, proto_ts(time.time()), action, body, K_UP)
+
+
+def server_config(pki: Path, cn: str = "csms", ca_name: str = "ca") -> QuicConfiguration:
+    ca = devpki.ensure_ca(pki, ca_name)
+    issued = devpki.issue(pki, cn, ca=ca, server=True, client=False)
+    qc = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], verify_mode=ssl.CERT_REQUIRED)
+    qc.load_cert_chain(str(issued.cert), str(issued.key))
+    qc.cafile = str(issued.ca)
+    return qc
+
+
+async def start(host: str, port: int, store: Store, qc: QuicConfiguration) -> tuple[Peer, Any]:
+    peer = Peer(store)
+    server = await serve(host, port, configuration=qc, create_protocol=lambda *a, **k: PeerProtocol(*a, peer=peer, **k))
+    return peer, server
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--db", required=True)
+    p.add_argument("--pki", required=True, type=Path)
+    a = p.parse_args()
+
+    async def run() -> None:
+        _peer, _server = await start(a.host, a.port, Store(a.db), server_config(a.pki))
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+_ = EPOCH_UNIX
+if __name__ == "__main__":
+    main()
+
+
+# ---------------------------------------------------------------- helpers for the gateway tests
+
+SEED = bytes(range(32))
+
+
+def gateway_doc(data: Path, upstream_port: int | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A gateway configuration document for tests: loopback, ephemeral LAN port, dev keys."""
+    doc: dict[str, Any] = {
+        "site": {"data_dir": str(data)},
+        "lan": {"listen": "127.0.0.1:0"},
+        "metrics": {"listen": "127.0.0.1:0"},
+        "devices": {"dev_seed": SEED.hex(), "dev_prefix": "ev-"},
+        "upstream": {"enabled": False} if upstream_port is None else
+                    {"address": f"127.0.0.1:{upstream_port}", "idle_timeout_s": 2.0, "backoff_max_s": 0.5},
+    }  # fmt: skip
+    for k, v in sections.items():
+        doc.setdefault(k, {}).update(v)
+    return doc
+
+
+def free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
