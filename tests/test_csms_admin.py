@@ -1,0 +1,75 @@
+"""The operator CLI (`python -m tools.peers.csms.admin`) against a running CSMS's data folder."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from csmsclient import Board, running_csms, site
+
+from gateway import _core
+from gateway.schema import Action, Key, Priority, TxEvent
+from tools.peers.csms.admin import main
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def admin(data: Path, *args: str) -> str:
+    out = io.StringIO()
+    assert main(["--data", str(data), *args], out=out) == 0
+    return out.getvalue()
+
+
+def test_csms_admin_cli_limit_campaign_lists_and_sdr_export(tmp_path: Path) -> None:
+    data = tmp_path / "csms"
+    image = tmp_path / "fw.bin"
+    image.write_bytes(b"\x7fFW" * 100)
+
+    async def main_() -> None:
+        async with running_csms(data) as srv, site(srv) as gw:
+            b = Board("b1")
+            boot = {Key.MODEL: "m", Key.VENDOR: "v", Key.SERIAL: "s", Key.FW_VERSION: "1"}
+            await gw.relay_acked([b.frame(Action.BOOT_NOTIFICATION, boot)])
+            await gw.command()
+            assert "site-1\tb1\taccepted" in admin(data, "list-stations")
+            assert "queued" in admin(data, "send-limit", "--site", "site-1", "--limit-w", "15000", "--zone", "2")
+            _, env, inner = await gw.command()
+            assert inner is not None and inner.action == Action.DSO_LIMIT and env.prio == Priority.URGENT
+            admin(
+                data,
+                "firmware-campaign",
+                "--site",
+                "site-1",
+                "--image",
+                str(image),
+                "--version",
+                "3.1",
+                "--targets",
+                "b1",
+            )
+            _, env, inner = await gw.command()
+            assert inner is not None and inner.body[Key.SIZE] == 300
+            assert _core.ed25519_verify(srv.ctx.signer.public, env.body[Key.FRAME], env.body[Key.SIGNATURE])
+            base = {Key.TX_ID: 4, Key.EVSE: 1, Key.TRIGGER: 0}
+            await gw.relay_acked(
+                [
+                    b.frame(
+                        Action.TRANSACTION_EVENT, {**base, Key.EVENT: TxEvent.STARTED, Key.SEQ_NO: 0, Key.ENERGY_WH: 5}
+                    ),
+                    b.frame(
+                        Action.TRANSACTION_EVENT, {**base, Key.EVENT: TxEvent.ENDED, Key.SEQ_NO: 1, Key.ENERGY_WH: 905}
+                    ),
+                ]
+            )
+            assert "site-1\tb1\t4\t1\tended" in admin(data, "list-sessions")
+
+    asyncio.run(asyncio.wait_for(main_(), 25))
+    rows: list[dict[str, Any]] = json.loads(admin(data, "export-sdrs", "--format", "json"))
+    assert [r["energy_wh"] for r in rows] == [900]
+    (row,) = csv.DictReader(io.StringIO(admin(data, "export-sdrs", "--format", "csv")))
+    assert row["energy_wh"] == "900" and row["sdr_id"] == rows[0]["sdr_id"]

@@ -1,0 +1,166 @@
+"""The operator's command line: `python -m tools.peers.csms.admin --data DIR COMMAND`.
+
+Reads and writes the CSMS store directly (SQLite in WAL mode: safe beside the running
+server). Commands it queues are sent by the running server to the site's gateway.
+
+    list-stations
+    list-sessions
+    list-commands [--site S]
+    send-limit --site S --limit-w N [--zone Z] [--deadline-ms MS] [--available]
+    firmware-campaign --site S --image FILE --version V --targets D [D ...]
+    set-registration --site S --device D accepted|pending|rejected
+    add-token TOKEN [--status N] [--tariff ID]
+    set-tariff --site S --id N --price-kwh P --currency EUR [--price-min P] [--price-session P]
+    export-sdrs --format csv|json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from tools.peers.csms.api import Csms, CsmsError
+from tools.peers.csms.config import load, provision
+from tools.peers.csms.inbound import Ctx
+from tools.peers.csms.pki import Ca, load_or_create_signer
+from tools.peers.csms.store import SqliteStore
+from tools.peers.csms.wire import unix_time
+
+SDR_FIELDS = (
+    "sdr_id",
+    "site_id",
+    "device_id",
+    "tx_id",
+    "evse",
+    "evse_gid",
+    "id_token",
+    "started",
+    "stopped",
+    "meter_start_wh",
+    "meter_stop_wh",
+    "energy_wh",
+    "tariff_id",
+    "currency",
+    "cost",
+    "signed_meter",
+)
+
+
+def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str], out: TextIO) -> None:
+    out.write("\t".join(cols) + "\n")
+    for r in rows:
+        out.write("\t".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + "\n")
+
+
+def export_sdrs(api: Csms, fmt: str, out: TextIO) -> None:
+    """SDRs with Unix times and signed meter data in hex."""
+    rows = []
+    for s in api.sdrs():
+        row = {k: s[k] for k in SDR_FIELDS}
+        row["started"], row["stopped"] = unix_time(s["started"]), unix_time(s["stopped"])
+        row["signed_meter"] = [b.hex() for b in s["signed_meter"] or []]
+        rows.append(row)
+    if fmt == "json":
+        json.dump(rows, out, indent=1)
+        out.write("\n")
+        return
+    w = csv.DictWriter(out, fieldnames=SDR_FIELDS)
+    w.writeheader()
+    for row in rows:
+        w.writerow({**row, "signed_meter": " ".join(row["signed_meter"])})
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.peers.csms.admin", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="the CSMS data folder")
+    ap.add_argument("--config", type=Path, help="the CSMS config file (for policy and PKI paths)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list-stations")
+    sub.add_parser("list-sessions")
+    lc = sub.add_parser("list-commands")
+    lc.add_argument("--site")
+    sl = sub.add_parser("send-limit")
+    sl.add_argument("--site", required=True)
+    sl.add_argument("--limit-w", type=int, required=True)
+    sl.add_argument("--zone", type=int)
+    sl.add_argument("--deadline-ms", type=int, default=5000)
+    sl.add_argument("--available", action="store_true", help="E4 AvailablePower instead of an E5 DSO limit")
+    fc = sub.add_parser("firmware-campaign")
+    fc.add_argument("--site", required=True)
+    fc.add_argument("--image", type=Path, required=True)
+    fc.add_argument("--version", required=True)
+    fc.add_argument("--targets", nargs="+", required=True)
+    sr = sub.add_parser("set-registration")
+    sr.add_argument("--site", required=True)
+    sr.add_argument("--device", required=True)
+    sr.add_argument("registration", choices=("accepted", "pending", "rejected"))
+    at = sub.add_parser("add-token")
+    at.add_argument("token")
+    at.add_argument("--status", type=int, default=0)
+    at.add_argument("--tariff", type=int)
+    st = sub.add_parser("set-tariff")
+    st.add_argument("--site", required=True)
+    st.add_argument("--id", type=int, required=True)
+    st.add_argument("--price-kwh", type=int, required=True)
+    st.add_argument("--currency", required=True)
+    st.add_argument("--price-min", type=int)
+    st.add_argument("--price-session", type=int)
+    ex = sub.add_parser("export-sdrs")
+    ex.add_argument("--format", choices=("csv", "json"), default="csv")
+    args = ap.parse_args(argv)
+
+    cfg = load(args.config, data_dir=args.data)
+    provision(cfg)
+    store = SqliteStore(cfg.db_path)
+    ca = Ca.load(cfg.ca, cfg.ca_key) if cfg.ca_key.exists() else None
+    api = Csms(Ctx(store, load_or_create_signer(cfg.signing_key), ca, cfg.settings))
+    try:
+        if args.cmd == "list-stations":
+            cols = ("site_id", "device_id", "registration", "model", "vendor", "serial", "fw_version", "last_seen")
+            _table(api.stations(), cols, out)
+        elif args.cmd == "list-sessions":
+            cols = ("site_id", "device_id", "tx_id", "evse", "state", "id_token", "tariff_id", "stop_reason")
+            _table(api.sessions(), cols, out)
+        elif args.cmd == "list-commands":
+            rows = store.select("commands", {"site_id": args.site} if args.site else None, order="cmd_id")
+            _table(rows, ("cmd_id", "site_id", "name", "targets", "state", "reason", "results"), out)
+        elif args.cmd == "send-limit":
+            if args.available:
+                cmd = api.available_power(args.site, args.limit_w, args.zone)
+            else:
+                cmd = api.send_limit(args.site, args.limit_w, args.zone, args.deadline_ms)
+            out.write(f"command {cmd} queued for {args.site}\n")
+        elif args.cmd == "firmware-campaign":
+            campaign = api.firmware_campaign(args.site, args.image.read_bytes(), args.version, args.targets)
+            out.write(f"campaign {campaign} (image {campaign}) queued for {', '.join(args.targets)}\n")
+        elif args.cmd == "set-registration":
+            api.set_registration(args.site, args.device, args.registration)
+        elif args.cmd == "add-token":
+            api.add_token(args.token, args.status, tariff_id=args.tariff)
+        elif args.cmd == "set-tariff":
+            cmd = api.set_tariff(
+                args.site,
+                args.id,
+                args.price_kwh,
+                args.currency,
+                price_min=args.price_min,
+                price_session=args.price_session,
+            )
+            out.write(f"command {cmd} queued for {args.site}\n")
+        elif args.cmd == "export-sdrs":
+            export_sdrs(api, args.format, out)
+    except (CsmsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

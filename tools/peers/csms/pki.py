@@ -1,0 +1,120 @@
+"""Keys and certificates of the CSMS: the Ed25519 signing key of commands and manifests,
+CSR signing by the CSMS's CA (M16), key pairs made outside the station (M18)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CERT_VALIDITY = dt.timedelta(days=365)
+
+
+class PkiError(ValueError):
+    """A CSR or certificate could not be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Signer:
+    """An Ed25519 key and the name (`signer`, ≤ 32 bytes) under which its signatures travel."""
+
+    key: ed25519.Ed25519PrivateKey
+
+    @property
+    def public(self) -> bytes:
+        return self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def name(self) -> str:
+        return "csms-" + hashlib.sha256(self.public).hexdigest()[:16]
+
+    def sign(self, data: bytes) -> bytes:
+        return self.key.sign(data)
+
+
+def load_or_create_signer(path: Path) -> Signer:
+    """The PEM Ed25519 key at `path` (made on first use; the raw public key goes beside it
+    as `<name>.pub`, hex, for the gateways' configuration)."""
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise PkiError(f"{path}: the signing key must be an Ed25519 key")
+        return Signer(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ed25519.Ed25519PrivateKey.generate()
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+    signer = Signer(key)
+    path.with_suffix(".pub").write_text(signer.public.hex() + "\n")
+    return signer
+
+
+def cert_hash(der: bytes) -> bytes:
+    """The hash by which certificates are named on the wire (`cert_hash`): SHA-256 of the DER."""
+    return hashlib.sha256(der).digest()
+
+
+@dataclass(frozen=True)
+class Ca:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> Ca:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PkiError(f"{key_path}: the CA key must be an EC key")
+        return cls(cert, key)
+
+    def _issue(self, subject: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.Certificate:
+        now = dt.datetime.now(dt.UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + CERT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def sign_csr(self, csr_der: bytes, expect_cn: str | None = None) -> x509.Certificate:
+        """Sign a DER CSR after checking its self-signature and (when given) its CN."""
+        try:
+            csr = x509.load_der_x509_csr(csr_der)
+        except ValueError as e:
+            raise PkiError(f"CSR is not DER PKCS#10: {e}") from None
+        if not csr.is_signature_valid:
+            raise PkiError("CSR signature does not verify")
+        public = csr.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise PkiError("CSR key must be an EC key")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if expect_cn is not None and (not cns or cns[0].value != expect_cn):
+            raise PkiError(f"CSR common name must be the device id {expect_cn!r}")
+        return self._issue(csr.subject, public)
+
+    def issue_with_key(self, cn: str) -> tuple[x509.Certificate, bytes]:
+        """A key pair made here (M18) and its certificate; the key as DER PKCS#8."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        der = key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return self._issue(subject, key.public_key()), der
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
