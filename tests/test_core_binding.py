@@ -504,3 +504,19 @@ def test_golden_sequences_streams_and_crypto() -> None:
         assert got == want, v["name"]
         if isinstance(want, float):
             assert math.copysign(1, got) == math.copysign(1, want), v["name"]
+
+
+def test_decode_takes_a_larger_limit_for_upstream_envelopes() -> None:
+    from gateway.schema import Action, Key, Kind, Priority
+
+    big = [{Key.DEVICE_ID: f"DE*EVE*E{i}", Key.FRAME: bytes(100)} for i in range(60)]
+    frame = _core.encode(
+        Kind.EVENT, 1, 1, Priority.TELEMETRY, 0, Action.RELAY, {Key.SITE_ID: "s", Key.FRAMES: big}, bytes(32)
+    )
+    assert len(frame) > _core.MAX_FRAME
+    with pytest.raises(_core.FrameError) as e:
+        _core.decode(frame)
+    assert e.value.name == "OVERSIZE"
+    assert len(_core.decode(frame, max_frame=_core.MAX_UP_FRAME).body[Key.FRAMES]) == 60
+    with pytest.raises(ValueError, match="max_frame"):
+        _core.decode(frame, max_frame=_core.MAX_UP_FRAME + 1)

@@ -7,7 +7,7 @@ mod errors;
 use evcore::frame::{self, Header};
 use evcore::msgpack::{self, Value};
 use evcore::queue::{Batch, QueueConfig};
-use evcore::schema::{MAX_FRAME, PROTOCOL_VERSION, SCHEMA_REV};
+use evcore::schema::{MAX_FRAME, MAX_UP_FRAME, PROTOCOL_VERSION, SCHEMA_REV};
 use evcore::{session, Code, TagKey};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -158,13 +158,21 @@ fn encode<'py>(
 
 /// Parses and validates a frame; checks the tag when `key` is given (no replay window).
 #[pyfunction]
-#[pyo3(signature = (frame, key = None))]
-fn decode(py: Python<'_>, frame: &[u8], key: Option<&[u8]>) -> PyResult<Frame> {
-    let acc = match key {
-        Some(k) => session::check_tagged(frame, &TagKey::new(k)),
-        None => session::check_untagged(frame),
+#[pyo3(signature = (frame, key = None, *, max_frame = None))]
+fn decode(
+    py: Python<'_>,
+    frame: &[u8],
+    key: Option<&[u8]>,
+    max_frame: Option<usize>,
+) -> PyResult<Frame> {
+    let max_frame = max_frame.unwrap_or(MAX_FRAME);
+    if !(1..=MAX_UP_FRAME).contains(&max_frame) {
+        return Err(PyValueError::new_err(format!(
+            "max_frame {max_frame}: want 1..={MAX_UP_FRAME}"
+        )));
     }
-    .py_err(py)?;
+    let tag_key = key.map(TagKey::new);
+    let acc = session::check_limited(frame, tag_key.as_ref(), max_frame).py_err(py)?;
     frame_to_py(py, &acc)
 }
 
@@ -488,6 +496,7 @@ impl Sender {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", evcore::VERSION)?;
     m.add("MAX_FRAME", MAX_FRAME)?;
+    m.add("MAX_UP_FRAME", MAX_UP_FRAME)?;
     m.add("PROTOCOL_VERSION", PROTOCOL_VERSION)?;
     m.add("SCHEMA_REV", SCHEMA_REV)?;
     errors::register(m)?;

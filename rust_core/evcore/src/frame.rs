@@ -39,10 +39,16 @@ const NAMES: [&str; 7] = ["ver", "kind", "seq", "id", "prio", "ts", "action"];
 /// Parses a frame (no length prefix) through steps 1–4 of the error precedence:
 /// size, msgpack structure, envelope shape, version. No tag or schema check.
 pub fn parse(frame: &[u8]) -> Result<Envelope<'_>> {
-    if frame.len() > MAX_FRAME {
+    parse_limited(frame, MAX_FRAME)
+}
+
+/// [`parse`] with another size limit: upstream envelopes (docs/upstream.md) may be larger
+/// than a LAN frame.
+pub fn parse_limited(frame: &[u8], max_frame: usize) -> Result<Envelope<'_>> {
+    if frame.len() > max_frame {
         return Err(Error::new(
             Code::Oversize,
-            format!("frame of {} bytes, max {MAX_FRAME}", frame.len()),
+            format!("frame of {} bytes, max {max_frame}", frame.len()),
         ));
     }
     msgpack::check(frame)?;

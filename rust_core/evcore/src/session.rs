@@ -21,9 +21,9 @@ pub struct Accepted<'a> {
 /// The fast path: every check but the tag and the window in one pass over the frame,
 /// failing without detail. Only frames that pass everything take it; any problem sends
 /// the frame to [`checked_slow`], which finds the error the precedence names.
-fn one_pass(frame: &[u8]) -> Result<Accepted<'_>> {
+fn one_pass(frame: &[u8], max_frame: usize) -> Result<Accepted<'_>> {
     let fail = || Error::new(Code::Internal, String::new());
-    if frame.len() > MAX_FRAME || frame.len() < TAG_SUFFIX + 10 {
+    if frame.len() > max_frame || frame.len() < TAG_SUFFIX + 10 {
         return Err(fail());
     }
     let mut r = Reader::new(frame);
@@ -72,8 +72,9 @@ fn checked_slow<'a>(
     frame: &'a [u8],
     key: Option<&TagKey>,
     window: Option<&ReplayWindow>,
+    max_frame: usize,
 ) -> Result<Accepted<'a>> {
-    let envelope = frame::parse(frame)?;
+    let envelope = frame::parse_limited(frame, max_frame)?;
     if let Some(k) = key {
         k.verify(envelope.signed, envelope.tag)?;
     }
@@ -92,7 +93,18 @@ fn checked<'a>(
     key: Option<&TagKey>,
     window: Option<&ReplayWindow>,
 ) -> Result<Accepted<'a>> {
-    match one_pass(frame) {
+    checked_limited(frame, key, window, MAX_FRAME)
+}
+
+/// [`checked`] with another size limit (upstream envelopes).
+#[inline]
+fn checked_limited<'a>(
+    frame: &'a [u8],
+    key: Option<&TagKey>,
+    window: Option<&ReplayWindow>,
+    max_frame: usize,
+) -> Result<Accepted<'a>> {
+    match one_pass(frame, max_frame) {
         Ok(acc) => {
             if let Some(k) = key {
                 k.verify(acc.envelope.signed, acc.envelope.tag)?;
@@ -102,13 +114,22 @@ fn checked<'a>(
             }
             Ok(acc)
         }
-        Err(_) => checked_slow(frame, key, window),
+        Err(_) => checked_slow(frame, key, window, max_frame),
     }
 }
 
 /// Steps 1–4, 7 and 8 of the precedence (no tag, no window): what `decode` checks.
 pub fn check_untagged(frame: &[u8]) -> Result<Accepted<'_>> {
     checked(frame, None, None)
+}
+
+/// [`check_untagged`] and [`check_tagged`] for envelopes up to `max_frame` bytes.
+pub fn check_limited<'a>(
+    frame: &'a [u8],
+    key: Option<&TagKey>,
+    max_frame: usize,
+) -> Result<Accepted<'a>> {
+    checked_limited(frame, key, None, max_frame)
 }
 
 /// Steps 1–5, 7 and 8: every check but the replay window.
@@ -119,7 +140,7 @@ pub fn check_tagged<'a>(frame: &'a [u8], key: &TagKey) -> Result<Accepted<'a>> {
 /// The slow path alone (for tests: it must agree with the fast one).
 #[doc(hidden)]
 pub fn check_tagged_slow<'a>(frame: &'a [u8], key: &TagKey) -> Result<Accepted<'a>> {
-    checked_slow(frame, Some(key), None)
+    checked_slow(frame, Some(key), None, MAX_FRAME)
 }
 
 /// One direction of a link, receiving side.

@@ -17,9 +17,8 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, ProtocolNegotiated, QuicEvent
-from cryptography.x509.verification import ClientVerifier
 
-from gateway.mtls import ClientRejected, check_client, client_verifier, common_name, request_client_certificate
+from gateway.mtls import peer_common_name, require_client_certificates
 
 
 @dataclass
@@ -45,7 +44,7 @@ Handler = Callable[[Request], Awaitable[Reply]]
 class _ServerProtocol(QuicConnectionProtocol):
     handler: Handler
     max_body: int
-    verifier: ClientVerifier
+    client_ca: str
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -53,16 +52,11 @@ class _ServerProtocol(QuicConnectionProtocol):
         self._requests: dict[int, Request] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = ""
-        request_client_certificate(self._quic)
+        require_client_certificates(self._quic, self.client_ca)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
-            try:
-                self._peer = common_name(check_client(self._quic, self.verifier))
-            except ClientRejected as e:
-                self._quic.close(error_code=0x0100, reason_phrase=str(e)[:200])  # H3_GENERAL_PROTOCOL_ERROR
-                self.transmit()
-                return
+            self._peer = peer_common_name(self._quic) or ""  # the handshake completes only for a verified client
         if isinstance(event, ProtocolNegotiated) and event.alpn_protocol in H3_ALPN:
             self._h3 = H3Connection(self._quic)  # ALPN is settled during the handshake, before the check
         if not self._peer:
@@ -124,7 +118,7 @@ async def serve(
     """Serve HTTP/3 with mutual TLS: clients must present a certificate issued by `client_ca`."""
     cfg = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536)
     cfg.load_cert_chain(str(cert), str(key))
-    attrs = {"handler": staticmethod(handler), "max_body": max_body, "verifier": client_verifier(client_ca)}
+    attrs = {"handler": staticmethod(handler), "max_body": max_body, "client_ca": str(client_ca)}
     protocol = type("RoamingH3", (_ServerProtocol,), attrs)
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(
