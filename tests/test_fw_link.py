@@ -186,6 +186,22 @@ def test_fw_b6_sendq_full_is_backpressure_not_loss() -> None:
     assert n == 3 and q.full == 1 and len(q) == 3
 
 
+def test_fw_b26_sendq_bodies_wrap_around_their_arena_region() -> None:
+    q = SendQueue()
+    body = {57: b"x" * 1000}  # two fit the bulk region, a third only once the first left
+    assert q.put(K_EVENT, 3, 1, A_DSO_LIMIT, body) and q.put(K_EVENT, 3, 2, A_DSO_LIMIT, body)
+    assert not q.put(K_EVENT, 3, 3, A_DSO_LIMIT, body)
+    assert bytes(q.body(3))[-3:] == b"xxx"
+    q.pop(3)
+    assert q.put(K_EVENT, 3, 4, A_DSO_LIMIT, body)  # at the region's start again
+    got = []
+    while (c := q.next()) >= 0:
+        got.append((q.mid[q.slot(c)], len(q.body(c))))
+        q.pop(c)
+    assert [m for m, _ in got] == [2, 4] and all(n == got[0][1] for _, n in got)
+    assert not q.put(K_EVENT, 3, 5, A_DSO_LIMIT, {57: b"x" * 1200})  # above one body's maximum
+
+
 def test_fw_b10_repeated_command_answered_once() -> None:
     link, gw = opened()
     req = bytes(gw.sender.seal(K_REQUEST, 60, 1, 0, A_SET_TARIFF, {123: 1, 124: 30, 127: "EUR"}))

@@ -61,12 +61,14 @@ class FileBlockDev:
 
 
 def mount(path, blocks=256):
+    # The stubs type the device as vfs.AbstractBlockDev, a class that exists only in the docs
+    # (the port has no such name): the VFS takes any object with this interface.
     bd = FileBlockDev(path, blocks=blocks)
     try:
-        vfs.mount(vfs.VfsLfs2(bd), "/flash")
+        vfs.mount(vfs.VfsLfs2(bd), "/flash")  # type: ignore[arg-type]
     except OSError:
-        vfs.VfsLfs2.mkfs(bd)
-        vfs.mount(vfs.VfsLfs2(bd), "/flash")
+        vfs.VfsLfs2.mkfs(bd)  # type: ignore[arg-type]
+        vfs.mount(vfs.VfsLfs2(bd), "/flash")  # type: ignore[arg-type]
     return bd
 
 
@@ -147,9 +149,15 @@ class Control:
         hal = self.hal
         app = self.app
         if cmd == "plug":
-            hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False))
+            hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False), c.get("needs"))
         elif cmd == "ready":
             hal.cp = 2 if c.get("on", True) else 1
+        elif cmd == "button":  # the emergency stop button
+            from csc.hal import FLAG_BUTTON
+
+            hal.flags |= FLAG_BUTTON
+        elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
+            app.sec.ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
         elif cmd == "unplug":
             hal.unplug()
         elif cmd == "card":
@@ -191,9 +199,9 @@ class Control:
             app.log(c.get("text", "x") * c.get("n", 1))
         elif cmd == "status":
             d = hal.status()
-            tx = app.tx.s["tx"]
-            d["tx_id"] = tx["id"] if tx else None
-            d["svc"] = app.tx.s["svc"]
+            tx = app.tx.tx
+            d["tx_id"] = tx.id if tx else None
+            d["svc"] = app.tx.svc
             d["online"] = app.online
             d["registered"] = app.registered
             d["outbox"] = len(app.outbox)
@@ -202,6 +210,11 @@ class Control:
             d["errors"] = app.link.errors
             d["urgent_max_ms"] = app.link.urgent_max_ms
             d["hw_limit"] = app.tx.hw_limit
+            d["time"] = app.time()
+            d["exi"] = hal.exi.hex() if hal.exi else None
+            d["se_key"] = hal.se_key.hex() if hal.se_key else None
+            d["operative"] = app.station.operative
+            d["estop"] = app.station.estop
             d["charging_state"] = app.tx.state
             gc.collect()
             d["mem_alloc"] = gc.mem_alloc()
@@ -227,7 +240,17 @@ def main():
     from csc import store
     from csc.app import App
     from csc.hal_sim import SimHal
-    from csc.services import admin, auth, config, firmware_update, smart_charging, transactions  # noqa: F401
+    from csc.services import (  # noqa: F401
+        admin,
+        auth,
+        config,
+        firmware_update,
+        monitoring,
+        security,
+        smart_charging,
+        station,
+        transactions,
+    )
 
     store.ROOT = "/flash"
     hal = SimHal()

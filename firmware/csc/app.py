@@ -88,6 +88,7 @@ class App:
         self._hb_due = 0
         self._w = None
         self.stop_reason = None
+        self._reconnect = False  # set when the link must be dropped and opened again
         g = store.load(store.path("gw"))
         if g:
             self.gateway = (g[0], g[1])
@@ -238,15 +239,18 @@ class App:
         self.set_time(body[F_TIME], body.get(F_TIME_MS, 0))
         self.interval_s = body.get(F_INTERVAL_S, self.interval_s) or self.interval_s
         self.note("online", {"time": body[F_TIME]})
+        self.boot_notification()
+        self.pump()
+        for s in self.services:
+            s.online()
+
+    def boot_notification(self):
         b = Map()
         b[F_MODEL] = self.hal.model
         b[F_VENDOR] = self.hal.vendor
         b[F_SERIAL] = self.hal.serial
         b[F_FW_VERSION] = FW_VERSION
         self.request(A_BOOT_NOTIFICATION, b, self._booted)
-        self.pump()
-        for s in self.services:
-            s.online()
 
     def _booted(self, body, err):
         if body is None:
@@ -307,7 +311,8 @@ class App:
                 return
             self.wake.clear()
             try:
-                await asyncio.wait_for_ms(self.wake.wait(), TICK_MS)
+                # MicroPython's asyncio has wait_for_ms (asyncio/funcs.py); the stubs copy CPython's API
+                await asyncio.wait_for_ms(self.wake.wait(), TICK_MS)  # type: ignore[attr-defined]
             except asyncio.TimeoutError:
                 pass
 

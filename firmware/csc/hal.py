@@ -71,6 +71,19 @@ class Hal:
     def freq_mhz(self):
         return 50000
 
+    def ev_needs(self, evse=1):
+        """The EV's needs from ISO 15118 (energy_wh, departure in s from now, soc %), or None."""
+        return None
+
+    def csr(self):
+        """A new key pair in the secure element and its CSR (DER bytes), or None (M16).
+        MicroPython has no RSA/ECDSA key generation: the key is made and kept by the
+        hardware, never by the firmware."""
+        return None
+
+    def install_key(self, key):
+        """Put a private key delivered from outside (M18) into the secure element."""
+
     def ev_discharge_ok(self, evse=1):
         """True when the connected EV accepts discharging (ISO 15118-20 BPT)."""
         return False

@@ -42,6 +42,8 @@ class SimHal(Hal):
         self.wh_out = 0.0
         self.last = self.ticks_ms()
         self.exi = None
+        self.needs = None  # (energy_wh, departure_s, soc) the EV announces over ISO 15118
+        self.se_key = None  # the simulated secure element's private key
 
     def ticks_ms(self):
         return self._t.ticks_add(self._t.ticks_ms(), self.skew_ms)
@@ -51,10 +53,11 @@ class SimHal(Hal):
         self.update()
 
     # ---- what the control channel does
-    def plug(self, ready=True, max_w=11000, v2g=False):
+    def plug(self, ready=True, max_w=11000, v2g=False, needs=None):
         self.cp = CP_C if ready else CP_B
         self.ev_max_w = max_w
         self.ev_v2g = v2g
+        self.needs = needs
         self.flags |= FLAG_CP
 
     def unplug(self):
@@ -106,6 +109,22 @@ class SimHal(Hal):
 
     def freq_mhz(self):
         return self.freq
+
+    def ev_needs(self, evse=1):
+        return self.needs if self.cp != CP_A else None
+
+    def csr(self):
+        # stands for a secure element: a fresh private key that stays here, and a CSR
+        # (DER SEQUENCE) holding the public value (here a hash of the key) and the serial
+        import os
+
+        self.se_key = os.urandom(32)
+        pub = hashlib.sha256(self.se_key).digest()
+        inner = b"SIMCSR" + self.serial.encode() + pub
+        return bytes((0x30, len(inner))) + inner
+
+    def install_key(self, key):
+        self.se_key = bytes(key)
 
     def ev_discharge_ok(self, evse=1):
         return self.ev_v2g and self.cp != CP_A

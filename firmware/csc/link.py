@@ -194,8 +194,7 @@ class Link:
             self.events.append((KEY_PROVISIONED, crypto.ctr(e_dn, 1, F_DEVICE_KEY, key)))
         self.events.append((OPENED, f.body))
         for mid in self.inflight:  # resend what the last connection left unanswered
-            e = self.inflight[mid]
-            self._queue(mid, e)
+            self._queue(mid, self.inflight[mid])
 
     def _closed(self, reason):
         self.state = IDLE
@@ -222,8 +221,7 @@ class Link:
         k = f.kind
         mid = f.id
         if k == K_RESPONSE or k == K_ERROR:  # noqa: PLR1714, SIM109 — two int compares on MicroPython
-            e = self.inflight.pop(mid, None)
-            if e is None:
+            if self.inflight.pop(mid, None) is None:
                 return  # a late answer to something already settled
             if k == K_RESPONSE:
                 self.events.append((RESPONSE_RECEIVED, mid, f.action, f.body))

@@ -1,8 +1,13 @@
 """The board's send queue (DESIGN.md "Priorities", protocol link behaviour 7).
 
-Four classes (0 urgent … 3 bulk), each a FIFO ring of preallocated slots: a queued
-message is its envelope fields plus its body already encoded in msgpack in the slot's own
-bytearray, so taking a message out and sealing it (link.py) allocates nothing. Urgent
+Four classes (0 urgent … 3 bulk), each a FIFO of at most SLOTS[c] messages whose bodies
+are encoded in msgpack straight into the class's preallocated region, used as a ring (a
+body that does not fit before the region's end goes to its start when the oldest bodies
+have left): a slot is the envelope fields plus (offset, length) in the region, so
+queueing, taking a message out and sealing it (link.py) allocate nothing. Regions are sized
+from the schema's real bodies: urgent answers ≤ ~140 bytes (status + 120-byte reason),
+control bodies ≤ ~600 bytes (TransactionEvent with a signed reading, NotifyReport parts),
+bulk two LogChunks in flight (MAX_CHUNK + header each); one body may use a whole region. Urgent
 always goes first; classes 1–3 share the rest by deficit round robin with byte quanta
 (8 : 4 : 1), so telemetry and bulk are never starved. Bulk payloads come in chunks of at
 most MAX_CHUNK (the services chunk them), so an urgent frame waits for at most one chunk
@@ -19,31 +24,34 @@ from micropython import const
 from .msgpack import FrameError, Writer
 from .schema import FTYPE, T_SECRET
 
-SLOTS = (3, 6, 6, 3)  # slots per class
-SIZE = (256, 640, 384, 1152)  # body bytes per slot, per class
+SLOTS = (3, 6, 6, 3)  # messages per class
+ARENA = (512, 2048, 1024, 2176)  # body bytes per class (its region)
 _QUANTUM = (0, 4096, 2048, 512)
 _NSEC = const(2)  # secret fields per body
+MAX_BODY = const(1152)  # one body, so that a frame fits the link's seal buffer (link.TX_SIZE)
 
 
 class SendQueue:
     def __init__(self, ticks=None):
-        self.w = []  # per class: list of Writers over the slot buffers
         self.head = [0, 0, 0, 0]
         self.n = [0, 0, 0, 0]
         self.deficit = [0, 0, 0, 0]
-        total = sum(SLOTS)
+        total = SLOTS[0] + SLOTS[1] + SLOTS[2] + SLOTS[3]
         self.kind = bytearray(total)
         self.prio = bytearray(total)
         self.mid = [0] * total
         self.action = [0] * total
+        self.off = [0] * total  # body offset in its class's region
+        self.ln = [0] * total  # body length
         self.t = [0] * total  # enqueue tick (urgent latency)
-        self.sec = [0] * (total * _NSEC * 3)  # (key, offset, length) per secret
-        self.base = [0, 0, 0, 0]
+        self.sec = [0] * (total * _NSEC * 3)  # (key, offset in the body, length) per secret
+        self.base = [0, 0, 0, 0]  # first slot of each class
         b = 0
         for c in range(4):
             self.base[c] = b
-            self.w.append([Writer(size=SIZE[c]) for _ in range(SLOTS[c])])
             b += SLOTS[c]
+        # one encoder per class over its region (four blocks: easier on a fragmented heap)
+        self.w = [Writer(bytearray(ARENA[c])) for c in range(4)]
         self.ticks = ticks
         self.full = 0  # puts refused
 
@@ -62,13 +70,45 @@ class SendQueue:
     def put(self, kind, prio, mid, action, body):
         """Queue a message in class `prio`; False when the class is full or too big."""
         c = prio
-        if self.n[c] >= SLOTS[c]:
+        n = self.n[c]
+        if n >= SLOTS[c]:
             self.full += 1
             return False
-        i = (self.head[c] + self.n[c]) % SLOTS[c]
-        s = self.base[c] + i
-        w = self.w[c][i]
-        w.pos = 0
+        b0 = self.base[c]
+        s = b0 + (self.head[c] + n) % SLOTS[c]
+        lo = 0
+        hi = ARENA[c]
+        h = lo
+        if n == 0:
+            at = lo
+            end = hi
+        else:
+            h = self.off[b0 + self.head[c]]
+            last = b0 + (self.head[c] + n - 1) % SLOTS[c]
+            at = self.off[last] + self.ln[last]
+            end = hi if at > h else h
+        w = self.w[c]
+        ok = self._encode(w, s, at, min(end, at + MAX_BODY), body)
+        if not ok and n and end == hi and h > lo:  # wrap to the region's start
+            at = lo
+            ok = self._encode(w, s, lo, min(h, lo + MAX_BODY), body)
+        if not ok:
+            self.full += 1
+            return False
+        self.off[s] = at
+        self.ln[s] = w.pos - at
+        self.kind[s] = kind
+        self.prio[s] = prio
+        self.mid[s] = mid
+        self.action[s] = action
+        if self.ticks is not None:
+            self.t[s] = self.ticks()
+        self.n[c] = n + 1
+        return True
+
+    def _encode(self, w, s, at, end, body):
+        w.pos = at
+        w.end = end
         sec = self.sec
         j = s * _NSEC * 3
         for x in range(_NSEC * 3):
@@ -81,25 +121,17 @@ class SendQueue:
                 if 0 < k < len(FTYPE) and FTYPE[k] == T_SECRET and j < (s + 1) * _NSEC * 3:
                     w.binary(v)
                     sec[j] = k
-                    sec[j + 1] = w.pos - len(v)
+                    sec[j + 1] = w.pos - len(v) - at
                     sec[j + 2] = len(v)
                     j += 3
                 else:
                     w.value(v)
         except FrameError:
-            self.full += 1
             return False
-        self.kind[s] = kind
-        self.prio[s] = prio
-        self.mid[s] = mid
-        self.action[s] = action
-        if self.ticks is not None:
-            self.t[s] = self.ticks()
-        self.n[c] += 1
         return True
 
     def _len(self, c):
-        return self.w[c][self.head[c]].pos
+        return self.ln[self.base[c] + self.head[c]]
 
     def next(self):
         """The class whose head goes next (urgent first, then deficit round robin), or -1."""
@@ -122,8 +154,9 @@ class SendQueue:
         return self.base[c] + self.head[c]
 
     def body(self, c):
-        w = self.w[c][self.head[c]]
-        return w.mv[: w.pos]
+        s = self.base[c] + self.head[c]
+        o = self.off[s]
+        return self.w[c].mv[o : o + self.ln[s]]
 
     def pop(self, c):
         self.head[c] = (self.head[c] + 1) % SLOTS[c]

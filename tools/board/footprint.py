@@ -98,7 +98,8 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
                 "heap_boot": boot["heap_boot"] - boot["heap_start"],
                 "peak": st["peak"] - boot["heap_start"],
             }
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError) as e:
+            print(f"  ({heap}: {str(e).splitlines()[0]})")
             return None
         finally:
             b.stop()

@@ -36,7 +36,13 @@ def load_all(app):
         from .firmware_update import FirmwareUpdate
     except ImportError:  # a build without them
         return
+    from .monitoring import Monitoring
+    from .security import Security
+    from .station import Station
+
     app.fw = FirmwareUpdate(app)
     app.admin = Admin(app)
-    app.services.append(app.fw)
-    app.services.append(app.admin)
+    app.station = Station(app)
+    app.sec = Security(app)
+    app.mon = Monitoring(app)
+    app.services += [app.fw, app.admin, app.station, app.sec, app.mon]

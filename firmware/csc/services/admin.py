@@ -1,10 +1,13 @@
 """Managing the board: M5 reset, M6 display messages, M7/M8 log criteria and upload,
 M9 fault codes, M11 deregistration, M12 migration.
 
-The log is a ring of two files on flash (`log0`, `log1`, LOG_MAX bytes each). GetLog
-answers accepted and uploads the log as LogChunk events of at most MAX_CHUNK bytes (bulk
-class: they never delay urgent frames), at most CHUNKS_IN_FLIGHT unacknowledged, then a
-LogStatus (uploaded).
+The log is a ring of two files on flash (`log0`, `log1`, LOG_MAX bytes each); SetLogCriteria
+sets the level kept (on flash, `loglvl`). GetLog answers accepted and uploads the log as
+LogChunk events of at most MAX_CHUNK bytes (bulk class: they never delay urgent frames),
+at most CHUNKS_IN_FLIGHT unacknowledged, then a LogStatus (uploaded). The position up to
+which the gateway acknowledged is on flash (`logup`): after a power cut the upload resumes
+there (a chunk resent after the cut carries the same `offset`, so the receiver places it
+idempotently).
 """
 
 # ruff: noqa: PLC0415
@@ -70,7 +73,8 @@ class Admin(Service):
         self.level = store.load(store.path("loglvl"), 5)
         self.faults = store.load(store.path("faults"), {}) or {}
         self.messages = {}
-        self.upload = None  # [request_id, file index, offset, total sent]
+        u = store.load(store.path("logup"), None)  # an upload a power cut interrupted
+        self.upload = [u[0], u[1], u[2], u[3], []] if u else None  # [request_id, file, offset, total, in flight]
         self.reset_when_idle = False
         self.overtemp = False
         for a, h in (
@@ -109,11 +113,15 @@ class Admin(Service):
         return status(STATUS_ACCEPTED)
 
     def get_log(self, body, seq):
-        self.upload = [body[F_REQUEST_ID], 1, 0, 0, {}]
+        self.upload = [body[F_REQUEST_ID], 1, 0, 0, []]
+        self._save_upload(self.upload)
         self._log_status(LOG_STATUS_UPLOADING)
         b = Map()
         b[F_LOG_STATUS] = LOG_STATUS_ACCEPTED
         return b
+
+    def _save_upload(self, pos):
+        store.save(store.path("logup"), pos[:4])
 
     def _log_status(self, st):
         b = Map()
@@ -124,11 +132,13 @@ class Admin(Service):
     def _upload_step(self):
         u = self.upload
         app = self.app
-        inflight = u[4]
-        for mid in list(inflight):
-            if mid not in app.link.inflight:
-                del inflight[mid]
-        while len(inflight) < CHUNKS_IN_FLIGHT and u[1] >= 0 and app.online:
+        pend = u[4]  # chunks in flight, in order: [mid, request id, file, offset, total] after each
+        acked = None
+        while pend and pend[0][0] not in app.link.inflight:
+            acked = pend.pop(0)
+        if acked is not None:  # resume here after a power cut
+            self._save_upload(acked[1:])
+        while len(pend) < CHUNKS_IN_FLIGHT and u[1] >= 0 and app.online:
             p = store.path("log%d" % u[1])
             data = b""
             try:
@@ -153,13 +163,14 @@ class Admin(Service):
             b[F_LAST] = last
             u[3] += len(data)
             mid = app.ids.next()
-            inflight[mid] = 1
-            app.link.event(mid, A_LOG_CHUNK, b, app.now())  # durable in RAM: resent until acked
+            pend.append([mid, u[0], u[1], u[2], u[3]])
+            app.link.event(mid, A_LOG_CHUNK, b, app.now())  # resent until acked
             app.kick()
-        if u[1] < 0 and not inflight:
+        if u[1] < 0 and not pend:
             self._log_status(LOG_STATUS_UPLOADED)
             app.note("log_uploaded", {"bytes": u[3]})
             self.upload = None
+            store.remove(store.path("logup"))
 
     # ---------------------------------------------------------------- M5 reset
     def reset(self, body, seq):

@@ -1,5 +1,5 @@
 """E1 charging profiles, E5 DSO limit, E6 V2G (negative setpoints), E7 setpoint loop,
-E8 frequency droop: everything that decides the power the EVSE may transfer.
+E8 frequency droop, E2 demand response, E3 the EV's needs: everything that decides the power the EVSE may transfer.
 
 `target(evse, now, tx)` is the signed power for the hardware (≥ 0 charge limit, < 0
 discharge setpoint), recomputed every tick and at once when a limit arrives:
@@ -12,6 +12,12 @@ discharge setpoint), recomputed every tick and at once when a limit arrives:
    discharge: granted only when the EV and the hardware allow it, bounded by both;
 3. the droop curve (E8) overrides the setpoint when the measured frequency leaves the
    dead band; each change is reported as a durable FrequencyResponse.
+4. a demand response (E2: price, peak or emergency grid event with a limit) lowers the
+   limit, but not below the power the EV needs to get its energy by its departure (from
+   ISO 15118, `hal.ev_needs()`), except for an emergency; `normal` ends it;
+5. the EV's needs are sent once per plug-in as a durable NotifyEVNeeds (E3) so that the
+   CSMS and the resource manager can plan; a resource_manager profile (E4) is one more
+   purpose in step 1.
 Commands beyond the hardware (a limit above the rating, an unknown EVSE) are refused
 with a reason.
 """
@@ -25,11 +31,13 @@ from ..msgpack import Map
 from ..outbox import TELEMETRY
 from ..schema import (
     A_CLEAR_CHARGING_PROFILE,
+    A_DEMAND_RESPONSE,
     A_DSO_LIMIT,
     A_FAULT_REPORT,
     A_FREQUENCY_RESPONSE,
     A_GET_COMPOSITE_SCHEDULE,
     A_MEASURED_VALUES,
+    A_NOTIFY_EV_NEEDS,
     A_SET_CHARGING_PROFILE,
     A_SET_FREQUENCY_DROOP,
     A_SETPOINT,
@@ -37,11 +45,14 @@ from ..schema import (
     F_ACTIVE,
     F_DEADBAND_MHZ,
     F_DEADLINE_MS,
+    F_DEPARTURE,
     F_DROOP,
     F_DURATION_S,
+    F_ENERGY_NEEDED_WH,
     F_EVSE,
     F_FAULT_CODE,
     F_FREQ_MHZ,
+    F_GRID_EVENT,
     F_LIMIT_W,
     F_PERIODS,
     F_POWER_W,
@@ -50,11 +61,15 @@ from ..schema import (
     F_RATE_MS,
     F_REASON,
     F_SETPOINT_W,
+    F_SOC,
     F_STACK_LEVEL,
     F_START_S,
     F_TIME,
+    F_TX_ID,
     F_VALID_FROM,
     F_VALID_TO,
+    GRID_EVENT_EMERGENCY,
+    GRID_EVENT_NORMAL,
     PROFILE_PURPOSE_DSO,
     PROFILE_PURPOSE_TX,
     PROFILE_PURPOSE_TX_DEFAULT,
@@ -79,6 +94,8 @@ class SmartCharging(Service):
         self.loop = None  # [rate_ms, end ticks or None, next ticks]
         self.droop_w = None
         self._mv_next = 0
+        self.dr = None  # [grid_event, limit_w, valid_to]
+        self.needs_sent = False
         for a, h in (
             (A_SET_CHARGING_PROFILE, self.set_profile),
             (A_CLEAR_CHARGING_PROFILE, self.clear_profile),
@@ -86,6 +103,7 @@ class SmartCharging(Service):
             (A_DSO_LIMIT, self.dso_limit),
             (A_START_SETPOINT_LOOP, self.start_loop),
             (A_SET_FREQUENCY_DROOP, self.set_droop),
+            (A_DEMAND_RESPONSE, self.demand_response),
         ):
             app.on(a, h)
         app.on_event(A_SETPOINT, self.on_setpoint)
@@ -193,6 +211,28 @@ class SmartCharging(Service):
         store.save(store.path("droop"), self.droop)
         return status(STATUS_ACCEPTED)
 
+    def demand_response(self, body, seq):
+        ge = body[F_GRID_EVENT]
+        if ge == GRID_EVENT_NORMAL:
+            self.dr = None
+        else:
+            lim = body.get(F_LIMIT_W)
+            if lim is None:
+                return status(STATUS_REJECTED, "a grid event other than normal needs limit_w")
+            if lim < 0:
+                raise Refused("a demand-response limit cannot be negative")
+            self.dr = [ge, lim, body.get(F_VALID_TO, 0)]
+        self.app.tx.apply()
+        self.app.note("dr_applied", {"hw_limit_w": self.app.tx.hw_limit})
+        return status(STATUS_ACCEPTED)
+
+    def needs_w(self, evse):
+        """The power the EV needs to get its energy by its departure (0: no needs known)."""
+        n = self.app.hal.ev_needs(evse)
+        if not n or n[1] <= 0:
+            return 0
+        return n[0] * 3600 // n[1]
+
     # ---------------------------------------------------------------- computing
     def _period(self, p, t):
         if (p[5] and t < p[5]) or (p[6] and t >= p[6]):
@@ -207,7 +247,7 @@ class SmartCharging(Service):
         """The signed power allowed now (before setpoints and droop)."""
         hal = self.app.hal
         t = self.app.time()
-        best = {}
+        best = {}  # type: dict  # purpose -> (stack level, watts)
         for p in self.profiles:
             if p[1] not in (0, evse):
                 continue
@@ -238,6 +278,13 @@ class SmartCharging(Service):
                 lim = min(lim, d[0])
                 if PROFILE_PURPOSE_DSO in best and best[PROFILE_PURPOSE_DSO][1] < lim:
                     lim = best[PROFILE_PURPOSE_DSO][1]
+        r = self.dr
+        if r is not None:
+            if r[2] and t >= r[2]:
+                self.dr = None
+            else:
+                floor = 0 if r[0] == GRID_EVENT_EMERGENCY else self.needs_w(evse)
+                lim = min(lim, max(r[1], floor))
         if neg is not None:
             return neg
         return lim
@@ -303,6 +350,21 @@ class SmartCharging(Service):
                 b[F_POWER_W] = app.tx.hw_limit
                 b[F_TIME] = app.time()
                 app.emit(A_FREQUENCY_RESPONSE, b, TELEMETRY)
+        n = hal.ev_needs(1)
+        if n is None:
+            self.needs_sent = False
+        elif not self.needs_sent:
+            self.needs_sent = True
+            b = Map()
+            b[F_EVSE] = 1
+            b[F_ENERGY_NEEDED_WH] = n[0]
+            b[F_DEPARTURE] = app.time() + n[1]
+            if n[2] is not None:
+                b[F_SOC] = n[2]
+            tx = app.tx.tx
+            if tx is not None:
+                b[F_TX_ID] = tx.id
+            app.emit(A_NOTIFY_EV_NEEDS, b, TELEMETRY)
         lp = self.loop
         if lp is not None and ticks_diff(now, lp[2]) >= 0:
             if lp[1] is not None and ticks_diff(now, lp[1]) >= 0:

@@ -46,6 +46,7 @@ from ..schema import (
     CONNECTOR_STATUS_AVAILABLE,
     CONNECTOR_STATUS_OCCUPIED,
     CONNECTOR_STATUS_RESERVED,
+    CONNECTOR_STATUS_UNAVAILABLE,
     F_CHARGING_STATE,
     F_COST,
     F_CP_STATE,
@@ -111,19 +112,46 @@ F_METER_START_WH = const(161)  # in the dictionary, not (yet) in TransactionEven
 F_METER_STOP_WH = const(162)
 
 
+class Tx:
+    """The running transaction (saved on flash with the EVSE state)."""
+
+    def __init__(self, tid, seq=0, tok=None, tt=0, rsid=None, res=None, wh0=0, t0=0, tariff=None):
+        self.id = tid
+        self.seq = seq  # seq_no of its next TransactionEvent
+        self.tok = tok
+        self.tt = tt
+        self.rsid = rsid  # remote start id
+        self.res = res  # reservation used
+        self.wh0 = wh0  # meter at start
+        self.t0 = t0
+        self.tariff = tariff
+
+    def dump(self):
+        return [self.id, self.seq, self.tok, self.tt, self.rsid, self.res, self.wh0, self.t0, self.tariff]
+
+
 class Transactions(Service):
     def __init__(self, app):
         super().__init__(app)
         self.p = store.path("tx1")
+        self.svc = 0  # service session id
+        self.chg = 0  # charging session id
+        self.tx = None  # the running Tx
+        self.auth = None  # [token, type, remote start id] authorized for the next transaction
+        self.res = None  # [reservation id, expiry, token]
+        self.res_used = None  # reservation id the next transaction uses
+        self.tariff = None  # [id, price_kwh, currency, price_session, price_min]
+        self.last = 0  # id of the last transaction ended
         s = store.load(self.p, None)
-        # svc, chg: session ids; tx: the running transaction; auth: [token, type, remote id]
-        self.s = (
-            s if isinstance(s, dict) else {"svc": 0, "chg": 0, "tx": None, "auth": None, "res": None, "tariff": None}
-        )
+        if isinstance(s, list) and len(s) == 8:
+            self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last = s
+            self.tx = Tx(*t) if t else None
         self.hw_limit = 0
         self.state = None
         self.status = None
         self._next_update = 0
+        self._on = False
+        self.inoperative = False  # unavailable or emergency-stopped (services/station.py)
         self.last_tok = None
         for a, h in (
             (A_REQUEST_START_TRANSACTION, self.remote_start),
@@ -136,20 +164,21 @@ class Transactions(Service):
             app.on(a, h)
 
     def save(self):
-        store.save(self.p, self.s)
+        tx = self.tx
+        t = tx.dump() if tx is not None else None
+        store.save(self.p, [self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last])
 
     def active(self, evse=1):
-        return self.s["tx"] is not None
+        return self.tx is not None
 
     # ---------------------------------------------------------------- boot recovery
     def boot(self):
         self.recover()
-        tx = self.s["tx"]
-        if tx is not None:  # the power went while charging
+        if self.tx is not None:  # the power went while charging
             self.stop(STOP_REASON_POWER_LOSS, TX_TRIGGER_ABNORMAL_CONDITION)
-        self.s["chg"] = 0
-        self.s["auth"] = None
-        self.s["svc"] = 0
+        self.chg = 0
+        self.auth = None
+        self.svc = 0
         self.save()
 
     def recover(self):
@@ -159,28 +188,30 @@ class Transactions(Service):
             b = ob.load(r[0])
             if b is None:
                 continue
-            tx = self.s["tx"]
+            tx = self.tx
             tid = b[F_TX_ID]
-            if tx is not None and tid == tx["id"]:
-                if b[F_SEQ_NO] >= tx["seq"]:
-                    tx["seq"] = b[F_SEQ_NO] + 1
+            if tx is not None and tid == tx.id:
+                if b[F_SEQ_NO] >= tx.seq:
+                    tx.seq = b[F_SEQ_NO] + 1
                     changed = True
                 if b[F_EVENT] == TX_EVENT_ENDED:
-                    self.s["tx"] = None
-                    self.s["last"] = tid
+                    self.tx = None
+                    self.last = tid
                     changed = True
-            elif tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.s.get("last", 0):
+            elif tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.last:
                 # stored, but the power went before the state was saved
-                self.s["tx"] = {
-                    "id": tid,
-                    "seq": b[F_SEQ_NO] + 1,
-                    "tok": b.get(F_ID_TOKEN),
-                    "tt": b.get(F_TOKEN_TYPE, 0),
-                    "wh0": b.get(F_ENERGY_WH, 0),
-                    "t0": b.get(F_TIME, 0),
-                    "tariff": b.get(F_TARIFF_ID),
-                }
-                self.s["svc"] = b.get(F_SESSION_ID, 0)
+                self.tx = Tx(
+                    tid,
+                    b[F_SEQ_NO] + 1,
+                    b.get(F_ID_TOKEN),
+                    b.get(F_TOKEN_TYPE, 0),
+                    None,
+                    None,
+                    b.get(F_ENERGY_WH, 0),
+                    b.get(F_TIME, 0),
+                    b.get(F_TARIFF_ID),
+                )
+                self.svc = b.get(F_SESSION_ID, 0)
                 changed = True
         if changed:
             self.save()
@@ -188,33 +219,33 @@ class Transactions(Service):
     # ---------------------------------------------------------------- events
     def _event(self, ev, trigger, extra=None):
         app = self.app
-        tx = self.s["tx"]
+        tx = self.tx
         hal = app.hal
         m = hal.meter(1)
         b = Map()
         b[F_EVENT] = ev
-        b[F_TX_ID] = tx["id"]
-        b[F_SEQ_NO] = tx["seq"]
+        b[F_TX_ID] = tx.id
+        b[F_SEQ_NO] = tx.seq
         b[F_TRIGGER] = trigger
         b[F_EVSE] = 1
         b[F_ENERGY_WH] = m[0]
         b[F_POWER_W] = m[2]
         b[F_TIME] = app.time()
         b[F_CHARGING_STATE] = self.state = self._charging_state()
-        b[F_SESSION_ID] = self.s["svc"]
+        b[F_SESSION_ID] = self.svc
         if not app.online:
             b[F_OFFLINE] = True
-        if tx.get("tariff") is not None:
-            b[F_TARIFF_ID] = tx["tariff"]
+        if tx.tariff is not None:
+            b[F_TARIFF_ID] = tx.tariff
             b[F_COST] = self.cost(m[0])
         if ev == TX_EVENT_STARTED:
-            if tx["tok"] is not None:
-                b[F_ID_TOKEN] = tx["tok"]
-                b[F_TOKEN_TYPE] = tx["tt"]
-            if tx.get("rsid") is not None:
-                b[F_REMOTE_START_ID] = tx["rsid"]
-            if tx.get("res") is not None:
-                b[F_RESERVATION_ID] = tx["res"]
+            if tx.tok is not None:
+                b[F_ID_TOKEN] = tx.tok
+                b[F_TOKEN_TYPE] = tx.tt
+            if tx.rsid is not None:
+                b[F_REMOTE_START_ID] = tx.rsid
+            if tx.res is not None:
+                b[F_RESERVATION_ID] = tx.res
         if ev != TX_EVENT_UPDATED:
             sm = hal.signed_meter(1)
             if sm:
@@ -222,7 +253,7 @@ class Transactions(Service):
         if extra:
             for k in extra:
                 b[k] = extra[k]
-        tx["seq"] += 1
+        tx.seq += 1
         ok = app.emit(A_TRANSACTION_EVENT, b, TX)
         self.save()  # no await between the outbox write and this one (see recover())
         return ok
@@ -239,41 +270,34 @@ class Transactions(Service):
             return CHARGING_STATE_DISCHARGING
         if cp == CP_B:
             return CHARGING_STATE_SUSPENDED_EV
-        if self.s["tx"] is not None and cp == CP_C:
+        if self.tx is not None and cp == CP_C:
             return CHARGING_STATE_SUSPENDED_EVSE
         return CHARGING_STATE_EV_CONNECTED
 
     def start(self, trigger):
-        a = self.s["auth"]
+        a = self.auth
         app = self.app
-        if not self.s["svc"]:
-            self.s["svc"] = app.ids.next()
+        if not self.svc:
+            self.svc = app.ids.next()
         wh = app.hal.meter(1)[0]
-        tariff = self.s.get("tariff")
-        self.s["tx"] = {
-            "id": app.ids.next(),
-            "seq": 0,
-            "tok": a[0] if a else None,
-            "tt": a[1] if a else 0,
-            "rsid": a[2] if a else None,
-            "res": self.s.get("res_used"),
-            "wh0": wh,
-            "t0": app.time(),
-            "tariff": tariff[0] if tariff else None,
-        }
-        self.s["res_used"] = None
+        tariff = self.tariff
+        tx = Tx(app.ids.next(), 0, None, 0, None, self.res_used, wh, app.time(), tariff[0] if tariff else None)
+        if a:
+            tx.tok, tx.tt, tx.rsid = a[0], a[1], a[2]
+        self.tx = tx
+        self.res_used = None
         s = Map()
         s[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
         s[F_VALUE] = wh
         s[F_TIME] = app.time()
         ok = self._event(TX_EVENT_STARTED, trigger, {F_SAMPLES: [s], F_METER_START_WH: wh})
-        app.note("tx_started", {"tx_id": self.s["tx"]["id"], "ok": ok})
+        app.note("tx_started", {"tx_id": tx.id, "ok": ok})
         self._next_update = app.now() + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
         self.apply()
-        return self.s["tx"]["id"]
+        return self.tx.id
 
     def stop(self, reason, trigger):
-        tx = self.s["tx"]
+        tx = self.tx
         if tx is None:
             return
         app = self.app
@@ -284,30 +308,30 @@ class Transactions(Service):
         wh = hal.meter(1)[0]
         s0 = Map()
         s0[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
-        s0[F_VALUE] = tx["wh0"]
-        s0[F_TIME] = tx["t0"]
+        s0[F_VALUE] = tx.wh0
+        s0[F_TIME] = tx.t0
         s1 = Map()
         s1[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
         s1[F_VALUE] = wh
         s1[F_TIME] = app.time()
-        extra = {F_STOP_REASON: reason, F_SAMPLES: [s0, s1], F_METER_START_WH: tx["wh0"], F_METER_STOP_WH: wh}
+        extra = {F_STOP_REASON: reason, F_SAMPLES: [s0, s1], F_METER_START_WH: tx.wh0, F_METER_STOP_WH: wh}
         self._event(TX_EVENT_ENDED, trigger, extra)
-        tid = tx["id"]
-        self.s["tx"] = None
-        self.s["last"] = tid
+        tid = tx.id
+        self.tx = None
+        self.last = tid
         self.save()
-        app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx["wh0"]})
+        app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx.wh0})
 
     def forget(self, tok):
         """M10: drop a token from the session state (not from stored billing events)."""
         n = 0
-        a = self.s["auth"]
-        if a and a[0] == tok and self.s["tx"] is None:
-            self.s["auth"] = None
+        a = self.auth
+        if a and a[0] == tok and self.tx is None:
+            self.auth = None
             n += 1
-        r = self.s.get("res")
+        r = self.res
         if r and r[2] == tok:
-            self.s["res"] = None
+            self.res = None
             n += 1
         if n:
             self.save()
@@ -317,12 +341,12 @@ class Transactions(Service):
     def apply(self):
         """Recompute the power target and give it to the hardware at once."""
         hal = self.app.hal
-        on = self.s["tx"] is not None and hal.cp_state(1) == CP_C
-        w = self.app.sc.target(1, self.s["tx"] is not None) if on else 0
+        on = self.tx is not None and hal.cp_state(1) == CP_C and not self.inoperative
+        w = self.app.sc.target(1, self.tx is not None) if on else 0
         if w != self.hw_limit:
             hal.set_limit_w(w, 1)
             self.hw_limit = w
-        if on != getattr(self, "_on", False):
+        if on != self._on:
             hal.set_contactor(on, 1)
             self._on = on
 
@@ -330,33 +354,32 @@ class Transactions(Service):
     def tick(self, now):
         app = self.app
         hal = app.hal
-        s = self.s
         if hal.flags & FLAG_CARD:
             c = hal.take_card()
             if c is not None:
                 self.card(c[0], c[1])
         cp = hal.cp_state(1)
         plugged = cp != CP_A
-        tx = s["tx"]
+        tx = self.tx
         if tx is not None and not plugged:
             self.stop(STOP_REASON_EV_DISCONNECTED, TX_TRIGGER_EV_DEPARTED)
             tx = None
-        if plugged and not s["chg"]:
-            s["chg"] = app.ids.next()
-            if not s["svc"]:
-                s["svc"] = app.ids.next()
+        if plugged and not self.chg:
+            self.chg = app.ids.next()
+            if not self.svc:
+                self.svc = app.ids.next()
             self.save()
-            if s["auth"] and tx is None:
+            if self.auth and tx is None:
                 self.start(TX_TRIGGER_CABLE_PLUGGED_IN)
-                tx = s["tx"]
-        if not plugged and s["chg"]:
-            s["chg"] = 0
-            s["svc"] = 0
-            s["auth"] = None
+                tx = self.tx
+        if not plugged and self.chg:
+            self.chg = 0
+            self.svc = 0
+            self.auth = None
             self.save()
-        r = s.get("res")
+        r = self.res
         if r and r[1] <= app.time():
-            s["res"] = None
+            self.res = None
             self.save()
             self._res_update(r[0], RESERVATION_STATUS_EXPIRED)
         self.apply()
@@ -366,16 +389,17 @@ class Transactions(Service):
             if ticks_diff(now, self._next_update) >= 0:
                 self._next_update = now + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
                 self._event(TX_EVENT_UPDATED, TX_TRIGGER_METER_VALUE_PERIODIC)
-            t = s.get("tariff")
+            t = self.tariff
             if t:
                 hal.display("%s %d.%02d" % (t[2], self.cost(hal.meter(1)[0]) // 100, self.cost(hal.meter(1)[0]) % 100))
         else:
             self.state = None
-        st = (
-            CONNECTOR_STATUS_OCCUPIED
-            if plugged
-            else (CONNECTOR_STATUS_RESERVED if s.get("res") else CONNECTOR_STATUS_AVAILABLE)
-        )
+        if self.inoperative and tx is None:
+            st = CONNECTOR_STATUS_UNAVAILABLE
+        elif plugged:
+            st = CONNECTOR_STATUS_OCCUPIED
+        else:
+            st = CONNECTOR_STATUS_RESERVED if self.res else CONNECTOR_STATUS_AVAILABLE
         if st != self.status:
             self.status = st
             b = Map()
@@ -390,31 +414,33 @@ class Transactions(Service):
 
     # ---------------------------------------------------------------- authorization
     def card(self, tok, tt):
-        s = self.s
-        tx = s["tx"]
+        tx = self.tx
         self.last_tok = tok
         if tx is not None:
-            if tx["tok"] == tok:
+            if tx.tok == tok:
                 self.stop(STOP_REASON_LOCAL, TX_TRIGGER_STOP_AUTHORIZED)
             else:
                 self.app.note("card_ignored", {"why": "busy"})
             return
-        r = s.get("res")
+        if self.inoperative:
+            self.app.note("auth", {"status": "unavailable"})
+            return
+        r = self.res
         if r and r[2] != tok:
             self.app.note("auth", {"status": "reserved"})
             return
 
         def done(st, src):
             self.app.note("auth", {"status": st, "source": src})
-            if st != AUTH_STATUS_ACCEPTED or self.s["tx"] is not None:
+            if st != AUTH_STATUS_ACCEPTED or self.tx is not None:
                 return
             if r:
-                self.s["res"] = None
-                self.s["res_used"] = r[0]
+                self.res = None
+                self.res_used = r[0]
                 self._res_update(r[0], RESERVATION_STATUS_USED)
-            self.s["auth"] = [tok, tt, None]
-            if not self.s["svc"]:
-                self.s["svc"] = self.app.ids.next()
+            self.auth = [tok, tt, None]
+            if not self.svc:
+                self.svc = self.app.ids.next()
             self.save()
             if self.app.hal.plugged(1):
                 self.start(TX_TRIGGER_AUTHORIZED)
@@ -426,15 +452,17 @@ class Transactions(Service):
         evse = body.get(F_EVSE, 1)
         if evse < 1 or evse > self.app.hal.evses:
             raise Refused("unknown evse %d" % evse)
-        if self.s["tx"] is not None:
+        if self.tx is not None:
             return status(STATUS_REJECTED, "evse occupied by a transaction")
+        if self.inoperative:
+            return status(STATUS_REJECTED, "evse unavailable")
         tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
-        r = self.s.get("res")
+        r = self.res
         if r and r[2] != tok:
             return status(STATUS_REJECTED, "evse reserved for another token")
-        self.s["auth"] = [tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID]]
-        if not self.s["svc"]:
-            self.s["svc"] = self.app.ids.next()
+        self.auth = [tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID]]
+        if not self.svc:
+            self.svc = self.app.ids.next()
         self.save()
         b = status(STATUS_ACCEPTED)
         if self.app.hal.plugged(1):
@@ -442,8 +470,8 @@ class Transactions(Service):
         return b
 
     def remote_stop(self, body, seq):
-        tx = self.s["tx"]
-        if tx is None or tx["id"] != body[F_TX_ID]:
+        tx = self.tx
+        if tx is None or tx.id != body[F_TX_ID]:
             return status(STATUS_REJECTED, "no such transaction")
         self.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP)
         return status(STATUS_ACCEPTED)
@@ -453,22 +481,22 @@ class Transactions(Service):
         evse = body.get(F_EVSE, 1)
         if evse < 0 or evse > self.app.hal.evses:
             raise Refused("unknown evse %d" % evse)
-        if self.s["tx"] is not None or self.app.hal.plugged(1):
+        if self.tx is not None or self.app.hal.plugged(1):
             return status(STATUS_REJECTED, "evse occupied")
-        r = self.s.get("res")
+        r = self.res
         rid = body[F_RESERVATION_ID]
         if r and r[0] != rid:
             return status(STATUS_REJECTED, "evse already reserved")
         tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
-        self.s["res"] = [rid, body[F_EXPIRY], tok]
+        self.res = [rid, body[F_EXPIRY], tok]
         self.save()
         return status(STATUS_ACCEPTED)
 
     def cancel_reservation(self, body, seq):
-        r = self.s.get("res")
+        r = self.res
         if not r or r[0] != body[F_RESERVATION_ID]:
             return status(STATUS_REJECTED, "no such reservation")
-        self.s["res"] = None
+        self.res = None
         self.save()
         self._res_update(r[0], RESERVATION_STATUS_REMOVED)
         return status(STATUS_ACCEPTED)
@@ -482,12 +510,12 @@ class Transactions(Service):
     # ---------------------------------------------------------------- S4/S5 tariffs
     def cost(self, wh):
         """Running cost of the transaction in minor currency units."""
-        t = self.s.get("tariff")
-        tx = self.s["tx"]
+        t = self.tariff
+        tx = self.tx
         if not t or tx is None:
             return 0
-        mins = max(0, self.app.time() - tx["t0"]) // 60
-        return t[3] + t[1] * (wh - tx["wh0"]) // 1000 + t[4] * mins
+        mins = max(0, self.app.time() - tx.t0) // 60
+        return t[3] + t[1] * (wh - tx.wh0) // 1000 + t[4] * mins
 
     def set_tariff(self, body, seq):
         if body.get(F_EVSE, 1) > self.app.hal.evses:
@@ -500,22 +528,22 @@ class Transactions(Service):
             body.get(F_PRICE_SESSION, 0),
             body.get(F_PRICE_MIN, 0),
         ]
-        old = self.s.get("tariff")
-        self.s["tariff"] = t
+        old = self.tariff
+        self.tariff = t
         self.save()
         self.app.hal.display(body.get(F_TEXT) or "%s %d.%02d/kWh" % (t[2], t[1] // 100, t[1] % 100))
-        tx = self.s["tx"]
+        tx = self.tx
         if tx is not None and (old is None or old[0] != t[0]):
             # a tariff change splits the transaction inside the same service session
-            auth = [tx["tok"], tx["tt"], None]
+            auth = [tx.tok, tx.tt, None]
             self.stop(STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
-            self.s["auth"] = auth
+            self.auth = auth
             self.start(TX_TRIGGER_TARIFF_CHANGED)
         return status(STATUS_ACCEPTED)
 
     def cost_update(self, body, seq):
-        tx = self.s["tx"]
-        if tx is None or tx["id"] != body[F_TX_ID]:
+        tx = self.tx
+        if tx is None or tx.id != body[F_TX_ID]:
             return status(STATUS_REJECTED, "no such transaction")
         c = body[F_COST]
         self.app.hal.display("%s %d.%02d" % (body.get(F_CURRENCY, ""), c // 100, c % 100))

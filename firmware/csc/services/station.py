@@ -1,0 +1,180 @@
+"""The station's own operations: TriggerMessage, ChangeAvailability, UnlockConnector and
+EmergencyStop (urgent; from the gateway or from the board's emergency button), and time
+(B13): TimeSync at each connection and every TIME_SYNC_S.
+
+- ChangeAvailability(operative=false) makes the EVSE unavailable (StatusNotification
+  unavailable, no new transaction); during a transaction it is scheduled for its end.
+  The state is on flash (`avail`). operative=true also clears an emergency stop.
+- EmergencyStop opens the contactor at once (the power target is 0 while stopped), ends
+  the transaction with stop_reason emergency_stop and leaves the EVSE unavailable until
+  ChangeAvailability(operative=true). Pressing the button (Hal FLAG_BUTTON) does the same
+  and tells the gateway with an urgent EmergencyStop request.
+- UnlockConnector ends a running transaction (remote), then releases the cable lock.
+- Clock steps: the board sets its clock from TimeSync, Heartbeat and Hello; ordering uses
+  message ids and transaction seq_no, which only grow, never `time`.
+"""
+
+from micropython import const
+
+from .. import store
+from ..app import Refused, status
+from ..hal import FLAG_BUTTON
+from ..link import ticks_diff
+from ..msgpack import Map
+from ..schema import (
+    A_BOOT_NOTIFICATION,
+    A_CHANGE_AVAILABILITY,
+    A_EMERGENCY_STOP,
+    A_HEARTBEAT,
+    A_METER_VALUES,
+    A_SIGN_CERTIFICATE,
+    A_STATUS_NOTIFICATION,
+    A_TIME_SYNC,
+    A_TRIGGER_MESSAGE,
+    A_UNLOCK_CONNECTOR,
+    F_ENERGY_WH,
+    F_EVSE,
+    F_OPERATIVE,
+    F_POWER_W,
+    F_REASON,
+    F_REQUESTED_ACTION,
+    F_TIME,
+    F_TIME_MS,
+    STATUS_ACCEPTED,
+    STATUS_NOT_SUPPORTED,
+    STATUS_REJECTED,
+    STATUS_SCHEDULED,
+    STOP_REASON_EMERGENCY_STOP,
+    STOP_REASON_REMOTE,
+    TX_TRIGGER_ABNORMAL_CONDITION,
+    TX_TRIGGER_REMOTE_STOP,
+)
+from . import Service
+
+TIME_SYNC_S = const(3600)
+
+
+class Station(Service):
+    def __init__(self, app):
+        super().__init__(app)
+        a = store.load(store.path("avail"), None) or [True, False]
+        self.operative = a[0]
+        self.estop = a[1]
+        self.pending_inop = False
+        self._sync_due = 0
+        self._syncing = False
+        app.tx.inoperative = self.estop or not self.operative
+        for x, h in (
+            (A_TRIGGER_MESSAGE, self.trigger),
+            (A_CHANGE_AVAILABILITY, self.change_availability),
+            (A_UNLOCK_CONNECTOR, self.unlock),
+            (A_EMERGENCY_STOP, self.emergency_stop),
+        ):
+            app.on(x, h)
+
+    def _save(self):
+        store.save(store.path("avail"), [self.operative, self.estop])
+        self.app.tx.inoperative = self.estop or not self.operative
+
+    def _evse(self, body):
+        e = body.get(F_EVSE, 1)
+        if e < 0 or e > self.app.hal.evses:
+            raise Refused("unknown evse %d" % e)
+
+    # ---------------------------------------------------------------- TriggerMessage
+    def trigger(self, body, seq):
+        self._evse(body)
+        a = body[F_REQUESTED_ACTION]
+        app = self.app
+        if a == A_STATUS_NOTIFICATION:
+            app.tx.status = None  # the next tick reports it
+        elif a == A_HEARTBEAT:
+            app._hb_due = app.now()
+        elif a == A_TIME_SYNC:
+            self._sync_due = app.now()
+        elif a == A_BOOT_NOTIFICATION:
+            app.boot_notification()
+        elif a == A_METER_VALUES:
+            m = app.hal.meter(1)
+            b = Map()
+            b[F_EVSE] = 1
+            b[F_ENERGY_WH] = m[0]
+            b[F_POWER_W] = m[2]
+            b[F_TIME] = app.time()
+            app.emit(A_METER_VALUES, b)
+        elif a == A_SIGN_CERTIFICATE:
+            if not app.sec.sign_request():
+                return status(STATUS_REJECTED, "no secure element to make a key pair")
+        else:
+            return status(STATUS_NOT_SUPPORTED, "cannot trigger action %d" % a)
+        return status(STATUS_ACCEPTED)
+
+    # ---------------------------------------------------------------- availability
+    def change_availability(self, body, seq):
+        self._evse(body)
+        if body[F_OPERATIVE]:
+            self.operative = True
+            self.estop = False
+            self.pending_inop = False
+            self._save()
+            return status(STATUS_ACCEPTED)
+        if self.app.tx.active():
+            self.pending_inop = True
+            return status(STATUS_SCHEDULED)
+        self.operative = False
+        self._save()
+        return status(STATUS_ACCEPTED)
+
+    # ---------------------------------------------------------------- urgent
+    def unlock(self, body, seq):
+        self._evse(body)
+        tx = self.app.tx
+        if tx.active():
+            tx.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP)
+        self.app.hal.set_lock(False, 1)
+        self.app.note("unlocked")
+        return status(STATUS_ACCEPTED)
+
+    def _stop_now(self, reason):
+        hal = self.app.hal
+        hal.set_contactor(False, 1)  # first, before anything that may fail
+        hal.set_limit_w(0, 1)
+        self.estop = True
+        self._save()
+        tx = self.app.tx
+        if tx.active():
+            tx.stop(STOP_REASON_EMERGENCY_STOP, TX_TRIGGER_ABNORMAL_CONDITION)
+        tx.apply()
+        self.app.note("emergency_stop", {"reason": reason})
+
+    def emergency_stop(self, body, seq):
+        self._evse(body)
+        self._stop_now(body[F_REASON])
+        return status(STATUS_ACCEPTED)
+
+    # ---------------------------------------------------------------- tick
+    def online(self):
+        self._sync_due = self.app.now()
+
+    def _synced(self, body, err):
+        self._syncing = False
+        if body is not None:
+            self.app.set_time(body[F_TIME], body.get(F_TIME_MS, 0))
+            self.app.note("time_synced", {"time": body[F_TIME]})
+
+    def tick(self, now):
+        app = self.app
+        hal = app.hal
+        if hal.flags & FLAG_BUTTON:
+            hal.flags &= ~FLAG_BUTTON
+            self._stop_now("emergency button")
+            b = {F_EVSE: 1, F_REASON: "emergency button pressed"}
+            app.request(A_EMERGENCY_STOP, b, lambda body, err: None)
+        if self.pending_inop and not app.tx.active():
+            self.pending_inop = False
+            self.operative = False
+            self._save()
+        if app.online and not self._syncing and ticks_diff(now, self._sync_due) >= 0:
+            self._syncing = True
+            self._sync_due = now + TIME_SYNC_S * 1000
+            app.request(A_TIME_SYNC, {}, self._synced)
