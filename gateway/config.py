@@ -44,7 +44,8 @@ class Config:
     # outbox
     outbox_max_rows: int = 2_000_000
     outbox_alarm_ratio: float = 0.8
-    commit_max_rows: int = 16_384
+    commit_max_rows: int = 4096
+    commit_max_bytes: int = 128 << 10
     dedup_horizon_s: int = 7 * 86400
     synchronous: str = "FULL"
     # upstream
@@ -56,6 +57,8 @@ class Config:
     cert_file: Path | None = None
     key_file: Path | None = None
     relay_max_frames: int = 256
+    relay_max_bytes: int = 256 << 10
+    connect_timeout_s: float = 5.0
     bulk_unsent_max: int = 4096
     inflight_max_bytes: int = 4 << 20
     backoff_min_s: float = 0.1
@@ -176,6 +179,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "max_rows": ("outbox_max_rows", _int(1, 1 << 40)),
         "alarm_ratio": ("outbox_alarm_ratio", _float(0.01, 1.0)),
         "commit_max_rows": ("commit_max_rows", _int(1, 1 << 20)),
+        "commit_max_bytes": ("commit_max_bytes", _int(4096, 1 << 30)),
         "dedup_horizon_s": ("dedup_horizon_s", _int(0, 1 << 31)),
         "synchronous": ("synchronous", _sync),
     },
@@ -186,6 +190,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "cert": ("cert_file", _path),
         "key": ("key_file", _path),
         "relay_max_frames": ("relay_max_frames", _int(1, 256)),
+        "relay_max_bytes": ("relay_max_bytes", _int(4096, 1 << 20)),
+        "connect_timeout_s": ("connect_timeout_s", _float(0.1, 600)),
         "bulk_unsent_max": ("bulk_unsent_max", _int(256, 1 << 20)),
         "inflight_max_bytes": ("inflight_max_bytes", _int(4096, 1 << 30)),
         "backoff_min_s": ("backoff_min_s", _float(0.001, 60)),

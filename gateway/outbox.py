@@ -69,7 +69,9 @@ class Outbox:
                 )
             inserted = db.total_changes - before
             if retire:
-                db.executemany("UPDATE outbox SET acked = 1, frame = NULL WHERE seq = ?", [(s,) for s in retire])
+                db.executemany(
+                    "UPDATE outbox SET acked = 1, frame = NULL WHERE seq BETWEEN ? AND ?", seq_ranges(retire)
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -104,17 +106,35 @@ class Outbox:
         return cur.rowcount
 
 
+def seq_ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive seqs as (first, last): relays retire rows in long runs."""
+    out: list[tuple[int, int]] = []
+    it = iter(sorted(seqs))
+    first = last = next(it)
+    for s in it:
+        if s != last + 1:
+            out.append((first, last))
+            first = s
+        last = s
+    out.append((first, last))
+    return out
+
+
 Done = Callable[[list[int | None] | BaseException], None]
 
 
 class Committer:
     """Group commit on one writer thread: rows submitted while a commit runs go into the next one."""
 
-    def __init__(self, outbox: Outbox, max_rows: int = 16_384) -> None:
+    def __init__(self, outbox: Outbox, max_rows: int = 16_384, max_bytes: int = 1 << 20) -> None:
         self.outbox = outbox
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._rows: list[NewRow] = []
+        self._bytes = 0
         self._waiters: list[tuple[int, Done]] = []
+        self._urgent: list[NewRow] = []
+        self._urgent_waiters: list[tuple[int, Done]] = []
         self._retire: list[int] = []
         self._busy = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="outbox")
@@ -124,15 +144,28 @@ class Committer:
 
     @property
     def waiting(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + len(self._urgent)
+
+    @property
+    def full(self) -> bool:
+        """Enough rows wait for the next commit: the dispatcher stops feeding it."""
+        return len(self._rows) >= self.max_rows or self._bytes >= self.max_bytes
 
     @property
     def busy(self) -> bool:
         return self._busy
 
-    def submit(self, rows: list[NewRow], done: Done) -> None:
-        self._rows.extend(rows)
-        self._waiters.append((len(rows), done))
+    def submit(self, rows: list[NewRow], done: Done, urgent: bool = False) -> None:
+        """Queues rows for the next commit. Urgent rows get a small commit of their own,
+        ahead of the rows of other classes waiting (they wait for at most the commit in
+        progress, which `max_bytes` keeps short)."""
+        if urgent:
+            self._urgent.extend(rows)
+            self._urgent_waiters.append((len(rows), done))
+        else:
+            self._rows.extend(rows)
+            self._bytes += sum(len(r[3]) for r in rows)
+            self._waiters.append((len(rows), done))
         self._kick()
 
     def retire(self, seqs: Sequence[int]) -> None:
@@ -142,11 +175,15 @@ class Committer:
         self._kick()
 
     def _kick(self) -> None:
-        if self._busy or not (self._rows or self._retire):
+        if self._busy or not (self._rows or self._retire or self._urgent):
             return
         self._busy = True
-        rows, waiters, retire = self._rows, self._waiters, self._retire
-        self._rows, self._waiters, self._retire = [], [], []
+        if self._urgent:
+            rows, waiters, retire = self._urgent, self._urgent_waiters, []
+            self._urgent, self._urgent_waiters = [], []
+        else:
+            rows, waiters, retire = self._rows, self._waiters, self._retire
+            self._rows, self._waiters, self._retire, self._bytes = [], [], [], 0
         loop = asyncio.get_running_loop()
         now_ms = int(time.time() * 1000)
         t0 = time.perf_counter()
@@ -174,7 +211,7 @@ class Committer:
 
     async def drain(self) -> None:
         """Waits until nothing is waiting and no commit runs."""
-        while self._busy or self._rows or self._retire:
+        while self._busy or self._rows or self._retire or self._urgent:
             await asyncio.sleep(0.002)
 
     def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]:

@@ -35,14 +35,9 @@ from gateway.schema import (
     Registration,
     Status,
 )
-from gateway.upstream import Uplink, UplinkRunner, UplinkSettings
+from gateway.upstream import CommandPath, Uplink, UplinkRunner, UplinkSettings
 
 log = logging.getLogger("gateway")
-
-SIGNED_ACTIONS = frozenset(
-    {Action.UPDATE_FIRMWARE, Action.INSTALL_CERTIFICATE, Action.CERTIFICATE_SIGNED, Action.SET_TARIFF}
-)
-"""Commands a third party must be able to verify: Ed25519-signed upstream, checked here."""
 
 
 class Clock:
@@ -65,7 +60,7 @@ class Gateway:
         self.cfg = cfg
         self.devices = Devices(cfg.devices_path, cfg.factory_seed, cfg.dev_seed, cfg.dev_prefix)
         self.outbox = Outbox(cfg.outbox_path, cfg.synchronous)
-        self.committer = Committer(self.outbox, cfg.commit_max_rows)
+        self.committer = Committer(self.outbox, cfg.commit_max_rows, cfg.commit_max_bytes)
         self.auth = Authorizer(cfg.data_dir / "localcsms.sqlite", cfg.unknown_token_offline)
         self.power = PowerManager(cfg.site_limit_w, cfg.zones, cfg.min_evse_w)
         self.clock = Clock()
@@ -93,6 +88,7 @@ class Gateway:
         self.rejections: dict[str, int] = {}
         self.outbox_alarm = False
         self.started = time.time()
+        self.command_path = CommandPath(self)
 
     # ------------------------------------------------------------ life cycle
 
@@ -104,7 +100,7 @@ class Gateway:
             settings = UplinkSettings(
                 cfg.upstream_host, cfg.upstream_port, cfg.server_name, str(cfg.ca_file), str(cfg.cert_file),
                 str(cfg.key_file), cfg.bulk_unsent_max, cfg.inflight_max_bytes, cfg.backoff_min_s, cfg.backoff_max_s,
-                cfg.idle_timeout_s,
+                cfg.idle_timeout_s, relay_max_bytes=cfg.relay_max_bytes, connect_timeout_s=cfg.connect_timeout_s,
             )  # fmt: skip
             self.runner = UplinkRunner(self.uplink, settings, cfg.site_id, self.relayed_acked, self.upstream_request)
             self._tasks.append(asyncio.create_task(self.runner.run()))
@@ -182,12 +178,19 @@ class Gateway:
     def _dispatch(self) -> None:
         self._scheduled = False
         cfg = self.cfg
-        if self.committer.waiting >= cfg.commit_max_rows:
-            return  # the commit in progress calls wake() when it is done
-        batch = self.queue.pop_batch(cfg.commit_max_rows)
+        if self.committer.full:
+            # The commit in progress calls wake() when it is done; urgent frames do not
+            # wait for it: they get a commit of their own, next.
+            n_urgent = self.queue.len_class(Priority.URGENT)
+            if not n_urgent:
+                return
+            batch = self.queue.pop_batch(n_urgent)
+        else:
+            batch = self.queue.pop_batch(cfg.commit_max_rows, cfg.commit_max_bytes)
         now = self.clock.now()
         rows: list[NewRow] = []
         meta: list[tuple[BoardConnection | None, int, int, int]] = []
+        n_urgent = 0
         full: dict[BoardConnection, list[bytes]] = {}
         room = cfg.outbox_max_rows - self.pending_rows - self.committer.waiting
         for prio, idx, msg_id, action, frame in batch:
@@ -206,6 +209,7 @@ class Gateway:
                 device = conn.link.device_id if conn is not None else self.devices.by_idx(idx).device_id
                 rows.append((device, msg_id, prio, frame))
                 meta.append((conn, prio, msg_id, action if MESSAGES[action].durable else -1))
+                n_urgent += prio == Priority.URGENT
             elif kind == Kind.REQUEST:
                 if conn is not None:
                     self._board_request(conn, frame, now)
@@ -215,8 +219,15 @@ class Gateway:
                     fut.set_result(frame)
         for conn, frames in full.items():
             conn.write(frames)
+        if n_urgent:  # popped first (the queue serves urgent first): a commit of their own
+            u_rows, u_meta = rows[:n_urgent], meta[:n_urgent]
+            rows, meta = rows[n_urgent:], meta[n_urgent:]
+            self.command_path.accepted(u_rows)
+            self.committer.submit(u_rows, lambda res: self._committed(u_rows, u_meta, res, urgent=True), urgent=True)
         if rows:
-            self.committer.submit(rows, lambda res: self._committed(rows, meta, res))
+            b_rows, b_meta = rows, meta
+            self.command_path.accepted(b_rows)
+            self.committer.submit(b_rows, lambda res: self._committed(b_rows, b_meta, res))
         if len(self.queue):
             self.wake()
         elif self.paused and len(self.queue) < cfg.queue_high // 2:
@@ -226,7 +237,7 @@ class Gateway:
         self._check_alarm()
 
     def _committed(self, rows: list[NewRow], meta: list[tuple[BoardConnection | None, int, int, int]],
-                   res: list[int | None] | BaseException) -> None:  # fmt: skip
+                   res: list[int | None] | BaseException, urgent: bool = False) -> None:  # fmt: skip
         now = self.clock.now()
         if isinstance(res, BaseException):
             log.error("outbox commit failed: %s", res)
@@ -251,7 +262,7 @@ class Gateway:
         self.frames_stored += len(new)
         self.uplink.add(new)
         if self.runner is not None:
-            self.runner.kick()
+            self.runner.kick(now=urgent)  # urgent rows leave right after their own commit
         self.wake()
 
     def relayed_acked(self, seqs: list[int]) -> None:
@@ -269,6 +280,11 @@ class Gateway:
     # ------------------------------------------------------------ local CSMS, board side
 
     def _board_request(self, conn: BoardConnection, frame: bytes, now: float) -> None:
+        if not self.command_path.board_request(conn, frame, now):  # forwarded: the CSMS answers it
+            self.answer_locally(conn, frame, now)
+
+    def answer_locally(self, conn: BoardConnection, frame: bytes, now: float) -> None:
+        """The local CSMS's answer to a board request (also when the CSMS was too slow)."""
         f = _core.decode(frame)
         link = conn.link
         a = f.action
@@ -304,93 +320,8 @@ class Gateway:
     # ------------------------------------------------------------ commands from upstream
 
     async def upstream_request(self, f: _core.Frame) -> tuple[int, dict[int, Any]]:
-        try:
-            if f.action == Action.COMMAND:
-                return await self._command(f.body)
-            if f.action == Action.AVAILABLE_POWER:
-                self.power.available_w = int(f.body[Key.AVAILABLE_W])
-                late = await self.apply_power(None, Action.SET_CHARGING_PROFILE, None)
-                return Kind.RESPONSE, {Key.STATUS: Status.ACCEPTED if not late else Status.REJECTED}
-            if f.action == Action.DSO_LIMIT:
-                return Kind.RESPONSE, await self._dso(f.body)
-        except (KeyError, ValueError, TypeError) as e:
-            return Kind.ERROR, {Key.ERROR_CODE: ErrorCode.REJECTED, Key.REASON: f"malformed request: {e}"[:120]}
-        return Kind.ERROR, {Key.ERROR_CODE: ErrorCode.NOT_SUPPORTED, Key.REASON: f"action {f.action} not served"}
-
-    def _err(self, code: int, reason: str) -> tuple[int, dict[int, Any]]:
-        self.count_name(_core.error_name(code))
-        return Kind.ERROR, {Key.ERROR_CODE: code, Key.REASON: reason[:120]}
-
-    async def _command(self, body: dict[int, Any]) -> tuple[int, dict[int, Any]]:
-        raw = body[Key.FRAME]
-        try:
-            inner = _core.decode(raw)
-        except _core.CoreError as e:
-            return self._err(e.code, f"inner frame: {e.reason}")
-        now = self.clock.now()
-        sig, signer = body.get(Key.SIGNATURE), body.get(Key.SIGNER)
-        if sig is not None or inner.action in SIGNED_ACTIONS:
-            pub = self.cfg.signers.get(str(signer)) if signer is not None else None
-            if sig is None or pub is None:
-                return self._err(
-                    ErrorCode.BAD_SIGNATURE, f"{MESSAGES[inner.action].name} must be signed by a known signer"
-                )
-            try:
-                ok = _core.ed25519_verify(pub, raw, sig)
-            except _core.SignatureError as e:
-                return self._err(ErrorCode.BAD_SIGNATURE, e.reason)
-            if not ok:
-                return self._err(ErrorCode.BAD_SIGNATURE, f"signature of {signer} does not verify")
-        expiry = body.get(Key.EXPIRY)
-        if expiry is not None and proto_ts(now) > expiry:
-            return self._err(ErrorCode.EXPIRED, f"command expired {proto_ts(now) - expiry} s ago")
-        targets: list[str] = list(body[Key.TARGETS])
-        if not targets:
-            status, reason = await self._site_command(inner)
-            res: dict[int, Any] = {Key.DEVICE_ID: self.cfg.site_id, Key.STATUS: status}
-            if reason:
-                res[Key.REASON] = reason
-            return Kind.RESPONSE, {Key.RESULTS: [res]}
-        timeout = MESSAGES[inner.action].timeout_ms / 1000
-        if expiry is not None:
-            timeout = min(timeout, max(0.0, expiry + 1 - proto_ts(now)))
-        results = await asyncio.gather(*(self._deliver(t, inner, timeout) for t in targets))
-        return Kind.RESPONSE, {Key.RESULTS: results}
-
-    async def _deliver(self, device_id: str, inner: _core.Frame, timeout: float) -> dict[int, Any]:
-        """Re-seals the command for one board (its key, its counter) and waits for its
-        answer; a board offline now gets it if it comes back before the deadline (B16)."""
-        deadline = time.monotonic() + timeout
-        conn = self.online.get(device_id)
-        if conn is None:
-            ev = self.came_online.setdefault(device_id, asyncio.Event())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), timeout)
-            conn = self.online.get(device_id)
-            if conn is None:
-                return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "board offline until expiry"}
-        try:
-            answer = await self.send_request(
-                conn, inner.action, inner.body, max(0.0, deadline - time.monotonic()), inner.prio
-            )
-        except TimeoutError:
-            return {
-                Key.DEVICE_ID: device_id,
-                Key.STATUS: Status.FAILED,
-                Key.REASON: "TIMEOUT: no answer from the board",
-            }
-        except ConnectionError:
-            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link lost before the answer"}
-        if answer.kind == Kind.ERROR:
-            return {
-                Key.DEVICE_ID: device_id,
-                Key.STATUS: Status.REJECTED,
-                Key.REASON: str(answer.body.get(Key.REASON, "")),
-            }
-        out: dict[int, Any] = {Key.DEVICE_ID: device_id, Key.STATUS: int(answer.body.get(Key.STATUS, Status.ACCEPTED))}
-        if Key.REASON in answer.body:
-            out[Key.REASON] = answer.body[Key.REASON]
-        return out
+        """A request from the CSMS: the command path of docs/upstream.md answers it."""
+        return await self.command_path.handle(f)
 
     async def send_request(self, conn: BoardConnection, action: int, body: dict[int, Any], timeout: float,
                            prio: int | None = None) -> _core.Frame:  # fmt: skip

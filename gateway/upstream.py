@@ -14,36 +14,77 @@ each `transmit` builds few packets so the event loop returns quickly to the LAN.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived
 
 from gateway import _core
 from gateway.link import proto_ts
 from gateway.outbox import Row
-from gateway.schema import MESSAGES, PROTOCOL_VERSION, SCHEMA_REV, Action, Key, Kind, Priority
+from gateway.schema import (
+    FIELDS,
+    MESSAGES,
+    PROTOCOL_VERSION,
+    SCHEMA_REV,
+    Action,
+    ErrorCode,
+    Key,
+    Kind,
+    Priority,
+    Status,
+)
 from gateway.upstream_wire import ALPN, CLASS_ORDER, K_UP, StreamReader, prefix
 
 log = logging.getLogger("gateway.upstream")
 
 RELAY_DEFAULT_PRIO = MESSAGES[Action.RELAY].priority
-RELAY_HEAD = 48
-"""Envelope, tag and site id overhead of a Relay, in bytes (upper bound)."""
-RELAY_ITEM = 12
-"""Per-frame overhead inside a Relay (map, keys, length prefixes), upper bound."""
-MAX_RELAY_BYTES = _core.MAX_FRAME
-"""The Rust core decodes frames up to MAX_FRAME only, so a Relay stays within it (both
-ends decode with the core); docs/upstream.md allows 1 MiB once the core does too."""
+RELAY_HEAD = 64
+"""Envelope, tag and site id overhead of a Relay, in bytes, beside the site id (upper bound)."""
+MAX_RELAY_BYTES = 256 << 10
+"""Default bound of one Relay's envelope (the core decodes up to MAX_UP_FRAME = 1 MiB)."""
+MAX_RELAY_FRAMES = 256
+"""The schema's bound of `frames` in one Relay."""
+_BIN_HEAD = [bytes((0xC4, n)) for n in range(256)]
+
+
+def _bin_head(n: int) -> bytes:
+    return _BIN_HEAD[n] if n < 256 else b"\xc5" + n.to_bytes(2, "big")
+
+
+def _array_head(n: int) -> bytes:
+    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+
+
+def encode_relay(seq: int, relay_id: int, prio: int, ts: int, site_id: str, items: bytes, count: int) -> bytes:
+    """The Relay envelope around `count` already encoded `relayed` items, byte for byte what
+    `_core.encode` makes of the same body, without decoding or re-encoding the frames."""
+    head = _core.pack([PROTOCOL_VERSION, Kind.EVENT, seq, relay_id, prio, ts, Action.RELAY])
+    data = b"".join(
+        (
+            b"\x99",
+            head[1:],
+            b"\x82",
+            _core.pack(Key.SITE_ID),
+            _core.pack(site_id),
+            _core.pack(Key.FRAMES),
+            _array_head(count),
+            items,
+        )
+    )
+    return data + b"\xc4\x10" + hmac.digest(K_UP, data, "sha256")[:16]
 
 
 @dataclass
@@ -52,6 +93,8 @@ class Relay:
     prio: int
     rows: list[Row]
     nbytes: int
+    items: bytes = b""
+    """The encoded `relayed` items of `rows`, in order (see `Uplink.take`)."""
 
 
 class Uplink:
@@ -68,6 +111,9 @@ class Uplink:
         self.inflight_bytes = 0
         self.relayed = 0
         self.acked_frames = 0
+        self._item_heads: dict[str, bytes] = {}
+        self.token_uids: dict[tuple[str, int], str] = {}
+        """(device, msg_id) → plaintext id token of an accepted frame (filled by CommandPath)."""
 
     def add(self, rows: list[Row]) -> None:
         for r in rows:
@@ -88,19 +134,30 @@ class Uplink:
         if not q:
             return None
         rows: list[Row] = []
+        parts: list[bytes] = []
         n = 0
         wire = RELAY_HEAD + len(self.site_id)
-        while q and len(rows) < self.max_frames:
+        heads = self._item_heads
+        tokens = self.token_uids
+        limit = min(self.max_frames, MAX_RELAY_FRAMES)
+        while q and len(rows) < limit:
             r = q[0]
-            cost = len(r.frame) + len(r.device) + RELAY_ITEM
+            f = r.frame
+            head = heads.get(r.device)
+            if head is None:
+                head = heads[r.device] = _core.pack(Key.DEVICE_ID) + _core.pack(r.device) + _core.pack(Key.FRAME)
+            uid = tokens.get((r.device, r.msg_id)) if tokens else None
+            tail = b"" if uid is None else _core.pack(Key.TOKEN_UID) + _core.pack(uid)
+            cost = len(head) + len(f) + len(tail) + 4
             if rows and wire + cost > max_bytes:
                 break
             q.popleft()
             rows.append(r)
-            n += len(r.frame)
+            parts += (b"\x82" if uid is None else b"\x83", head, _bin_head(len(f)), f, tail)
+            n += len(f)
             wire += cost
         self.unsent_bytes[prio] -= n
-        relay = Relay(rows[0].seq, prio, rows, n)
+        relay = Relay(rows[0].seq, prio, rows, n, b"".join(parts))
         self.inflight[relay.relay_id] = relay
         self.inflight_bytes += n
         self.relayed += len(rows)
@@ -128,10 +185,13 @@ class Uplink:
         self.inflight_bytes = 0
 
     def relay_body(self, relay: Relay) -> dict[int, Any]:
-        return {
-            Key.SITE_ID: self.site_id,
-            Key.FRAMES: [{Key.DEVICE_ID: r.device, Key.FRAME: r.frame} for r in relay.rows],
-        }
+        frames: list[dict[int, Any]] = [{Key.DEVICE_ID: r.device, Key.FRAME: r.frame} for r in relay.rows]
+        if self.token_uids:  # the plaintext id tokens (docs/upstream.md, `relayed.token_uid`)
+            for item, r in zip(frames, relay.rows, strict=True):
+                uid = self.token_uids.get((r.device, r.msg_id))
+                if uid is not None:
+                    item[Key.TOKEN_UID] = uid
+        return {Key.SITE_ID: self.site_id, Key.FRAMES: frames}
 
 
 @dataclass(frozen=True)
@@ -147,6 +207,9 @@ class UplinkSettings:
     backoff_min_s: float = 0.1
     backoff_max_s: float = 30.0
     idle_timeout_s: float = 10.0
+    relay_max_bytes: int = MAX_RELAY_BYTES
+    urgent_relay_max_bytes: int = 16 << 10
+    connect_timeout_s: float = 5.0
 
     def quic(self) -> QuicConfiguration:
         qc = QuicConfiguration(
@@ -185,13 +248,16 @@ class UpstreamProtocol(QuicConnectionProtocol):
         self.closed = asyncio.Event()
         self.hello_answered: asyncio.Future[_core.Frame] = asyncio.get_running_loop().create_future()
         self._pump_scheduled = False
-        self.caps = [1 << 20, 64 << 10, 64 << 10, settings.bulk_unsent_max]
+        self.caps = [1 << 20, 32 << 10, 32 << 10, settings.bulk_unsent_max]
+        """Bytes a class may leave in aioquic unsent: what an urgent frame can find ahead of it."""
         self.max_relay_bytes = [
-            MAX_RELAY_BYTES,
-            MAX_RELAY_BYTES,
-            MAX_RELAY_BYTES,
-            min(MAX_RELAY_BYTES, settings.bulk_unsent_max),
+            settings.urgent_relay_max_bytes,
+            settings.relay_max_bytes,
+            settings.relay_max_bytes,
+            settings.relay_max_bytes,
         ]
+        self.pending: dict[int, deque[memoryview]] = {}
+        """Per stream, encoded bytes not yet handed to aioquic (fed one cap at a time)."""
 
     # ---------------------------------------------------------- sending
 
@@ -204,14 +270,38 @@ class UpstreamProtocol(QuicConnectionProtocol):
             self.readers[sid] = StreamReader()
             self.out_seq[sid] = 0
             self.written[sid] = 0
+            self.pending[sid] = deque()
 
     def _send(self, prio: int, kind: int, msg_id: int, env_prio: int, action: int, body: dict[int, Any]) -> None:
         sid = self.sids[prio]
         self.out_seq[sid] += 1
         frame = _core.encode(kind, self.out_seq[sid], msg_id, env_prio, proto_ts(time.time()), action, body, K_UP)
-        data = prefix(frame)
-        self._quic.send_stream_data(sid, data)
-        self.written[sid] += len(data)
+        self._write(sid, prefix(frame))
+
+    def _write(self, sid: int, data: bytes) -> None:
+        """Queues bytes on a stream behind what is pending there, and feeds aioquic."""
+        self.pending[sid].append(memoryview(data))
+        self._feed(sid, self.caps[self.class_of[sid]])
+
+    def _feed(self, sid: int, cap: int) -> bool:
+        """Hands aioquic pending bytes of `sid` while its unsent bytes stay under `cap`,
+        at most `cap` bytes at a time (one chunk for bulk). True when it handed some."""
+        q = self.pending[sid]
+        fed = False
+        while q:
+            room = cap - self.unsent(sid)
+            if room <= 0:
+                break
+            data = q[0]
+            if len(data) <= room:
+                q.popleft()
+            else:
+                q[0] = data[room:]
+                data = data[:room]
+            self._quic.send_stream_data(sid, bytes(data))
+            self.written[sid] += len(data)
+            fed = True
+        return fed
 
     async def hello(self, site_id: str) -> _core.Frame:
         self._open_streams()
@@ -242,18 +332,26 @@ class UpstreamProtocol(QuicConnectionProtocol):
         up = self.uplink
         wrote = False
         limit = self.settings.inflight_max_bytes
+        ts = proto_ts(time.time())
         for prio in CLASS_ORDER:
             sid = self.sids[prio]
-            while up.unsent[prio] and up.inflight_bytes < limit and self.unsent(sid) < self.caps[prio]:
+            cap = self.caps[prio]
+            if self.pending[sid] and self._feed(sid, cap):
+                wrote = True
+            while up.unsent[prio] and up.inflight_bytes < limit and not self.pending[sid] and self.unsent(sid) < cap:
                 relay = up.take(prio, self.max_relay_bytes[prio])
                 assert relay is not None
+                self.out_seq[sid] += 1
                 env_prio = min(prio, RELAY_DEFAULT_PRIO)
-                self._send(prio, Kind.EVENT, relay.relay_id, env_prio, Action.RELAY, up.relay_body(relay))
+                frame = encode_relay(
+                    self.out_seq[sid], relay.relay_id, env_prio, ts, up.site_id, relay.items, len(relay.rows)
+                )
+                self._write(sid, prefix(frame))
                 wrote = True
         if wrote:
             self.transmit()
             # More may fit once aioquic has sent what it holds; let the LAN run first.
-            if any(up.unsent) and not self._pump_scheduled:
+            if (any(up.unsent) or any(self.pending.values())) and not self._pump_scheduled:
                 self._pump_scheduled = True
                 asyncio.get_running_loop().call_soon(self.pump)
 
@@ -263,6 +361,12 @@ class UpstreamProtocol(QuicConnectionProtocol):
             asyncio.get_running_loop().call_soon(self.pump)
 
     # ---------------------------------------------------------- receiving
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        # Acks free aioquic's congestion window and send buffers: feed what waits.
+        if self.ready and (any(self.uplink.unsent) or any(self.pending.values())):
+            self.kick()
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
@@ -306,9 +410,21 @@ class UpstreamProtocol(QuicConnectionProtocol):
         kind, body = await self.on_request(f)
         if self.closed.is_set():
             return
-        prio = self.class_of.get(sid, f.prio)
-        self._send(prio, kind, f.msg_id, f.prio, f.action, body)
+        if sid in self.class_of:
+            self._send(self.class_of[sid], kind, f.msg_id, f.prio, f.action, body)
+        else:  # a CSMS command stream (server-initiated): the answer goes back on it
+            self.out_seq[sid] = self.out_seq.get(sid, 0) + 1
+            frame = _core.encode(kind, self.out_seq[sid], f.msg_id, f.prio, proto_ts(time.time()), f.action, body, K_UP)
+            self._quic.send_stream_data(sid, prefix(frame))
         self.transmit()
+
+    def send_relay(self, relay_id: int, prio: int, body: dict[int, Any]) -> bool:
+        """Sends a Relay that is not in the outbox (a board request the CSMS answers)."""
+        if not self.ready or self.closed.is_set():
+            return False
+        self._send(prio, Kind.EVENT, relay_id, min(prio, RELAY_DEFAULT_PRIO), Action.RELAY, body)
+        self.transmit()
+        return True
 
 
 class UplinkRunner:
@@ -328,9 +444,13 @@ class UplinkRunner:
         self.last_error = ""
         self.up_since = 0.0
 
-    def kick(self) -> None:
+    def kick(self, now: bool = False) -> None:
+        """More rows to relay: pump in the next loop turn, or at once (`now`, urgent rows)."""
         if self.protocol is not None:
-            self.protocol.kick()
+            if now and self.protocol.ready:
+                self.protocol.pump()
+            else:
+                self.protocol.kick()
 
     async def run(self) -> None:
         s = self.settings
@@ -338,16 +458,8 @@ class UplinkRunner:
         while True:
             self.state = "connecting"
             try:
-                async with connect(
-                    s.host,
-                    s.port,
-                    configuration=s.quic(),
-                    create_protocol=lambda *a, **k: UpstreamProtocol(
-                        *a, uplink=self.uplink, settings=s, on_acked=self.on_acked, on_request=self.on_request, **k
-                    ),
-                ) as proto:
-                    assert isinstance(proto, UpstreamProtocol)
-                    await proto.hello(self.site_id)
+                async with self._connect() as proto:
+                    await asyncio.wait_for(proto.hello(self.site_id), s.connect_timeout_s)
                     self.protocol = proto
                     self.state = "up"
                     self.connects += 1
@@ -367,6 +479,40 @@ class UplinkRunner:
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, s.backoff_max_s)
 
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[UpstreamProtocol]:
+        """aioquic's `connect`, with every wait bounded: the handshake by `connect_timeout_s`
+        and the closing handshake by one second, so that neither a peer that never answers
+        nor one that refuses us can hold the runner (or the gateway's shutdown)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        infos = await asyncio.wait_for(loop.getaddrinfo(s.host, s.port, type=socket.SOCK_DGRAM), s.connect_timeout_s)
+        host, port = str(infos[0][4][0]), int(infos[0][4][1])
+        addr = ("::ffff:" + host if ":" not in host else host, port, 0, 0)
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0, 0, 0))
+        except OSError:
+            sock.close()
+            raise
+        quic = QuicConnection(configuration=s.quic())
+        transport, proto = await loop.create_datagram_endpoint(
+            lambda: UpstreamProtocol(
+                quic, uplink=self.uplink, settings=s, on_acked=self.on_acked, on_request=self.on_request
+            ),
+            sock=sock,
+        )
+        try:
+            proto.connect(addr)
+            await asyncio.wait_for(proto.wait_connected(), s.connect_timeout_s)
+            yield proto
+        finally:
+            proto.close()
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await asyncio.wait_for(proto.wait_closed(), 1.0)
+            transport.close()
+
     async def _keepalive(self, proto: UpstreamProtocol) -> None:
         """PINGs keep a quiet connection alive and find a dead peer within the idle timeout."""
         period = self.settings.idle_timeout_s / 3
@@ -376,3 +522,268 @@ class UplinkRunner:
             except TimeoutError:
                 proto._quic.send_ping(0)
                 proto.transmit()
+
+
+# ---------------------------------------------------------------- commands (CSMS → site)
+
+SIGNED_ACTIONS = frozenset(
+    {Action.UPDATE_FIRMWARE, Action.INSTALL_CERTIFICATE, Action.CERTIFICATE_SIGNED, Action.SET_TARIFF}
+)
+"""Commands a third party must be able to verify: Ed25519-signed upstream, checked here."""
+FORWARDED = frozenset({Action.FIRMWARE_CHUNK, Action.SIGN_CERTIFICATE, Action.GET15118_EV_CERTIFICATE})
+"""Board requests the site cannot answer: relayed to the CSMS, answered by a Command."""
+SECRET_KEYS = frozenset(k for k, spec in FIELDS.items() if spec.type == "secret")
+TOKEN_MEMORY = 100_000
+FORWARD_RELAY_BASE = 1 << 52
+"""Relay ids of forwarded board requests, far above the outbox's row numbers."""
+LOCAL_FALLBACK_SHARE = 0.6
+"""Share of a forwarded request's timeout after which the local CSMS answers instead."""
+
+
+class CommandPath:
+    """The command path of docs/upstream.md, gateway side.
+
+    - `handle`: a request from the CSMS. `Command`: inner frame decoded by the core,
+      Ed25519 signature and expiry checked, then fanned out (B11): a request inner frame is
+      re-sealed per board with its key and counter (plaintext `secret` fields encrypted for
+      that board) and each target's result carries the board's response envelope under
+      `frame`; a response/error inner frame answers a board request that went upstream
+      (its `id` is the board's request id). Empty targets address the site itself. A bare
+      `AvailablePower` or `DsoLimit` request is answered with its own response.
+    - `board_request`: board requests the local CSMS cannot answer (FirmwareChunk,
+      SignCertificate, Get15118EVCertificate; Authorize of a token the site does not know)
+      go upstream in a Relay while the uplink is up.
+    - `accepted`: plaintext id tokens of accepted frames, added to the Relay items as
+      `token_uid`.
+
+    `gw` is the `gateway.service.Gateway`, which makes its command path when it starts.
+    """
+
+    def __init__(self, gw: Any) -> None:
+        self.gw = gw
+        self.forwarded: dict[tuple[str, int], str | None] = {}
+        """(device, request id) of board requests waiting for the CSMS → Authorize token."""
+        self.late: dict[tuple[str, int], str | None] = {}
+        """The same, for requests the local CSMS answered because the CSMS was too slow."""
+        self._next_relay = FORWARD_RELAY_BASE + (int(time.time()) << 16)
+
+    # ---------------------------------------------------------- upstream requests
+
+    def _err(self, code: int, reason: str) -> tuple[int, dict[int, Any]]:
+        self.gw.count_name(_core.error_name(code))
+        return Kind.ERROR, {Key.ERROR_CODE: code, Key.REASON: reason.encode()[:120].decode(errors="ignore")}
+
+    async def handle(self, f: _core.Frame) -> tuple[int, dict[int, Any]]:
+        try:
+            if f.action == Action.COMMAND:
+                return await self._command(f.body)
+            if f.action in (Action.AVAILABLE_POWER, Action.DSO_LIMIT):  # bare requests: the response is the result
+                status, reason = await self.gw._site_command(f)
+                body: dict[int, Any] = {Key.STATUS: status}
+                if reason:
+                    body[Key.REASON] = reason[:120]
+                return Kind.RESPONSE, body
+        except (KeyError, ValueError, TypeError) as e:
+            return self._err(ErrorCode.REJECTED, f"malformed request: {e}")
+        return self._err(ErrorCode.NOT_SUPPORTED, f"{MESSAGES[f.action].name} is not served by this gateway")
+
+    async def _command(self, body: dict[int, Any]) -> tuple[int, dict[int, Any]]:
+        gw = self.gw
+        raw = body[Key.FRAME]
+        try:
+            inner = _core.decode(raw)
+        except _core.CoreError as e:
+            return self._err(e.code, f"inner frame: {e.reason}")
+        now = gw.clock.now()
+        sig, signer = body.get(Key.SIGNATURE), body.get(Key.SIGNER)
+        if sig is not None or inner.action in SIGNED_ACTIONS:
+            pub = gw.cfg.signers.get(str(signer)) if signer is not None else None
+            if sig is None or pub is None:
+                name = MESSAGES[inner.action].name
+                return self._err(ErrorCode.BAD_SIGNATURE, f"{name} must be signed by a known signer")
+            try:
+                ok = _core.ed25519_verify(pub, raw, sig)
+            except _core.SignatureError as e:
+                return self._err(ErrorCode.BAD_SIGNATURE, e.reason)
+            if not ok:
+                return self._err(ErrorCode.BAD_SIGNATURE, f"signature of {signer} does not verify")
+        expiry = body.get(Key.EXPIRY)
+        if expiry is not None and proto_ts(now) > expiry:
+            return self._err(ErrorCode.EXPIRED, f"command expired {proto_ts(now) - expiry} s ago")
+        targets: list[str] = list(body[Key.TARGETS])
+        if not targets and inner.action == Action.SEND_LOCAL_LIST:
+            status, reason = await self._local_list(inner.body)
+            return Kind.RESPONSE, {Key.RESULTS: [{Key.DEVICE_ID: "", Key.STATUS: status, Key.REASON: reason}]}
+        if not targets:
+            status, reason = await gw._site_command(inner)
+            res: dict[int, Any] = {Key.DEVICE_ID: "", Key.STATUS: status}
+            if reason:
+                res[Key.REASON] = reason[:120]
+            return Kind.RESPONSE, {Key.RESULTS: [res]}
+        if inner.kind in (Kind.RESPONSE, Kind.ERROR):
+            return Kind.RESPONSE, {Key.RESULTS: [self._answer_board(t, inner, now) for t in targets]}
+        timeout = MESSAGES[inner.action].timeout_ms / 1000
+        if expiry is not None:
+            timeout = min(timeout, max(0.0, expiry + 1 - proto_ts(now)))
+        results = await asyncio.gather(*(self._deliver(t, inner, timeout) for t in targets))
+        return Kind.RESPONSE, {Key.RESULTS: list(results)}
+
+    async def _local_list(self, b: dict[int, Any]) -> tuple[int, str]:
+        """S2: the CSMS's local list for the site itself (the gateway's offline authorization);
+        `entries` is plaintext upstream: a msgpack list of {id_token, auth_status, expiry?}."""
+        raw = _core.unpack(b[Key.ENTRIES])
+        entries = [(str(e[Key.ID_TOKEN]), int(e[Key.AUTH_STATUS]), e.get(Key.EXPIRY)) for e in raw]
+        full = int(b[Key.UPDATE_TYPE]) == 0
+        await self.gw.committer.run_sync(lambda: self.gw.auth.update_list(int(b[Key.LIST_VERSION]), full, entries))
+        return Status.ACCEPTED, f"{len(entries)} tokens in the site's local list"
+
+    @staticmethod
+    def _seal_body(link: Any, body: dict[int, Any]) -> dict[int, Any]:
+        """The inner body for one board: plaintext secret fields encrypted under its E_dn and
+        the `seq` its next frame carries (call right before sealing, no await between)."""
+        if not SECRET_KEYS.intersection(body):
+            return body
+        seq = link.tx.seq
+        out = dict(body)
+        for k in SECRET_KEYS.intersection(body):
+            v = body[k]
+            plain = v.encode() if isinstance(v, str) else bytes(v)
+            out[k] = _core.aes_ctr(link.e_dn, seq, k, plain)
+        return out
+
+    def _answer_board(self, device_id: str, inner: _core.Frame, now: float) -> dict[int, Any]:
+        """The CSMS answers a board request that went upstream: re-sealed as its response."""
+        gw = self.gw
+        key = (device_id, inner.msg_id)
+        late = key not in self.forwarded and key in self.late
+        token = self.late.pop(key) if late else self.forwarded.pop(key, None)
+        if inner.kind == Kind.RESPONSE and inner.action == Action.AUTHORIZE and token is not None:
+            b = inner.body
+            gw.auth.remember(token, int(b[Key.AUTH_STATUS]), b.get(Key.EXPIRY))
+        if late:  # the board already has the local answer; the CSMS's only fills the cache
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "answered locally after timeout"}
+        conn = gw.online.get(device_id)
+        if conn is None:
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "board offline"}
+        link = conn.link
+        if inner.kind == Kind.ERROR:
+            b = inner.body
+            frame = link.error(
+                int(b[Key.ERROR_CODE]), str(b.get(Key.REASON, "")), inner.msg_id, inner.prio, inner.action, now
+            )
+        else:
+            frame = link.respond(inner.msg_id, inner.prio, inner.action, self._seal_body(link, inner.body), now)
+        conn.send_one(frame)
+        return {Key.DEVICE_ID: device_id, Key.STATUS: Status.ACCEPTED}
+
+    async def _deliver(self, device_id: str, inner: _core.Frame, timeout: float) -> dict[int, Any]:
+        """Re-seals the command for one board and waits for its answer; a board offline now
+        gets it if it comes back before the deadline (B16)."""
+        gw = self.gw
+        deadline = time.monotonic() + timeout
+        conn = gw.online.get(device_id)
+        if conn is None:
+            ev = gw.came_online.setdefault(device_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout)
+            conn = gw.online.get(device_id)
+            if conn is None:
+                return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "board offline until expiry"}
+        link = conn.link
+        if link.tx is None:
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link not open"}
+        msg_id, frame = link.request(inner.action, self._seal_body(link, inner.body), gw.clock.now(), inner.prio)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        gw.pending_cmds[link.idx, msg_id] = fut
+        conn.send_one(frame)
+        try:
+            raw = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return {
+                Key.DEVICE_ID: device_id,
+                Key.STATUS: Status.FAILED,
+                Key.REASON: "TIMEOUT: no answer from the board",
+            }
+        except ConnectionError:
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link lost before the answer"}
+        finally:
+            gw.pending_cmds.pop((link.idx, msg_id), None)
+        answer = _core.decode(raw)
+        out: dict[int, Any] = {Key.DEVICE_ID: device_id, Key.FRAME: raw}
+        if answer.kind == Kind.ERROR:
+            out[Key.STATUS] = Status.REJECTED
+            out[Key.REASON] = str(answer.body.get(Key.REASON, ""))[:120]
+        else:
+            out[Key.STATUS] = int(answer.body.get(Key.STATUS, Status.ACCEPTED))
+            if Key.REASON in answer.body:
+                out[Key.REASON] = answer.body[Key.REASON]
+        return out
+
+    # ---------------------------------------------------------- board side
+
+    def accepted(self, rows: list[tuple[str, int, int, bytes]]) -> None:
+        """Frames about to be stored: remembers the plaintext of their id tokens (the link
+        that accepted them holds E_up) for the Relay items."""
+        tokens = self.gw.uplink.token_uids
+        for device, msg_id, _prio, frame in rows:
+            if b"\x10\xc4" not in frame:  # key 16 (id_token) followed by a bin8: cheap filter
+                continue
+            conn = self.gw.online.get(device)
+            if conn is None or not conn.link.e_up:
+                continue
+            f = _core.decode(frame)
+            ct = f.body.get(Key.ID_TOKEN)
+            if isinstance(ct, bytes):
+                tokens[device, msg_id] = conn.link.decrypt(f.seq, Key.ID_TOKEN, ct).decode("utf-8", "replace")
+        while len(tokens) > TOKEN_MEMORY:
+            del tokens[next(iter(tokens))]
+
+    def board_request(self, conn: Any, frame: bytes, now: float) -> bool:
+        """Relays a board request the site cannot answer to the CSMS; False to answer locally."""
+        gw = self.gw
+        proto = gw.runner.protocol if gw.runner is not None else None
+        if proto is None or not proto.ready:
+            return False
+        f = _core.decode(frame)
+        link = conn.link
+        token: str | None = None
+        if f.action == Action.AUTHORIZE:
+            ct = f.body.get(Key.ID_TOKEN)
+            if not isinstance(ct, bytes):
+                return False
+            token = link.decrypt(f.seq, Key.ID_TOKEN, ct).decode("utf-8", "replace")
+            if gw.auth.authorize(token, proto_ts(now)).source in ("list", "cache"):
+                return False  # known here: the local CSMS answers at once
+        elif f.action not in FORWARDED:
+            return False
+        item: dict[int, Any] = {Key.DEVICE_ID: link.device_id, Key.FRAME: frame}
+        if token is not None:
+            item[Key.TOKEN_UID] = token
+        self._next_relay += 1
+        if not proto.send_relay(self._next_relay, f.prio, {Key.SITE_ID: gw.cfg.site_id, Key.FRAMES: [item]}):
+            return False
+        self.forwarded[link.device_id, f.msg_id] = token
+        while len(self.forwarded) > TOKEN_MEMORY:
+            del self.forwarded[next(iter(self.forwarded))]
+        # The board waits for its answer only for the message's timeout (B1): when the CSMS
+        # has not answered well before that (uplink cut but not yet noticed, slow CSMS), the
+        # local CSMS answers instead (B18).
+        delay = MESSAGES[f.action].timeout_ms / 1000 * LOCAL_FALLBACK_SHARE
+        asyncio.get_running_loop().call_later(delay, self._fall_back, conn, frame, link.device_id, f.msg_id)
+        return True
+
+    def _fall_back(self, conn: Any, frame: bytes, device_id: str, msg_id: int) -> None:
+        key = (device_id, msg_id)
+        if key not in self.forwarded:
+            return  # the CSMS answered in time
+        self.late[key] = self.forwarded.pop(key)
+        while len(self.late) > TOKEN_MEMORY:
+            del self.late[next(iter(self.late))]
+        if self.gw.online.get(device_id) is conn:
+            self.gw.answer_locally(conn, frame, self.gw.clock.now())
+
+
+def attach(gw: Any) -> CommandPath:
+    """The command path of a `Gateway` (which makes its own in `__init__`)."""
+    cp: CommandPath = gw.command_path
+    return cp

@@ -24,6 +24,9 @@ from gateway.upstream_wire import ALPN, K_UP, StreamReader, prefix
 from tools.peers.csms.wire import Envelope, decode_up, proto_time
 
 URGENT, CONTROL, TELEMETRY, BULK = 0, 4, 8, 12
+"""The gateway's class streams (client-initiated)."""
+CMD_URGENT, CMD_CONTROL, CMD_TELEMETRY, CMD_BULK = 1, 5, 9, 13
+"""The CSMS's command streams (server-initiated, docs/upstream.md)."""
 
 
 class Board:
@@ -40,7 +43,8 @@ class Board:
     def frame(
         self, action: int, body: dict[Any, Any], *, kind: int | None = None, msg_id: int | None = None, ts: int = 0
     ) -> dict[Any, Any]:
-        """A Relay item: the board frame, secret fields encrypted, plaintexts beside it."""
+        """A Relay item: the board frame, secret fields encrypted, the id token's plaintext
+        beside it as `token_uid` (as the gateway adds it, docs/upstream.md)."""
         spec = MESSAGES[action]
         if msg_id is None:
             msg_id, self.next_id = self.next_id, self.next_id + 1
@@ -56,7 +60,10 @@ class Board:
         raw = self.sender.seal(
             spec.kind if kind is None else kind, msg_id, int(spec.priority), ts or proto_time(1.7e9), action, wire_body
         )
-        return {Key.DEVICE_ID: self.device_id, Key.FRAME: raw, **secrets}
+        item: dict[Any, Any] = {Key.DEVICE_ID: self.device_id, Key.FRAME: raw}
+        if Key.ID_TOKEN in secrets:
+            item[Key.TOKEN_UID] = secrets[Key.ID_TOKEN].decode()
+        return item
 
 
 @dataclass
@@ -130,7 +137,7 @@ class GatewayClient:
             msg_id, self.next_id = self.next_id, self.next_id + 1
         seq = self.seq.get(stream_id, 0) + 1
         self.seq[stream_id] = seq
-        prio = min(stream_id // 4, 3)
+        prio = min(stream_id // 4, 3)  # a command stream's answer: the same class as its stream
         frame = _core.encode(kind, seq, msg_id, prio, proto_time(1.7e9), action, body, K_UP)
         self.send_raw(stream_id, prefix(frame))
         return msg_id

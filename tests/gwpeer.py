@@ -103,7 +103,7 @@ class PeerProtocol(QuicConnectionProtocol):
         self._quic.send_stream_data(sid, prefix(frame))
 
     def frame(self, sid: int, raw: bytes) -> None:
-        f = _core.decode(raw, K_UP)
+        f = _core.decode(raw, K_UP, max_frame=_core.MAX_UP_FRAME)
         if f.action == Action.SITE_HELLO and f.kind == Kind.REQUEST:
             self.send(sid, Kind.RESPONSE, f.msg_id, f.prio, f.action, {Key.VER: 1, Key.TIME: proto_ts(time.time())})
             self.transmit()
@@ -137,8 +137,14 @@ class PeerProtocol(QuicConnectionProtocol):
         pending, self.pending = self.pending, []
         self.peer.store.put([r for _, _, rows in pending for r in rows])
         if self.peer.ack:
+            by_stream: dict[int, list[int]] = {}
             for sid, relay_id, _ in pending:
-                self.send(sid, Kind.ACK, relay_id, Priority.TELEMETRY, Action.RELAY, {})
+                by_stream.setdefault(sid, []).append(relay_id)
+            for sid, ids in by_stream.items():  # one ack frame covers up to 1 + 64 relays
+                for i in range(0, len(ids), 65):
+                    chunk = ids[i : i + 65]
+                    ack: dict[int, Any] = {Key.IDS: chunk[1:]} if len(chunk) > 1 else {}
+                    self.send(sid, Kind.ACK, chunk[0], Priority.TELEMETRY, Action.RELAY, ack)
             self.transmit()
 
     async def command(self, targets: list[str], inner: bytes, *, prio: int = Priority.CONTROL, expiry: int | None = None,  # noqa: E501

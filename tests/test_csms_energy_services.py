@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from csmsclient import CONTROL, TELEMETRY, URGENT, Board, running_csms, site, until
+from csmsclient import CMD_CONTROL, CMD_URGENT, TELEMETRY, URGENT, Board, running_csms, site, until
 
 from gateway import _core
 from gateway.schema import (
@@ -93,11 +93,11 @@ def test_csms_e4_available_power_is_a_bare_request(tmp_path: Path) -> None:
 def test_csms_e5_dso_limit_urgent_on_the_urgent_stream(tmp_path: Path) -> None:
     async def main() -> None:
         async with running_csms(tmp_path / "csms") as srv, site(srv) as gw:
-            gw.send(URGENT, Kind.EVENT, Action.BOARDS_REPORT, {Key.SITE_ID: "site-1", Key.EVSES: []})  # opens stream 0
+            gw.send(URGENT, Kind.EVENT, Action.BOARDS_REPORT, {Key.SITE_ID: "site-1", Key.EVSES: []})
             await until(lambda: srv.store.select("boards_reports"))
             cmd = srv.api.send_limit("site-1", 22000, zone=4, deadline_ms=2000)
             sid, env, inner = await gw.command()
-            assert sid == URGENT and env.prio == Priority.URGENT
+            assert sid == CMD_URGENT and env.prio == Priority.URGENT
             assert inner is not None and inner.action == Action.DSO_LIMIT and inner.prio == Priority.URGENT
             assert inner.body == {Key.LIMIT_W: 22000, Key.DEADLINE_MS: 2000, Key.ZONE: 4}
             gw.accept_all(sid, env)
@@ -248,7 +248,7 @@ def test_csms_s7_15118_certificate_relay(tmp_path: Path) -> None:
                 [Board("b1").frame(Action.GET15118_EV_CERTIFICATE, {Key.EXI: exi, Key.ACTION_15118: 0})]
             )
             sid, _, ans = await gw.command()
-            assert sid == CONTROL and ans is not None and ans.kind == Kind.RESPONSE
+            assert sid == CMD_CONTROL and ans is not None and ans.kind == Kind.RESPONSE
             assert ans.body[Key.STATUS] == Status.ACCEPTED and ans.body[Key.EXI].startswith(b"EVEDGE-DEV-15118")
             assert _core.ed25519_verify(srv.ctx.signer.public, exi, ans.body[Key.EXI][-64:])
             assert srv.store.select("ev_cert_requests")[0]["exi"] == exi

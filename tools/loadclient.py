@@ -234,19 +234,34 @@ class LoadResult:
 
 
 async def run_load(
-    boards: list[Board], per_board: int, kind: str = "meter", window: int = 256, batch: int = 32
+    boards: list[Board],
+    per_board: int,
+    kind: str = "meter",
+    window: int = 256,
+    batch: int = 32,
+    seconds: float | None = None,
+    started: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """Each board sends `per_board` events as fast as acks allow (at most `window` unacked)."""
+    """Each board sends `per_board` events as fast as acks allow (at most `window` unacked);
+    with `seconds`, it keeps sending until then instead. `started` is called once every
+    board is connected, just before the first event."""
     await asyncio.gather(*(b.connect() for b in boards))
+    if started is not None:
+        started()
     t0 = time.perf_counter()
+    stop = t0 + seconds if seconds is not None else None
+    sent = [0]
 
     async def one(b: Board) -> None:
-        left = per_board
+        left = per_board if stop is None else 1 << 62
         while left or b.unacked:
+            if stop is not None and left and time.perf_counter() >= stop:
+                left = 0
             if left and len(b.unacked) < window:
                 n = min(batch, left, window - len(b.unacked))
                 b.send(kind, n)
                 left -= n
+                sent[0] += n
                 await asyncio.sleep(0)
             else:
                 b.acked_event.clear()
@@ -259,7 +274,7 @@ async def run_load(
         for k, v in b.errors.items():
             errors[k] = errors.get(k, 0) + v
         b.close()
-    return LoadResult(per_board * len(boards), sum(b.acked for b in boards), dt, errors)
+    return LoadResult(sent[0], sum(b.acked for b in boards), dt, errors)
 
 
 def main() -> None:
@@ -270,13 +285,18 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=1000, help="events per board")
     p.add_argument("--kind", choices=sorted(KINDS), default="meter")
     p.add_argument("--window", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=None, help="send for this long instead of --frames per board")
     p.add_argument("--dev-seed", required=True, help="hex dev seed of the gateway's [devices] dev_seed")
     p.add_argument("--prefix", default="ev-")
     a = p.parse_args()
     seed = bytes.fromhex(a.dev_seed)
     boards = [Board(f"{a.prefix}{i:05d}", dev_key(seed, f"{a.prefix}{i:05d}"), a.host, a.port) for i in range(a.boards)]
-    r = asyncio.run(run_load(boards, a.frames, a.kind, a.window))
+    r = asyncio.run(
+        run_load(boards, a.frames, a.kind, a.window, a.batch, a.seconds, lambda: print(f"T0 {time.time()}", flush=True))
+    )
     print(f"sent {r.sent} acked {r.acked} in {r.seconds:.2f} s: {r.acked / r.seconds:,.0f} frames/s; errors {r.errors}")
+    print(f"RESULT {r.sent} {r.acked} {r.seconds}", flush=True)
 
 
 if __name__ == "__main__":

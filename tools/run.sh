@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job: set up, then run the site smoke run (frames built, tagged, verified,
-# queued by priority, with the figures printed). Extra arguments go to the smoke run.
+# The main job: set up, then run the whole site (boards, gateway, CSMS) through a short
+# scenario with a live view and a summary. Extra arguments go to `python -m tools.site`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-exec .venv/bin/python -m tools.smoke "$@"
+exec .venv/bin/python -m tools.site "$@"   # the foundation's smoke run: python -m tools.smoke

@@ -2,13 +2,14 @@
 
     python -m tools.bench.gateway [--boards 500] [--frames 200] [--seconds 4]
 
-The gateway runs as its own process (`python -m gateway`, synchronous=FULL); the boards
-(tools.loadclient) and the upstream peer (tests/gwpeer.py) run in this process. Prints:
+The gateway (`python -m gateway`, synchronous=FULL), the boards (tools.loadclient) and the
+upstream peer (tests/gwpeer.py) each run in their own process. Prints:
 (1) sustained frames/s end to end and the gateway's CPU seconds per 1000 frames;
 (2) latency of urgent frames (board send → stored at the peer) while bulk saturates the
 uplink, with the priority scheduler and with plain FIFO, in the same run;
 (3) after an outage: time from the link's return to the first urgent frame relayed, and
-the drain rate against the ingest rate.
+the drain rate against the ingest rate;
+(4) messages per CPU-second of an OCPP-J relay (tools/bench/ocppj.py) against this gateway's.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import gwpeer  # noqa: E402
 
-from tools.loadclient import Board, dev_key, run_load  # noqa: E402
+from tools.bench import ocppj  # noqa: E402
+from tools.loadclient import Board, dev_key  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -38,6 +40,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Rig:
+    """One gateway (`python -m gateway`), its upstream peer (tests/gwpeer.py) and load
+    clients (tools.loadclient), each in its own process, so that none distorts another's
+    measurement; this process only starts them and reads the peer's store."""
+
     def __init__(self, tmp: Path, fifo: bool = False) -> None:
         self.tmp = tmp
         self.udp, self.lan, self.metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
@@ -49,137 +55,165 @@ class Rig:
             f"fifo = {'true' if fifo else 'false'}\n"
             f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
         )
-        self.proc: subprocess.Popen[str] | None = None
-        self.store = gwpeer.Store(str(tmp / "peer.sqlite"))
-        self.peer: gwpeer.Peer | None = None
-        self.server: Any = None
+        self.db = tmp / "peer.sqlite"
+        self.procs: list[subprocess.Popen[str]] = []
+        self.gateway: subprocess.Popen[str] | None = None
+        self.peer: subprocess.Popen[str] | None = None
+        self._store: gwpeer.Store | None = None
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.procs.append(proc)
+        return proc
 
     def start_gateway(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(self.cfg)], cwd=ROOT, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().startswith("READY")
+        self.gateway = self._spawn(["-m", "gateway", "--config", str(self.cfg)])
+        assert self.gateway.stdout is not None
+        assert self.gateway.stdout.readline().startswith("READY")
 
-    async def start_peer(self) -> gwpeer.Peer:
-        qc = gwpeer.server_config(self.tmp / "gw" / "pki")
-        self.peer, self.server = await gwpeer.start("127.0.0.1", self.udp, self.store, qc)
-        return self.peer
+    def start_peer(self) -> float:
+        """Starts the peer; returns the time (time.time()) it is listening."""
+        self.peer = self._spawn(["tests/gwpeer.py", "--port", str(self.udp), "--db", str(self.db),
+                                 "--pki", str(self.tmp / "gw" / "pki")])  # fmt: skip
+        assert self.peer.stdout is not None
+        assert self.peer.stdout.readline().startswith("READY")
+        return time.time()
 
-    def boards(self, n: int, prefix: str = "ev-") -> list[Board]:
-        return [
-            Board(f"{prefix}{i:05d}", dev_key(gwpeer.SEED, f"{prefix}{i:05d}"), "127.0.0.1", self.lan) for i in range(n)
-        ]
+    @property
+    def store(self) -> gwpeer.Store:
+        if self._store is None:
+            self._store = gwpeer.Store(str(self.db))
+        return self._store
+
+    def load(self, n: int, *, prefix: str = "ev-", frames: int = 0, kind: str = "meter", window: int = 128,
+             batch: int = 64, seconds: float | None = None) -> subprocess.Popen[str]:  # fmt: skip
+        args = ["-m", "tools.loadclient", "--port", str(self.lan), "--boards", str(n), "--frames", str(frames),
+                "--kind", kind, "--window", str(window), "--batch", str(batch), "--dev-seed", gwpeer.SEED.hex(),
+                "--prefix", prefix]  # fmt: skip
+        if seconds is not None:
+            args += ["--seconds", str(seconds)]
+        return self._spawn(args)
+
+    def board(self, device_id: str) -> Board:
+        return Board(device_id, dev_key(gwpeer.SEED, device_id), "127.0.0.1", self.lan)
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
+        if self._store is not None:
+            self._store.db.close()
 
 
-async def wait_count(store: gwpeer.Store, n: int, timeout: float = 120) -> float:
-    end = time.perf_counter() + timeout
-    while store.count() < n:
-        if time.perf_counter() > end:
-            raise TimeoutError(f"peer holds {store.count()} of {n}")
-        await asyncio.sleep(0.02)
-    return time.perf_counter()
-
-
-async def throughput(tmp: Path, n_boards: int, per_board: int) -> None:
-    rig = Rig(tmp)
-    rig.start_gateway()
+async def load_result(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[float, int, int, float]:
+    """(T0, sent, acked, seconds) of a load client, read from its output once it exits."""
     try:
-        await rig.start_peer()
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = await asyncio.to_thread(proc.communicate)
+    t0, res = 0.0, (0, 0, 0.0)
+    for line in out.splitlines():
+        if line.startswith("T0 "):
+            t0 = float(line.split()[1])
+        elif line.startswith("RESULT "):
+            _, a, b, c = line.split()
+            res = (int(a), int(b), float(c))
+    return t0, *res
+
+
+def wait_count(store: gwpeer.Store, n: int, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while store.count() < n:
+        if time.monotonic() > end:
+            raise TimeoutError(f"peer holds {store.count()} of {n}")
+        time.sleep(0.02)
+
+
+def last_arrival(store: gwpeer.Store) -> float:
+    return float(store.db.execute("SELECT max(at) FROM frames").fetchone()[0])
+
+
+async def throughput(tmp: Path, n_boards: int, per_board: int) -> dict[str, float]:
+    rig = Rig(tmp)
+    try:
+        rig.start_gateway()
+        rig.start_peer()
         await asyncio.sleep(0.5)
-        assert rig.proc is not None
-        boards = rig.boards(n_boards)
-        cpu0 = cpu_seconds(rig.proc.pid)
-        t0 = time.perf_counter()
-        r = await run_load(boards, per_board, window=128, batch=64)
-        t1 = await wait_count(rig.store, r.sent)
-        cpu = cpu_seconds(rig.proc.pid) - cpu0
-        print(f"[1] {n_boards} boards x {per_board} MeterValues: {r.sent} frames")
-        print(f"    ingress acked (durable): {r.acked / r.seconds:,.0f} frames/s")
-        print(f"    end to end (stored + acked upstream): {r.sent / (t1 - t0):,.0f} frames/s over {t1 - t0:.2f} s")
-        print(f"    gateway CPU: {cpu:.2f} s = {cpu / r.sent * 1000 * 1000:.1f} ms per 1000 frames;"
-              f" {r.sent / cpu:,.0f} frames per CPU-second")  # fmt: skip
+        assert rig.gateway is not None
+        cpu0 = cpu_seconds(rig.gateway.pid)
+        t0, sent, acked, secs = await load_result(rig.load(n_boards, frames=per_board))
+        wait_count(rig.store, sent)
+        t1 = last_arrival(rig.store)
+        cpu = cpu_seconds(rig.gateway.pid) - cpu0
+        r = {"sent": sent, "ingress": acked / secs, "e2e": sent / (t1 - t0), "e2e_s": t1 - t0, "cpu": cpu}
+        print(f"[1] {n_boards} boards x {per_board} MeterValues: {sent} frames")
+        print(f"    ingress acked (durable): {r['ingress']:,.0f} frames/s")
+        print(f"    end to end (first send -> last frame at the peer): {r['e2e']:,.0f} frames/s over {t1 - t0:.2f} s")
+        print(f"    gateway CPU: {cpu:.2f} s = {cpu / sent * 1e6:.1f} ms per 1000 frames;"
+              f" {sent / cpu:,.0f} frames per CPU-second")  # fmt: skip
+        return r
     finally:
         rig.close()
 
 
 async def urgent_latency(tmp: Path, fifo: bool, seconds: float) -> list[float]:
     rig = Rig(tmp, fifo=fifo)
-    rig.start_gateway()
-    lat: list[float] = []
     try:
-        peer = await rig.start_peer()
-        sent_at: dict[tuple[str, int], float] = {}
-
-        def arrived(prio: int, rows: list[tuple[Any, ...]]) -> None:
-            now = time.perf_counter()
-            for r in rows:
-                t = sent_at.pop((r[1], r[2]), None)
-                if t is not None:
-                    lat.append(now - t)
-
-        peer.on_relay_frame = arrived
+        rig.start_gateway()
+        rig.start_peer()
         await asyncio.sleep(0.5)
-        bulk = rig.boards(20, "ev-b")
-        urgent = rig.boards(1, "ev-u")[0]
-        for b in [*bulk, urgent]:
-            await b.connect()
+        bulk = rig.load(20, prefix="ev-b", kind="log", window=64, batch=8, seconds=seconds + 0.5)
+        urgent = rig.board("ev-u0000")
+        await urgent.connect()
+        await asyncio.sleep(0.5)
+        sent_at: dict[int, float] = {}
         stop = time.perf_counter() + seconds
-
-        async def saturate(b: Board) -> None:
-            while time.perf_counter() < stop:
-                if len(b.unacked) < 64:
-                    b.send("log", 8)
-                await asyncio.sleep(0.001)
-
-        async def poke() -> None:
-            await asyncio.sleep(0.5)
-            while time.perf_counter() < stop:
-                for i in urgent.send("fault", 1):
-                    sent_at[urgent.device_id, i] = time.perf_counter()
-                await asyncio.sleep(0.02)
-
-        await asyncio.gather(poke(), *(saturate(b) for b in bulk))
-        await asyncio.sleep(1.0)
-        for b in [*bulk, urgent]:
-            b.close()
+        while time.perf_counter() < stop:
+            for i in urgent.send("fault", 1):
+                sent_at[i] = time.time()
+            await asyncio.sleep(0.02)
+        await load_result(bulk, timeout=seconds + 10)
+        end = time.monotonic() + 30
+        while urgent.unacked and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        urgent.close()
+        acks = urgent.latencies.get(0, [])
+        if acks:
+            print(f"    ({'FIFO' if fifo else 'priority'}: urgent acked durable to the board: p50"
+                  f" {statistics.median(acks) * 1000:.1f} ms, p99 {pct(acks, 0.99):.1f} ms)")  # fmt: skip
+        rows = rig.store.db.execute("SELECT msg_id, at FROM frames WHERE device = 'ev-u0000'").fetchall()
+        return [at - sent_at[m] for m, at in rows if m in sent_at]
     finally:
         rig.close()
-    return lat
 
 
-async def outage(tmp: Path, n_boards: int, per_board: int) -> None:
+async def outage(tmp: Path, n_boards: int, per_board: int) -> dict[str, float]:
     rig = Rig(tmp)
-    rig.start_gateway()
     try:
-        boards = rig.boards(n_boards)
-        r = await run_load(boards, per_board, window=128, batch=64)
-        ingest = r.acked / r.seconds
-        u = rig.boards(1, "ev-u")[0]
+        rig.start_gateway()
+        _, sent, acked, secs = await load_result(rig.load(n_boards, frames=per_board))
+        ingest = acked / secs
+        u = rig.board("ev-u0000")
         await u.connect()
         u.send("fault", 1)
         while u.unacked:
             await asyncio.sleep(0.005)
-        first: list[float] = []
-        t0 = time.perf_counter()
-        peer = await rig.start_peer()
-        peer.on_relay_frame = lambda prio, rows: first.append(time.perf_counter()) if prio == 0 and not first else None
-        t1 = await wait_count(rig.store, r.sent + 1)
-        print(f"[3] outage: {r.sent + 1} frames held while upstream was away (ingest {ingest:,.0f} frames/s)")
-        print(
-            f"    first urgent frame relayed {((first[0] if first else t1) - t0) * 1000:.0f} ms after the peer came up"
-            " (includes the gateway's reconnect backoff and the QUIC handshake)"
-        )
-        drain = (r.sent + 1) / (t1 - t0)
+        u.close()
+        t0 = rig.start_peer()
+        wait_count(rig.store, sent + 1)
+        first = rig.store.db.execute("SELECT at FROM frames WHERE device = 'ev-u0000'").fetchone()[0]
+        t1 = last_arrival(rig.store)
+        drain = (sent + 1) / (t1 - t0)
+        print(f"[3] outage: {sent + 1} frames held while upstream was away (ingest {ingest:,.0f} frames/s)")
+        print(f"    first urgent frame relayed {(first - t0) * 1000:.0f} ms after the peer came up"
+              " (includes the gateway's reconnect backoff and the QUIC handshake)")  # fmt: skip
         print(f"    drain: {drain:,.0f} frames/s = {drain / ingest:.1f}x the ingest rate")
+        return {"first_ms": (first - t0) * 1000, "drain": drain, "ingest": ingest}
     finally:
         rig.close()
 
@@ -194,6 +228,8 @@ async def main() -> None:
     p.add_argument("--boards", type=int, default=500)
     p.add_argument("--frames", type=int, default=200, help="MeterValues per board")
     p.add_argument("--seconds", type=float, default=4.0, help="bulk saturation time per latency run")
+    p.add_argument("--ocpp-boards", type=int, default=100)
+    p.add_argument("--ocpp-frames", type=int, default=50, help="MeterValues per OCPP-J board")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -212,6 +248,14 @@ async def main() -> None:
             else:
                 print(f"    {name}: no urgent frame arrived")
         await outage(tmp / "o", a.boards, a.frames)
+        ours = await throughput(tmp / "t2", a.boards, a.frames)
+        base = ocppj.run(a.ocpp_boards, a.ocpp_frames, gwpeer.free_tcp_port(), gwpeer.free_tcp_port())
+        print(f"[4] OCPP-J relay (ocpp {version('ocpp')} ChargePoint on websockets {version('websockets')}),"
+              f" {base['messages']:,.0f} MeterValues: {base['per_cpu_s']:,.0f} messages per CPU-second of the relay"
+              f" ({base['messages'] / base['seconds']:,.0f} messages/s)")  # fmt: skip
+        per_cpu = ours["sent"] / ours["cpu"]
+        print(f"    this gateway (run [1] again, side by side): {per_cpu:,.0f} frames per CPU-second"
+              f" = {per_cpu / base['per_cpu_s']:.1f}x the OCPP-J relay")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import _core
-from gateway.schema import FIELDS, MESSAGES, Action, ErrorCode, Key, Kind, Priority
+from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority
 from gateway.upstream_wire import CLASS_ORDER, StreamReader, UpstreamFrameError, prefix
 from tools.peers.csms import outcomes
 from tools.peers.csms.inbound import HANDLERS, Ctx, Relayed
@@ -30,7 +30,6 @@ from tools.peers.csms.wire import (
 log = logging.getLogger("csms.core")
 
 PROTOCOL_VERSION: Final = 1
-SECRET_KEYS: Final = frozenset(k for k, f in FIELDS.items() if f.type == "secret")
 BOARD_ORIGINS: Final = frozenset({"cs", "any"})
 
 
@@ -56,6 +55,11 @@ def stream_class(stream_id: int) -> int:
     return int(CLASS_ORDER[index]) if index < len(CLASS_ORDER) else int(Priority.BULK)
 
 
+def command_stream(prio: int) -> int:
+    """The server-initiated bidirectional stream that carries Commands of class `prio`."""
+    return 1 + 4 * int(CLASS_ORDER.index(Priority(min(max(prio, 0), 3))))
+
+
 class SiteConnection:
     def __init__(self, ctx: Ctx, peer_subject: str | None) -> None:
         self.ctx = ctx
@@ -66,6 +70,7 @@ class SiteConnection:
         self._seq: dict[int, int] = {}
         self._out: list[Output] = []
         self._sent_here: set[int] = set()
+        self._cmd_streams = False
         self.closed = False
         self._lost = False
 
@@ -221,6 +226,8 @@ class SiteConnection:
                         ignore=True,
                     )
                     if not fresh:
+                        counters = self.ctx.counters
+                        counters["redelivered"] = counters.get("redelivered", 0) + 1
                         continue  # redelivered: stored once, acknowledged again
                     handler = HANDLERS.get(f.action) if grp == 0 else None
                     if handler is not None:
@@ -250,7 +257,10 @@ class SiteConnection:
         spec = MESSAGES[f.action]
         if f.kind in (Kind.REQUEST, Kind.EVENT) and spec.origin not in BOARD_ORIGINS:
             raise WireError(ErrorCode.BAD_KIND, f"{where}: {spec.name} is not sent by a charging station", **ids)
-        secrets = {k: v for k, v in item.items() if k in SECRET_KEYS and isinstance(v, bytes)}
+        secrets: dict[int, bytes] = {}
+        uid = item.get(Key.TOKEN_UID)
+        if isinstance(uid, str) and Key.ID_TOKEN in f.body:
+            secrets[int(Key.ID_TOKEN)] = uid.encode()  # the gateway's plaintext of the encrypted id_token
         gid = item.get(Key.EVSE_GID)
         assert self.site_id is not None
         return Relayed(self.site_id, device, f, gid if isinstance(gid, str) else None, secrets)
@@ -272,10 +282,14 @@ class SiteConnection:
 
     # ------------------------------------------------------------------ outputs
     def _stream_for(self, prio: int) -> int:
-        want = int(CLASS_ORDER.index(Priority(min(prio, 3)))) * 4
-        if want in self._readers and want not in self._broken:
-            return want
-        return 4 if 4 in self._readers else min(self._readers)
+        """The CSMS's own stream of a class: server-initiated bidirectional streams 1, 5, 9,
+        13 (urgent, control, telemetry, bulk), opened by their first Command (docs/upstream.md)."""
+        if not self._cmd_streams:
+            # aioquic treats a local stream id below the highest one opened as finished:
+            # open the four in order (an empty write only creates the stream).
+            self._cmd_streams = True
+            self._out.extend(SendData(command_stream(p), b"") for p in CLASS_ORDER)
+        return command_stream(prio)
 
     def _send_command(self, cmd: dict[str, Any], now: float) -> None:
         prio = int(cmd["prio"])

@@ -40,6 +40,9 @@ class Ctx:
     signer: Signer
     ca: Ca | None
     settings: Settings
+    counters: dict[str, int] = field(default_factory=dict)
+    """Figures of this CSMS run: `redelivered` = board frames received again and deduplicated
+    by (site, device, message id, group)."""
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived
 
+from gateway._core import MAX_UP_FRAME
 from gateway.mtls import peer_common_name, require_client_certificates
-from gateway.upstream_wire import ALPN, MAX_UP_FRAME
+from gateway.upstream_wire import ALPN
 from tools.peers.csms.api import Csms
 from tools.peers.csms.config import Config, provision
 from tools.peers.csms.core import CloseConnection, Output, SendData, SiteConnection

@@ -1,0 +1,354 @@
+"""Soak and fault campaign: `python -m tools.site.campaign [--minutes M] [--seed S] [--boards N]`.
+
+The CSMS runs in this process; the gateway is a real `python -m gateway --config …`
+subprocess; the boards are real MicroPython processes. While sessions run (card, plug,
+charge, unplug) and boards emit numbered billing MeterValues, seeded random faults are
+injected: board power cuts (SIGKILL, power up again), `kill -9` of the gateway (restarted
+on the same ports and data), upstream cuts (the CSMS stopped, then started), clock steps
+on boards. Then everything comes back, the backlog drains, and the run checks:
+
+- no loss: every MeterValues a board confirmed (its `status` answer came after the emit, so
+  it was on its flash) is stored at the CSMS;
+- no duplicate: each one stored once, each (site, device, msg id, group) once (the CSMS
+  counts the redeliveries it deduplicated), transaction events unique per (tx, seq_no);
+- order per device: the CSMS received each device's emitted values in emit order;
+- every SDR reconciles with the metered energy of its transaction (meter stop − start, and
+  the board's own figure when it printed one).
+
+The seed is printed; `--seed S` replays the same fault schedule. Exit status 1 on a failed
+check. The CI runs a short campaign (tests/test_soak_campaign.py); `--minutes 30` soaks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tools.board import Board
+from tools.site.harness import Site, factory_key, until
+
+ROOT = Path(__file__).resolve().parents[2]
+EMIT_BASE = 10_000_000  # emitted MeterValues carry energy_wh = EMIT_BASE * (board + 1) + k
+FAULTS = ("board_power_cut", "gateway_kill9", "upstream_cut", "clock_step")
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProcess:
+    """`python -m gateway --config FILE` as a subprocess; `kill9()` and `start()` again."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.proc: subprocess.Popen[str] | None = None
+        self.ready = threading.Event()
+        self.log: list[str] = []
+
+    def start(self) -> None:
+        self.ready.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(self.config)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+        )  # fmt: skip
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        if not self.ready.wait(20):
+            raise RuntimeError("gateway not ready:\n" + "\n".join(self.log[-20:]))
+
+    def _read(self, p: subprocess.Popen[str]) -> None:
+        assert p.stdout is not None
+        for line in p.stdout:
+            self.log.append(line.rstrip())
+            del self.log[:-200]
+            if line.startswith("READY"):
+                self.ready.set()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+class Campaign:
+    def __init__(self, root: Path, boards: int, seconds: float, seed: int) -> None:
+        self.root, self.n, self.seconds, self.seed = root, boards, seconds, seed
+        self.rng = random.Random(seed)
+        self.site = Site(root, boards)
+        self.gw: GatewayProcess | None = None
+        self.boards: list[Board] = []
+        self.faults: Counter[str] = Counter()
+        self.confirmed: dict[str, list[int]] = {}  # device → emitted values confirmed on flash
+        self.issued: dict[str, int] = {}
+        self.board_wh: dict[tuple[str, int], int] = {}  # (device, tx id) → the board's tx_ended wh
+        self.sessions = 0
+        self.redelivered = 0
+        self.csms_up = False
+        self.problems: list[str] = []
+
+    # ------------------------------------------------------------------ set-up
+    async def start(self) -> None:
+        s = self.site
+        await s.start_csms()
+        self.csms_up = True
+        lan_port, metrics_port = free_tcp_port(), free_tcp_port()
+        doc = s.gateway_doc()
+        doc["lan"]["listen"] = f"127.0.0.1:{lan_port}"
+        doc["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
+        doc.setdefault("auth", {})["unknown_token_offline"] = "accept"  # cards: the site decides
+        cfg = self.root / "gateway.toml"
+        cfg.write_text(_toml(doc))
+        self.gw = GatewayProcess(cfg)
+        await asyncio.to_thread(self.gw.start)
+        for did in s.devices:
+            b = Board(self.root / "boards" / did, lan_port, did, factory_key(s.seed, did))
+            self.boards.append(b.start())
+            self.confirmed[did] = []
+            self.issued[did] = 0
+        await asyncio.gather(*(asyncio.to_thread(b.wait, "registration", None, 30) for b in self.boards))
+
+    async def close(self) -> None:
+        for b in self.boards:
+            b.stop()
+        if self.gw is not None:
+            await asyncio.to_thread(self.gw.stop)
+        await self._csms_stop()
+
+    async def _csms_stop(self) -> None:
+        s = self.site
+        if s.csms is not None and self.csms_up:
+            self.redelivered += s.csms.ctx.counters.get("redelivered", 0)
+            self.csms_up = False
+            await s.stop_csms()
+
+    # ------------------------------------------------------------------ traffic
+    async def confirm(self, b: Board, values: list[int]) -> None:
+        """`status` answered after the emit: the values were written to flash."""
+        m = b.mark()
+        b.cmd("status")
+        try:
+            await asyncio.to_thread(b.wait, "status", None, 5, m)
+        except TimeoutError:
+            return  # power cut in between: not confirmed (may or may not arrive; never twice)
+        self.confirmed[b.device_id].extend(values)
+
+    async def traffic(self, i: int) -> None:
+        b = self.boards[i]
+        if not b.alive():
+            return
+        roll = self.rng.random()
+        if roll < 0.5:
+            k = self.issued[b.device_id]
+            n = self.rng.randint(1, 6)
+            values = [EMIT_BASE * (i + 1) + k + j for j in range(n)]
+            self.issued[b.device_id] = k + n
+            b.cmd("emit", n=n, **{"from": values[0]})
+            await self.confirm(b, values)
+        elif roll < 0.7:
+            b.cmd("card", token=f"SOAK-{i}")
+            b.cmd("plug")
+            self.sessions += 1
+        elif roll < 0.9:
+            b.cmd("step", ms=self.rng.randint(1, 5) * 60_000)
+        else:
+            b.cmd("unplug")
+
+    async def fault(self) -> None:
+        kind = self.rng.choice(FAULTS)
+        s = self.site
+        if kind == "board_power_cut":
+            b = self.rng.choice(self.boards)
+            b.kill()
+            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+            b.start()
+        elif kind == "gateway_kill9":
+            assert self.gw is not None
+            self.gw.kill9()
+            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+            await asyncio.to_thread(self.gw.start)
+        elif kind == "upstream_cut":
+            await self._csms_stop()
+            await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+            await s.start_csms()
+            self.csms_up = True
+        else:  # the board's clock jumps (and its meter runs on)
+            b = self.rng.choice(self.boards)
+            if b.alive():
+                b.cmd("step", ms=self.rng.randint(10, 3600) * 1000)
+        self.faults[kind] += 1
+
+    async def run(self) -> None:
+        end = time.monotonic() + self.seconds
+        next_fault = time.monotonic() + self.rng.uniform(1.0, 3.0)
+        while time.monotonic() < end:
+            await asyncio.gather(*(self.traffic(i) for i in range(self.n)))
+            if time.monotonic() >= next_fault:
+                await self.fault()
+                next_fault = time.monotonic() + self.rng.uniform(1.0, 3.0)
+            await asyncio.sleep(0.2)
+
+    # ------------------------------------------------------------------ settle and check
+    async def settle(self) -> None:
+        for b in self.boards:
+            if not b.alive():
+                b.start()
+            b.cmd("unplug")
+        csms = self.site.csms
+        assert csms is not None
+
+        def all_in() -> bool:
+            got = self.stored_values()
+            return all(set(v) <= set(got.get(d, [])) for d, v in self.confirmed.items())
+
+        await until(all_in, 60, "every confirmed MeterValues at the CSMS")
+        await asyncio.sleep(2)  # the last transaction events
+        for b in self.boards:
+            for e in b.all("tx_ended"):
+                self.board_wh[b.device_id, int(e["tx_id"])] = int(e["wh"])
+
+    def stored_values(self) -> dict[str, list[int]]:
+        """device → emitted values stored at the CSMS, in the order the CSMS received them."""
+        csms = self.site.csms
+        assert csms is not None
+        out: dict[str, list[int]] = {}
+        rows = csms.store.select("meter_values", order="rowid")
+        for r in rows:
+            if r["energy_wh"] is not None and r["energy_wh"] >= EMIT_BASE:
+                out.setdefault(str(r["device_id"]), []).append(int(r["energy_wh"]))
+        return out
+
+    def check(self) -> dict[str, Any]:
+        csms = self.site.csms
+        assert csms is not None
+        stored = self.stored_values()
+        lost = {d: sorted(set(v) - set(stored.get(d, []))) for d, v in self.confirmed.items()}
+        lost = {d: v for d, v in lost.items() if v}
+        dups = {d: [x for x, c in Counter(v).items() if c > 1] for d, v in stored.items()}
+        dups = {d: v for d, v in dups.items() if v}
+        disorder = {d: v for d, v in stored.items() if v != sorted(v)}
+        received = csms.store.select("received")
+        keys = {(r["site_id"], r["device_id"], r["msg_id"], r["grp"]) for r in received}
+        sdrs = csms.api.sdrs()
+        bad_sdr = [x["sdr_id"] for x in sdrs if x["energy_wh"] != x["meter_stop_wh"] - x["meter_start_wh"]]
+        compared = 0
+        for x in sdrs:
+            wh = self.board_wh.get((str(x["device_id"]), int(x["tx_id"])))
+            if wh is not None:
+                compared += 1
+                if wh != x["energy_wh"]:
+                    bad_sdr.append(f"{x['sdr_id']}: board {wh} Wh, SDR {x['energy_wh']} Wh")
+        ended = [t for t in csms.api.sessions() if t["state"] == "ended"]
+        no_sdr = [(t["device_id"], t["tx_id"]) for t in ended
+                  if not any(x["device_id"] == t["device_id"] and x["tx_id"] == t["tx_id"] for x in sdrs)]  # fmt: skip
+        checks = {
+            "no accepted message lost": not lost,
+            "none duplicated": not dups and len(keys) == len(received),
+            "order per device kept": not disorder,
+            "every SDR reconciles with its metered energy": not bad_sdr and not no_sdr,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                self.problems.append(name)
+        if lost:
+            self.problems.append(f"lost: {lost}")
+        if dups:
+            self.problems.append(f"duplicated: {dups}")
+        if disorder:
+            self.problems.append("out of order: " + ", ".join(disorder))
+        if bad_sdr or no_sdr:
+            self.problems.append(f"SDRs: {bad_sdr} without SDR: {no_sdr}")
+        return {
+            "checks": checks,
+            "confirmed": sum(len(v) for v in self.confirmed.values()),
+            "stored_frames": len(received),
+            "sdrs": len(sdrs),
+            "sdrs_compared_with_board": compared,
+            "energy_wh": sum(int(x["energy_wh"]) for x in sdrs),
+        }
+
+
+def _toml(doc: dict[str, Any]) -> str:
+    """The gateway configuration as TOML (strings, numbers, lists, inline tables)."""
+
+    def v(x: Any) -> str:
+        if isinstance(x, bool):
+            return "true" if x else "false"
+        if isinstance(x, int | float):
+            return str(x)
+        if isinstance(x, str):
+            return json.dumps(x)
+        if isinstance(x, list):
+            return "[" + ", ".join(v(y) for y in x) + "]"
+        if isinstance(x, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {v(y)}" for k, y in x.items()) + "}"
+        raise TypeError(type(x))
+
+    return "".join(f"[{sec}]\n" + "".join(f"{k} = {v(x)}\n" for k, x in body.items()) for sec, body in doc.items())
+
+
+async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
+    c = Campaign(root, boards, seconds, seed)
+    print(f"[campaign] seed {seed}, {boards} boards, {seconds:.0f} s of faults, data {root}", flush=True)
+    t0 = time.monotonic()
+    report: dict[str, Any] = {}
+    try:
+        await c.start()
+        await c.run()
+        await c.settle()
+        report = c.check()
+    except Exception as e:  # the summary names what failed
+        c.problems.append(f"{type(e).__name__}: {e}")
+    finally:
+        with contextlib.suppress(Exception):
+            await c.close()
+    print("\n== campaign summary ==")
+    print(f"seed {seed}; faults injected: " + ", ".join(f"{k} {c.faults[k]}" for k in FAULTS))
+    print(f"sessions started {c.sessions}; MeterValues confirmed by boards {report.get('confirmed', 0)}; "
+          f"frames stored at the CSMS {report.get('stored_frames', 0)}; redeliveries deduplicated {c.redelivered}")  # fmt: skip
+    print(f"SDRs {report.get('sdrs', 0)} ({report.get('sdrs_compared_with_board', 0)} compared with the board's "
+          f"meter), energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
+    for name, ok in report.get("checks", {}).items():
+        print(f"  {'PASS' if ok else 'FAIL'} {name}")
+    for p in c.problems:
+        print("PROBLEM:", p)
+    print("OK" if not c.problems else f"FAILED (replay: python -m tools.site.campaign --seed {seed})")
+    return 1 if c.problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.site.campaign", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--minutes", type=float, default=0.5, help="duration of the fault phase")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--boards", type=int, default=3)
+    ap.add_argument("--data", type=Path, default=None)
+    a = ap.parse_args(argv)
+    seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
+    root = a.data or Path(tempfile.mkdtemp(prefix="evedge-campaign-"))
+    return asyncio.run(amain(root, a.boards, a.minutes * 60, seed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The whole chain on loopback, in one asyncio loop: a CSMS server (tools.peers.csms), the
+site gateway (gateway.service with its command path attached) and emulated boards (real
+MicroPython processes, tools.board). With `roaming=True` also the IEC 63119 roaming
+endpoints in mixed mode — the CSO's (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), a
+home CSP's and a clearing house — and the gateway's online identification through the CSO
+endpoint (`gateway.localcsms.roaming`). Shared by `python -m tools.site` and the e2e tests
+(docs/site.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway import config as gwconfig
+from gateway import devpki
+from gateway.localcsms.roaming import RoamingSettings, SiteRoaming, attach_roaming, evse_gid
+from gateway.service import Gateway
+from gateway.upstream import attach
+from tools.board import Board
+from tools.peers.csms import config as csms_config
+from tools.peers.csms.server import CsmsServer
+from tools.peers.roaming import testbed
+from tools.peers.roaming.ch import ClearingHouse
+from tools.peers.roaming.config import EndpointConfig
+from tools.peers.roaming.csms_operator import CsmsOperator, CsmsRoaming
+from tools.peers.roaming.cso import CsoEndpoint
+from tools.peers.roaming.csp import CspEndpoint
+
+SITE_ID = "DE*EVE*LSITE1"
+CSO_ID, CSP_ID, CH_ID = "DE*EVE*O", "DE*HCP*O", "DE*CHX*O"
+"""The site's operator (its EVSE ids are DE*EVE*E…), a home CSP, a clearing house."""
+SITE_PARTY = "DE*ST1*O"
+"""The site gateway's party id at its CSO roaming endpoint (role `site`)."""
+
+
+def factory_key(seed: bytes, device_id: str) -> bytes:
+    return hmac.new(seed, device_id.encode(), hashlib.sha256).digest()
+
+
+async def until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+async def board_wait(b: Board, ev: str, pred: Callable[[dict[str, Any]], bool] | None = None,
+                     timeout: float = 20.0, since: int = 0) -> dict[str, Any]:  # fmt: skip
+    return await asyncio.to_thread(b.wait, ev, pred, timeout, since)
+
+
+class Site:
+    """One site: CSMS, gateway, `n` boards (ev-0000 …), under `root`."""
+
+    def __init__(self, root: Path, n_boards: int = 2, gateway_extra: dict[str, dict[str, Any]] | None = None,
+                 roaming: bool = False) -> None:  # fmt: skip
+        self.root = Path(root)
+        self.n = n_boards
+        self.seed = os.urandom(32)
+        self.extra = gateway_extra or {}
+        self.csms: CsmsServer | None = None
+        self.gw: Gateway | None = None
+        self.boards: list[Board] = []
+        self.roaming = roaming
+        self.t0 = time.monotonic()
+        self.re_cfgs: dict[str, EndpointConfig] = {}
+        self.cso: CsoEndpoint | None = None
+        self.csp: CspEndpoint | None = None
+        self.ch: ClearingHouse | None = None
+        self.bridge: CsmsRoaming | None = None
+        self.site_roaming: SiteRoaming | None = None
+
+    def evse(self, i: int) -> str:
+        """The global EVSE id of board i (what the roaming endpoints see)."""
+        return evse_gid(SITE_ID, self.devices[i])
+
+    async def start_roaming(self) -> None:
+        """The CSO, home-CSP and CH endpoints in mixed mode; the CSO's operator is the CSMS."""
+        ids = {"cso": CSO_ID, "csp": CSP_ID, "ch": CH_ID}
+        self.re_cfgs = testbed.network(self.root / "roaming", "mixed", party_ids=ids, sites=(SITE_PARTY,))
+        op = CsmsOperator(lambda: self.csms)
+        self.csp = CspEndpoint(self.re_cfgs["csp"])
+        self.ch = ClearingHouse(self.re_cfgs["ch"])
+        self.cso = CsoEndpoint(self.re_cfgs["cso"], op)
+        for ep in (self.csp, self.ch, self.cso):
+            await ep.start()
+        self.bridge = CsmsRoaming(self.cso, op).start()
+
+    def roaming_settings(self) -> RoamingSettings:
+        cfg = self.re_cfgs["cso"]
+        me = cfg.party(SITE_PARTY)
+        assert me is not None
+        pki = self.root / "roaming" / "pki"
+        issued = devpki.issue(pki, "site", ca=devpki.ensure_ca(pki))  # the endpoints want a client certificate
+        return RoamingSettings(SITE_PARTY, CSO_ID, cfg.host, cfg.port, cfg.ca, me.password, me.secret_bytes,
+                               cert=issued.cert, key=issued.key)  # fmt: skip
+
+    @property
+    def devices(self) -> list[str]:
+        return [f"ev-{i:04d}" for i in range(self.n)]
+
+    async def start_csms(self) -> CsmsServer:
+        data = self.root / "csms"
+        port = self.csms.port if self.csms is not None else 0
+        cfg = csms_config.load(data_dir=data)
+        cfg = csms_config.load(data_dir=data, port=port) if port else cfg
+        self.csms = CsmsServer(cfg)
+        await self.csms.start()
+        return self.csms
+
+    async def stop_csms(self) -> None:
+        if self.csms is not None:
+            await self.csms.stop()
+
+    def gateway_doc(self) -> dict[str, Any]:
+        assert self.csms is not None
+        cfg = self.csms.config
+        pki = self.root / "gw-pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        issued = devpki.issue(pki, SITE_ID, ca=(cfg.ca, cfg.ca_key), server=False)
+        signer_pub = (cfg.signing_key.parent / "signing.pub").read_text().strip()
+        name = "csms-" + hashlib.sha256(bytes.fromhex(signer_pub)).hexdigest()[:16]
+        doc: dict[str, Any] = {
+            "site": {"id": SITE_ID, "data_dir": str(self.root / "gw")},
+            "lan": {"listen": "127.0.0.1:0"},
+            "metrics": {"listen": "127.0.0.1:0"},
+            "devices": {"factory_seed": self.seed.hex()},
+            "upstream": {
+                "address": f"127.0.0.1:{self.csms.port}",
+                "server_name": cfg.cert.stem,
+                "ca": str(cfg.ca),
+                "cert": str(issued.cert),
+                "key": str(issued.key),
+                "idle_timeout_s": 3.0,
+                "backoff_max_s": 0.5,
+                "signers": {name: signer_pub},
+            },
+            "power": {"site_limit_w": 100000, "zone": [{"zone": 1, "limit_w": 60000, "devices": self.devices}]},
+        }
+        for k, v in self.extra.items():
+            doc.setdefault(k, {}).update(v)
+        return doc
+
+    async def start_gateway(self) -> Gateway:
+        self.gw = Gateway(gwconfig.prepare(gwconfig.parse(self.gateway_doc())))
+        attach(self.gw)
+        if self.roaming:
+            self.site_roaming = attach_roaming(self.gw, self.roaming_settings())
+        await self.gw.start()
+        return self.gw
+
+    def start_boards(self) -> list[Board]:
+        assert self.gw is not None
+        for did in self.devices:
+            b = Board(self.root / "boards" / did, self.gw.lan_port, did, factory_key(self.seed, did))
+            self.boards.append(b.start())
+        return self.boards
+
+    async def start(self) -> Site:
+        await self.start_csms()
+        if self.roaming:
+            await self.start_roaming()
+        await self.start_gateway()
+        self.start_boards()
+        await until(lambda: self.gw is not None and self.gw.runner is not None and self.gw.runner.state == "up",
+                    what="upstream up")  # fmt: skip
+        await until(lambda: self.gw is not None and len(self.gw.online) == self.n, 30, "boards online")
+        if self.roaming:  # the CSO endpoint knows the EVSEs the CSMS knows
+            await until(lambda: self.csms is not None and len(CsmsOperator(lambda: self.csms).evses()) >= self.n, 30,
+                        "EVSEs at the CSMS")  # fmt: skip
+        return self
+
+    async def close(self) -> None:
+        for b in self.boards:
+            b.stop()
+        if self.site_roaming is not None:
+            await self.site_roaming.close()
+        if self.gw is not None:
+            await self.gw.stop()
+        if self.bridge is not None:
+            await self.bridge.stop()
+        for ep in (self.cso, self.csp, self.ch):
+            if ep is not None and ep.server is not None:
+                await ep.stop()
+        await self.stop_csms()
+
+    async def command_done(self, cmd_id: int, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.csms is not None
+        api = self.csms.api
+
+        def done() -> Any:
+            row = api.command(cmd_id)
+            return row if row is not None and row["state"] in ("done", "failed", "expired") else None
+
+        return dict(await until(done, timeout, f"command {cmd_id} answered"))
