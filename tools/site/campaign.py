@@ -111,8 +111,10 @@ class Campaign:
     # ------------------------------------------------------------------ set-up
     async def start(self) -> None:
         s = self.site
-        await s.start_csms()
+        csms = await s.start_csms()
         self.csms_up = True
+        for i in range(self.n):
+            csms.api.add_token(f"SOAK-{i}")  # the CSMS answers online; the site caches (S2)
         lan_port, metrics_port = free_tcp_port(), free_tcp_port()
         doc = s.gateway_doc()
         doc["lan"]["listen"] = f"127.0.0.1:{lan_port}"
@@ -225,6 +227,8 @@ class Campaign:
         await until(all_in, 60, "every confirmed MeterValues at the CSMS")
         await asyncio.sleep(2)  # the last transaction events
         for b in self.boards:
+            kinds = Counter(str(e["ev"]) for e in b.events)
+            print(f"[campaign] {b.device_id} events: {dict(kinds)}", flush=True)
             for e in b.all("tx_ended"):
                 self.board_wh[b.device_id, int(e["tx_id"])] = int(e["wh"])
 
@@ -233,10 +237,11 @@ class Campaign:
         csms = self.site.csms
         assert csms is not None
         out: dict[str, list[int]] = {}
-        rows = csms.store.select("meter_values", order="rowid")
-        for r in rows:
-            if r["energy_wh"] is not None and r["energy_wh"] >= EMIT_BASE:
-                out.setdefault(str(r["device_id"]), []).append(int(r["energy_wh"]))
+        rows = csms.store._db.execute(  # type: ignore[attr-defined]  # in the order the CSMS stored them
+            "SELECT device_id, energy_wh FROM meter_values WHERE energy_wh >= ? ORDER BY rowid", (EMIT_BASE,)
+        )
+        for device, wh in rows:
+            out.setdefault(str(device), []).append(int(wh))
         return out
 
     def check(self) -> dict[str, Any]:
@@ -275,8 +280,9 @@ class Campaign:
             self.problems.append(f"lost: {lost}")
         if dups:
             self.problems.append(f"duplicated: {dups}")
-        if disorder:
-            self.problems.append("out of order: " + ", ".join(disorder))
+        for d, v in disorder.items():
+            i = next(k for k in range(1, len(v)) if v[k] < v[k - 1])
+            self.problems.append(f"out of order at {d}: ... {v[max(0, i - 3) : i + 3]} ...")
         if bad_sdr or no_sdr:
             self.problems.append(f"SDRs: {bad_sdr} without SDR: {no_sdr}")
         return {
@@ -325,8 +331,10 @@ async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
             await c.close()
     print("\n== campaign summary ==")
     print(f"seed {seed}; faults injected: " + ", ".join(f"{k} {c.faults[k]}" for k in FAULTS))
-    print(f"sessions started {c.sessions}; MeterValues confirmed by boards {report.get('confirmed', 0)}; "
-          f"frames stored at the CSMS {report.get('stored_frames', 0)}; redeliveries deduplicated {c.redelivered}")  # fmt: skip
+    confirmed = sum(len(v) for v in c.confirmed.values())
+    stored = report.get("stored_frames", 0)
+    print(f"sessions started {c.sessions}; MeterValues confirmed by boards {confirmed}; "
+          f"frames stored at the CSMS {stored}; redeliveries deduplicated {c.redelivered}")  # fmt: skip
     print(f"SDRs {report.get('sdrs', 0)} ({report.get('sdrs_compared_with_board', 0)} compared with the board's "
           f"meter), energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
     for name, ok in report.get("checks", {}).items():

@@ -16,7 +16,7 @@
 
     [[party]]                         # every party this endpoint talks to or accepts
     party_id = "DE*CSP*O"
-    role = "csp"
+    role = "csp"                      # cso | csp | ch | site (a gateway of this CSO)
     host = "127.0.0.1"
     port = 4434
     password = "..."                  # the pair's login password (both directions)
@@ -36,6 +36,9 @@ from gateway import gid
 from gateway.roaming.auth import DEFAULT_TOKEN_LIFETIME
 
 ROLES = ("cso", "csp", "ch")
+PARTY_ROLES = (*ROLES, "site")
+"""A `site` party is a site gateway of the CSO itself (mixed mode: it asks its CSO endpoint to
+authorize unknown tokens online, docs/roaming.md "Sites behind the CSO endpoint")."""
 MODES = ("peer_to_peer", "clearing_house", "mixed")
 
 
@@ -83,8 +86,10 @@ class EndpointConfig:
                 gid.parse(p.party_id, expect="O")
         except gid.GidError as exc:
             raise ConfigError(str(exc)) from None
-        if self.role not in ROLES or any(p.role not in ROLES for p in self.parties):
-            raise ConfigError(f"role must be one of {ROLES}")
+        if self.role not in ROLES or any(p.role not in PARTY_ROLES for p in self.parties):
+            raise ConfigError(f"role must be one of {ROLES} (a party's also 'site')")
+        if self.role != "cso" and self.of_role("site"):
+            raise ConfigError("only a CSO endpoint has site parties")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.role != "ch" and self.mode != "peer_to_peer":

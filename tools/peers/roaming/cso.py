@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from gateway import gid
 from gateway.roaming.client import RoamingError
+from gateway.roaming.http3 import H3Error
 
 from .config import EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
@@ -111,6 +112,59 @@ class CsoEndpoint(Endpoint):
         csp = gid.parse(sid, expect="S").operator if "csp" not in answer else answer.pop("csp")
         result = await self._start(sid, evse_gid, token_uid, csp, "local")
         return {**answer, "result": result}
+
+    @handles("AuthorizeRoaming", senders=("site",))
+    async def _on_site_authorize(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """Mixed mode, asked by one of the CSO's own site gateways for a token it does not know
+        (R3-1, R4-1): the operator's own token table first, then the home CSP directly (or the
+        pre-distributed list, R4-2). Charging is not started here: the gateway answers the
+        board's Authorize and the board starts; the session is recorded as `authorized`, and
+        its SDR goes to the home CSP when the CSMS reports the transaction ended
+        (`session_ended`)."""
+        uid, evse, kind = body["token_uid"], body["evse_gid"], body["token_type"]
+        await self._evse(evse)
+        own = await self.operator.token_status(uid)
+        if own is not None:
+            return {"auth_status": own}
+        answer: dict[str, Any] = {"auth_status": "unknown"}
+        ask = {"token_uid": uid, "evse_gid": evse, "token_type": kind}
+        for party in self._home_candidates(uid, kind):
+            try:
+                answer = await self.send("AuthorizeRoaming", ask, party)
+            except (ConnectionError, RoamingError, H3Error):
+                continue
+            if answer["auth_status"] != "unknown":
+                break
+        if answer["auth_status"] == "unknown":
+            answer = self._offline_authorize(uid)
+        if answer["auth_status"] != "accepted":
+            return answer
+        sid = answer["roaming_session_id"]
+        csp = gid.parse(sid, expect="S").operator if "csp" not in answer else answer.pop("csp")
+        tariff = self._tariff()
+        self.store.exec(
+            "INSERT OR IGNORE INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started, tariff_id)"
+            " VALUES(?,?,?,?,?,?,?,?)",
+            sid,
+            evse,
+            uid,
+            csp,
+            "site",
+            "authorized",
+            int(self.clock()),
+            None if tariff is None else tariff["tariff_id"],
+        )
+        return answer
+
+    def open_session(self, evse_gid: str, token_uid: str) -> str | None:
+        """The roaming session not yet ended at this EVSE for this token (the newest), if any."""
+        row = self.store.one(
+            "SELECT session_id FROM sessions WHERE evse_gid=? AND token_uid=? AND state != 'ended'"
+            " ORDER BY started DESC LIMIT 1",
+            evse_gid,
+            token_uid,
+        )
+        return None if row is None else str(row[0])
 
     def _cached(self, token_uid: str) -> bool:
         return self.store.one("SELECT 1 FROM token_cache WHERE token_uid=?", token_uid) is not None

@@ -38,6 +38,10 @@ class OperatorBackend(Protocol):
     async def apply_plan(self, session_id: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """Follow a charge plan (R3-7); return the plan actually applied, or None if refused."""
 
+    async def token_status(self, token_uid: str) -> str | None:
+        """The `AuthStatus` name of one of the operator's own tokens (its CSMS's token table), or
+        None when the operator does not know it (then the home CSP is asked)."""
+
 
 @dataclass
 class MemoryEvse:
@@ -131,3 +135,6 @@ class MemoryOperator:
         applied = [{**p, "limit_w": min(int(p["limit_w"]), e.max_power_w)} for p in plan]
         self.plans[session_id] = applied
         return applied
+
+    async def token_status(self, token_uid: str) -> str | None:
+        return None

@@ -38,26 +38,38 @@ def free_udp_port() -> int:
 
 
 def network(
-    folder: Path, mode: str, *, token_lifetime_s: int = 1200, retention_s: int = 30 * 86400
+    folder: Path,
+    mode: str,
+    *,
+    token_lifetime_s: int = 1200,
+    retention_s: int = 30 * 86400,
+    party_ids: dict[str, str] | None = None,
+    sites: tuple[str, ...] = (),
 ) -> dict[str, EndpointConfig]:
-    """Configurations of the three endpoints (role → config), certificates issued in folder/pki."""
+    """Configurations of the three endpoints (role → config), certificates issued in folder/pki.
+    `party_ids` overrides the party ids (role → id); `sites` are party ids of the CSO's site
+    gateways (role `site`, known to the CSO endpoint only; their credentials are the CSO
+    configuration's `party(site)`)."""
     pki = folder / "pki"
     ca = devpki.ensure_ca(pki)
-    ports = {role: free_udp_port() for role in PARTIES}
-    roles = list(PARTIES)
+    ids = {**PARTIES, **(party_ids or {})}
+    ports = {role: free_udp_port() for role in ids}
+    roles = list(ids)
     pair = {
         frozenset((a, b)): (secrets.token_urlsafe(12), secrets.token_hex(32))
         for i, a in enumerate(roles)
         for b in roles[i + 1 :]
     }
     out = {}
-    for role, party in PARTIES.items():
+    for role, party in ids.items():
         issued = devpki.issue(pki, role, ca=ca)
         parties = tuple(
-            PartyConfig(PARTIES[r], r, *pair[frozenset((role, r))], host="127.0.0.1", port=ports[r])
+            PartyConfig(ids[r], r, *pair[frozenset((role, r))], host="127.0.0.1", port=ports[r])
             for r in roles
             if r != role
         )
+        if role == "cso":
+            parties += tuple(PartyConfig(s, "site", secrets.token_urlsafe(12), secrets.token_hex(32)) for s in sites)
         out[role] = EndpointConfig(
             party_id=party,
             role=role,
@@ -66,7 +78,7 @@ def network(
             key=issued.key,
             ca=issued.ca,
             mode=mode,
-            clearing_house=CH,
+            clearing_house=ids["ch"],
             port=ports[role],
             token_lifetime_s=token_lifetime_s,
             retention_s=retention_s,
@@ -131,7 +143,8 @@ class Net:
 @asynccontextmanager
 async def running(folder: Path, mode: str, **kw: int) -> AsyncIterator[Net]:
     """The three endpoints up on loopback; stopped on exit."""
-    cfgs = network(folder, mode, **kw)
+    cfgs = network(folder, mode, token_lifetime_s=kw.get("token_lifetime_s", 1200),
+                   retention_s=kw.get("retention_s", 30 * 86400))  # fmt: skip
     clock = FakeClock()
     op = MemoryOperator.one_site(CSO, LOCATION, list(EVSES))
     net = Net(

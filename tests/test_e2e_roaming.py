@@ -1,0 +1,115 @@
+"""Roaming through the real chain (IEC 63119 mixed mode): emulated boards (MicroPython) →
+gateway → CSMS over QUIC, and the roaming endpoints (CSO backed by the CSMS, home CSP,
+clearing house) over HTTP/3. R3-1/R4-1 (a card the site and the CSMS do not know, authorized
+online by the home CSP through the CSO endpoint, cached at the site: S2), R3-9 (its SDR at
+the CSMS and at the home CSP, reconciled at the clearing house), R3-2 (remote start from the
+home CSP down to the board)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.schema import AuthStatus
+from tools.site.harness import Site, board_wait, until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def run(tmp: Path, fn: Callable[[Site], Awaitable[None]]) -> None:
+    async def main() -> None:
+        s = Site(tmp, 1, roaming=True)
+        try:
+            await s.start()
+            await board_wait(s.boards[0], "registration")
+            await fn(s)
+        finally:
+            await s.close()
+
+    asyncio.run(main())
+
+
+def test_e2e_r3_1_r4_1_roaming_card_authorized_by_home_csp_sdr_reaches_csp(tmp_path: Path) -> None:
+    async def fn(s: Site) -> None:
+        assert s.csms is not None and s.csp is not None and s.ch is not None and s.gw is not None
+        assert s.site_roaming is not None and s.cso is not None
+        s.csp.add_customer("04ROAM01")  # known to the home CSP only
+        b = s.boards[0]
+        m = b.mark()
+        b.cmd("card", token="04ROAM01")
+        auth = await board_wait(b, "auth", since=m)
+        assert auth["status"] == AuthStatus.ACCEPTED, auth
+        assert s.site_roaming.answered == 1
+        d = s.gw.auth.authorize("04ROAM01", 0)
+        assert d.source == "cache" and d.status == AuthStatus.ACCEPTED  # S2: cached at the site
+        sid = s.cso.open_session(s.evse(0), "04ROAM01")
+        assert sid is not None and sid.startswith("DE*HCP*S")  # issued by the home CSP
+        b.cmd("plug")
+        await board_wait(b, "tx_started", since=m)
+        b.cmd("step", ms=600_000)
+        await asyncio.sleep(0.5)
+        b.cmd("unplug")
+        end = await board_wait(b, "tx_ended", since=m)
+        csms = s.csms
+        sdr = (await until(csms.api.sdrs, 15, "SDR at the CSMS"))[0]
+        assert sdr["id_token"] == "04ROAM01" and sdr["energy_wh"] == end["wh"] > 0
+        csp = s.csp
+        row = await until(lambda: csp.store.one("SELECT * FROM sdrs WHERE session_id=?", sid), 15,
+                          "SDR at the home CSP")  # fmt: skip
+        assert json.loads(row["body"])["energy_wh"] == sdr["energy_wh"]
+        ch = s.ch
+        verdicts = await until(lambda: [r for r in ch.reconcile() if r.verdict == "matched"], 10, "reconciled")
+        assert len(verdicts) == 1
+        # a second presentation is answered from the site's cache, without the roaming endpoint
+        m = b.mark()
+        b.cmd("card", token="04ROAM01")
+        assert (await board_wait(b, "auth", since=m))["status"] == AuthStatus.ACCEPTED
+        assert s.site_roaming.asked == 1
+
+    run(tmp_path, fn)
+
+
+def test_e2e_r3_1_unknown_everywhere_is_refused(tmp_path: Path) -> None:
+    async def fn(s: Site) -> None:
+        b = s.boards[0]
+        m = b.mark()
+        b.cmd("card", token="04NOBODY")
+        auth = await board_wait(b, "auth", since=m)
+        assert auth["status"] != AuthStatus.ACCEPTED, auth
+        assert s.site_roaming is not None and s.site_roaming.answered == 1  # asked, then the CSMS
+
+    run(tmp_path, fn)
+
+
+def test_e2e_r3_2_remote_start_from_home_csp_reaches_the_board(tmp_path: Path) -> None:
+    async def fn(s: Site) -> None:
+        assert s.csms is not None and s.csp is not None and s.ch is not None
+        b = s.boards[0]
+        b.cmd("plug")
+        await asyncio.sleep(0.5)
+        m = b.mark()
+        s.csp.add_customer("APP-USER-7")
+        answer = await s.csp.start_remote(s.evse(0), "APP-USER-7")
+        assert answer["result"] == "accepted", answer
+        sid = answer["roaming_session_id"]
+        tx = await board_wait(b, "tx_started", since=m)
+        csms, site = s.csms, s.gw.cfg.site_id if s.gw else ""
+        row = await until(lambda: csms.store.get("transactions", site_id=site, device_id="ev-0000",
+                                                 tx_id=tx["tx_id"]), 10, "tx at the CSMS")  # fmt: skip
+        assert row is not None and row["remote_start_id"] is not None
+        b.cmd("step", ms=300_000)
+        await asyncio.sleep(0.5)
+        stop = await s.csp.stop_remote(sid)  # R3-4 through the same path
+        assert stop["result"] == "accepted", stop
+        await board_wait(b, "tx_ended", since=m)
+        csp = s.csp
+        got = await until(lambda: csp.store.one("SELECT * FROM sdrs WHERE session_id=?", sid), 20,
+                          "SDR at the home CSP")  # fmt: skip
+        body = json.loads(got["body"])
+        assert body["energy_wh"] > 0 and body["token_uid"] == "APP-USER-7"
+
+    run(tmp_path, fn)

@@ -1,0 +1,222 @@
+"""The CSO endpoint's `OperatorBackend` on top of the project's CSMS (tools/peers/csms).
+
+- The operator's EVSEs are the boards the CSMS knows (`stations`), one location per site;
+  EVSE ids follow `gateway.localcsms.roaming.evse_gid(site, device, evse)`, the rule the
+  site gateway uses when it asks the CSO endpoint to authorize a token.
+- `start` (R3-1/R3-2) queues a `RequestStartTransaction` Command for the board through its
+  site gateway and waits for the board's answer; `stop` (R3-4) a `RequestStopTransaction`
+  of the session's transaction; `reserve` (R3-8) a `ReserveNow`.
+- `token_status`: the CSMS's own token table comes before any home CSP.
+- `CsmsRoaming.run()` follows the CSMS's SDRs (S6) and ends the matching roaming session
+  at the CSO endpoint (`session_ended`: final SessionUpdate and PutSdr to the home CSP,
+  through the CH in clearing-house and mixed modes: R3-5, R3-9). Which CSMS SDRs were
+  handed over is kept in the CSO endpoint's store, so a restart neither loses nor repeats
+  one (and the CSO reuses a session's SDR id on a retry).
+
+The CSMS may be stopped and started (an outage): the adapter asks `csms()` each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway import gid
+from gateway.localcsms.roaming import evse_gid
+from gateway.roaming.client import RoamingError
+from gateway.schema import EPOCH_UNIX, AuthStatus, Status
+from tools.peers.csms import commands as cmds
+from tools.peers.csms.server import CsmsServer
+
+from .cso import CsoEndpoint
+
+log = logging.getLogger(__name__)
+
+DDL = """CREATE TABLE IF NOT EXISTS csms_sdrs(sdr_id TEXT PRIMARY KEY, session_id TEXT, state TEXT NOT NULL,
+    at INTEGER NOT NULL)"""
+
+
+def remote_start_id(session_id: str) -> int:
+    """The integer RequestStartTransaction id of a roaming session (31 bits of its hash)."""
+    return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+class CsmsOperator:
+    """`OperatorBackend` of tools/peers/roaming/operator.py over a running `CsmsServer`."""
+
+    def __init__(self, csms: Callable[[], CsmsServer | None], command_timeout_s: float = 20.0) -> None:
+        self.csms = csms
+        self.command_timeout_s = command_timeout_s
+        self.sessions: dict[str, tuple[str, str, int]] = {}
+        """roaming session id → (site, device, remote start id) of the sessions started here."""
+
+    def _srv(self) -> CsmsServer:
+        srv = self.csms()
+        if srv is None:
+            raise ConnectionError("the CSMS is not running")
+        return srv
+
+    def _evses(self) -> dict[str, tuple[str, str, int]]:
+        """The EVSEs the CSMS has heard of (registered stations, status notifications)."""
+        out: dict[str, tuple[str, str, int]] = {}
+        store = self._srv().store
+        known = [(r["site_id"], r["device_id"], 1) for r in store.select("stations")]
+        known += [(r["site_id"], r["device_id"], r["evse"] or 1) for r in store.select("evses") if r["evse"] != 0]
+        for site, dev, n in known:
+            with contextlib.suppress(gid.GidError):
+                out[evse_gid(str(site), str(dev), int(n))] = (str(site), str(dev), int(n))
+        return out
+
+    def evses(self) -> list[str]:
+        return sorted(self._evses())
+
+    async def locations(self) -> list[dict[str, Any]]:
+        sites: dict[str, list[dict[str, Any]]] = {}
+        for g, (site, _dev, _e) in self._evses().items():
+            sites.setdefault(site, []).append(
+                {"evse_gid": g, "evse_status": await self.evse_status(g) or "unknown", "max_power_w": 22000}
+            )
+        out = []
+        for site, evses in sites.items():
+            op = gid.parse(site).operator
+            out.append({"location_id": site, "operator_id": op, "name": site, "latitude": 48.1, "longitude": 11.5,
+                        "evses": evses})  # fmt: skip
+        return out
+
+    async def evse_status(self, evse: str) -> str | None:
+        where = self._evses().get(evse)
+        if where is None:
+            return None
+        site, dev, _ = where
+        active = [t for t in self._srv().store.select("transactions", {"site_id": site, "device_id": dev})
+                  if t["state"] == "active"]  # fmt: skip
+        return "occupied" if active else "available"
+
+    async def _run(self, site: str, spec: cmds.CommandSpec) -> str:
+        srv = self._srv()
+        cmd_id = srv.api.send(site, spec)
+        end = time.monotonic() + self.command_timeout_s
+        while time.monotonic() < end:
+            row = self._srv().api.command(cmd_id)
+            if row is not None and row["state"] in ("done", "failed", "expired"):
+                res = (row.get("results") or [{}])[0]
+                if row["state"] == "done" and res.get("status") == Status.ACCEPTED:
+                    return "accepted"
+                return "evse_offline" if "offline" in str(res.get("reason", "")) else "rejected"
+            await asyncio.sleep(0.05)
+        return "timeout"
+
+    async def start(self, evse: str, token_uid: str, session_id: str) -> str:
+        where = self._evses().get(evse)
+        if where is None:
+            return "rejected"
+        site, dev, n = where
+        rsid = remote_start_id(session_id)
+        result = await self._run(site, cmds.request_start([dev], token_uid, rsid, evse=n))
+        if result == "accepted":
+            self.sessions[session_id] = (site, dev, rsid)
+        return result
+
+    async def stop(self, session_id: str) -> str:
+        where = self.sessions.get(session_id)
+        if where is None:
+            return "unknown_session"
+        site, dev, rsid = where
+        txs = [t for t in self._srv().store.select("transactions", {"site_id": site, "device_id": dev})
+               if t["remote_start_id"] == rsid and t["state"] == "active"]  # fmt: skip
+        if not txs:
+            return "unknown_session"
+        return await self._run(site, cmds.request_stop([dev], int(txs[-1]["tx_id"])))
+
+    async def unlock(self, evse: str, session_id: str | None) -> str:
+        return "rejected"  # no remote cable unlock in the CSMS's command set yet
+
+    async def reserve(self, evse: str, token_uid: str, expiry: int, reservation_id: int) -> str:
+        where = self._evses().get(evse)
+        if where is None:
+            return "rejected"
+        site, dev, n = where
+        srv = self._srv()
+        cmd_id = srv.api.reserve(site, dev, reservation_id, max(0, expiry - EPOCH_UNIX), token_uid, evse=n)
+        end = time.monotonic() + self.command_timeout_s
+        while time.monotonic() < end:
+            row = srv.api.command(cmd_id)
+            if row is not None and row["state"] in ("done", "failed", "expired"):
+                ok = row["state"] == "done" and (row.get("results") or [{}])[0].get("status") == Status.ACCEPTED
+                return "accepted" if ok else "rejected"
+            await asyncio.sleep(0.05)
+        return "timeout"
+
+    async def apply_plan(self, session_id: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        return None  # charge plans of roaming sessions: not wired to the CSMS's profiles yet
+
+    async def token_status(self, token_uid: str) -> str | None:
+        row = self._srv().store.get("tokens", id_token=token_uid)
+        if row is None:
+            return None
+        return AuthStatus(int(row["auth_status"])).name.lower()
+
+
+class CsmsRoaming:
+    """Runs beside the CSMS and the CSO endpoint: hands every SDR of a roaming session to the
+    CSO endpoint (R3-5, R3-9)."""
+
+    def __init__(self, cso: CsoEndpoint, operator: CsmsOperator, period_s: float = 0.2) -> None:
+        self.cso, self.op, self.period_s = cso, operator, period_s
+        cso.store.db.executescript(DDL)
+        self.forwarded = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> CsmsRoaming:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the CSMS is away (outage) or the home CSP is: next round
+                log.debug("roaming SDR hand-over: %s", e)
+            await asyncio.sleep(self.period_s)
+
+    async def step(self) -> int:
+        """One pass over the CSMS's SDRs; the count handed over to the CSO endpoint."""
+        srv = self.op.csms()
+        if srv is None:
+            return 0
+        seen = {str(r[0]): (r[1], r[2]) for r in self.cso.store.all("SELECT sdr_id, session_id, state FROM csms_sdrs")}
+        n = 0
+        for sdr in srv.api.sdrs():
+            prev = seen.get(sdr["sdr_id"])
+            if (prev is not None and prev[1] != "pending") or not sdr["id_token"]:
+                continue
+            evse = evse_gid(str(sdr["site_id"]), str(sdr["device_id"]), int(sdr["evse"] or 1))
+            sid = str(prev[0]) if prev is not None else self.cso.open_session(evse, str(sdr["id_token"]))
+            if sid is None:
+                self.cso.store.exec("INSERT OR REPLACE INTO csms_sdrs VALUES(?,?,?,?)", sdr["sdr_id"], None, "local",
+                                    int(time.time()))  # fmt: skip
+                continue
+            self.cso.store.exec("INSERT OR REPLACE INTO csms_sdrs VALUES(?,?,?,?)", sdr["sdr_id"], sid, "pending",
+                                int(time.time()))  # fmt: skip
+            try:
+                await self.cso.session_ended(sid, int(sdr["energy_wh"]), meter_start_wh=int(sdr["meter_start_wh"]))
+            except (RoamingError, ConnectionError) as e:
+                log.warning("SDR of %s not yet accepted by the home CSP: %s", sid, e)
+                continue
+            self.cso.store.exec("UPDATE csms_sdrs SET state='sent' WHERE sdr_id=?", sdr["sdr_id"])
+            self.forwarded += 1
+            n += 1
+        return n
