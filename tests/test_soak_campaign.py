@@ -24,8 +24,11 @@ def test_soak_campaign_short(tmp_path: Path) -> None:
     assert "== campaign summary ==" in p.stdout, out[-5000:]
     faults = p.stdout.split("faults injected: ")[1].splitlines()[0]
     assert sum(int(x.split()[-1]) for x in faults.split(", ")) >= 4, faults
-    for check in ("no accepted message lost", "none duplicated", "every SDR reconciles with its metered energy"):
+    for check in (
+        "no accepted message lost",
+        "none duplicated",
+        "order per device kept",
+        "every SDR reconciles with its metered energy",
+    ):
         assert f"PASS {check}" in p.stdout, out[-5000:]
-    if "FAIL order per device kept" in p.stdout:  # open finding, see docs/site.md "Findings"
-        pytest.xfail("per-device order is not kept across board power cuts / gateway kill -9")
     assert p.returncode == 0, out[-5000:]

@@ -193,7 +193,10 @@ class Link:
         if key is not None:
             self.events.append((KEY_PROVISIONED, crypto.ctr(e_dn, 1, F_DEVICE_KEY, key)))
         self.events.append((OPENED, f.body))
-        for mid in self.inflight:  # resend what the last connection left unanswered
+        # Resend what the last connection left unanswered, oldest first: MicroPython dicts
+        # do not keep insertion order, and the receiver must see each device's messages in
+        # the order they were made (ids grow with time).
+        for mid in sorted(self.inflight):
             self._queue(mid, self.inflight[mid])
 
     def _closed(self, reason):
@@ -401,6 +404,7 @@ class Link:
                 due.append(mid)
         if due is None:
             return
+        due.sort()  # oldest first, as above: dict order is not insertion order on MicroPython
         for mid in due:
             e = self.inflight[mid]
             if not e[_DURABLE] and e[_TRIES] >= _MAX_TRIES:
