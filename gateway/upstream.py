@@ -210,6 +210,8 @@ class UplinkSettings:
     relay_max_bytes: int = MAX_RELAY_BYTES
     urgent_relay_max_bytes: int = 16 << 10
     connect_timeout_s: float = 5.0
+    max_datagram_size: int = 0
+    """0: 16 KiB on a loopback address (no path MTU to respect), else aioquic's default."""
 
     def quic(self) -> QuicConfiguration:
         qc = QuicConfiguration(
@@ -220,6 +222,11 @@ class UplinkSettings:
             idle_timeout=self.idle_timeout_s,
             max_datagram_frame_size=None,
         )
+        size = self.max_datagram_size
+        if not size and (self.host.startswith("127.") or self.host in ("::1", "localhost")):
+            size = 16 << 10  # fewer, larger packets: aioquic's cost is per packet
+        if size:
+            qc.max_datagram_size = size
         qc.load_verify_locations(cafile=self.ca_file)
         qc.load_cert_chain(self.cert_file, self.key_file)
         return qc
@@ -247,6 +254,9 @@ class UpstreamProtocol(QuicConnectionProtocol):
         self.ready = False
         self.closed = asyncio.Event()
         self.hello_answered: asyncio.Future[_core.Frame] = asyncio.get_running_loop().create_future()
+        # The runner may have given up waiting (connect timeout) before the link dies: the
+        # outcome is then read here, so that asyncio does not report it as never retrieved.
+        self.hello_answered.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pump_scheduled = False
         self.caps = [1 << 20, 32 << 10, 32 << 10, settings.bulk_unsent_max]
         """Bytes a class may leave in aioquic unsent: what an urgent frame can find ahead of it."""
@@ -256,6 +266,8 @@ class UpstreamProtocol(QuicConnectionProtocol):
             settings.relay_max_bytes,
             settings.relay_max_bytes,
         ]
+        self.urgent_reserve = 4 * self._quic._max_datagram_size
+        """Congestion window bytes the lower classes leave free for urgent relays."""
         self.pending: dict[int, deque[memoryview]] = {}
         """Per stream, encoded bytes not yet handed to aioquic (fed one cap at a time)."""
 
@@ -288,8 +300,11 @@ class UpstreamProtocol(QuicConnectionProtocol):
         at most `cap` bytes at a time (one chunk for bulk). True when it handed some."""
         q = self.pending[sid]
         fed = False
+        lower = self.class_of[sid] != Priority.URGENT
         while q:
             room = cap - self.unsent(sid)
+            if lower:
+                room = min(room, self.flight_room())
             if room <= 0:
                 break
             data = q[0]
@@ -318,6 +333,17 @@ class UpstreamProtocol(QuicConnectionProtocol):
         self.pump()
         return reply
 
+    def flight_room(self) -> int:
+        """Bytes the lower classes may still hand aioquic: the congestion window less what
+        is in flight, what waits unsent in aioquic and a reserve kept for urgent data, so
+        that an urgent relay is never held back by a window bulk filled. Nothing in flight:
+        no limit (the window cannot be below one datagram's reserve forever)."""
+        loss = self._quic._loss
+        if not loss.bytes_in_flight:
+            return 1 << 30
+        held = sum(self.unsent(sid) for sid in self.sids)
+        return int(loss.congestion_window - loss.bytes_in_flight - held - self.urgent_reserve)
+
     def unsent(self, sid: int) -> int:
         # aioquic exposes no public per-stream send offset; `highest_offset` of the stream's
         # sender is the end of what it has put on the wire.
@@ -338,7 +364,13 @@ class UpstreamProtocol(QuicConnectionProtocol):
             cap = self.caps[prio]
             if self.pending[sid] and self._feed(sid, cap):
                 wrote = True
-            while up.unsent[prio] and up.inflight_bytes < limit and not self.pending[sid] and self.unsent(sid) < cap:
+            while (
+                up.unsent[prio]
+                and up.inflight_bytes < limit
+                and not self.pending[sid]
+                and self.unsent(sid) < cap
+                and (prio == Priority.URGENT or self.flight_room() > 0)
+            ):
                 relay = up.take(prio, self.max_relay_bytes[prio])
                 assert relay is not None
                 self.out_seq[sid] += 1
