@@ -6,7 +6,7 @@ import enum
 from typing import Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
-SCHEMA_REV: Final = 2
+SCHEMA_REV: Final = 3
 MAX_FRAME: Final = 4096
 MAX_UP_FRAME: Final = 1048576
 MAX_CHUNK: Final = 1024
@@ -183,6 +183,7 @@ class Action(enum.IntEnum):
     UNLOCK_ROAMING = 213
     SETTLEMENT = 214
     DELETE_USER_DATA = 215
+    CONTRACT_CERTIFICATE = 216
 
 
 class Key(enum.IntEnum):
@@ -896,6 +897,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     213: MessageSpec(213, 'UnlockRoaming', Kind.REQUEST, 're', Priority(0), 5000, False, ((135, True), (153, False), (13, False)), ((155, True), (13, False)), ('R5-2', 'R5-3', )),
     214: MessageSpec(214, 'Settlement', Kind.REQUEST, 're', Priority(3), 30000, False, ((141, True), (164, True), (166, True), (127, True)), ((26, True), (13, False)), ('R3-9', )),
     215: MessageSpec(215, 'DeleteUserData', Kind.REQUEST, 're', Priority(1), 30000, False, ((167, True), (141, False)), ((26, True), (109, True)), ('M10', )),
+    216: MessageSpec(216, 'ContractCertificate', Kind.REQUEST, 're', Priority(1), 30000, False, ((135, True), (129, True), (128, True), (152, False)), ((26, True), (128, False), (13, False)), ('S7', 'R3-3', )),
 }
 
 MESSAGE_BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in MESSAGES.values()}

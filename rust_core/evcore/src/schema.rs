@@ -6,7 +6,7 @@
 use crate::schema_types::{FieldDef, MessageDef, Member, Ty};
 
 pub const PROTOCOL_VERSION: u64 = 1;
-pub const SCHEMA_REV: u64 = 2;
+pub const SCHEMA_REV: u64 = 3;
 pub const MAX_FRAME: usize = 4096;
 pub const MAX_UP_FRAME: usize = 1048576;
 pub const MAX_CHUNK: usize = 1024;
@@ -154,6 +154,7 @@ pub mod action {
     pub const UNLOCK_ROAMING: u16 = 213;
     pub const SETTLEMENT: u16 = 214;
     pub const DELETE_USER_DATA: u16 = 215;
+    pub const CONTRACT_CERTIFICATE: u16 = 216;
 }
 
 /// Body keys of the field dictionary.
@@ -632,8 +633,9 @@ pub static MESSAGES: &[MessageDef] = &[
     MessageDef { code: 213, name: "UnlockRoaming", kind: kind::REQUEST, origin: "re", priority: 0, timeout_ms: 5000, durable: false, fields: &[Member { key: 135, required: true }, Member { key: 153, required: false }, Member { key: 13, required: false }], response: &[Member { key: 155, required: true }, Member { key: 13, required: false }], usecases: &["R5-2", "R5-3"] },
     MessageDef { code: 214, name: "Settlement", kind: kind::REQUEST, origin: "re", priority: 3, timeout_ms: 30000, durable: false, fields: &[Member { key: 141, required: true }, Member { key: 164, required: true }, Member { key: 166, required: true }, Member { key: 127, required: true }], response: &[Member { key: 26, required: true }, Member { key: 13, required: false }], usecases: &["R3-9"] },
     MessageDef { code: 215, name: "DeleteUserData", kind: kind::REQUEST, origin: "re", priority: 1, timeout_ms: 30000, durable: false, fields: &[Member { key: 167, required: true }, Member { key: 141, required: false }], response: &[Member { key: 26, required: true }, Member { key: 109, required: true }], usecases: &["M10"] },
+    MessageDef { code: 216, name: "ContractCertificate", kind: kind::REQUEST, origin: "re", priority: 1, timeout_ms: 30000, durable: false, fields: &[Member { key: 135, required: true }, Member { key: 129, required: true }, Member { key: 128, required: true }, Member { key: 152, required: false }], response: &[Member { key: 26, required: true }, Member { key: 128, required: false }, Member { key: 13, required: false }], usecases: &["S7", "R3-3"] },
 ];
 
 /// action code → index into MESSAGES (65535: unknown action).
-pub static MESSAGE_INDEX: [u16; 216] = [65535, 0, 1, 2, 3, 4, 65535, 65535, 65535, 65535, 5, 6, 7, 8, 9, 65535, 65535, 65535, 65535, 65535, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 65535, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 68, 69, 70, 71, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87];
+pub static MESSAGE_INDEX: [u16; 217] = [65535, 0, 1, 2, 3, 4, 65535, 65535, 65535, 65535, 5, 6, 7, 8, 9, 65535, 65535, 65535, 65535, 65535, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 65535, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 68, 69, 70, 71, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88];
 
