@@ -60,6 +60,8 @@ class Config:
     relay_max_bytes: int = 256 << 10
     connect_timeout_s: float = 5.0
     bulk_unsent_max: int = 4096
+    max_datagram_size: int = 0
+    """UDP payload of the uplink's QUIC packets; 0: 16 KiB on loopback, else aioquic's 1200."""
     inflight_max_bytes: int = 4 << 20
     backoff_min_s: float = 0.1
     backoff_max_s: float = 30.0
@@ -106,6 +108,13 @@ def _int(lo: int, hi: int) -> Any:
         return v
 
     return conv
+
+
+def _datagram(key: str, v: Any) -> int:
+    n: int = _int(0, 65000)(key, v)
+    if 0 < n < 1200:
+        raise ConfigError(f"{key}: 0 (automatic) or at least 1200 (QUIC's minimum), got {v!r}")
+    return n
 
 
 def _float(lo: float, hi: float) -> Any:
@@ -193,6 +202,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "relay_max_bytes": ("relay_max_bytes", _int(4096, 1 << 20)),
         "connect_timeout_s": ("connect_timeout_s", _float(0.1, 600)),
         "bulk_unsent_max": ("bulk_unsent_max", _int(256, 1 << 20)),
+        "max_datagram_size": ("max_datagram_size", _datagram),
         "inflight_max_bytes": ("inflight_max_bytes", _int(4096, 1 << 30)),
         "backoff_min_s": ("backoff_min_s", _float(0.001, 60)),
         "backoff_max_s": ("backoff_max_s", _float(0.01, 3600)),

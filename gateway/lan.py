@@ -90,7 +90,10 @@ class BoardConnection(asyncio.Protocol):
                 return
             if out.verdict is Verdict.THROTTLE and not self.throttled:
                 self.throttle(self.gw.flood.throttle_s)
-        self.gw.wake()
+        if self.gw.queue.len_class(Priority.URGENT):
+            self.gw.dispatch_now()  # urgent frames leave in this callback, before other links' reads
+        else:
+            self.gw.wake()
         if len(self.gw.queue) > self.gw.cfg.queue_high:
             self.gw.pause(self)
 

@@ -32,8 +32,8 @@ class Row(NamedTuple):
     frame: bytes
 
 
-NewRow = tuple[str, int, int, bytes]
-"""(device, msg_id, prio, frame) of a frame to store."""
+NewRow = Row
+"""A row to store: its seq is given when the dispatcher accepts it (`Committer.alloc`)."""
 
 
 class Outbox:
@@ -53,19 +53,19 @@ class Outbox:
     def close(self) -> None:
         self._db.close()
 
-    def commit(self, rows: Sequence[NewRow], retire: Sequence[int], now_ms: int) -> list[int | None]:
-        """Stores `rows` and retires `retire` in one transaction; returns each row's seq,
-        None for a duplicate of a row already held (same device and message id)."""
-        first = self.next_seq
-        seqs: list[int | None] = list(range(first, first + len(rows)))
+    def commit(self, rows: Sequence[Row], retire: Sequence[int], now_ms: int) -> list[int | None]:
+        """Stores `rows` (their seqs given by the caller, in acceptance order) and retires
+        `retire` in one transaction; returns each row's seq, None for a duplicate of a row
+        already held (same device and message id)."""
         db = self._db
         before = db.total_changes
         db.execute("BEGIN IMMEDIATE")
         try:
-            if rows:
+            if rows:  # the rows themselves are the parameters: no tuple per row
                 db.executemany(
-                    "INSERT OR IGNORE INTO outbox(seq, device, msg_id, prio, at_ms, frame) VALUES (?,?,?,?,?,?)",
-                    [(first + i, d, m, p, now_ms, f) for i, (d, m, p, f) in enumerate(rows)],
+                    "INSERT OR IGNORE INTO outbox(seq, device, msg_id, prio, frame, at_ms)"
+                    f" VALUES (?,?,?,?,?,{int(now_ms)})",
+                    rows,
                 )
             inserted = db.total_changes - before
             if retire:
@@ -76,11 +76,12 @@ class Outbox:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self.next_seq = first + len(rows)
+        seqs: list[int | None] = [r[0] for r in rows]
+        if rows:
+            self.next_seq = max(self.next_seq, max(r[0] for r in rows) + 1)
         if inserted != len(rows):
-            present = {
-                s for (s,) in db.execute("SELECT seq FROM outbox WHERE seq BETWEEN ? AND ?", (first, first + len(rows)))
-            }
+            lo, hi = min(r[0] for r in rows), max(r[0] for r in rows)
+            present = {s for (s,) in db.execute("SELECT seq FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi))}
             seqs = [s if s in present else None for s in seqs]
         return seqs
 
@@ -141,6 +142,15 @@ class Committer:
         self.commits = 0
         self.rows_committed = 0
         self.last_commit_s = 0.0
+        self.next_seq = outbox.next_seq
+        """Seq of the next row accepted: given on the event loop, in acceptance order, so that
+        a row is known by its seq before its commit (urgent rows are relayed before it)."""
+
+    def alloc(self, n: int) -> int:
+        """Reserves `n` consecutive seqs; returns the first."""
+        first = self.next_seq
+        self.next_seq = first + n
+        return first
 
     @property
     def waiting(self) -> int:
@@ -164,7 +174,7 @@ class Committer:
             self._urgent_waiters.append((len(rows), done))
         else:
             self._rows.extend(rows)
-            self._bytes += sum(len(r[3]) for r in rows)
+            self._bytes += sum(len(r[4]) for r in rows)
             self._waiters.append((len(rows), done))
         self._kick()
 

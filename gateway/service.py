@@ -22,7 +22,7 @@ from gateway.lan import BoardConnection, serve
 from gateway.link import FloodPolicy, State, proto_ts
 from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.power import SITE, PowerManager
-from gateway.outbox import Committer, NewRow, Outbox, Row
+from gateway.outbox import Committer, Outbox, Row
 from gateway.schema import (
     EPOCH_UNIX,
     MESSAGES,
@@ -84,6 +84,10 @@ class Gateway:
         self.frames_in = 0
         self.frames_stored = 0
         self.duplicates = 0
+        self.early_relayed = 0
+        """Urgent rows handed to the uplink before their commit."""
+        self.early_duplicates = 0
+        """Of those, duplicates of a row already held: relayed again, deduplicated upstream."""
         self.throttled = 0
         self.rejections: dict[str, int] = {}
         self.outbox_alarm = False
@@ -101,6 +105,7 @@ class Gateway:
                 cfg.upstream_host, cfg.upstream_port, cfg.server_name, str(cfg.ca_file), str(cfg.cert_file),
                 str(cfg.key_file), cfg.bulk_unsent_max, cfg.inflight_max_bytes, cfg.backoff_min_s, cfg.backoff_max_s,
                 cfg.idle_timeout_s, relay_max_bytes=cfg.relay_max_bytes, connect_timeout_s=cfg.connect_timeout_s,
+                max_datagram_size=cfg.max_datagram_size,
             )  # fmt: skip
             self.runner = UplinkRunner(self.uplink, settings, cfg.site_id, self.relayed_acked, self.upstream_request)
             self._tasks.append(asyncio.create_task(self.runner.run()))
@@ -175,8 +180,14 @@ class Gateway:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)
 
-    def _dispatch(self) -> None:
-        self._scheduled = False
+    def dispatch_now(self) -> None:
+        """Dispatches at once (urgent frames were just read); a round already scheduled stays
+        scheduled and finds the rest."""
+        self._dispatch(scheduled=False)
+
+    def _dispatch(self, scheduled: bool = True) -> None:
+        if scheduled:
+            self._scheduled = False
         cfg = self.cfg
         if self.committer.full:
             # The commit in progress calls wake() when it is done; urgent frames do not
@@ -188,17 +199,22 @@ class Gateway:
         else:
             batch = self.queue.pop_batch(cfg.commit_max_rows, cfg.commit_max_bytes)
         now = self.clock.now()
-        rows: list[NewRow] = []
+        committer = self.committer
+        seq = committer.next_seq
+        by_idx = self.by_idx
+        # urgent rows first (the queue pops them first), then the others, each in acceptance order
+        u_rows: list[Row] = []
+        u_meta: list[tuple[BoardConnection | None, int, int, int]] = []
+        rows: list[Row] = []
         meta: list[tuple[BoardConnection | None, int, int, int]] = []
-        n_urgent = 0
         full: dict[BoardConnection, list[bytes]] = {}
-        room = cfg.outbox_max_rows - self.pending_rows - self.committer.waiting
+        room = cfg.outbox_max_rows - self.pending_rows - committer.waiting
         for prio, idx, msg_id, action, frame in batch:
-            conn = self.by_idx.get(idx)
+            conn = by_idx.get(idx)
             b = frame[2]
             kind = b if b < 0x80 else _core.decode(frame).kind
             if kind == Kind.EVENT:
-                if len(rows) >= room:
+                if len(rows) + len(u_rows) >= room:
                     if conn is not None:
                         reason = "outbox full: event not stored, resend later"
                         full.setdefault(conn, []).append(
@@ -207,9 +223,14 @@ class Gateway:
                         self.count_name("QUEUE_FULL")
                     continue
                 device = conn.link.device_id if conn is not None else self.devices.by_idx(idx).device_id
-                rows.append((device, msg_id, prio, frame))
-                meta.append((conn, prio, msg_id, action if MESSAGES[action].durable else -1))
-                n_urgent += prio == Priority.URGENT
+                m = (conn, prio, msg_id, action if MESSAGES[action].durable else -1)
+                if prio == Priority.URGENT:
+                    u_rows.append(Row(seq, device, msg_id, prio, frame))
+                    u_meta.append(m)
+                else:
+                    rows.append(Row(seq, device, msg_id, prio, frame))
+                    meta.append(m)
+                seq += 1
             elif kind == Kind.REQUEST:
                 if conn is not None:
                     self._board_request(conn, frame, now)
@@ -217,17 +238,28 @@ class Gateway:
                 fut = self.pending_cmds.pop((idx, msg_id), None)
                 if fut is not None and not fut.done():
                     fut.set_result(frame)
+        committer.next_seq = seq
         for conn, frames in full.items():
             conn.write(frames)
-        if n_urgent:  # popped first (the queue serves urgent first): a commit of their own
-            u_rows, u_meta = rows[:n_urgent], meta[:n_urgent]
-            rows, meta = rows[n_urgent:], meta[n_urgent:]
-            self.command_path.accepted(u_rows)
-            self.committer.submit(u_rows, lambda res: self._committed(u_rows, u_meta, res, urgent=True), urgent=True)
+        if u_rows:
+            self._accepted(u_rows)
+            early = not cfg.fifo and self.runner is not None
+            if early:
+                # Relayed now, in parallel with their commit: the board is acked only after
+                # the commit; if the gateway dies before it, the board resends and the
+                # CSMS deduplicates by (site, device, msg id).
+                self.pending_rows += len(u_rows)
+                self.uplink.add(u_rows)
+                self.early_relayed += len(u_rows)
+                assert self.runner is not None
+                self.runner.kick(now=True)
+            committer.submit(
+                u_rows, lambda res: self._committed(u_rows, u_meta, res, urgent=True, early=early), urgent=True
+            )
         if rows:
             b_rows, b_meta = rows, meta
-            self.command_path.accepted(b_rows)
-            self.committer.submit(b_rows, lambda res: self._committed(b_rows, b_meta, res))
+            self._accepted(b_rows)
+            committer.submit(b_rows, lambda res: self._committed(b_rows, b_meta, res))
         if len(self.queue):
             self.wake()
         elif self.paused and len(self.queue) < cfg.queue_high // 2:
@@ -236,8 +268,16 @@ class Gateway:
             self.paused.clear()
         self._check_alarm()
 
-    def _committed(self, rows: list[NewRow], meta: list[tuple[BoardConnection | None, int, int, int]],
-                   res: list[int | None] | BaseException, urgent: bool = False) -> None:  # fmt: skip
+    def _accepted(self, rows: list[Row]) -> None:
+        """The command path notes the plaintext id tokens of the frames that carry one
+        (key 16 followed by a bin8: a cheap filter, the same as the command path's)."""
+        cand = [(r[1], r[2], r[3], r[4]) for r in rows if b"\x10\xc4" in r[4]]
+        if cand:
+            self.command_path.accepted(cand)
+
+    def _committed(self, rows: list[Row], meta: list[tuple[BoardConnection | None, int, int, int]],
+                   res: list[int | None] | BaseException, urgent: bool = False,
+                   early: bool = False) -> None:  # fmt: skip
         now = self.clock.now()
         if isinstance(res, BaseException):
             log.error("outbox commit failed: %s", res)
@@ -245,24 +285,29 @@ class Gateway:
                 if conn is not None and action >= 0:
                     reason = f"outbox commit failed ({type(res).__name__}); resend"
                     conn.send_one(conn.link.error(ErrorCode.INTERNAL, reason, msg_id, prio, action, now))
+            # Rows relayed early stay owed to the uplink: relaying them again is harmless (the
+            # CSMS deduplicates); the board resends them under the same ids.
             self.wake()
             return
         acks: dict[BoardConnection, list[tuple[int, int, int]]] = {}
-        new: list[Row] = []
-        for (device, msg_id, prio, frame), (conn, _p, _m, action), seq in zip(rows, meta, res, strict=True):
-            if seq is None:
-                self.duplicates += 1
-            else:
-                new.append(Row(seq, device, msg_id, prio, frame))
+        for conn, prio, msg_id, action in meta:
             if action >= 0 and conn is not None and not conn.closed:
                 acks.setdefault(conn, []).append((prio, msg_id, action))
         for conn, items in acks.items():
             conn.write(conn.link.acks(items, now))
-        self.pending_rows += len(new)
-        self.frames_stored += len(new)
-        self.uplink.add(new)
-        if self.runner is not None:
-            self.runner.kick(now=urgent)  # urgent rows leave right after their own commit
+        dups = res.count(None)
+        self.duplicates += dups
+        self.frames_stored += len(rows) - dups
+        if early:
+            # Already in the uplink since their dispatch; a duplicate among them was relayed
+            # too (the CSMS deduplicates it) and is counted as such.
+            self.early_duplicates += dups
+        else:
+            new = rows if not dups else [r for r, s in zip(rows, res, strict=True) if s is not None]
+            self.pending_rows += len(new)
+            self.uplink.add(new)
+            if self.runner is not None:
+                self.runner.kick(now=urgent)
         self.wake()
 
     def relayed_acked(self, seqs: list[int]) -> None:
@@ -412,6 +457,8 @@ class Gateway:
             "frames_in": self.frames_in,
             "frames_stored": self.frames_stored,
             "duplicates": self.duplicates,
+            "early_relayed": self.early_relayed,
+            "early_duplicates": self.early_duplicates,
             "queue": [self.queue.len_class(p) for p in range(4)],
             "outbox_backlog": self.pending_rows,
             "outbox_alarm": self.outbox_alarm,

@@ -16,6 +16,7 @@ import sqlite3
 import ssl
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,11 @@ class Store:
 class Peer:
     """State shared by the connections of one peer server."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, threaded: bool = False) -> None:
         self.store = store
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="peer-store") if threaded else None
+        """Standalone, the store commits on a thread of its own, so that the event loop keeps
+        reading (and time-stamping) relays while a large one is written."""
         self.protocols: list[PeerProtocol] = []
         self.connected = asyncio.Event()
         self.received = 0
@@ -135,7 +139,15 @@ class PeerProtocol(QuicConnectionProtocol):
         """One transaction for every relay received in this loop turn, then their acks."""
         self.flush_scheduled = False
         pending, self.pending = self.pending, []
-        self.peer.store.put([r for _, _, rows in pending for r in rows])
+        rows = [r for _, _, rows in pending for r in rows]
+        if self.peer.pool is None:
+            self.peer.store.put(rows)
+            self.ack(pending)
+        else:
+            fut = asyncio.get_running_loop().run_in_executor(self.peer.pool, self.peer.store.put, rows)
+            fut.add_done_callback(lambda f: None if f.exception() else self.ack(pending))
+
+    def ack(self, pending: list[tuple[int, int, list[tuple[str, str, int, int, int, bytes, float]]]]) -> None:
         if self.peer.ack:
             by_stream: dict[int, list[int]] = {}
             for sid, relay_id, _ in pending:
@@ -194,8 +206,8 @@ def server_config(pki: Path, cn: str = "csms", ca_name: str = "ca") -> QuicConfi
     return qc
 
 
-async def start(host: str, port: int, store: Store, qc: QuicConfiguration) -> tuple[Peer, Any]:
-    peer = Peer(store)
+async def start(host: str, port: int, store: Store, qc: QuicConfiguration, threaded: bool = False) -> tuple[Peer, Any]:
+    peer = Peer(store, threaded)
     server = await serve(host, port, configuration=qc, create_protocol=lambda *a, **k: PeerProtocol(*a, peer=peer, **k))
     return peer, server
 
@@ -209,7 +221,7 @@ def main() -> None:
     a = p.parse_args()
 
     async def run() -> None:
-        _peer, _server = await start(a.host, a.port, Store(a.db), server_config(a.pki))
+        _peer, _server = await start(a.host, a.port, Store(a.db), server_config(a.pki), threaded=True)
         print("READY", flush=True)
         await asyncio.Event().wait()
 

@@ -23,8 +23,24 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_gateway(cfg: Path) -> subprocess.Popen[str]:
-    p = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(cfg)], cwd=ROOT, text=True,
+SLOW_URGENT_COMMIT = """
+import sys, time
+from gateway import outbox
+commit = outbox.Outbox.commit
+def slow(self, rows, retire, now_ms):
+    if any(r[3] == 0 for r in rows):  # a commit holding an urgent row: the gateway dies first
+        time.sleep(60)
+    return commit(self, rows, retire, now_ms)
+outbox.Outbox.commit = slow
+from gateway.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+"""`python -m gateway` whose commits of urgent rows never complete (the test kills it first)."""
+
+
+def start_gateway(cfg: Path, slow_urgent_commit: bool = False) -> subprocess.Popen[str]:
+    cmd = ["-c", SLOW_URGENT_COMMIT] if slow_urgent_commit else ["-m", "gateway"]
+    p = subprocess.Popen([sys.executable, *cmd, "--config", str(cfg)], cwd=ROOT, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     assert p.stdout is not None
     line = p.stdout.readline()
@@ -102,6 +118,84 @@ def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
             assert m > last.get((d, p), 0), f"order of {d} class {p} broken at {m}"
             last[d, p] = m
     finally:
+        for p in (gw, peer):
+            p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+
+
+def test_urgent_relayed_before_its_commit_then_kill_9_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    """An urgent frame reaches the CSMS while its commit is still running (it is relayed in
+    parallel with it); the gateway is killed before the commit completes, so the board never
+    got its ack and resends it to the restarted gateway: the CSMS holds it exactly once."""
+    udp, lan, metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(
+        f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{lan}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+        f'[upstream]\naddress = "127.0.0.1:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n'
+        f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
+    )
+    gw = start_gateway(cfg, slow_urgent_commit=True)
+    peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gwpeer.py"), "--port", str(udp), "--db",
+                             str(tmp_path / "peer.sqlite"), "--pki", str(tmp_path / "gw" / "pki")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert peer.stdout is not None and peer.stdout.readline().startswith("READY")
+    store = gwpeer.Store(str(tmp_path / "peer.sqlite"))
+    outbox = sqlite3.connect(tmp_path / "gw" / "outbox.sqlite")
+
+    def at_peer(device: str) -> list[int]:
+        return [m for (m,) in store.db.execute("SELECT msg_id FROM frames WHERE device = ? ORDER BY n", (device,))]
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        nonlocal gw
+        board = Board("ev-u01", dev_key(gwpeer.SEED, "ev-u01"), "127.0.0.1", lan)
+        meters = Board("ev-m01", dev_key(gwpeer.SEED, "ev-m01"), "127.0.0.1", lan)
+        stop = asyncio.Event()
+        keepers = [asyncio.create_task(b.keep_connected(stop)) for b in (board, meters)]
+        await asyncio.wait_for(board.connected.wait(), 10)
+        await asyncio.wait_for(meters.connected.wait(), 10)
+        meter_ids = meters.send("meter", 20)
+        end = time.monotonic() + 10
+        while len(at_peer("ev-m01")) < 20 and time.monotonic() < end:  # the uplink is up
+            await asyncio.sleep(0.02)
+        urgent_ids = board.send("fault", 3)
+        end = time.monotonic() + 10
+        while len(at_peer("ev-u01")) < 3 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        assert at_peer("ev-u01") == urgent_ids, "relayed while the commit is still running"
+        assert list(board.unacked) == urgent_ids, "not acked to the board: the commit has not completed"
+        assert outbox.execute("SELECT count(*) FROM outbox WHERE prio = 0").fetchone()[0] == 0
+        gw.send_signal(signal.SIGKILL)
+        gw.wait()
+        assert gw.stdout is not None
+        gw.stdout.close()
+        gw = await asyncio.to_thread(start_gateway, cfg)  # the board resends to the new gateway
+        end = time.monotonic() + 15
+        while board.unacked and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        assert not board.unacked, "acked once durable in the restarted gateway"
+
+        def retired() -> int:
+            q = "SELECT count(*) FROM outbox WHERE device = 'ev-u01' AND acked = 1"
+            return int(outbox.execute(q).fetchone()[0])
+
+        end = time.monotonic() + 10
+        while retired() < 3 and time.monotonic() < end:  # relayed again, acked: deduplicated
+            await asyncio.sleep(0.02)
+        assert retired() == 3
+        stop.set()
+        for t in keepers:
+            await t
+        return urgent_ids, meter_ids
+
+    try:
+        urgent_ids, meter_ids = asyncio.run(scenario())
+        assert at_peer("ev-u01") == urgent_ids, "exactly once, in order"
+        assert at_peer("ev-m01") == meter_ids
+    finally:
+        outbox.close()
+        store.db.close()
         for p in (gw, peer):
             p.kill()
             p.wait()
