@@ -19,6 +19,16 @@ for _name in dir(schema):
         ERROR_NAMES[getattr(schema, _name)] = _name[2:]
 
 
+def load_error_names(path):
+    """Error names from the schema's source, for a built firmware (tools/board/build.py
+    inlines the E_ constants: its csc.schema keeps only the tables)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith("E_") and "= const(" in line:
+                name, rest = line.split(" = const(")
+                ERROR_NAMES[int(rest.split(")")[0])] = name[2:]
+
+
 def _hex(b):
     return hexlify(bytes(b)).decode()
 

@@ -124,8 +124,9 @@ def test_fw_s3_remote_start_and_stop(rig: Rig) -> None:
     assert k == Kind.ERROR and "unknown evse" in b[Key.REASON]
     k, b = rig.peer.request(Action.REQUEST_STOP_TRANSACTION, {Key.TX_ID: tx})
     assert b[Key.STATUS] == 0
-    rig.peer.wait(lambda: len(tx_events(rig)) >= 2)
-    start, end = tx_events(rig)[0], tx_events(rig)[-1]
+    # the Ended event (an Updated one may come between: wait for the one that ends it)
+    end = rig.peer.wait(lambda: [e for e in tx_events(rig) if Key.STOP_REASON in e])[0]
+    start = tx_events(rig)[0]
     assert start[Key.REMOTE_START_ID] == 77 and start[Key.TRIGGER] == 6
     assert end[Key.STOP_REASON] == 1 and end[Key.TX_ID] == tx
 

@@ -157,7 +157,9 @@ class Control:
 
             hal.flags |= FLAG_BUTTON
         elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
-            app.sec.ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
+            from csc.services import get_security
+
+            get_security(app).ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
         elif cmd == "unplug":
             hal.unplug()
         elif cmd == "card":
@@ -216,6 +218,7 @@ class Control:
             d["operative"] = app.station.operative
             d["estop"] = app.station.estop
             d["charging_state"] = app.tx.state
+            d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
             gc.collect()
             d["mem_alloc"] = gc.mem_alloc()
             d["mem_free"] = gc.mem_free()
@@ -246,7 +249,6 @@ def main():
         config,
         firmware_update,
         monitoring,
-        security,
         smart_charging,
         station,
         transactions,

@@ -28,13 +28,11 @@ precedence and raises the first error as a `FrameError`:
 
 from .msgpack import ARRAY, BIN, BOOL, FLOAT, INT, MAP, STR, FrameError, Map, Reader, check
 from .schema import (
-    ACK_OPT,
-    ACK_REQ,
+    ACK_KEYS,
     ACT_INDEX,
+    ACT_KEYS,
     ACT_KIND,
-    ACT_OPT,
     ACT_PRIO,
-    ACT_REQ,
     E_BAD_ENVELOPE,
     E_BAD_KEY,
     E_BAD_KIND,
@@ -48,8 +46,7 @@ from .schema import (
     E_OVERSIZE,
     E_TRAILING_BYTES,
     E_UNKNOWN_ACTION,
-    ERR_OPT,
-    ERR_REQ,
+    ERR_KEYS,
     F_ERROR_CODE,
     F_FIELD,
     F_REASON,
@@ -65,10 +62,11 @@ from .schema import (
     K_EVENT,
     K_REQUEST,
     K_RESPONSE,
+    KEYS,
+    KEYS_AT,
+    LIMITS,
     MAX_FRAME,
     PROTOCOL_VERSION,
-    RES_OPT,
-    RES_REQ,
     T_ANY,
     T_BIN,
     T_BOOL,
@@ -94,6 +92,11 @@ _TAIL = const(18)  # c4 10 + 16-byte tag
 _NONE = const(255)
 
 _marks = [0] * 9  # item offsets of the envelope, filled by check(); decode is not reentrant
+
+
+def _at(j):
+    # where the schema's key list j starts in KEYS (it ends where list j + 1 starts)
+    return KEYS_AT[2 * j] << 8 | KEYS_AT[2 * j + 1]
 
 
 class Frame:
@@ -172,14 +175,14 @@ def _scalar(r, cls, ft, k, maxlen):
         if cls != INT:
             raise FrameError(E_BAD_TYPE, "integer expected", k)
         v = r.v
-        if v < FMIN[k] or v > FMAX[k]:
+        if v < LIMITS[FMIN[k]] or v > LIMITS[FMAX[k]]:
             raise FrameError(E_OUT_OF_RANGE, "integer out of bounds", k)
         return v
     if ft == T_FLOAT:
         if cls != FLOAT and cls != INT:
             raise FrameError(E_BAD_TYPE, "number expected", k)
         v = r.v
-        if v != v or v < FMIN[k] or v > FMAX[k]:
+        if v != v or v < LIMITS[FMIN[k]] or v > LIMITS[FMAX[k]]:
             raise FrameError(E_OUT_OF_RANGE, "number out of bounds", k)
         return v
     if ft == T_BOOL:
@@ -201,30 +204,35 @@ def _scalar(r, cls, ft, k, maxlen):
     if ft == T_STRUCT:
         if cls != MAP:
             raise FrameError(E_BAD_TYPE, "map expected", k)
-        sub = FSUB[k]
-        return _entries(r, r.n, sub[0], sub[1])
+        return _entries(r, r.n, FSUB[k])
     if ft == T_ANY:
         return r.finish(cls)
     raise FrameError(E_BAD_TYPE, "type not allowed here", k)
 
 
-def _field(r, k, req, opt):
-    # the value of key k in a body or struct whose member keys are req + opt
+def _field(r, k, a, c):
+    # the value of key k in a body or struct whose member keys are KEYS[a:c]
     cls = r.head()
-    if k > 255 or not (k in req or k in opt):
+    known = False
+    if k < 256:
+        for i in range(a, c):
+            if KEYS[i] == k:
+                known = True
+                break
+    if not known:
         return r.finish(cls)  # a key this message does not know: kept as it is
     ft = FTYPE[k]
     if ft == _NONE or ft == T_ANY:
         return r.finish(cls)
     if ft != T_LIST:
-        return _scalar(r, cls, ft, k, FLEN[k])
+        return _scalar(r, cls, ft, k, LIMITS[FLEN[k]])
     if cls != ARRAY:
         raise FrameError(E_BAD_TYPE, "list expected", k)
     n = r.n
-    if n > FLEN[k]:
+    if n > LIMITS[FLEN[k]]:
         raise FrameError(E_OUT_OF_RANGE, "list too long", k)
     et = FELEM[k]
-    item = FITEM[k] or MAX_FRAME
+    item = LIMITS[FITEM[k]] or MAX_FRAME
     out = []
     try:
         for _ in range(n):
@@ -235,8 +243,12 @@ def _field(r, k, req, opt):
     return out
 
 
-def _entries(r, n, req, opt):
-    # a body or struct map of n entries (head already read); req/opt: member keys
+def _entries(r, n, j):
+    # a body or struct map of n entries (head already read); its member keys are the
+    # schema's key lists j (required) and j + 1 (optional), read in place (no slices)
+    a = _at(j)
+    b = _at(j + 1)
+    c = _at(j + 2)
     d = Map()
     for _ in range(n):
         if r.head() != INT or r.v < 0:
@@ -244,10 +256,10 @@ def _entries(r, n, req, opt):
         k = r.v
         if k in d:
             raise FrameError(E_DUPLICATE_KEY, "key appears twice", k)
-        d[k] = _field(r, k, req, opt)
-    for k in req:
-        if k not in d:
-            raise FrameError(E_MISSING_FIELD, "required field missing", k)
+        d[k] = _field(r, k, a, c)
+    for i in range(a, b):
+        if KEYS[i] not in d:
+            raise FrameError(E_MISSING_FIELD, "required field missing", KEYS[i])
     return d
 
 
@@ -322,18 +334,14 @@ def decode(frame, mac=None, window=None):
             raise FrameError(E_BAD_PRIORITY, "priority below the action's default")
 
         if kind == K_RESPONSE:
-            req = RES_REQ[ai]
-            opt = RES_OPT[ai]
+            j = ACT_KEYS + 4 * ai + 2
         elif kind == K_ERROR:
-            req = ERR_REQ
-            opt = ERR_OPT
+            j = ERR_KEYS
         elif kind == K_ACK:
-            req = ACK_REQ
-            opt = ACK_OPT
+            j = ACK_KEYS
         else:
-            req = ACT_REQ[ai]
-            opt = ACT_OPT[ai]
-        body = _entries(r, r.n, req, opt)
+            j = ACT_KEYS + 4 * ai
+        body = _entries(r, r.n, j)
         if window is not None:
             window.accept(seq)
     except FrameError as e:

@@ -19,6 +19,8 @@ the link encrypts them in the outgoing frame under that frame's `seq` (AES-CTR k
 length), so a retransmission with a new `seq` re-encrypts correctly.
 """
 
+from array import array
+
 from micropython import const
 
 from .msgpack import FrameError, Writer
@@ -39,12 +41,13 @@ class SendQueue:
         total = SLOTS[0] + SLOTS[1] + SLOTS[2] + SLOTS[3]
         self.kind = bytearray(total)
         self.prio = bytearray(total)
-        self.mid = [0] * total
-        self.action = [0] * total
-        self.off = [0] * total  # body offset in its class's region
-        self.ln = [0] * total  # body length
-        self.t = [0] * total  # enqueue tick (urgent latency)
-        self.sec = [0] * (total * _NSEC * 3)  # (key, offset in the body, length) per secret
+        # slot tables as arrays (2 or 4 bytes an entry, not a list's 8 and a boxed int)
+        self.mid = [0] * total  # message ids: no bound below the protocol's u64
+        self.action = array("H", bytes(2 * total))
+        self.off = array("H", bytes(2 * total))  # body offset in its class's region
+        self.ln = array("H", bytes(2 * total))  # body length
+        self.t = array("I", bytes(4 * total))  # enqueue tick (urgent latency; ticks are below 2**30)
+        self.sec = array("H", bytes(2 * total * _NSEC * 3))  # (key, offset in the body, length) per secret
         self.base = [0, 0, 0, 0]  # first slot of each class
         b = 0
         for c in range(4):

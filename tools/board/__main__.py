@@ -20,8 +20,9 @@ def main() -> None:
     ap.add_argument("--id", default="evse-1")
     ap.add_argument("--factory-key", default=bytes(range(32)).hex())
     ap.add_argument("--heap", default="96k")
+    ap.add_argument("--source", action="store_true", help="run firmware/ as it is, not the build (debugging)")
     a = ap.parse_args()
-    b = Board(a.dir, a.gw_port, a.id, bytes.fromhex(a.factory_key), a.heap).start()
+    b = Board(a.dir, a.gw_port, a.id, bytes.fromhex(a.factory_key), a.heap, source=a.source).start()
     seen = 0
     try:
         for line in sys.stdin:

@@ -1,6 +1,8 @@
-"""Footprint of the firmware: `python -m tools.board.footprint [--quick]`.
+"""Footprint of the firmware: `python -m tools.board.footprint [--quick] [--source]`.
 
-- total .mpy size: every module of firmware/csc compiled by mpy-cross (as frozen on a board);
+- total .mpy size: every module of firmware/csc as the build compiles it (tools/board/build.py:
+  constants inlined across modules, mpy-cross; as frozen on a board);
+- heap taken by each module's import (`--source`: the source compiled on the board, not the build);
 - heap after the imports and after boot (App built, buffers preallocated, state loaded);
 - peak heap (sampled after gc every 250 ms) during a full charging session while a
   firmware download and a log upload run, and the working set = peak − heap after boot;
@@ -12,6 +14,7 @@ frozen in flash), so the smallest heap includes the code; the working set does n
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -19,21 +22,44 @@ import tempfile
 import time
 from pathlib import Path
 
+from .build import FIRMWARE, build
+from .runner import micropython
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "firmware")]
 
 
-def compile_mpy(out: Path) -> int:
-    total = 0
-    src = ROOT / "firmware"
-    for py in sorted((src / "csc").rglob("*.py")):
-        rel = py.relative_to(src).with_suffix(".mpy")
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mpy-cross", "-o", str(dst), "-s", str(rel.with_suffix(".py")), str(py)], check=True)
-        total += dst.stat().st_size
-    (out / "micropython.py").write_text("")  # not needed on the port; keeps the dir importable
-    return total
+IMPORTS = """
+import gc
+gc.collect()
+m0 = gc.mem_alloc()
+for name in %r:
+    __import__(name)
+    gc.collect()
+    m1 = gc.mem_alloc()
+    print(name, m1 - m0)
+    m0 = m1
+"""
+ORDER = [
+    "csc.schema", "csc.msgpack", "csc.crypto", "csc.window", "csc.frame", "csc.store", "csc.ids",
+    "csc.outbox", "csc.sendq", "csc.link", "csc.hal", "csc.hal_sim", "csc.app", "csc.services",
+    "csc.services.config", "csc.services.auth", "csc.services.smart_charging", "csc.services.transactions",
+    "csc.services.admin", "csc.services.firmware_update", "csc.services.station", "csc.services.security",
+    "csc.services.monitoring",
+]  # fmt: skip
+
+
+def per_import(code: Path) -> list[tuple[str, int]]:
+    """Heap taken by each module's import (after gc), in dependency order."""
+    r = subprocess.run(
+        [micropython(), "-X", "heapsize=1m", "-c", IMPORTS % (ORDER,)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MICROPYPATH": f"{code}:.frozen"},
+        timeout=60,
+    )
+    return [(n, int(v)) for n, v in (line.split() for line in r.stdout.splitlines())]
 
 
 def scenario(code: Path, heap: str) -> dict[str, int] | None:
@@ -48,7 +74,7 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
     image = b"CSCFW1" + bytes(range(256)) * 64  # 16 KiB image
     peer.firmware[1] = image
     with tempfile.TemporaryDirectory() as d:
-        b = Board(d, peer.port, heap=heap, code_dir=code)
+        b = Board(d, peer.port, heap=heap, code_dir=None if code == FIRMWARE else code, source=code == FIRMWARE)
         try:
             b.start()
             boot = b.wait("boot", timeout=10)
@@ -110,9 +136,16 @@ def main() -> None:
     quick = "--quick" in sys.argv
     out = Path(tempfile.mkdtemp(prefix="csc-mpy-"))
     try:
-        total = compile_mpy(out)
-        print(f"total .mpy size: {total} bytes ({total / 1024:.1f} KiB), {len(list(out.rglob('*.mpy')))} modules")
-        r = scenario(out, "512k")
+        source = "--source" in sys.argv
+        sizes = build(out)
+        csc = {k: v for k, v in sizes.items() if k.startswith("csc/")}
+        total = sum(csc.values())
+        print(f"total .mpy size: {total} bytes ({total / 1024:.1f} KiB), {len(csc)} modules of csc/ (built)")
+        code = FIRMWARE if source else out
+        print("heap per import (" + ("source" if source else "built") + "):")
+        for name, n in per_import(code):
+            print(f"  {name:32} {n:7}")
+        r = scenario(code, "512k")
         if r is None:
             print("scenario failed with a 512 KiB heap")
             sys.exit(1)
@@ -126,7 +159,7 @@ def main() -> None:
         lo, hi = 64, 512  # KiB: lo fails, hi passes
         while hi - lo > 8:
             mid = (lo + hi) // 2
-            ok = scenario(out, f"{mid}k") is not None
+            ok = scenario(code, f"{mid}k") is not None
             print(f"  heapsize {mid}k: {'pass' if ok else 'fail'}")
             if ok:
                 hi = mid

@@ -1,8 +1,10 @@
 """Start, drive, power-cut and restart an emulated board.
 
-`Board` spawns `micropython -X heapsize=… firmware/boards/unix.py` with a LittleFS2 image
-file standing for the flash and a meter file standing for the meter's own memory. The
-control channel is line-oriented JSON: commands on the process's stdin
+`Board` spawns `micropython -X heapsize=… -m boards.unix` on the built firmware (tools/board/build.py:
+constants inlined across modules, compiled by mpy-cross, bytecode loaded into the heap), or with
+`source=True` (or EVEDGE_FW_SOURCE=1 in the environment) `micropython firmware/boards/unix.py` on the
+source, for debugging. A LittleFS2 image file stands for the flash and a meter file for the
+meter's own memory. The control channel is line-oriented JSON: commands on the process's stdin
 (`{"cmd": "plug"}`, `{"cmd": "card", "token": "04a1"}`, `{"cmd": "freq", "mhz": 49800}`,
 `{"cmd": "step", "ms": 60000}`, `{"cmd": "status"}`, …) and what the board did on its
 stdout (`{"ev": "tx_started", "tx_id": 65}`). `kill()` is a power cut (SIGKILL);
@@ -44,7 +46,10 @@ class Board:
         heap: str = "512k",
         blocks: int = 256,
         code_dir: str | Path | None = None,
+        source: bool | None = None,
     ) -> None:
+        """`code_dir`: a built firmware (tools.board.build) to run; by default the current
+        sources are built (once, cached). `source`: run the source instead of a build."""
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.flash = self.dir / "flash.img"
@@ -54,7 +59,15 @@ class Board:
         self.factory_key = factory_key
         self.heap = heap
         self.blocks = blocks
-        self.code_dir = Path(code_dir) if code_dir else FIRMWARE
+        if source is None:
+            source = os.environ.get("EVEDGE_FW_SOURCE", "") not in ("", "0")
+        self.source = source and code_dir is None
+        if self.source:
+            self.code_dir = FIRMWARE
+        else:
+            from .build import built  # noqa: PLC0415 — keeps `python -m tools.board.build` free of a runpy warning
+
+            self.code_dir = Path(code_dir) if code_dir else built()
         self.proc: subprocess.Popen[str] | None = None
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
@@ -71,7 +84,7 @@ class Board:
             micropython(),
             "-X",
             f"heapsize={self.heap}",
-            str(FIRMWARE / "boards" / "unix.py"),
+            *([str(FIRMWARE / "boards" / "unix.py")] if self.source else ["-m", "boards.unix"]),
             "--flash",
             str(self.flash),
             "--meter",

@@ -5,6 +5,26 @@ with `app.on(action, handler)` and gets `boot()` once, `online()` after each han
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
+from ..schema import (
+    A_CERTIFICATE_SIGNED,
+    A_DELETE_CERTIFICATE,
+    A_GET_INSTALLED_CERTIFICATES,
+    A_INSTALL_CERTIFICATE,
+    A_OCSP_RESPONSE,
+    A_REVOKE_CERTIFICATE,
+)
+
+# The certificate commands (security.py, M14–M19): rarely used, so the service is built on the
+# first of them (or the first get_security()) and its code costs no heap before.
+CERT_ACTIONS = (
+    A_INSTALL_CERTIFICATE,
+    A_DELETE_CERTIFICATE,
+    A_GET_INSTALLED_CERTIFICATES,
+    A_OCSP_RESPONSE,
+    A_CERTIFICATE_SIGNED,
+    A_REVOKE_CERTIFICATE,
+)
+
 
 class Service:
     def __init__(self, app):
@@ -18,6 +38,25 @@ class Service:
 
     def tick(self, now):
         pass
+
+
+def get_security(app):
+    """The certificate service, built on first use (it then registers its own handlers)."""
+    s = app.sec
+    if s is None:
+        from .security import Security
+
+        s = app.sec = Security(app)
+        app.services.append(s)
+    return s
+
+
+def _on_first(app, action):
+    def first(body, seq):
+        get_security(app)
+        return app.handlers[action](body, seq)
+
+    return first
 
 
 def load_all(app):
@@ -37,12 +76,13 @@ def load_all(app):
     except ImportError:  # a build without them
         return
     from .monitoring import Monitoring
-    from .security import Security
     from .station import Station
 
     app.fw = FirmwareUpdate(app)
     app.admin = Admin(app)
     app.station = Station(app)
-    app.sec = Security(app)
+    app.sec = None  # get_security(app)
+    for a in CERT_ACTIONS:
+        app.on(a, _on_first(app, a))
     app.mon = Monitoring(app)
-    app.services += [app.fw, app.admin, app.station, app.sec, app.mon]
+    app.services += [app.fw, app.admin, app.station, app.mon]

@@ -30,13 +30,7 @@ from .. import store
 from ..app import Refused, status
 from ..msgpack import Map
 from ..schema import (
-    A_CERTIFICATE_SIGNED,
-    A_DELETE_CERTIFICATE,
     A_GET15118_EV_CERTIFICATE,
-    A_GET_INSTALLED_CERTIFICATES,
-    A_INSTALL_CERTIFICATE,
-    A_OCSP_RESPONSE,
-    A_REVOKE_CERTIFICATE,
     A_SIGN_CERTIFICATE,
     CERT_TYPE_CHARGING_STATION,
     CERT_TYPE_MO_ROOT,
@@ -55,7 +49,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
-from . import Service
+from . import CERT_ACTIONS, Service
 
 MAX_CERTS = const(16)
 _DER_SEQ = const(0x30)  # a DER certificate starts with a SEQUENCE
@@ -73,15 +67,10 @@ class Security(Service):
         self.certs = store.load(store.path("certs"), []) or []  # [[cert_type, sha256]]
         self.revoked = store.load(store.path("revoked"), []) or []  # sha256 of revoked certificates
         self.csr_pending = False
-        for a, h in (
-            (A_INSTALL_CERTIFICATE, self.install),
-            (A_DELETE_CERTIFICATE, self.delete),
-            (A_GET_INSTALLED_CERTIFICATES, self.installed),
-            (A_OCSP_RESPONSE, self.ocsp),
-            (A_CERTIFICATE_SIGNED, self.signed),
-            (A_REVOKE_CERTIFICATE, self.revoke),
-        ):
-            app.on(a, h)
+        # in the order of CERT_ACTIONS, whose first command built this service
+        handlers = (self.install, self.delete, self.installed, self.ocsp, self.signed, self.revoke)
+        for i in range(len(handlers)):
+            app.on(CERT_ACTIONS[i], handlers[i])
 
     def _file(self, h):
         return "%s/%s" % (self.dir, _hex(h)[:16])

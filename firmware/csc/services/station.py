@@ -49,7 +49,7 @@ from ..schema import (
     TX_TRIGGER_ABNORMAL_CONDITION,
     TX_TRIGGER_REMOTE_STOP,
 )
-from . import Service
+from . import Service, get_security
 
 TIME_SYNC_S = const(3600)
 
@@ -103,7 +103,7 @@ class Station(Service):
             b[F_TIME] = app.time()
             app.emit(A_METER_VALUES, b)
         elif a == A_SIGN_CERTIFICATE:
-            if not app.sec.sign_request():
+            if not get_security(app).sign_request():
                 return status(STATUS_REJECTED, "no secure element to make a key pair")
         else:
             return status(STATUS_NOT_SUPPORTED, "cannot trigger action %d" % a)
