@@ -241,16 +241,28 @@ def test_csms_s4_s5_s6_sdr_from_transaction_events(tmp_path: Path) -> None:
 
 
 def test_csms_s7_15118_certificate_relay(tmp_path: Path) -> None:
+    """S7: without a contract-certificate relay the request is refused at once (no stand-in
+    PKI); with one (CsmsRoaming sets `ev_cert_relay`) it waits `pending` for the home CSP's
+    answer, which goes to the board as the response to its request."""
+
     async def main() -> None:
         async with running_csms(tmp_path / "csms") as srv, site(srv) as gw:
-            exi = b"\x80\x01EXI-request"
-            await gw.relay_acked(
-                [Board("b1").frame(Action.GET15118_EV_CERTIFICATE, {Key.EXI: exi, Key.ACTION_15118: 0})]
-            )
+            b = Board("b1")
+            exi = b"0\x82csr-der"
+            await gw.relay_acked([b.frame(Action.GET15118_EV_CERTIFICATE, {Key.EXI: exi, Key.ACTION_15118: 0})])
             sid, _, ans = await gw.command()
             assert sid == CMD_CONTROL and ans is not None and ans.kind == Kind.RESPONSE
-            assert ans.body[Key.STATUS] == Status.ACCEPTED and ans.body[Key.EXI].startswith(b"EVEDGE-DEV-15118")
-            assert _core.ed25519_verify(srv.ctx.signer.public, exi, ans.body[Key.EXI][-64:])
-            assert srv.store.select("ev_cert_requests")[0]["exi"] == exi
+            assert ans.body == {Key.STATUS: Status.REJECTED}
+            assert srv.store.select("ev_cert_requests")[0]["status"] == "rejected"
+            srv.ctx.ev_cert_relay = True
+            await gw.relay_acked([b.frame(Action.GET15118_EV_CERTIFICATE, {Key.EXI: exi, Key.ACTION_15118: 1})])
+            (req,) = srv.api.pending_ev_certificates()
+            assert req["exi"] == exi and req["action_15118"] == 1
+            assert srv.api.answer_ev_certificate("site-1", "b1", req["msg_id"], "accepted", b"0\x82chain")
+            assert not srv.api.answer_ev_certificate("site-1", "b1", req["msg_id"], "accepted", b"0\x82chain")
+            _, _, ans = await gw.command()
+            assert ans is not None and ans.msg_id == req["msg_id"] and ans.action == Action.GET15118_EV_CERTIFICATE
+            assert ans.body == {Key.STATUS: Status.ACCEPTED, Key.EXI: b"0\x82chain"}
+            assert srv.api.pending_ev_certificates() == []
 
     run(main())

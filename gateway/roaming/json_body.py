@@ -44,7 +44,7 @@ GID_FIELDS: Final[dict[str, str]] = {
 #: list fields whose items are global ids
 GID_ITEMS: Final[dict[str, str]] = {"sdrs": "R"}
 
-ROAMING_CODES: Final = range(200, 216)
+ROAMING_CODES: Final = range(200, 217)
 
 _STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET: Final = re.compile(rb"[\[\]{}]")

@@ -11,7 +11,7 @@ from typing import Any
 
 from gateway.schema import CertType, Key
 from tools.peers.csms import commands as cmds
-from tools.peers.csms.inbound import Ctx, record_certificate
+from tools.peers.csms.inbound import Ctx, answer_ev_certificate, record_certificate
 from tools.peers.csms.pki import der
 from tools.peers.csms.store import Row
 
@@ -303,3 +303,22 @@ class Csms:
 
     def command(self, cmd_id: int) -> Row | None:
         return self.store.get("commands", cmd_id=cmd_id)
+
+    # ---------------------------------------------------------------- S7 (contract certificates)
+    def pending_ev_certificates(self) -> list[Row]:
+        """Get15118EVCertificate requests waiting for the contract PKI (the home CSP)."""
+        return self.store.select("ev_cert_requests", {"status": "pending"}, order="at")
+
+    def answer_ev_certificate(
+        self,
+        site_id: str,
+        device_id: str,
+        msg_id: int,
+        status: str,
+        exi: bytes | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Send the contract PKI's answer (`status` accepted/rejected, `exi` the DER chain) to the
+        board; False if that request is unknown or was answered already."""
+        return answer_ev_certificate(self.ctx, site_id, device_id, msg_id, status, exi, reason, self._now(now))

@@ -30,6 +30,7 @@ from gateway.schema import (
     Key,
     Kind,
     LogType,
+    Priority,
     ProfilePurpose,
     ResetType,
     ResetWhen,
@@ -376,6 +377,12 @@ def revoke_certificate(cert_hash: bytes, reason: str | None = None, targets: Seq
 
 
 # ---------------------------------------------------------------- e-mobility services (S1–S7)
+def unlock_connector(targets: Sequence[str], evse: int, connector: int | None = None) -> CommandSpec:
+    """R5-2/R5-3: emergency cable unlock (urgent)."""
+    return CommandSpec(Action.UNLOCK_CONNECTOR, _opt({Key.EVSE: evse}, connector=connector), _t(targets),
+                       prio=Priority.URGENT, expiry_s=60)  # fmt: skip
+
+
 def reserve_now(
     targets: Sequence[str], reservation_id: int, expiry: int, id_token: str, evse: int | None = None
 ) -> CommandSpec:

@@ -43,6 +43,9 @@ class Ctx:
     counters: dict[str, int] = field(default_factory=dict)
     """Figures of this CSMS run: `redelivered` = board frames received again and deduplicated
     by (site, device, message id, group)."""
+    ev_cert_relay: bool = False
+    """S7: a contract-certificate relay (the CSO roaming endpoint, `CsmsRoaming`) takes the
+    pending Get15118EVCertificate requests; without one they are refused at once."""
 
 
 @dataclass(frozen=True)
@@ -335,22 +338,48 @@ def record_certificate(
 
 
 def get_15118_ev_certificate(ctx: Ctx, it: Relayed, now: float) -> None:
-    """S7: the EV's EXI request goes to the contract PKI; the development provider answers
-    with an opaque response bound to the request (a signature of the CSMS over it)."""
-    exi = it.body[Key.EXI]
-    response = b"EVEDGE-DEV-15118\x00" + hashlib.sha256(exi).digest() + ctx.signer.sign(exi)
-    ctx.store.insert(
-        "ev_cert_requests",
-        {
-            **_key(it),
-            "msg_id": it.frame.msg_id,
-            "action_15118": it.body[Key.ACTION_15118],
-            "exi": exi,
-            "status": "accepted",
-        },
-        ignore=True,
-    )
-    _answer(ctx, it, {Key.STATUS: Status.ACCEPTED, Key.EXI: response}, now)
+    """S7, R3-3: the EV's contract certificate request is recorded `pending`; the contract
+    PKI is the EV user's home CSP, reached through the CSO roaming endpoint (`CsmsRoaming`
+    takes the request and answers with `answer_ev_certificate`). Without such a relay the
+    request is refused at once (the CSMS runs no contract PKI of its own)."""
+    row = {
+        **_key(it),
+        "msg_id": it.frame.msg_id,
+        "action_15118": it.body[Key.ACTION_15118],
+        "exi": it.body[Key.EXI],
+        "evse_gid": it.evse_gid,
+        "at": int(now),
+    }
+    if ctx.ev_cert_relay:
+        ctx.store.insert("ev_cert_requests", {**row, "status": "pending"}, ignore=True)
+        return
+    reason = "no contract PKI: no roaming relay"
+    ctx.store.insert("ev_cert_requests", {**row, "status": "rejected", "reason": reason, "answered": int(now)},
+                     ignore=True)  # fmt: skip
+    _answer(ctx, it, {Key.STATUS: Status.REJECTED}, now)
+
+
+def answer_ev_certificate(
+    ctx: Ctx, site_id: str, device_id: str, msg_id: int, status: str, exi: bytes | None, reason: str | None, now: float
+) -> bool:
+    """The contract PKI's answer to a pending Get15118EVCertificate, sent to the board (a
+    response Command with the board's request id); False if it was answered already."""
+    with ctx.store.transaction():
+        row = ctx.store.get("ev_cert_requests", site_id=site_id, device_id=device_id, msg_id=msg_id)
+        if row is None or row["status"] != "pending":
+            return False
+        ok = status == "accepted" and exi is not None
+        ctx.store.update(
+            "ev_cert_requests",
+            {"status": "accepted" if ok else "rejected", "reason": reason, "answered": int(now)},
+            {"site_id": site_id, "device_id": device_id, "msg_id": msg_id},
+        )
+        body: dict[Any, Any] = {Key.STATUS: Status.ACCEPTED if ok else Status.REJECTED}
+        if ok:
+            body[Key.EXI] = exi
+        spec = cmds.answer(device_id, msg_id, Action.GET15118_EV_CERTIFICATE, body)
+        cmds.enqueue(ctx.store, site_id, spec, now, ctx.signer)
+    return True
 
 
 # ---------------------------------------------------------------- S1–S6

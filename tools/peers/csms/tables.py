@@ -149,7 +149,11 @@ TABLES: Final[tuple[Table, ...]] = (
         "site_id device_id msg_id",
         "site_id device_id msg_id:int reservation_id:int res_status:int",
     ),
-    _t("ev_cert_requests", "site_id device_id msg_id", "site_id device_id msg_id:int action_15118:int exi:blob status"),
+    _t(
+        "ev_cert_requests",
+        "site_id device_id msg_id",
+        "site_id device_id msg_id:int action_15118:int exi:blob status evse_gid reason at:int answered:int",
+    ),
     _t("privacy_requests", "request_id", "request_id:int token_digest at:int deleted:json"),
     _t(
         "commands",

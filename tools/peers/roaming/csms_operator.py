@@ -6,7 +6,16 @@
 - `start` (R3-1/R3-2) queues a `RequestStartTransaction` Command for the board through its
   site gateway and waits for the board's answer; `stop` (R3-4) a `RequestStopTransaction`
   of the session's transaction; `reserve` (R3-8) a `ReserveNow`.
+- `unlock` (R5-2 with a session, R5-3 without: activation failed) queues an urgent
+  `UnlockConnector` for the EVSE's board; `apply_plan` (R3-7 from the home CSP, R3-10 when
+  the CSO changes it: `CsoEndpoint.update_plan`) caps each period at the EVSE's power
+  (`max_power_w`, `power_w` per EVSE) and installs it as a `SetChargingProfile` with purpose
+  `tx` (stack level 1, profile id = `remote_start_id(session)`); the plan applied is the answer.
 - `token_status`: the CSMS's own token table comes before any home CSP.
+- `CsmsRoaming` also relays S7/R3-3: each pending Get15118EVCertificate of the CSMS goes to
+  `CsoEndpoint.contract_certificate` (→ the home CSP's contract PKI) and the answer back to
+  the board (`Csms.answer_ev_certificate`); while it runs, the CSMS keeps such requests
+  pending for it (`Ctx.ev_cert_relay`).
 - `CsmsRoaming.run()` follows the CSMS's SDRs (S6) and ends the matching roaming session
   at the CSO endpoint (`session_ended`: final SessionUpdate and PutSdr to the home CSP,
   through the CH in clearing-house and mixed modes: R3-5, R3-9). Which CSMS SDRs were
@@ -29,7 +38,7 @@ from typing import Any
 from gateway import gid
 from gateway.localcsms.roaming import evse_gid
 from gateway.roaming.client import RoamingError
-from gateway.schema import EPOCH_UNIX, AuthStatus, Status
+from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
 from tools.peers.csms import commands as cmds
 from tools.peers.csms.server import CsmsServer
 
@@ -49,11 +58,26 @@ def remote_start_id(session_id: str) -> int:
 class CsmsOperator:
     """`OperatorBackend` of tools/peers/roaming/operator.py over a running `CsmsServer`."""
 
-    def __init__(self, csms: Callable[[], CsmsServer | None], command_timeout_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        csms: Callable[[], CsmsServer | None],
+        command_timeout_s: float = 20.0,
+        *,
+        max_power_w: int = 22000,
+        power_w: dict[str, int] | None = None,
+    ) -> None:
         self.csms = csms
         self.command_timeout_s = command_timeout_s
+        self.max_power_w = max_power_w
+        self.power_w = dict(power_w or {})
+        """evse_gid → its maximum power (W), where it is not `max_power_w`."""
         self.sessions: dict[str, tuple[str, str, int]] = {}
         """roaming session id → (site, device, remote start id) of the sessions started here."""
+        self.session_evse: Callable[[str], str | None] = lambda _sid: None
+        """roaming session id → its EVSE (set by `CsmsRoaming`: the CSO endpoint's sessions)."""
+
+    def evse_power_w(self, evse: str) -> int:
+        return self.power_w.get(evse, self.max_power_w)
 
     def _srv(self) -> CsmsServer:
         srv = self.csms()
@@ -79,7 +103,11 @@ class CsmsOperator:
         sites: dict[str, list[dict[str, Any]]] = {}
         for g, (site, _dev, _e) in self._evses().items():
             sites.setdefault(site, []).append(
-                {"evse_gid": g, "evse_status": await self.evse_status(g) or "unknown", "max_power_w": 22000}
+                {
+                    "evse_gid": g,
+                    "evse_status": await self.evse_status(g) or "unknown",
+                    "max_power_w": self.evse_power_w(g),
+                }
             )
         out = []
         for site, evses in sites.items():
@@ -134,7 +162,13 @@ class CsmsOperator:
         return await self._run(site, cmds.request_stop([dev], int(txs[-1]["tx_id"])))
 
     async def unlock(self, evse: str, session_id: str | None) -> str:
-        return "rejected"  # no remote cable unlock in the CSMS's command set yet
+        """R5-2 (a session was activated) / R5-3 (activation failed: no session): an urgent
+        UnlockConnector to the EVSE's board (which ends a running transaction first)."""
+        where = self._evses().get(evse)
+        if where is None:
+            return "rejected"
+        site, dev, n = where
+        return await self._run(site, cmds.unlock_connector([dev], n))
 
     async def reserve(self, evse: str, token_uid: str, expiry: int, reservation_id: int) -> str:
         where = self._evses().get(evse)
@@ -152,8 +186,41 @@ class CsmsOperator:
             await asyncio.sleep(0.05)
         return "timeout"
 
+    def plan_profile(
+        self, session_id: str, plan: list[dict[str, Any]]
+    ) -> tuple[str, list[dict[str, Any]], cmds.CommandSpec] | None:
+        """(site, the plan capped at the EVSE's power, its SetChargingProfile Command), None if
+        the session's EVSE is not one of the CSMS's."""
+        evse = self.session_evse(session_id)
+        where = self._evses().get(evse) if evse is not None else None
+        if where is None and session_id in self.sessions:
+            site, dev, _ = self.sessions[session_id]
+            where = next((w for w in self._evses().values() if w[:2] == (site, dev)), None)
+            evse = next((g for g, w in self._evses().items() if w == where), None)
+        if where is None or evse is None:
+            return None
+        site, dev, n = where
+        cap = self.evse_power_w(evse)
+        applied = []
+        for p in plan:
+            q = {**p, "limit_w": min(int(p["limit_w"]), cap)}
+            if "setpoint_w" in p:
+                q["setpoint_w"] = min(int(p["setpoint_w"]), cap)
+            applied.append(q)
+        periods = [cmds.period(int(p["start_s"]), int(p["limit_w"]), p.get("phases"), p.get("setpoint_w"))
+                   for p in applied]  # fmt: skip
+        spec = cmds.set_charging_profile([dev], n, remote_start_id(session_id), periods, stack_level=1,
+                                         purpose=ProfilePurpose.TX)  # fmt: skip
+        return site, applied, spec
+
     async def apply_plan(self, session_id: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-        return None  # charge plans of roaming sessions: not wired to the CSMS's profiles yet
+        """R3-7 / R3-10: the plan capped at the EVSE's power, installed as a tx profile; the plan
+        applied, or None when the EVSE is unknown or the board refused it."""
+        made = self.plan_profile(session_id, plan)
+        if made is None:
+            return None
+        site, applied, spec = made
+        return applied if await self._run(site, spec) == "accepted" else None
 
     async def token_status(self, token_uid: str) -> str | None:
         row = self._srv().store.get("tokens", id_token=token_uid)
@@ -169,7 +236,10 @@ class CsmsRoaming:
     def __init__(self, cso: CsoEndpoint, operator: CsmsOperator, period_s: float = 0.2) -> None:
         self.cso, self.op, self.period_s = cso, operator, period_s
         cso.store.db.executescript(DDL)
+        operator.session_evse = self._session_evse
         self.forwarded = 0
+        self.certificates = 0
+        """Get15118EVCertificate requests answered with the home CSP's answer (S7)."""
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> CsmsRoaming:
@@ -192,11 +262,41 @@ class CsmsRoaming:
                 log.debug("roaming SDR hand-over: %s", e)
             await asyncio.sleep(self.period_s)
 
+    def _session_evse(self, sid: str) -> str | None:
+        row = self.cso.store.one("SELECT evse_gid FROM sessions WHERE session_id=?", sid)
+        return None if row is None else str(row[0])
+
+    async def ev_certificates(self) -> int:
+        """S7, R3-3: each pending Get15118EVCertificate of the CSMS to the home CSP (through the
+        CSO endpoint), its answer to the board; the count answered."""
+        srv = self.op.csms()
+        if srv is None:
+            return 0
+        srv.ctx.ev_cert_relay = True
+        n = 0
+        for req in srv.api.pending_ev_certificates():
+            site, dev = str(req["site_id"]), str(req["device_id"])
+            evse = req["evse_gid"] or evse_gid(site, dev, 1)
+            action = Action15118(int(req["action_15118"])).name.lower()
+            try:
+                answer = await self.cso.contract_certificate(evse, action, bytes(req["exi"]))
+            except Exception as e:  # a refusal of the CSO endpoint itself (bad EVSE id …)
+                answer = {"status": "rejected", "reason": str(e)[:120]}
+            srv = self.op.csms()
+            if srv is None:
+                return n  # the CSMS went away meanwhile: the request stays pending
+            if srv.api.answer_ev_certificate(site, dev, int(req["msg_id"]), str(answer["status"]),
+                                             answer.get("exi"), answer.get("reason")):  # fmt: skip
+                self.certificates += 1
+                n += 1
+        return n
+
     async def step(self) -> int:
         """One pass over the CSMS's SDRs; the count handed over to the CSO endpoint."""
         srv = self.op.csms()
         if srv is None:
             return 0
+        await self.ev_certificates()
         seen = {str(r[0]): (r[1], r[2]) for r in self.cso.store.all("SELECT sdr_id, session_id, state FROM csms_sdrs")}
         n = 0
         for sdr in srv.api.sdrs():

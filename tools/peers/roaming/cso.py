@@ -6,6 +6,7 @@ reservations and plans — and of personal data only token uids, purged after th
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ from gateway import gid
 from gateway.roaming.client import RoamingError
 from gateway.roaming.http3 import H3Error
 
+from . import contract_pki
 from .config import EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
 from .operator import OperatorBackend
@@ -274,11 +276,47 @@ class CsoEndpoint(Endpoint):
         answer = await self.send("PutSdr", sdr, s["csp"])
         return {**answer, "sdr_id": sdr_id, "cost": cost}
 
+    async def contract_certificate(
+        self, evse_gid: str, action_15118: str, exi: bytes, contract_id: str | None = None
+    ) -> dict[str, Any]:
+        """S7, R3-3: an EV's contract certificate installation/update (from the CSMS) goes to
+        the EV user's home CSP — the contract id's party; directly in peer-to-peer and mixed
+        mode, through the CH in clearing-house mode. `exi` is the DER CSR (contract_pki.py);
+        the answer's `exi` (bytes here) the DER chain, leaf first. The contract id is the
+        CSR's subject CN unless given."""
+        require_gid(evse_gid, "E", "evse_gid")
+        cid = contract_id or contract_pki.csr_contract_id(exi)
+        if cid is None:
+            return {"status": "rejected", "reason": "no contract id: the CSR has no common name"}
+        try:
+            home = gid.parse(cid, expect="C").operator
+        except gid.GidError:
+            return {"status": "rejected", "reason": "the CSR common name is not a contract id"}
+        party = self.cfg.party(home)
+        if party is None or party.role != "csp":
+            return {"status": "rejected", "reason": f"no roaming agreement with the contract's provider {home}"}
+        body = {"evse_gid": evse_gid, "action_15118": action_15118, "exi": base64.b64encode(exi).decode("ascii"),
+                "contract_id": cid}  # fmt: skip
+        try:
+            answer = await self.send("ContractCertificate", body, home)
+        except (ConnectionError, RoamingError, H3Error) as exc:
+            return {"status": "rejected", "reason": f"home CSP {home} not reachable: {exc}"[:120]}
+        out: dict[str, Any] = {"status": answer["status"]}
+        if "exi" in answer:
+            out["exi"] = base64.b64decode(answer["exi"])
+        if "reason" in answer:
+            out["reason"] = answer["reason"]
+        return out
+
     async def update_plan(self, sid: str, plan: list[dict[str, Any]]) -> dict[str, Any]:
-        """R3-10: the CSO changes the charge plan and tells the home CSP."""
+        """R3-10: the CSO changes the charge plan: applies it at the EVSE through the operator
+        (its CSMS: capped at the EVSE's power) and tells the home CSP the plan applied."""
         s = self.session(sid)
-        self.store.exec("INSERT OR REPLACE INTO plans VALUES(?,?,?)", sid, json.dumps(plan), self.me)
-        return await self.send("ChargePlan", {"roaming_session_id": sid, "plan": plan}, s["csp"])
+        applied = await self.operator.apply_plan(sid, plan)
+        if applied is None:
+            return {"status": "rejected"}
+        self.store.exec("INSERT OR REPLACE INTO plans VALUES(?,?,?)", sid, json.dumps(applied), self.me)
+        return await self.send("ChargePlan", {"roaming_session_id": sid, "plan": applied}, s["csp"])
 
     # ---- incoming (from the home CSP, or the CH)
     async def _evse(self, evse_gid: str) -> str:

@@ -6,12 +6,18 @@ tokens, the CSOs' locations, EVSE states and tariffs, its sessions and the SDRs 
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import json
 import secrets
+from pathlib import Path
 from typing import Any, ClassVar
 
 from gateway import gid
+from gateway.roaming import json_body
 
+from . import contract_pki
+from .config import EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
 
 DDL = """
@@ -32,12 +38,25 @@ CREATE TABLE IF NOT EXISTS sdrs(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, sess
 CREATE TABLE IF NOT EXISTS token_list(version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
     currency TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS contract_certs(serial TEXT PRIMARY KEY, contract_id TEXT NOT NULL, cso TEXT NOT NULL,
+    evse_gid TEXT NOT NULL, action TEXT NOT NULL, der BLOB NOT NULL, issued INTEGER NOT NULL);
 """
+
+
+def mo_pki_folder(cfg: EndpointConfig) -> Path:
+    """Where a CSP keeps its MO root and sub-CA: beside its SQLite file, `<db stem>-mo/`."""
+    db = Path(cfg.db)
+    return db.parent / f"{db.stem}-mo"
 
 
 class CspEndpoint(Endpoint):
     role: ClassVar[str] = "csp"
     DDL: ClassVar[str] = DDL
+
+    def __init__(self, cfg: EndpointConfig, **kw: Any) -> None:
+        super().__init__(cfg, **kw)
+        self.mo = contract_pki.ContractCa.load_or_create(mo_pki_folder(cfg), cfg.party_id)
+        """The contract-certificate PKI (S7, R3-3): MO root + sub-CA, made at first start."""
 
     # ---- provider side: what the CSP's own back office calls
     def add_customer(
@@ -288,6 +307,48 @@ class CspEndpoint(Endpoint):
             await self.send("SessionUpdate", record, ch)
         return {"status": "accepted"}
 
+    @handles("ContractCertificate", senders=("cso",))
+    async def _on_contract_certificate(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """S7, R3-3: an EV's contract certificate installation or update, relayed by the CSO.
+        `exi` in: the DER PKCS#10 CSR; out: the DER chain leaf first (contract_pki.py)."""
+        evse = body["evse_gid"]
+        if gid.parse(evse).operator != ctx.origin:
+            raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
+        try:
+            csr = contract_pki.check_csr(base64.b64decode(body["exi"]))
+        except contract_pki.CsrError as exc:
+            return {"status": "rejected", "reason": str(exc)}
+        cn = contract_pki.csr_contract_id(base64.b64decode(body["exi"]))
+        cid = body.get("contract_id") or cn
+        if cid is None:
+            return {"status": "rejected", "reason": "no contract id: neither contract_id nor a CSR common name"}
+        if cn is not None and cn != cid:
+            return {"status": "rejected", "reason": "the CSR common name is not the contract id"}
+        try:
+            contract = gid.parse(cid, expect="C")
+        except gid.GidError:
+            return {"status": "rejected", "reason": "the contract id is not a contract global id (C)"}
+        if contract.operator != self.me:
+            return {"status": "rejected", "reason": f"contract of another provider than {self.me}"}
+        row = self.store.one("SELECT auth_status, expiry FROM customers WHERE contract_id=?", cid)
+        if row is None:
+            return {"status": "rejected", "reason": "unknown contract"}
+        status = row[0]
+        if status == "accepted" and row[1] is not None and row[1] <= ctx.now:
+            status = "expired"
+        if status != "accepted":
+            return {"status": "rejected", "reason": f"contract {status}"}
+        action = body["action_15118"]
+        if action == "update" and self.store.one("SELECT 1 FROM contract_certs WHERE contract_id=?", cid) is None:
+            return {"status": "rejected", "reason": "no contract certificate to update: install first"}
+        chain = self.mo.issue(csr, cid, dt.datetime.fromtimestamp(ctx.now, dt.UTC))
+        serial = format(contract_pki.split_chain(chain[0])[0].serial_number, "x")
+        self.store.exec(
+            "INSERT INTO contract_certs VALUES(?,?,?,?,?,?,?)", serial, cid, ctx.origin, evse, action, chain[0],
+            int(ctx.now),
+        )  # fmt: skip
+        return {"status": "accepted", "exi": json_body.b64(b"".join(chain))}
+
     @handles("Settlement", senders=("ch",))
     async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         self.store.exec(
@@ -305,6 +366,7 @@ class CspEndpoint(Endpoint):
         with self.store.tx() as db:
             n = db.execute("DELETE FROM customers WHERE token_uid=? OR contract_id=?", (token_uid, token_uid)).rowcount
             n += db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
+            n += db.execute("DELETE FROM contract_certs WHERE contract_id=?", (token_uid,)).rowcount
             for sdr_id, body in db.execute("SELECT sdr_id, body FROM sdrs").fetchall():
                 b = json.loads(body)
                 if b.get("token_uid") == token_uid:

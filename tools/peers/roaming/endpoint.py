@@ -39,9 +39,11 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 #: mixed mode: these go directly RE ↔ RE for a fast answer, everything else through the CH
-DIRECT_IN_MIXED = frozenset({"AuthorizeRoaming", "RemoteStart", "RemoteStop"})
+DIRECT_IN_MIXED = frozenset({"AuthorizeRoaming", "RemoteStart", "RemoteStop", "ContractCertificate"})
 #: messages whose bodies carry personal data (a token uid) — recorded for M10 deletion
-PERSONAL = frozenset({"AuthorizeRoaming", "RemoteStart", "ReserveRoaming", "PutSdr", "TokenList"})
+PERSONAL = frozenset(
+    {"AuthorizeRoaming", "RemoteStart", "ReserveRoaming", "PutSdr", "TokenList", "ContractCertificate"}
+)
 COUNTERPART = {"cso": "csp", "csp": "cso"}
 _MESSAGES = frozenset(json_body.roaming_messages())
 
@@ -326,7 +328,12 @@ class Endpoint:
     def note_shared(self, message: str, body: dict[str, Any], to: str) -> None:
         if message not in PERSONAL or not to or to == self.me:
             return
-        uids = [body["token_uid"]] if "token_uid" in body else [t["token_uid"] for t in body.get("tokens", [])]
+        if message == "ContractCertificate":
+            uids = [body["contract_id"]] if "contract_id" in body else []
+        elif "token_uid" in body:
+            uids = [body["token_uid"]]
+        else:
+            uids = [t["token_uid"] for t in body.get("tokens", [])]
         with self.store.tx() as db:
             for uid in uids:
                 db.execute("INSERT OR REPLACE INTO shared VALUES(?,?,?)", (uid, to, int(self.clock())))
