@@ -174,7 +174,15 @@ class PeerProtocol(QuicConnectionProtocol):
         self, action: int, body: dict[int, Any], prio: int = Priority.CONTROL, timeout: float = 10
     ) -> _core.Frame:
         self.next_cmd += 1
-        sid = prio * 4 if prio * 4 in self.streams_seen else 4  # a client stream exists once it carried data
+        # A client stream exists for the server once it carried data: wait for the gateway's
+        # SiteHello on the control stream (the handshake alone does not open it).
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while 4 not in self.streams_seen:
+            if loop.time() > end:
+                raise TimeoutError("the gateway never opened its control stream")
+            await asyncio.sleep(0.005)
+        sid = prio * 4 if prio * 4 in self.streams_seen else 4
         fut: asyncio.Future[_core.Frame] = asyncio.get_running_loop().create_future()
         self.answers[self.next_cmd] = fut
         self.send(
