@@ -165,16 +165,17 @@ class Committer:
     def busy(self) -> bool:
         return self._busy
 
-    def submit(self, rows: list[NewRow], done: Done, urgent: bool = False) -> None:
+    def submit(self, rows: list[NewRow], done: Done, urgent: bool = False, nbytes: int | None = None) -> None:
         """Queues rows for the next commit. Urgent rows get a small commit of their own,
         ahead of the rows of other classes waiting (they wait for at most the commit in
-        progress, which `max_bytes` keeps short)."""
+        progress, which `max_bytes` keeps short). `nbytes`: the rows' frame bytes, when the
+        caller counted them."""
         if urgent:
             self._urgent.extend(rows)
             self._urgent_waiters.append((len(rows), done))
         else:
             self._rows.extend(rows)
-            self._bytes += sum(len(r[4]) for r in rows)
+            self._bytes += sum(len(r[4]) for r in rows) if nbytes is None else nbytes
             self._waiters.append((len(rows), done))
         self._kick()
 

@@ -39,6 +39,16 @@ from gateway.upstream import CommandPath, Uplink, UplinkRunner, UplinkSettings
 
 log = logging.getLogger("gateway")
 
+DISPATCH_CHUNK = 512
+"""Rows popped from the queue at a time by a dispatch round."""
+DISPATCH_BUDGET_S = 0.002
+"""Time a dispatch round may use before the loop reads the links again (it yields to urgent
+frames read meanwhile, which are dispatched in their read callback)."""
+_EVENT = int(Kind.EVENT)
+_URGENT = int(Priority.URGENT)
+_DURABLE = {code: spec.durable for code, spec in MESSAGES.items()}
+"""Events acked to their board once stored, by action."""
+
 
 class Clock:
     """The site's time source (B13): the local clock, corrected by the CSMS time of
@@ -181,40 +191,75 @@ class Gateway:
             asyncio.get_running_loop().call_soon(self._dispatch)
 
     def dispatch_now(self) -> None:
-        """Dispatches at once (urgent frames were just read); a round already scheduled stays
-        scheduled and finds the rest."""
-        self._dispatch(scheduled=False)
+        """Dispatches the urgent frames at once (they were just read): only them, so that an
+        urgent frame never waits for the dispatch of bulk frames read before it; the round
+        scheduled by `wake` finds the rest."""
+        n_urgent = self.queue.len_class(Priority.URGENT)
+        if n_urgent:
+            self._dispatch_batch(self.queue.pop_batch(n_urgent), self.clock.now())
+        if len(self.queue):
+            self.wake()
 
-    def _dispatch(self, scheduled: bool = True) -> None:
-        if scheduled:
-            self._scheduled = False
+    def _dispatch(self) -> None:
+        """One round: the urgent frames first, then the others in chunks of at most
+        `DISPATCH_CHUNK` rows until the committer is full, the queue is empty or the round
+        has used `DISPATCH_BUDGET_S`; then the loop reads the links again (an urgent frame
+        read meanwhile is dispatched in its own read callback)."""
+        self._scheduled = False
         cfg = self.cfg
-        if self.committer.full:
-            # The commit in progress calls wake() when it is done; urgent frames do not
-            # wait for it: they get a commit of their own, next.
-            n_urgent = self.queue.len_class(Priority.URGENT)
-            if not n_urgent:
-                return
-            batch = self.queue.pop_batch(n_urgent)
-        else:
-            batch = self.queue.pop_batch(cfg.commit_max_rows, cfg.commit_max_bytes)
-        now = self.clock.now()
+        queue = self.queue
         committer = self.committer
-        seq = committer.next_seq
+        now = self.clock.now()
+        n_urgent = queue.len_class(Priority.URGENT)
+        if n_urgent:
+            # Urgent frames do not wait for a full committer: they get a commit of their own, next.
+            self._dispatch_batch(queue.pop_batch(n_urgent), now)
+        if committer.full:
+            return  # the commit in progress calls wake() when it is done
+        deadline = time.perf_counter() + DISPATCH_BUDGET_S
+        chunk = min(cfg.commit_max_rows, DISPATCH_CHUNK)
+        while len(queue) and not committer.full:
+            self._dispatch_batch(queue.pop_batch(chunk, cfg.commit_max_bytes), now)
+            if time.perf_counter() > deadline:
+                break
+        if len(queue):
+            if not committer.full:
+                self.wake()
+        elif self.paused and len(queue) < cfg.queue_high // 2:
+            for c in list(self.paused):
+                c.resume()
+            self.paused.clear()
+        self._check_alarm()
+
+    def _dispatch_batch(self, batch: list[tuple[int, int, int, int, bytes]], now: float) -> None:
+        """Events to the outbox (urgent ones also to the uplink at once), requests to the
+        local CSMS, responses to the command waiting for them."""
+        cfg = self.cfg
+        committer = self.committer
+        seq0 = seq = committer.next_seq
         by_idx = self.by_idx
+        durable = _DURABLE
+        new_row = tuple.__new__
         # urgent rows first (the queue pops them first), then the others, each in acceptance order
         u_rows: list[Row] = []
         u_meta: list[tuple[BoardConnection | None, int, int, int]] = []
         rows: list[Row] = []
         meta: list[tuple[BoardConnection | None, int, int, int]] = []
         full: dict[BoardConnection, list[bytes]] = {}
-        room = cfg.outbox_max_rows - self.pending_rows - committer.waiting
+        room = seq0 + cfg.outbox_max_rows - self.pending_rows - committer.waiting
+        # Frames of one read arrive together: the link of the previous frame is usually this one's.
+        last_idx, conn, device = -1, None, ""
+        event, urgent = _EVENT, _URGENT
+        nbytes = 0
         for prio, idx, msg_id, action, frame in batch:
-            conn = by_idx.get(idx)
+            if idx != last_idx:
+                last_idx = idx
+                conn = by_idx.get(idx)
+                device = conn.link.device_id if conn is not None else ""
             b = frame[2]
             kind = b if b < 0x80 else _core.decode(frame).kind
-            if kind == Kind.EVENT:
-                if len(rows) + len(u_rows) >= room:
+            if kind == event:
+                if seq >= room:
                     if conn is not None:
                         reason = "outbox full: event not stored, resend later"
                         full.setdefault(conn, []).append(
@@ -222,14 +267,16 @@ class Gateway:
                         )
                         self.count_name("QUEUE_FULL")
                     continue
-                device = conn.link.device_id if conn is not None else self.devices.by_idx(idx).device_id
-                m = (conn, prio, msg_id, action if MESSAGES[action].durable else -1)
-                if prio == Priority.URGENT:
-                    u_rows.append(Row(seq, device, msg_id, prio, frame))
+                if conn is None:
+                    device = self.devices.by_idx(idx).device_id
+                m = (conn, prio, msg_id, action if durable[action] else -1)
+                if prio == urgent:
+                    u_rows.append(new_row(Row, (seq, device, msg_id, prio, frame)))
                     u_meta.append(m)
                 else:
-                    rows.append(Row(seq, device, msg_id, prio, frame))
+                    rows.append(new_row(Row, (seq, device, msg_id, prio, frame)))
                     meta.append(m)
+                    nbytes += len(frame)
                 seq += 1
             elif kind == Kind.REQUEST:
                 if conn is not None:
@@ -239,8 +286,8 @@ class Gateway:
                 if fut is not None and not fut.done():
                     fut.set_result(frame)
         committer.next_seq = seq
-        for conn, frames in full.items():
-            conn.write(frames)
+        for c, frames in full.items():
+            c.write(frames)
         if u_rows:
             self._accepted(u_rows)
             early = not cfg.fifo and self.runner is not None
@@ -259,14 +306,7 @@ class Gateway:
         if rows:
             b_rows, b_meta = rows, meta
             self._accepted(b_rows)
-            committer.submit(b_rows, lambda res: self._committed(b_rows, b_meta, res))
-        if len(self.queue):
-            self.wake()
-        elif self.paused and len(self.queue) < cfg.queue_high // 2:
-            for c in list(self.paused):
-                c.resume()
-            self.paused.clear()
-        self._check_alarm()
+            committer.submit(b_rows, lambda res: self._committed(b_rows, b_meta, res), nbytes=nbytes)
 
     def _accepted(self, rows: list[Row]) -> None:
         """The command path notes the plaintext id tokens of the frames that carry one

@@ -112,20 +112,34 @@ class Uplink:
         self.relayed = 0
         self.acked_frames = 0
         self._item_heads: dict[str, bytes] = {}
+        self._map_heads: dict[str, bytes] = {}
+        """The same, after the item's map head (two entries: no token uid)."""
         self.token_uids: dict[tuple[str, int], str] = {}
         """(device, msg_id) → plaintext id token of an accepted frame (filled by CommandPath)."""
 
     def add(self, rows: list[Row]) -> None:
+        unsent, nbytes = self.unsent, self.unsent_bytes
+        if self.fifo:
+            unsent[Priority.TELEMETRY].extend(rows)
+            nbytes[Priority.TELEMETRY] += sum(len(r[4]) for r in rows)
+            return
         for r in rows:
-            c = Priority.TELEMETRY if self.fifo else r.prio
-            self.unsent[c].append(r)
-            self.unsent_bytes[c] += len(r.frame)
+            p = r[3]
+            unsent[p].append(r)
+            nbytes[p] += len(r[4])
 
     def backlog(self) -> int:
         return sum(len(q) for q in self.unsent) + sum(len(r.rows) for r in self.inflight.values())
 
     def depth(self, prio: int) -> int:
         return len(self.unsent[prio])
+
+    def _head(self, device: str) -> bytes:
+        """`device_id`, its value and the `frame` key of a `relayed` item (after its map head)."""
+        head = self._item_heads.get(device)
+        if head is None:
+            head = self._item_heads[device] = _core.pack(Key.DEVICE_ID) + _core.pack(device) + _core.pack(Key.FRAME)
+        return head
 
     def take(self, prio: int, max_bytes: int) -> Relay | None:
         """The next relay of class `prio`: up to `max_frames` rows and about `max_bytes`
@@ -136,26 +150,48 @@ class Uplink:
         rows: list[Row] = []
         parts: list[bytes] = []
         n = 0
-        wire = RELAY_HEAD + len(self.site_id)
-        heads = self._item_heads
+        budget = max_bytes - RELAY_HEAD - len(self.site_id)
         tokens = self.token_uids
-        limit = min(self.max_frames, MAX_RELAY_FRAMES)
-        while q and len(rows) < limit:
-            r = q[0]
-            f = r.frame
-            head = heads.get(r.device)
-            if head is None:
-                head = heads[r.device] = _core.pack(Key.DEVICE_ID) + _core.pack(r.device) + _core.pack(Key.FRAME)
-            uid = tokens.get((r.device, r.msg_id)) if tokens else None
-            tail = b"" if uid is None else _core.pack(Key.TOKEN_UID) + _core.pack(uid)
-            cost = len(head) + len(f) + len(tail) + 4
-            if rows and wire + cost > max_bytes:
-                break
-            q.popleft()
-            rows.append(r)
-            parts += (b"\x82" if uid is None else b"\x83", head, _bin_head(len(f)), f, tail)
-            n += len(f)
-            wire += cost
+        limit = min(self.max_frames, MAX_RELAY_FRAMES, len(q))
+        if tokens:
+            for _ in range(limit):
+                r = q[0]
+                f = r.frame
+                head = self._head(r.device)
+                uid = tokens.get((r.device, r.msg_id))
+                tail = b"" if uid is None else _core.pack(Key.TOKEN_UID) + _core.pack(uid)
+                cost = len(head) + len(f) + len(tail) + 4
+                if rows and cost > budget:
+                    break
+                q.popleft()
+                rows.append(r)
+                parts += (b"\x82" if uid is None else b"\x83", head, _bin_head(len(f)), f, tail)
+                n += len(f)
+                budget -= cost
+        else:
+            # The common case, per row: one dict lookup, no tuple, no call but the deque's.
+            heads = self._map_heads
+            bin_head = _BIN_HEAD
+            popleft = q.popleft
+            add_row = rows.append
+            add = parts.append
+            for _ in range(limit):
+                r = q[0]
+                f = r[4]
+                h = heads.get(r[1])
+                if h is None:
+                    h = heads[r[1]] = b"\x82" + self._head(r[1])
+                lf = len(f)
+                cost = len(h) + lf + 3
+                if cost > budget and rows:
+                    break
+                popleft()
+                add_row(r)
+                add(h)
+                add(bin_head[lf] if lf < 256 else b"\xc5" + lf.to_bytes(2, "big"))
+                add(f)
+                n += lf
+                budget -= cost
         self.unsent_bytes[prio] -= n
         relay = Relay(rows[0].seq, prio, rows, n, b"".join(parts))
         self.inflight[relay.relay_id] = relay
@@ -209,6 +245,9 @@ class UplinkSettings:
     idle_timeout_s: float = 10.0
     relay_max_bytes: int = MAX_RELAY_BYTES
     urgent_relay_max_bytes: int = 16 << 10
+    bulk_relay_max_bytes: int = 32 << 10
+    """Bulk Relays stay small too: each is built in one loop turn and decoded at once by the
+    CSMS, so an urgent relay that arrives meanwhile waits for at most one of them."""
     connect_timeout_s: float = 5.0
     max_datagram_size: int = 0
     """0: 16 KiB on a loopback address (no path MTU to respect), else aioquic's default."""
@@ -264,7 +303,7 @@ class UpstreamProtocol(QuicConnectionProtocol):
             settings.urgent_relay_max_bytes,
             settings.relay_max_bytes,
             settings.relay_max_bytes,
-            settings.relay_max_bytes,
+            min(settings.bulk_relay_max_bytes, settings.relay_max_bytes),
         ]
         self.urgent_reserve = 4 * self._quic._max_datagram_size
         """Congestion window bytes the lower classes leave free for urgent relays."""

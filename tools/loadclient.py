@@ -241,16 +241,21 @@ async def run_load(
     batch: int = 32,
     seconds: float | None = None,
     started: Callable[[], None] | None = None,
+    rate: float | None = None,
 ) -> LoadResult:
     """Each board sends `per_board` events as fast as acks allow (at most `window` unacked);
-    with `seconds`, it keeps sending until then instead. `started` is called once every
-    board is connected, just before the first event."""
+    with `seconds`, it keeps sending until then instead. With `rate` (and `seconds`), each
+    board sends one event every 1/`rate` s instead, the boards evenly staggered, whatever
+    the acks. `started` is called once every board is connected, just before the first event."""
     await asyncio.gather(*(b.connect() for b in boards))
     if started is not None:
         started()
     t0 = time.perf_counter()
     stop = t0 + seconds if seconds is not None else None
     sent = [0]
+    if rate is not None:
+        assert stop is not None, "a paced load runs for a stated time"
+        await _paced(boards, kind, rate * len(boards), t0, stop, sent)
 
     async def one(b: Board) -> None:
         left = per_board if stop is None else 1 << 62
@@ -267,7 +272,12 @@ async def run_load(
                 b.acked_event.clear()
                 await b.acked_event.wait()
 
-    await asyncio.gather(*(one(b) for b in boards))
+    if rate is None:
+        await asyncio.gather(*(one(b) for b in boards))
+    else:  # the last events' acks
+        end = time.perf_counter() + 30
+        while any(b.unacked for b in boards) and time.perf_counter() < end:
+            await asyncio.sleep(0.01)
     dt = time.perf_counter() - t0
     errors: dict[str, int] = {}
     for b in boards:
@@ -275,6 +285,22 @@ async def run_load(
             errors[k] = errors.get(k, 0) + v
         b.close()
     return LoadResult(sent[0], sum(b.acked for b in boards), dt, errors)
+
+
+async def _paced(boards: list[Board], kind: str, total_rate: float, t0: float, stop: float, sent: list[int]) -> None:
+    """Event k (from 0) leaves at t0 + k / total_rate, from board k mod len(boards)."""
+    k = 0
+    nb = len(boards)
+    while True:
+        now = time.perf_counter()
+        due = int((min(now, stop) - t0) * total_rate)
+        while k < due:
+            boards[k % nb].send(kind, 1)
+            k += 1
+        sent[0] = k
+        if now >= stop:
+            return
+        await asyncio.sleep(0.002)
 
 
 def main() -> None:
@@ -287,13 +313,23 @@ def main() -> None:
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seconds", type=float, default=None, help="send for this long instead of --frames per board")
+    p.add_argument("--rate", type=float, default=None, help="events per second per board (with --seconds)")
     p.add_argument("--dev-seed", required=True, help="hex dev seed of the gateway's [devices] dev_seed")
     p.add_argument("--prefix", default="ev-")
     a = p.parse_args()
     seed = bytes.fromhex(a.dev_seed)
     boards = [Board(f"{a.prefix}{i:05d}", dev_key(seed, f"{a.prefix}{i:05d}"), a.host, a.port) for i in range(a.boards)]
     r = asyncio.run(
-        run_load(boards, a.frames, a.kind, a.window, a.batch, a.seconds, lambda: print(f"T0 {time.time()}", flush=True))
+        run_load(
+            boards,
+            a.frames,
+            a.kind,
+            a.window,
+            a.batch,
+            a.seconds,
+            lambda: print(f"T0 {time.time()}", flush=True),
+            a.rate,
+        )
     )
     print(f"sent {r.sent} acked {r.acked} in {r.seconds:.2f} s: {r.acked / r.seconds:,.0f} frames/s; errors {r.errors}")
     print(f"RESULT {r.sent} {r.acked} {r.seconds}", flush=True)

@@ -8,7 +8,10 @@ upstream peer (tests/gwpeer.py) each run in their own process. Prints:
 (2) latency of urgent frames (board send → stored at the peer) while bulk saturates the
 uplink, with the priority scheduler and with plain FIFO, in the same run;
 (3) after an outage: time from the link's return to the first urgent frame relayed, and
-the drain rate against the ingest rate;
+the drain rate against the ingest rate, (a) for an operator's reading: boards keep sending
+at a stated rate (500 boards, one MeterValues each per 1 s and per 0.1 s) through an outage
+of `--outage` seconds and after it, and (b) at saturation: the backlog of run [1]'s load,
+drained with no ingest, against that load's ingest rate;
 (4) messages per CPU-second of an OCPP-J relay (tools/bench/ocppj.py) against this gateway's.
 """
 
@@ -16,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -32,6 +38,9 @@ import gwpeer  # noqa: E402
 
 from tools.bench import ocppj  # noqa: E402
 from tools.loadclient import Board, dev_key  # noqa: E402
+
+LOAD_NICE = 10
+"""Niceness of the load generator of the latency runs (the simulated bulk boards)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -61,9 +70,9 @@ class Rig:
         self.peer: subprocess.Popen[str] | None = None
         self._store: gwpeer.Store | None = None
 
-    def _spawn(self, args: list[str]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    def _spawn(self, args: list[str], nice: int = 0) -> subprocess.Popen[str]:
+        cmd = [sys.executable, *args] if not nice else ["nice", "-n", str(nice), sys.executable, *args]
+        proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         return proc
 
@@ -87,13 +96,27 @@ class Rig:
         return self._store
 
     def load(self, n: int, *, prefix: str = "ev-", frames: int = 0, kind: str = "meter", window: int = 128,
-             batch: int = 64, seconds: float | None = None) -> subprocess.Popen[str]:  # fmt: skip
+             batch: int = 64, seconds: float | None = None, rate: float | None = None,
+             nice: int = 0) -> subprocess.Popen[str]:  # fmt: skip
         args = ["-m", "tools.loadclient", "--port", str(self.lan), "--boards", str(n), "--frames", str(frames),
                 "--kind", kind, "--window", str(window), "--batch", str(batch), "--dev-seed", gwpeer.SEED.hex(),
                 "--prefix", prefix]  # fmt: skip
         if seconds is not None:
             args += ["--seconds", str(seconds)]
-        return self._spawn(args)
+        if rate is not None:
+            args += ["--rate", str(rate)]
+        return self._spawn(args, nice)
+
+    def status(self) -> dict[str, Any]:
+        """The gateway's /status."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/status", timeout=5) as r:
+            out: dict[str, Any] = json.loads(r.read())
+        return out
+
+    def stop_peer(self) -> None:
+        assert self.peer is not None
+        self.peer.kill()
+        self.peer.wait()
 
     def board(self, device_id: str) -> Board:
         return Board(device_id, dev_key(gwpeer.SEED, device_id), "127.0.0.1", self.lan)
@@ -166,7 +189,9 @@ async def urgent_latency(tmp: Path, fifo: bool, seconds: float) -> list[float]:
         rig.start_gateway()
         rig.start_peer()
         await asyncio.sleep(0.5)
-        bulk = rig.load(20, prefix="ev-b", kind="log", window=64, batch=8, seconds=seconds + 0.5)
+        # The bulk boards stand for 20 boards of their own: their simulation must not take
+        # the gateway's CPU (nice 10 for the load generator only; docs/performance.md).
+        bulk = rig.load(20, prefix="ev-b", kind="log", window=64, batch=8, seconds=seconds + 0.5, nice=LOAD_NICE)
         urgent = rig.board("ev-u0000")
         await urgent.connect()
         await asyncio.sleep(0.5)
@@ -209,11 +234,56 @@ async def outage(tmp: Path, n_boards: int, per_board: int) -> dict[str, float]:
         first = rig.store.db.execute("SELECT at FROM frames WHERE device = 'ev-u0000'").fetchone()[0]
         t1 = last_arrival(rig.store)
         drain = (sent + 1) / (t1 - t0)
-        print(f"[3] outage: {sent + 1} frames held while upstream was away (ingest {ingest:,.0f} frames/s)")
+        print(f"[3b] outage at saturation: {sent + 1} frames held while upstream was away (run [1]'s load,"
+              f" ingest {ingest:,.0f} frames/s), drained with no ingest")  # fmt: skip
         print(f"    first urgent frame relayed {(first - t0) * 1000:.0f} ms after the peer came up"
               " (includes the gateway's reconnect backoff and the QUIC handshake)")  # fmt: skip
-        print(f"    drain: {drain:,.0f} frames/s = {drain / ingest:.1f}x the ingest rate")
+        print(f"    drain at saturation: {drain:,.0f} frames/s = {drain / ingest:.1f}x the saturated ingest rate")
         return {"first_ms": (first - t0) * 1000, "drain": drain, "ingest": ingest}
+    finally:
+        rig.close()
+
+
+async def outage_at_rate(tmp: Path, n_boards: int, rate: float, outage_s: float, warm_s: float = 2.0,
+                         after_s: float = 3.0) -> dict[str, float]:  # fmt: skip
+    """Boards keep sending at `rate` events/s each through an outage of `outage_s` and after
+    it. Backlog B = rows the gateway stored before the link returned and the peer does not
+    hold; they leave first (one class, acceptance order), so the backlog is gone when the
+    peer stores its B-th new row. Drain rate = B / (that time - first new row's arrival)."""
+    rig = Rig(tmp)
+    try:
+        rig.start_gateway()
+        rig.start_peer()
+        await asyncio.sleep(0.5)
+        load = rig.load(n_boards, rate=rate, seconds=warm_s + outage_s + after_s, window=1 << 20)
+        await asyncio.sleep(warm_s + 1.0)  # the boards connect (~1 s), then steady state
+        rig.stop_peer()
+        s0, c0 = await asyncio.to_thread(rig.status), time.time()
+        await asyncio.sleep(outage_s)
+        s1, c1 = await asyncio.to_thread(rig.status), time.time()
+        held = rig.store.count()
+        backlog = s1["frames_stored"] - held
+        ingest = (s1["frames_in"] - s0["frames_in"]) / (c1 - c0)
+        t_r = rig.start_peer()
+        await asyncio.to_thread(wait_count, rig.store, held + backlog, 60)
+        await load_result(load, timeout=warm_s + outage_s + after_s + 60)
+        q = "SELECT at FROM frames ORDER BY n LIMIT 1 OFFSET ?"
+        first = float(rig.store.db.execute(q, (held,)).fetchone()[0])
+        done = float(rig.store.db.execute(q, (held + backlog - 1,)).fetchone()[0])
+        drain = backlog / max(done - first, 1e-3)
+        r = {"rate": n_boards * rate, "ingest": ingest, "backlog": backlog, "first_ms": (first - t_r) * 1000,
+             "clear_s": done - t_r, "drain": drain, "ratio": drain / ingest}  # fmt: skip
+        print(
+            f"[3a] outage of {outage_s:.0f} s, {n_boards} boards x {rate:g} MeterValues/s ="
+            f" {n_boards * rate:,.0f} frames/s stated, {ingest:,.0f} measured during the outage, going on after it"
+        )
+        print(
+            f"    backlog {backlog} frames; first relay {r['first_ms']:.0f} ms after the link returned;"
+            f" backlog gone {r['clear_s']:.2f} s after it"
+        )
+        print(f"    drain (backlog / first relay -> backlog gone, ingest continuing): {drain:,.0f} frames/s"
+              f" = {r['ratio']:.0f}x the ingest rate")  # fmt: skip
+        return r
     finally:
         rig.close()
 
@@ -228,6 +298,8 @@ async def main() -> None:
     p.add_argument("--boards", type=int, default=500)
     p.add_argument("--frames", type=int, default=200, help="MeterValues per board")
     p.add_argument("--seconds", type=float, default=4.0, help="bulk saturation time per latency run")
+    p.add_argument("--outage", type=float, default=8.0, help="outage length of the paced drain runs [3a], s")
+    p.add_argument("--rates", default="1,10", help="events/s per board of the paced drain runs [3a]")
     p.add_argument("--ocpp-boards", type=int, default=100)
     p.add_argument("--ocpp-frames", type=int, default=50, help="MeterValues per OCPP-J board")
     a = p.parse_args()
@@ -247,6 +319,8 @@ async def main() -> None:
                       f"  max {max(lat) * 1000:.1f} ms")  # fmt: skip
             else:
                 print(f"    {name}: no urgent frame arrived")
+        for i, rate in enumerate(float(x) for x in a.rates.split(",") if x):
+            await outage_at_rate(tmp / f"r{i}", a.boards, rate, a.outage)
         await outage(tmp / "o", a.boards, a.frames)
         ours = await throughput(tmp / "t2", a.boards, a.frames)
         base = ocppj.run(a.ocpp_boards, a.ocpp_frames, gwpeer.free_tcp_port(), gwpeer.free_tcp_port())
