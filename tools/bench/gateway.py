@@ -60,7 +60,7 @@ class Rig:
         self.cfg = tmp / "gateway.toml"
         self.cfg.write_text(
             f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{self.lan}"\n[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n'  # noqa: E501
-            f'[upstream]\naddress = "127.0.0.1:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\n'  # noqa: E501
+            f'[upstream]\naddress = "127.0.0.1:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\nconnect_timeout_s = 0.5\n'  # noqa: E501
             f"fifo = {'true' if fifo else 'false'}\n"
             f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
         )
