@@ -77,9 +77,26 @@ class Config:
     zones: tuple[Zone, ...] = ()
     min_evse_w: int = 1_380
     unknown_token_offline: str = "reject"
+    # online identification through the CSO's roaming endpoint (IEC 63119 mixed mode); off
+    # unless [roaming] names the endpoint
+    roaming_party: str = ""
+    roaming_cso: str = ""
+    roaming_host: str = ""
+    roaming_port: int = 0
+    roaming_server_name: str = "localhost"
+    roaming_ca: Path | None = None
+    roaming_cert: Path | None = None
+    roaming_key: Path | None = None
+    roaming_password: str = ""
+    roaming_secret: bytes = b""
+    roaming_timeout_s: float = 3.0
     # metrics
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9700
+
+    @property
+    def roaming_enabled(self) -> bool:
+        return bool(self.roaming_host)
 
     @property
     def outbox_path(self) -> Path:
@@ -161,6 +178,23 @@ def _site(key: str, v: Any) -> str:
         raise ConfigError(f"{key}: {e}") from None
 
 
+def _operator(key: str, v: Any) -> str:
+    try:
+        return str(gid.parse(_str(key, v), expect="O"))
+    except gid.GidError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _secret(key: str, v: Any) -> bytes:
+    try:
+        b = bytes.fromhex(_str(key, v))
+    except ValueError:
+        raise ConfigError(f"{key}: expected hex digits, got a string that is not hex") from None
+    if len(b) < 16:
+        raise ConfigError(f"{key}: expected at least 16 bytes (32 hex digits), got {len(b)} bytes")
+    return b
+
+
 def _sync(key: str, v: Any) -> str:
     s = _str(key, v).upper()
     if s not in ("FULL", "EXTRA", "NORMAL"):
@@ -219,10 +253,23 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "min_evse_w": ("min_evse_w", _int(0, 1_000_000)),
     },
     "auth": {"unknown_token_offline": ("unknown_token_offline", _policy)},
+    "roaming": {
+        "party_id": ("roaming_party", _operator),
+        "cso_party": ("roaming_cso", _operator),
+        "server_name": ("roaming_server_name", _str),
+        "ca": ("roaming_ca", _path),
+        "cert": ("roaming_cert", _path),
+        "key": ("roaming_key", _path),
+        "password": ("roaming_password", _str),
+        "secret": ("roaming_secret", _secret),
+        "timeout_s": ("roaming_timeout_s", _float(0.1, 30)),
+    },
     "metrics": {},
 }
+ROAMING_REQUIRED = ("party_id", "cso_party", "address", "ca", "password", "secret")
 ADDRS = {"lan.listen": ("lan_host", "lan_port"), "upstream.address": ("upstream_host", "upstream_port"),
-         "metrics.listen": ("metrics_host", "metrics_port")}  # fmt: skip
+         "metrics.listen": ("metrics_host", "metrics_port"),
+         "roaming.address": ("roaming_host", "roaming_port")}  # fmt: skip
 
 
 def parse(doc: dict[str, Any], base: Path = Path()) -> Config:
@@ -249,8 +296,13 @@ def parse(doc: dict[str, Any], base: Path = Path()) -> Config:
                 values[attr] = conv(name, v)
             else:
                 raise ConfigError(f"{name}: unknown key")
+    roaming = doc.get("roaming")
+    if roaming:
+        missing = [k for k in ROAMING_REQUIRED if k not in roaming]
+        if missing:
+            raise ConfigError(f"roaming.{missing[0]}: required when [roaming] is present")
     cfg = Config(**values)
-    for attr in ("data_dir", "ca_file", "cert_file", "key_file"):
+    for attr in ("data_dir", "ca_file", "cert_file", "key_file", "roaming_ca", "roaming_cert", "roaming_key"):
         p = getattr(cfg, attr)
         if p is not None and not p.is_absolute():
             values[attr] = base / p

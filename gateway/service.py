@@ -22,6 +22,7 @@ from gateway.lan import BoardConnection, serve
 from gateway.link import FloodPolicy, State, proto_ts
 from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.power import SITE, PowerManager
+from gateway.localcsms.roaming import SiteRoaming, roaming_settings
 from gateway.outbox import Committer, Outbox, Row
 from gateway.schema import (
     EPOCH_UNIX,
@@ -103,6 +104,7 @@ class Gateway:
         self.outbox_alarm = False
         self.started = time.time()
         self.command_path = CommandPath(self)
+        self.roaming = SiteRoaming(self, roaming_settings(cfg)) if cfg.roaming_enabled else None
 
     # ------------------------------------------------------------ life cycle
 
@@ -365,6 +367,14 @@ class Gateway:
     # ------------------------------------------------------------ local CSMS, board side
 
     def _board_request(self, conn: BoardConnection, frame: bytes, now: float) -> None:
+        """Roaming endpoint first for a token nobody here knows (when configured), then the
+        CSMS for what must go upstream, else the local CSMS."""
+        if self.roaming is not None:
+            self.roaming.board_request(self._upstream_or_local, conn, frame, now)
+        else:
+            self._upstream_or_local(conn, frame, now)
+
+    def _upstream_or_local(self, conn: BoardConnection, frame: bytes, now: float) -> None:
         if not self.command_path.board_request(conn, frame, now):  # forwarded: the CSMS answers it
             self.answer_locally(conn, frame, now)
 

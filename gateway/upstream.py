@@ -852,9 +852,3 @@ class CommandPath:
             del self.late[next(iter(self.late))]
         if self.gw.online.get(device_id) is conn:
             self.gw.answer_locally(conn, frame, self.gw.clock.now())
-
-
-def attach(gw: Any) -> CommandPath:
-    """The command path of a `Gateway` (which makes its own in `__init__`)."""
-    cp: CommandPath = gw.command_path
-    return cp

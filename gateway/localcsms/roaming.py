@@ -9,8 +9,8 @@ definite answer (anything but `unknown`) is cached (S2) and sent to the board at
 handler (the CSMS over the uplink, or the local offline policy), so roaming never makes
 the site's own answers slower or worse.
 
-    cp = gateway.upstream.attach(gw)           # the CSMS path first
-    attach_roaming(gw, RoamingSettings(...))   # then roaming in front of it
+It is on when the gateway's configuration has a `[roaming]` section (docs/gateway.md):
+`Gateway` then asks this module first for every board request it cannot answer itself.
 
 The EVSE of board `device_id` is `evse_gid(site_id, device_id)` — the one rule shared with
 the CSMS's roaming adapter (tools/peers/roaming/csms_operator.py).
@@ -154,15 +154,12 @@ class SiteRoaming:
         await self.client.close()
 
 
-def attach_roaming(gw: Any, settings: RoamingSettings) -> SiteRoaming:
-    """Puts online identification through the CSO roaming endpoint in front of the gateway's
-    board-request path (call after `gateway.upstream.attach`, before `start`)."""
-    r = SiteRoaming(gw, settings)
-    following = gw._board_request
-
-    def board_request(conn: Any, frame: bytes, now: float) -> None:
-        r.board_request(following, conn, frame, now)
-
-    gw._board_request = board_request
-    gw.roaming = r
-    return r
+def roaming_settings(cfg: Any) -> RoamingSettings:
+    """The `[roaming]` section of a `gateway.config.Config`."""
+    if cfg.roaming_ca is None:
+        raise ValueError("roaming.ca is required when [roaming] is present")
+    return RoamingSettings(
+        cfg.roaming_party, cfg.roaming_cso, cfg.roaming_host, cfg.roaming_port, cfg.roaming_ca,
+        cfg.roaming_password, cfg.roaming_secret, cfg.roaming_cert, cfg.roaming_key, cfg.roaming_server_name,
+        cfg.roaming_timeout_s,
+    )  # fmt: skip

@@ -19,9 +19,8 @@ from typing import Any
 
 from gateway import config as gwconfig
 from gateway import devpki
-from gateway.localcsms.roaming import RoamingSettings, SiteRoaming, attach_roaming, evse_gid
+from gateway.localcsms.roaming import SiteRoaming, evse_gid
 from gateway.service import Gateway
-from gateway.upstream import attach
 from tools.board import Board
 from tools.peers.csms import config as csms_config
 from tools.peers.csms.server import CsmsServer
@@ -96,14 +95,23 @@ class Site:
             await ep.start()
         self.bridge = CsmsRoaming(self.cso, op).start()
 
-    def roaming_settings(self) -> RoamingSettings:
+    def roaming_section(self) -> dict[str, Any]:
+        """The gateway's [roaming] section: the site as a party of its CSO's endpoint."""
         cfg = self.re_cfgs["cso"]
         me = cfg.party(SITE_PARTY)
         assert me is not None
         pki = self.root / "roaming" / "pki"
         issued = devpki.issue(pki, "site", ca=devpki.ensure_ca(pki))  # the endpoints want a client certificate
-        return RoamingSettings(SITE_PARTY, CSO_ID, cfg.host, cfg.port, cfg.ca, me.password, me.secret_bytes,
-                               cert=issued.cert, key=issued.key)  # fmt: skip
+        return {
+            "party_id": SITE_PARTY,
+            "cso_party": CSO_ID,
+            "address": f"{cfg.host}:{cfg.port}",
+            "ca": str(cfg.ca),
+            "cert": str(issued.cert),
+            "key": str(issued.key),
+            "password": me.password,
+            "secret": me.secret_bytes.hex(),
+        }
 
     @property
     def devices(self) -> list[str]:
@@ -147,15 +155,15 @@ class Site:
             },
             "power": {"site_limit_w": 100000, "zone": [{"zone": 1, "limit_w": 60000, "devices": self.devices}]},
         }
+        if self.roaming:
+            doc["roaming"] = self.roaming_section()
         for k, v in self.extra.items():
             doc.setdefault(k, {}).update(v)
         return doc
 
     async def start_gateway(self) -> Gateway:
         self.gw = Gateway(gwconfig.prepare(gwconfig.parse(self.gateway_doc())))
-        attach(self.gw)
-        if self.roaming:
-            self.site_roaming = attach_roaming(self.gw, self.roaming_settings())
+        self.site_roaming = self.gw.roaming
         await self.gw.start()
         return self.gw
 

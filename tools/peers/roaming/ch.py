@@ -192,11 +192,21 @@ class ClearingHouse(Endpoint):
                     )
                     sid = cur_.lastrowid
                     db.executemany("UPDATE sdrs SET settlement=? WHERE sdr_id=?", [(sid, s) for s in ids])
-                await self.send("Settlement", {"party_id": csp, "sdrs": ids, "amount": amount, "currency": cur}, cso)
-                await self.send("Settlement", {"party_id": cso, "sdrs": ids, "amount": amount, "currency": cur}, csp)
-                self.store.exec("UPDATE settlements SET delivered=1 WHERE id=?", sid)
+                    jobs = [  # durable: delivered (retried) until both parties acknowledge
+                        self.enqueue("Settlement", {"party_id": other, "sdrs": ids, "amount": amount, "currency": cur},
+                                     to, f"settlement:{sid}", ref=str(sid))
+                        for to, other in ((cso, csp), (csp, cso))
+                    ]  # fmt: skip
+                await self.run_jobs(jobs)
                 done.append({"cso": cso, "csp": csp, "sdrs": ids, "amount": amount, "currency": cur})
         return done
+
+    def job_done(self, job: dict[str, Any], answer: dict[str, Any]) -> None:
+        """A Settlement acknowledged: the settlement is delivered once both parties have it."""
+        if job["message"] == "Settlement" and job["ref"]:
+            left = self.store.one("SELECT 1 FROM jobs WHERE message='Settlement' AND ref=?", job["ref"])
+            if left is None:
+                self.store.db.execute("UPDATE settlements SET delivered=1 WHERE id=?", (int(job["ref"]),))
 
     # ---- privacy
     def note_shared(self, message: str, body: dict[str, Any], to: str) -> None:

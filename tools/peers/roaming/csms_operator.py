@@ -5,7 +5,8 @@
   site gateway uses when it asks the CSO endpoint to authorize a token.
 - `start` (R3-1/R3-2) queues a `RequestStartTransaction` Command for the board through its
   site gateway and waits for the board's answer; `stop` (R3-4) a `RequestStopTransaction`
-  of the session's transaction; `reserve` (R3-8) a `ReserveNow`.
+  of the session's transaction; `reserve` (R3-8) a `ReserveNow`, `cancel_reservation` (an
+  expired roaming reservation) a `CancelReservation`.
 - `unlock` (R5-2 with a session, R5-3 without: activation failed) queues an urgent
   `UnlockConnector` for the EVSE's board; `apply_plan` (R3-7 from the home CSP, R3-10 when
   the CSO changes it: `CsoEndpoint.update_plan`) caps each period at the EVSE's power
@@ -40,6 +41,7 @@ from gateway.localcsms.roaming import evse_gid
 from gateway.roaming.client import RoamingError
 from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
 from tools.peers.csms import commands as cmds
+from tools.peers.csms.api import CsmsError
 from tools.peers.csms.server import CsmsServer
 
 from .cso import CsoEndpoint
@@ -177,6 +179,25 @@ class CsmsOperator:
         site, dev, n = where
         srv = self._srv()
         cmd_id = srv.api.reserve(site, dev, reservation_id, max(0, expiry - EPOCH_UNIX), token_uid, evse=n)
+        end = time.monotonic() + self.command_timeout_s
+        while time.monotonic() < end:
+            row = srv.api.command(cmd_id)
+            if row is not None and row["state"] in ("done", "failed", "expired"):
+                ok = row["state"] == "done" and (row.get("results") or [{}])[0].get("status") == Status.ACCEPTED
+                return "accepted" if ok else "rejected"
+            await asyncio.sleep(0.05)
+        return "timeout"
+
+    async def cancel_reservation(self, evse: str, reservation_id: int) -> str:
+        """R3-8: an expired roaming reservation: a CSMS CancelReservation command."""
+        where = self._evses().get(evse)
+        if where is None:
+            return "rejected"
+        srv = self._srv()
+        try:
+            cmd_id = srv.api.cancel_reservation(reservation_id)
+        except CsmsError:  # the CSMS never had it
+            return "rejected"
         end = time.monotonic() + self.command_timeout_s
         while time.monotonic() < end:
             row = srv.api.command(cmd_id)

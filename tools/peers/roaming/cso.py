@@ -6,8 +6,10 @@ reservations and plans — and of personal data only token uids, purged after th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
 import secrets
 from typing import Any, ClassVar
 
@@ -17,8 +19,10 @@ from gateway.roaming.http3 import H3Error
 
 from . import contract_pki
 from .config import EndpointConfig
-from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
+from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 from .operator import OperatorBackend
+
+log = logging.getLogger(__name__)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS tariffs(tariff_id INTEGER PRIMARY KEY, body TEXT NOT NULL);
@@ -30,7 +34,7 @@ CREATE TABLE IF NOT EXISTS token_cache(token_uid TEXT PRIMARY KEY, party TEXT NO
     expiry INTEGER);
 CREATE TABLE IF NOT EXISTS token_lists(party TEXT PRIMARY KEY, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS reservations(reservation_id INTEGER NOT NULL, csp TEXT NOT NULL, evse_gid TEXT NOT NULL,
-    token_uid TEXT, expiry INTEGER NOT NULL, PRIMARY KEY(csp, reservation_id));
+    token_uid TEXT, expiry INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'active', PRIMARY KEY(csp, reservation_id));
 CREATE TABLE IF NOT EXISTS plans(session_id TEXT PRIMARY KEY, plan TEXT NOT NULL, by TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
     currency TEXT NOT NULL, at INTEGER NOT NULL);
@@ -41,9 +45,17 @@ class CsoEndpoint(Endpoint):
     role: ClassVar[str] = "cso"
     DDL: ClassVar[str] = DDL
 
+    #: R3-8: how long after its expiry a start of the reservation's token at its EVSE is refused
+    #: (the home CSP may not have heard of the expiry yet); afterwards it is an ordinary start
+    EXPIRED_REFUSE_S: ClassVar[int] = 3600
+
     def __init__(self, cfg: EndpointConfig, operator: OperatorBackend, **kw: Any) -> None:
         super().__init__(cfg, **kw)
         self.operator = operator
+        cols = [r[1] for r in self.store.all("PRAGMA table_info(reservations)")]
+        if "state" not in cols:  # a store made before reservation expiry (R3-8): active | used | expired
+            self.store.exec("ALTER TABLE reservations ADD COLUMN state TEXT NOT NULL DEFAULT 'active'")
+        self._expiring = asyncio.Lock()
 
     # ---- operator side: what the CSO's CSMS calls
     async def publish_locations(self) -> int:
@@ -112,8 +124,8 @@ class CsoEndpoint(Endpoint):
             return answer
         sid = answer["roaming_session_id"]
         csp = gid.parse(sid, expect="S").operator if "csp" not in answer else answer.pop("csp")
-        result = await self._start(sid, evse_gid, token_uid, csp, "local")
-        return {**answer, "result": result}
+        result, reason = await self._start(sid, evse_gid, token_uid, csp, "local")
+        return {**answer, "result": result} | ({"reason": reason} if reason else {})
 
     @handles("AuthorizeRoaming", senders=("site",))
     async def _on_site_authorize(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
@@ -182,23 +194,74 @@ class CsoEndpoint(Endpoint):
         sid = self.issue("S", secrets.token_hex(12))
         return {"auth_status": "accepted", "roaming_session_id": sid, "csp": row[0]}
 
-    async def _start(self, sid: str, evse_gid: str, token_uid: str, csp: str, how: str) -> str:
+    async def _start(self, sid: str, evse_gid: str, token_uid: str, csp: str, how: str) -> tuple[str, str | None]:
+        """Start through the operator, honouring reservations (R3-8): an EVSE reserved for another
+        token is occupied; the reserving token uses its reservation; a start of a token whose
+        reservation at this EVSE expired (within EXPIRED_REFUSE_S) is refused with the reason."""
+        await self.expire_reservations()
+        now = int(self.clock())
+        held = self.store.one(
+            "SELECT reservation_id, csp, token_uid FROM reservations WHERE evse_gid=? AND state='active'", evse_gid
+        )
+        if held is not None and (held[1], held[2]) != (csp, token_uid):
+            return "evse_occupied", f"EVSE reserved (reservation {held[0]})"
+        if held is None:
+            lapsed = self.store.one(
+                "SELECT reservation_id, expiry FROM reservations WHERE evse_gid=? AND csp=? AND token_uid=?"
+                " AND state='expired' AND expiry > ? ORDER BY expiry DESC LIMIT 1",
+                evse_gid,
+                csp,
+                token_uid,
+                now - self.EXPIRED_REFUSE_S,
+            )
+            if lapsed is not None:
+                return "rejected", f"reservation {lapsed[0]} expired at {lapsed[1]} (Unix s) unused"
         result = await self.operator.start(evse_gid, token_uid, sid)
         if result == "accepted":
             tariff = self._tariff()
-            self.store.exec(
-                "INSERT OR IGNORE INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started, tariff_id)"
-                " VALUES(?,?,?,?,?,?,?,?)",
-                sid,
-                evse_gid,
-                token_uid,
-                csp,
-                how,
-                "active",
-                int(self.clock()),
-                None if tariff is None else tariff["tariff_id"],
+            with self.store.tx() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started,"
+                    " tariff_id) VALUES(?,?,?,?,?,?,?,?)",
+                    (sid, evse_gid, token_uid, csp, how, "active", now, tariff and tariff["tariff_id"]),
+                )
+                if held is not None:
+                    db.execute("UPDATE reservations SET state='used' WHERE csp=? AND reservation_id=?", (csp, held[0]))
+        return result, None
+
+    async def tick(self) -> None:
+        await self.expire_reservations()
+
+    async def expire_reservations(self) -> list[int]:
+        """R3-8: every active reservation whose expiry has passed unused is expired: the operator
+        cancels it (CancelReservation), the store marks it `expired`, and the home CSP is told
+        with an EvseStatusUpdate (the EVSE's status now, reason `reservation <id> expired`) — a
+        durable job, retried until the CSP acknowledges. The reservation ids expired."""
+        async with self._expiring:
+            now = int(self.clock())
+            rows = self.store.all(
+                "SELECT reservation_id, csp, evse_gid FROM reservations WHERE state='active' AND expiry <= ?", now
             )
-        return result
+            jobs, out = [], []
+            for rid, csp, evse in rows:
+                try:
+                    result = await self.operator.cancel_reservation(evse, rid)
+                except Exception as exc:  # the board expires it by itself too: the endpoint goes on
+                    result = f"{type(exc).__name__}: {exc}"
+                if result != "accepted":
+                    log.warning("%s: cancelling expired reservation %s at %s: %s", self.me, rid, evse, result)
+                status = await self.operator.evse_status(evse) or "unknown"
+                note = {"evse_gid": evse, "evse_status": status, "time": now, "reason": f"reservation {rid} expired"}
+                with self.store.tx() as db:
+                    db.execute(
+                        "UPDATE reservations SET state='expired' WHERE csp=? AND reservation_id=? AND state='active'",
+                        (csp, rid),
+                    )
+                    jobs.append(self.enqueue("EvseStatusUpdate", note, csp, f"reservation:{rid}"))
+                out.append(int(rid))
+        if jobs:
+            await self.run_jobs(jobs)
+        return out
 
     def _cost(self, energy_wh: int, tariff_id: int | None) -> tuple[int, str]:
         t = self._tariff()
@@ -349,8 +412,8 @@ class CsoEndpoint(Endpoint):
             raise Refused(403, "not_your_session", f"{sid} was not issued by {ctx.origin}", "roaming_session_id")
         if self.store.one("SELECT 1 FROM sessions WHERE session_id=?", sid):
             raise Refused(409, "conflict", f"session {sid} exists already", "roaming_session_id")
-        result = await self._start(sid, body["evse_gid"], body["token_uid"], ctx.origin, "remote")
-        return {"result": result}
+        result, reason = await self._start(sid, body["evse_gid"], body["token_uid"], ctx.origin, "remote")
+        return {"result": result} | ({"reason": reason} if reason else {})
 
     def _own_session(self, sid: str, ctx: Ctx) -> dict[str, Any]:
         s = self.session(sid)
@@ -389,7 +452,8 @@ class CsoEndpoint(Endpoint):
         )
         if result == "accepted":
             self.store.exec(
-                "INSERT OR REPLACE INTO reservations VALUES(?,?,?,?,?)",
+                "INSERT OR REPLACE INTO reservations(reservation_id, csp, evse_gid, token_uid, expiry, state)"
+                " VALUES(?,?,?,?,?,'active')",
                 body["reservation_id"],
                 ctx.origin,
                 body["evse_gid"],
@@ -429,17 +493,9 @@ class CsoEndpoint(Endpoint):
             db.execute("INSERT OR REPLACE INTO token_lists VALUES(?,?)", (party, body["list_version"]))
         return {"status": "accepted"}
 
-    @handles("Settlement", senders=("ch",))
+    @handles("Settlement", senders=("ch",), key=settlement_key)
     async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        self.store.exec(
-            "INSERT INTO settlements VALUES(?,?,?,?,?)",
-            body["party_id"],
-            json.dumps(body["sdrs"]),
-            body["amount"],
-            body["currency"],
-            int(ctx.now),
-        )
-        return {"status": "accepted"}
+        return self.record_settlement(body, ctx)
 
     # ---- privacy
     def forget(self, token_uid: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import re
 import secrets
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,7 +19,7 @@ from gateway.roaming import json_body
 
 from . import contract_pki
 from .config import EndpointConfig
-from .endpoint import Ctx, Endpoint, Refused, handles, require_gid
+from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 
 DDL = """
 CREATE TABLE IF NOT EXISTS customers(token_uid TEXT PRIMARY KEY, contract_id TEXT, auth_status TEXT NOT NULL,
@@ -38,9 +39,15 @@ CREATE TABLE IF NOT EXISTS sdrs(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, sess
 CREATE TABLE IF NOT EXISTS token_list(version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
     currency TEXT NOT NULL, at INTEGER NOT NULL);
+-- R3-8: reservations made at CSOs; state active | expired (the CSO's EvseStatusUpdate said so)
+CREATE TABLE IF NOT EXISTS reservations(reservation_id INTEGER NOT NULL, cso TEXT NOT NULL, evse_gid TEXT NOT NULL,
+    token_uid TEXT, expiry INTEGER NOT NULL, state TEXT NOT NULL, PRIMARY KEY(cso, reservation_id));
 CREATE TABLE IF NOT EXISTS contract_certs(serial TEXT PRIMARY KEY, contract_id TEXT NOT NULL, cso TEXT NOT NULL,
     evse_gid TEXT NOT NULL, action TEXT NOT NULL, der BLOB NOT NULL, issued INTEGER NOT NULL);
 """
+
+#: the reason of the EvseStatusUpdate a CSO sends when a reservation expired unused (R3-8)
+EXPIRED_RESERVATION = re.compile(r"reservation (\d+) expired")
 
 
 def mo_pki_folder(cfg: EndpointConfig) -> Path:
@@ -121,7 +128,17 @@ class CspEndpoint(Endpoint):
         """R3-8."""
         cso = require_gid(evse_gid, "E", "evse_gid").operator
         body = {"evse_gid": evse_gid, "token_uid": token_uid, "expiry": expiry, "reservation_id": reservation_id}
-        return await self.send("ReserveRoaming", body, cso)
+        answer = await self.send("ReserveRoaming", body, cso)
+        if answer["result"] == "accepted":
+            self.store.exec(
+                "INSERT OR REPLACE INTO reservations VALUES(?,?,?,?,?,'active')",
+                reservation_id,
+                cso,
+                evse_gid,
+                token_uid,
+                expiry,
+            )
+        return answer
 
     async def unlock(self, evse_gid: str, sid: str | None = None, reason: str | None = None) -> dict[str, Any]:
         """R5-2 (a session is active) / R5-3 (activation failed: no session)."""
@@ -203,6 +220,14 @@ class CspEndpoint(Endpoint):
                 body["time"],
                 body.get("outage_kind"),
                 body.get("reason"),
+                evse,
+            )
+        lapsed = EXPIRED_RESERVATION.fullmatch(body.get("reason") or "")
+        if lapsed is not None:  # R3-8: the CSO expired our reservation (a repeat changes nothing)
+            self.store.exec(
+                "UPDATE reservations SET state='expired' WHERE cso=? AND reservation_id=? AND evse_gid=?",
+                ctx.origin,
+                int(lapsed[1]),
                 evse,
             )
         return {"status": "accepted"}
@@ -349,17 +374,9 @@ class CspEndpoint(Endpoint):
         )  # fmt: skip
         return {"status": "accepted", "exi": json_body.b64(b"".join(chain))}
 
-    @handles("Settlement", senders=("ch",))
+    @handles("Settlement", senders=("ch",), key=settlement_key)
     async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        self.store.exec(
-            "INSERT INTO settlements VALUES(?,?,?,?,?)",
-            body["party_id"],
-            json.dumps(body["sdrs"]),
-            body["amount"],
-            body["currency"],
-            int(ctx.now),
-        )
-        return {"status": "accepted"}
+        return self.record_settlement(body, ctx)
 
     # ---- privacy
     def forget(self, token_uid: str) -> int:
@@ -367,6 +384,7 @@ class CspEndpoint(Endpoint):
             n = db.execute("DELETE FROM customers WHERE token_uid=? OR contract_id=?", (token_uid, token_uid)).rowcount
             n += db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM contract_certs WHERE contract_id=?", (token_uid,)).rowcount
+            n += db.execute("UPDATE reservations SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             for sdr_id, body in db.execute("SELECT sdr_id, body FROM sdrs").fetchall():
                 b = json.loads(body)
                 if b.get("token_uid") == token_uid:
@@ -380,6 +398,7 @@ class CspEndpoint(Endpoint):
         n = db.execute(
             "UPDATE sessions SET token_uid=NULL WHERE token_uid IS NOT NULL AND created < ?", (cut,)
         ).rowcount
+        n += db.execute("DELETE FROM reservations WHERE expiry < ?", (cut,)).rowcount
         for sdr_id, body in db.execute("SELECT sdr_id, body FROM sdrs WHERE at < ?", (cut,)).fetchall():
             b = json.loads(body)
             if b.get("token_uid"):

@@ -13,6 +13,13 @@ Request pipeline, in order (the first failure answers; nothing is written but th
  8. destination: this endpoint, or (CH) another party it routes to               404
  9. idempotency: same key → the stored answer; same key, other body             409
 10. the handler (domain checks → 404 unknown ids, 409 conflicts), one transaction
+
+Durable jobs (`jobs` table): what must reach a peer even when it is down — a DeleteUserData
+hand-on (M10), a Settlement, a reservation expiry notice (R3-8) — is written to the store in
+the same transaction as the change that causes it, tried at once, and then retried by the
+background loop with a bounded, jittered exponential backoff until the peer acknowledges
+(2xx). A 4xx answer (other than 408/429) is final: the job is kept as `refused` for the
+operator. The receivers are idempotent, so a delivery whose answer was lost may be repeated.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -127,6 +135,12 @@ class Endpoint:
                     routes[reg[0]] = reg[1]
         cls.routes = routes
 
+    #: job retry backoff: min(RETRY_CAP_S, RETRY_BASE_S * 2**(attempts-1)), times a jitter in [0.5, 1]
+    RETRY_BASE_S: ClassVar[float] = 5.0
+    RETRY_CAP_S: ClassVar[float] = 900.0
+    #: how often (real seconds) the background loop looks for due jobs and runs `tick`
+    LOOP_PERIOD_S: ClassVar[float] = 0.25
+
     def __init__(self, cfg: EndpointConfig, *, clock: Callable[[], float] = time.time) -> None:
         if cfg.role != self.role:
             raise ValueError(f"configuration is for a {cfg.role}, not a {self.role}")
@@ -136,6 +150,9 @@ class Endpoint:
         self.server: H3Server | None = None
         self.clients: dict[str, RoamingClient] = {}
         self._purger: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
 
     # ---- life cycle
     @property
@@ -154,13 +171,16 @@ class Endpoint:
             client_ca=self.cfg.ca,
         )
         self._purger = asyncio.create_task(self._purge_loop())
+        self._worker = asyncio.create_task(self._job_loop())
         return self
 
     async def stop(self) -> None:
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
+        for task in (self._purger, self._worker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._purger = self._worker = None
         if self.server is not None:
             self.server.close()
             self.server = None
@@ -175,6 +195,107 @@ class Endpoint:
         while True:
             await asyncio.sleep(period)
             self.purge()
+
+    async def _job_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.LOOP_PERIOD_S)
+            self._wake.clear()
+            try:
+                await self.tick()
+                await self.run_jobs()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop must outlive a bad job or a store hiccup
+                log.exception("%s: background jobs", self.me)
+
+    async def tick(self) -> None:
+        """Periodic work of a role (the CSO expires reservations), run by the background loop."""
+
+    # ---- durable jobs
+    def enqueue(self, message: str, body: dict[str, Any], dest: str, key: str, *, ref: str = "") -> int:
+        """Record a request that must reach `dest` (once per (message, dest, key)); its job id.
+        Joins the caller's transaction, so the job is durable together with its cause."""
+        json_body.check(message, body)
+        with self.store.tx() as db:
+            db.execute(
+                "INSERT INTO jobs(message, dest, key, body, ref, due, created) VALUES(?,?,?,?,?,?,?)"
+                " ON CONFLICT(message, dest, key) DO UPDATE SET state='pending', attempts=0, due=excluded.due"
+                " WHERE state='refused'",
+                (message, dest, key, json.dumps(body), ref, self.clock(), int(self.clock())),
+            )
+            q = "SELECT id FROM jobs WHERE message=? AND dest=? AND key=?"
+            row = db.execute(q, (message, dest, key)).fetchone()
+        self._wake.set()
+        return int(row[0])
+
+    def jobs(self, state: str = "pending") -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.all("SELECT * FROM jobs WHERE state=? ORDER BY id", state)]
+
+    def backoff(self, attempts: int) -> float:
+        return retry_delay(attempts, self.RETRY_BASE_S, self.RETRY_CAP_S)
+
+    async def run_jobs(self, ids: Iterable[int] | None = None) -> dict[int, dict[str, Any]]:
+        """Try the due pending jobs (or exactly `ids`, due or not; one already under way is
+        waited for); the answers of those delivered."""
+        if ids is None:
+            wanted = [int(r[0]) for r in self.store.all(
+                "SELECT id FROM jobs WHERE state='pending' AND due <= ? ORDER BY id", self.clock())]  # fmt: skip
+        else:
+            wanted = list(ids)
+        out = {}
+        for job_id in wanted:
+            running = self._inflight.get(job_id)
+            if running is not None:
+                answer = await asyncio.shield(running) if ids is not None else None
+            else:
+                row = self.store.one("SELECT * FROM jobs WHERE id=? AND state='pending'", job_id)
+                answer = None if row is None else await self._attempt(dict(row))
+            if answer is not None:
+                out[job_id] = answer
+        return out
+
+    async def _attempt(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        done: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
+        self._inflight[job["id"]] = done
+        answer: dict[str, Any] | None = None
+        try:
+            answer = await self.send(job["message"], json.loads(job["body"]), job["dest"])
+        except RoamingError as exc:
+            final = 400 <= exc.status < 500 and exc.status not in (408, 429)
+            self._job_failed(job, str(exc), final=final)
+        except (H3Error, OSError, TimeoutError) as exc:  # unreachable (ConnectionError is an OSError)
+            self._job_failed(job, f"{type(exc).__name__}: {exc}", final=False)
+        except Exception as exc:  # e.g. an answer that fails the schema: retried with backoff all the same
+            log.exception("%s: job %s", self.me, job["id"])
+            self._job_failed(job, f"{type(exc).__name__}: {exc}", final=False)
+        else:
+            with self.store.tx():
+                self.store.db.execute("DELETE FROM jobs WHERE id=?", (job["id"],))
+                self.job_done(job, answer)
+        finally:
+            del self._inflight[job["id"]]
+            done.set_result(answer)
+        return answer
+
+    def _job_failed(self, job: dict[str, Any], error: str, *, final: bool) -> None:
+        attempts = int(job["attempts"]) + 1
+        if final:
+            log.error("%s: %s to %s refused, kept as refused: %s", self.me, job["message"], job["dest"], error)
+        else:
+            log.warning("%s: %s to %s failed (attempt %d), retried: %s", self.me, job["message"], job["dest"],
+                        attempts, error)  # fmt: skip
+        self.store.exec(
+            "UPDATE jobs SET attempts=?, due=?, last_error=?, state=? WHERE id=?",
+            attempts,
+            self.clock() + self.backoff(attempts),
+            error[:300],
+            "refused" if final else "pending",
+            job["id"],
+        )
+
+    def job_done(self, job: dict[str, Any], answer: dict[str, Any]) -> None:
+        """A job was acknowledged (inside the transaction that drops it); roles add bookkeeping."""
 
     # ---- incoming
     def _reply(self, status: int, body: dict[str, Any] | bytes) -> Reply:
@@ -358,26 +479,47 @@ class Endpoint:
         return 0
 
     async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
-        """M10: delete the user's data here and at every party it was sent to (except `skip`)."""
+        """M10: delete the user's data here and at every party it was sent to (except `skip`).
+        The hand-ons are durable jobs, written with the deletion and tried at once; a party
+        that is unreachable gets it when it is back (the background loop retries)."""
         with self.store.tx() as db:
             parties = [r[0] for r in db.execute("SELECT party FROM shared WHERE token_uid=?", (token_uid,))]
             db.execute("DELETE FROM shared WHERE token_uid=?", (token_uid,))
             count = self.forget(token_uid)
-        for party in parties:
-            if party in (skip, self.me):
-                continue
-            try:
-                answer = await self.send("DeleteUserData", {"token_uid": token_uid, "party_id": self.me}, party)
-                count += int(answer["count"])
-            except (RoamingError, H3Error) as exc:  # recorded for a retry by the operator
-                log.warning("DeleteUserData to %s failed: %s", party, exc)
-                self.store.exec("INSERT OR REPLACE INTO shared VALUES(?,?,?)", token_uid, party, int(self.clock()))
+            body = {"token_uid": token_uid, "party_id": self.me}
+            ids = [self.enqueue("DeleteUserData", body, p, token_uid) for p in parties if p not in (skip, self.me)]
+        for answer in (await self.run_jobs(ids)).values():
+            count += int(answer["count"])
         return count
+
+    def record_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """A Settlement from the CH (CSO and CSP), kept once: a repeated delivery changes nothing."""
+        sdrs = json.dumps(body["sdrs"])
+        with self.store.tx() as db:
+            if db.execute("SELECT 1 FROM settlements WHERE party=? AND sdrs=?", (body["party_id"], sdrs)).fetchone():
+                return {"status": "accepted"}
+            db.execute(
+                "INSERT INTO settlements VALUES(?,?,?,?,?)",
+                (body["party_id"], sdrs, body["amount"], body["currency"], int(ctx.now)),
+            )
+        return {"status": "accepted"}
 
     @handles("DeleteUserData", senders=("cso", "csp", "ch"))
     async def _on_delete_user(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         count = await self.delete_user(body["token_uid"], skip=ctx.origin)
         return {"status": "accepted", "count": count}
+
+
+def retry_delay(attempts: int, base: float, cap: float) -> float:
+    """Delay before retry number `attempts` (1, 2, ...): exponential, at most `cap`, jittered
+    in [½, 1] of that so that many senders do not retry in step."""
+    delay = min(cap, base * 2.0 ** min(max(attempts - 1, 0), 30))
+    return float(delay * random.uniform(0.5, 1.0))
+
+
+def settlement_key(body: dict[str, Any]) -> str:
+    """A Settlement's idempotency key: its SDRs (each SDR is settled once)."""
+    return hashlib.sha256("\n".join(sorted(body["sdrs"])).encode()).hexdigest()
 
 
 def _canon_hash(body: dict[str, Any]) -> str:

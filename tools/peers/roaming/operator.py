@@ -35,6 +35,9 @@ class OperatorBackend(Protocol):
     async def reserve(self, evse_gid: str, token_uid: str, expiry: int, reservation_id: int) -> str:
         """Reserve the EVSE for a token until `expiry` (Unix seconds) (R3-8)."""
 
+    async def cancel_reservation(self, evse_gid: str, reservation_id: int) -> str:
+        """Cancel a reservation (R3-8: it expired unused); the EVSE is available again."""
+
     async def apply_plan(self, session_id: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         """Follow a charge plan (R3-7); return the plan actually applied, or None if refused."""
 
@@ -61,6 +64,7 @@ class MemoryOperator:
     evses: dict[str, MemoryEvse] = field(default_factory=dict)
     plans: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     offline: set[str] = field(default_factory=set)
+    cancelled: list[int] = field(default_factory=list)  # reservation ids cancelled (R3-8 expiry)
 
     @classmethod
     def one_site(
@@ -126,6 +130,16 @@ class MemoryOperator:
         if e.status != "available":
             return "evse_occupied"
         e.status, e.reservation = "reserved", reservation_id
+        return "accepted"
+
+    async def cancel_reservation(self, evse_gid: str, reservation_id: int) -> str:
+        e = self.evses[evse_gid]
+        self.cancelled.append(reservation_id)
+        if e.reservation != reservation_id:
+            return "rejected"
+        e.reservation = None
+        if e.status == "reserved":
+            e.status = "available"
         return "accepted"
 
     async def apply_plan(self, session_id: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]] | None:

@@ -19,6 +19,12 @@ CREATE TABLE IF NOT EXISTS idempotency(origin TEXT NOT NULL, message TEXT NOT NU
 -- M10: to which parties personal data (a token uid) was sent, so that a deletion follows it
 CREATE TABLE IF NOT EXISTS shared(token_uid TEXT NOT NULL, party TEXT NOT NULL, at INTEGER NOT NULL,
     PRIMARY KEY(token_uid, party));
+-- durable outgoing jobs (DeleteUserData hand-ons, Settlements, reservation expiry notices): retried with
+-- backoff by the endpoint's background loop until the peer acknowledges; state pending | refused (a 4xx)
+CREATE TABLE IF NOT EXISTS jobs(id INTEGER PRIMARY KEY, message TEXT NOT NULL, dest TEXT NOT NULL, key TEXT NOT NULL,
+    body TEXT NOT NULL, ref TEXT NOT NULL DEFAULT '', state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0, due REAL NOT NULL, created INTEGER NOT NULL, last_error TEXT,
+    UNIQUE(message, dest, key));
 """
 
 #: security bookkeeping, not domain data (a refused request may still record its nonce)
