@@ -217,6 +217,9 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         "upstream.signers.x": {"upstream": {"signers": {"x": "zz"}}},
         "lan.bogus": {"lan": {"bogus": 1}},
         "power.zone[0].limit_w": {"power": {"zone": [{"zone": 1, "limit_w": "a"}]}},
+        "roaming.party_id": {"roaming": {"party_id": "DE*EVE*E1"}},
+        "roaming.secret": {"roaming": {"secret": "abcd"}},
+        "roaming.address": {"roaming": {"party_id": "DE*EVE*O", "cso_party": "DE*CSO*O"}},
     }
     for key, doc in cases.items():
         with pytest.raises(config.ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
