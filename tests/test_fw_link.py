@@ -188,7 +188,7 @@ def test_fw_b6_sendq_full_is_backpressure_not_loss() -> None:
 
 def test_fw_b26_sendq_bodies_wrap_around_their_arena_region() -> None:
     q = SendQueue()
-    body = {57: b"x" * 1000}  # two fit the bulk region, a third only once the first left
+    body = {57: b"x" * 500}  # two fit the bulk region, a third only once the first left
     assert q.put(K_EVENT, 3, 1, A_DSO_LIMIT, body) and q.put(K_EVENT, 3, 2, A_DSO_LIMIT, body)
     assert not q.put(K_EVENT, 3, 3, A_DSO_LIMIT, body)
     assert bytes(q.body(3))[-3:] == b"xxx"

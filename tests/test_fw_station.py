@@ -102,13 +102,17 @@ def test_fw_m7_m8_log_criteria_and_upload_resumes_after_power_cut(rig: Rig) -> N
 
     b = ok(rig, Action.GET_LOG, {Key.REQUEST_ID: 5, Key.LOG_TYPE: 0})
     assert b[Key.LOG_STATUS] == 1
-    rig.peer.wait(lambda: len(rig.peer.durable(Action.LOG_CHUNK)) >= 2, 5)
     c = rig.peer.conn()
-    with rig.peer._cv:
-        first = [(mid, a) for (_, mid, a, _) in rig.peer.persisted if a == Action.LOG_CHUNK][:2]
-    for mid, a in first:
+
+    def ack_chunk(n: int) -> None:  # one chunk in flight: the next comes once this one is acknowledged
+        rig.peer.wait(lambda: len(rig.peer.durable(Action.LOG_CHUNK)) >= n, 5)
+        with rig.peer._cv:
+            mid, a = [(mid, a) for (_, mid, a, _) in rig.peer.persisted if a == Action.LOG_CHUNK][n - 1]
         c.seal(Kind.ACK, mid, 3, a, {})
         acked.append(mid)
+
+    ack_chunk(1)
+    ack_chunk(2)
     time.sleep(1.0)  # the board saves the acknowledged position
     rig.power_cut()
     rig.peer.auto_ack = True

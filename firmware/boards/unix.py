@@ -248,7 +248,6 @@ def main():
         auth,
         config,
         firmware_update,
-        monitoring,
         smart_charging,
         station,
         transactions,

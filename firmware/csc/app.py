@@ -74,6 +74,7 @@ class App:
         self.outbox = Outbox()
         self.q = SendQueue(hal.ticks_ms)
         self.link = L.Link(self.q, device_id, FW_VERSION)
+        self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
         self.split = FrameSplitter()
         self.handlers = {}  # action -> fn(body, seq) -> response body (or raises Refused)
         self.ev_handlers = {}
@@ -171,7 +172,7 @@ class App:
             if body is None:
                 continue
             self.flying[mid] = 1
-            self.link.event(mid, r[1], body, self.now(), r[2])
+            self.link.event(mid, r[1], body, self.now(), r[2], True)
         self.kick()
 
     # ---------------------------------------------------------------- link events

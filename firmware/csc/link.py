@@ -81,7 +81,7 @@ FLOOD_MS = const(10000)
 _MAX_TRIES = const(3)
 _MAX_BACKOFF = const(60000)
 _RECENT = const(32)
-TX_SIZE = const(1536)
+TX_SIZE = const(1216)  # sendq.MAX_BODY + envelope (≤ 26) + tag (18) + length prefix, rounded up
 
 # inflight entry fields
 _ACT = const(0)
@@ -121,8 +121,9 @@ class Link:
         self.seq = 0
         self.events = []
         self.inflight = {}
+        self.load = None  # fn(mid) -> body of a stored durable event (the outbox), or None
         self.recent = [0] * _RECENT  # ids of commands answered (dedup)
-        self.recent_ans = [None] * _RECENT  # (kind, action, prio, body) answered
+        self.recent_ans = [None] * _RECENT  # (kind, action, prio, body: encoded when it can be) answered
         self.recent_i = 0
         self.bad = 0  # bad frames received, in all
         self.errors = {}  # error code -> count
@@ -287,26 +288,32 @@ class Link:
         self._answer(mid, (K_ERROR, action, prio, b))
 
     def _answer(self, mid, a):
+        q = self.q
+        if q.put(a[0], a[2], mid, a[1], a[3]):
+            b = q.encoded(q.last)
+            if b is not None:  # kept encoded: a few bytes rather than the body's dict
+                a = (a[0], a[1], a[2], b)
         for i in range(_RECENT):
             if self.recent[i] == mid:
                 self.recent_ans[i] = a
-                break
-        else:
-            self._remember(mid, a)
-        self.q.put(a[0], a[2], mid, a[1], a[3])
+                return
+        self._remember(mid, a)
 
     def request(self, mid, action, body, now_ms, prio=None):
         """Send a request; its answer comes as RESPONSE_RECEIVED or FAILED."""
         self._send(mid, action, body, now_ms, prio, K_REQUEST, False)
 
-    def event(self, mid, action, body, now_ms, prio=None):
-        """Publish an event; a durable one is resent until ACKED."""
+    def event(self, mid, action, body, now_ms, prio=None, stored=False):
+        """Publish an event; a durable one is resent until ACKED. `stored`: its body is on
+        flash (self.load reads it again), so it is not kept in RAM while awaiting the ack."""
         d = ACT_DURABLE[ACT_INDEX[action]]
         if not d:
             if self.state == OPEN:
                 return self.q.put(K_EVENT, default_prio(action) if prio is None else prio, mid, action, body)
             return False
         self._send(mid, action, body, now_ms, prio, K_EVENT, True)
+        if stored and self.load is not None:
+            self.inflight[mid][_BODY] = None
         return True
 
     def _send(self, mid, action, body, now_ms, prio, kind, durable):
@@ -317,7 +324,14 @@ class Link:
             self._queue(mid, e)
 
     def _queue(self, mid, e):
-        if not self.q.put(e[_KIND], e[_PRIO], mid, e[_ACT], e[_BODY]):
+        body = e[_BODY]
+        if body is None:  # a stored event: read from flash to be sent again
+            body = self.load(mid)
+            if body is None:  # its record is gone (shed): nothing left to send
+                del self.inflight[mid]
+                self.events.append((FAILED, mid, 0, "record gone"))
+                return
+        if not self.q.put(e[_KIND], e[_PRIO], mid, e[_ACT], body):
             e[_TRIES] -= 1  # not sent: the timer tries again without counting it
             e[_DEADLINE] -= e[_TIMEOUT] - 50
 

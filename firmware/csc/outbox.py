@@ -27,7 +27,6 @@ import os
 from micropython import const
 
 from . import store
-from .msgpack import packb
 
 TX = const(0)
 SECURITY = const(1)
@@ -85,12 +84,7 @@ class Outbox:
 
     def put(self, mid, action, prio, cls, body):
         """Persist a message; True once it is on flash, False when refused (counted)."""
-        data = bytearray(4)
-        data[0] = action >> 8
-        data[1] = action & 0xFF
-        data[2] = prio
-        data[3] = cls
-        data += packb(body, 4096)
+        data = store.encode(body, bytes((action >> 8, action & 0xFF, prio, cls)))
         n = len(data)
         while len(self.index) >= MAX_RECORDS or self.bytes + n > MAX_BYTES:
             v = self._victim(cls)

@@ -1,13 +1,19 @@
 """The board's send queue (DESIGN.md "Priorities", protocol link behaviour 7).
 
 Four classes (0 urgent … 3 bulk), each a FIFO of at most SLOTS[c] messages whose bodies
-are encoded in msgpack straight into the class's preallocated region, used as a ring (a
-body that does not fit before the region's end goes to its start when the oldest bodies
-have left): a slot is the envelope fields plus (offset, length) in the region, so
-queueing, taking a message out and sealing it (link.py) allocate nothing. Regions are sized
-from the schema's real bodies: urgent answers ≤ ~140 bytes (status + 120-byte reason),
-control bodies ≤ ~600 bytes (TransactionEvent with a signed reading, NotifyReport parts),
-bulk two LogChunks in flight (MAX_CHUNK + header each); one body may use a whole region. Urgent
+are encoded in msgpack straight into the class's region of one preallocated buffer, used
+as a ring (a body that does not fit before the region's end goes to its start when the
+oldest bodies have left): a slot is the envelope fields plus (offset, length) in the
+buffer, so queueing, taking a message out and sealing it (link.py) allocate nothing.
+Regions are sized from the bodies measured (high-water marks of the test suite and the
+footprint scenario: 35 / 382 / 515 / 1 044 bytes) with room for the largest legal one:
+urgent answers ≤ ~140 bytes (status + 120-byte reason), so two worst cases; every other
+region holds at least one MAX_BODY, so any body a class may carry fits once the region has
+drained (a refused message is never one that can never be sent). Bulk is one LogChunk in
+flight (admin.CHUNKS_IN_FLIGHT). A refused message is not lost: the link's timer queues a
+refused request or durable event again 50 ms later, a refused answer is sent again when the
+gateway repeats the command (link.py keeps the last answers), a refused ack is asked for
+again by the gateway's resend of its event. Urgent
 always goes first; classes 1–3 share the rest by deficit round robin with byte quanta
 (8 : 4 : 1), so telemetry and bulk are never starved. Bulk payloads come in chunks of at
 most MAX_CHUNK (the services chunk them), so an urgent frame waits for at most one chunk
@@ -27,7 +33,9 @@ from .msgpack import FrameError, Writer
 from .schema import FTYPE, T_SECRET
 
 SLOTS = (3, 6, 6, 3)  # messages per class
-ARENA = (512, 2048, 1024, 2176)  # body bytes per class (its region)
+ARENA = (384, 1280, 1152, 1152)  # body bytes per class (its region of the buffer)
+_LO = (0, 384, 1664, 2816)  # each region's start in the buffer
+_SIZE = const(3968)  # the whole buffer
 _QUANTUM = (0, 4096, 2048, 512)
 _NSEC = const(2)  # secret fields per body
 MAX_BODY = const(1152)  # one body, so that a frame fits the link's seal buffer (link.TX_SIZE)
@@ -44,7 +52,7 @@ class SendQueue:
         # slot tables as arrays (2 or 4 bytes an entry, not a list's 8 and a boxed int)
         self.mid = [0] * total  # message ids: no bound below the protocol's u64
         self.action = array("H", bytes(2 * total))
-        self.off = array("H", bytes(2 * total))  # body offset in its class's region
+        self.off = array("H", bytes(2 * total))  # body offset in the buffer
         self.ln = array("H", bytes(2 * total))  # body length
         self.t = array("I", bytes(4 * total))  # enqueue tick (urgent latency; ticks are below 2**30)
         self.sec = array("H", bytes(2 * total * _NSEC * 3))  # (key, offset in the body, length) per secret
@@ -53,10 +61,10 @@ class SendQueue:
         for c in range(4):
             self.base[c] = b
             b += SLOTS[c]
-        # one encoder per class over its region (four blocks: easier on a fragmented heap)
-        self.w = [Writer(bytearray(ARENA[c])) for c in range(4)]
+        self.w = Writer(bytearray(_SIZE))  # one encoder over the four regions
         self.ticks = ticks
         self.full = 0  # puts refused
+        self.last = 0  # slot of the last message queued
 
     def __len__(self):
         return self.n[0] + self.n[1] + self.n[2] + self.n[3]
@@ -79,8 +87,8 @@ class SendQueue:
             return False
         b0 = self.base[c]
         s = b0 + (self.head[c] + n) % SLOTS[c]
-        lo = 0
-        hi = ARENA[c]
+        lo = _LO[c]
+        hi = lo + ARENA[c]
         h = lo
         if n == 0:
             at = lo
@@ -90,7 +98,7 @@ class SendQueue:
             last = b0 + (self.head[c] + n - 1) % SLOTS[c]
             at = self.off[last] + self.ln[last]
             end = hi if at > h else h
-        w = self.w[c]
+        w = self.w
         ok = self._encode(w, s, at, min(end, at + MAX_BODY), body)
         if not ok and n and end == hi and h > lo:  # wrap to the region's start
             at = lo
@@ -107,6 +115,7 @@ class SendQueue:
         if self.ticks is not None:
             self.t[s] = self.ticks()
         self.n[c] = n + 1
+        self.last = s
         return True
 
     def _encode(self, w, s, at, end, body):
@@ -117,6 +126,9 @@ class SendQueue:
         for x in range(_NSEC * 3):
             sec[j + x] = 0
         try:
+            if isinstance(body, bytes):  # already encoded (a remembered answer, no secret field)
+                w.raw(body)
+                return True
             w.map(len(body))
             for k in body:
                 v = body[k]
@@ -159,7 +171,15 @@ class SendQueue:
     def body(self, c):
         s = self.base[c] + self.head[c]
         o = self.off[s]
-        return self.w[c].mv[o : o + self.ln[s]]
+        return self.w.mv[o : o + self.ln[s]]
+
+    def encoded(self, s):
+        """The body of slot s as bytes (to keep), or None when it has secret fields: those
+        are encrypted per frame, so it must be encoded again from its fields."""
+        if self.sec[s * _NSEC * 3]:
+            return None
+        o = self.off[s]
+        return bytes(self.w.mv[o : o + self.ln[s]])
 
     def pop(self, c):
         self.head[c] = (self.head[c] + 1) % SLOTS[c]

@@ -7,7 +7,7 @@ content, never a mix. A full flash (ENOSPC) leaves the old file in place.
 
 import os
 
-from .msgpack import Reader, check, packb
+from .msgpack import FrameError, Reader, Writer, check
 
 ROOT = "/flash"  # the mount point; the unix board and tests may point it elsewhere
 
@@ -59,8 +59,25 @@ def read(p):
         return None
 
 
+def encode(value, head=b""):
+    """`head` then `value` in msgpack: a memoryview of a buffer sized for it. Most records
+    fit 512 bytes; only a larger one takes a 4 KiB buffer (a 4 KiB block is the hardest to
+    find in a fragmented heap), and the bytes are written from it without a copy."""
+    n = 512
+    while True:
+        w = Writer(size=n)
+        try:
+            w.raw(head)
+            w.value(value)
+            return w.mv[: w.pos]
+        except FrameError:
+            if n > 512:
+                raise
+            n = 4096
+
+
 def save(p, value):
-    write_atomic(p, packb(value, 4096))
+    write_atomic(p, encode(value))
 
 
 def load(p, default=None):

@@ -5,13 +5,16 @@ with `app.on(action, handler)` and gets `boot()` once, `online()` after each han
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
+from .. import store
 from ..schema import (
     A_CERTIFICATE_SIGNED,
+    A_CLEAR_MONITORS,
     A_DELETE_CERTIFICATE,
     A_GET_INSTALLED_CERTIFICATES,
     A_INSTALL_CERTIFICATE,
     A_OCSP_RESPONSE,
     A_REVOKE_CERTIFICATE,
+    A_SET_MONITORS,
 )
 
 # The certificate commands (security.py, M14–M19): rarely used, so the service is built on the
@@ -51,9 +54,21 @@ def get_security(app):
     return s
 
 
-def _on_first(app, action):
+def get_monitoring(app):
+    """The monitor service (M3), built on its first command, or at boot when monitors are
+    stored: a board that has none spends no heap on its code."""
+    s = app.mon
+    if s is None:
+        from .monitoring import Monitoring
+
+        s = app.mon = Monitoring(app)
+        app.services.append(s)
+    return s
+
+
+def _on_first(app, action, build):
     def first(body, seq):
-        get_security(app)
+        build(app)  # registers the service's own handler for `action`, replacing this one
         return app.handlers[action](body, seq)
 
     return first
@@ -75,7 +90,6 @@ def load_all(app):
         from .firmware_update import FirmwareUpdate
     except ImportError:  # a build without them
         return
-    from .monitoring import Monitoring
     from .station import Station
 
     app.fw = FirmwareUpdate(app)
@@ -83,6 +97,11 @@ def load_all(app):
     app.station = Station(app)
     app.sec = None  # get_security(app)
     for a in CERT_ACTIONS:
-        app.on(a, _on_first(app, a))
-    app.mon = Monitoring(app)
-    app.services += [app.fw, app.admin, app.station, app.mon]
+        app.on(a, _on_first(app, a, get_security))
+    app.services += [app.fw, app.admin, app.station]
+    app.mon = None  # get_monitoring(app)
+    if store.exists(store.path("mon")):
+        get_monitoring(app)
+    else:
+        app.on(A_SET_MONITORS, _on_first(app, A_SET_MONITORS, get_monitoring))
+        app.on(A_CLEAR_MONITORS, _on_first(app, A_CLEAR_MONITORS, get_monitoring))

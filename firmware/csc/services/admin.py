@@ -63,7 +63,7 @@ from ..schema import (
 from . import Service
 
 LOG_MAX = const(16384)
-CHUNKS_IN_FLIGHT = const(2)
+CHUNKS_IN_FLIGHT = const(1)  # one LogChunk held for retransmission (its body ~1 KiB) and one in the bulk region
 FAULT_OVERTEMP = const(2001)
 
 
