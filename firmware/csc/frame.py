@@ -263,6 +263,13 @@ def _entries(r, n, j):
     return d
 
 
+def _uint(r, name):
+    """The next envelope element, which must be an unsigned int."""
+    if r.head() != INT or r.v < 0:
+        raise FrameError(E_BAD_ENVELOPE, name + " is not an unsigned int")
+    return r.v
+
+
 def decode(frame, mac=None, window=None):
     """Check and decode one frame (bytes/bytearray/memoryview, no length prefix).
 
@@ -283,27 +290,13 @@ def decode(frame, mac=None, window=None):
     r = Reader(b)
     if r.head() != ARRAY or r.n != 9:
         raise FrameError(E_BAD_ENVELOPE, "not an array of 9")
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "ver is not an unsigned int")
-    ver = r.v
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "kind is not an unsigned int")
-    kind = r.v
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "seq is not an unsigned int")
-    seq = r.v
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "id is not an unsigned int")
-    mid = r.v
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "prio is not an unsigned int")
-    prio = r.v
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "ts is not an unsigned int")
-    ts = r.v
-    if r.head() != INT or r.v < 0:
-        raise FrameError(E_BAD_ENVELOPE, "action is not an unsigned int")
-    action = r.v
+    ver = _uint(r, "ver")
+    kind = _uint(r, "kind")
+    seq = _uint(r, "seq")
+    mid = _uint(r, "id")
+    prio = _uint(r, "prio")
+    ts = _uint(r, "ts")
+    action = _uint(r, "action")
     if r.head() != MAP:
         raise FrameError(E_BAD_ENVELOPE, "body is not a map")
     t = n - _TAIL
