@@ -395,6 +395,34 @@ def test_fw_m4_bad_image_rejected_and_failed_boot_rolled_back(rig: Rig) -> None:
     rig.peer.wait(lambda: 12 in _fw_statuses(rig), 20)  # rolled_back
 
 
+def test_fw_m4_m5_update_downloaded_during_a_session_installed_only_after_it(rig: Rig) -> None:
+    tx = charging(rig)
+    image = b"CSCFW1" + bytes(range(256)) * 12
+    m = rig.board.mark()
+    _k, b = _update(rig, image)
+    assert b[Key.STATUS] == 0  # accepted while charging
+    rig.board.wait("fw_waiting", since=m, timeout=20)  # downloaded and verified, install held back
+    rig.peer.wait(lambda: 5 in _fw_statuses(rig), 10)
+    assert _fw_statuses(rig) == [1, 2, 4, 5]  # downloading, downloaded, verifying, verified
+    chunks = [r for r in rig.peer.requests if r[1] == Action.FIRMWARE_CHUNK]
+    assert len(chunks) == (len(image) + 1023) // 1024
+    time.sleep(0.5)
+    st = rig.board.status()
+    assert st["tx_id"] == tx and st["power_w"] > 0 and 8 not in _fw_statuses(rig)  # still charging
+    assert not rig.board.all("tx_ended")
+    rig.board.cmd("unplug")
+    rig.board.wait("exit", timeout=20)  # installed once idle, then the reboot into the new slot
+    order = [(a, b) for (_, _, a, b) in rig.peer.persisted if a in (Action.TRANSACTION_EVENT, Action.FIRMWARE_STATUS)]
+    ends = [i for i, (a, b) in enumerate(order) if a == Action.TRANSACTION_EVENT and b[Key.EVENT] == 2]
+    installing = [i for i, (a, b) in enumerate(order) if a == Action.FIRMWARE_STATUS and b[Key.FW_STATUS] == 8]
+    assert len(ends) == 1 and len(installing) == 1 and ends[0] < installing[0]
+    end = order[ends[0]][1]
+    assert end[Key.TX_ID] == tx and end[Key.STOP_REASON] == 2  # ended by the EV, not by the update
+    rig.up()
+    rig.peer.wait(lambda: 11 in _fw_statuses(rig), 20)
+    assert _fw_statuses(rig) == [1, 2, 4, 5, 8, 9, 11]
+
+
 def test_fw_m5_reset_when_idle_waits_for_the_transaction(rig: Rig) -> None:
     charging(rig)
     _k, b = rig.peer.request(Action.RESET, {Key.RESET_TYPE: 0, Key.WHEN: 0})

@@ -268,7 +268,16 @@ def main():
     fk = bytes.fromhex(a.get("factory-key", "00" * 32))
     gc.collect()
     m1 = gc.mem_alloc()
-    app = App(hal, a.get("id", "evse-1"), fk, (host, int(port)), note)
+    ctl = None
+
+    def board_note(kind, data=None):
+        if kind == "reboot" and ctl is not None:  # the last peak, for the footprint scenario
+            gc.collect()
+            ctl.peak = max(ctl.peak, gc.mem_alloc())
+            data = {"peak": ctl.peak}
+        note(kind, data)
+
+    app = App(hal, a.get("id", "evse-1"), fk, (host, int(port)), board_note)
     gc.collect()
     m2 = gc.mem_alloc()
     ctl = Control(app, hal, mp)

@@ -4,8 +4,10 @@
   constants inlined across modules, mpy-cross; as frozen on a board);
 - heap taken by each module's import (`--source`: the source compiled on the board, not the build);
 - heap after the imports and after boot (App built, buffers preallocated, state loaded);
-- peak heap (sampled after gc every 250 ms) during a full charging session while a
-  firmware download and a log upload run, and the working set = peak − heap after boot;
+- peak heap (sampled after gc every 250 ms, and at the reboot) during a full charging
+  session while a firmware download (16 chunks, verified) and a log upload (8 KiB) run —
+  both checked to have progressed during the session —, up to the install and the reboot
+  that follow the session's end; the working set = peak − heap after imports (and after boot);
 - the smallest `-X heapsize` with which that scenario passes.
 On the unix port the bytecode of .mpy modules is loaded into the heap (a board runs it
 frozen in flash), so the smallest heap includes the code; the working set does not.
@@ -25,6 +27,7 @@ from pathlib import Path
 from .build import FIRMWARE, build
 from .runner import micropython
 
+FW_VERIFIED, FW_INSTALLING = 5, 8  # FirmwareStatus
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "firmware")]
 
@@ -60,6 +63,10 @@ def per_import(code: Path) -> list[tuple[str, int]]:
         timeout=60,
     )
     return [(n, int(v)) for n, v in (line.split() for line in r.stdout.splitlines())]
+
+
+class ScenarioError(Exception):
+    """The scenario did not run what it measures."""
 
 
 def scenario(code: Path, heap: str) -> dict[str, int] | None:
@@ -110,13 +117,24 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
             )
             peer.request(Action.DSO_LIMIT, {Key.LIMIT_W: 4000, Key.DEADLINE_MS: 500})
             b.wait("log_uploaded", timeout=30)
+            fw = [lambda e, n=n: e["status"] == n for n in (FW_VERIFIED, FW_INSTALLING)]
+            b.wait("fw_status", pred=fw[0], timeout=30)
+            # both ran during the session, not before nor after it: the figure includes them
+            chunks = [r for r in peer.requests if r[1] == Action.FIRMWARE_CHUNK]
+            logs = peer.durable(Action.LOG_CHUNK)
+            need = (len(image) + 1023) // 1024
+            if len(chunks) != need:
+                raise ScenarioError(f"firmware download: {len(chunks)} of {need} chunks written")
+            if sum(len(c[Key.DATA]) for c in logs) < 8 * 1024:
+                raise ScenarioError(f"log upload: only {len(logs)} chunks acked")
+            if b.all("tx_ended") or any(fw[1](e) for e in b.all("fw_status")):
+                raise ScenarioError("the session ended or the image was installed before the measurement")
             time.sleep(0.6)
-            st = b.status()
-            # the firmware is in place before the session ends (the update waits for no tx here)
+            m = b.mark()
             b.cmd("unplug")
-            b.wait("tx_ended")
-            time.sleep(0.6)
-            st = b.status()
+            b.wait("tx_ended", since=m)
+            b.wait("fw_status", pred=fw[1], since=m, timeout=10)  # installed once idle
+            st = b.wait("reboot", since=m, timeout=10)  # the peak up to the reboot into the new image
             if any("MemoryError" in line for line in b.stderr) or b.all("error"):
                 return None
             return {
@@ -124,6 +142,8 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
                 "heap_boot": boot["heap_boot"] - boot["heap_start"],
                 "peak": st["peak"] - boot["heap_start"],
             }
+        except ScenarioError:
+            raise  # the scenario did not run what it measures: no figure
         except (TimeoutError, OSError) as e:
             print(f"  ({heap}: {str(e).splitlines()[0]})")
             return None

@@ -6,9 +6,15 @@ UpdateFirmware command reaches the board; the board checks what it can afford: t
 (refused up front when the slot cannot hold it) and the SHA-256 of the downloaded image.
 Chunks (FirmwareChunk, bulk class, ≤ MAX_CHUNK) are requested one at a time at the
 current offset, written to `fw<slot>` on flash; the progress is saved, so a power cut
-resumes the download where it stopped. Boot state (`boot`): active slot, trial slot and
-its boot attempts. On the emulated board an image "boots" when it starts with
-BOOT_MAGIC; a trial image that does not is abandoned and the old slot stays active
+resumes the download where it stopped. The download and the verification run whenever
+the board is online, a charging session included; the install (boot state written, then the
+reboot that activates it) waits until the station is idle: no transaction, and the final
+TransactionEvent delivered (or the board offline), so no session is interrupted (M5). The
+schema's UpdateFirmware has no "forced" flag, so an update never interrupts a session. A
+verified image waiting for the install is kept across a power cut (`ok` in `fwdl`). From
+Installing to the reboot the EVSE is unavailable, so no session starts in between. Boot
+state (`boot`): active slot, trial slot and its boot attempts. On the emulated board an
+image "boots" when it starts with BOOT_MAGIC; a trial image that does not is abandoned and the old slot stays active
 (FirmwareStatus rolled_back). Every step is reported as a durable FirmwareStatus.
 """
 
@@ -21,6 +27,7 @@ from ..outbox import SECURITY
 from ..schema import (
     A_FIRMWARE_CHUNK,
     A_FIRMWARE_STATUS,
+    A_TRANSACTION_EVENT,
     A_UPDATE_FIRMWARE,
     F_DATA,
     F_FW_STATUS,
@@ -43,7 +50,6 @@ from ..schema import (
     FIRMWARE_STATUS_VERIFIED,
     FIRMWARE_STATUS_VERIFYING,
     STATUS_ACCEPTED,
-    STATUS_REJECTED,
 )
 from . import Service
 
@@ -91,8 +97,7 @@ class FirmwareUpdate(Service):
             raise Refused("image of %d bytes does not fit the slot (%d)" % (size, MAX_IMAGE))
         if len(body[F_SHA256]) != 32:
             raise Refused("sha256 must be 32 bytes")
-        if self.app.tx.active():
-            return status(STATUS_REJECTED, "transaction in progress")
+        # accepted during a transaction: downloaded and verified while charging, installed when idle
         slot = 1 - self.boot_st["active"]
         store.remove(store.path("fw%d" % slot))
         self.st = {
@@ -102,14 +107,33 @@ class FirmwareUpdate(Service):
             "sha": body[F_SHA256],
             "slot": slot,
             "off": 0,
+            "ok": 0,  # 1: verified, waiting to be installed
         }
         store.save(store.path("fwdl"), self.st)
         self._status(FIRMWARE_STATUS_DOWNLOADING)
         return status(STATUS_ACCEPTED)
 
+    def idle(self):
+        """No session to interrupt: no transaction, and its final TransactionEvent
+        delivered when online (stored on flash otherwise: it is sent after the reboot)."""
+        app = self.app
+        if app.tx.active():
+            return False
+        if app.online:
+            for r in app.outbox.index:
+                if r[1] == A_TRANSACTION_EVENT:
+                    return False
+        return True
+
     def tick(self, now):
         st = self.st
-        if st is None or self.waiting or not self.app.online:
+        if st is None:
+            return
+        if st.get("ok"):
+            if self.idle():
+                self._install()
+            return
+        if self.waiting or not self.app.online:
             return
         b = Map()
         b[F_IMAGE_ID] = st["img"]
@@ -131,7 +155,10 @@ class FirmwareUpdate(Service):
         data = body[F_DATA]
         p = store.path("fw%d" % st["slot"])
         try:
-            with open(p, "ab") as f:
+            # At the saved offset, not appended: after a power cut between this write and the
+            # progress save below, the same chunk comes again and must replace itself.
+            with open(p, "r+b" if st["off"] else "wb") as f:
+                f.seek(st["off"])
                 f.write(data)
         except OSError:
             self._fail(FIRMWARE_STATUS_DOWNLOAD_FAILED, "flash full")
@@ -159,6 +186,17 @@ class FirmwareUpdate(Service):
             self._fail(FIRMWARE_STATUS_VERIFICATION_FAILED, "size or sha256 mismatch")
             return
         self._status(FIRMWARE_STATUS_VERIFIED)
+        st["ok"] = 1
+        store.save(store.path("fwdl"), st)
+        if self.idle():
+            self._install()
+        else:
+            self.app.note("fw_waiting", {"img": st["img"]})  # installed when the session ends
+
+    def _install(self):
+        st = self.st
+        app = self.app
+        app.tx.inoperative = True  # no session starts before the reboot
         self._status(FIRMWARE_STATUS_INSTALLING)
         b = self.boot_st
         b["trial"] = st["slot"]
@@ -168,7 +206,7 @@ class FirmwareUpdate(Service):
         self._status(FIRMWARE_STATUS_INSTALLED)
         self.st = None
         store.remove(store.path("fwdl"))
-        self.app.admin._reboot_at = self.app.now() + 500  # activate: boot the new slot
+        app.admin._reboot_at = app.now() + 500  # activate: boot the new slot
 
     def _fail(self, code, reason):
         self._status(code, reason)
