@@ -1,9 +1,10 @@
 """Roaming through the real chain (IEC 63119 mixed mode): emulated boards (MicroPython) →
-gateway → CSMS over QUIC, and the roaming endpoints (CSO backed by the CSMS, home CSP,
-clearing house) over HTTP/3. R3-1/R4-1 (a card the site and the CSMS do not know, authorized
-online by the home CSP through the CSO endpoint, cached at the site: S2), R3-9 (its SDR at
-the CSMS and at the home CSP, reconciled at the clearing house), R3-2 (remote start from the
-home CSP down to the board)."""
+gateway → CSMS over QUIC, and the roaming endpoints (CSO backed by the CSMS, the home CSPs of
+service providers A and B, clearing house) over HTTP/3. R3-1/R4-1 (a card the site and the
+CSMS do not know, authorized online by the home CSP through the CSO endpoint, cached at the
+site: S2), R3-9 (its SDR at the CSMS and at the home CSP, reconciled at the clearing house),
+R3-2 (remote start from the home CSP down to the board), and a card of provider B routed to
+B's home CSP only."""
 
 from __future__ import annotations
 
@@ -111,5 +112,35 @@ def test_e2e_r3_2_remote_start_from_home_csp_reaches_the_board(tmp_path: Path) -
                           "SDR at the home CSP")  # fmt: skip
         body = json.loads(got["body"])
         assert body["energy_wh"] > 0 and body["token_uid"] == "APP-USER-7"
+
+    run(tmp_path, fn)
+
+
+def test_e2e_r3_1_r3_9_card_of_provider_b_goes_to_its_own_home_csp(tmp_path: Path) -> None:
+    async def fn(s: Site) -> None:
+        assert s.csms is not None and s.csp is not None and s.csp_b is not None and s.ch is not None
+        assert s.cso is not None and s.csp.me != s.csp_b.me
+        a, b_csp = s.csp, s.csp_b
+        b_csp.add_customer("04PROV-B")  # provider B's customer; provider A does not know the card
+        b = s.boards[0]
+        m = b.mark()
+        b.cmd("card", token="04PROV-B")
+        assert (await board_wait(b, "auth", since=m))["status"] == AuthStatus.ACCEPTED
+        sid = s.cso.open_session(s.evse(0), "04PROV-B")
+        assert sid is not None and sid.startswith("DE*HCB*S") and s.cso.session(sid)["csp"] == b_csp.me
+        b.cmd("plug")
+        await board_wait(b, "tx_started", since=m)
+        b.cmd("step", ms=300_000)
+        await asyncio.sleep(0.5)
+        b.cmd("unplug")
+        end = await board_wait(b, "tx_ended", since=m)
+        row = await until(lambda: b_csp.store.one("SELECT * FROM sdrs WHERE session_id=?", sid), 15,
+                          "SDR at provider B")  # fmt: skip
+        assert json.loads(row["body"])["energy_wh"] == end["wh"] > 0
+        assert a.store.all("SELECT * FROM sdrs") == [] and a.store.all("SELECT * FROM sessions") == []
+        ch = s.ch
+        matched = await until(lambda: [r for r in ch.reconcile() if r.verdict == "matched"], 10, "reconciled")
+        assert len(matched) == 1
+        assert [tuple(r) for r in ch.store.all("SELECT csp FROM sdrs")] == [(b_csp.me,)]
 
     run(tmp_path, fn)

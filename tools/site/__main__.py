@@ -1,12 +1,13 @@
 """The whole site in one command: `python -m tools.site [--boards N] [--minutes M]`.
 
-Starts the CSMS, the IEC 63119 roaming endpoints (the site's CSO backed by the CSMS, a
-home CSP, a clearing house; mixed mode), the gateway and N emulated boards on loopback
-(generated keys and certificates), runs a scenario — RFID sessions authorized through the
-CSMS, a DSO limit while sessions run, an upstream outage and its drain, remote start/stop,
-a roaming card authorized by the home CSP (R3-1, R4-1), a remote start from the home CSP
-(R3-2), a QR start (S3), a reservation (S1), a log upload (M8), a signed firmware campaign
-(M4) — with a live one-line-per-EVSE view refreshed every second, then prints a summary and
+Starts the CSMS, the IEC 63119 roaming endpoints (the site's CSO backed by the CSMS, the
+home CSPs of two service providers A and B, a clearing house; mixed mode), the gateway and N
+emulated boards on loopback (generated keys and certificates), runs a scenario — RFID
+sessions authorized through the CSMS, a DSO limit while sessions run, an upstream outage and
+its drain, remote start/stop, a card of provider A and one of provider B each authorized by
+its own home CSP (R3-1, R4-1), a remote start from provider B (R3-2), a QR start (S3), a
+reservation (S1), a log upload (M8), a signed firmware campaign (M4) — with a live
+one-line-per-EVSE view refreshed every second, then prints a summary and
 exits non-zero when anything is off (docs/site.md).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from gateway.link import proto_ts
 from gateway.schema import AuthStatus, Status, TokenType
 from tools.peers.csms import commands as cmds
+from tools.peers.roaming.csp import CspEndpoint
 from tools.site.harness import Site, board_wait, until
 
 
@@ -102,14 +104,22 @@ async def scenario(s: Site, minutes: int) -> list[str]:
     fb.start()
     await until(lambda: s.csms is not None and any(r["fw_status"] in (9, 11) for r in s.csms.store.select("fw_status")),
                 30, "firmware installed")  # fmt: skip
-    expect = n + 4  # RFID sessions, remote start, roaming card, remote start from the CSP, QR start
+    # RFID sessions, remote start, provider A's card, provider B's card, remote start from B, QR start
+    expect = n + 5
     sdrs = await until(lambda: s.csms is not None and len(s.csms.api.sdrs()) >= expect and s.csms.api.sdrs(), 20,
                        "SDRs")  # fmt: skip
-    assert s.ch is not None and s.bridge is not None
-    ch = s.ch
-    verdicts = await until(lambda: [v for v in ch.reconcile() if v.verdict == "matched"] if len(ch.reconcile()) >= 2
-                           else None, 20, "roaming SDRs at the clearing house")  # fmt: skip
+    assert s.ch is not None and s.bridge is not None and s.csp is not None and s.csp_b is not None
+    ch, homes = s.ch, {s.csp.me: 1, s.csp_b.me: 2}  # roaming SDRs expected per provider
+    verdicts = await until(lambda: [v for v in ch.reconcile() if v.verdict == "matched"]
+                           if len(ch.reconcile()) >= sum(homes.values()) else None, 20,
+                           "roaming SDRs at the clearing house")  # fmt: skip
     all_verdicts = ch.reconcile()
+    per_csp = {str(r[0]): int(r[1]) for r in ch.store.all("SELECT csp, count(*) FROM sdrs GROUP BY csp")}
+    at_csp = {ep.me: len(ep.store.all("SELECT sdr_id FROM sdrs")) for ep in (s.csp, s.csp_b)}
+    for party, want in homes.items():
+        if per_csp.get(party, 0) != want or at_csp[party] != want:
+            problems.append(f"roaming SDRs of {party}: {at_csp[party]} at the CSP, {per_csp.get(party, 0)} at the "
+                            f"clearing house, {want} expected")  # fmt: skip
     snap = s.gw.snapshot()
     received = s.csms.store.select("received")
     keys = {(x["device_id"], x["msg_id"], x["grp"]) for x in received}
@@ -120,8 +130,9 @@ async def scenario(s: Site, minutes: int) -> list[str]:
     elapsed = time.monotonic() - s.t0
     print("\n== summary ==")
     print(f"boards {n}, sessions {len(sdrs)}, energy {sum(x['energy_wh'] for x in sdrs)} Wh, SDRs {len(sdrs)} "
-          f"at the CSMS; roaming SDRs {s.bridge.forwarded} sent to the home CSP, {len(verdicts)}/{len(all_verdicts)} "
-          f"reconciled at the clearing house")  # fmt: skip
+          f"at the CSMS; roaming SDRs {s.bridge.forwarded} sent to the home CSPs ("
+          f"{', '.join(f'{p} {at_csp[p]}' for p in homes)}), {len(verdicts)}/{len(all_verdicts)} reconciled at the "
+          f"clearing house")  # fmt: skip
     print(f"frames in {snap['frames_in']} ({snap['frames_in'] / elapsed:.0f} frames/s over {elapsed:.0f} s), "
           f"stored {snap['frames_stored']}, relayed {snap['relayed']}, outbox backlog {snap['outbox_backlog']}, "
           f"upstream connects {snap['upstream_connects']}")  # fmt: skip
@@ -144,38 +155,58 @@ async def charge(s: Site, i: int, minutes: int, since: int) -> dict[str, object]
     return await board_wait(b, "tx_ended", since=since)
 
 
+async def roaming_card(s: Site, i: int, uid: str, home: CspEndpoint, minutes: int) -> list[str]:
+    """R3-1/R4-1: a card only `home` knows, presented at EVSE i, authorized online by that home
+    CSP through the CSO endpoint; charged `minutes`, unplugged (its SDR goes to `home`)."""
+    assert s.cso is not None
+    problems: list[str] = []
+    home.add_customer(uid)
+    b = s.boards[i]
+    m = b.mark()
+    b.cmd("card", token=uid)
+    if (await board_wait(b, "auth", since=m))["status"] != AuthStatus.ACCEPTED:
+        return [f"roaming card {uid} of {home.me} refused"]
+    sid = s.cso.open_session(s.evse(i), uid)
+    if sid is None or s.cso.session(sid)["csp"] != home.me:
+        problems.append(f"roaming card {uid}: session {sid} not with its home CSP {home.me}")
+    b.cmd("plug")
+    await charge(s, i, minutes, m)
+    return problems
+
+
 async def roaming_and_services(s: Site, minutes: int) -> list[str]:
-    """R3-1/R4-1 roaming card, R3-2 remote start from the home CSP, S3 QR start, S1
-    reservation, M8 log upload."""
-    assert s.csms is not None and s.csp is not None and s.gw is not None
+    """R3-1/R4-1 roaming cards of providers A and B, R3-2 remote start from provider B, S3 QR
+    start, S1 reservation, M8 log upload."""
+    assert s.csms is not None and s.csp is not None and s.csp_b is not None and s.gw is not None
     problems: list[str] = []
     api, site, n = s.csms.api, s.gw.cfg.site_id, len(s.boards)
-    # R3-1, R4-1: a card only the home CSP knows, at EVSE 0
-    s.csp.add_customer("04ROAM01")
-    b = s.boards[0]
-    m = b.mark()
-    b.cmd("card", token="04ROAM01")
-    if (await board_wait(b, "auth", since=m))["status"] != AuthStatus.ACCEPTED:
-        problems.append("roaming card refused")
-    b.cmd("plug")
-    await charge(s, 0, minutes, m)
-    # R3-2: remote start from the home CSP (app), down to board 1 through CSO endpoint, CSMS, gateway
+    csp_b = s.csp_b
+    # R3-1, R4-1: a card of provider A at EVSE 0 and one of provider B at EVSE 1, each known to
+    # its own home CSP only (at the same time when there are two boards)
+    cards = [(0, "04ROAM-A1", s.csp), (1 % n, "04ROAM-B1", csp_b)]
+    if n > 1:
+        for found in await asyncio.gather(*(roaming_card(s, i, uid, home, minutes) for i, uid, home in cards)):
+            problems += found
+    else:
+        for i, uid, home in cards:
+            problems += await roaming_card(s, i, uid, home, minutes)
+    # R3-2: remote start from provider B's app, down to board 1 through CSO endpoint, CSMS, gateway
     i = 1 % n
     b = s.boards[i]
     m = b.mark()
     b.cmd("plug")
     await asyncio.sleep(0.3)
-    s.csp.add_customer("APP-USER-1")
-    answer = await s.csp.start_remote(s.evse(i), "APP-USER-1")
+    csp_b.add_customer("APP-USER-B1")
+    answer = await csp_b.start_remote(s.evse(i), "APP-USER-B1")
     if answer["result"] != "accepted":
-        problems.append(f"remote start from the home CSP: {answer}")
+        problems.append(f"remote start from provider B: {answer}")
     else:
         await board_wait(b, "tx_started", since=m)
         b.cmd("step", ms=minutes * 60_000)
         await asyncio.sleep(0.5)
-        stop = await s.csp.stop_remote(answer["roaming_session_id"])
+        stop = await csp_b.stop_remote(answer["roaming_session_id"])
         if stop["result"] != "accepted":
-            problems.append(f"remote stop from the home CSP: {stop}")
+            problems.append(f"remote stop from provider B: {stop}")
         await board_wait(b, "tx_ended", since=m)
         b.cmd("unplug")
     # S3: QR code scanned by the phone → the CSMS starts the session (token type qr)

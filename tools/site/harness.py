@@ -1,8 +1,9 @@
 """The whole chain on loopback, in one asyncio loop: a CSMS server (tools.peers.csms), the
 site gateway (gateway.service with its command path attached) and emulated boards (real
 MicroPython processes, tools.board). With `roaming=True` also the IEC 63119 roaming
-endpoints in mixed mode — the CSO's (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), a
-home CSP's and a clearing house — and the gateway's online identification through the CSO
+endpoints in mixed mode — the CSO's (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), two
+home CSPs' (service providers A and B, each with its own customers) and a clearing house —
+and the gateway's online identification through the CSO
 endpoint (`gateway.localcsms.roaming`). Shared by `python -m tools.site` and the e2e tests
 (docs/site.md)."""
 
@@ -32,8 +33,8 @@ from tools.peers.roaming.cso import CsoEndpoint
 from tools.peers.roaming.csp import CspEndpoint
 
 SITE_ID = "DE*EVE*LSITE1"
-CSO_ID, CSP_ID, CH_ID = "DE*EVE*O", "DE*HCP*O", "DE*CHX*O"
-"""The site's operator (its EVSE ids are DE*EVE*E…), a home CSP, a clearing house."""
+CSO_ID, CSP_ID, CSP_B_ID, CH_ID = "DE*EVE*O", "DE*HCP*O", "DE*HCB*O", "DE*CHX*O"
+"""The site's operator (its EVSE ids are DE*EVE*E…), home CSPs A and B, a clearing house."""
 SITE_PARTY = "DE*ST1*O"
 """The site gateway's party id at its CSO roaming endpoint (role `site`)."""
 
@@ -75,6 +76,9 @@ class Site:
         self.re_cfgs: dict[str, EndpointConfig] = {}
         self.cso: CsoEndpoint | None = None
         self.csp: CspEndpoint | None = None
+        """Service provider A's home-CSP endpoint (`DE*HCP*O`)."""
+        self.csp_b: CspEndpoint | None = None
+        """Service provider B's (`DE*HCB*O`): its own credentials, HMAC key, certificate, store."""
         self.ch: ClearingHouse | None = None
         self.bridge: CsmsRoaming | None = None
         self.site_roaming: SiteRoaming | None = None
@@ -84,14 +88,16 @@ class Site:
         return evse_gid(SITE_ID, self.devices[i])
 
     async def start_roaming(self) -> None:
-        """The CSO, home-CSP and CH endpoints in mixed mode; the CSO's operator is the CSMS."""
-        ids = {"cso": CSO_ID, "csp": CSP_ID, "ch": CH_ID}
+        """The CSO, two home-CSP (A, B) and CH endpoints in mixed mode; the CSO's operator is the
+        CSMS."""
+        ids = {"cso": CSO_ID, "csp": CSP_ID, "csp2": CSP_B_ID, "ch": CH_ID}
         self.re_cfgs = testbed.network(self.root / "roaming", "mixed", party_ids=ids, sites=(SITE_PARTY,))
         op = CsmsOperator(lambda: self.csms)
         self.csp = CspEndpoint(self.re_cfgs["csp"])
+        self.csp_b = CspEndpoint(self.re_cfgs["csp2"])
         self.ch = ClearingHouse(self.re_cfgs["ch"])
         self.cso = CsoEndpoint(self.re_cfgs["cso"], op)
-        for ep in (self.csp, self.ch, self.cso):
+        for ep in (self.csp, self.csp_b, self.ch, self.cso):
             await ep.start()
         self.bridge = CsmsRoaming(self.cso, op).start()
 
@@ -197,7 +203,7 @@ class Site:
             await self.gw.stop()
         if self.bridge is not None:
             await self.bridge.stop()
-        for ep in (self.cso, self.csp, self.ch):
+        for ep in (self.cso, self.csp, self.csp_b, self.ch):
             if ep is not None and ep.server is not None:
                 await ep.stop()
         await self.stop_csms()

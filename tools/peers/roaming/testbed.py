@@ -1,5 +1,6 @@
-"""A loopback roaming network: one CSO, one home CSP, one clearing house, with a dev CA,
-certificates, fresh secrets and free UDP ports. Used by the tests and `--init`.
+"""A loopback roaming network: one CSO, one home CSP, one clearing house (or more endpoints
+of a role: `party_ids` keys `csp2`, `csp3` …), with a dev CA, certificates, fresh secrets
+and free UDP ports. Used by the tests, `--init` and the whole-site harness (tools/site).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from gateway.roaming.client import PREFIX, Peer, RoamingClient
 from gateway.roaming.http3 import H3Client, Response, TlsFiles
 
 from .ch import ClearingHouse
-from .config import EndpointConfig, PartyConfig, dump
+from .config import ROLES, EndpointConfig, PartyConfig, dump
 from .cso import CsoEndpoint
 from .csp import CspEndpoint
 from .endpoint import Endpoint
@@ -37,6 +38,14 @@ def free_udp_port() -> int:
         return port
 
 
+def role_of(key: str) -> str:
+    """The role of a `network` key: the key without its trailing digits (`csp2` → `csp`)."""
+    role = key.rstrip("0123456789")
+    if role not in ROLES:
+        raise ValueError(f"network key {key!r}: a role of {ROLES}, optionally numbered (csp2)")
+    return role
+
+
 def network(
     folder: Path,
     mode: str,
@@ -46,8 +55,11 @@ def network(
     party_ids: dict[str, str] | None = None,
     sites: tuple[str, ...] = (),
 ) -> dict[str, EndpointConfig]:
-    """Configurations of the three endpoints (role → config), certificates issued in folder/pki.
-    `party_ids` overrides the party ids (role → id); `sites` are party ids of the CSO's site
+    """Configurations of the endpoints (key → config), certificates issued in folder/pki.
+    `party_ids` overrides the party ids (key → id) and adds endpoints: a key is a role,
+    optionally numbered (`csp2`: a second service provider with its own party id,
+    credentials, HMAC key, certificate `pki/csp2.pem` and store `csp2.sqlite`); endpoints of
+    the same role get no agreement with each other. `sites` are party ids of the CSO's site
     gateways (role `site`, known to the CSO endpoint only; their credentials are the CSO
     configuration's `party(site)`)."""
     pki = folder / "pki"
@@ -61,25 +73,26 @@ def network(
         for b in roles[i + 1 :]
     }
     out = {}
-    for role, party in ids.items():
-        issued = devpki.issue(pki, role, ca=ca)
+    for key, party in ids.items():
+        role = role_of(key)
+        issued = devpki.issue(pki, key, ca=ca)
         parties = tuple(
-            PartyConfig(ids[r], r, *pair[frozenset((role, r))], host="127.0.0.1", port=ports[r])
+            PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=ports[r])
             for r in roles
-            if r != role
+            if role_of(r) != role
         )
         if role == "cso":
             parties += tuple(PartyConfig(s, "site", secrets.token_urlsafe(12), secrets.token_hex(32)) for s in sites)
-        out[role] = EndpointConfig(
+        out[key] = EndpointConfig(
             party_id=party,
             role=role,
-            db=folder / f"{role}.sqlite",
+            db=folder / f"{key}.sqlite",
             cert=issued.cert,
             key=issued.key,
             ca=issued.ca,
             mode=mode,
             clearing_house=ids["ch"],
-            port=ports[role],
+            port=ports[key],
             token_lifetime_s=token_lifetime_s,
             retention_s=retention_s,
             parties=parties,
