@@ -77,6 +77,13 @@ class Config:
     zones: tuple[Zone, ...] = ()
     min_evse_w: int = 1_380
     unknown_token_offline: str = "reject"
+    local_csms_cert: Path | None = None
+    """The gateway's own certificate as local CSMS (M17); default: issued by the dev PKI."""
+    # firmware (M4 at the site)
+    fw_cache: bool = True
+    fw_first_wave: int = 1
+    """Boards of a multi-board UpdateFirmware that get it first; 0: all at once."""
+    fw_wave_timeout_s: float = 900.0
     # online identification through the CSO's roaming endpoint (IEC 63119 mixed mode); off
     # unless [roaming] names the endpoint
     roaming_party: str = ""
@@ -210,7 +217,7 @@ def _policy(key: str, v: Any) -> str:
 
 
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
-    "site": {"id": ("site_id", _site), "data_dir": ("data_dir", _path)},
+    "site": {"id": ("site_id", _site), "data_dir": ("data_dir", _path), "local_csms_cert": ("local_csms_cert", _path)},
     "lan": {
         "max_bad_frames": ("max_bad_frames", _int(1, 1_000_000)),
         "bad_window_s": ("bad_window_s", _float(0.01, 3600)),
@@ -251,6 +258,11 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "power": {
         "site_limit_w": ("site_limit_w", _int(0, 100_000_000)),
         "min_evse_w": ("min_evse_w", _int(0, 1_000_000)),
+    },
+    "firmware": {
+        "cache": ("fw_cache", _bool),
+        "first_wave": ("fw_first_wave", _int(0, 100_000)),
+        "wave_timeout_s": ("fw_wave_timeout_s", _float(1, 86400)),
     },
     "auth": {"unknown_token_offline": ("unknown_token_offline", _policy)},
     "roaming": {
@@ -302,7 +314,8 @@ def parse(doc: dict[str, Any], base: Path = Path()) -> Config:
         if missing:
             raise ConfigError(f"roaming.{missing[0]}: required when [roaming] is present")
     cfg = Config(**values)
-    for attr in ("data_dir", "ca_file", "cert_file", "key_file", "roaming_ca", "roaming_cert", "roaming_key"):
+    for attr in ("data_dir", "ca_file", "cert_file", "key_file", "roaming_ca", "roaming_cert", "roaming_key",
+                 "local_csms_cert"):  # fmt: skip
         p = getattr(cfg, attr)
         if p is not None and not p.is_absolute():
             values[attr] = base / p
@@ -359,6 +372,9 @@ def prepare(cfg: Config) -> Config:
         values["ca_file"] = cfg.ca_file or issued.ca
         values["cert_file"] = cfg.cert_file or issued.cert
         values["key_file"] = cfg.key_file or issued.key
+    if cfg.local_csms_cert is None:
+        ca = devpki.ensure_ca(cfg.pki_dir)
+        values["local_csms_cert"] = devpki.issue(cfg.pki_dir, f"localcsms.{cfg.site_id}", ca=ca, client=False).cert
     if cfg.factory_seed is None:
         seed_file = cfg.data_dir / "factory_seed"
         if not seed_file.exists():

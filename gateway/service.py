@@ -13,7 +13,11 @@ import functools
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway import _core
 from gateway.config import Config
@@ -21,6 +25,7 @@ from gateway.devices import Devices
 from gateway.lan import BoardConnection, serve
 from gateway.link import FloodPolicy, State, proto_ts
 from gateway.localcsms.auth import Authorizer
+from gateway.localcsms.firmware import FirmwareCache
 from gateway.localcsms.power import SITE, PowerManager
 from gateway.localcsms.roaming import SiteRoaming, roaming_settings
 from gateway.outbox import Committer, Outbox, Row
@@ -47,6 +52,7 @@ DISPATCH_BUDGET_S = 0.002
 frames read meanwhile, which are dispatched in their read callback)."""
 _EVENT = int(Kind.EVENT)
 _URGENT = int(Priority.URGENT)
+_FW_STATUS = int(Action.FIRMWARE_STATUS)
 _DURABLE = {code: spec.durable for code, spec in MESSAGES.items()}
 """Events acked to their board once stored, by action."""
 
@@ -74,6 +80,9 @@ class Gateway:
         self.committer = Committer(self.outbox, cfg.commit_max_rows, cfg.commit_max_bytes)
         self.auth = Authorizer(cfg.data_dir / "localcsms.sqlite", cfg.unknown_token_offline)
         self.power = PowerManager(cfg.site_limit_w, cfg.zones, cfg.min_evse_w)
+        self.firmware = FirmwareCache(cfg.data_dir / "fwcache", cfg.fw_cache)
+        self.local_csms_cert = local_csms_cert_der(cfg.local_csms_cert)
+        """DER of the gateway's own certificate as local CSMS (M17), b"" when none is configured."""
         self.clock = Clock()
         self.queue = _core.PriorityQueue(max_items=cfg.queue_high * 4, max_bytes=256 << 20)
         self.flood = FloodPolicy(cfg.max_bad_frames, cfg.bad_window_s, cfg.throttle_s)
@@ -241,6 +250,7 @@ class Gateway:
         seq0 = seq = committer.next_seq
         by_idx = self.by_idx
         durable = _DURABLE
+        fw_watch = self.firmware.watchers
         new_row = tuple.__new__
         # urgent rows first (the queue pops them first), then the others, each in acceptance order
         u_rows: list[Row] = []
@@ -271,6 +281,8 @@ class Gateway:
                     continue
                 if conn is None:
                     device = self.devices.by_idx(idx).device_id
+                if fw_watch and action == _FW_STATUS:  # a staged rollout waits for it
+                    self.firmware.status(device, _core.decode(frame).body)
                 m = (conn, prio, msg_id, action if durable[action] else -1)
                 if prio == urgent:
                     u_rows.append(new_row(Row, (seq, device, msg_id, prio, frame)))
@@ -403,6 +415,10 @@ class Gateway:
                 body[Key.EXPIRY] = d.expiry
             if d.status != AuthStatus.ACCEPTED:
                 body[Key.REASON] = f"token {d.source} at this site"
+        elif a == Action.FIRMWARE_CHUNK and (
+            chunk := self.firmware.chunk(int(f.body[Key.IMAGE_ID]), int(f.body[Key.OFFSET]))
+        ):
+            body = chunk  # M4: a verified image in the site's cache
         else:
             name = MESSAGES[a].name
             conn.send_one(
@@ -522,7 +538,18 @@ class Gateway:
             "rejections": dict(self.rejections),
             "throttled": self.throttled,
             "commits": self.committer.commits,
+            "firmware_cache": self.firmware.snapshot(),
         }
+
+
+def local_csms_cert_der(path: Path | None) -> bytes:
+    """The DER form of a PEM (or DER) certificate file; b"" without one."""
+    if path is None:
+        return b""
+    raw = path.read_bytes()
+    if b"-----BEGIN" not in raw:
+        return raw
+    return x509.load_pem_x509_certificate(raw).public_bytes(serialization.Encoding.DER)
 
 
 def iter_prios() -> Iterable[int]:

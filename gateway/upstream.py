@@ -33,6 +33,7 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 
 from gateway import _core
 from gateway.link import proto_ts
+from gateway.localcsms.firmware import SUCCESS as SUCCESS_FW
 from gateway.outbox import Row
 from gateway.schema import (
     FIELDS,
@@ -40,7 +41,9 @@ from gateway.schema import (
     PROTOCOL_VERSION,
     SCHEMA_REV,
     Action,
+    CertType,
     ErrorCode,
+    FirmwareStatus,
     Key,
     Kind,
     Priority,
@@ -682,6 +685,13 @@ class CommandPath:
         if expiry is not None and proto_ts(now) > expiry:
             return self._err(ErrorCode.EXPIRED, f"command expired {proto_ts(now) - expiry} s ago")
         targets: list[str] = list(body[Key.TARGETS])
+        if inner.action == Action.UPDATE_FIRMWARE and inner.kind == Kind.REQUEST:
+            gw.firmware.manifest(inner.body)  # signed: the chunks the cache takes must add up to it
+        timeout = MESSAGES[inner.action].timeout_ms / 1000
+        if expiry is not None:
+            timeout = min(timeout, max(0.0, expiry + 1 - proto_ts(now)))
+        if not targets and inner.action == Action.INSTALL_CERTIFICATE:
+            return Kind.RESPONSE, {Key.RESULTS: await self._local_csms_cert(inner, timeout)}
         if not targets and inner.action == Action.SEND_LOCAL_LIST:
             status, reason = await self._local_list(inner.body)
             return Kind.RESPONSE, {Key.RESULTS: [{Key.DEVICE_ID: "", Key.STATUS: status, Key.REASON: reason}]}
@@ -693,11 +703,82 @@ class CommandPath:
             return Kind.RESPONSE, {Key.RESULTS: [res]}
         if inner.kind in (Kind.RESPONSE, Kind.ERROR):
             return Kind.RESPONSE, {Key.RESULTS: [self._answer_board(t, inner, now) for t in targets]}
-        timeout = MESSAGES[inner.action].timeout_ms / 1000
-        if expiry is not None:
-            timeout = min(timeout, max(0.0, expiry + 1 - proto_ts(now)))
-        results = await asyncio.gather(*(self._deliver(t, inner, timeout) for t in targets))
+        first = gw.cfg.fw_first_wave
+        if inner.action == Action.UPDATE_FIRMWARE and 0 < first < len(targets):
+            return Kind.RESPONSE, {Key.RESULTS: await self._staged(targets, inner, timeout, first)}
+        a, b, p = inner.action, inner.body, inner.prio
+        results = await asyncio.gather(*(self._deliver(t, a, b, p, timeout) for t in targets))
         return Kind.RESPONSE, {Key.RESULTS: list(results)}
+
+    async def _staged(self, targets: list[str], inner: _core.Frame, timeout: float, first: int) -> list[dict[int, Any]]:
+        """M4 staged rollout: the first `first` targets get the update; the others only once
+        each of those reported FirmwareStatus Installed or Activated for the image. A refusal,
+        a failure status or no final status within `firmware.wave_timeout_s` stops the rollout:
+        the remaining targets are not told, and their results say why."""
+        gw = self.gw
+        fw = gw.firmware
+        image_id = int(inner.body[Key.IMAGE_ID])
+        a, b, p = inner.action, inner.body, inner.prio
+        wave, rest = targets[:first], targets[first:]
+        watches = {t: fw.watch(t, image_id) for t in wave}
+        try:
+            results = list(await asyncio.gather(*(self._deliver(t, a, b, p, timeout) for t in wave)))
+            stop = ""
+            for r in results:
+                if r[Key.STATUS] != Status.ACCEPTED:
+                    stop = stop or f"{r[Key.DEVICE_ID]} refused the update"
+                    watches.pop(r[Key.DEVICE_ID]).cancel()
+            if not stop:
+                done, _ = await asyncio.wait(watches.values(), timeout=gw.cfg.fw_wave_timeout_s)
+                for r in results:
+                    fut = watches[r[Key.DEVICE_ID]]
+                    if fut not in done:
+                        r[Key.STATUS], r[Key.REASON] = Status.FAILED, "no final FirmwareStatus in time"
+                        stop = stop or f"{r[Key.DEVICE_ID]} reported no final status in time"
+                        continue
+                    st, why = fut.result()
+                    if st not in SUCCESS_FW:
+                        name = FirmwareStatus(st).name
+                        r[Key.STATUS], r[Key.REASON] = Status.FAILED, f"FirmwareStatus {name} {why}".strip()[:120]
+                        stop = stop or f"{r[Key.DEVICE_ID]} reported {name}"
+        finally:
+            for t in wave:
+                fw.unwatch(t, image_id)
+        if stop:
+            reason = f"rollout stopped: {stop}"[:120]
+            return results + [{Key.DEVICE_ID: t, Key.STATUS: Status.REJECTED, Key.REASON: reason} for t in rest]
+        # Later waves: each board within the message's own timeout (the expiry bounded the first).
+        later = MESSAGES[a].timeout_ms / 1000
+        return results + list(await asyncio.gather(*(self._deliver(t, a, b, p, later) for t in rest)))
+
+    async def _local_csms_cert(self, inner: _core.Frame, timeout: float) -> list[dict[int, Any]]:
+        """M17, a site command: every online board is told to trust the gateway's own
+        certificate as its local CSMS (InstallCertificate, cert_type local_csms). The command
+        names no certificate of its own (`cert` empty) or exactly the gateway's."""
+        gw = self.gw
+        own: bytes = gw.local_csms_cert
+        b = inner.body
+        site: dict[int, Any] = {Key.DEVICE_ID: ""}
+        if int(b[Key.CERT_TYPE]) != CertType.LOCAL_CSMS:
+            site.update(
+                {Key.STATUS: Status.NOT_SUPPORTED, Key.REASON: "site-level InstallCertificate is local_csms only"}
+            )
+            return [site]
+        if not own or len(own) > FIELDS[Key.CERT].max_len:
+            site.update({Key.STATUS: Status.REJECTED, Key.REASON: "no local CSMS certificate (of at most 2048 bytes)"})
+            return [site]
+        if b.get(Key.CERT) and bytes(b[Key.CERT]) != own:
+            site.update({Key.STATUS: Status.REJECTED, Key.REASON: "cert is not this gateway's certificate"})
+            return [site]
+        body: dict[int, Any] = {Key.CERT_TYPE: int(CertType.LOCAL_CSMS), Key.CERT: own}
+        boards = sorted(gw.online)
+        results = list(
+            await asyncio.gather(*(self._deliver(t, inner.action, body, inner.prio, timeout) for t in boards))
+        )
+        failed = [r[Key.DEVICE_ID] for r in results if r[Key.STATUS] != Status.ACCEPTED]
+        site[Key.STATUS] = Status.REJECTED if failed else Status.ACCEPTED
+        site[Key.REASON] = (f"not accepted by {','.join(failed)}" if failed else f"{len(boards)} boards")[:120]
+        return [site, *results]
 
     async def _local_list(self, b: dict[int, Any]) -> tuple[int, str]:
         """S2: the CSMS's local list for the site itself (the gateway's offline authorization);
@@ -731,6 +812,8 @@ class CommandPath:
         if inner.kind == Kind.RESPONSE and inner.action == Action.AUTHORIZE and token is not None:
             b = inner.body
             gw.auth.remember(token, int(b[Key.AUTH_STATUS]), b.get(Key.EXPIRY))
+        if inner.kind == Kind.RESPONSE and inner.action == Action.FIRMWARE_CHUNK:
+            gw.firmware.put(inner.body)  # M4: later boards of the site are served from the cache
         if late:  # the board already has the local answer; the CSMS's only fills the cache
             return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "answered locally after timeout"}
         conn = gw.online.get(device_id)
@@ -747,7 +830,9 @@ class CommandPath:
         conn.send_one(frame)
         return {Key.DEVICE_ID: device_id, Key.STATUS: Status.ACCEPTED}
 
-    async def _deliver(self, device_id: str, inner: _core.Frame, timeout: float) -> dict[int, Any]:
+    async def _deliver(
+        self, device_id: str, action: int, body: dict[int, Any], prio: int, timeout: float
+    ) -> dict[int, Any]:
         """Re-seals the command for one board and waits for its answer; a board offline now
         gets it if it comes back before the deadline (B16)."""
         gw = self.gw
@@ -763,7 +848,7 @@ class CommandPath:
         link = conn.link
         if link.tx is None:
             return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link not open"}
-        msg_id, frame = link.request(inner.action, self._seal_body(link, inner.body), gw.clock.now(), inner.prio)
+        msg_id, frame = link.request(action, self._seal_body(link, body), gw.clock.now(), prio)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         gw.pending_cmds[link.idx, msg_id] = fut
         conn.send_one(frame)
@@ -827,6 +912,8 @@ class CommandPath:
                 return False  # known here: the local CSMS answers at once
         elif f.action not in FORWARDED:
             return False
+        elif f.action == Action.FIRMWARE_CHUNK and gw.firmware.has(int(f.body[Key.IMAGE_ID])):
+            return False  # a verified image in the site's cache: the local CSMS serves it
         item: dict[int, Any] = {Key.DEVICE_ID: link.device_id, Key.FRAME: frame}
         if token is not None:
             item[Key.TOKEN_UID] = token

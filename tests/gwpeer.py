@@ -197,6 +197,37 @@ class PeerProtocol(QuicConnectionProtocol):
         return await asyncio.wait_for(fut, timeout)
 
 
+class FirmwareServer:
+    """Answers the FirmwareChunk requests the gateway relays, as the CSMS does (a Command
+    whose inner frame is the response to the board's request), and counts them."""
+
+    def __init__(self, peer: Peer, images: dict[int, bytes], chunk: int = 512) -> None:
+        self.peer = peer
+        self.images = images
+        self.chunk = chunk
+        self.requests: list[tuple[str, int, int]] = []
+        """(device, image id, offset) of every FirmwareChunk request that reached the peer."""
+        self.tasks: set[asyncio.Task[Any]] = set()
+        peer.on_relay_frame = self.on_rows
+
+    def on_rows(self, _prio: int, rows: list[tuple[str, str, int, int, int, bytes, float]]) -> None:
+        for _site, device, msg_id, _p, action, frame, _at in rows:
+            if action != Action.FIRMWARE_CHUNK:
+                continue
+            body = _core.unpack(frame)[7]
+            image_id, offset = int(body[Key.IMAGE_ID]), int(body[Key.OFFSET])
+            self.requests.append((device, image_id, offset))
+            image = self.images[image_id]
+            data = image[offset : offset + self.chunk]
+            answer = {Key.IMAGE_ID: image_id, Key.OFFSET: offset, Key.DATA: data,
+                      Key.LAST: offset + len(data) >= len(image)}  # fmt: skip
+            inner = _core.encode(Kind.RESPONSE, 1, msg_id, Priority.BULK, proto_ts(time.time()),
+                                 Action.FIRMWARE_CHUNK, answer, K_UP)  # fmt: skip
+            t = asyncio.get_running_loop().create_task(self.peer.protocols[-1].command([device], inner))
+            self.tasks.add(t)
+            t.add_done_callback(self.tasks.discard)
+
+
 def inner_frame(action: int, body: dict[int, Any], prio: int | None = None, kind: int = Kind.REQUEST) -> bytes:
     """An envelope for a Command's `frame` (its tag is not checked: TLS protects the uplink)."""
     from gateway.schema import MESSAGES
