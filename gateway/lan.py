@@ -37,6 +37,9 @@ class BoardConnection(asyncio.Protocol):
         self.closed = False
         self.paused = False
         self.throttled = False
+        self.read_wall = 0.0
+        self.read_pc = 0.0
+        """time.time() and time.perf_counter() of the last read: the ingress of its frames."""
 
     # -------------------------------------------------------------- asyncio
 
@@ -54,6 +57,8 @@ class BoardConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.read_pc = time.perf_counter()
+        self.read_wall = now = time.time()
         buf = self.buf
         buf += data
         try:
@@ -65,7 +70,6 @@ class BoardConnection(asyncio.Protocol):
         if not frames:
             return
         link = self.link
-        now = time.time()
         if link.state is State.AWAIT_HELLO:
             out = link.receive_hello(frames[0], now)
             self.gw.count_rejections(link)

@@ -1,7 +1,8 @@
 """Prometheus text and a status page, served by a tiny HTTP/1.0 server on the loopback.
 
 `GET /metrics` — Prometheus exposition text; `GET /status` — the same figures as JSON
-(what `python -m gateway status` prints).
+(what `python -m gateway status` prints); `GET /urgent` — the last urgent frames' timings
+(`UrgentTrace`), as JSON.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,7 +35,110 @@ class RateMeter:
         return self.rate
 
 
-def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None) -> str:
+URGENT_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0)
+"""Upper bounds of the ingress → transmitted histogram of urgent frames, in seconds."""
+
+
+class UrgentTrace:
+    """Where the time of each urgent frame goes inside the gateway, from its ingress (the
+    read of the board's socket that held its bytes) to the `sendto` of the QUIC packet that
+    carries its Relay. Cheap: a few clock reads per urgent frame and per urgent Relay; the
+    bulk path is untouched (in FIFO mode, the relays of the shared queue are scanned for
+    traced rows while one is pending).
+
+    An entry is [device, msg_id, ingress (time.time()), and perf_counter() of ingress,
+    dispatch (popped from the queue, accepted with a seq), relayed (its Relay encoded and
+    handed to aioquic's stream) and sent (aioquic's `transmit` after that returned)]; the
+    last `size` entries are kept, the histogram counts every frame sent."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.ring: deque[list[Any]] = deque(maxlen=size)
+        self.pending: dict[int, list[Any]] = {}
+        """seq → entry of urgent rows not yet handed to aioquic (bounded by the ring's size)."""
+        self.size = size
+        self.buckets = [0] * (len(URGENT_BUCKETS_S) + 1)
+        self.count = 0
+        self.sum_s = 0.0
+
+    def accepted(self, seq: int, device: str, msg_id: int, t_wall: float, t_in: float, t_disp: float) -> None:
+        entry = [device, msg_id, t_wall, t_in, t_disp, 0.0, 0.0]
+        self.ring.append(entry)
+        pending = self.pending
+        pending[seq] = entry
+        if len(pending) > self.size:  # uplink away: forget the oldest
+            del pending[next(iter(pending))]
+
+    def relayed(self, seqs: list[int], t_relay: float) -> list[list[Any]]:
+        """The rows of `seqs` were handed to aioquic at `t_relay`: their traced entries."""
+        pending = self.pending
+        out = []
+        for s in seqs:
+            e = pending.pop(s, None)
+            if e is not None:
+                e[5] = t_relay
+                out.append(e)
+        return out
+
+    def sent(self, entries: list[list[Any]], t_sent: float) -> None:
+        for e in entries:
+            if e[6]:
+                continue
+            e[6] = t_sent
+            d = t_sent - e[3]
+            self.count += 1
+            self.sum_s += d
+            i = 0
+            for b in URGENT_BUCKETS_S:
+                if d <= b:
+                    break
+                i += 1
+            self.buckets[i] += 1
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The entries kept, oldest first; durations in ms, None for a stage not reached."""
+
+        def ms(a: float, b: float) -> float | None:
+            return round((b - a) * 1000, 3) if a and b else None
+
+        return [
+            {"device": d, "msg_id": m, "ingress": tw, "dispatch_ms": ms(ti, td), "relay_ms": ms(td, tr),
+             "send_ms": ms(tr, ts), "ingress_to_sent_ms": ms(ti, ts)}
+            for d, m, tw, ti, td, tr, ts in self.ring
+        ]  # fmt: skip
+
+    def summary(self) -> dict[str, Any]:
+        """ingress → sent over the entries kept: n, p50, p99, max in ms (for /status)."""
+        xs = sorted(e[6] - e[3] for e in self.ring if e[6])
+        if not xs:
+            return {"n": 0}
+        n = len(xs)
+        p50, p99 = xs[n // 2], xs[min(n - 1, int(0.99 * n))]
+        return {
+            "n": n,
+            "p50_ms": round(p50 * 1000, 3),
+            "p99_ms": round(p99 * 1000, 3),
+            "max_ms": round(xs[-1] * 1000, 3),
+        }
+
+    def prometheus(self) -> list[str]:
+        name = "evedge_urgent_ingress_to_sent_seconds"
+        lines = [
+            f"# HELP {name} Urgent frames: read from the board's socket → their Relay's QUIC packet sent.",
+            f"# TYPE {name} histogram",
+        ]
+        acc = 0
+        for b, n in zip(URGENT_BUCKETS_S, self.buckets, strict=False):
+            acc += n
+            lines.append(f'{name}_bucket{{le="{b:g}"}} {acc}')
+        lines += [
+            f'{name}_bucket{{le="+Inf"}} {self.count}',
+            f"{name}_sum {self.sum_s:.6f}",
+            f"{name}_count {self.count}",
+        ]
+        return lines
+
+
+def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None, trace: UrgentTrace | None = None) -> str:
     lines = [
         "# HELP evedge_queue_depth Frames waiting in the gateway's priority queue, per class.",
         "# TYPE evedge_queue_depth gauge",
@@ -70,6 +175,8 @@ def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None) -> str
     ]
     lines += [f'evedge_rejections_total{{cause="{k}"}} {v}' for k, v in sorted(s["rejections"].items())]
     lines += ["# TYPE evedge_throttled_total counter", f"evedge_throttled_total {s['throttled']}"]
+    if trace is not None:
+        lines += trace.prometheus()
     return "\n".join(lines) + "\n"
 
 
@@ -85,11 +192,13 @@ async def serve(gw: Gateway, host: str, port: int) -> asyncio.Server:
             if path.startswith("/metrics"):
                 oldest = await gw.committer.run_sync(gw.outbox.oldest_pending_ms)
                 age = None if not isinstance(oldest, int) else max(0.0, time.time() - oldest / 1000)
-                body, ctype, code = prometheus(snap, fps, age), "text/plain; version=0.0.4", "200 OK"
+                body, ctype, code = prometheus(snap, fps, age, gw.trace), "text/plain; version=0.0.4", "200 OK"
+            elif path.startswith("/urgent"):
+                body, ctype, code = json.dumps(gw.trace.recent()) + "\n", "application/json", "200 OK"
             elif path.startswith("/status"):
                 body, ctype, code = json.dumps(snap, indent=1) + "\n", "application/json", "200 OK"
             else:
-                body, ctype, code = "try /metrics or /status\n", "text/plain", "404 Not Found"
+                body, ctype, code = "try /metrics, /status or /urgent\n", "text/plain", "404 Not Found"
             data = body.encode()
             writer.write(
                 f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data

@@ -28,6 +28,7 @@ from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.firmware import FirmwareCache
 from gateway.localcsms.power import SITE, PowerManager
 from gateway.localcsms.roaming import SiteRoaming, roaming_settings
+from gateway.metrics import UrgentTrace
 from gateway.outbox import Committer, Outbox, Row
 from gateway.schema import (
     EPOCH_UNIX,
@@ -92,6 +93,9 @@ class Gateway:
         self.came_online: dict[str, asyncio.Event] = {}
         self.pending_cmds: dict[tuple[int, int], asyncio.Future[bytes]] = {}
         self.uplink = Uplink(cfg.site_id, cfg.relay_max_frames, cfg.fifo)
+        self.trace = UrgentTrace()
+        """Ingress → sent timings of the urgent frames (/urgent, /status, /metrics)."""
+        self.uplink.trace = self.trace
         pending = self.outbox.pending()
         self.uplink.add(pending)
         self.pending_rows = len(pending)
@@ -303,6 +307,12 @@ class Gateway:
         for c, frames in full.items():
             c.write(frames)
         if u_rows:
+            t_disp = time.perf_counter()
+            accepted = self.trace.accepted
+            for r, m in zip(u_rows, u_meta, strict=True):
+                uc = m[0]
+                if uc is not None:
+                    accepted(r[0], r[1], r[2], uc.read_wall, uc.read_pc, t_disp)
             self._accepted(u_rows)
             early = not cfg.fifo and self.runner is not None
             if early:
@@ -539,6 +549,7 @@ class Gateway:
             "throttled": self.throttled,
             "commits": self.committer.commits,
             "firmware_cache": self.firmware.snapshot(),
+            "urgent_ingress_to_sent": self.trace.summary(),
         }
 
 

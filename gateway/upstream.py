@@ -34,6 +34,7 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 from gateway import _core
 from gateway.link import proto_ts
 from gateway.localcsms.firmware import SUCCESS as SUCCESS_FW
+from gateway.metrics import UrgentTrace
 from gateway.outbox import Row
 from gateway.schema import (
     FIELDS,
@@ -119,6 +120,9 @@ class Uplink:
         """The same, after the item's map head (two entries: no token uid)."""
         self.token_uids: dict[tuple[str, int], str] = {}
         """(device, msg_id) → plaintext id token of an accepted frame (filled by CommandPath)."""
+        self.trace: UrgentTrace | None = None
+        """Timings of urgent rows (set by the gateway): the pump notes when their Relay is
+        handed to aioquic and sent."""
 
     def add(self, rows: list[Row]) -> None:
         unsent, nbytes = self.unsent, self.unsent_bytes
@@ -401,6 +405,8 @@ class UpstreamProtocol(QuicConnectionProtocol):
         wrote = False
         limit = self.settings.inflight_max_bytes
         ts = proto_ts(time.time())
+        trace = up.trace
+        traced: list[list[Any]] = []
         for prio in CLASS_ORDER:
             sid = self.sids[prio]
             cap = self.caps[prio]
@@ -422,8 +428,13 @@ class UpstreamProtocol(QuicConnectionProtocol):
                 )
                 self._write(sid, prefix(frame))
                 wrote = True
+                if trace is not None and trace.pending and (prio == Priority.URGENT or up.fifo):
+                    traced += trace.relayed([r[0] for r in relay.rows], time.perf_counter())
         if wrote:
             self.transmit()
+            if traced:
+                assert trace is not None
+                trace.sent(traced, time.perf_counter())
             # More may fit once aioquic has sent what it holds; let the LAN run first.
             if (any(up.unsent) or any(self.pending.values())) and not self._pump_scheduled:
                 self._pump_scheduled = True

@@ -116,7 +116,7 @@ class PeerProtocol(QuicConnectionProtocol):
                 body: dict[int, Any] = {Key.ERROR_CODE: 23, Key.REASON: "site id is not the certificate's"}
                 self.send(sid, Kind.ERROR, f.msg_id, f.prio, f.action, body)
                 return
-            now = time.time()
+            now = time.time()  # receipt: the Relay is parsed (its rows are stored later, `at` is this)
             rows = []
             for item in f.body[Key.FRAMES]:
                 inner = item[Key.FRAME]

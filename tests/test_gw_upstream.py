@@ -156,6 +156,48 @@ def test_outage_then_drain_urgent_first(tmp_path: Path) -> None:
     run(body, tmp_path)
 
 
+def test_urgent_trace_from_ingress_to_sent_joins_the_peer_receipt(tmp_path: Path) -> None:
+    """Each urgent frame's ingress (the read of the board's socket) and its split up to the
+    QUIC send are kept (GET /urgent, /status summary, /metrics histogram); the peer's
+    receipt time of the same (device, msg id) comes after the ingress."""
+
+    async def body(s: Site) -> None:
+        import json
+
+        from gateway import metrics
+
+        await s.start_peer()
+        gw = await s.start_gw()
+        srv = await metrics.serve(gw, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        b = s.board(1)
+        await b.connect()
+        t0 = time.time()
+        ids = b.send("fault", 3)
+        b.send("meter", 5)  # not traced
+        await wait_for(lambda: s.store.count() == 8 and not b.unacked)
+
+        async def get(path: str) -> str:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            data = await reader.read()
+            writer.close()
+            return data.split(b"\r\n\r\n", 1)[1].decode()
+
+        recent = json.loads(await get("/urgent"))
+        assert [e["msg_id"] for e in recent] == ids
+        at = dict(s.store.db.execute("SELECT msg_id, at FROM frames WHERE prio = 0").fetchall())
+        for e in recent:
+            assert e["device"] == "ev-0001" and t0 <= e["ingress"] <= at[e["msg_id"]]
+            parts = e["dispatch_ms"] + e["relay_ms"] + e["send_ms"]
+            assert 0 <= parts == pytest.approx(e["ingress_to_sent_ms"], abs=0.01)
+        assert json.loads(await get("/status"))["urgent_ingress_to_sent"]["n"] == 3
+        assert "evedge_urgent_ingress_to_sent_seconds_count 3" in await get("/metrics")
+        srv.close()
+
+    run(body, tmp_path)
+
+
 def test_reconnect_after_the_peer_restarts(tmp_path: Path) -> None:
     async def body(s: Site) -> None:
         await s.start_peer()
