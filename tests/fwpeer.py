@@ -317,3 +317,12 @@ class Rig:
     def close(self) -> None:
         self.board.stop()
         self.peer.close()
+
+
+def charging(rig: Rig, token: str = "card-1", **plug: object) -> int:
+    """Plug in, present a card the peer accepts; the started transaction's id."""
+    rig.peer.tokens[token.encode()] = 0
+    m = rig.board.mark()
+    rig.board.cmd("plug", **plug)
+    rig.board.cmd("card", token=token)
+    return int(rig.board.wait("tx_started", since=m)["tx_id"])

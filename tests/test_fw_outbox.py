@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fwpeer import Rig
@@ -17,15 +15,6 @@ from fwpeer import Rig
 from gateway.schema import Action, Key
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r.up()
-    finally:
-        r.close()
 
 
 def _stored(rig: Rig) -> set[int]:

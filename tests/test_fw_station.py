@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from fwpeer import Conn, Rig, now_ts
+from fwpeer import Conn, Rig, charging, now_ts
 
 from gateway.schema import Action, Key, Kind
 
@@ -23,23 +21,6 @@ ACCEPTED, REJECTED, SCHEDULED, UNKNOWN, NOT_SUPPORTED = 0, 1, 7, 4, 3
 CA_CERT = b"\x30\x82\x01\x00" + b"ca-root-certificate" * 4
 LOCAL_CSMS_CERT = b"\x30\x82\x01\x00" + b"local-csms-certificate" * 4
 CS_CERT = b"\x30\x82\x01\x00" + b"station-certificate" * 4
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r.up()
-    finally:
-        r.close()
-
-
-def charging(rig: Rig, token: str = "card-1", **plug: object) -> int:
-    rig.peer.tokens[token.encode()] = 0
-    m = rig.board.mark()
-    rig.board.cmd("plug", **plug)
-    rig.board.cmd("card", token=token)
-    return int(rig.board.wait("tx_started", since=m)["tx_id"])
 
 
 def ok(rig: Rig, action: int, body: dict[int, Any], **kw: Any) -> dict[int, Any]:

@@ -5,34 +5,16 @@ Each test is named after the use-case ID it proves."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
-from fwpeer import Rig
+from fwpeer import Rig, charging
 
 from gateway.schema import Action, Key, Kind
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
-    try:
-        yield r.up()
-    finally:
-        r.close()
-
-
-def charging(rig: Rig, token: str = "card-1", **plug: object) -> int:
-    rig.peer.tokens[token.encode()] = 0
-    m = rig.board.mark()
-    rig.board.cmd("plug", **plug)
-    rig.board.cmd("card", token=token)
-    return int(rig.board.wait("tx_started", since=m)["tx_id"])
 
 
 def tx_events(rig: Rig) -> list[dict[int, Any]]:
