@@ -1,6 +1,9 @@
 //! Property tests: the decoder never panics on arbitrary bytes, and valid envelopes and
 //! values survive encode → decode unchanged.
 
+mod common;
+
+use common::same;
 use evcore::frame::{self, Header};
 use evcore::msgpack::{self, Value};
 use evcore::schema::{action, kind, MAX_FRAME};
@@ -31,30 +34,6 @@ fn value() -> impl Strategy<Value = Value> {
             proptest::collection::vec((inner.clone(), inner), 0..8).prop_map(Value::Map),
         ]
     })
-}
-
-/// Float equality by value (NaN = NaN), whatever the wire width.
-fn same(a: &Value, b: &Value) -> bool {
-    let float = |v: &Value| match v {
-        Value::F32(f) => Some(f64::from(*f)),
-        Value::F64(f) => Some(*f),
-        _ => None,
-    };
-    match (a, b) {
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same(p, q))
-        }
-        (Value::Map(x), Value::Map(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .zip(y)
-                    .all(|((k1, v1), (k2, v2))| same(k1, k2) && same(v1, v2))
-        }
-        _ => match (float(a), float(b)) {
-            (Some(x), Some(y)) => (x.is_nan() && y.is_nan()) || x.to_bits() == y.to_bits(),
-            _ => a == b,
-        },
-    }
 }
 
 fn meter_body() -> impl Strategy<Value = Value> {
