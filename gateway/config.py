@@ -60,6 +60,9 @@ class Config:
     relay_max_bytes: int = 256 << 10
     connect_timeout_s: float = 5.0
     bulk_unsent_max: int = 4096
+    bulk_queue_ms: float = 1.0
+    """How long, about, an urgent relay may wait behind the lower classes at the receiver; 0: no
+    flight bound (aioquic's congestion window only)."""
     max_datagram_size: int = 0
     """UDP payload of the uplink's QUIC packets; 0: 16 KiB on loopback, else aioquic's 1200."""
     inflight_max_bytes: int = 4 << 20
@@ -84,6 +87,8 @@ class Config:
     fw_first_wave: int = 1
     """Boards of a multi-board UpdateFirmware that get it first; 0: all at once."""
     fw_wave_timeout_s: float = 900.0
+    fw_cache_max_bytes: int = 256 << 20
+    """Bound of the image cache: least recently used images are evicted, never one a rollout needs."""
     # online identification through the CSO's roaming endpoint (IEC 63119 mixed mode); off
     # unless [roaming] names the endpoint
     roaming_party: str = ""
@@ -243,6 +248,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "relay_max_bytes": ("relay_max_bytes", _int(4096, 1 << 20)),
         "connect_timeout_s": ("connect_timeout_s", _float(0.1, 600)),
         "bulk_unsent_max": ("bulk_unsent_max", _int(256, 1 << 20)),
+        "bulk_queue_ms": ("bulk_queue_ms", _float(0, 10_000)),
         "max_datagram_size": ("max_datagram_size", _datagram),
         "inflight_max_bytes": ("inflight_max_bytes", _int(4096, 1 << 30)),
         "backoff_min_s": ("backoff_min_s", _float(0.001, 60)),
@@ -263,6 +269,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
         "cache": ("fw_cache", _bool),
         "first_wave": ("fw_first_wave", _int(0, 100_000)),
         "wave_timeout_s": ("fw_wave_timeout_s", _float(1, 86400)),
+        "cache_max_bytes": ("fw_cache_max_bytes", _int(1 << 16, 1 << 40)),
     },
     "auth": {"unknown_token_offline": ("unknown_token_offline", _policy)},
     "roaming": {

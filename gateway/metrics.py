@@ -174,7 +174,35 @@ def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None, trace:
         "# TYPE evedge_rejections_total counter",
     ]
     lines += [f'evedge_rejections_total{{cause="{k}"}} {v}' for k, v in sorted(s["rejections"].items())]
+    path = s.get("uplink_path") or {}
+    for key, help_ in (
+        ("flight_bound_bytes", "Bytes the lower classes may have in flight (gateway/pacing.py)."),
+        ("bytes_in_flight", "Bytes sent on the uplink and not yet acknowledged."),
+        ("cwnd_bytes", "aioquic's congestion window."),
+        ("delivery_rate_bps", "Best delivery rate of the last second, bytes/s."),
+        ("rtt_min_s", "Minimum RTT of the uplink, seconds."),
+    ):
+        if key in path:
+            lines += [f"# HELP evedge_uplink_{key} {help_}", f"# TYPE evedge_uplink_{key} gauge",
+                      f"evedge_uplink_{key} {path[key]}"]  # fmt: skip
     lines += ["# TYPE evedge_throttled_total counter", f"evedge_throttled_total {s['throttled']}"]
+    fw = s.get("firmware_cache")
+    if fw:
+        lines += [
+            "# HELP evedge_fwcache_bytes Bytes of firmware images (and parts) held in the site's cache.",
+            "# TYPE evedge_fwcache_bytes gauge",
+            f"evedge_fwcache_bytes {fw['bytes']}",
+            "# TYPE evedge_fwcache_max_bytes gauge",
+            f"evedge_fwcache_max_bytes {fw['max_bytes']}",
+            "# TYPE evedge_fwcache_images gauge",
+            f"evedge_fwcache_images {fw['images']}",
+            "# TYPE evedge_fwcache_evictions_total counter",
+            f"evedge_fwcache_evictions_total {fw['evictions']}",
+            "# TYPE evedge_fwcache_chunks_served_total counter",
+            f"evedge_fwcache_chunks_served_total {fw['chunks_served']}",
+            "# TYPE evedge_fw_rollouts_active gauge",
+            f"evedge_fw_rollouts_active {fw['rollouts_active']}",
+        ]
     if trace is not None:
         lines += trace.prometheus()
     return "\n".join(lines) + "\n"

@@ -81,7 +81,7 @@ class Gateway:
         self.committer = Committer(self.outbox, cfg.commit_max_rows, cfg.commit_max_bytes)
         self.auth = Authorizer(cfg.data_dir / "localcsms.sqlite", cfg.unknown_token_offline)
         self.power = PowerManager(cfg.site_limit_w, cfg.zones, cfg.min_evse_w)
-        self.firmware = FirmwareCache(cfg.data_dir / "fwcache", cfg.fw_cache)
+        self.firmware = FirmwareCache(cfg.data_dir / "fwcache", cfg.fw_cache, cfg.fw_cache_max_bytes)
         self.local_csms_cert = local_csms_cert_der(cfg.local_csms_cert)
         """DER of the gateway's own certificate as local CSMS (M17), b"" when none is configured."""
         self.clock = Clock()
@@ -130,11 +130,12 @@ class Gateway:
                 cfg.upstream_host, cfg.upstream_port, cfg.server_name, str(cfg.ca_file), str(cfg.cert_file),
                 str(cfg.key_file), cfg.bulk_unsent_max, cfg.inflight_max_bytes, cfg.backoff_min_s, cfg.backoff_max_s,
                 cfg.idle_timeout_s, relay_max_bytes=cfg.relay_max_bytes, connect_timeout_s=cfg.connect_timeout_s,
-                max_datagram_size=cfg.max_datagram_size,
+                max_datagram_size=cfg.max_datagram_size, bulk_queue_ms=cfg.bulk_queue_ms,
             )  # fmt: skip
             self.runner = UplinkRunner(self.uplink, settings, cfg.site_id, self.relayed_acked, self.upstream_request)
             self._tasks.append(asyncio.create_task(self.runner.run()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.extend(self.command_path.resume_rollouts())  # M4: staged rollouts a restart interrupted
 
     @property
     def lan_port(self) -> int:
@@ -154,6 +155,7 @@ class Gateway:
         await self.committer.drain()
         self.committer.close()
         self.outbox.close()
+        self.firmware.close()
         self.devices.close()
         self.auth.close()
 
@@ -545,6 +547,7 @@ class Gateway:
             "upstream": r.state if r else "disabled",
             "upstream_connects": r.connects if r else 0,
             "upstream_error": r.last_error if r else "",
+            "uplink_path": r.protocol.path_state() if r and r.protocol and r.protocol.ready else {},
             "rejections": dict(self.rejections),
             "throttled": self.throttled,
             "commits": self.committer.commits,

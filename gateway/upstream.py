@@ -33,9 +33,10 @@ from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEv
 
 from gateway import _core
 from gateway.link import proto_ts
-from gateway.localcsms.firmware import SUCCESS as SUCCESS_FW
+from gateway.localcsms.firmware import Rollouts
 from gateway.metrics import UrgentTrace
 from gateway.outbox import Row
+from gateway.pacing import FlightBound
 from gateway.schema import (
     FIELDS,
     MESSAGES,
@@ -44,7 +45,6 @@ from gateway.schema import (
     Action,
     CertType,
     ErrorCode,
-    FirmwareStatus,
     Key,
     Kind,
     Priority,
@@ -258,6 +258,9 @@ class UplinkSettings:
     connect_timeout_s: float = 5.0
     max_datagram_size: int = 0
     """0: 16 KiB on a loopback address (no path MTU to respect), else aioquic's default."""
+    bulk_queue_ms: float = 1.0
+    """Queue allowance of the lower classes' flight bound (gateway/pacing.py): about how long an
+    urgent relay may wait behind them at the receiver."""
 
     def quic(self) -> QuicConfiguration:
         qc = QuicConfiguration(
@@ -314,6 +317,8 @@ class UpstreamProtocol(QuicConnectionProtocol):
         ]
         self.urgent_reserve = 4 * self._quic._max_datagram_size
         """Congestion window bytes the lower classes leave free for urgent relays."""
+        size = self._quic._max_datagram_size
+        self.flight = FlightBound(floor=max(16 << 10, 2 * size), queue_s=settings.bulk_queue_ms / 1000)
         self.pending: dict[int, deque[memoryview]] = {}
         """Per stream, encoded bytes not yet handed to aioquic (fed one cap at a time)."""
 
@@ -380,15 +385,32 @@ class UpstreamProtocol(QuicConnectionProtocol):
         return reply
 
     def flight_room(self) -> int:
-        """Bytes the lower classes may still hand aioquic: the congestion window less what
-        is in flight, what waits unsent in aioquic and a reserve kept for urgent data, so
-        that an urgent relay is never held back by a window bulk filled. Nothing in flight:
-        no limit (the window cannot be below one datagram's reserve forever)."""
+        """Bytes the lower classes may still hand aioquic: the smaller of the congestion window
+        and the flight bound (gateway/pacing.py), less what is in flight, what waits unsent
+        in aioquic and a reserve kept for urgent data, so that an urgent relay is never held
+        back by a window bulk filled, nor queued at the receiver behind more than about
+        `queue_s` of bulk. Nothing in flight: no limit (the window cannot be below one
+        datagram's reserve forever)."""
         loss = self._quic._loss
         if not loss.bytes_in_flight:
             return 1 << 30
         held = sum(self.unsent(sid) for sid in self.sids)
-        return int(loss.congestion_window - loss.bytes_in_flight - held - self.urgent_reserve)
+        window = loss.congestion_window - self.urgent_reserve
+        if self.settings.bulk_queue_ms and not self.uplink.fifo:
+            window = min(window, self.flight.bound(self._loop.time()))
+        return int(window - loss.bytes_in_flight - held)
+
+    def path_state(self) -> dict[str, float]:
+        """The uplink path as the sender sees it, for /status and /metrics."""
+        loss, now = self._quic._loss, self._loop.time()
+        return {
+            "cwnd_bytes": loss.congestion_window,
+            "bytes_in_flight": loss.bytes_in_flight,
+            "flight_bound_bytes": self.flight.bound(now),
+            "delivery_rate_bps": round(self.flight.rate(now)),
+            "rtt_min_s": loss._rtt_min if loss._rtt_initialized else 0.0,
+            "rtt_smoothed_s": loss._rtt_smoothed,
+        }
 
     def unsent(self, sid: int) -> int:
         # aioquic exposes no public per-stream send offset; `highest_offset` of the stream's
@@ -448,7 +470,15 @@ class UpstreamProtocol(QuicConnectionProtocol):
     # ---------------------------------------------------------- receiving
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+        # aioquic's own three steps, with the bytes that left flight measured in between
+        # for the flight bound (aioquic reports no delivery rate).
+        loss = self._quic._loss
+        before, now = loss.bytes_in_flight, self._loop.time()
+        self._quic.receive_datagram(cast(bytes, data), addr, now=now)
+        rtt_min = loss._rtt_min if loss._rtt_initialized else 0.0
+        self.flight.delivered(max(0, before - loss.bytes_in_flight), before, now, rtt_min)
+        self._process_events()
+        self.transmit()
         # Acks free aioquic's congestion window and send buffers: feed what waits.
         if self.ready and (any(self.uplink.unsent) or any(self.pending.values())):
             self.kick()
@@ -716,51 +746,30 @@ class CommandPath:
             return Kind.RESPONSE, {Key.RESULTS: [self._answer_board(t, inner, now) for t in targets]}
         first = gw.cfg.fw_first_wave
         if inner.action == Action.UPDATE_FIRMWARE and 0 < first < len(targets):
-            return Kind.RESPONSE, {Key.RESULTS: await self._staged(targets, inner, timeout, first)}
+            return Kind.RESPONSE, {Key.RESULTS: await self._staged(raw, targets, inner, timeout, first)}
         a, b, p = inner.action, inner.body, inner.prio
         results = await asyncio.gather(*(self._deliver(t, a, b, p, timeout) for t in targets))
         return Kind.RESPONSE, {Key.RESULTS: list(results)}
 
-    async def _staged(self, targets: list[str], inner: _core.Frame, timeout: float, first: int) -> list[dict[int, Any]]:
-        """M4 staged rollout: the first `first` targets get the update; the others only once
-        each of those reported FirmwareStatus Installed or Activated for the image. A refusal,
-        a failure status or no final status within `firmware.wave_timeout_s` stops the rollout:
-        the remaining targets are not told, and their results say why."""
+    async def _staged(
+        self, raw: bytes, targets: list[str], inner: _core.Frame, timeout: float, first: int
+    ) -> list[dict[int, Any]]:
+        """M4 staged rollout (`gateway.localcsms.firmware.Rollouts`): the first `first` targets
+        get the update, the others once each of those reported Installed or Activated; a
+        refusal, a failure status or no final status within `firmware.wave_timeout_s` stops it.
+        Persisted, so a restart resumes it; the same Command sent again joins it. The expiry
+        bounds the first wave's delivery, the message's own timeout each later board's."""
         gw = self.gw
-        fw = gw.firmware
-        image_id = int(inner.body[Key.IMAGE_ID])
-        a, b, p = inner.action, inner.body, inner.prio
-        wave, rest = targets[:first], targets[first:]
-        watches = {t: fw.watch(t, image_id) for t in wave}
-        try:
-            results = list(await asyncio.gather(*(self._deliver(t, a, b, p, timeout) for t in wave)))
-            stop = ""
-            for r in results:
-                if r[Key.STATUS] != Status.ACCEPTED:
-                    stop = stop or f"{r[Key.DEVICE_ID]} refused the update"
-                    watches.pop(r[Key.DEVICE_ID]).cancel()
-            if not stop:
-                done, _ = await asyncio.wait(watches.values(), timeout=gw.cfg.fw_wave_timeout_s)
-                for r in results:
-                    fut = watches[r[Key.DEVICE_ID]]
-                    if fut not in done:
-                        r[Key.STATUS], r[Key.REASON] = Status.FAILED, "no final FirmwareStatus in time"
-                        stop = stop or f"{r[Key.DEVICE_ID]} reported no final status in time"
-                        continue
-                    st, why = fut.result()
-                    if st not in SUCCESS_FW:
-                        name = FirmwareStatus(st).name
-                        r[Key.STATUS], r[Key.REASON] = Status.FAILED, f"FirmwareStatus {name} {why}".strip()[:120]
-                        stop = stop or f"{r[Key.DEVICE_ID]} reported {name}"
-        finally:
-            for t in wave:
-                fw.unwatch(t, image_id)
-        if stop:
-            reason = f"rollout stopped: {stop}"[:120]
-            return results + [{Key.DEVICE_ID: t, Key.STATUS: Status.REJECTED, Key.REASON: reason} for t in rest]
-        # Later waves: each board within the message's own timeout (the expiry bounded the first).
-        later = MESSAGES[a].timeout_ms / 1000
-        return results + list(await asyncio.gather(*(self._deliver(t, a, b, p, later) for t in rest)))
+        later = MESSAGES[inner.action].timeout_ms / 1000
+        rollouts: Rollouts = gw.firmware.rollouts
+        return await rollouts.run(raw, targets, first, timeout, gw.cfg.fw_wave_timeout_s, later, self._deliver)
+
+    def resume_rollouts(self) -> list[asyncio.Task[Any]]:
+        """At start: the rollouts a restart interrupted go on (their records are written on the
+        outbox's writer thread, so a board's FirmwareStatus is on disk before it is acked)."""
+        rollouts: Rollouts = self.gw.firmware.rollouts
+        rollouts.bind(self.gw.committer.run_sync, self._deliver)
+        return list(rollouts.resume())
 
     async def _local_csms_cert(self, inner: _core.Frame, timeout: float) -> list[dict[int, Any]]:
         """M17, a site command: every online board is told to trust the gateway's own
