@@ -54,7 +54,7 @@ class Rig:
     clients (tools.loadclient), each in its own process, so that none distorts another's
     measurement; this process only starts them and reads the peer's store."""
 
-    def __init__(self, tmp: Path, fifo: bool = False) -> None:
+    def __init__(self, tmp: Path, fifo: bool = False, extra: str = "") -> None:
         self.tmp = tmp
         self.udp, self.lan, self.metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
         tmp.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ class Rig:
         self.cfg.write_text(
             f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{self.lan}"\n[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n'  # noqa: E501
             f'[upstream]\naddress = "127.0.0.1:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\nconnect_timeout_s = 0.5\n'  # noqa: E501
-            f"fifo = {'true' if fifo else 'false'}\n"
+            f"fifo = {'true' if fifo else 'false'}\n{extra}"
             f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
         )
         self.db = tmp / "peer.sqlite"
@@ -138,13 +138,24 @@ class Rig:
             self._store.db.close()
 
 
-async def load_result(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[float, int, int, float]:
-    """(T0, sent, acked, seconds) of a load client, read from its output once it exits."""
-    try:
-        out, _ = await asyncio.to_thread(proc.communicate, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = await asyncio.to_thread(proc.communicate)
+async def load_result(
+    proc: subprocess.Popen[str], timeout: float = 120, keep: bool = False
+) -> tuple[float, int, int, float]:  # noqa: E501
+    """(T0, sent, acked, seconds) of a load client, read from its output once it exits.
+    `keep`: the process is not reaped (its CPU time stays readable; the caller waits)."""
+    if keep:
+        assert proc.stdout is not None
+        try:
+            out = await asyncio.wait_for(asyncio.to_thread(proc.stdout.read), timeout)
+        except TimeoutError:
+            proc.kill()
+            raise
+    else:
+        try:
+            out, _ = await asyncio.to_thread(proc.communicate, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = await asyncio.to_thread(proc.communicate)
     t0, res = 0.0, (0, 0, 0.0)
     for line in out.splitlines():
         if line.startswith("T0 "):
@@ -153,6 +164,18 @@ async def load_result(proc: subprocess.Popen[str], timeout: float = 120) -> tupl
             _, a, b, c = line.split()
             res = (int(a), int(b), float(c))
     return t0, *res
+
+
+async def first_send(proc: subprocess.Popen[str]) -> float:
+    """Reads a load client's output up to its T0 line (every board connected, first send
+    next); returns T0."""
+    assert proc.stdout is not None
+    while True:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        if not line:
+            raise RuntimeError("the load client ended before its first send")
+        if line.startswith("T0 "):
+            return float(line.split()[1])
 
 
 def wait_count(store: gwpeer.Store, n: int, timeout: float = 120) -> None:
@@ -174,30 +197,41 @@ async def throughput(tmp: Path, n_boards: int, per_board: int) -> dict[str, floa
         rig.start_peer()
         await asyncio.sleep(0.5)
         assert rig.gateway is not None
-        cpu0 = cpu_seconds(rig.gateway.pid)
-        t0, sent, acked, secs = await load_result(rig.load(n_boards, frames=per_board))
+        assert rig.peer is not None
+        cpu_c = cpu_seconds(rig.gateway.pid)
+        load = rig.load(n_boards, frames=per_board)
+        t0 = await first_send(load)
+        cpu0, peer0, load0 = (cpu_seconds(p.pid) for p in (rig.gateway, rig.peer, load))
+        _, sent, acked, secs = await load_result(load, keep=True)
+        load_cpu = cpu_seconds(load.pid) - load0
+        load.wait()
         wait_count(rig.store, sent)
         t1 = last_arrival(rig.store)
         cpu = cpu_seconds(rig.gateway.pid) - cpu0
+        peer_cpu = cpu_seconds(rig.peer.pid) - peer0
         r = {"sent": sent, "ingress": acked / secs, "e2e": sent / (t1 - t0), "e2e_s": t1 - t0, "cpu": cpu}
         print(f"[1] {n_boards} boards x {per_board} MeterValues: {sent} frames")
+        print(f"    (the boards' connections and Hellos before the first send: {cpu0 - cpu_c:.2f} gateway CPU-s,"
+              " not counted below)")  # fmt: skip
         print(f"    ingress acked (durable): {r['ingress']:,.0f} frames/s")
         print(f"    end to end (first send -> last frame at the peer): {r['e2e']:,.0f} frames/s over {t1 - t0:.2f} s")
         print(f"    gateway CPU: {cpu:.2f} s = {cpu / sent * 1e6:.1f} ms per 1000 frames;"
               f" {sent / cpu:,.0f} frames per CPU-second")  # fmt: skip
+        print(f"    the 2 cores' other users meanwhile: load client {load_cpu:.2f} CPU-s, upstream peer"
+              f" {peer_cpu:.2f} CPU-s (wall {t1 - t0:.2f} s)")  # fmt: skip
         return r
     finally:
         rig.close()
 
 
-async def urgent_latency(tmp: Path, fifo: bool, seconds: float) -> dict[str, list[float]]:
+async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "") -> dict[str, list[float]]:
     """Urgent FaultReports of one board, one per 20 ms, while 20 bulk boards saturate the
     uplink. Per frame, in seconds: `send` board send → receipt at the peer; `ingress`
     ingress at the gateway (the read of the board's socket, from the gateway's /urgent) →
     receipt (the peer parsed the Relay carrying it); and the gateway's split of ingress →
     `dispatch` → `relay` (handed to aioquic) → `sent` (transmit returned), then `wire`
     sent → receipt. Wall-clock differences are across processes of one machine."""
-    rig = Rig(tmp, fifo=fifo)
+    rig = Rig(tmp, fifo=fifo, extra=extra)
     try:
         rig.start_gateway()
         rig.start_peer()
@@ -215,7 +249,9 @@ async def urgent_latency(tmp: Path, fifo: bool, seconds: float) -> dict[str, lis
             for i in urgent.send("fault", 1):
                 sent_at[i] = t
             await asyncio.sleep(0.02)
-        await load_result(bulk, timeout=seconds + 10)
+        _, _, bulk_acked, bulk_s = await load_result(bulk, timeout=seconds + 10)
+        mode = "FIFO" if fifo else "priority"
+        print(f"    ({mode}: bulk LogChunks acked durable: {bulk_acked / max(bulk_s, 1e-9):,.0f}/s)")
         end = time.monotonic() + 30
         while urgent.unacked and time.monotonic() < end:
             await asyncio.sleep(0.01)

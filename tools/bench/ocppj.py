@@ -8,7 +8,8 @@ answers the board once the upstream has answered (the upstream holds it, as the 
 does for a Relay). The content is the benchmark's MeterValues: EVSE, energy, power.
 
 Each part runs in its own process: `python -m tools.bench.ocppj up|relay|boards ...`;
-`run()` starts all three and returns the relay's messages per CPU-second.
+`run()` starts all three and returns the relay's messages per CPU-second, counted from the
+moment every board is connected (the same as for this gateway's boards).
 """
 
 from __future__ import annotations
@@ -114,15 +115,21 @@ async def relay(port: int, up_port: int) -> None:
 
 
 async def boards(port: int, n: int, per_board: int) -> None:
-    async def one(k: int) -> None:
-        async with websockets.connect(f"ws://127.0.0.1:{port}/CS{k:05d}", subprotocols=["ocpp2.0.1"]) as ws:  # type: ignore[list-item]
+    """Connects every board first (`T0` printed then, as tools.loadclient does), then sends."""
+
+    async def one(k: int, ws: Any) -> None:
+        async with ws:
             for i in range(per_board):
                 await ws.send(json.dumps([2, f"{k}-{i}", "MeterValues", meter_payload(i)]))
                 reply = json.loads(await ws.recv())
                 assert reply[0] == 3, reply
 
+    conns = await asyncio.gather(
+        *(websockets.connect(f"ws://127.0.0.1:{port}/CS{k:05d}", subprotocols=["ocpp2.0.1"]) for k in range(n))  # type: ignore[list-item]
+    )
+    print(f"T0 {time.time()}", flush=True)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(k) for k in range(n)))
+    await asyncio.gather(*(one(k, ws) for k, ws in enumerate(conns)))
     print(f"RESULT {n * per_board} {time.perf_counter() - t0}", flush=True)
 
 
@@ -149,10 +156,12 @@ def run(n_boards: int, per_board: int, up_port: int, relay_port: int) -> dict[st
         assert up.stdout is not None and up.stdout.readline().startswith("READY")
         rel = spawn("relay", "--port", str(relay_port), "--up", str(up_port))
         assert rel.stdout is not None and rel.stdout.readline().startswith("READY")
+        b = spawn("boards", "--port", str(relay_port), "--boards", str(n_boards), "--frames", str(per_board))
+        assert b.stdout is not None
+        while not b.stdout.readline().startswith("T0 "):  # every board connected: count from here, as
+            pass  # tools.bench.gateway does for its boards
         cpu0 = cpu_seconds(rel.pid)
-        out, _ = spawn(
-            "boards", "--port", str(relay_port), "--boards", str(n_boards), "--frames", str(per_board)
-        ).communicate()
+        out, _ = b.communicate()
         cpu = cpu_seconds(rel.pid) - cpu0
         n, secs = next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT"))
         return {"messages": int(n), "seconds": float(secs), "cpu": cpu, "per_cpu_s": int(n) / cpu}
