@@ -1,8 +1,19 @@
 # ruff: noqa: F821
-# `package` and `module` are builtins of MicroPython's manifest tool (tools/makemanifest.py), which
-# exec()s this file; neither ruff nor mypy can know them.
-# Freezes the firmware into a MicroPython build: `make BOARD=... FROZEN_MANIFEST=.../manifest.py`
-# (the codec and services then live in flash as bytecode, not in the heap).
-package("csc", base_path=".")  # type: ignore[name-defined]
-module("main.py")  # type: ignore[name-defined]
-module("esp32.py", base_path="boards")  # type: ignore[name-defined]
+# `include`, `package` and `module` are builtins of MicroPython's manifest tool (tools/makemanifest.py),
+# which exec()s this file; neither ruff nor mypy can know them.
+# Freezes the firmware into a MicroPython build (the codec and services then live in flash as bytecode,
+# not in the heap):
+#
+#     python -m tools.board.build /tmp/fw --py      # constants inlined across modules (docs/firmware.md)
+#     EVEDGE_FW=/tmp/fw make -C ports/esp32 BOARD=ESP32_GENERIC FROZEN_MANIFEST=/path/to/firmware/manifest.py
+#
+# EVEDGE_FW (in the environment) names the build to freeze; without it the source is frozen as it is.
+import os
+
+_fw = os.getenv("EVEDGE_FW") or "."
+
+include("$(PORT_DIR)/boards/manifest.py")  # type: ignore[name-defined]  # the port's own (asyncio …)
+package("csc", base_path=_fw)  # type: ignore[name-defined]
+# `boards.esp32`, as main.py imports it; a top-level `esp32` would be hidden by the port's own module
+package("boards", files=["esp32.py"], base_path=_fw)  # type: ignore[name-defined]
+module("main.py", base_path=_fw)  # type: ignore[name-defined]

@@ -1,5 +1,9 @@
 """The link state machine and the send queue, sans I/O: the board's `Link` against a
-gateway played in memory by gateway._core (no sockets, no clock: `now_ms` is given)."""
+gateway played in memory by gateway._core (no sockets, no clock: `now_ms` is given).
+
+The link core's own unit tests, against a gateway end played by the firmware's codec, run
+under CPython and MicroPython in tests/fw_linktests.py (tests/test_fw_linkcore.py); these
+cases cross-check the board against the independent Rust core."""
 
 # mypy: disable-error-code="import-not-found,import-untyped,no-untyped-call"
 from __future__ import annotations
@@ -176,30 +180,6 @@ def test_fw_b6_urgent_leaves_before_queued_bulk_and_bulk_not_starved() -> None:
         order.append(c)
         q.pop(c)
     assert 3 in order[:7]  # bulk served before control is exhausted
-
-
-def test_fw_b6_sendq_full_is_backpressure_not_loss() -> None:
-    q = SendQueue()
-    n = 0
-    while q.put(K_EVENT, 0, n, A_DSO_LIMIT, {26: 0}):
-        n += 1
-    assert n == 3 and q.full == 1 and len(q) == 3
-
-
-def test_fw_b26_sendq_bodies_wrap_around_their_arena_region() -> None:
-    q = SendQueue()
-    body = {57: b"x" * 500}  # two fit the bulk region, a third only once the first left
-    assert q.put(K_EVENT, 3, 1, A_DSO_LIMIT, body) and q.put(K_EVENT, 3, 2, A_DSO_LIMIT, body)
-    assert not q.put(K_EVENT, 3, 3, A_DSO_LIMIT, body)
-    assert bytes(q.body(3))[-3:] == b"xxx"
-    q.pop(3)
-    assert q.put(K_EVENT, 3, 4, A_DSO_LIMIT, body)  # at the region's start again
-    got = []
-    while (c := q.next()) >= 0:
-        got.append((q.mid[q.slot(c)], len(q.body(c))))
-        q.pop(c)
-    assert [m for m, _ in got] == [2, 4] and all(n == got[0][1] for _, n in got)
-    assert not q.put(K_EVENT, 3, 5, A_DSO_LIMIT, {57: b"x" * 1200})  # above one body's maximum
 
 
 def test_fw_b10_repeated_command_answered_once() -> None:
