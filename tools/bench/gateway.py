@@ -44,6 +44,12 @@ LOAD_NICE = 10
 """Niceness of the load generator of the latency runs (the simulated bulk boards)."""
 
 
+def udp_rcvbuf_errors() -> int:
+    """The kernel's count of UDP datagrams dropped for a full receive buffer (all sockets)."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -140,7 +146,7 @@ class Rig:
 
 async def load_result(
     proc: subprocess.Popen[str], timeout: float = 120, keep: bool = False
-) -> tuple[float, int, int, float]:  # noqa: E501
+) -> tuple[float, int, int, float]:
     """(T0, sent, acked, seconds) of a load client, read from its output once it exits.
     `keep`: the process is not reaped (its CPU time stays readable; the caller waits)."""
     if keep:
@@ -243,6 +249,7 @@ async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "")
         await urgent.connect()
         await asyncio.sleep(0.5)
         sent_at: dict[int, float] = {}
+        drops0 = udp_rcvbuf_errors()
         stop = time.perf_counter() + seconds
         while time.perf_counter() < stop:
             t = time.time()
@@ -251,7 +258,8 @@ async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "")
             await asyncio.sleep(0.02)
         _, _, bulk_acked, bulk_s = await load_result(bulk, timeout=seconds + 10)
         mode = "FIFO" if fifo else "priority"
-        print(f"    ({mode}: bulk LogChunks acked durable: {bulk_acked / max(bulk_s, 1e-9):,.0f}/s)")
+        print(f"    ({mode}: bulk LogChunks acked durable: {bulk_acked / max(bulk_s, 1e-9):,.0f}/s;"
+              f" UDP datagrams dropped for a full receive buffer: {udp_rcvbuf_errors() - drops0})")  # fmt: skip
         end = time.monotonic() + 30
         while urgent.unacked and time.monotonic() < end:
             await asyncio.sleep(0.01)
