@@ -6,7 +6,7 @@ import enum
 from typing import Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
-SCHEMA_REV: Final = 3
+SCHEMA_REV: Final = 4
 MAX_FRAME: Final = 4096
 MAX_UP_FRAME: Final = 1048576
 MAX_CHUNK: Final = 1024
@@ -839,7 +839,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     44: MessageSpec(44, 'SetMonitors', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((89, True),), ((26, True), (13, False)), ('M3', )),
     45: MessageSpec(45, 'ClearMonitors', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((15, True),), ((26, True),), ('M3', )),
     46: MessageSpec(46, 'MonitorEvent', Kind.EVENT, 'cs', Priority(2), 30000, True, ((85, True), (79, True), (80, True), (82, True), (88, True), (20, True), (1, False)), (), ('M3', )),
-    47: MessageSpec(47, 'UpdateFirmware', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((48, True), (90, True), (91, True), (92, True), (93, True), (94, False), (66, False)), ((26, True), (13, False)), ('M4', )),
+    47: MessageSpec(47, 'UpdateFirmware', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((48, True), (90, True), (91, True), (92, True), (93, True), (94, False), (66, False), (97, False)), ((26, True), (13, False)), ('M4', )),
     48: MessageSpec(48, 'FirmwareChunk', Kind.REQUEST, 'cs', Priority(3), 30000, False, ((48, True), (44, True)), ((48, True), (44, True), (45, True), (46, True)), ('M4', )),
     49: MessageSpec(49, 'FirmwareStatus', Kind.EVENT, 'cs', Priority(1), 30000, True, ((48, True), (49, True), (13, False), (95, False), (90, False)), (), ('M4', )),
     50: MessageSpec(50, 'Reset', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((96, True), (97, True)), ((26, True),), ('M5', )),

@@ -6,7 +6,7 @@
 use crate::schema_types::{FieldDef, MessageDef, Member, Ty};
 
 pub const PROTOCOL_VERSION: u64 = 1;
-pub const SCHEMA_REV: u64 = 3;
+pub const SCHEMA_REV: u64 = 4;
 pub const MAX_FRAME: usize = 4096;
 pub const MAX_UP_FRAME: usize = 1048576;
 pub const MAX_CHUNK: usize = 1024;
@@ -575,7 +575,7 @@ pub static MESSAGES: &[MessageDef] = &[
     MessageDef { code: 44, name: "SetMonitors", kind: kind::REQUEST, origin: "csms", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 89, required: true }], response: &[Member { key: 26, required: true }, Member { key: 13, required: false }], usecases: &["M3"] },
     MessageDef { code: 45, name: "ClearMonitors", kind: kind::REQUEST, origin: "csms", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 15, required: true }], response: &[Member { key: 26, required: true }], usecases: &["M3"] },
     MessageDef { code: 46, name: "MonitorEvent", kind: kind::EVENT, origin: "cs", priority: 2, timeout_ms: 30000, durable: true, fields: &[Member { key: 85, required: true }, Member { key: 79, required: true }, Member { key: 80, required: true }, Member { key: 82, required: true }, Member { key: 88, required: true }, Member { key: 20, required: true }, Member { key: 1, required: false }], response: &[], usecases: &["M3"] },
-    MessageDef { code: 47, name: "UpdateFirmware", kind: kind::REQUEST, origin: "csms", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 48, required: true }, Member { key: 90, required: true }, Member { key: 91, required: true }, Member { key: 92, required: true }, Member { key: 93, required: true }, Member { key: 94, required: false }, Member { key: 66, required: false }], response: &[Member { key: 26, required: true }, Member { key: 13, required: false }], usecases: &["M4"] },
+    MessageDef { code: 47, name: "UpdateFirmware", kind: kind::REQUEST, origin: "csms", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 48, required: true }, Member { key: 90, required: true }, Member { key: 91, required: true }, Member { key: 92, required: true }, Member { key: 93, required: true }, Member { key: 94, required: false }, Member { key: 66, required: false }, Member { key: 97, required: false }], response: &[Member { key: 26, required: true }, Member { key: 13, required: false }], usecases: &["M4"] },
     MessageDef { code: 48, name: "FirmwareChunk", kind: kind::REQUEST, origin: "cs", priority: 3, timeout_ms: 30000, durable: false, fields: &[Member { key: 48, required: true }, Member { key: 44, required: true }], response: &[Member { key: 48, required: true }, Member { key: 44, required: true }, Member { key: 45, required: true }, Member { key: 46, required: true }], usecases: &["M4"] },
     MessageDef { code: 49, name: "FirmwareStatus", kind: kind::EVENT, origin: "cs", priority: 1, timeout_ms: 30000, durable: true, fields: &[Member { key: 48, required: true }, Member { key: 49, required: true }, Member { key: 13, required: false }, Member { key: 95, required: false }, Member { key: 90, required: false }], response: &[], usecases: &["M4"] },
     MessageDef { code: 50, name: "Reset", kind: kind::REQUEST, origin: "csms", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 96, required: true }, Member { key: 97, required: true }], response: &[Member { key: 26, required: true }], usecases: &["M5"] },

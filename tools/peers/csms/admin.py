@@ -7,7 +7,7 @@ server). Commands it queues are sent by the running server to the site's gateway
     list-sessions
     list-commands [--site S]
     send-limit --site S --limit-w N [--zone Z] [--deadline-ms MS] [--available]
-    firmware-campaign --site S --image FILE --version V --targets D [D ...]
+    firmware-campaign --site S --image FILE --version V --targets D [D ...] [--now]
     set-registration --site S --device D accepted|pending|rejected
     add-token TOKEN [--status N] [--tariff ID]
     set-tariff --site S --id N --price-kwh P --currency EUR [--price-min P] [--price-session P]
@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway.schema import ResetWhen
 from tools.peers.csms.api import Csms, CsmsError
 from tools.peers.csms.config import load, provision
 from tools.peers.csms.inbound import Ctx
@@ -95,6 +96,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     fc.add_argument("--image", type=Path, required=True)
     fc.add_argument("--version", required=True)
     fc.add_argument("--targets", nargs="+", required=True)
+    fc.add_argument("--now", action="store_true", help="install as soon as verified, ending a running session")
     sr = sub.add_parser("set-registration")
     sr.add_argument("--site", required=True)
     sr.add_argument("--device", required=True)
@@ -136,7 +138,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
                 cmd = api.send_limit(args.site, args.limit_w, args.zone, args.deadline_ms)
             out.write(f"command {cmd} queued for {args.site}\n")
         elif args.cmd == "firmware-campaign":
-            campaign = api.firmware_campaign(args.site, args.image.read_bytes(), args.version, args.targets)
+            when = ResetWhen.NOW if args.now else ResetWhen.IDLE
+            campaign = api.firmware_campaign(args.site, args.image.read_bytes(), args.version, args.targets, when=when)
             out.write(f"campaign {campaign} (image {campaign}) queued for {', '.join(args.targets)}\n")
         elif args.cmd == "set-registration":
             api.set_registration(args.site, args.device, args.registration)

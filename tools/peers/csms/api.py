@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.schema import CertType, Key
+from gateway.schema import CertType, Key, ResetWhen
 from tools.peers.csms import commands as cmds
 from tools.peers.csms.inbound import Ctx, answer_ev_certificate, record_certificate
 from tools.peers.csms.pki import der
@@ -64,10 +64,17 @@ class Csms:
 
     # ---------------------------------------------------------------- M4
     def firmware_campaign(
-        self, site_id: str, image: bytes, version: str, targets: Sequence[str], now: float | None = None
+        self,
+        site_id: str,
+        image: bytes,
+        version: str,
+        targets: Sequence[str],
+        now: float | None = None,
+        when: int = ResetWhen.IDLE,
     ) -> int:
         """M4: store the image, sign its manifest, tell the targets; returns the campaign id.
-        Boards fetch the image by FirmwareChunk; their FirmwareStatus is tracked per device."""
+        Boards fetch the image by FirmwareChunk; their FirmwareStatus is tracked per device.
+        `when`: install when idle (default) or now (a running session ends)."""
         if not targets:
             raise CsmsError("a firmware campaign needs at least one target device")
         t = self._now(now)
@@ -78,7 +85,7 @@ class Csms:
             path = self.ctx.settings.data_dir / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(image)
-            spec = cmds.update_firmware(targets, image, image_id, version, self.ctx.signer)
+            spec = cmds.update_firmware(targets, image, image_id, version, self.ctx.signer, when=when)
             self.store.insert(
                 "fw_campaigns",
                 {

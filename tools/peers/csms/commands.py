@@ -264,9 +264,17 @@ def manifest_bytes(image_id: int, version: str, size: int, sha256: bytes) -> byt
 
 
 def update_firmware(
-    targets: Sequence[str], image: bytes, image_id: int, version: str, signer: Signer, valid_from: int | None = None
+    targets: Sequence[str],
+    image: bytes,
+    image_id: int,
+    version: str,
+    signer: Signer,
+    valid_from: int | None = None,
+    when: int = ResetWhen.IDLE,
 ) -> CommandSpec:
-    """M4: announce a signed image; the manifest signature lets any party verify it."""
+    """M4: announce a signed image; the manifest signature lets any party verify it. `when`:
+    install once the station is idle (default), or `now`: as soon as the image is verified,
+    ending a running session (stop reason `reboot`)."""
     digest = hashlib.sha256(image).digest()
     signature = signer.sign(manifest_bytes(image_id, version, len(image), digest))
     body = {
@@ -277,6 +285,8 @@ def update_firmware(
         Key.SIGNATURE: signature,
         Key.SIGNER: signer.name,
     }
+    if when != ResetWhen.IDLE:
+        body[Key.WHEN] = int(when)
     return CommandSpec(Action.UPDATE_FIRMWARE, _opt(body, valid_from=valid_from), _t(targets), expiry_s=86400)
 
 
