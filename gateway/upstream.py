@@ -318,7 +318,9 @@ class UpstreamProtocol(QuicConnectionProtocol):
         self.urgent_reserve = 4 * self._quic._max_datagram_size
         """Congestion window bytes the lower classes leave free for urgent relays."""
         size = self._quic._max_datagram_size
-        self.flight = FlightBound(floor=max(16 << 10, 2 * size), queue_s=settings.bulk_queue_ms / 1000)
+        # Floor: two datagrams, and at least four of the smallest QUIC size, so that the bound
+        # can grow by a quarter per round from it; no more, or a slow link queues the floor.
+        self.flight = FlightBound(floor=max(2 * size, 4 * 1200), queue_s=settings.bulk_queue_ms / 1000)
         self.pending: dict[int, deque[memoryview]] = {}
         """Per stream, encoded bytes not yet handed to aioquic (fed one cap at a time)."""
 

@@ -95,13 +95,14 @@ def simulate(rate: float, one_way_s: float, packet: int, seconds: float, bound: 
     [
         (25e6, 0.0002, 16 << 10),  # loopback: a Python receiver taking ~25 MB/s, 16 KiB datagrams
         (10e6, 0.025, 1200),  # a WAN: 10 MB/s, 50 ms RTT, 1200-byte datagrams
+        (2.5e6, 0.0001, 1200),  # a 20 Mbit/s site uplink, LAN-short delay
     ],
 )
 def test_the_bound_keeps_the_path_busy_and_the_queue_short(rate: float, one_way_s: float, packet: int) -> None:
     queue_s = 0.001
     base_rtt = 2 * one_way_s + packet / rate
     free_rate, free_waits = simulate(rate, one_way_s, packet, 6.0, None)
-    fb = FlightBound(floor=max(16 << 10, 2 * packet), queue_s=queue_s)  # as the uplink makes it
+    fb = FlightBound(floor=max(2 * packet, 4 * 1200), queue_s=queue_s)  # as the uplink makes it
     got_rate, waits = simulate(rate, one_way_s, packet, 6.0, fb)
     # Unbounded, the queue grows to what the window allows (seconds here); bounded, the path
     # stays as busy and the queue stays near gain x (the base RTT's quarter + queue_s).

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import gwpeer  # noqa: E402
 
-from tools.bench import ocppj  # noqa: E402
+from tools.bench import ocppj, shaped  # noqa: E402
 from tools.loadclient import Board, dev_key  # noqa: E402
 
 LOAD_NICE = 10
@@ -60,14 +60,17 @@ class Rig:
     clients (tools.loadclient), each in its own process, so that none distorts another's
     measurement; this process only starts them and reads the peer's store."""
 
-    def __init__(self, tmp: Path, fifo: bool = False, extra: str = "") -> None:
+    def __init__(self, tmp: Path, fifo: bool = False, extra: str = "", peer_host: str = "127.0.0.1") -> None:
+        """`peer_host`: another address than loopback puts the peer in the shaped link's
+        namespace (tools/bench/shaped.py)."""
         self.tmp = tmp
+        self.peer_host = peer_host
         self.udp, self.lan, self.metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
         tmp.mkdir(parents=True, exist_ok=True)
         self.cfg = tmp / "gateway.toml"
         self.cfg.write_text(
             f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{self.lan}"\n[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n'  # noqa: E501
-            f'[upstream]\naddress = "127.0.0.1:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\nconnect_timeout_s = 0.5\n'  # noqa: E501
+            f'[upstream]\naddress = "{peer_host}:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\nconnect_timeout_s = 0.5\n'  # noqa: E501
             f"fifo = {'true' if fifo else 'false'}\n{extra}"
             f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
         )
@@ -77,8 +80,8 @@ class Rig:
         self.peer: subprocess.Popen[str] | None = None
         self._store: gwpeer.Store | None = None
 
-    def _spawn(self, args: list[str], nice: int = 0) -> subprocess.Popen[str]:
-        cmd = [sys.executable, *args] if not nice else ["nice", "-n", str(nice), sys.executable, *args]
+    def _spawn(self, args: list[str], nice: int = 0, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+        cmd = [*prefix, sys.executable, *args] if not nice else ["nice", "-n", str(nice), sys.executable, *args]
         proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.procs.append(proc)
         return proc
@@ -90,8 +93,10 @@ class Rig:
 
     def start_peer(self) -> float:
         """Starts the peer; returns the time (time.time()) it is listening."""
-        self.peer = self._spawn(["tests/gwpeer.py", "--port", str(self.udp), "--db", str(self.db),
-                                 "--pki", str(self.tmp / "gw" / "pki")])  # fmt: skip
+        prefix = () if self.peer_host == "127.0.0.1" else tuple(shaped.netns_exec())
+        args = ["tests/gwpeer.py", "--host", self.peer_host, "--port", str(self.udp), "--db", str(self.db),
+                "--pki", str(self.tmp / "gw" / "pki")]  # fmt: skip
+        self.peer = self._spawn(args, prefix=prefix)
         assert self.peer.stdout is not None
         assert self.peer.stdout.readline().startswith("READY")
         return time.time()
@@ -230,14 +235,15 @@ async def throughput(tmp: Path, n_boards: int, per_board: int) -> dict[str, floa
         rig.close()
 
 
-async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "") -> dict[str, list[float]]:
+async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "", peer_host: str = "127.0.0.1",
+                         label: str = "") -> dict[str, list[float]]:  # fmt: skip
     """Urgent FaultReports of one board, one per 20 ms, while 20 bulk boards saturate the
     uplink. Per frame, in seconds: `send` board send → receipt at the peer; `ingress`
     ingress at the gateway (the read of the board's socket, from the gateway's /urgent) →
     receipt (the peer parsed the Relay carrying it); and the gateway's split of ingress →
     `dispatch` → `relay` (handed to aioquic) → `sent` (transmit returned), then `wire`
     sent → receipt. Wall-clock differences are across processes of one machine."""
-    rig = Rig(tmp, fifo=fifo, extra=extra)
+    rig = Rig(tmp, fifo=fifo, extra=extra, peer_host=peer_host)
     try:
         rig.start_gateway()
         rig.start_peer()
@@ -257,17 +263,27 @@ async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "")
                 sent_at[i] = t
             await asyncio.sleep(0.02)
         _, _, bulk_acked, bulk_s = await load_result(bulk, timeout=seconds + 10)
-        mode = "FIFO" if fifo else "priority"
+        mode = label or ("FIFO" if fifo else "priority")
         print(f"    ({mode}: bulk LogChunks acked durable: {bulk_acked / max(bulk_s, 1e-9):,.0f}/s;"
               f" UDP datagrams dropped for a full receive buffer: {udp_rcvbuf_errors() - drops0})")  # fmt: skip
         end = time.monotonic() + 30
         while urgent.unacked and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        # Urgent frames queued behind a backlog (FIFO over a slow link) may still be on their way.
+        q_u = "SELECT count(*) FROM frames WHERE device = 'ev-u0000'"
+        end = time.monotonic() + 20
+        while rig.store.db.execute(q_u).fetchone()[0] < len(sent_at) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
         urgent.close()
+        n_b, b0, b1 = rig.store.db.execute(
+            "SELECT count(*), min(at), max(at) FROM frames WHERE device LIKE 'ev-b%'"
+        ).fetchone()
+        print(f"    ({mode}: bulk LogChunks at the upstream: {n_b / max((b1 or 0) - (b0 or 0), 1e-9):,.0f}/s;"
+              f" urgent frames arrived: {rig.store.db.execute(q_u).fetchone()[0]} of {len(sent_at)})")  # fmt: skip
         acks = urgent.latencies.get(0, [])
         if acks:
-            print(f"    ({'FIFO' if fifo else 'priority'}: urgent acked durable to the board: p50"
+            print(f"    ({mode}: urgent acked durable to the board: p50"
                   f" {statistics.median(acks) * 1000:.1f} ms, p99 {pct(acks, 0.99):.1f} ms)")  # fmt: skip
         trace = {e["msg_id"]: e for e in await asyncio.to_thread(rig.urgent) if e["device"] == "ev-u0000"}
         rows = rig.store.db.execute("SELECT msg_id, at FROM frames WHERE device = 'ev-u0000'").fetchall()
@@ -359,6 +375,32 @@ async def outage_at_rate(tmp: Path, n_boards: int, rate: float, outage_s: float,
         rig.close()
 
 
+LATENCY_CONFIGS = (
+    ("priority", False, ""),
+    ("priority, no flight bound", False, "bulk_queue_ms = 0.0\n"),
+    ("plain FIFO", True, ""),
+)
+"""[2]'s runs: the gateway as configured by default; without the flight bound of the lower
+classes (gateway/pacing.py), to show what it does; plain FIFO (one queue, no priority)."""
+
+
+async def latency_runs(tmp: Path, seconds: float, peer_host: str = "127.0.0.1") -> None:
+    """[2]: each of LATENCY_CONFIGS in turn, then their figures side by side."""
+    res = {}
+    for i, (name, fifo, extra) in enumerate(LATENCY_CONFIGS):
+        res[name] = await urgent_latency(tmp / str(i), fifo, seconds, extra, peer_host, name)
+    width = max(len(n) for n in res)
+    for name, lat in res.items():
+        label = name.ljust(width)
+        if not lat["ingress"]:
+            print(f"    {label}: no urgent frame arrived")
+            continue
+        for key, what in (("send", "board send -> receipt"), ("ingress", "ingress -> receipt (the target)")):
+            print(f"    {label}: {what}: {summary(lat[key])}")
+        split = ", ".join(f"{k} {summary(lat[k], short=True)}" for k in ("dispatch", "relay", "sent", "wire"))
+        print(f"      split (p50/p99/max ms): ingress -> {split}")
+
+
 def summary(xs: list[float], short: bool = False) -> str:
     if not xs:
         return "-"
@@ -383,25 +425,31 @@ async def main() -> None:
     p.add_argument("--ocpp-boards", type=int, default=100)
     p.add_argument("--ocpp-frames", type=int, default=50, help="MeterValues per OCPP-J board")
     p.add_argument("--latency-only", action="store_true", help="run [2] only")
+    p.add_argument(
+        "--shaped",
+        type=float,
+        default=0.0,
+        metavar="MBIT",
+        help="also run [2] over a link shaped to MBIT Mbit/s (root: netns + tc)",
+    )
+    p.add_argument("--shaped-buffer-ms", type=float, default=50.0, help="the shaped link's buffer, ms")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if not a.latency_only:
             await throughput(tmp / "t", a.boards, a.frames)
-        res = {}
-        for fifo in (False, True):
-            res[fifo] = await urgent_latency(tmp / f"l{int(fifo)}", fifo, a.seconds)
         print("[2] urgent FaultReport latency while 20 boards saturate with 1 KB LogChunks (receipt = the peer"
-              " parsed the Relay carrying it)")  # fmt: skip
-        for fifo, lat in res.items():
-            name = "plain FIFO" if fifo else "priority  "
-            if not lat["ingress"]:
-                print(f"    {name}: no urgent frame arrived")
-                continue
-            for key, what in (("send", "board send -> receipt"), ("ingress", "ingress -> receipt (the target)")):
-                print(f"    {name}: {what}: {summary(lat[key])}")
-            split = ", ".join(f"{k} {summary(lat[k], short=True)}" for k in ("dispatch", "relay", "sent", "wire"))
-            print(f"      split (p50/p99/max ms): ingress -> {split}")
+              " parsed the Relay carrying it), loopback uplink")  # fmt: skip
+        await latency_runs(tmp / "l", a.seconds)
+        if a.shaped:
+            why = shaped.unavailable()
+            if why:
+                print(f"[2s] shaped uplink: not run ({why})")
+            else:
+                print(f"[2s] the same over a shaped uplink: {a.shaped:g} Mbit/s token bucket with a"
+                      f" {a.shaped_buffer_ms:g} ms buffer (tools/bench/shaped.py), 1200-byte datagrams")  # fmt: skip
+                with shaped.shaped_link(a.shaped, a.shaped_buffer_ms) as host:
+                    await latency_runs(tmp / "s", a.seconds, host)
         if a.latency_only:
             return
         for i, rate in enumerate(float(x) for x in a.rates.split(",") if x):
