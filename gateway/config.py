@@ -59,7 +59,7 @@ class Config:
     relay_max_frames: int = 256
     relay_max_bytes: int = 256 << 10
     connect_timeout_s: float = 5.0
-    bulk_unsent_max: int = 4096
+    bulk_unsent_max: int = 16384
     bulk_queue_ms: float = 1.0
     """How long, about, an urgent relay may wait behind the lower classes at the receiver; 0: no
     flight bound (aioquic's congestion window only)."""

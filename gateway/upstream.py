@@ -245,7 +245,7 @@ class UplinkSettings:
     ca_file: str
     cert_file: str
     key_file: str
-    bulk_unsent_max: int = 4096
+    bulk_unsent_max: int = 16384
     inflight_max_bytes: int = 4 << 20
     backoff_min_s: float = 0.1
     backoff_max_s: float = 30.0
