@@ -33,6 +33,7 @@ __all__ = [
     "error_name",
     "hello_key",
     "pack",
+    "relay_rows",
     "schema_rev",
     "split_frames",
     "unpack",
@@ -143,6 +144,16 @@ def decode(frame: bytes, key: bytes | None = None, *, max_frame: int | None = No
     given. No replay window (see `Receiver`). `max_frame` (default MAX_FRAME) raises the
     size limit for upstream envelopes, up to MAX_UP_FRAME (ValueError beyond). Raises
     FrameError."""
+
+def relay_rows(
+    frame: bytes, key: bytes | None = None, *, max_frame: int | None = None
+) -> tuple[tuple[int, int, int, int, int, int], str, list[tuple[str, int, int, int, bytes, str | None]]]:
+    """A Relay read for storing its rows, without a dict per item: the frame is checked as
+    `decode` does (`max_frame` default MAX_UP_FRAME), then `((kind, seq, msg_id, prio, ts,
+    action), site_id, rows)`, a row being `(device_id, msg_id, prio, action, frame,
+    token_uid)` of a `relayed` item, its inner frame's header read structurally (its tag is
+    not checked). Raises FrameError for a bad Relay or inner frame, ValueError for another
+    action."""
 
 def pack(value: Any) -> bytes:
     """One value in canonical msgpack."""

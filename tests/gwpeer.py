@@ -107,29 +107,33 @@ class PeerProtocol(QuicConnectionProtocol):
         self._quic.send_stream_data(sid, prefix(frame))
 
     def frame(self, sid: int, raw: bytes) -> None:
-        f = _core.decode(raw, K_UP, max_frame=_core.MAX_UP_FRAME)
+        try:  # the common case, read without a dict per relayed item
+            (kind, _, relay_id, prio, _, action), site, items = _core.relay_rows(raw, K_UP)
+        except ValueError:  # another action
+            self.other(sid, _core.decode(raw, K_UP, max_frame=_core.MAX_UP_FRAME))
+            return
+        if kind != Kind.EVENT:
+            return
+        if site != self.site:
+            body: dict[int, Any] = {Key.ERROR_CODE: 23, Key.REASON: "site id is not the certificate's"}
+            self.send(sid, Kind.ERROR, relay_id, prio, action, body)
+            return
+        now = time.time()  # receipt: the Relay is parsed (its rows are stored later, `at` is this)
+        site = self.site
+        rows = [(site, d, m, p, a, inner, now) for d, m, p, a, inner, _ in items]
+        self.peer.received += len(rows)
+        self.peer.arrivals.append((time.perf_counter(), sid // 4, len(rows)))
+        if self.peer.on_relay_frame is not None:
+            self.peer.on_relay_frame(sid // 4, rows)
+        self.pending.append((sid, relay_id, rows))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def other(self, sid: int, f: _core.Frame) -> None:
         if f.action == Action.SITE_HELLO and f.kind == Kind.REQUEST:
             self.send(sid, Kind.RESPONSE, f.msg_id, f.prio, f.action, {Key.VER: 1, Key.TIME: proto_ts(time.time())})
             self.transmit()
-        elif f.action == Action.RELAY and f.kind == Kind.EVENT:
-            if f.body[Key.SITE_ID] != self.site:
-                body: dict[int, Any] = {Key.ERROR_CODE: 23, Key.REASON: "site id is not the certificate's"}
-                self.send(sid, Kind.ERROR, f.msg_id, f.prio, f.action, body)
-                return
-            now = time.time()  # receipt: the Relay is parsed (its rows are stored later, `at` is this)
-            rows = []
-            for item in f.body[Key.FRAMES]:
-                inner = item[Key.FRAME]
-                env = _core.unpack(inner)
-                rows.append((self.site, item[Key.DEVICE_ID], env[3], env[4], env[6], inner, now))
-            self.peer.received += len(rows)
-            self.peer.arrivals.append((time.perf_counter(), sid // 4, len(rows)))
-            if self.peer.on_relay_frame is not None:
-                self.peer.on_relay_frame(sid // 4, rows)
-            self.pending.append((sid, f.msg_id, rows))
-            if not self.flush_scheduled:
-                self.flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self.flush)
         elif f.kind in (Kind.RESPONSE, Kind.ERROR):
             fut = self.answers.pop(f.msg_id, None)
             if fut is not None and not fut.done():

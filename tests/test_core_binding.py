@@ -520,3 +520,43 @@ def test_decode_takes_a_larger_limit_for_upstream_envelopes() -> None:
     assert len(_core.decode(frame, max_frame=_core.MAX_UP_FRAME).body[Key.FRAMES]) == 60
     with pytest.raises(ValueError, match="max_frame"):
         _core.decode(frame, max_frame=_core.MAX_UP_FRAME + 1)
+
+
+RELAY, SITE_ID, FRAMES, DEVICE_ID, FRAME, TOKEN_UID = 101, 136, 138, 50, 137, 167
+
+
+def relay_of(items: list[dict[int, Any]], action: int = RELAY, site: str = "DE*EVE*LSITE1") -> bytes:
+    return _core.encode(EVENT, 9, 77, 2, 5, action, {SITE_ID: site, FRAMES: items}, KEY)
+
+
+def test_relay_rows_match_decode_and_unpack() -> None:
+    s = _core.Sender(KEY)
+    inner = [s.seal(EVENT, i, 2, 0, METER_VALUES, meter(k7=i)) for i in (3, 4)]
+    items: list[dict[int, Any]] = [
+        {DEVICE_ID: "ev-1", FRAME: inner[0]},
+        {DEVICE_ID: "ev-2", FRAME: inner[1], TOKEN_UID: "DE*ABC*1"},
+    ]
+    raw = relay_of(items)
+    header, site, rows = _core.relay_rows(raw, KEY)
+    f = _core.decode(raw, KEY, max_frame=_core.MAX_UP_FRAME)
+    assert header == (f.kind, f.seq, f.msg_id, f.prio, f.ts, f.action)
+    assert site == f.body[SITE_ID]
+    expected = []
+    for item in f.body[FRAMES]:
+        env = _core.unpack(item[FRAME])
+        expected.append((item[DEVICE_ID], env[3], env[4], env[6], item[FRAME], item.get(TOKEN_UID)))
+    assert rows == expected
+    assert rows[1][1] == 4 and rows[1][5] == "DE*ABC*1"
+
+
+def test_relay_rows_refuse_what_decode_refuses_and_other_actions() -> None:
+    raw = relay_of([{DEVICE_ID: "ev-1", FRAME: b"\x99"}])
+    with pytest.raises(_core.FrameError):  # a bad tag, as decode
+        _core.relay_rows(raw, OTHER)
+    with pytest.raises(_core.FrameError):  # the inner frame is no envelope
+        _core.relay_rows(raw, KEY)
+    hb = _core.encode(REQUEST, 1, 1, 2, 0, HEARTBEAT, {}, KEY)
+    with pytest.raises(ValueError, match="not a Relay"):
+        _core.relay_rows(hb, KEY)
+    with pytest.raises(ValueError, match="max_frame"):
+        _core.relay_rows(raw, KEY, max_frame=0)
