@@ -219,6 +219,7 @@ class Control:
             d["estop"] = app.station.estop
             d["charging_state"] = app.tx.state
             d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
+            d["modules"] = [m for m in sys.modules if m.startswith("csc.")]  # on-demand ones come and go
             gc.collect()
             d["mem_alloc"] = gc.mem_alloc()
             d["mem_free"] = gc.mem_free()
@@ -235,6 +236,7 @@ class Control:
 
 def main():
     a = _args(sys.argv)
+    gc.threshold(4096)  # as main.py does on a board: see there
     gc.collect()
     m0 = gc.mem_alloc()
     mount(a.get("flash", "board.img"), int(a.get("blocks", "256")))

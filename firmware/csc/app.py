@@ -1,9 +1,10 @@
 """The asyncio glue: TCP to the gateway, the clock, and the services.
 
 The link (link.py) and the services are driven from here and never touch a socket or
-a clock themselves: the receive task feeds bytes into the FrameSplitter and the link,
-the send task seals queued messages into the link's buffer and writes them, the tick
-task reads the HAL and steps the services with `now` (ticks) and the wall clock.
+a clock themselves: the receive task feeds bytes into the FrameSplitter and the link; the
+connecting task (`run_link`) then sends: it writes what the link seals, woken by `kick()`
+when something was queued and by every tick; the tick task reads the HAL and steps the
+services with `now` (ticks) and the wall clock. No task or timeout object is made per tick.
 """
 
 # ruff: noqa: PLC0415
@@ -11,6 +12,10 @@ task reads the HAL and steps the services with `now` (ticks) and the wall clock.
 
 import asyncio
 import os
+
+# MicroPython's asyncio loads its submodules on first use: the ones the board needs are imported
+# here, with the rest of the code, rather than in the middle of a session
+from asyncio import Event, open_connection
 
 from micropython import const
 
@@ -24,6 +29,7 @@ from .schema import (
     A_BOOT_NOTIFICATION,
     A_HEARTBEAT,
     A_SECURITY_EVENT,
+    ACT_INDEX,
     E_NOT_SUPPORTED,
     EPOCH_UNIX,
     F_EVENT_NAME,
@@ -41,6 +47,7 @@ from .schema import (
     REGISTRATION_REJECTED,
 )
 from .sendq import SendQueue
+from .services import LAZY
 
 FW_VERSION = "1.0.0"
 TICK_MS = const(50)
@@ -76,18 +83,19 @@ class App:
         self.link = L.Link(self.q, device_id, FW_VERSION)
         self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
         self.split = FrameSplitter()
-        self.handlers = {}  # action -> fn(body, seq) -> response body (or raises Refused)
-        self.ev_handlers = {}
+        # action (a command, or an event of the gateway's) -> who handles it: 1 + index of the
+        # service in self.services (its `command()`), services.LAZY… for a service built on its
+        # first command, 0 for none
+        self.handlers = bytearray(len(ACT_INDEX))
         self.pending = {}  # our request id -> fn(body or None, error code)
         self.flying = {}  # outbox ids in flight
         self.registered = False
         self.interval_s = 300
         self.online = False
-        self.wake = asyncio.Event()
+        self.wake = Event()
         self._t_s = int(__import__("time").time()) - EPOCH_UNIX
         self._t_ticks = hal.ticks_ms()
         self._hb_due = 0
-        self._w = None
         self.stop_reason = None
         self._reconnect = False  # set when the link must be dropped and opened again
         g = store.load(store.path("gw"))
@@ -111,12 +119,6 @@ class App:
         self._t_ticks = L.ticks_diff(self.hal.ticks_ms(), ms)
 
     # ---------------------------------------------------------------- registry
-    def on(self, action, fn):
-        self.handlers[action] = fn
-
-    def on_event(self, action, fn):
-        self.ev_handlers[action] = fn
-
     def kick(self):
         self.wake.set()
 
@@ -195,9 +197,9 @@ class App:
                 if cb:
                     cb(ev[3], 0)
             elif t == L.EVENT_RECEIVED:
-                h = self.ev_handlers.get(ev[2])
-                if h:
-                    h(ev[3])
+                i = self.handlers[ev[2]]  # an event of the gateway's: no answer
+                if 0 < i < LAZY:
+                    self.services[i - 1].command(ev[2], ev[3], 0)
             elif t == L.FAILED:
                 mid = ev[1]
                 cb = self.pending.pop(mid, None)
@@ -222,12 +224,18 @@ class App:
         # done
 
     def _command(self, mid, action, prio, body, seq):
-        h = self.handlers.get(action)
-        if h is None:
+        h = self.handlers
+        i = h[action] if action < len(h) else 0
+        if i == 0:
             self.link.refuse(mid, action, prio, "not supported by this board", E_NOT_SUPPORTED)
         else:
             try:
-                res = h(body, seq)
+                if i >= LAZY:
+                    from .services import build
+
+                    build(self, i)  # a service built on its first command: it registers its own
+                    i = h[action]
+                res = self.services[i - 1].command(action, body, seq)
             except Refused as e:
                 self.link.refuse(mid, action, prio, e.reason)
             else:
@@ -297,47 +305,42 @@ class App:
             except FrameError:  # the stream cannot be re-synchronised (OVERSIZE)
                 return
 
-    async def _tx(self, w):
-        link = self.link
-        while True:
-            end = link.transmit(self.now(), self.time())
-            if end:
-                try:
-                    w.write(link.tx.mv[:end])
-                    await w.drain()
-                except OSError:  # connection refused or reset
-                    return
-                continue
-            if self._reconnect:
-                return
-            self.wake.clear()
-            try:
-                # MicroPython's asyncio has wait_for_ms (asyncio/funcs.py); the stubs copy CPython's API
-                await asyncio.wait_for_ms(self.wake.wait(), TICK_MS)  # type: ignore[attr-defined]
-            except asyncio.TimeoutError:
-                pass
-
     async def run_link(self):
+        """Connect, then send: this task writes what the link seals, woken by `kick()` (a
+        message queued) and by every tick (retransmissions); a second task receives. Two
+        tasks per connection and no task or timeout object made per tick (a
+        `wait_for_ms` would make a task every 50 ms)."""
         backoff = 200
+        link = self.link
+        wake = self.wake
         while True:
             self._reconnect = False
             self.split.start = self.split.end = 0
             self.split.failed = False
             try:
-                r, w = await asyncio.open_connection(self.gateway[0], self.gateway[1])
+                r, w = await open_connection(self.gateway[0], self.gateway[1])
             except OSError:
                 await asyncio.sleep_ms(backoff)
                 backoff = min(backoff * 2, 5000)
                 continue
             backoff = 200
             k, factory = self.key()
-            self.link.connect(self.now(), k, os.urandom(16), self.ids.next(), factory)
+            link.connect(self.now(), k, os.urandom(16), self.ids.next(), factory)
             rx = asyncio.create_task(self._rx(r))
-            tx = asyncio.create_task(self._tx(w))
-            while not self._reconnect and not rx.done() and not tx.done():
-                await asyncio.sleep_ms(TICK_MS)
+            try:
+                while not rx.done():
+                    end = link.transmit(self.now(), self.time())
+                    if end:
+                        w.write(link.tx.mv[:end])
+                        await w.drain()
+                        continue
+                    if self._reconnect:
+                        break
+                    wake.clear()
+                    await wake.wait()
+            except OSError:  # connection refused or reset
+                pass
             rx.cancel()
-            tx.cancel()
             try:
                 w.close()
                 await w.wait_closed()
@@ -347,7 +350,7 @@ class App:
             self.flying = {}
             for mid in list(self.pending):
                 self.pending.pop(mid)(None, -1)
-            self.link.close()
+            link.close()
             self.note("offline")
             await asyncio.sleep_ms(100)
 
@@ -367,12 +370,14 @@ class App:
                 self.tick()
             except Exception as e:  # a service bug must not stop the board
                 self.note("error", {"where": "tick", "what": repr(e)})
+            self.wake.set()  # the sender looks for retransmissions and a closed link
             await asyncio.sleep_ms(TICK_MS)
 
     async def main(self, extra=()):
         for s in self.services:
             s.boot()
-        tasks = [asyncio.create_task(self.run_link()), asyncio.create_task(self.run_ticks())]
+        # MicroPython's scheduler holds its tasks: no list of them is kept here
+        asyncio.create_task(self.run_ticks())  # noqa: RUF006
         for c in extra:
-            tasks.append(asyncio.create_task(c))
-        await tasks[0]
+            asyncio.create_task(c)  # noqa: RUF006
+        await self.run_link()  # in this task: one task fewer

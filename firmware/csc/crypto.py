@@ -33,7 +33,7 @@ except ImportError:  # CPython: tooling and tests only
 
 
 class Hmac:
-    """HMAC-SHA256 under one key; `tag(data)` is the link's 16-byte frame tag."""
+    """HMAC-SHA256 under one key; `tag_into` writes the link's 16-byte frame tag."""
 
     def __init__(self, key):
         if len(key) > 64:
@@ -58,10 +58,6 @@ class Hmac:
         h.update(inner)
         return h.digest()
 
-    def tag(self, data):
-        """The frame tag: the first TAG_LEN bytes of HMAC-SHA256(key, data)."""
-        return self.digest(data)[:TAG_LEN]
-
     def tag_into(self, data, out, pos):
         """Write the tag of `data` into out[pos : pos + TAG_LEN] (no slice allocated)."""
         d = self.digest(data)
@@ -77,16 +73,6 @@ class Hmac:
         for i in range(TAG_LEN):
             r |= d[i] ^ tag[i]
         return r == 0
-
-
-def equal(a, b):
-    """Constant-time comparison of two byte strings of the same length."""
-    if len(a) != len(b):
-        return False
-    r = 0
-    for i in range(len(a)):
-        r |= a[i] ^ b[i]
-    return r == 0
 
 
 def hello_key(k_dev):

@@ -28,7 +28,7 @@ are never given up, other requests fail with TIMEOUT after 3 tries.
 from micropython import const
 
 from . import crypto, frame
-from .msgpack import FrameError, Map, Writer
+from .msgpack import FrameError, Map
 from .schema import (
     A_CLOSE,
     A_HELLO,
@@ -81,7 +81,6 @@ FLOOD_MS = const(10000)
 _MAX_TRIES = const(3)
 _MAX_BACKOFF = const(60000)
 _RECENT = const(32)
-TX_SIZE = const(1216)  # sendq.MAX_BODY + envelope (≤ 26) + tag (18) + length prefix, rounded up
 
 # inflight entry fields
 _ACT = const(0)
@@ -102,6 +101,17 @@ def default_prio(action):
     return ACT_PRIO[ACT_INDEX[action]] if _known(action) else P_CONTROL
 
 
+def _ilen(v):
+    # bytes of the msgpack encoding of the int v (msgpack.Writer.integer)
+    if -32 <= v < 0x80:
+        return 1
+    if -0x80 <= v < 0x100:
+        return 2
+    if -0x8000 <= v < 0x10000:
+        return 3
+    return 5 if -0x80000000 <= v < 0x100000000 else 9
+
+
 def ticks_diff(a, b):
     try:
         import time
@@ -117,13 +127,16 @@ class Link:
         self.device_id = device_id
         self.fw_version = fw_version
         self.state = IDLE
-        self.tx = Writer(size=TX_SIZE)
+        self.tx = self  # transmit() leaves its frame at self.tx.mv[0:end]
+        self.mv = None
         self.seq = 0
         self.events = []
         self.inflight = {}
         self.load = None  # fn(mid) -> body of a stored durable event (the outbox), or None
         self.recent = [0] * _RECENT  # ids of commands answered (dedup)
-        self.recent_ans = [None] * _RECENT  # (kind, action, prio, body: encoded when it can be) answered
+        # the answers sent: bytes([kind, prio, action >> 8, action & 0xff]) + the encoded body (one
+        # small object), or (kind, action, prio, body) when the body has a secret field
+        self.recent_ans: list = [None] * _RECENT
         self.recent_i = 0
         self.bad = 0  # bad frames received, in all
         self.errors = {}  # error code -> count
@@ -177,6 +190,7 @@ class Link:
             self._closed("unexpected frame before hello")
             return
         k_up, k_dn, e_up, e_dn = crypto.derive(self._k, self._nonce, f.body[F_NONCE])
+        self._k = self._nonce = None  # only the session keys from here
         mac_dn = crypto.Hmac(k_dn)
         n = len(data)
         if not mac_dn.verify(data[0 : n - TAG_LEN - 2], f.tag):
@@ -239,7 +253,9 @@ class Link:
             for i in range(_RECENT):
                 if self.recent[i] == mid:
                     a = self.recent_ans[i]
-                    if a is not None:  # a repeat: the same answer, not acted on twice
+                    if isinstance(a, bytes):  # a repeat: the same answer, not acted on twice
+                        self.q.put(a[0], a[1], mid, a[2] << 8 | a[3], a[4:])
+                    elif a is not None:
                         self.q.put(a[0], a[2], mid, a[1], a[3])
                     return
             self.events.append((REQUEST_RECEIVED, mid, f.action, f.prio, f.body, f.seq))
@@ -292,7 +308,7 @@ class Link:
         if q.put(a[0], a[2], mid, a[1], a[3]):
             b = q.encoded(q.last)
             if b is not None:  # kept encoded: a few bytes rather than the body's dict
-                a = (a[0], a[1], a[2], b)
+                a = bytes((a[0], a[2], a[1] >> 8, a[1] & 0xFF)) + b
         for i in range(_RECENT):
             if self.recent[i] == mid:
                 self.recent_ans[i] = a
@@ -304,16 +320,19 @@ class Link:
         self._send(mid, action, body, now_ms, prio, K_REQUEST, False)
 
     def event(self, mid, action, body, now_ms, prio=None, stored=False):
-        """Publish an event; a durable one is resent until ACKED. `stored`: its body is on
-        flash (self.load reads it again), so it is not kept in RAM while awaiting the ack."""
+        """Publish an event; a durable one is resent until ACKED. `stored`: its body can be
+        read again, so it is not kept in RAM while awaiting the ack: True when it is on flash
+        in the outbox (self.load reads it), or a function of `mid` that makes it again."""
         d = ACT_DURABLE[ACT_INDEX[action]]
         if not d:
             if self.state == OPEN:
                 return self.q.put(K_EVENT, default_prio(action) if prio is None else prio, mid, action, body)
             return False
         self._send(mid, action, body, now_ms, prio, K_EVENT, True)
-        if stored and self.load is not None:
-            self.inflight[mid][_BODY] = None
+        if stored is True:
+            stored = self.load
+        if stored:
+            self.inflight[mid][_BODY] = stored
         return True
 
     def _send(self, mid, action, body, now_ms, prio, kind, durable):
@@ -325,8 +344,8 @@ class Link:
 
     def _queue(self, mid, e):
         body = e[_BODY]
-        if body is None:  # a stored event: read from flash to be sent again
-            body = self.load(mid)
+        if callable(body):  # a stored event: read from flash (or made) again to be sent
+            body = body(mid)
             if body is None:  # its record is gone (shed): nothing left to send
                 del self.inflight[mid]
                 self.events.append((FAILED, mid, 0, "record gone"))
@@ -335,13 +354,10 @@ class Link:
             e[_TRIES] -= 1  # not sent: the timer tries again without counting it
             e[_DEADLINE] -= e[_TIMEOUT] - 50
 
-    def forget(self, mid):
-        """Stop waiting for an answer to `mid` (e.g. its record was retired)."""
-        self.inflight.pop(mid, None)
-
     def transmit(self, now_ms, ts):
-        """Seal the next queued message into `self.tx`; return its end (0: nothing to send).
-        The bytes to write are self.tx.mv[0:end] (length prefix included)."""
+        """Seal the next queued message; return its end (0: nothing to send). The bytes to
+        write are self.tx.mv[0:end] (length prefix included), valid until the next put():
+        the frame is sealed in place in the send queue, around its body (sendq.HEAD/TAIL)."""
         q = self.q
         c = q.next()
         if c < 0:
@@ -350,47 +366,44 @@ class Link:
         if self.state == IDLE or (self.state == HELLO_SENT and q.action[s] != A_HELLO):
             q.pop(c)
             return 0
-        w = self.tx
+        w = q.w
         seq = self.seq
-        body = q.body(c)
-        w.pos = 2
-        try:
-            w.byte(0x99)
-            w.integer(PROTOCOL_VERSION)
-            w.integer(q.kind[s])
-            w.integer(seq)
-            w.integer(q.mid[s])
-            w.integer(q.prio[s])
-            w.integer(ts)
-            w.integer(q.action[s])
-            p0 = w.pos
-            w.raw(body)
-            j = s * 6
-            while j < s * 6 + 6 and q.sec[j]:
-                o = p0 + q.sec[j + 1]
-                n = q.sec[j + 2]
-                w.mv[o : o + n] = crypto.ctr(self._e_up, seq, q.sec[j], w.mv[o : o + n])
-                j += 3
-            p = w.pos
-            w._room(TAG_LEN + 2)
-        except FrameError:
-            q.pop(c)
-            return 0
+        mid = q.mid[s]
+        o = q.off[s]  # the body
+        p = o + q.ln[s]  # the tag
+        # the envelope ends where the body starts: its length first (msgpack ints)
+        start = o - 6 - _ilen(seq) - _ilen(mid) - _ilen(ts) - _ilen(q.action[s])
+        w.pos = start + 2
+        w.end = p
+        w.byte(0x99)
+        w.integer(PROTOCOL_VERSION)
+        w.integer(q.kind[s])
+        w.integer(seq)
+        w.integer(mid)
+        w.integer(c)  # the class is the priority
+        w.integer(ts)
+        w.integer(q.action[s])
+        j = s * 6
+        while j < s * 6 + 6 and q.sec[j]:
+            x = o + q.sec[j + 1]
+            n = q.sec[j + 2]
+            w.mv[x : x + n] = crypto.ctr(self._e_up, seq, q.sec[j], w.mv[x : x + n])
+            j += 3
         b = w.buf
         b[p] = 0xC4
         b[p + 1] = TAG_LEN
-        self._mac_up.tag_into(w.mv[2:p], b, p + 2)
-        end = p + TAG_LEN + 2
-        n = end - 2
-        b[0] = n >> 8
-        b[1] = n & 0xFF
+        self._mac_up.tag_into(w.mv[start + 2 : p], b, p + 2)
+        n = p + TAG_LEN - start
+        b[start] = n >> 8
+        b[start + 1] = n & 0xFF
         if c == 0 and q.ticks is not None:
             d = ticks_diff(q.ticks(), q.t[s])
             self.urgent_wait_ms = d
             self.urgent_max_ms = max(self.urgent_max_ms, d)
         q.pop(c)
         self.seq = seq + 1
-        return end
+        self.mv = w.mv[start:]
+        return n + 2
 
     # ---------------------------------------------------------------- timers
     def get_timer(self):

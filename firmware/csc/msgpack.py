@@ -135,12 +135,6 @@ class Writer:
         self.mv[p : p + n] = data
         self.pos = p + n
 
-    def nil(self):
-        self.byte(0xC0)
-
-    def boolean(self, v):
-        self.byte(0xC3 if v else 0xC2)
-
     def integer(self, v):
         if v >= 0:
             if v < 0x80:
@@ -199,11 +193,6 @@ class Writer:
         else:
             raise FrameError(E_OVERSIZE, "length above 2**32-1")
 
-    def text(self, s):
-        e = s.encode()
-        self._len(len(e), 0xA0, 31, 0xD9, 0xDA, 0xDB)
-        self.raw(e)
-
     def binary(self, data):
         n = len(data)
         if n < 0x100:
@@ -212,40 +201,37 @@ class Writer:
             self._len(n, 0, -1, 0, 0xC5, 0xC6)
         self.raw(data)
 
-    def array(self, n):
-        self._len(n, 0x90, 15, 0, 0xDC, 0xDD)
-
     def map(self, n):
         self._len(n, 0x80, 15, 0, 0xDE, 0xDF)
 
-    def mapping(self, d):
-        self.map(len(d))
-        for k in d:  # d.items() would allocate a tuple per entry under MicroPython
-            self.value(k)
-            self.value(d[k])
-
     def value(self, v):
+        # one method for every type (MicroPython: each method costs heap of its own)
         if v is None:
-            self.nil()
+            self.byte(0xC0)
         elif v is True or v is False:
-            self.boolean(v)
+            self.byte(0xC3 if v else 0xC2)
         elif isinstance(v, int):
             self.integer(v)
         elif isinstance(v, float):
             self.real(v)
         elif isinstance(v, str):
-            self.text(v)
+            e = v.encode()
+            self._len(len(e), 0xA0, 31, 0xD9, 0xDA, 0xDB)
+            self.raw(e)
         elif isinstance(v, (bytes, bytearray, memoryview)):
             self.binary(v)
         elif isinstance(v, dict):
-            self.mapping(v)
+            self.map(len(v))
+            for k in v:  # v.items() would allocate a tuple per entry under MicroPython
+                self.value(k)
+                self.value(v[k])
         elif isinstance(v, Pairs):
             self.map(len(v))
             for k, x in v:
                 self.value(k)
                 self.value(x)
         elif isinstance(v, (list, tuple)):
-            self.array(len(v))
+            self._len(len(v), 0x90, 15, 0, 0xDC, 0xDD)
             for x in v:
                 self.value(x)
         else:

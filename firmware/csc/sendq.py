@@ -4,11 +4,13 @@ Four classes (0 urgent … 3 bulk), each a FIFO of at most SLOTS[c] messages who
 are encoded in msgpack straight into the class's region of one preallocated buffer, used
 as a ring (a body that does not fit before the region's end goes to its start when the
 oldest bodies have left): a slot is the envelope fields plus (offset, length) in the
-buffer, so queueing, taking a message out and sealing it (link.py) allocate nothing.
+buffer, so queueing, taking a message out and sealing it (link.py) allocate nothing. Each
+body has HEAD bytes of room before it and TAIL after it: the link seals the frame there,
+in place (envelope before the body, tag after it), and needs no buffer of its own.
 Regions are sized from the bodies measured (high-water marks of the test suite and the
 footprint scenario: 35 / 382 / 515 / 1 044 bytes) with room for the largest legal one:
-urgent answers ≤ ~140 bytes (status + 120-byte reason), so two worst cases; every other
-region holds at least one MAX_BODY, so any body a class may carry fits once the region has
+urgent answers ≤ ~140 bytes (status + 120-byte reason), so two worst-case frames; every other
+region holds at least one MAX_BODY frame, so any body a class may carry fits once the region has
 drained (a refused message is never one that can never be sent). Bulk is one LogChunk in
 flight (admin.CHUNKS_IN_FLIGHT). A refused message is not lost: the link's timer queues a
 refused request or durable event again 50 ms later, a refused answer is sent again when the
@@ -33,12 +35,19 @@ from .msgpack import FrameError, Writer
 from .schema import FTYPE, T_SECRET
 
 SLOTS = (3, 6, 6, 3)  # messages per class
-ARENA = (384, 1280, 1152, 1152)  # body bytes per class (its region of the buffer)
+ARENA = (384, 1280, 1152, 1152)  # bytes per class (its region of the buffer): frames, sealed in place
 _LO = (0, 384, 1664, 2816)  # each region's start in the buffer
+_BASE = (0, 3, 9, 15)  # each class's first slot
+_NSLOT = const(18)
 _SIZE = const(3968)  # the whole buffer
 _QUANTUM = (0, 4096, 2048, 512)
 _NSEC = const(2)  # secret fields per body
-MAX_BODY = const(1152)  # one body, so that a frame fits the link's seal buffer (link.TX_SIZE)
+# Room kept around each body, so that the link seals the frame where the body lies (no buffer of
+# its own): before it the length prefix (2) and the envelope (array head 1, ver 1, kind 1, seq ≤ 9,
+# id ≤ 9, prio 1, ts ≤ 9, action ≤ 3), after it the tag (c4 10 + 16 bytes).
+HEAD = const(36)
+TAIL = const(18)
+MAX_BODY = const(1098)  # one body: with HEAD and TAIL it fills a region of 1152 bytes
 
 
 class SendQueue:
@@ -46,21 +55,15 @@ class SendQueue:
         self.head = [0, 0, 0, 0]
         self.n = [0, 0, 0, 0]
         self.deficit = [0, 0, 0, 0]
-        total = SLOTS[0] + SLOTS[1] + SLOTS[2] + SLOTS[3]
-        self.kind = bytearray(total)
-        self.prio = bytearray(total)
-        # slot tables as arrays (2 or 4 bytes an entry, not a list's 8 and a boxed int)
-        self.mid = [0] * total  # message ids: no bound below the protocol's u64
-        self.action = array("H", bytes(2 * total))
-        self.off = array("H", bytes(2 * total))  # body offset in the buffer
-        self.ln = array("H", bytes(2 * total))  # body length
-        self.t = array("I", bytes(4 * total))  # enqueue tick (urgent latency; ticks are below 2**30)
-        self.sec = array("H", bytes(2 * total * _NSEC * 3))  # (key, offset in the body, length) per secret
-        self.base = [0, 0, 0, 0]  # first slot of each class
-        b = 0
-        for c in range(4):
-            self.base[c] = b
-            b += SLOTS[c]
+        # slot tables as arrays (1, 2 or 4 bytes an entry, not a list's 8 and a boxed int); a
+        # slot's class is its priority (prio), so it is not stored
+        self.kind = bytearray(_NSLOT)
+        self.mid = [0] * _NSLOT  # message ids: no bound below the protocol's u64
+        self.action = array("H", bytes(2 * _NSLOT))
+        self.off = array("H", bytes(2 * _NSLOT))  # body offset in the buffer
+        self.ln = array("H", bytes(2 * _NSLOT))  # body length
+        self.t = array("I", bytes(4 * SLOTS[0]))  # enqueue tick of the urgent ones (latency; ticks < 2**30)
+        self.sec = array("H", bytes(2 * _NSLOT * _NSEC * 3))  # (key, offset in the body, length) per secret
         self.w = Writer(bytearray(_SIZE))  # one encoder over the four regions
         self.ticks = ticks
         self.full = 0  # puts refused
@@ -75,9 +78,6 @@ class SendQueue:
             self.n[c] = 0
             self.deficit[c] = 0
 
-    def room(self, c):
-        return SLOTS[c] - self.n[c]
-
     def put(self, kind, prio, mid, action, body):
         """Queue a message in class `prio`; False when the class is full or too big."""
         c = prio
@@ -85,34 +85,33 @@ class SendQueue:
         if n >= SLOTS[c]:
             self.full += 1
             return False
-        b0 = self.base[c]
+        b0 = _BASE[c]
         s = b0 + (self.head[c] + n) % SLOTS[c]
         lo = _LO[c]
         hi = lo + ARENA[c]
-        h = lo
+        h = lo  # where the oldest frame starts
         if n == 0:
             at = lo
             end = hi
         else:
-            h = self.off[b0 + self.head[c]]
+            h = self.off[b0 + self.head[c]] - HEAD
             last = b0 + (self.head[c] + n - 1) % SLOTS[c]
-            at = self.off[last] + self.ln[last]
+            at = self.off[last] + self.ln[last] + TAIL
             end = hi if at > h else h
         w = self.w
-        ok = self._encode(w, s, at, min(end, at + MAX_BODY), body)
+        ok = self._encode(w, s, at + HEAD, min(end - TAIL, at + HEAD + MAX_BODY), body)
         if not ok and n and end == hi and h > lo:  # wrap to the region's start
             at = lo
-            ok = self._encode(w, s, lo, min(h, lo + MAX_BODY), body)
+            ok = self._encode(w, s, lo + HEAD, min(h - TAIL, lo + HEAD + MAX_BODY), body)
         if not ok:
             self.full += 1
             return False
-        self.off[s] = at
-        self.ln[s] = w.pos - at
+        self.off[s] = at + HEAD
+        self.ln[s] = w.pos - at - HEAD
         self.kind[s] = kind
-        self.prio[s] = prio
         self.mid[s] = mid
         self.action[s] = action
-        if self.ticks is not None:
+        if c == 0 and self.ticks is not None:
             self.t[s] = self.ticks()
         self.n[c] = n + 1
         self.last = s
@@ -146,7 +145,7 @@ class SendQueue:
         return True
 
     def _len(self, c):
-        return self.ln[self.base[c] + self.head[c]]
+        return self.ln[_BASE[c] + self.head[c]]
 
     def next(self):
         """The class whose head goes next (urgent first, then deficit round robin), or -1."""
@@ -166,10 +165,10 @@ class SendQueue:
 
     def slot(self, c):
         """Global slot index of class c's head (its fields: kind[s], mid[s], …)."""
-        return self.base[c] + self.head[c]
+        return _BASE[c] + self.head[c]
 
     def body(self, c):
-        s = self.base[c] + self.head[c]
+        s = _BASE[c] + self.head[c]
         o = self.off[s]
         return self.w.mv[o : o + self.ln[s]]
 

@@ -2,13 +2,17 @@
 
 - total .mpy size: every module of firmware/csc as the build compiles it (tools/board/build.py:
   constants inlined across modules, mpy-cross; as frozen on a board);
-- heap taken by each module's import (`--source`: the source compiled on the board, not the build);
-- heap after the imports and after boot (App built, buffers preallocated, state loaded);
+- heap taken by each module's import (`--source`: the source compiled on the board, not the build):
+  the modules imported at boot, then apart those loaded when a command needs them (the services
+  built on their first command, and the rare commands' modules, dropped again after the command);
+- heap after the imports (the modules imported at boot) and after boot (App built, buffers
+  preallocated, state loaded);
 - peak heap (sampled after gc every 250 ms, and at the reboot) during a full charging
   session while a firmware download (16 chunks, verified) and a log upload (8 KiB) run —
   both checked to have progressed during the session —, up to the install and the reboot
   that follow the session's end; the working set = peak − heap after imports (and after boot);
-- the smallest `-X heapsize` with which that scenario passes.
+- the smallest `-X heapsize` with which that scenario passes (to 4 KiB; a board that ran out of
+  heap on the way, MemoryError or a service's error, fails).
 On the unix port the bytecode of .mpy modules is loaded into the heap (a board runs it
 frozen in flash), so the smallest heap includes the code; the working set does not.
 """
@@ -33,7 +37,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "firmware")]
 
 
 IMPORTS = """
-import gc
+import gc, sys
 gc.collect()
 m0 = gc.mem_alloc()
 for name in %r:
@@ -42,27 +46,45 @@ for name in %r:
     m1 = gc.mem_alloc()
     print(name, m1 - m0)
     m0 = m1
+for name in %r:  # each alone, then dropped again (as services.on_demand does)
+    __import__(name)
+    gc.collect()
+    m1 = gc.mem_alloc()
+    del sys.modules[name]
+    pkg, _, mod = name.rpartition(".")
+    delattr(sys.modules[pkg], mod)
+    gc.collect()
+    m2 = gc.mem_alloc()
+    print(name, m1 - m0, m2 - m0)  # while loaded; what stays (its new qstrs: the pools are never freed)
+    m0 = m2
 """
 ORDER = [
     "csc.schema", "csc.msgpack", "csc.crypto", "csc.window", "csc.frame", "csc.store", "csc.ids",
     "csc.outbox", "csc.sendq", "csc.link", "csc.hal", "csc.hal_sim", "csc.app", "csc.services",
     "csc.services.config", "csc.services.auth", "csc.services.smart_charging", "csc.services.transactions",
-    "csc.services.admin", "csc.services.firmware_update", "csc.services.station", "csc.services.security",
-    "csc.services.monitoring",
+    "csc.services.admin", "csc.services.firmware_update", "csc.services.station",
 ]  # fmt: skip
+# not imported at boot: the services built on their first command, which then stay (security; monitoring,
+# also at boot when monitors are stored) ...
+FIRST_USE = ["csc.services.security", "csc.services.monitoring"]
+# ... and the rare commands' modules (services.on_demand: imported for the command, dropped again): every
+# csc/services/*_cmds.py
+ON_DEMAND = sorted("csc.services." + p.stem for p in (FIRMWARE / "csc" / "services").glob("*_cmds.py"))
 
 
-def per_import(code: Path) -> list[tuple[str, int]]:
-    """Heap taken by each module's import (after gc), in dependency order."""
+def per_import(code: Path) -> list[tuple[str, int, int]]:
+    """Heap taken by each module's import (after gc), in dependency order: (name, bytes, 0) for the
+    resident modules, (name, bytes while loaded, bytes left after it was dropped) for the ones
+    loaded on demand."""
     r = subprocess.run(
-        [micropython(), "-X", "heapsize=1m", "-c", IMPORTS % (ORDER,)],
+        [micropython(), "-X", "heapsize=1m", "-c", IMPORTS % (ORDER + FIRST_USE, ON_DEMAND)],
         check=True,
         capture_output=True,
         text=True,
         env={**os.environ, "MICROPYPATH": f"{code}:.frozen"},
         timeout=60,
     )
-    return [(n, int(v)) for n, v in (line.split() for line in r.stdout.splitlines())]
+    return [(w[0], int(w[1]), int(w[2]) if len(w) > 2 else 0) for w in (line.split() for line in r.stdout.splitlines())]
 
 
 class ScenarioError(Exception):
@@ -119,6 +141,8 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
             b.wait("log_uploaded", timeout=30)
             fw = [lambda e, n=n: e["status"] == n for n in (FW_VERIFIED, FW_INSTALLING)]
             b.wait("fw_status", pred=fw[0], timeout=30)
+            if any("MemoryError" in line for line in b.stderr) or b.all("error"):
+                return None  # the board ran out of heap (a task died, or a service's tick failed)
             # both ran during the session, not before nor after it: the figure includes them
             chunks = [r for r in peer.requests if r[1] == Action.FIRMWARE_CHUNK]
             logs = peer.durable(Action.LOG_CHUNK)
@@ -162,9 +186,13 @@ def main() -> None:
         total = sum(csc.values())
         print(f"total .mpy size: {total} bytes ({total / 1024:.1f} KiB), {len(csc)} modules of csc/ (built)")
         code = FIRMWARE if source else out
-        print("heap per import (" + ("source" if source else "built") + "):")
-        for name, n in per_import(code):
-            print(f"  {name:32} {n:7}")
+        print("heap per import (" + ("source" if source else "built") + "), the modules imported at boot:")
+        for name, n, left in per_import(code):
+            if name == FIRST_USE[0]:
+                print("built on their first command (not in the heap after imports below):")
+            if name == ON_DEMAND[0]:
+                print("rare commands, imported for the command and dropped again (each alone; what stays: its qstrs):")
+            print(f"  {name:32} {n:7}" + (f"  (stays {left})" if name in ON_DEMAND else ""))
         r = scenario(code, "512k")
         if r is None:
             print("scenario failed with a 512 KiB heap")
@@ -177,7 +205,7 @@ def main() -> None:
         if quick:
             return
         lo, hi = 64, 512  # KiB: lo fails, hi passes
-        while hi - lo > 8:
+        while hi - lo > 4:  # to 4 KiB
             mid = (lo + hi) // 2
             ok = scenario(code, f"{mid}k") is not None
             print(f"  heapsize {mid}k: {'pass' if ok else 'fail'}")

@@ -1,9 +1,11 @@
 """One service per feature (MicroOcpp's Model/ layer): each registers its own commands
-with `app.on(action, handler)` and gets `boot()` once, `online()` after each handshake and
+(`COMMANDS`, answered by `command()`) and gets `boot()` once, `online()` after each handshake and
 `tick(now_ms)` every app tick."""
 
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+
+from micropython import const
 
 from .. import store
 from ..schema import (
@@ -29,9 +31,33 @@ CERT_ACTIONS = (
 )
 
 
+# handlers[action] (app.py) of a command whose service is built on its first use
+LAZY_SECURITY = const(254)
+LAZY_MONITORING = const(255)
+LAZY = const(254)  # the lowest of them
+
+
 class Service:
+    # the commands this service answers, flat: (action, name of the method, …); each method
+    # takes (body, seq) and returns the response body or raises app.Refused. The app's table
+    # holds one byte per action, not a bound method each.
+    COMMANDS: tuple = ()
+
     def __init__(self, app):
         self.app = app
+        app.services.append(self)
+        c = self.COMMANDS
+        n = len(app.services)
+        for i in range(0, len(c), 2):
+            app.handlers[c[i]] = n
+
+    def command(self, action, body, seq):
+        c = self.COMMANDS
+        name = c[c.index(action) + 1]
+        i = name.find(".")
+        if i < 0:
+            return getattr(self, name)(body, seq)
+        return on_demand(name[:i], name[i + 1 :], self, body, seq)
 
     def boot(self):
         pass
@@ -43,14 +69,30 @@ class Service:
         pass
 
 
+def on_demand(module, fn, service, body, seq):
+    """fn(service, body, seq) of the module `module` of this package, imported for this one
+    command and dropped again: a rare command's code takes heap only while it runs (a
+    COMMANDS entry "module.fn"). Nothing may keep a reference into the module afterwards."""
+    import sys
+
+    name = __name__ + "." + module
+    m = __import__(name, None, None, (fn,))
+    try:
+        return getattr(m, fn)(service, body, seq)
+    finally:
+        sys.modules.pop(name, None)
+        pkg = sys.modules[__name__]
+        if hasattr(pkg, module):  # the import made it an attribute of this package too
+            delattr(pkg, module)
+
+
 def get_security(app):
-    """The certificate service, built on first use (it then registers its own handlers)."""
+    """The certificate service, built on first use (it then registers its own commands)."""
     s = app.sec
     if s is None:
         from .security import Security
 
         s = app.sec = Security(app)
-        app.services.append(s)
     return s
 
 
@@ -62,16 +104,15 @@ def get_monitoring(app):
         from .monitoring import Monitoring
 
         s = app.mon = Monitoring(app)
-        app.services.append(s)
     return s
 
 
-def _on_first(app, action, build):
-    def first(body, seq):
-        build(app)  # registers the service's own handler for `action`, replacing this one
-        return app.handlers[action](body, seq)
-
-    return first
+def build(app, code):
+    """Build the service a LAZY_… code in the app's table stands for."""
+    if code == LAZY_SECURITY:
+        get_security(app)
+    else:
+        get_monitoring(app)
 
 
 def load_all(app):
@@ -84,7 +125,6 @@ def load_all(app):
     app.auth = Auth(app)
     app.sc = SmartCharging(app)
     app.tx = Transactions(app)
-    app.services = [app.cfg, app.auth, app.sc, app.tx]
     try:
         from .admin import Admin
         from .firmware_update import FirmwareUpdate
@@ -97,11 +137,9 @@ def load_all(app):
     app.station = Station(app)
     app.sec = None  # get_security(app)
     for a in CERT_ACTIONS:
-        app.on(a, _on_first(app, a, get_security))
-    app.services += [app.fw, app.admin, app.station]
+        app.handlers[a] = LAZY_SECURITY
     app.mon = None  # get_monitoring(app)
     if store.exists(store.path("mon")):
         get_monitoring(app)
     else:
-        app.on(A_SET_MONITORS, _on_first(app, A_SET_MONITORS, get_monitoring))
-        app.on(A_CLEAR_MONITORS, _on_first(app, A_CLEAR_MONITORS, get_monitoring))
+        app.handlers[A_SET_MONITORS] = app.handlers[A_CLEAR_MONITORS] = LAZY_MONITORING

@@ -16,7 +16,7 @@ idempotently).
 from micropython import const
 
 from .. import store
-from ..app import Refused, status
+from ..app import status
 from ..msgpack import Map
 from ..outbox import SECURITY
 from ..schema import (
@@ -32,33 +32,21 @@ from ..schema import (
     A_SET_FAULT_TABLE,
     A_SET_LOG_CRITERIA,
     F_ACTIVE,
-    F_ADDRESS,
     F_DATA,
-    F_DEVICE_KEY,
-    F_DISPLAY_ID,
-    F_DISPLAY_PRIORITY,
     F_EVSE,
     F_FAULT_CODE,
-    F_FAULT_TABLE,
     F_LAST,
     F_LOG_LEVEL,
     F_LOG_STATUS,
     F_OFFSET,
     F_REASON,
     F_REQUEST_ID,
-    F_SEVERITY,
-    F_TEXT,
     F_TIME,
     LOG_STATUS_ACCEPTED,
     LOG_STATUS_UPLOADED,
     LOG_STATUS_UPLOADING,
     MAX_CHUNK,
-    RESET_WHEN_NOW,
     STATUS_ACCEPTED,
-    STATUS_SCHEDULED,
-    STATUS_UNKNOWN,
-    STOP_REASON_REBOOT,
-    TX_TRIGGER_ABNORMAL_CONDITION,
 )
 from . import Service
 
@@ -67,7 +55,37 @@ CHUNKS_IN_FLIGHT = const(1)  # one LogChunk held for retransmission (its body ~1
 FAULT_OVERTEMP = const(2001)
 
 
+def _read(path, at, n):
+    try:
+        with open(path, "rb") as f:
+            f.seek(at)
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _chunk_body(request_id, offset, data, last):
+    b = Map()
+    b[F_REQUEST_ID] = request_id
+    b[F_OFFSET] = offset
+    b[F_DATA] = data
+    b[F_LAST] = last
+    return b
+
+
 class Admin(Service):
+    # the rarely used ones in admin_cmds.py, imported for the command and dropped again
+    COMMANDS = (
+        A_SET_LOG_CRITERIA, "set_log_criteria",
+        A_GET_LOG, "get_log",
+        A_RESET, "admin_cmds.reset",
+        A_SET_DISPLAY_MESSAGE, "admin_cmds.set_display",
+        A_CLEAR_DISPLAY_MESSAGE, "admin_cmds.clear_display",
+        A_SET_FAULT_TABLE, "admin_cmds.set_fault_table",
+        A_DEREGISTER, "admin_cmds.deregister",
+        A_MIGRATE, "admin_cmds.migrate",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         self.level = store.load(store.path("loglvl"), 5)
@@ -77,17 +95,6 @@ class Admin(Service):
         self.upload = [u[0], u[1], u[2], u[3], []] if u else None  # [request_id, file, offset, total, in flight]
         self.reset_when_idle = False
         self.overtemp = False
-        for a, h in (
-            (A_RESET, self.reset),
-            (A_SET_DISPLAY_MESSAGE, self.set_display),
-            (A_CLEAR_DISPLAY_MESSAGE, self.clear_display),
-            (A_SET_LOG_CRITERIA, self.set_log_criteria),
-            (A_GET_LOG, self.get_log),
-            (A_SET_FAULT_TABLE, self.set_fault_table),
-            (A_DEREGISTER, self.deregister),
-            (A_MIGRATE, self.migrate),
-        ):
-            app.on(a, h)
 
     # ---------------------------------------------------------------- M7/M8 log
     def log(self, text, level=5):
@@ -132,21 +139,18 @@ class Admin(Service):
     def _upload_step(self):
         u = self.upload
         app = self.app
-        pend = u[4]  # chunks in flight, in order: [mid, request id, file, offset, total] after each
+        # chunks in flight, in order: [mid, request id, file, offset, total] after each, then the
+        # chunk's own [file path, offset in it, length, last]
+        pend = u[4]
         acked = None
         while pend and pend[0][0] not in app.link.inflight:
             acked = pend.pop(0)
         if acked is not None:  # resume here after a power cut
-            self._save_upload(acked[1:])
+            self._save_upload(acked[1:5])
         while len(pend) < CHUNKS_IN_FLIGHT and u[1] >= 0 and app.online:
             p = store.path("log%d" % u[1])
-            data = b""
-            try:
-                with open(p, "rb") as f:
-                    f.seek(u[2])
-                    data = f.read(MAX_CHUNK)
-            except OSError:
-                pass
+            at = u[2]
+            data = _read(p, at, MAX_CHUNK)
             last = False
             if len(data) < MAX_CHUNK:
                 u[1] -= 1
@@ -156,15 +160,12 @@ class Admin(Service):
                 u[2] += len(data)
             if not data and not last:
                 continue
-            b = Map()
-            b[F_REQUEST_ID] = u[0]
-            b[F_OFFSET] = u[3]
-            b[F_DATA] = data
-            b[F_LAST] = last
+            b = _chunk_body(u[0], u[3], data, last)
             u[3] += len(data)
             mid = app.ids.next()
-            pend.append([mid, u[0], u[1], u[2], u[3]])
-            app.link.event(mid, A_LOG_CHUNK, b, app.now())  # resent until acked
+            pend.append([mid, u[0], u[1], u[2], u[3], p, at, len(data), last])
+            # resent until acked; meanwhile the link keeps `_resend`, not the 1 KiB body
+            app.link.event(mid, A_LOG_CHUNK, b, app.now(), None, self._resend)
             app.kick()
         if u[1] < 0 and not pend:
             self._log_status(LOG_STATUS_UPLOADED)
@@ -172,48 +173,16 @@ class Admin(Service):
             self.upload = None
             store.remove(store.path("logup"))
 
-    # ---------------------------------------------------------------- M5 reset
-    def reset(self, body, seq):
-        app = self.app
-        if app.tx.active() and body.get(97) != RESET_WHEN_NOW:
-            self.reset_when_idle = True
-            return status(STATUS_SCHEDULED)
-        if app.tx.active():
-            app.tx.stop(STOP_REASON_REBOOT, TX_TRIGGER_ABNORMAL_CONDITION)
-        self._reboot_at = app.now() + 300  # let the answer and the last events leave
-        return status(STATUS_ACCEPTED)
-
-    # ---------------------------------------------------------------- M6 display
-    def set_display(self, body, seq):
-        if body.get(F_EVSE, 1) > self.app.hal.evses:
-            raise Refused("unknown evse")
-        self.messages[body[F_DISPLAY_ID]] = (body[F_DISPLAY_PRIORITY], body[F_TEXT])
-        self._show()
-        return status(STATUS_ACCEPTED)
-
-    def clear_display(self, body, seq):
-        if self.messages.pop(body[F_DISPLAY_ID], None) is None:
-            return status(STATUS_UNKNOWN)
-        self._show()
-        return status(STATUS_ACCEPTED)
-
-    def _show(self):
-        best = None
-        for k in self.messages:
-            m = self.messages[k]
-            if best is None or m[0] < best[0]:
-                best = m
-        self.app.hal.display(best[1] if best else "")
+    def _resend(self, mid):
+        """The body of LogChunk `mid` again, read from the log file; None when it is gone."""
+        for c in self.upload[4] if self.upload else ():
+            if c[0] == mid:
+                data = _read(c[5], c[6], c[7])
+                if len(data) == c[7]:
+                    return _chunk_body(c[1], c[4] - c[7], data, c[8])
+        return None
 
     # ---------------------------------------------------------------- M9 faults
-    def set_fault_table(self, body, seq):
-        t = {}
-        for f in body[F_FAULT_TABLE]:
-            t[f[F_FAULT_CODE]] = [f[F_SEVERITY], f.get(F_TEXT, "")]
-        self.faults = t
-        store.save(store.path("faults"), t)
-        return status(STATUS_ACCEPTED)
-
     def fault(self, code, active, reason=None):
         b = Map()
         b[F_FAULT_CODE] = code
@@ -226,33 +195,6 @@ class Admin(Service):
             b[F_REASON] = r[:120]
         self.app.emit(A_FAULT_REPORT, b, SECURITY)
         self.log("fault %d %s" % (code, "on" if active else "off"), 1)
-
-    # ---------------------------------------------------------------- M11/M12
-    def deregister(self, body, seq):
-        app = self.app
-        app.security_event("Deregistered", body.get(F_REASON))
-        store.remove(store.path("key"))  # credentials revoked: back to factory onboarding
-        app.auth.clear_cache(None, 0)  # personal data goes; billing records stay
-        app.registered = False
-        self._close_at = app.now() + 300
-        return status(STATUS_ACCEPTED)
-
-    def migrate(self, body, seq):
-        addr = body[F_ADDRESS]
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit():
-            raise Refused("address must be host:port")
-        k = body.get(F_DEVICE_KEY)
-        if k is not None:
-            k = self.app.link.decrypt(seq, F_DEVICE_KEY, k)
-            if len(k) != 32:
-                raise Refused("device key must be 32 bytes")
-        store.save(store.path("gw"), [host, int(port)])
-        if k is not None:
-            store.write_atomic(store.path("key"), k)
-        self.app.gateway = (host, int(port))
-        self._close_at = self.app.now() + 300
-        return status(STATUS_ACCEPTED)
 
     # ---------------------------------------------------------------- tick
     def tick(self, now):

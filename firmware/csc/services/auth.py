@@ -14,7 +14,7 @@
 from micropython import const
 
 from .. import store
-from ..msgpack import Map, unpackb
+from ..msgpack import Map
 from ..schema import (
     A_AUTHORIZE,
     A_CLEAR_CACHE,
@@ -24,26 +24,23 @@ from ..schema import (
     AUTH_STATUS_EXPIRED,
     AUTH_STATUS_UNKNOWN,
     F_AUTH_STATUS,
-    F_COUNT,
-    F_ENTRIES,
     F_EXPIRY,
     F_ID_TOKEN,
-    F_LAST,
-    F_LIST_VERSION,
-    F_STATUS,
     F_TOKEN_TYPE,
-    F_UPDATE_TYPE,
-    STATUS_ACCEPTED,
-    STATUS_FAILED,
-    UPDATE_TYPE_FULL,
 )
 from . import Service
 
 CACHE_MAX = const(16)
-_REMOVE = const(255)
 
 
 class Auth(Service):
+    # rarely used: in auth_cmds.py, imported for the command and dropped again
+    COMMANDS = (
+        A_SEND_LOCAL_LIST, "auth_cmds.send_local_list",
+        A_CLEAR_CACHE, "auth_cmds.clear_cache",
+        A_DELETE_PERSONAL_DATA, "auth_cmds.delete_personal_data",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         d = store.load(store.path("ll"), None) or [0, {}]
@@ -51,9 +48,6 @@ class Auth(Service):
         self.local = d[1]
         self.cache = store.load(store.path("ac"), {}) or {}
         self._staging = None
-        app.on(A_SEND_LOCAL_LIST, self.send_local_list)
-        app.on(A_CLEAR_CACHE, self.clear_cache)
-        app.on(A_DELETE_PERSONAL_DATA, self.delete_personal_data)
 
     def _ok(self, e):
         return e[0] == AUTH_STATUS_ACCEPTED and (not e[1] or e[1] > self.app.time())
@@ -104,62 +98,3 @@ class Auth(Service):
             c.pop(next(iter(c)))
         c[tok] = [st, expiry]
         store.save(store.path("ac"), c)
-
-    def send_local_list(self, body, seq):
-        plain = self.app.link.decrypt(seq, F_ENTRIES, body[F_ENTRIES])
-        try:
-            entries = unpackb(plain)
-            if not isinstance(entries, list):
-                raise ValueError
-        except Exception:
-            b = Map()
-            b[F_STATUS] = STATUS_FAILED
-            return b
-        full = body[F_UPDATE_TYPE] == UPDATE_TYPE_FULL
-        if full:
-            if self._staging is None:
-                self._staging = {}
-            target = self._staging
-        else:
-            target = self.local
-        for e in entries:
-            tok = bytes(e[0])
-            if e[1] == _REMOVE:
-                target.pop(tok, None)
-            else:
-                target[tok] = [e[1], e[2] if len(e) > 2 else 0]
-        if body[F_LAST]:
-            if full:
-                self.local = self._staging
-                self._staging = None
-            self.version = body[F_LIST_VERSION]
-            store.save(store.path("ll"), [self.version, self.local])
-        b = Map()
-        b[F_STATUS] = STATUS_ACCEPTED
-        return b
-
-    def clear_cache(self, body, seq):
-        self.cache = {}
-        store.remove(store.path("ac"))
-        b = Map()
-        b[F_STATUS] = STATUS_ACCEPTED
-        return b
-
-    def forget(self, tok):
-        """Remove a token from the cache and the local list; how many entries went."""
-        n = 0
-        if self.cache.pop(tok, None) is not None:
-            n += 1
-            store.save(store.path("ac"), self.cache)
-        if self.local.pop(tok, None) is not None:
-            n += 1
-            store.save(store.path("ll"), [self.version, self.local])
-        return n
-
-    def delete_personal_data(self, body, seq):
-        tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
-        n = self.forget(tok) + self.app.tx.forget(tok)
-        b = Map()
-        b[F_STATUS] = STATUS_ACCEPTED
-        b[F_COUNT] = n
-        return b

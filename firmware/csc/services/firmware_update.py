@@ -58,12 +58,15 @@ MAX_IMAGE = 262144
 
 
 class FirmwareUpdate(Service):
+    COMMANDS = (
+        A_UPDATE_FIRMWARE, "update",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         self.st = store.load(store.path("fwdl"), None)  # the download in progress
         self.boot_st = store.load(store.path("boot"), None) or {"active": 0, "trial": None, "ver": None}
         self.waiting = False
-        app.on(A_UPDATE_FIRMWARE, self.update)
 
     def _status(self, st, reason=None, image=None):
         b = Map()

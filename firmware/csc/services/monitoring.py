@@ -64,12 +64,15 @@ _ST = const(5)  # upper/lower: armed; delta: reference value; periodic: next tim
 
 
 class Monitoring(Service):
+    COMMANDS = (
+        A_SET_MONITORS, "set_monitors",
+        A_CLEAR_MONITORS, "clear_monitors",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         self.mons = store.load(store.path("mon"), []) or []
         self._next = 0
-        app.on(A_SET_MONITORS, self.set_monitors)
-        app.on(A_CLEAR_MONITORS, self.clear_monitors)
 
     def _value(self, i):
         hal = self.app.hal

@@ -30,7 +30,13 @@ from .. import store
 from ..app import Refused, status
 from ..msgpack import Map
 from ..schema import (
+    A_CERTIFICATE_SIGNED,
+    A_DELETE_CERTIFICATE,
     A_GET15118_EV_CERTIFICATE,
+    A_GET_INSTALLED_CERTIFICATES,
+    A_INSTALL_CERTIFICATE,
+    A_OCSP_RESPONSE,
+    A_REVOKE_CERTIFICATE,
     A_SIGN_CERTIFICATE,
     CERT_TYPE_CHARGING_STATION,
     CERT_TYPE_MO_ROOT,
@@ -49,7 +55,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
-from . import CERT_ACTIONS, Service
+from . import Service
 
 MAX_CERTS = const(16)
 _DER_SEQ = const(0x30)  # a DER certificate starts with a SEQUENCE
@@ -60,6 +66,15 @@ def _hex(h):
 
 
 class Security(Service):
+    COMMANDS = (
+        A_INSTALL_CERTIFICATE, "install",
+        A_DELETE_CERTIFICATE, "delete",
+        A_GET_INSTALLED_CERTIFICATES, "installed",
+        A_OCSP_RESPONSE, "ocsp",
+        A_CERTIFICATE_SIGNED, "signed",
+        A_REVOKE_CERTIFICATE, "revoke",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         self.dir = store.path("crt")
@@ -67,10 +82,6 @@ class Security(Service):
         self.certs = store.load(store.path("certs"), []) or []  # [[cert_type, sha256]]
         self.revoked = store.load(store.path("revoked"), []) or []  # sha256 of revoked certificates
         self.csr_pending = False
-        # in the order of CERT_ACTIONS, whose first command built this service
-        handlers = (self.install, self.delete, self.installed, self.ocsp, self.signed, self.revoke)
-        for i in range(len(handlers)):
-            app.on(CERT_ACTIONS[i], handlers[i])
 
     def _file(self, h):
         return "%s/%s" % (self.dir, _hex(h)[:16])

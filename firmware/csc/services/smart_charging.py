@@ -43,22 +43,17 @@ from ..schema import (
     A_SETPOINT,
     A_START_SETPOINT_LOOP,
     F_ACTIVE,
-    F_DEADBAND_MHZ,
     F_DEADLINE_MS,
     F_DEPARTURE,
-    F_DROOP,
-    F_DURATION_S,
     F_ENERGY_NEEDED_WH,
     F_EVSE,
     F_FAULT_CODE,
     F_FREQ_MHZ,
-    F_GRID_EVENT,
     F_LIMIT_W,
     F_PERIODS,
     F_POWER_W,
     F_PROFILE_ID,
     F_PURPOSE,
-    F_RATE_MS,
     F_REASON,
     F_SETPOINT_W,
     F_SOC,
@@ -69,13 +64,11 @@ from ..schema import (
     F_VALID_FROM,
     F_VALID_TO,
     GRID_EVENT_EMERGENCY,
-    GRID_EVENT_NORMAL,
     PROFILE_PURPOSE_DSO,
     PROFILE_PURPOSE_TX,
     PROFILE_PURPOSE_TX_DEFAULT,
     STATUS_ACCEPTED,
     STATUS_REJECTED,
-    STATUS_UNKNOWN,
 )
 from . import Service
 
@@ -84,6 +77,18 @@ _NOMINAL = const(50000)
 
 
 class SmartCharging(Service):
+    # the rarely used ones in sc_cmds.py, imported for the command and dropped again
+    COMMANDS = (
+        A_SET_CHARGING_PROFILE, "set_profile",
+        A_DSO_LIMIT, "dso_limit",
+        A_SETPOINT, "on_setpoint",  # an event
+        A_CLEAR_CHARGING_PROFILE, "sc_cmds.clear_profile",
+        A_GET_COMPOSITE_SCHEDULE, "sc_cmds.composite",
+        A_START_SETPOINT_LOOP, "sc_cmds.start_loop",
+        A_SET_FREQUENCY_DROOP, "sc_cmds.set_droop",
+        A_DEMAND_RESPONSE, "sc_cmds.demand_response",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         self.profiles = store.load(store.path("sc"), []) or []  # [pid, evse, level, purpose, periods, from, to, t0]
@@ -96,17 +101,6 @@ class SmartCharging(Service):
         self._mv_next = 0
         self.dr = None  # [grid_event, limit_w, valid_to]
         self.needs_sent = False
-        for a, h in (
-            (A_SET_CHARGING_PROFILE, self.set_profile),
-            (A_CLEAR_CHARGING_PROFILE, self.clear_profile),
-            (A_GET_COMPOSITE_SCHEDULE, self.composite),
-            (A_DSO_LIMIT, self.dso_limit),
-            (A_START_SETPOINT_LOOP, self.start_loop),
-            (A_SET_FREQUENCY_DROOP, self.set_droop),
-            (A_DEMAND_RESPONSE, self.demand_response),
-        ):
-            app.on(a, h)
-        app.on_event(A_SETPOINT, self.on_setpoint)
 
     def _evse(self, body, need=False):
         e = body.get(F_EVSE, 0 if not need else None)
@@ -150,30 +144,6 @@ class SmartCharging(Service):
         self.app.tx.apply()
         return status(STATUS_ACCEPTED)
 
-    def clear_profile(self, body, seq):
-        pid = body.get(F_PROFILE_ID)
-        evse = body.get(F_EVSE)
-        pur = body.get(F_PURPOSE)
-        keep = [
-            p
-            for p in self.profiles
-            if not ((pid is None or p[0] == pid) and (evse is None or p[1] == evse) and (pur is None or p[3] == pur))
-        ]
-        found = len(keep) != len(self.profiles)
-        self.profiles = keep
-        store.save(store.path("sc"), keep)
-        self.app.tx.apply()
-        return status(STATUS_ACCEPTED if found else STATUS_UNKNOWN)
-
-    def composite(self, body, seq):
-        evse = self._evse(body, True)
-        b = status(STATUS_ACCEPTED)
-        p = Map()
-        p[F_START_S] = 0
-        p[F_LIMIT_W] = self.limit(evse or 1, self.app.tx.active(evse or 1))
-        b[F_PERIODS] = [p]
-        return b
-
     def dso_limit(self, body, seq):
         lim = body[F_LIMIT_W]
         if lim < 0:
@@ -185,46 +155,11 @@ class SmartCharging(Service):
         self.app.note("dso_applied", {"limit_w": lim, "hw_limit_w": self.app.tx.hw_limit})
         return status(STATUS_ACCEPTED)
 
-    def start_loop(self, body, seq):
-        self._evse(body, True)
-        d = body.get(F_DURATION_S)
-        now = self.app.now()
-        self.loop = [body[F_RATE_MS], now + d * 1000 if d else None, now]
-        return status(STATUS_ACCEPTED)
-
-    def on_setpoint(self, body):
+    def on_setpoint(self, body, seq):
         w = body[F_SETPOINT_W]
         hal = self.app.hal
         self.setpoint = max(-hal.rating_discharge_w, min(w, hal.rating_w))
         self.app.tx.apply()
-
-    def set_droop(self, body, seq):
-        self._evse(body)
-        pts = []
-        for p in body[F_DROOP]:
-            self._watts(p[F_POWER_W])
-            pts.append([p[F_FREQ_MHZ], p[F_POWER_W]])
-        if len(pts) < 2:
-            raise Refused("a droop curve needs at least two points")
-        pts.sort(key=lambda x: x[0])
-        self.droop = [pts, body[F_DEADBAND_MHZ], body.get(F_RATE_MS, 1000)]
-        store.save(store.path("droop"), self.droop)
-        return status(STATUS_ACCEPTED)
-
-    def demand_response(self, body, seq):
-        ge = body[F_GRID_EVENT]
-        if ge == GRID_EVENT_NORMAL:
-            self.dr = None
-        else:
-            lim = body.get(F_LIMIT_W)
-            if lim is None:
-                return status(STATUS_REJECTED, "a grid event other than normal needs limit_w")
-            if lim < 0:
-                raise Refused("a demand-response limit cannot be negative")
-            self.dr = [ge, lim, body.get(F_VALID_TO, 0)]
-        self.app.tx.apply()
-        self.app.note("dr_applied", {"hw_limit_w": self.app.tx.hw_limit})
-        return status(STATUS_ACCEPTED)
 
     def needs_w(self, evse):
         """The power the EV needs to get its energy by its departure (0: no needs known)."""

@@ -20,41 +20,37 @@ from .. import store
 from ..app import Refused, status
 from ..hal import FLAG_BUTTON
 from ..link import ticks_diff
-from ..msgpack import Map
 from ..schema import (
-    A_BOOT_NOTIFICATION,
     A_CHANGE_AVAILABILITY,
     A_EMERGENCY_STOP,
-    A_HEARTBEAT,
-    A_METER_VALUES,
-    A_SIGN_CERTIFICATE,
-    A_STATUS_NOTIFICATION,
     A_TIME_SYNC,
     A_TRIGGER_MESSAGE,
     A_UNLOCK_CONNECTOR,
-    F_ENERGY_WH,
     F_EVSE,
-    F_OPERATIVE,
-    F_POWER_W,
     F_REASON,
-    F_REQUESTED_ACTION,
     F_TIME,
     F_TIME_MS,
     STATUS_ACCEPTED,
-    STATUS_NOT_SUPPORTED,
-    STATUS_REJECTED,
-    STATUS_SCHEDULED,
     STOP_REASON_EMERGENCY_STOP,
     STOP_REASON_REMOTE,
     TX_TRIGGER_ABNORMAL_CONDITION,
     TX_TRIGGER_REMOTE_STOP,
 )
-from . import Service, get_security
+from . import Service
 
 TIME_SYNC_S = const(3600)
 
 
 class Station(Service):
+    # the urgent ones here; TriggerMessage and ChangeAvailability in station_cmds.py, imported
+    # for the command and dropped again
+    COMMANDS = (
+        A_UNLOCK_CONNECTOR, "unlock",
+        A_EMERGENCY_STOP, "emergency_stop",
+        A_TRIGGER_MESSAGE, "station_cmds.trigger",
+        A_CHANGE_AVAILABILITY, "station_cmds.change_availability",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         a = store.load(store.path("avail"), None) or [True, False]
@@ -64,13 +60,6 @@ class Station(Service):
         self._sync_due = 0
         self._syncing = False
         app.tx.inoperative = self.estop or not self.operative
-        for x, h in (
-            (A_TRIGGER_MESSAGE, self.trigger),
-            (A_CHANGE_AVAILABILITY, self.change_availability),
-            (A_UNLOCK_CONNECTOR, self.unlock),
-            (A_EMERGENCY_STOP, self.emergency_stop),
-        ):
-            app.on(x, h)
 
     def _save(self):
         store.save(store.path("avail"), [self.operative, self.estop])
@@ -80,50 +69,6 @@ class Station(Service):
         e = body.get(F_EVSE, 1)
         if e < 0 or e > self.app.hal.evses:
             raise Refused("unknown evse %d" % e)
-
-    # ---------------------------------------------------------------- TriggerMessage
-    def trigger(self, body, seq):
-        self._evse(body)
-        a = body[F_REQUESTED_ACTION]
-        app = self.app
-        if a == A_STATUS_NOTIFICATION:
-            app.tx.status = None  # the next tick reports it
-        elif a == A_HEARTBEAT:
-            app._hb_due = app.now()
-        elif a == A_TIME_SYNC:
-            self._sync_due = app.now()
-        elif a == A_BOOT_NOTIFICATION:
-            app.boot_notification()
-        elif a == A_METER_VALUES:
-            m = app.hal.meter(1)
-            b = Map()
-            b[F_EVSE] = 1
-            b[F_ENERGY_WH] = m[0]
-            b[F_POWER_W] = m[2]
-            b[F_TIME] = app.time()
-            app.emit(A_METER_VALUES, b)
-        elif a == A_SIGN_CERTIFICATE:
-            if not get_security(app).sign_request():
-                return status(STATUS_REJECTED, "no secure element to make a key pair")
-        else:
-            return status(STATUS_NOT_SUPPORTED, "cannot trigger action %d" % a)
-        return status(STATUS_ACCEPTED)
-
-    # ---------------------------------------------------------------- availability
-    def change_availability(self, body, seq):
-        self._evse(body)
-        if body[F_OPERATIVE]:
-            self.operative = True
-            self.estop = False
-            self.pending_inop = False
-            self._save()
-            return status(STATUS_ACCEPTED)
-        if self.app.tx.active():
-            self.pending_inop = True
-            return status(STATUS_SCHEDULED)
-        self.operative = False
-        self._save()
-        return status(STATUS_ACCEPTED)
 
     # ---------------------------------------------------------------- urgent
     def unlock(self, body, seq):

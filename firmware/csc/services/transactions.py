@@ -50,18 +50,13 @@ from ..schema import (
     F_CHARGING_STATE,
     F_COST,
     F_CP_STATE,
-    F_CURRENCY,
     F_ENERGY_WH,
     F_EVENT,
     F_EVSE,
-    F_EXPIRY,
     F_ID_TOKEN,
     F_MEASURAND,
     F_OFFLINE,
     F_POWER_W,
-    F_PRICE_KWH,
-    F_PRICE_MIN,
-    F_PRICE_SESSION,
     F_REASON,
     F_REMOTE_START_ID,
     F_RES_STATUS,
@@ -74,7 +69,6 @@ from ..schema import (
     F_STATUS,
     F_STOP_REASON,
     F_TARIFF_ID,
-    F_TEXT,
     F_TIME,
     F_TOKEN_TYPE,
     F_TRIGGER,
@@ -82,13 +76,11 @@ from ..schema import (
     F_VALUE,
     MEASURAND_ENERGY_IMPORT_WH,
     RESERVATION_STATUS_EXPIRED,
-    RESERVATION_STATUS_REMOVED,
     RESERVATION_STATUS_USED,
     STATUS_ACCEPTED,
     STATUS_REJECTED,
     STOP_REASON_EV_DISCONNECTED,
     STOP_REASON_LOCAL,
-    STOP_REASON_OTHER,
     STOP_REASON_POWER_LOSS,
     STOP_REASON_REMOTE,
     TOKEN_TYPE_CENTRAL,
@@ -104,7 +96,6 @@ from ..schema import (
     TX_TRIGGER_REMOTE_START,
     TX_TRIGGER_REMOTE_STOP,
     TX_TRIGGER_STOP_AUTHORIZED,
-    TX_TRIGGER_TARIFF_CHANGED,
 )
 from . import Service
 
@@ -131,6 +122,16 @@ class Tx:
 
 
 class Transactions(Service):
+    # reservations and tariffs in tx_cmds.py, imported for the command and dropped again
+    COMMANDS = (
+        A_REQUEST_START_TRANSACTION, "remote_start",
+        A_REQUEST_STOP_TRANSACTION, "remote_stop",
+        A_RESERVE_NOW, "tx_cmds.reserve",
+        A_CANCEL_RESERVATION, "tx_cmds.cancel_reservation",
+        A_SET_TARIFF, "tx_cmds.set_tariff",
+        A_COST_UPDATE, "tx_cmds.cost_update",
+    )  # fmt: skip
+
     def __init__(self, app):
         super().__init__(app)
         self.p = store.path("tx1")
@@ -153,15 +154,6 @@ class Transactions(Service):
         self._on = False
         self.inoperative = False  # unavailable or emergency-stopped (services/station.py)
         self.last_tok = None
-        for a, h in (
-            (A_REQUEST_START_TRANSACTION, self.remote_start),
-            (A_REQUEST_STOP_TRANSACTION, self.remote_stop),
-            (A_RESERVE_NOW, self.reserve),
-            (A_CANCEL_RESERVATION, self.cancel_reservation),
-            (A_SET_TARIFF, self.set_tariff),
-            (A_COST_UPDATE, self.cost_update),
-        ):
-            app.on(a, h)
 
     def save(self):
         tx = self.tx
@@ -322,21 +314,6 @@ class Transactions(Service):
         self.save()
         app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx.wh0})
 
-    def forget(self, tok):
-        """M10: drop a token from the session state (not from stored billing events)."""
-        n = 0
-        a = self.auth
-        if a and a[0] == tok and self.tx is None:
-            self.auth = None
-            n += 1
-        r = self.res
-        if r and r[2] == tok:
-            self.res = None
-            n += 1
-        if n:
-            self.save()
-        return n
-
     # ---------------------------------------------------------------- power
     def apply(self):
         """Recompute the power target and give it to the hardware at once."""
@@ -477,30 +454,6 @@ class Transactions(Service):
         return status(STATUS_ACCEPTED)
 
     # ---------------------------------------------------------------- S1 reservations
-    def reserve(self, body, seq):
-        evse = body.get(F_EVSE, 1)
-        if evse < 0 or evse > self.app.hal.evses:
-            raise Refused("unknown evse %d" % evse)
-        if self.tx is not None or self.app.hal.plugged(1):
-            return status(STATUS_REJECTED, "evse occupied")
-        r = self.res
-        rid = body[F_RESERVATION_ID]
-        if r and r[0] != rid:
-            return status(STATUS_REJECTED, "evse already reserved")
-        tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
-        self.res = [rid, body[F_EXPIRY], tok]
-        self.save()
-        return status(STATUS_ACCEPTED)
-
-    def cancel_reservation(self, body, seq):
-        r = self.res
-        if not r or r[0] != body[F_RESERVATION_ID]:
-            return status(STATUS_REJECTED, "no such reservation")
-        self.res = None
-        self.save()
-        self._res_update(r[0], RESERVATION_STATUS_REMOVED)
-        return status(STATUS_ACCEPTED)
-
     def _res_update(self, rid, st):
         b = Map()
         b[F_RESERVATION_ID] = rid
@@ -516,38 +469,6 @@ class Transactions(Service):
             return 0
         mins = max(0, self.app.time() - tx.t0) // 60
         return t[3] + t[1] * (wh - tx.wh0) // 1000 + t[4] * mins
-
-    def set_tariff(self, body, seq):
-        if body.get(F_EVSE, 1) > self.app.hal.evses:
-            raise Refused("unknown evse")
-        # [id, price_kwh, currency, price_session, price_min]
-        t = [
-            body[F_TARIFF_ID],
-            body[F_PRICE_KWH],
-            body[F_CURRENCY],
-            body.get(F_PRICE_SESSION, 0),
-            body.get(F_PRICE_MIN, 0),
-        ]
-        old = self.tariff
-        self.tariff = t
-        self.save()
-        self.app.hal.display(body.get(F_TEXT) or "%s %d.%02d/kWh" % (t[2], t[1] // 100, t[1] % 100))
-        tx = self.tx
-        if tx is not None and (old is None or old[0] != t[0]):
-            # a tariff change splits the transaction inside the same service session
-            auth = [tx.tok, tx.tt, None]
-            self.stop(STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
-            self.auth = auth
-            self.start(TX_TRIGGER_TARIFF_CHANGED)
-        return status(STATUS_ACCEPTED)
-
-    def cost_update(self, body, seq):
-        tx = self.tx
-        if tx is None or tx.id != body[F_TX_ID]:
-            return status(STATUS_REJECTED, "no such transaction")
-        c = body[F_COST]
-        self.app.hal.display("%s %d.%02d" % (body.get(F_CURRENCY, ""), c // 100, c % 100))
-        return status(STATUS_ACCEPTED)
 
 
 _unused = (CHARGING_STATE_EV_CONNECTED, F_REASON, F_STATUS)
