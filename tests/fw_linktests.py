@@ -569,14 +569,18 @@ def test_refused_requests_and_durable_events_are_queued_again_by_the_timer():
     assert [gw.receive(x).id for x in frames(link, 50)] == [77, 78]
     link.receive(gw.seal(S.K_ACK, 78, S.P_CONTROL, S.A_TRANSACTION_EVENT, {}), 60)
     assert events(link) == [(L.ACKED, 78)]
-    # the refusal did not use up a try: the request still goes out three times in all
-    tries = 1
+    # the refusal used up neither a try nor a back-off step: the request goes out three times
+    # in all, 5 s and 10 s apart as if first sent at 50 ms, and fails 20 s after the last
+    sent = [50]
     t = 50
     while t < 300000 and link.get_timer() is not None:
         t += 50
         link.handle_timer(t)
-        tries += len([x for x in frames(link, t) if gw.receive(x).id == 77])
-    assert tries == 3
+        sent += [t for x in frames(link, t) if gw.receive(x).id == 77]
+        if link.events:  # the failure, left for the assertion below
+            break
+    assert sent == [50, 5050, 15050]
+    assert t == 35050
     assert events(link) == [(L.FAILED, 77, S.E_TIMEOUT, "no answer")]
 
 

@@ -343,16 +343,20 @@ class Link:
             self._queue(mid, e)
 
     def _queue(self, mid, e):
+        """Queue an in-flight message for sending; False when the send queue refused it
+        (then the timer tries again in 50 ms without counting a try)."""
         body = e[_BODY]
         if callable(body):  # a stored event: read from flash (or made) again to be sent
             body = body(mid)
             if body is None:  # its record is gone (shed): nothing left to send
                 del self.inflight[mid]
                 self.events.append((FAILED, mid, 0, "record gone"))
-                return
-        if not self.q.put(e[_KIND], e[_PRIO], mid, e[_ACT], body):
-            e[_TRIES] -= 1  # not sent: the timer tries again without counting it
-            e[_DEADLINE] -= e[_TIMEOUT] - 50
+                return True
+        if self.q.put(e[_KIND], e[_PRIO], mid, e[_ACT], body):
+            return True
+        e[_TRIES] -= 1
+        e[_DEADLINE] -= e[_TIMEOUT] - 50
+        return False
 
     def transmit(self, now_ms, ts):
         """Seal the next queued message; return its end (0: nothing to send). The bytes to
@@ -439,10 +443,13 @@ class Link:
                 self.events.append((FAILED, mid, E_TIMEOUT, "no answer"))
                 continue
             e[_TRIES] += 1
-            t = e[_TIMEOUT] * 2
-            e[_TIMEOUT] = t if t < _MAX_BACKOFF else _MAX_BACKOFF
+            old = e[_TIMEOUT]
+            if e[_TRIES] > 1:  # a retransmission (not a first send after a refusal): back off
+                t = old * 2
+                e[_TIMEOUT] = t if t < _MAX_BACKOFF else _MAX_BACKOFF
             e[_DEADLINE] = now_ms + e[_TIMEOUT]
-            self._queue(mid, e)
+            if not self._queue(mid, e):
+                e[_TIMEOUT] = old  # not sent: no back-off either
 
     def next_event(self):
         if self.events:
