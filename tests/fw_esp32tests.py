@@ -371,11 +371,12 @@ def test_board_charges_an_ev_through_pilot_lock_and_contactor():
     assert hal.cp_state() == CP_A  # one sample is not a state (debounce)
     f.step(hal, 1)
     assert hal.cp_state() == CP_B and hal.flags & FLAG_CP
-    assert f.pwm.d == E.duty_u16(E.OFFER_MA)  # offered, so that the EV can get ready
-    f.ev = (6, True)
+    assert f.pwm.d == E.DUTY_OFF  # nothing offered before the firmware gives a limit
+    hal.set_limit_w(11040)  # a transaction started: the offer, in state B
+    assert f.pwm.d == E.duty_u16(16000)
+    f.ev = (6, True)  # the EV saw it and closes S2
     f.step(hal)
     assert hal.cp_state() == CP_C and contactor.v == 0  # not asked for
-    hal.set_limit_w(11040)
     hal.set_contactor(True)
     assert lock.v == 1  # locking first
     f.step(hal)
@@ -431,10 +432,10 @@ def test_board_ev_without_diode_is_state_e():
     hal = f.board()
     f.ev = (6, False)
     f.step(hal)
-    assert hal.cp_state() == CP_C  # steady +12 V at first: the diode cannot be seen …
+    assert hal.cp_state() == CP_C  # steady +12 V (nothing offered): the diode cannot be seen …
+    hal.set_limit_w(11040)  # a transaction offers current
     f.step(hal)
     assert hal.cp_state() == CP_E  # … once the PWM runs, the low phase gives it away
-    hal.set_limit_w(11040)
     hal.set_contactor(True)
     f.pins[E.PIN_LOCK_FB].v = 0
     f.step(hal, 10)

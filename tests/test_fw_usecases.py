@@ -12,7 +12,7 @@ import msgpack
 import pytest
 from fwpeer import Rig, charging
 
-from gateway.schema import Action, Key, Kind
+from gateway.schema import Action, ChargingState, Key, Kind, ResetWhen, StopReason
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -206,6 +206,37 @@ def test_fw_e1_charging_profile_enforced_and_impossible_limits_refused(rig: Rig)
     assert rig.board.status()["limit_w"] == 3680  # the refused ones changed nothing
 
 
+def test_fw_e1_pilot_offers_current_only_with_a_transaction(rig: Rig) -> None:
+    """IEC 61851: a ready EV closes S2 (B → C) only once the pilot offers current; the board
+    offers it (its limit) when a transaction starts, and closes the contactor only in C."""
+    rig.peer.tokens[b"card-1"] = 0
+    rig.board.cmd("plug")  # ready to charge, not authorized yet
+    time.sleep(0.3)
+    st = rig.board.status()
+    assert (st["cp"], st["limit_w"], st["contactor"]) == (1, 0, False)  # B: nothing offered
+    m = rig.board.mark()
+    rig.board.cmd("card", token="card-1")
+    tx = int(rig.board.wait("tx_started", since=m)["tx_id"])
+    time.sleep(0.3)
+    st = rig.board.status()
+    assert (st["cp"], st["limit_w"], st["contactor"], st["power_w"]) == (2, 11000, True, 11000)
+    period = {Key.START_S: 0, Key.LIMIT_W: 0}  # a pause: no current offered
+    rig.peer.request(
+        Action.SET_CHARGING_PROFILE,
+        {Key.EVSE: 1, Key.PROFILE_ID: 1, Key.STACK_LEVEL: 0, Key.PURPOSE: 2, Key.PERIODS: [period]},
+    )
+    time.sleep(0.3)
+    st = rig.board.status()
+    assert (st["cp"], st["limit_w"], st["contactor"]) == (1, 0, False)  # back to B, contactor open
+    rig.peer.wait(
+        lambda: any(
+            e[Key.CHARGING_STATE] == ChargingState.SUSPENDED_EVSE for e in tx_events(rig) if Key.CHARGING_STATE in e
+        ),
+        5,
+    )
+    assert all(e[Key.TX_ID] == tx for e in tx_events(rig))
+
+
 def test_fw_e5_dso_limit_applied_within_deadline(rig: Rig) -> None:
     charging(rig)
     assert rig.board.status()["power_w"] == 11000
@@ -335,20 +366,20 @@ def _fw_statuses(rig: Rig) -> list[int]:
     return [b[Key.FW_STATUS] for b in rig.peer.durable(Action.FIRMWARE_STATUS)]
 
 
-def _update(rig: Rig, image: bytes, sha: bytes | None = None) -> tuple[int, dict[int, Any]]:
+def _update(rig: Rig, image: bytes, sha: bytes | None = None, when: int | None = None) -> tuple[int, dict[int, Any]]:
     import hashlib
 
     rig.peer.firmware[3] = image
-    return rig.peer.request(
-        Action.UPDATE_FIRMWARE,
-        {
-            Key.IMAGE_ID: 3,
-            Key.VERSION: "1.1.0",
-            Key.SIZE: len(image),
-            Key.SHA256: sha or hashlib.sha256(image).digest(),
-            Key.SIGNATURE: bytes(64),
-        },
-    )
+    body: dict[int, Any] = {
+        Key.IMAGE_ID: 3,
+        Key.VERSION: "1.1.0",
+        Key.SIZE: len(image),
+        Key.SHA256: sha or hashlib.sha256(image).digest(),
+        Key.SIGNATURE: bytes(64),
+    }
+    if when is not None:
+        body[Key.WHEN] = when
+    return rig.peer.request(Action.UPDATE_FIRMWARE, body)
 
 
 def test_fw_m4_firmware_update_downloaded_verified_installed_activated(rig: Rig) -> None:
@@ -402,6 +433,25 @@ def test_fw_m4_m5_update_downloaded_during_a_session_installed_only_after_it(rig
     assert end[Key.TX_ID] == tx and end[Key.STOP_REASON] == 2  # ended by the EV, not by the update
     rig.up()
     rig.peer.wait(lambda: 11 in _fw_statuses(rig), 20)
+    assert _fw_statuses(rig) == [1, 2, 4, 5, 8, 9, 11]
+
+
+def test_fw_m4_m5_update_now_ends_the_session_and_installs_once_verified(rig: Rig) -> None:
+    tx = charging(rig)
+    image = b"CSCFW1" + bytes(range(256)) * 8
+    _k, b = _update(rig, image, when=ResetWhen.NOW)
+    assert b[Key.STATUS] == 0
+    rig.board.wait("exit", timeout=30)  # verified, the session ended, installed, rebooted
+    order = [(a, b) for (_, _, a, b) in rig.peer.persisted if a in (Action.TRANSACTION_EVENT, Action.FIRMWARE_STATUS)]
+    verified = [i for i, (a, b) in enumerate(order) if a == Action.FIRMWARE_STATUS and b[Key.FW_STATUS] == 5]
+    installing = [i for i, (a, b) in enumerate(order) if a == Action.FIRMWARE_STATUS and b[Key.FW_STATUS] == 8]
+    # the session's end may still be in the board's outbox at the reboot: it leaves after it
+    rig.up()
+    rig.peer.wait(lambda: 11 in _fw_statuses(rig), 20)
+    order = [(a, b) for (_, _, a, b) in rig.peer.persisted if a in (Action.TRANSACTION_EVENT, Action.FIRMWARE_STATUS)]
+    ends = [b for a, b in order if a == Action.TRANSACTION_EVENT and b[Key.EVENT] == 2]
+    assert len(ends) == 1 and ends[0][Key.TX_ID] == tx and ends[0][Key.STOP_REASON] == StopReason.REBOOT
+    assert verified and installing and verified[0] < installing[0]
     assert _fw_statuses(rig) == [1, 2, 4, 5, 8, 9, 11]
 
 

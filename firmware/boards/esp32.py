@@ -6,9 +6,9 @@ One AC charge point (IEC 61851-1 mode 3, one connector, three phases):
   charging is not allowed, duty = I / 0.6 % for 6–51 A (I / 2.5 + 64 % above, up to 80 A), steady
   −12 V in state F. The pilot voltage comes back through a divider to an ADC pin: each poll samples
   it over a whole PWM period, the highest sample is the high phase (→ state A–E, `cp_state`), the
-  lowest the low phase (the EV's diode must pull it to −12 V, else state E). Until the firmware
-  asks for the contactor, a connected EV is offered OFFER_MA: the services wait for state C, which
-  an EV shows only once it sees a PWM;
+  lowest the low phase (the EV's diode must pull it to −12 V, else state E). The duty is the
+  firmware's limit only: the services give it when a transaction starts, in state B, and an EV
+  closes S2 (state C) only once it sees that offer; no current is offered before;
 - contactor: a Pin output, closed only while the firmware asks for it, the EV is in C (this board
   has no ventilation for D), the cable lock reports locked and at least 6 A are offered; opened at
   once otherwise (the services open it first too);
@@ -79,7 +79,6 @@ NTC_R_FIXED = const(10000)  # Ω, from the 3.3 V rail to the NTC
 NTC_R25 = const(10000)  # Ω at 25 °C
 NTC_BETA = const(3950)
 POLL_MS = const(20)
-OFFER_MA = const(16000)  # offered to a connected EV before the firmware gives its limit
 LOCK_MS = const(800)  # the lock must report its state within this time
 WDT_MS = const(8000)  # watchdog: the poll task feeds it
 
@@ -450,12 +449,8 @@ class Esp32Hal(Hal):
             return  # keep the pilot as it is: a missing diode shows only while the PWM runs
         elif cp == CP_A or cp == CP_F:
             d = DUTY_OFF
-        elif self.want_on:
-            d = duty_u16(self.limit_ma)  # the firmware's limit (below 6 A: a pause, steady +12 V)
         else:
-            # an EV is connected and charging is not asked for yet: offer a current, so that
-            # the EV can show that it is ready (state C), which the services wait for
-            d = duty_u16(self.limit_ma or OFFER_MA)
+            d = duty_u16(self.limit_ma)  # the firmware's limit (below 6 A: a pause, steady +12 V)
         if d != self.duty:
             self.duty = d
             self.pwm.duty_u16(d)

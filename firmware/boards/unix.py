@@ -151,7 +151,7 @@ class Control:
         if cmd == "plug":
             hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False), c.get("needs"))
         elif cmd == "ready":
-            hal.cp = 2 if c.get("on", True) else 1
+            hal.ready(c.get("on", True))
         elif cmd == "button":  # the emergency stop button
             from csc.hal import FLAG_BUTTON
 

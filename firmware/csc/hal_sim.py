@@ -29,7 +29,8 @@ class SimHal(Hal):
 
         self._t = time
         self.skew_ms = 0  # clock steps from the control channel
-        self.cp = CP_A
+        self.ev_plugged = False
+        self.ev_ready = False  # the EV wants to charge: it closes S2 (state C) once offered PWM
         self.ev_max_w = 11000
         self.ev_v2g = False
         self.contactor = False
@@ -54,7 +55,8 @@ class SimHal(Hal):
 
     # ---- what the control channel does
     def plug(self, ready=True, max_w=11000, v2g=False, needs=None):
-        self.cp = CP_C if ready else CP_B
+        self.ev_plugged = True
+        self.ev_ready = ready
         self.ev_max_w = max_w
         self.ev_v2g = v2g
         self.needs = needs
@@ -62,7 +64,12 @@ class SimHal(Hal):
 
     def unplug(self):
         self.update()
-        self.cp = CP_A
+        self.ev_plugged = False
+        self.flags |= FLAG_CP
+
+    def ready(self, on):
+        self.update()
+        self.ev_ready = on
         self.flags |= FLAG_CP
 
     def present(self, token, token_type=0):
@@ -71,7 +78,7 @@ class SimHal(Hal):
 
     # ---- physics
     def power(self):
-        if not self.contactor or self.cp != CP_C:
+        if not self.contactor or self.cp_state() != CP_C:
             return 0
         lim = self.limit_w
         if lim < 0:
@@ -91,7 +98,11 @@ class SimHal(Hal):
 
     # ---- inputs
     def cp_state(self, evse=1):
-        return self.cp
+        # IEC 61851: a ready EV moves from B to C only while the EVSE offers current (PWM),
+        # which the firmware does by setting a limit; without an offer it stays in B.
+        if not self.ev_plugged:
+            return CP_A
+        return CP_C if self.ev_ready and self.limit_w else CP_B
 
     def meter(self, evse=1):
         self.update()
@@ -111,7 +122,7 @@ class SimHal(Hal):
         return self.freq
 
     def ev_needs(self, evse=1):
-        return self.needs if self.cp != CP_A else None
+        return self.needs if self.ev_plugged else None
 
     def csr(self):
         # stands for a secure element: a fresh private key that stays here, and a CSR
@@ -127,7 +138,7 @@ class SimHal(Hal):
         self.se_key = bytes(key)
 
     def ev_discharge_ok(self, evse=1):
-        return self.ev_v2g and self.cp != CP_A
+        return self.ev_v2g and self.ev_plugged
 
     # ---- outputs
     def set_contactor(self, on, evse=1):
@@ -150,7 +161,7 @@ class SimHal(Hal):
     def status(self):
         e_in, e_out, p, _, _ = self.meter()
         return {
-            "cp": self.cp,
+            "cp": self.cp_state(),
             "contactor": self.contactor,
             "limit_w": self.limit_w,
             "power_w": p,

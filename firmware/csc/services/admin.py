@@ -47,6 +47,8 @@ from ..schema import (
     LOG_STATUS_UPLOADING,
     MAX_CHUNK,
     STATUS_ACCEPTED,
+    STOP_REASON_REBOOT,
+    TX_TRIGGER_ABNORMAL_CONDITION,
 )
 from . import Service
 
@@ -197,6 +199,14 @@ class Admin(Service):
         self.log("fault %d %s" % (code, "on" if active else "off"), 1)
 
     # ---------------------------------------------------------------- tick
+    def reboot_soon(self, delay_ms):
+        """Reboot in `delay_ms` (the answer and the last events leave first), ending a running
+        transaction now (stop reason reboot): Reset `now` and UpdateFirmware `now`."""
+        app = self.app
+        if app.tx.active():
+            app.tx.stop(STOP_REASON_REBOOT, TX_TRIGGER_ABNORMAL_CONDITION)
+        self._reboot_at = app.now() + delay_ms
+
     def tick(self, now):
         app = self.app
         from ..link import ticks_diff

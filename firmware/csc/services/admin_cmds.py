@@ -22,8 +22,6 @@ from ..schema import (
     STATUS_ACCEPTED,
     STATUS_SCHEDULED,
     STATUS_UNKNOWN,
-    STOP_REASON_REBOOT,
-    TX_TRIGGER_ABNORMAL_CONDITION,
 )
 
 
@@ -33,9 +31,7 @@ def reset(adm, body, seq):
     if app.tx.active() and body.get(F_WHEN) != RESET_WHEN_NOW:
         adm.reset_when_idle = True
         return status(STATUS_SCHEDULED)
-    if app.tx.active():
-        app.tx.stop(STOP_REASON_REBOOT, TX_TRIGGER_ABNORMAL_CONDITION)
-    adm._reboot_at = app.now() + 300  # let the answer and the last events leave
+    adm.reboot_soon(300)  # let the answer and the last events leave
     return status(STATUS_ACCEPTED)
 
 

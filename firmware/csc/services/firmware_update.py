@@ -9,8 +9,9 @@ current offset, written to `fw<slot>` on flash; the progress is saved, so a powe
 resumes the download where it stopped. The download and the verification run whenever
 the board is online, a charging session included; the install (boot state written, then the
 reboot that activates it) waits until the station is idle: no transaction, and the final
-TransactionEvent delivered (or the board offline), so no session is interrupted (M5). The
-schema's UpdateFirmware has no "forced" flag, so an update never interrupts a session. A
+TransactionEvent delivered (or the board offline), so no session is interrupted (M5) —
+unless UpdateFirmware says `when` = now: then the install follows the verification at once
+and a running session ends first (stop reason reboot, as Reset now does). A
 verified image waiting for the install is kept across a power cut (`ok` in `fwdl`). From
 Installing to the reboot the EVSE is unavailable, so no session starts in between. Boot
 state (`boot`): active slot, trial slot and its boot attempts. On the emulated board an
@@ -39,6 +40,7 @@ from ..schema import (
     F_SIZE,
     F_SLOT,
     F_VERSION,
+    F_WHEN,
     FIRMWARE_STATUS_ACTIVATED,
     FIRMWARE_STATUS_DOWNLOAD_FAILED,
     FIRMWARE_STATUS_DOWNLOADED,
@@ -49,6 +51,7 @@ from ..schema import (
     FIRMWARE_STATUS_VERIFICATION_FAILED,
     FIRMWARE_STATUS_VERIFIED,
     FIRMWARE_STATUS_VERIFYING,
+    RESET_WHEN_NOW,
     STATUS_ACCEPTED,
 )
 from . import Service
@@ -111,6 +114,7 @@ class FirmwareUpdate(Service):
             "slot": slot,
             "off": 0,
             "ok": 0,  # 1: verified, waiting to be installed
+            "now": 1 if body.get(F_WHEN) == RESET_WHEN_NOW else 0,  # install without waiting for idle
         }
         store.save(store.path("fwdl"), self.st)
         self._status(FIRMWARE_STATUS_DOWNLOADING)
@@ -133,7 +137,7 @@ class FirmwareUpdate(Service):
         if st is None:
             return
         if st.get("ok"):
-            if self.idle():
+            if st.get("now") or self.idle():
                 self._install()
             return
         if self.waiting or not self.app.online:
@@ -191,7 +195,7 @@ class FirmwareUpdate(Service):
         self._status(FIRMWARE_STATUS_VERIFIED)
         st["ok"] = 1
         store.save(store.path("fwdl"), st)
-        if self.idle():
+        if st.get("now") or self.idle():
             self._install()
         else:
             self.app.note("fw_waiting", {"img": st["img"]})  # installed when the session ends
@@ -209,7 +213,7 @@ class FirmwareUpdate(Service):
         self._status(FIRMWARE_STATUS_INSTALLED)
         self.st = None
         store.remove(store.path("fwdl"))
-        app.admin._reboot_at = app.now() + 500  # activate: boot the new slot
+        app.admin.reboot_soon(500)  # activate: boot the new slot (a session, with `now`, ends first)
 
     def _fail(self, code, reason):
         self._status(code, reason)

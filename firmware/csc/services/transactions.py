@@ -261,6 +261,8 @@ class Transactions(Service):
         if p < 0:
             return CHARGING_STATE_DISCHARGING
         if cp == CP_B:
+            if self.tx is not None and not self.hw_limit:
+                return CHARGING_STATE_SUSPENDED_EVSE  # no current offered: the EVSE holds the EV back
             return CHARGING_STATE_SUSPENDED_EV
         if self.tx is not None and cp == CP_C:
             return CHARGING_STATE_SUSPENDED_EVSE
@@ -318,11 +320,16 @@ class Transactions(Service):
     def apply(self):
         """Recompute the power target and give it to the hardware at once."""
         hal = self.app.hal
-        on = self.tx is not None and hal.cp_state(1) == CP_C and not self.inoperative
-        w = self.app.sc.target(1, self.tx is not None) if on else 0
+        # The offer (the pilot's PWM, from the limit) comes with the transaction while an EV
+        # is plugged (B or C): a real EV closes S2 (B → C) only once offered current. The
+        # contactor closes only in C.
+        cp = hal.cp_state(1)
+        offer = self.tx is not None and cp != CP_A and not self.inoperative
+        w = self.app.sc.target(1, True) if offer else 0
         if w != self.hw_limit:
             hal.set_limit_w(w, 1)
             self.hw_limit = w
+        on = offer and hal.cp_state(1) == CP_C
         if on != self._on:
             hal.set_contactor(on, 1)
             self._on = on
