@@ -8,7 +8,7 @@ import gc
 
 # Collect every 4 KiB allocated rather than when the heap is full: the garbage of the imports is
 # freed while it is small, so the modules' objects pack at the bottom of the heap and the large
-# buffers the app allocates next (receive 4 KiB, send queue 4 KiB) find a free block at the top.
+# buffers the app allocates next (the 4.4 KiB send and receive buffer) find a free block at the top.
 # Without it the live objects end up spread over the whole heap (measured on the unix port: the
 # footprint scenario needed 169k of heap, with it and nothing else changed 148k).
 gc.threshold(4096)

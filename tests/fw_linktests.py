@@ -47,7 +47,7 @@ class _Names:
 
 S = _Names(_schema)  # S.A_HELLO, S.F_NONCE, S.E_REPLAY, …
 L = _Names(_link)  # L.Link, L.OPENED, L.FLOOD_MAX, …
-Q = _Names(_sendq)  # Q.SLOTS, Q.ARENA, Q.MAX_BODY
+Q = _Names(_sendq)  # Q.SLOTS, Q.CAP, Q.MAX_BODY
 
 
 def use_source(firmware_dir):
@@ -540,16 +540,16 @@ def test_a_full_class_refuses_and_nothing_accepted_is_lost():
     assert len(q) == 0
 
 
-def test_bodies_wrap_around_their_region_of_the_queue():
+def test_a_class_holds_at_most_its_cap_and_room_freed_is_used_again():
     q = SendQueue()
     link, gw = opened(q)
-    size = Q.ARENA[3] * 2 // 5  # two fit the bulk region, a third only once the first left
+    size = Q.CAP[3] * 2 // 5  # two fit the bulk class's cap, a third only once the first left
     assert q.put(S.K_EVENT, S.P_BULK, 1, S.A_LOG_CHUNK, _chunk(1, size))
     assert q.put(S.K_EVENT, S.P_BULK, 2, S.A_LOG_CHUNK, _chunk(2, size))
     assert not q.put(S.K_EVENT, S.P_BULK, 3, S.A_LOG_CHUNK, _chunk(3, size))
     end = link.transmit(0, TS)
     assert gw.receive(bytes(link.tx.mv[2:end])).id == 1
-    assert q.put(S.K_EVENT, S.P_BULK, 4, S.A_LOG_CHUNK, _chunk(4, size))  # at the region's start again
+    assert q.put(S.K_EVENT, S.P_BULK, 4, S.A_LOG_CHUNK, _chunk(4, size))  # in the room the first left
     out = [gw.receive(x) for x in frames(link)]
     assert [f.id for f in out] == [2, 4]
     assert [f.body[S.F_OFFSET] for f in out] == [2048, 4096] and [len(f.body[S.F_DATA]) for f in out] == [size, size]
@@ -612,6 +612,84 @@ def test_non_durable_events_are_refused_when_their_class_is_full():
     assert link.event(n, S.A_STATUS_NOTIFICATION, body, 0)  # room again
     link.handle_timer(10**6)  # a non-durable event is not waited for
     assert len(frames(link)) == 1
+
+
+def test_a_class_refused_for_room_in_the_shared_region_gets_in_at_its_next_try():
+    q = SendQueue()
+    link, gw = opened(q)
+    mid = 1
+    while q.put(S.K_EVENT, S.P_CONTROL, mid, S.A_TRANSACTION_EVENT, _tx_event(mid, 300)):
+        mid += 1  # control up to its cap
+    while q.put(S.K_EVENT, S.P_TELEMETRY, mid, S.A_METER_VALUES, _meter(mid, 300)):
+        mid += 1  # telemetry up to its cap: the shared region has no room for a chunk left
+    assert not q.put(S.K_EVENT, S.P_BULK, 900, S.A_LOG_CHUNK, _chunk(0, 900))
+    assert q.waiting == S.P_BULK  # refused for the region's room (not its cap): bulk waits, first
+    n = len(q)
+    for _ in range(n):
+        gw.receive(one(link))  # the sender drains the region …
+        # … and the others may not take the room back meanwhile
+        assert not q.put(S.K_EVENT, S.P_CONTROL, mid, S.A_TRANSACTION_EVENT, _tx_event(mid, 300)) or (
+            q.n[1] == 1 and q.n[3] == 0
+        )
+        if q.put(S.K_EVENT, S.P_BULK, 900, S.A_LOG_CHUNK, _chunk(0, 900)):
+            break
+    else:
+        raise AssertionError("the waiting class never got in")
+    assert q.waiting == 0  # served: nobody waits any more
+    assert q.put(S.K_RESPONSE, S.P_URGENT, 901, S.A_DSO_LIMIT, {S.F_STATUS: 0})  # urgent: its own region
+    got = [gw.receive(x) for x in frames(link)]
+    assert got[0].id == 901 and 900 in [f.id for f in got]
+
+
+def test_a_frame_above_the_receive_part_borrows_the_drained_shared_region():
+    q = SendQueue()
+    link, gw = opened(q)
+    mv = q.w.mv[Q.URGENT :]
+    s = FrameSplitter(mv, Q.RX, q.lend)
+    assert len(mv) == 4096 + 2 and Q.RX < 2048  # one whole MAX_FRAME frame, two thirds of it lent
+    # a command of ~4 KiB (vendor data makes it the protocol's largest frame) while a control
+    # frame is queued
+    body = {S.F_LIST_VERSION: 1, S.F_UPDATE_TYPE: 0, S.F_ENTRIES: bytes(16), S.F_LAST: True}
+    body[S.F_EXT] = bytes(3960)
+    big = gw.seal(S.K_REQUEST, 50, S.P_CONTROL, S.A_SEND_LOCAL_LIST, body)
+    assert 4000 < len(big) <= 4096
+    data = bytes([len(big) >> 8, len(big) & 0xFF]) + big
+    assert q.put(S.K_EVENT, S.P_CONTROL, 7, S.A_TRANSACTION_EVENT, _tx_event(7))
+    at = 0
+    room = s.space()
+    k = len(room)
+    room[0:k] = data[0:k]  # the receive part first
+    s.wrote(k)
+    at = k
+    assert s.next() is None
+    assert s.space() is None  # the rest waits until the shared region has drained …
+    assert not q.put(S.K_EVENT, S.P_TELEMETRY, 8, S.A_METER_VALUES, _meter(8))  # … and nothing new goes in
+    assert q.put(S.K_RESPONSE, S.P_URGENT, 9, S.A_DSO_LIMIT, {S.F_STATUS: 0})  # but urgent does
+    assert [gw.receive(x).id for x in frames(link)] == [9, 7]
+    room = s.space()  # drained: lent, up to this frame's end
+    assert len(room) == len(data) - at
+    room[0 : len(room)] = data[at:]
+    s.wrote(len(room))
+    f = s.next()
+    link.receive(f, 0)
+    (e,) = events(link)
+    assert e[1] == 50 and e[4][S.F_EXT] == bytes(3960)
+    # decoded, the region is the queue's again (for an ack, a repeated answer or an error frame):
+    # the same frame once more is a replay, answered at once
+    link.receive(f, 0)
+    (err,) = [gw.receive(x) for x in frames(link)]
+    assert (err.kind, err.id) == (S.K_ERROR, 50)
+    s.release()  # and the splitter reads into its own part again
+    assert q.put(S.K_EVENT, S.P_TELEMETRY, 10, S.A_METER_VALUES, _meter(10))
+    assert [gw.receive(x).id for x in frames(link)] == [10]
+    # small frames again in the receive part
+    t = _tariff(gw, 51)
+    room = s.space()
+    room[0 : len(t) + 2] = bytes([len(t) >> 8, len(t) & 0xFF]) + t
+    s.wrote(len(t) + 2)
+    link.receive(s.next(), 0)
+    s.release()
+    assert [e[1] for e in events(link)] == [51]
 
 
 # ---------------------------------------------------------------- secret fields (B3)

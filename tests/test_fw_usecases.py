@@ -73,6 +73,29 @@ def test_fw_s2_local_list_authorizes_offline_and_unknown_is_refused(rig: Rig) ->
     assert tx_events(rig)[0][Key.OFFLINE] is True
 
 
+def test_fw_s2_a_local_list_above_the_receive_part_is_received_whole(rig: Rig) -> None:
+    # ~2 KiB: more than the receiver's own part of the board's buffer (sendq.RX), so the frame
+    # borrows the shared send region while the board keeps sending its telemetry
+    tokens = [b"card-%03d-" % i + bytes(11) for i in range(80)]
+    entries = msgpack.packb([[t, 0, 0] for t in tokens])
+    assert 1800 < len(entries) <= 2048
+    rig.board.cmd("emit", n=6)  # durable telemetry on its way meanwhile
+    k, b = rig.peer.request(
+        Action.SEND_LOCAL_LIST,
+        {Key.LIST_VERSION: 4, Key.UPDATE_TYPE: 0, Key.ENTRIES: b"", Key.LAST: True},
+        secrets={Key.ENTRIES: entries},
+    )
+    assert (k, b[Key.STATUS]) == (Kind.RESPONSE, 0)
+    assert rig.board.status()["bad"] == 0
+    rig.peer.wait(lambda: len(rig.peer.durable(Action.METER_VALUES)) >= 6, 10)  # the telemetry went out too
+    rig.peer.pause()
+    rig.board.wait("offline")
+    m = rig.board.mark()
+    rig.board.cmd("card", token=list(tokens[-1]))
+    e = rig.board.wait("auth", since=m)
+    assert (e["status"], e["source"]) == (0, "local")
+
+
 def test_fw_s2_online_authorization_is_cached_for_offline_use(rig: Rig) -> None:
     rig.peer.tokens[b"card-7"] = 0
     m = rig.board.mark()

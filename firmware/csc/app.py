@@ -29,7 +29,6 @@ from .schema import (
     A_BOOT_NOTIFICATION,
     A_HEARTBEAT,
     A_SECURITY_EVENT,
-    ACT_INDEX,
     E_NOT_SUPPORTED,
     EPOCH_UNIX,
     F_EVENT_NAME,
@@ -44,10 +43,8 @@ from .schema import (
     F_TIME_MS,
     F_VENDOR,
     REGISTRATION_ACCEPTED,
-    REGISTRATION_REJECTED,
 )
-from .sendq import SendQueue
-from .services import LAZY
+from .sendq import RX, URGENT, SendQueue
 
 FW_VERSION = "1.0.0"
 TICK_MS = const(50)
@@ -73,20 +70,17 @@ def status(code, reason=None):
 class App:
     def __init__(self, hal, device_id, factory_key, gateway, note=None):
         self.hal = hal
-        self.device_id = device_id
         self.factory_key = factory_key
         self.gateway = gateway  # (host, port); a Migrate stores another
         self.note = note or (lambda kind, data=None: None)
         self.ids = Ids()
         self.outbox = Outbox()
-        self.q = SendQueue(hal.ticks_ms)
-        self.link = L.Link(self.q, device_id, FW_VERSION)
+        q = SendQueue(hal.ticks_ms)
+        self.link = L.Link(q, device_id, FW_VERSION)
         self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
-        self.split = FrameSplitter()
-        # action (a command, or an event of the gateway's) -> who handles it: 1 + index of the
-        # service in self.services (its `command()`), services.LAZY… for a service built on its
-        # first command, 0 for none
-        self.handlers = bytearray(len(ACT_INDEX))
+        # the receive buffer is part of the send queue's: a frame above RX bytes borrows the
+        # shared send region (sendq.py), so the board holds no second 4 KiB buffer
+        self.split = FrameSplitter(q.w.mv[URGENT:], RX, q.lend)
         self.pending = {}  # our request id -> fn(body or None, error code)
         self.flying = {}  # outbox ids in flight
         self.registered = False
@@ -96,7 +90,6 @@ class App:
         self._t_s = int(__import__("time").time()) - EPOCH_UNIX
         self._t_ticks = hal.ticks_ms()
         self._hb_due = 0
-        self.stop_reason = None
         self._reconnect = False  # set when the link must be dropped and opened again
         g = store.load(store.path("gw"))
         if g:
@@ -197,9 +190,9 @@ class App:
                 if cb:
                     cb(ev[3], 0)
             elif t == L.EVENT_RECEIVED:
-                i = self.handlers[ev[2]]  # an event of the gateway's: no answer
-                if 0 < i < LAZY:
-                    self.services[i - 1].command(ev[2], ev[3], 0)
+                s = self._service(ev[2])  # an event of the gateway's: no answer
+                if s is not None:
+                    s.command(ev[2], ev[3], 0)
             elif t == L.FAILED:
                 mid = ev[1]
                 cb = self.pending.pop(mid, None)
@@ -223,23 +216,29 @@ class App:
                 self._reconnect = True
         # done
 
-    def _command(self, mid, action, prio, body, seq):
-        h = self.handlers
-        i = h[action] if action < len(h) else 0
-        if i == 0:
-            self.link.refuse(mid, action, prio, "not supported by this board", E_NOT_SUPPORTED)
-        else:
-            try:
-                if i >= LAZY:
-                    from .services import build
+    def _service(self, action, build=False):
+        """The service that answers `action` (a command, or an event of the gateway's), or None;
+        with `build`, one built on its first command (security, monitoring) is built now. The
+        services' COMMANDS tables are searched (a few dozen entries) rather than a table per
+        action kept in RAM."""
+        for s in self.services:
+            if action in s.COMMANDS:  # (action, method name, …): an int never equals a name
+                return s
+        if build:
+            from .services import lazy
 
-                    build(self, i)  # a service built on its first command: it registers its own
-                    i = h[action]
-                res = self.services[i - 1].command(action, body, seq)
-            except Refused as e:
-                self.link.refuse(mid, action, prio, e.reason)
+            return lazy(self, action)
+        return None
+
+    def _command(self, mid, action, prio, body, seq):
+        try:
+            s = self._service(action, True)
+            if s is None:
+                self.link.refuse(mid, action, prio, "not supported by this board", E_NOT_SUPPORTED)
             else:
-                self.link.respond(mid, action, prio, res)
+                self.link.respond(mid, action, prio, s.command(action, body, seq))
+        except Refused as e:
+            self.link.refuse(mid, action, prio, e.reason)
         self.note("command", {"action": action, "id": mid})
         self.kick()
 
@@ -265,7 +264,6 @@ class App:
         if body is None:
             return
         self.registered = body[F_REGISTRATION] == REGISTRATION_ACCEPTED
-        self.rejected = body[F_REGISTRATION] == REGISTRATION_REJECTED
         self.interval_s = body[F_INTERVAL_S] or self.interval_s
         self.set_time(body[F_TIME])
         self._hb_due = L.ticks_diff(self.now(), -self.interval_s * 1000)
@@ -292,7 +290,12 @@ class App:
         split = self.split
         link = self.link
         while True:
-            n = await r.readinto(split.space())
+            room = split.space()
+            if room is None:  # a frame above RX bytes: the shared send region drains first
+                self.kick()
+                await asyncio.sleep_ms(5)
+                continue
+            n = await r.readinto(room)
             if not n:
                 return
             split.wrote(n)
@@ -300,6 +303,7 @@ class App:
                 f = split.next()
                 while f is not None:
                     link.receive(f, self.now())
+                    split.release()  # its own part again: the link gave a lent region back once decoded
                     self._drain()
                     f = split.next()
             except FrameError:  # the stream cannot be re-synchronised (OVERSIZE)
@@ -315,8 +319,7 @@ class App:
         wake = self.wake
         while True:
             self._reconnect = False
-            self.split.start = self.split.end = 0
-            self.split.failed = False
+            self.split.reset()
             try:
                 r, w = await open_connection(self.gateway[0], self.gateway[1])
             except OSError:

@@ -355,11 +355,20 @@ class FrameSplitter:
     A yielded frame is a memoryview into the splitter's buffer, valid until more bytes
     are added. A prefix of 0 or above MAX_FRAME raises FrameError(E_OVERSIZE), and so
     does every later call: the stream cannot be re-synchronised.
+
+    On the board the buffer is part of the send queue's (sendq.py: `buf` = its buffer after URGENT,
+    MAX_FRAME + 2 bytes, `own` = sendq.RX, `lend` = SendQueue.lend): the splitter uses
+    buf[:own] and, for a frame longer than that, the rest once `lend(True)` says it is free
+    (space() returns None until then: ask again a little later); it reads no further than
+    that frame's end and gives the room back (`lend(False)`) in release(), which the caller
+    calls once the frame is decoded.
     """
 
-    def __init__(self, size=MAX_FRAME + 2):
-        self.buf = bytearray(size)
-        self.mv = memoryview(self.buf)
+    def __init__(self, buf=None, own=0, lend=None):
+        self.mv = memoryview(bytearray(MAX_FRAME + 2)) if buf is None else buf
+        self.own = own or len(self.mv)
+        self.lim = self.own  # the room in use: own, or all of it while lent
+        self.lend = lend
         self.start = 0
         self.end = 0
         self.failed = False
@@ -371,24 +380,51 @@ class FrameSplitter:
         s = self.start
         if self.end - s < 2:
             return None
-        n = (self.buf[s] << 8) | self.buf[s + 1]
+        b = self.mv
+        n = (b[s] << 8) | b[s + 1]
         if n == 0 or n > MAX_FRAME:
             self.failed = True
             raise FrameError(E_OVERSIZE, "length prefix 0 or above MAX_FRAME")
         if self.end - s < n + 2:
             return None
         self.start = s + 2 + n
-        return self.mv[s + 2 : s + 2 + n]
+        return b[s + 2 : s + 2 + n]
 
     def space(self):
-        """Free space at the end of the buffer (after moving pending bytes to the front)."""
+        """Free space at the end of the buffer (after moving pending bytes to the front);
+        None while a frame longer than the own part waits for the lent room."""
         s = self.start
+        b = self.mv
         if s:
             k = self.end - s
-            self.mv[0:k] = self.mv[s : self.end]
+            b[0:k] = b[s : self.end]
             self.start = 0
             self.end = k
-        return self.mv[self.end :]
+        e = self.end
+        if e >= 2:
+            n = ((b[0] << 8) | b[1]) + 2  # the pending frame, prefix included
+            if self.lim < n <= len(b):
+                if not self.lend(True):
+                    return None
+                self.lim = len(b)
+            if self.lim > self.own:
+                return b[e:n]  # no further than this frame: the room goes back after it
+        return b[e : self.lim]
+
+    def release(self):
+        """After the frame just returned was decoded: give lent room back."""
+        if self.lim > self.own and self.start == self.end:
+            self.start = self.end = 0
+            self.lim = self.own
+            self.lend(False)
+
+    def reset(self):
+        """A new connection: no bytes pending, no room lent nor asked for."""
+        self.start = self.end = 0
+        self.failed = False
+        self.lim = self.own
+        if self.lend is not None:
+            self.lend(False)
 
     def wrote(self, n):
         """Record that n bytes were written into space()."""

@@ -124,31 +124,34 @@ def ticks_diff(a, b):
 class Link:
     def __init__(self, q, device_id, fw_version=""):
         self.q = q
-        self.device_id = device_id
-        self.fw_version = fw_version
+        self.ident = (device_id, fw_version)  # for the Hello
         self.state = IDLE
-        self.tx = self  # transmit() leaves its frame at self.tx.mv[0:end]
-        self.mv = None
+        self.mv = None  # transmit() leaves its frame at self.tx.mv[0:end]
         self.seq = 0
         self.events = []
         self.inflight = {}
         self.load = None  # fn(mid) -> body of a stored durable event (the outbox), or None
-        self.recent = [0] * _RECENT  # ids of commands answered (dedup)
-        # the answers sent: bytes([kind, prio, action >> 8, action & 0xff]) + the encoded body (one
-        # small object), or (kind, action, prio, body) when the body has a secret field
-        self.recent_ans: list = [None] * _RECENT
+        # the last commands received (dedup): the id of one not answered yet (an int), or its
+        # answer: the id (8 bytes) + bytes([kind, prio, action >> 8, action & 0xff]) + the encoded
+        # body (one small object), or (id, kind, action, prio, body) when the body has a secret field
+        self.recent: list = [None] * _RECENT
         self.recent_i = 0
         self.bad = 0  # bad frames received, in all
         self.errors = {}  # error code -> count
         self._flood = 0
         self._flood_t = 0
-        self.urgent_wait_ms = 0  # enqueue → sealed, of the last urgent frame
-        self.urgent_max_ms = 0
+        self.urgent_max_ms = 0  # enqueue → sealed, of the urgent frames
         self._mac_up = None
         self._mac_dn = None
         self._win = None
         self._e_up = None
         self._e_dn = None
+
+    @property
+    def tx(self):
+        """What transmit() sealed: its frame is self.tx.mv[0:end] (a property: one attribute
+        fewer in the link's dict)."""
+        return self
 
     # ---------------------------------------------------------------- handshake
     def connect(self, now_ms, k_dev, nonce, mid, factory=False):
@@ -156,19 +159,18 @@ class Link:
         self.q.clear()
         self.state = HELLO_SENT
         self.seq = 0
-        self._k = k_dev
-        self._nonce = bytes(nonce)
-        self._hello_mid = mid
+        nonce = bytes(nonce)
+        self._hs = (k_dev, nonce, mid)  # until the Hello's answer: the session keys are made from it
         self._mac_up = crypto.Hmac(crypto.hello_key(k_dev))
         self._hello_deadline = now_ms + ACT_TIMEOUT[ACT_INDEX[A_HELLO]]
         body = Map()
-        body[F_DEVICE_ID] = self.device_id
-        body[F_NONCE] = self._nonce
+        body[F_DEVICE_ID] = self.ident[0]
+        body[F_NONCE] = nonce
         body[F_VER_MIN] = PROTOCOL_VERSION
         body[F_VER_MAX] = PROTOCOL_VERSION
         body[F_SCHEMA_REV] = SCHEMA_REV
-        if self.fw_version:
-            body[F_FW_VERSION] = self.fw_version
+        if self.ident[1]:
+            body[F_FW_VERSION] = self.ident[1]
         if factory:
             body[F_FACTORY] = True
         self.q.put(K_REQUEST, P_CONTROL, mid, A_HELLO, body)
@@ -186,11 +188,12 @@ class Link:
         if f.kind == K_ERROR:
             self._closed("hello refused: %s" % f.body.get(13, ""))
             return
-        if f.kind != K_RESPONSE or f.action != A_HELLO or f.seq != 1 or f.id != self._hello_mid:
+        k, nonce, mid = self._hs
+        if f.kind != K_RESPONSE or f.action != A_HELLO or f.seq != 1 or f.id != mid:
             self._closed("unexpected frame before hello")
             return
-        k_up, k_dn, e_up, e_dn = crypto.derive(self._k, self._nonce, f.body[F_NONCE])
-        self._k = self._nonce = None  # only the session keys from here
+        k_up, k_dn, e_up, e_dn = crypto.derive(k, nonce, f.body[F_NONCE])
+        self._hs = None  # only the session keys from here
         mac_dn = crypto.Hmac(k_dn)
         n = len(data)
         if not mac_dn.verify(data[0 : n - TAG_LEN - 2], f.tag):
@@ -234,8 +237,12 @@ class Link:
         try:
             f = frame.decode(data, self._mac_dn, self._win)
         except FrameError as e:
+            self.q.lend(False)
             self._reject(e, now_ms)
             return
+        # decoded (the values are copies): a frame that borrowed the queue's shared region
+        # (sendq.lend) gives it back before the ack, answer or error frame below is queued there
+        self.q.lend(False)
         k = f.kind
         mid = f.id
         if k == K_RESPONSE or k == K_ERROR:  # noqa: PLR1714, SIM109 — two int compares on MicroPython
@@ -250,16 +257,16 @@ class Link:
             for i in f.body.get(F_IDS, ()):
                 self._acked(i)
         elif k == K_REQUEST:
-            for i in range(_RECENT):
-                if self.recent[i] == mid:
-                    a = self.recent_ans[i]
-                    if isinstance(a, bytes):  # a repeat: the same answer, not acted on twice
-                        self.q.put(a[0], a[1], mid, a[2] << 8 | a[3], a[4:])
-                    elif a is not None:
-                        self.q.put(a[0], a[2], mid, a[1], a[3])
-                    return
+            i = self._recent(mid)
+            if i >= 0:  # a repeat: the same answer (once there is one), not acted on twice
+                a = self.recent[i]
+                if isinstance(a, bytes):
+                    self.q.put(a[8], a[9], mid, a[10] << 8 | a[11], a[12:])
+                elif isinstance(a, tuple):
+                    self.q.put(a[1], a[3], mid, a[2], a[4])
+                return
             self.events.append((REQUEST_RECEIVED, mid, f.action, f.prio, f.body, f.seq))
-            self._remember(mid, None)
+            self._remember(mid)
         else:
             if ACT_DURABLE[ACT_INDEX[f.action]]:
                 self.q.put(K_ACK, f.prio, mid, f.action, {})
@@ -285,35 +292,52 @@ class Link:
             self._count(E_RATE_LIMITED)
             self._closed("flood of bad frames")
 
-    def _remember(self, mid, ans):
+    def _remember(self, x):
         i = self.recent_i
-        self.recent[i] = mid
-        self.recent_ans[i] = ans
+        self.recent[i] = x
         self.recent_i = (i + 1) % _RECENT
+
+    def _recent(self, mid):
+        """Where command `mid` is remembered (self.recent), or -1."""
+        m = None
+        for i in range(_RECENT):
+            a = self.recent[i]
+            if isinstance(a, bytes):
+                if m is None:
+                    m = mid.to_bytes(8, "big")
+                if a.startswith(m):
+                    return i
+            elif isinstance(a, tuple):
+                if a[0] == mid:
+                    return i
+            elif a == mid:
+                return i
+        return -1
 
     # ---------------------------------------------------------------- sending
     def respond(self, mid, action, prio, body):
         """Answer command `mid` (its response body)."""
-        self._answer(mid, (K_RESPONSE, action, prio, body))
+        self._answer(mid, K_RESPONSE, action, prio, body)
 
     def refuse(self, mid, action, prio, reason, code=E_REJECTED):
         """Answer command `mid` with an error frame (REJECTED and a reason by default)."""
         b = Map()
         b[12] = code
         b[13] = reason[:120]
-        self._answer(mid, (K_ERROR, action, prio, b))
+        self._answer(mid, K_ERROR, action, prio, b)
 
-    def _answer(self, mid, a):
+    def _answer(self, mid, kind, action, prio, body):
         q = self.q
-        if q.put(a[0], a[2], mid, a[1], a[3]):
+        a = (mid, kind, action, prio, body)
+        if q.put(kind, prio, mid, action, body):
             b = q.encoded(q.last)
             if b is not None:  # kept encoded: a few bytes rather than the body's dict
-                a = bytes((a[0], a[2], a[1] >> 8, a[1] & 0xFF)) + b
-        for i in range(_RECENT):
-            if self.recent[i] == mid:
-                self.recent_ans[i] = a
-                return
-        self._remember(mid, a)
+                a = mid.to_bytes(8, "big") + bytes((kind, prio, action >> 8, action & 0xFF)) + b
+        i = self._recent(mid)
+        if i < 0:
+            self._remember(a)
+        else:
+            self.recent[i] = a
 
     def request(self, mid, action, body, now_ms, prio=None):
         """Send a request; its answer comes as RESPONSE_RECEIVED or FAILED."""
@@ -387,12 +411,7 @@ class Link:
         w.integer(c)  # the class is the priority
         w.integer(ts)
         w.integer(q.action[s])
-        j = s * 6
-        while j < s * 6 + 6 and q.sec[j]:
-            x = o + q.sec[j + 1]
-            n = q.sec[j + 2]
-            w.mv[x : x + n] = crypto.ctr(self._e_up, seq, q.sec[j], w.mv[x : x + n])
-            j += 3
+        q.secrets(s, self._e_up, seq)  # encrypted under this frame's seq: a resend re-encrypts
         b = w.buf
         b[p] = 0xC4
         b[p + 1] = TAG_LEN
@@ -402,7 +421,6 @@ class Link:
         b[start + 1] = n & 0xFF
         if c == 0 and q.ticks is not None:
             d = ticks_diff(q.ticks(), q.t[s])
-            self.urgent_wait_ms = d
             self.urgent_max_ms = max(self.urgent_max_ms, d)
         q.pop(c)
         self.seq = seq + 1

@@ -42,7 +42,7 @@ class Outbox:
     def __init__(self, name="ob"):
         self._dir = store.path(name)
         store.mkdir(self._dir)
-        self.index = []  # [mid, action, prio, cls, size], ascending mid
+        self.index = []  # (mid, action, prio, cls, size), ascending mid: tuples, 32 bytes fewer than lists
         self.bytes = 0
         self.shed = 0
         self.refused = 0
@@ -59,7 +59,7 @@ class Outbox:
             if not b or len(b) < 5 or mid <= 0:
                 store.remove(p)
                 continue
-            self.index.append([mid, (b[0] << 8) | b[1], b[2], b[3], len(b)])
+            self.index.append((mid, (b[0] << 8) | b[1], b[2], b[3], len(b)))
             self.bytes += len(b)
         self.index.sort(key=lambda r: r[0])
 
@@ -109,7 +109,7 @@ class Outbox:
         else:
             self.refused += 1
             return False
-        self.index.append([mid, action, prio, cls, n])
+        self.index.append((mid, action, prio, cls, n))
         self.bytes += n
         return True
 

@@ -1,53 +1,76 @@
 """The board's send queue (DESIGN.md "Priorities", protocol link behaviour 7).
 
 Four classes (0 urgent … 3 bulk), each a FIFO of at most SLOTS[c] messages whose bodies
-are encoded in msgpack straight into the class's region of one preallocated buffer, used
-as a ring (a body that does not fit before the region's end goes to its start when the
-oldest bodies have left): a slot is the envelope fields plus (offset, length) in the
-buffer, so queueing, taking a message out and sealing it (link.py) allocate nothing. Each
-body has HEAD bytes of room before it and TAIL after it: the link seals the frame there,
-in place (envelope before the body, tag after it), and needs no buffer of its own.
-Regions are sized from the bodies measured (high-water marks of the test suite and the
-footprint scenario: 35 / 382 / 515 / 1 044 bytes) with room for the largest legal one:
-urgent answers ≤ ~140 bytes (status + 120-byte reason), so two worst-case frames; every other
-region holds at least one MAX_BODY frame, so any body a class may carry fits once the region has
-drained (a refused message is never one that can never be sent). Bulk is one LogChunk in
-flight (admin.CHUNKS_IN_FLIGHT). A refused message is not lost: the link's timer queues a
-refused request or durable event again 50 ms later, a refused answer is sent again when the
-gateway repeats the command (link.py keeps the last answers), a refused ack is asked for
-again by the gateway's resend of its event. Urgent
-always goes first; classes 1–3 share the rest by deficit round robin with byte quanta
-(8 : 4 : 1), so telemetry and bulk are never starved. Bulk payloads come in chunks of at
-most MAX_CHUNK (the services chunk them), so an urgent frame waits for at most one chunk
-on the wire. A full class refuses (put() returns False: backpressure); nothing accepted
-is dropped.
+are encoded in msgpack straight into one preallocated buffer: a slot is the envelope fields
+plus (offset, length) in the buffer, so queueing, taking a message out and sealing it
+(link.py) allocate nothing. Each body has HEAD bytes of room before it and TAIL after it:
+the link seals the frame there, in place (envelope before the body, tag after it), and
+needs no buffer of its own.
 
-`secret` fields are written in clear in the slot and their (key, offset, length) kept:
-the link encrypts them in the outgoing frame under that frame's `seq` (AES-CTR keeps the
-length), so a retransmission with a new `seq` re-encrypts correctly.
+One buffer of 4 482 bytes (`w.buf`) holds
+    [urgent: URGENT bytes][receive: RX bytes][shared: SHARED bytes]
+- urgent frames have a region of their own, so they never wait for room behind the others
+  (two worst-case answers: status + 120-byte reason, ~190 bytes a frame);
+- control, telemetry and bulk share one region (2 816 bytes, where each used to have its
+  own: 3 584 in all); a class never holds more than CAP[c] bytes of it (what its own region
+  held: bulk one 1 KiB chunk, admin.CHUNKS_IN_FLIGHT), and each cap and the region take one
+  MAX_BODY frame, so any body a class may carry fits once the region has drained (a refused
+  message is never one that can never be sent). A body goes into the largest free gap of
+  the region (classes leave it out of order, deficit round robin). A class refused for the
+  region's room waits (`waiting`: the classes in the order they were refused); while one
+  waits the others queue one frame at most and leave the first waiting class the room it
+  needs (learnt from its refusals), so the room the sender frees goes to it and every class
+  still has a frame queued for the round robin; a region found empty has nobody waiting (a
+  class that never comes back blocks nobody);
+- the receive part is the frame splitter's (app.py, frame.FrameSplitter): a received frame
+  longer than RX (up to MAX_FRAME) also takes the shared region, lent to it once drained
+  (`lend()`: classes 1–3 refuse puts from the request until the frame is decoded, link.py).
+  The two are MAX_FRAME + 2 bytes: the protocol's largest frame is still received whole,
+  without a buffer of 4 KiB of its own for the few frames above 1 280 bytes.
+Regions are sized from the bodies measured (high-water marks of the test suite and the
+footprint scenario: 35 / 382 / 515 / 1 044 bytes). A refused message is not lost: the link's
+timer queues a refused request or durable event again 50 ms later, a refused answer is sent
+again when the gateway repeats the command (link.py keeps the last answers), a refused ack is
+asked for again by the gateway's resend of its event. Urgent always goes first; classes 1–3
+share the link by deficit round robin with byte quanta (8 : 4 : 1), so telemetry and bulk are
+never starved. Bulk payloads come in chunks of at most MAX_CHUNK (the services chunk them), so
+an urgent frame waits for at most one chunk on the wire. A full class refuses (put() returns
+False: backpressure); nothing accepted is dropped.
+
+`secret` fields are written in clear in the slot: the link encrypts them in the outgoing
+frame under that frame's `seq` (`secrets()` finds them at the body's top level; AES-CTR keeps
+the length), so a retransmission with a new `seq` re-encrypts correctly.
 """
+
+# ruff: noqa: PLR1714
+# `a == x or a == y` compiles to two int compares on MicroPython (a tuple or set would be built)
 
 from array import array
 
 from micropython import const
 
-from .msgpack import FrameError, Writer
+from .crypto import ctr
+from .msgpack import FrameError, Writer, check
 from .schema import FTYPE, T_SECRET
 
 SLOTS = (3, 6, 6, 3)  # messages per class
-ARENA = (384, 1280, 1152, 1152)  # bytes per class (its region of the buffer): frames, sealed in place
-_LO = (0, 384, 1664, 2816)  # each region's start in the buffer
+URGENT = const(384)  # the urgent region: buf[0:URGENT]
+RX = const(1282)  # the receiver's own part: buf[URGENT:URGENT + RX]
+SHARED = const(2816)  # control, telemetry and bulk: buf[URGENT + RX:]; RX + SHARED = MAX_FRAME + 2
+CAP = (URGENT, 1280, 1152, 1152)  # bytes a class may hold (urgent: its region)
+_SIZE = const(URGENT + RX + SHARED)  # the whole buffer: 4 482 bytes
+_LO = (0, URGENT + RX, URGENT + RX, URGENT + RX)  # each class's region: start …
+_HI = (URGENT, _SIZE, _SIZE, _SIZE)  # … and end in the buffer
 _BASE = (0, 3, 9, 15)  # each class's first slot
 _NSLOT = const(18)
-_SIZE = const(3968)  # the whole buffer
 _QUANTUM = (0, 4096, 2048, 512)
-_NSEC = const(2)  # secret fields per body
 # Room kept around each body, so that the link seals the frame where the body lies (no buffer of
 # its own): before it the length prefix (2) and the envelope (array head 1, ver 1, kind 1, seq ≤ 9,
 # id ≤ 9, prio 1, ts ≤ 9, action ≤ 3), after it the tag (c4 10 + 16 bytes).
 HEAD = const(36)
 TAIL = const(18)
-MAX_BODY = const(1098)  # one body: with HEAD and TAIL it fills a region of 1152 bytes
+MAX_BODY = const(1098)  # one body: with HEAD and TAIL a frame of 1152 bytes
+_FRAME = const(1152)  # HEAD + MAX_BODY + TAIL
 
 
 class SendQueue:
@@ -63,11 +86,13 @@ class SendQueue:
         self.off = array("H", bytes(2 * _NSLOT))  # body offset in the buffer
         self.ln = array("H", bytes(2 * _NSLOT))  # body length
         self.t = array("I", bytes(4 * SLOTS[0]))  # enqueue tick of the urgent ones (latency; ticks < 2**30)
-        self.sec = array("H", bytes(2 * _NSLOT * _NSEC * 3))  # (key, offset in the body, length) per secret
-        self.w = Writer(bytearray(_SIZE))  # one encoder over the four regions
+        self.w = Writer(bytearray(_SIZE))  # one encoder over the whole buffer
         self.ticks = ticks
         self.full = 0  # puts refused
         self.last = 0  # slot of the last message queued
+        self.waiting = 0  # the classes (1–3) refused for room in the shared region, first one first
+        self.need = 0  # the room the first of them needs, at least
+        self.lent = False  # the shared region is the receiver's (or will be, once drained)
 
     def __len__(self):
         return self.n[0] + self.n[1] + self.n[2] + self.n[3]
@@ -77,35 +102,76 @@ class SendQueue:
             self.head[c] = 0
             self.n[c] = 0
             self.deficit[c] = 0
+        self.waiting = self.need = 0
+
+    def lend(self, on):
+        """Lend the shared region to the receiver for one frame longer than RX (on=True; True
+        once no message of classes 1–3 is queued: until then, and until lend(False) gives it
+        back, those classes refuse puts, so it drains)."""
+        self.lent = on
+        return on and not (self.n[1] or self.n[2] or self.n[3])
+
+    def _gap(self, c):
+        # the largest free gap of class c's region, as start << 16 | end; frames are not in
+        # offset order (classes leave out of order), so from each gap's start the nearest frame
+        # after it is looked for (at most 15 frames: a few hundred steps when the region is full)
+        lo = _LO[c]
+        hi = _HI[c]
+        n = self.n
+        off = self.off
+        cs = (0,) if c == 0 else (1, 2, 3)
+        best = lo << 16 | lo
+        a = lo
+        while True:
+            e = hi  # where the nearest frame at or after a starts …
+            f = hi  # … and ends
+            for d in cs:
+                b0 = _BASE[d]
+                for i in range(n[d]):
+                    s = b0 + (self.head[d] + i) % SLOTS[d]
+                    st = off[s] - HEAD
+                    if a <= st < e:
+                        e = st
+                        f = off[s] + self.ln[s] + TAIL
+            if e - a > (best & 0xFFFF) - (best >> 16):
+                best = a << 16 | e
+            if e == hi:
+                return best
+            a = f
 
     def put(self, kind, prio, mid, action, body):
-        """Queue a message in class `prio`; False when the class is full or too big."""
+        """Queue a message in class `prio`; False when the class is full (its slots, its cap,
+        its region's room) or the body is too big."""
         c = prio
-        n = self.n[c]
-        if n >= SLOTS[c]:
+        n = self.n
+        k = n[c]
+        if k >= SLOTS[c] or (c and self.lent):
             self.full += 1
             return False
         b0 = _BASE[c]
-        s = b0 + (self.head[c] + n) % SLOTS[c]
-        lo = _LO[c]
-        hi = lo + ARENA[c]
-        h = lo  # where the oldest frame starts
-        if n == 0:
-            at = lo
-            end = hi
-        else:
-            h = self.off[b0 + self.head[c]] - HEAD
-            last = b0 + (self.head[c] + n - 1) % SLOTS[c]
-            at = self.off[last] + self.ln[last] + TAIL
-            end = hi if at > h else h
+        room = CAP[c]  # what class c may still take (a frame: HEAD + body + TAIL)
+        for i in range(k):
+            room -= self.ln[b0 + (self.head[c] + i) % SLOTS[c]] + HEAD + TAIL
+        if c and not (n[1] or n[2] or n[3]):
+            self.waiting = self.need = 0  # an empty region: nobody waits (one that never comes back blocks nobody)
+        g = self._gap(c)
+        at = g >> 16
+        gap = (g & 0xFFFF) - at
+        s = b0 + (self.head[c] + k) % SLOTS[c]
         w = self.w
-        ok = self._encode(w, s, at + HEAD, min(end - TAIL, at + HEAD + MAX_BODY), body)
-        if not ok and n and end == hi and h > lo:  # wrap to the region's start
-            at = lo
-            ok = self._encode(w, s, lo + HEAD, min(h - TAIL, lo + HEAD + MAX_BODY), body)
-        if not ok:
+        h = self.waiting & 3  # the class waiting first
+        if not self._encode(w, at + HEAD, at + min(gap, room, _FRAME) - TAIL, body):
+            if c and gap < room and gap < _FRAME:  # refused for the region's room: it waits
+                if h == 0 or h == c:
+                    self.need = max(self.need, gap + 1)  # its frame is larger than this gap
+                self._wait(c, False)
             self.full += 1
             return False
+        if c and h and h != c and (k or at + gap - w.pos - TAIL < self.need):
+            self.full += 1  # class h waits for room: the others queue one frame at most, and leave
+            return False  # it the room it needs, so that it gets in at one of its next tries
+        if c:
+            self._wait(c, True)
         self.off[s] = at + HEAD
         self.ln[s] = w.pos - at - HEAD
         self.kind[s] = kind
@@ -113,36 +179,76 @@ class SendQueue:
         self.action[s] = action
         if c == 0 and self.ticks is not None:
             self.t[s] = self.ticks()
-        self.n[c] = n + 1
+        n[c] = k + 1
         self.last = s
         return True
 
-    def _encode(self, w, s, at, end, body):
+    def _wait(self, c, ok):
+        # self.waiting: the classes refused for room in the shared region, in the order they
+        # were, two bits each; the first keeps a frame's room (put()) until it is served
+        q = self.waiting
+        if ok and q & 3 == c:
+            self.need = 0  # the first one was served: what the next one needs is learnt at its next try
+        r = 0
+        k = 0
+        while q:  # the list without c
+            if q & 3 == c:
+                if not ok:
+                    return  # refused again: it keeps its place
+            else:
+                r |= (q & 3) << k
+                k += 2
+            q >>= 2
+        self.waiting = r if ok else r | c << k
+
+    def _encode(self, w, at, end, body):
         w.pos = at
         w.end = end
-        sec = self.sec
-        j = s * _NSEC * 3
-        for x in range(_NSEC * 3):
-            sec[j + x] = 0
         try:
             if isinstance(body, bytes):  # already encoded (a remembered answer, no secret field)
                 w.raw(body)
-                return True
-            w.map(len(body))
-            for k in body:
-                v = body[k]
-                w.integer(k)
-                if 0 < k < len(FTYPE) and FTYPE[k] == T_SECRET and j < (s + 1) * _NSEC * 3:
-                    w.binary(v)
-                    sec[j] = k
-                    sec[j + 1] = w.pos - len(v) - at
-                    sec[j + 2] = len(v)
-                    j += 3
-                else:
-                    w.value(v)
+            else:
+                w.value(body)
         except FrameError:
             return False
         return True
+
+    def secrets(self, s, key=None, seq=0):
+        """The number of secret fields in the body of slot s; with `key`, each is encrypted in
+        place (AES-CTR under `key` and the frame's `seq`, same length), as the link does when it
+        seals the frame. They lie at the body's top level (docs/protocol.md), so they are found
+        by walking its keys rather than recorded per slot."""
+        mv = self.w.mv
+        x = self.off[s]
+        end = x + self.ln[s]
+        n = mv[x] & 15
+        if mv[x] == 0xDE:  # a map of more than 15 fields
+            n = mv[x + 1] << 8 | mv[x + 2]
+            x += 2
+        x += 1
+        found = 0
+        while n:
+            n -= 1
+            k = mv[x]  # the key: an unsigned int
+            if k < 0x80:
+                x += 1
+            elif k == 0xCC:
+                k = mv[x + 1]
+                x += 2
+            else:
+                k = 0
+                x = check(mv, x, end)
+            t = mv[x]
+            if k and k < len(FTYPE) and FTYPE[k] == T_SECRET and (t == 0xC4 or t == 0xC5):
+                x += 2 if t == 0xC4 else 3
+                m = mv[x - 1] if t == 0xC4 else mv[x - 2] << 8 | mv[x - 1]
+                if key is not None:
+                    mv[x : x + m] = ctr(key, seq, k, mv[x : x + m])
+                x += m
+                found += 1
+            else:
+                x = check(mv, x, end)
+        return found
 
     def _len(self, c):
         return self.ln[_BASE[c] + self.head[c]]
@@ -175,7 +281,7 @@ class SendQueue:
     def encoded(self, s):
         """The body of slot s as bytes (to keep), or None when it has secret fields: those
         are encrypted per frame, so it must be encoded again from its fields."""
-        if self.sec[s * _NSEC * 3]:
+        if self.secrets(s):
             return None
         o = self.off[s]
         return bytes(self.w.mv[o : o + self.ln[s]])

@@ -5,8 +5,6 @@
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-from micropython import const
-
 from .. import store
 from ..schema import (
     A_CERTIFICATE_SIGNED,
@@ -31,25 +29,15 @@ CERT_ACTIONS = (
 )
 
 
-# handlers[action] (app.py) of a command whose service is built on its first use
-LAZY_SECURITY = const(254)
-LAZY_MONITORING = const(255)
-LAZY = const(254)  # the lowest of them
-
-
 class Service:
     # the commands this service answers, flat: (action, name of the method, …); each method
-    # takes (body, seq) and returns the response body or raises app.Refused. The app's table
-    # holds one byte per action, not a bound method each.
+    # takes (body, seq) and returns the response body or raises app.Refused. The app searches
+    # these tables (constants: in flash on a board) for an action's service: no table in RAM.
     COMMANDS: tuple = ()
 
     def __init__(self, app):
         self.app = app
         app.services.append(self)
-        c = self.COMMANDS
-        n = len(app.services)
-        for i in range(0, len(c), 2):
-            app.handlers[c[i]] = n
 
     def command(self, action, body, seq):
         c = self.COMMANDS
@@ -107,12 +95,15 @@ def get_monitoring(app):
     return s
 
 
-def build(app, code):
-    """Build the service a LAZY_… code in the app's table stands for."""
-    if code == LAZY_SECURITY:
-        get_security(app)
-    else:
-        get_monitoring(app)
+def lazy(app, action):
+    """The service built on its first command that answers `action`, built now; or None."""
+    if not hasattr(app, "sec"):  # a build without them (load_all)
+        return None
+    if action in CERT_ACTIONS:
+        return get_security(app)
+    if action == A_SET_MONITORS or action == A_CLEAR_MONITORS:  # noqa: PLR1714, SIM109 — two int compares
+        return get_monitoring(app)
+    return None
 
 
 def load_all(app):
@@ -135,11 +126,7 @@ def load_all(app):
     app.fw = FirmwareUpdate(app)
     app.admin = Admin(app)
     app.station = Station(app)
-    app.sec = None  # get_security(app)
-    for a in CERT_ACTIONS:
-        app.handlers[a] = LAZY_SECURITY
-    app.mon = None  # get_monitoring(app)
+    app.sec = None  # get_security(app), or lazy() on its first command
+    app.mon = None  # get_monitoring(app), or lazy() on its first command
     if store.exists(store.path("mon")):
         get_monitoring(app)
-    else:
-        app.handlers[A_SET_MONITORS] = app.handlers[A_CLEAR_MONITORS] = LAZY_MONITORING
