@@ -346,7 +346,7 @@ class UpstreamProtocol(QuicConnectionProtocol):
     def _write(self, sid: int, data: bytes) -> None:
         """Queues bytes on a stream behind what is pending there, and feeds aioquic."""
         self.pending[sid].append(memoryview(data))
-        self._feed(sid, self.caps[self.class_of[sid]])
+        self._feed(sid, self.cap(self.class_of[sid]))
 
     def _feed(self, sid: int, cap: int) -> bool:
         """Hands aioquic pending bytes of `sid` while its unsent bytes stay under `cap`,
@@ -402,6 +402,17 @@ class UpstreamProtocol(QuicConnectionProtocol):
             window = min(window, self.flight.bound(self._loop.time()))
         return int(window - loss.bytes_in_flight - held)
 
+    def cap(self, prio: int) -> int:
+        """Bytes class `prio` may leave in aioquic unsent. For the lower classes, at most what
+        the path delivers in `bulk_queue_ms` (and at least one datagram): aioquic paces its
+        packets, so unsent bulk ahead of an urgent relay is time on a slow link (16 KiB is
+        6.5 ms at 20 Mbit/s) — the same allowance as the flight bound's."""
+        static = self.caps[prio]
+        if prio == Priority.URGENT or not self.settings.bulk_queue_ms or self.uplink.fifo:
+            return static
+        timed = int(self.flight.rate(self._loop.time()) * self.flight.queue_s)
+        return max(self._quic._max_datagram_size, min(static, timed))
+
     def path_state(self) -> dict[str, float]:
         """The uplink path as the sender sees it, for /status and /metrics."""
         loss, now = self._quic._loss, self._loop.time()
@@ -433,7 +444,7 @@ class UpstreamProtocol(QuicConnectionProtocol):
         traced: list[list[Any]] = []
         for prio in CLASS_ORDER:
             sid = self.sids[prio]
-            cap = self.caps[prio]
+            cap = self.cap(prio)
             if self.pending[sid] and self._feed(sid, cap):
                 wrote = True
             while (
