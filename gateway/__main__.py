@@ -33,8 +33,7 @@ async def _run(cfg: config_mod.Config) -> None:
     # The hot path makes a few short-lived tuples per frame, freed by reference counting; the
     # cyclic collector's young generation would still run every 700 of them and walk them.
     # Startup's objects go to the permanent generation and the young one is collected every
-    # 50,000 allocations: +10 % frames per CPU-second in `tools.bench.gateway` run [1]
-    # (medians of 4 alternating runs, 109 k → 120 k; docs/performance.md).
+    # 50,000 allocations (docs/performance.md: gateway CPU per 1000 frames before and after).
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
     msrv = await metrics.serve(gw, cfg.metrics_host, cfg.metrics_port)
