@@ -32,3 +32,10 @@ def test_soak_campaign_short(tmp_path: Path) -> None:
     ):
         assert f"PASS {check}" in p.stdout, out[-5000:]
     assert p.returncode == 0, out[-5000:]
+
+
+def test_campaign_refuses_a_data_folder_with_an_earlier_run(tmp_path: Path) -> None:
+    (tmp_path / "csms").mkdir()
+    p = subprocess.run([sys.executable, "-m", "tools.site.campaign", "--data", str(tmp_path)],
+                       check=False, cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert p.returncode == 2 and "is not empty" in p.stderr

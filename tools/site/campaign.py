@@ -351,8 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=0.5, help="duration of the fault phase")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--boards", type=int, default=3)
-    ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=None, help="an empty or new folder (default: a fresh temporary one)")
     a = ap.parse_args(argv)
+    if a.data is not None and a.data.exists() and any(a.data.iterdir()):
+        # The checks compare what the boards confirmed with everything the CSMS holds: the
+        # state of an earlier run would count as duplicates and disorder.
+        ap.error(f"--data {a.data} is not empty: a campaign starts from nothing")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     root = a.data or Path(tempfile.mkdtemp(prefix="evedge-campaign-"))
     return asyncio.run(amain(root, a.boards, a.minutes * 60, seed))
