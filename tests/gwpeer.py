@@ -297,6 +297,17 @@ def gateway_doc(data: Path, upstream_port: int | None = None, **sections: dict[s
     return doc
 
 
+def gateway_toml(path: Path, udp: int, lan: int, metrics: int, upstream: str = "", tail: str = "") -> Path:
+    """Writes the configuration of a gateway run as its own process (`python -m gateway`):
+    loopback ports, the dev seed; `upstream` adds lines to [upstream], `tail` sections."""
+    path.write_text(
+        f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{lan}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+        f'[upstream]\naddress = "127.0.0.1:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n{upstream}'
+        f'[devices]\ndev_seed = "{SEED.hex()}"\ndev_prefix = "ev-"\n{tail}'
+    )
+    return path
+
+
 def free_udp_port() -> int:
     import socket
 

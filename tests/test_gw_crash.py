@@ -50,12 +50,7 @@ def start_gateway(cfg: Path, slow_urgent_commit: bool = False) -> subprocess.Pop
 
 def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
     udp, lan, metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(
-        f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{lan}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
-        f'[upstream]\naddress = "127.0.0.1:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n'
-        f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
-    )
+    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp, lan, metrics)
     gw = start_gateway(cfg)  # makes the PKI the peer also uses
     peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gwpeer.py"), "--port", str(udp), "--db",
                              str(tmp_path / "peer.sqlite"), "--pki", str(tmp_path / "gw" / "pki")],
@@ -130,12 +125,7 @@ def test_urgent_relayed_before_its_commit_then_kill_9_loses_and_duplicates_nothi
     parallel with it); the gateway is killed before the commit completes, so the board never
     got its ack and resends it to the restarted gateway: the CSMS holds it exactly once."""
     udp, lan, metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(
-        f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{lan}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
-        f'[upstream]\naddress = "127.0.0.1:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n'
-        f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
-    )
+    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp, lan, metrics)
     gw = start_gateway(cfg, slow_urgent_commit=True)
     peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gwpeer.py"), "--port", str(udp), "--db",
                              str(tmp_path / "peer.sqlite"), "--pki", str(tmp_path / "gw" / "pki")],

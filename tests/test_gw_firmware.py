@@ -450,14 +450,8 @@ def test_kill_9_in_the_middle_of_a_rollout_resumes_it(tmp_path: Path) -> None:
     board is not told again, the later boards are told and download from the cache, and the
     CSMS's Command, sent again after the reconnect, gets the results."""
     udp, lan, mport = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(
-        f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{lan}"\n[metrics]\nlisten = "127.0.0.1:{mport}"\n'
-        f'[upstream]\naddress = "127.0.0.1:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n'
-        f'signers = {{ ops = "{PUB}" }}\n'
-        f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
-        f"[firmware]\nfirst_wave = 1\nwave_timeout_s = 60.0\n"
-    )
+    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp, lan, mport, upstream=f'signers = {{ ops = "{PUB}" }}\n',
+                              tail="[firmware]\nfirst_wave = 1\nwave_timeout_s = 60.0\n")  # fmt: skip
     gw = start_gateway(cfg)  # makes the PKI the peer also uses
     cache_dir = tmp_path / "gw" / "fwcache" / str(IMAGE_ID)
 
