@@ -8,8 +8,8 @@ here as a pytest test and spawns `micropython tests/fw_linktests_runner.py`, on 
 and on the build. tests/test_fw_link.py keeps the cases played against the Rust core itself.
 
 Only the public behaviour is used: Link.connect / receive / transmit (the sealed bytes are
-`link.tx.mv[0:end]`) / handle_timer / get_timer / request / event / respond / refuse /
-decrypt / close / next_event, its `state`, `bad` and `errors`, and SendQueue.put / len().
+`link.q.w.mv[link.at : link.at + n]`) / next_acked / handle_timer / get_timer / request /
+event / respond / refuse / decrypt / close / next_event, its `state`, `bad` and `errors`, and SendQueue.put / len().
 The module keeps to the subset both interpreters understand: no typing, no f-strings, no
 pytest, no walrus, dicts compared item by item (MicroPython's decoded maps are OrderedDict).
 """
@@ -111,11 +111,16 @@ class Gw:
         return crypto.ctr(self.e_up, f.seq, key, f.body[key])
 
 
+def sealed(link, n):
+    """The frame transmit() just sealed: n bytes, the length prefix first (a view)."""
+    return link.q.w.mv[link.at : link.at + n]
+
+
 def one(link, now=0):
     """The next frame the link sends (one transmit)."""
     end = link.transmit(now, TS)
     assert end
-    return bytes(link.tx.mv[2:end])
+    return bytes(sealed(link, end)[2:])
 
 
 def frames(link, now=0):
@@ -125,13 +130,23 @@ def frames(link, now=0):
         end = link.transmit(now, TS)
         if not end:
             return out
-        mv = link.tx.mv
+        mv = sealed(link, end)
         assert (mv[0] << 8 | mv[1]) == end - 2  # u16 BE length prefix
         out.append(bytes(mv[2:end]))
 
 
+ACKED = "acked"  # next_acked() ids, listed first among the events as (ACKED, id), in id order
+
+
 def events(link):
-    out = []
+    ids = []
+    while True:
+        mid = link.next_acked()
+        if mid < 0:
+            break
+        ids.append(mid)
+    ids.sort()  # next_acked gives them in any order
+    out = [(ACKED, mid) for mid in ids]
     while True:
         e = link.next_event()
         if e is None:
@@ -400,7 +415,7 @@ def test_acks_one_or_batched_retire_durable_events():
         link.event(mid, S.A_TRANSACTION_EVENT, _tx_event(mid), 0)
     assert [gw.receive(x).id for x in frames(link)] == [5, 6, 7]
     link.receive(gw.seal(S.K_ACK, 5, S.P_CONTROL, S.A_TRANSACTION_EVENT, {S.F_IDS: [6, 99]}), 100)
-    assert events(link) == [(L.ACKED, 5), (L.ACKED, 6)]
+    assert events(link) == [(ACKED, 5), (ACKED, 6)]
     link.receive(gw.seal(S.K_ACK, 5, S.P_CONTROL, S.A_TRANSACTION_EVENT, {}), 100)  # acked twice
     assert events(link) == []
     link.handle_timer(30000)
@@ -442,7 +457,7 @@ def test_a_durable_event_is_resent_until_acked_and_never_given_up():
     assert sent == [30000 + 60000 * i for i in range(11)]
     assert events(link) == []
     link.receive(gw.seal(S.K_ACK, 5, S.P_CONTROL, S.A_TRANSACTION_EVENT, {}), t)
-    assert events(link) == [(L.ACKED, 5)]
+    assert events(link) == [(ACKED, 5)]
     link.handle_timer(t + 10**6)
     assert frames(link, t + 10**6) == [] and link.get_timer() is None
 
@@ -548,7 +563,7 @@ def test_a_class_holds_at_most_its_cap_and_room_freed_is_used_again():
     assert q.put(S.K_EVENT, S.P_BULK, 2, S.A_LOG_CHUNK, _chunk(2, size))
     assert not q.put(S.K_EVENT, S.P_BULK, 3, S.A_LOG_CHUNK, _chunk(3, size))
     end = link.transmit(0, TS)
-    assert gw.receive(bytes(link.tx.mv[2:end])).id == 1
+    assert gw.receive(bytes(sealed(link, end)[2:])).id == 1
     assert q.put(S.K_EVENT, S.P_BULK, 4, S.A_LOG_CHUNK, _chunk(4, size))  # in the room the first left
     out = [gw.receive(x) for x in frames(link)]
     assert [f.id for f in out] == [2, 4]
@@ -568,7 +583,7 @@ def test_refused_requests_and_durable_events_are_queued_again_by_the_timer():
     link.handle_timer(50)  # 50 ms later, without counting a try
     assert [gw.receive(x).id for x in frames(link, 50)] == [77, 78]
     link.receive(gw.seal(S.K_ACK, 78, S.P_CONTROL, S.A_TRANSACTION_EVENT, {}), 60)
-    assert events(link) == [(L.ACKED, 78)]
+    assert events(link) == [(ACKED, 78)]
     # the refusal used up neither a try nor a back-off step: the request goes out three times
     # in all, 5 s and 10 s apart as if first sent at 50 ms, and fails 20 s after the last
     sent = [50]

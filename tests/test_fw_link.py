@@ -57,17 +57,28 @@ class Gw:
         return bytes(self.sender.seal(K_RESPONSE, f.msg_id, 1, 0, A_HELLO, body))
 
 
+def sealed(link: L.Link, n: int) -> memoryview:
+    """The frame transmit() just sealed: n bytes, the length prefix first."""
+    return link.q.w.mv[link.at : link.at + n]  # type: ignore[no-any-return]
+
+
 def frames(link: L.Link) -> list[bytes]:
     out: list[bytes] = []
     while True:
         end = link.transmit(0, 5)
         if not end:
             return out
-        out.append(bytes(link.tx.mv[2:end]))
+        out.append(bytes(sealed(link, end)[2:]))
+
+
+ACKED = "acked"  # next_acked() ids, listed among the events as (ACKED, id)
 
 
 def events(link: L.Link) -> list[tuple[Any, ...]]:
-    out = []
+    ids = []
+    while (mid := link.next_acked()) >= 0:
+        ids.append(mid)
+    out: list[tuple[Any, ...]] = [(ACKED, mid) for mid in sorted(ids)]  # any order from next_acked
     while (e := link.next_event()) is not None:
         out.append(e)
     return out
@@ -158,7 +169,7 @@ def test_fw_b17_durable_event_resent_until_acked_never_given_up() -> None:
         assert len(frames(link)) == 1
     ack = bytes(gw.sender.seal(K_ACK, 5, 1, 0, A_TRANSACTION_EVENT, {}))
     link.receive(ack, t)
-    assert (L.ACKED, 5) in events(link)
+    assert (ACKED, 5) in events(link)
     link.handle_timer(t + 10**6)
     assert frames(link) == []
 

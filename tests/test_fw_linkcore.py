@@ -62,3 +62,20 @@ def test_micropython(where: str) -> None:
     m = re.search(r"^(\d+) passed, (\d+) failed$", r.stdout, re.MULTILINE)
     assert m and (int(m.group(1)), int(m.group(2))) == (len(NAMES), 0), out
     assert r.returncode == 0, out
+
+
+@pytest.mark.parametrize("where", ["source", "build"])
+def test_the_link_loops_allocate_nothing(where: str) -> None:
+    # transmit, and receive of acks, run with the heap locked: one allocation is a MemoryError
+    code, args = (build.FIRMWARE, ()) if where == "source" else (build.built(), (str(build.FIRMWARE),))
+    env = {**os.environ, "MICROPYPATH": f"{code}:{ROOT / 'tests'}"}
+    script = str(ROOT / "tests" / "fw_alloc_link.py")
+    r = subprocess.run(
+        [micropython(), script, *args], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    rows = re.findall(r"^transmit=(\d+) receive_ack=(\d+) receive_ack_of_2=(\d+) \(heap locked\)$", r.stdout, re.M)
+    assert len(rows) == 4, out
+    assert all(v == "0" for row in rows for v in row), out
+    assert "bad=0" in r.stdout, out

@@ -173,6 +173,13 @@ class App:
     # ---------------------------------------------------------------- link events
     def _drain(self):
         link = self.link
+        mid = link.next_acked()
+        while mid >= 0:
+            self.outbox.remove(mid)
+            self.flying.pop(mid, None)
+            self.note("acked", {"id": mid})
+            self.pump()
+            mid = link.next_acked()
         while True:
             ev = link.next_event()
             if ev is None:
@@ -180,11 +187,6 @@ class App:
             t = ev[0]
             if t == L.REQUEST_RECEIVED:
                 self._command(ev[1], ev[2], ev[3], ev[4], ev[5])
-            elif t == L.ACKED:
-                self.outbox.remove(ev[1])
-                self.flying.pop(ev[1], None)
-                self.note("acked", {"id": ev[1]})
-                self.pump()
             elif t == L.RESPONSE_RECEIVED:
                 cb = self.pending.pop(ev[1], None)
                 if cb:
@@ -300,12 +302,12 @@ class App:
                 return
             split.wrote(n)
             try:
-                f = split.next()
-                while f is not None:
-                    link.receive(f, self.now())
+                e = split.take()
+                while e:
+                    link.receive(split.mv, self.now(), split.at, e)
                     split.release()  # its own part again: the link gave a lent region back once decoded
                     self._drain()
-                    f = split.next()
+                    e = split.take()
             except FrameError:  # the stream cannot be re-synchronised (OVERSIZE)
                 return
 
@@ -332,9 +334,15 @@ class App:
             rx = asyncio.create_task(self._rx(r))
             try:
                 while not rx.done():
-                    end = link.transmit(self.now(), self.time())
-                    if end:
-                        w.write(link.tx.mv[:end])
+                    n = link.transmit(self.now(), self.time())
+                    if n:
+                        # straight to the socket while nothing waits in the writer (the stream
+                        # method write(buf, off, len): no view nor buffer made per frame), else
+                        # what is left through the writer (MicroPython's asyncio Stream: its
+                        # socket `s` and pending bytes `out_buf`)
+                        k = 0 if w.out_buf else w.s.write(link.q.w.buf, link.at, n) or 0  # type: ignore[attr-defined]
+                        if k < n:
+                            w.write(link.q.w.mv[link.at + k : link.at + n])
                         await w.drain()
                         continue
                     if self._reconnect:

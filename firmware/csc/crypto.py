@@ -1,8 +1,9 @@
 """Link cryptography (docs/protocol.md, "Tags, keys and the handshake", "Encrypted fields").
 
-- `Hmac`: HMAC-SHA256 over `hashlib.sha256` (MicroPython has no `hmac` module and its
-  sha256 objects cannot be copied, so the 64-byte ipad/opad blocks are computed once per
-  key and each message starts two fresh hashes from them).
+- `Hmac`: HMAC-SHA256 on a region of a buffer, the tag written or checked in place. On
+  MicroPython it runs on sha256.py (viper, nothing allocated per frame: MicroPython has no
+  `hmac` module and its sha256 objects can be neither copied nor reset); under CPython,
+  or on a port without the viper emitter, on `hashlib` (two new hashes per tag).
 - `hello_key` and `derive`: the per-device and per-connection keys.
 - `ctr`: AES-128-CTR for `secret` fields, built on AES-ECB (`cryptolib.aes(key, 1)`);
   under CPython the `cryptography` package provides the ECB block (tooling and tests).
@@ -11,6 +12,13 @@
 import hashlib
 
 from .schema import TAG_LEN
+
+try:
+    from . import sha256
+except (ImportError, AttributeError, NameError, SyntaxError, ValueError):
+    # CPython (no viper emitter: `micropython` is the host stand-in there), or a port built
+    # without native code: hashlib, which allocates per tag
+    sha256 = None
 
 try:
     from cryptolib import aes as _aes
@@ -33,46 +41,56 @@ except ImportError:  # CPython: tooling and tests only
 
 
 class Hmac:
-    """HMAC-SHA256 under one key; `tag_into` writes the link's 16-byte frame tag."""
+    """HMAC-SHA256 under one key. `tag_into` and `verify` work on a region of a buffer in
+    place; on MicroPython they allocate nothing (sha256.py), under CPython they use
+    `hashlib` (tooling and tests)."""
 
     def __init__(self, key):
         if len(key) > 64:
             key = hashlib.sha256(key).digest()
-        ipad = bytearray(64)
-        opad = bytearray(64)
+        if sha256 is not None:
+            self._p = bytearray(64)  # the hash states after the key's pads
+            sha256.init(key, len(key), self._p)
+            return
+        pad = bytearray(64)
         for i in range(64):
-            k = key[i] if i < len(key) else 0
-            ipad[i] = k ^ 0x36
-            opad[i] = k ^ 0x5C
-        self._ipad = bytes(ipad)
-        self._opad = bytes(opad)
+            pad[i] = (key[i] if i < len(key) else 0) ^ 0x36
+        ipad = bytes(pad)
+        for i in range(64):
+            pad[i] ^= 0x36 ^ 0x5C
+        self._p = (ipad, bytes(pad))  # type: ignore[assignment]  # the key's pads (hashlib)
 
     def digest(self, data, data2=None):
-        """HMAC-SHA256(key, data || data2), 32 bytes."""
-        h = hashlib.sha256(self._ipad)
-        h.update(data)
+        """HMAC-SHA256(key, data || data2), 32 new bytes (key derivation, not per frame)."""
         if data2 is not None:
-            h.update(data2)
-        inner = h.digest()
-        h = hashlib.sha256(self._opad)
-        h.update(inner)
-        return h.digest()
+            data = bytes(data) + bytes(data2)
+        out = bytearray(32)
+        self.tag_into(data, 0, len(data), out, 0, 32)
+        return bytes(out)
 
-    def tag_into(self, data, out, pos):
-        """Write the tag of `data` into out[pos : pos + TAG_LEN] (no slice allocated)."""
-        d = self.digest(data)
-        for i in range(TAG_LEN):
-            out[pos + i] = d[i]
-
-    def verify(self, data, tag):
-        """Constant-time check of a received tag against the tag of `data`."""
-        d = self.digest(data)
-        if len(tag) != TAG_LEN:
-            return False
+    def tag_into(self, data, start, end, out, pos, n=TAG_LEN):
+        """Write the (first n bytes of the) MAC of data[start:end] into out[pos : pos + n];
+        with n = 0, check the TAG_LEN bytes at out[pos:] against it instead (verify)."""
+        if sha256 is not None:
+            sha256.digest(self._p, data, start, end)
+            return sha256.tag(out, pos, n or -TAG_LEN) == 1
+        # MicroPython's sha256 objects cannot be copied: two new hashes from the pads
+        h = hashlib.sha256(self._p[0])
+        h.update(memoryview(data)[start:end])
+        o = hashlib.sha256(self._p[1])
+        o.update(h.digest())
+        d = o.digest()
         r = 0
-        for i in range(TAG_LEN):
-            r |= d[i] ^ tag[i]
+        for i in range(n or TAG_LEN):
+            if n:
+                out[pos + i] = d[i]
+            else:
+                r |= d[i] ^ out[pos + i]
         return r == 0
+
+    def verify(self, data, start, end, tag, pos):
+        """Whether tag[pos : pos + TAG_LEN] is the tag of data[start:end] (constant time)."""
+        return self.tag_into(data, start, end, tag, pos, 0)
 
 
 def hello_key(k_dev):

@@ -49,6 +49,7 @@ from .schema import (
     ERR_KEYS,
     F_ERROR_CODE,
     F_FIELD,
+    F_IDS,
     F_REASON,
     FELEM,
     FITEM,
@@ -92,6 +93,7 @@ _TAIL = const(18)  # c4 10 + 16-byte tag
 _NONE = const(255)
 
 _marks = [0] * 9  # item offsets of the envelope, filled by check(); decode is not reentrant
+_R = Reader(None)  # decode's reader, reused for the same reason
 
 
 def _at(j):
@@ -101,9 +103,12 @@ def _at(j):
 
 class Frame:
     """A decoded frame: the envelope's fields, `body` (a dict in wire order, OrderedDict
-    under MicroPython) and the 16-byte `tag`."""
+    under MicroPython) and the 16-byte `tag`. Decoded into an existing Frame (the link's
+    receive loop), an ack's body may be None: then `ids` is where its id list starts in
+    the frame's buffer (-1: no list), for `ack_ids`."""
 
-    def __init__(self, ver, kind, seq, mid, prio, ts, action, body, tag):
+    def __init__(self, ver=0, kind=0, seq=0, mid=0, prio=0, ts=0, action=0, body=None, tag=None):
+        self.ids = -1
         self.ver = ver
         self.kind = kind
         self.seq = seq
@@ -145,7 +150,7 @@ def encode(w, kind, seq, mid, prio, ts, action, body, mac=None, tag=None, ver=PR
     b[p] = 0xC4
     b[p + 1] = TAG_LEN
     if mac is not None:
-        mac.tag_into(w.mv[2:p], b, p + 2)
+        mac.tag_into(b, 2, p, b, p + 2)
     else:
         for i in range(TAG_LEN):
             b[p + 2 + i] = tag[i] if tag is not None else 0
@@ -210,8 +215,9 @@ def _scalar(r, cls, ft, k, maxlen):
     raise FrameError(E_BAD_TYPE, "type not allowed here", k)
 
 
-def _field(r, k, a, c):
-    # the value of key k in a body or struct whose member keys are KEYS[a:c]
+def _field(r, k, a, c, check=False):
+    # the value of key k in a body or struct whose member keys are KEYS[a:c]; a list field is
+    # only checked with `check` (its items are then read again in place: ack_ids)
     cls = r.head()
     known = False
     if k < 256:
@@ -233,10 +239,12 @@ def _field(r, k, a, c):
         raise FrameError(E_OUT_OF_RANGE, "list too long", k)
     et = FELEM[k]
     item = LIMITS[FITEM[k]] or MAX_FRAME
-    out = []
+    out: list | None = None if check else []
     try:
         for _ in range(n):
-            out.append(_scalar(r, r.head(), et, k, item))
+            v = _scalar(r, r.head(), et, k, item)
+            if out is not None:
+                out.append(v)
     except FrameError as e:
         e.field = k  # the error names the body key at fault, as the Rust core does
         raise
@@ -270,24 +278,31 @@ def _uint(r, name):
     return r.v
 
 
-def decode(frame, mac=None, window=None):
-    """Check and decode one frame (bytes/bytearray/memoryview, no length prefix).
+def decode(frame, mac=None, window=None, out=None, start=0, end=-1):
+    """Check and decode one frame: frame[start:end] (bytes/bytearray/memoryview, no length
+    prefix; end -1: to the end).
 
     `mac` (a crypto.Hmac) verifies the tag; None skips the check. `window` (a
     window.ReplayWindow) rejects replays and records `seq` once the frame is valid.
-    Returns a Frame; raises FrameError, with `id` and `action` set to the frame's when
-    the envelope could be read (else 0).
+    Returns a Frame, or fills `out` (then its `tag` is None: checked in place): with
+    `out`, an ack whose body is {} or {ids: [...]} (the acks a gateway sends) is checked
+    without building the body, so that the link's receive loop allocates nothing for it
+    (body None, `ids` for ack_ids). Raises FrameError, with `id` and `action` set to the
+    frame's when the envelope could be read (else 0).
     """
     b = frame if isinstance(frame, memoryview) else memoryview(frame)
-    n = len(b)
-    if n > MAX_FRAME:
+    if end < 0:
+        end = len(b)
+    if end - start > MAX_FRAME:
         raise FrameError(E_OVERSIZE, "frame above MAX_FRAME")
     marks = _marks
     marks[8] = -1
-    if check(b, 0, n, 0, marks) != n:
+    if check(b, start, end, 0, marks) != end:
         raise FrameError(E_TRAILING_BYTES, "bytes after the envelope")
 
-    r = Reader(b)
+    r = _R
+    r.b = b
+    r.p = start
     if r.head() != ARRAY or r.n != 9:
         raise FrameError(E_BAD_ENVELOPE, "not an array of 9")
     ver = _uint(r, "ver")
@@ -299,14 +314,13 @@ def decode(frame, mac=None, window=None):
     action = _uint(r, "action")
     if r.head() != MAP:
         raise FrameError(E_BAD_ENVELOPE, "body is not a map")
-    t = n - _TAIL
+    t = end - _TAIL
     if marks[8] != t or b[t] != 0xC4 or b[t + 1] != TAG_LEN:
         raise FrameError(E_BAD_ENVELOPE, "tag is not bin8 of 16 at the end")
     try:
         if ver != PROTOCOL_VERSION:
             raise FrameError(E_BAD_VERSION, "unsupported protocol version")
-        tag = b[t + 2 : n]
-        if mac is not None and not mac.verify(b[0:t], tag):
+        if mac is not None and not mac.verify(b, start, t, b, t + 2):
             raise FrameError(E_BAD_TAG, "tag does not verify")
         if window is not None:
             window.check(seq)
@@ -334,14 +348,48 @@ def decode(frame, mac=None, window=None):
             j = ACK_KEYS
         else:
             j = ACT_KEYS + 4 * ai
-        body = _entries(r, r.n, j)
+        ids = -1
+        n = r.n
+        # {} or {ids: [...]} (a fixint key) with no required ack field: checked in place
+        if out is not None and j == ACK_KEYS and (n == 0 or (n == 1 and b[r.p] == F_IDS)) and _at(j) == _at(j + 1):
+            body = None
+            if n:
+                r.p += 1
+                ids = r.p
+                _field(r, F_IDS, _at(j), _at(j + 2), True)
+        else:
+            body = _entries(r, n, j)
         if window is not None:
             window.accept(seq)
     except FrameError as e:
         e.id = mid
         e.action = action
         raise
-    return Frame(ver, kind, seq, mid, prio, ts, action, body, bytes(tag))
+    if out is None:
+        return Frame(ver, kind, seq, mid, prio, ts, action, body, bytes(b[t + 2 : end]))
+    f = out
+    f.ver = ver
+    f.kind = kind
+    f.seq = seq
+    f.id = mid
+    f.prio = prio
+    f.ts = ts
+    f.action = action
+    f.body = body
+    f.tag = None
+    f.ids = ids
+    return f
+
+
+def ack_ids(f, data):
+    """The id list of the ack `f`, decoded from `data` with body None and f.ids >= 0: a reader
+    on its first item, `n` of them; read each with head(), then its value is `v` (in place,
+    nothing allocated; valid until the next decode)."""
+    r = _R
+    r.b = data
+    r.p = f.ids
+    r.head()
+    return r
 
 
 # ---------------------------------------------------------------- stream splitting
@@ -351,7 +399,8 @@ class FrameSplitter:
     """Splits a byte stream of `u16 BE length || frame` records into frames.
 
     Either `feed(data)` (a generator yielding each complete frame), or read straight into
-    the splitter with `sock.readinto(s.space())`, `s.wrote(n)` and `next()` until None.
+    the splitter with `sock.readinto(s.space())`, `s.wrote(n)` and `next()` until None (or
+    `take()` until 0, which makes no view).
     A yielded frame is a memoryview into the splitter's buffer, valid until more bytes
     are added. A prefix of 0 or above MAX_FRAME raises FrameError(E_OVERSIZE), and so
     does every later call: the stream cannot be re-synchronised.
@@ -371,24 +420,32 @@ class FrameSplitter:
         self.lend = lend
         self.start = 0
         self.end = 0
+        self.at = 0
         self.failed = False
 
-    def next(self):
-        """The next complete frame, or None when more bytes are needed."""
+    def take(self):
+        """The next complete frame, left at mv[at:end]: its end, or 0 when more bytes are
+        needed (nothing allocated: the board's receive loop)."""
         if self.failed:
             raise FrameError(E_OVERSIZE, "stream already failed")
         s = self.start
         if self.end - s < 2:
-            return None
+            return 0
         b = self.mv
         n = (b[s] << 8) | b[s + 1]
         if n == 0 or n > MAX_FRAME:
             self.failed = True
             raise FrameError(E_OVERSIZE, "length prefix 0 or above MAX_FRAME")
         if self.end - s < n + 2:
-            return None
+            return 0
+        self.at = s + 2
         self.start = s + 2 + n
-        return b[s + 2 : s + 2 + n]
+        return s + 2 + n
+
+    def next(self):
+        """The next complete frame (a view), or None when more bytes are needed."""
+        e = self.take()
+        return self.mv[self.at : e] if e else None
 
     def space(self):
         """Free space at the end of the buffer (after moving pending bytes to the front);

@@ -2,7 +2,7 @@
 
 No socket and no clock inside: every entry point takes `now_ms` (ticks from the caller),
 bytes come in through `receive()`, frames go out through `transmit()` (which seals the
-next queued message into a preallocated buffer), timers through `handle_timer()` /
+next queued message in place in the send queue's buffer), timers through `handle_timer()` /
 `get_timer()`, and what happened comes out of `next_event()` as small tuples whose first
 item names the event in the past tense:
 
@@ -12,8 +12,11 @@ item names the event in the past tense:
     (REQUEST_RECEIVED, mid, action, prio, body)   a command to answer with respond()/refuse()
     (EVENT_RECEIVED, mid, action, body)
     (RESPONSE_RECEIVED, mid, action, body)        answer to our request
-    (ACKED, mid)                          a durable event of ours is durable at the gateway
     (FAILED, mid, code, reason)           our request failed (error frame or TIMEOUT)
+
+and the ids of our durable events that are now durable at the gateway come out of
+`next_acked()`: no tuple per ack, so that sending a frame and receiving its ack allocate
+nothing (`micropython tests/fw_alloc_link.py` runs both with the heap locked).
 
 Bad frames (malformed, replayed, wrongly tagged) are answered with an error frame,
 counted in `bad`/`errors`, and change no state; more than FLOOD_MAX of them within
@@ -61,6 +64,8 @@ from .schema import (
 )
 from .window import ReplayWindow
 
+_e: dict = Map()  # empty: the body of the acks this board sends (encoded at once by the queue, never changed)
+
 # states
 IDLE = const(0)
 HELLO_SENT = const(1)
@@ -73,7 +78,6 @@ CLOSED = const(3)
 REQUEST_RECEIVED = const(4)
 EVENT_RECEIVED = const(5)
 RESPONSE_RECEIVED = const(6)
-ACKED = const(7)
 FAILED = const(8)
 
 FLOOD_MAX = const(20)
@@ -81,6 +85,9 @@ FLOOD_MS = const(10000)
 _MAX_TRIES = const(3)
 _MAX_BACKOFF = const(60000)
 _RECENT = const(32)
+# acked ids waiting for next_acked(): above the app's window of durable records in flight; an
+# ack that finds them full is not taken (the event stays in flight, is resent, and acked again)
+_ACKS = const(10)
 
 # inflight entry fields
 _ACT = const(0)
@@ -126,7 +133,9 @@ class Link:
         self.q = q
         self.ident = (device_id, fw_version)  # for the Hello
         self.state = IDLE
-        self.mv = None  # transmit() leaves its frame at self.tx.mv[0:end]
+        self.at = 0  # transmit() leaves its frame at q.w.buf[at : at + n]
+        self._rx = frame.Frame()  # what receive() decodes into
+        self.acked = [0] * (_ACKS + 1)  # acked ids, as a stack: [count, id, id, …]
         self.seq = 0
         self.events = []
         self.inflight = {}
@@ -144,14 +153,7 @@ class Link:
         self._mac_up = None
         self._mac_dn = None
         self._win = None
-        self._e_up = None
-        self._e_dn = None
-
-    @property
-    def tx(self):
-        """What transmit() sealed: its frame is self.tx.mv[0:end] (a property: one attribute
-        fewer in the link's dict)."""
-        return self
+        self._e = None  # the AES keys of secret fields, (up, down)
 
     # ---------------------------------------------------------------- handshake
     def connect(self, now_ms, k_dev, nonce, mid, factory=False):
@@ -160,9 +162,9 @@ class Link:
         self.state = HELLO_SENT
         self.seq = 0
         nonce = bytes(nonce)
-        self._hs = (k_dev, nonce, mid)  # until the Hello's answer: the session keys are made from it
+        # until the Hello's answer: the session keys are made from it, and its deadline
+        self._hs = (k_dev, nonce, mid, now_ms + ACT_TIMEOUT[ACT_INDEX[A_HELLO]])
         self._mac_up = crypto.Hmac(crypto.hello_key(k_dev))
-        self._hello_deadline = now_ms + ACT_TIMEOUT[ACT_INDEX[A_HELLO]]
         body = Map()
         body[F_DEVICE_ID] = self.ident[0]
         body[F_NONCE] = nonce
@@ -179,31 +181,29 @@ class Link:
         self.state = IDLE
         self.q.clear()
 
-    def _hello_response(self, data):
+    def _hello_response(self, data, start, end):
         try:
-            f = frame.decode(data)
+            f = frame.decode(data, None, None, None, start, end)
         except FrameError as e:
             self._closed("bad hello response: " + e.reason)
             return
         if f.kind == K_ERROR:
             self._closed("hello refused: %s" % f.body.get(13, ""))
             return
-        k, nonce, mid = self._hs
+        k, nonce, mid, _ = self._hs
         if f.kind != K_RESPONSE or f.action != A_HELLO or f.seq != 1 or f.id != mid:
             self._closed("unexpected frame before hello")
             return
         k_up, k_dn, e_up, e_dn = crypto.derive(k, nonce, f.body[F_NONCE])
         self._hs = None  # only the session keys from here
         mac_dn = crypto.Hmac(k_dn)
-        n = len(data)
-        if not mac_dn.verify(data[0 : n - TAG_LEN - 2], f.tag):
+        if not mac_dn.verify(data, start, end - TAG_LEN - 2, data, end - TAG_LEN):
             self._count(E_BAD_TAG)
             self._closed("hello response tag")
             return
         self._mac_up = crypto.Hmac(k_up)
         self._mac_dn = mac_dn
-        self._e_up = e_up
-        self._e_dn = e_dn
+        self._e = (e_up, e_dn)
         self._win = ReplayWindow()
         self._win.accept(1)
         self.state = OPEN
@@ -225,17 +225,19 @@ class Link:
     # ---------------------------------------------------------------- receiving
     def decrypt(self, seq, key, value):
         """Plaintext of a secret field received in the frame with counter `seq`."""
-        return crypto.ctr(self._e_dn, seq, key, value)
+        return crypto.ctr(self._e[1], seq, key, value)
 
-    def receive(self, data, now_ms):
-        """Process one received frame (no length prefix)."""
+    def receive(self, data, now_ms, start=0, end=-1):
+        """Process one received frame: data[start:end] (no length prefix; end -1: to the end)."""
+        if end < 0:
+            end = len(data)
         if self.state == HELLO_SENT:
-            self._hello_response(data)
+            self._hello_response(data, start, end)
             return
         if self.state != OPEN:
             return
         try:
-            f = frame.decode(data, self._mac_dn, self._win)
+            f = frame.decode(data, self._mac_dn, self._win, self._rx, start, end)
         except FrameError as e:
             self.q.lend(False)
             self._reject(e, now_ms)
@@ -243,19 +245,27 @@ class Link:
         # decoded (the values are copies): a frame that borrowed the queue's shared region
         # (sendq.lend) gives it back before the ack, answer or error frame below is queued there
         self.q.lend(False)
+        body = f.body
+        f.body = None  # the message is the events' from here: not kept alive until the next frame
         k = f.kind
         mid = f.id
         if k == K_RESPONSE or k == K_ERROR:  # noqa: PLR1714, SIM109 — two int compares on MicroPython
             if self.inflight.pop(mid, None) is None:
                 return  # a late answer to something already settled
             if k == K_RESPONSE:
-                self.events.append((RESPONSE_RECEIVED, mid, f.action, f.body))
+                self.events.append((RESPONSE_RECEIVED, mid, f.action, body))
             else:
-                self.events.append((FAILED, mid, f.body.get(12, 0), f.body.get(13, "")))
+                self.events.append((FAILED, mid, body.get(12, 0), body.get(13, "")))
         elif k == K_ACK:
             self._acked(mid)
-            for i in f.body.get(F_IDS, ()):
-                self._acked(i)
+            if body is not None:  # an ack the gateway does not send (other keys): decoded
+                for i in body.get(F_IDS, ()):
+                    self._acked(i)
+            elif f.ids >= 0:  # its id list, read in place
+                r = frame.ack_ids(f, data)
+                for _ in range(r.n):
+                    r.head()
+                    self._acked(r.v)
         elif k == K_REQUEST:
             i = self._recent(mid)
             if i >= 0:  # a repeat: the same answer (once there is one), not acted on twice
@@ -265,16 +275,29 @@ class Link:
                 elif isinstance(a, tuple):
                     self.q.put(a[1], a[3], mid, a[2], a[4])
                 return
-            self.events.append((REQUEST_RECEIVED, mid, f.action, f.prio, f.body, f.seq))
+            self.events.append((REQUEST_RECEIVED, mid, f.action, f.prio, body, f.seq))
             self._remember(mid)
         else:
             if ACT_DURABLE[ACT_INDEX[f.action]]:
-                self.q.put(K_ACK, f.prio, mid, f.action, {})
-            self.events.append((EVENT_RECEIVED, mid, f.action, f.body))
+                self.q.put(K_ACK, f.prio, mid, f.action, _e)
+            self.events.append((EVENT_RECEIVED, mid, f.action, body))
 
     def _acked(self, mid):
-        if self.inflight.pop(mid, None) is not None:
-            self.events.append((ACKED, mid))
+        a = self.acked
+        n = a[0]
+        if n < _ACKS and self.inflight.pop(mid, None) is not None:
+            a[n + 1] = mid
+            a[0] = n + 1
+
+    def next_acked(self):
+        """The id of a durable event of ours that the gateway acknowledged, or -1 (any order:
+        each ack is handled alone)."""
+        a = self.acked
+        n = a[0]
+        if not n:
+            return -1
+        a[0] = n - 1
+        return a[n]
 
     def _count(self, code):
         self.bad += 1
@@ -383,8 +406,8 @@ class Link:
         return False
 
     def transmit(self, now_ms, ts):
-        """Seal the next queued message; return its end (0: nothing to send). The bytes to
-        write are self.tx.mv[0:end] (length prefix included), valid until the next put():
+        """Seal the next queued message; return its length n (0: nothing to send). The bytes
+        to write are q.w.buf[at : at + n] (length prefix included), valid until the next put():
         the frame is sealed in place in the send queue, around its body (sendq.HEAD/TAIL)."""
         q = self.q
         c = q.next()
@@ -411,11 +434,11 @@ class Link:
         w.integer(c)  # the class is the priority
         w.integer(ts)
         w.integer(q.action[s])
-        q.secrets(s, self._e_up, seq)  # encrypted under this frame's seq: a resend re-encrypts
+        q.secrets(s, self._e[0] if self._e else None, seq)  # encrypted under this frame's seq: a resend re-encrypts
         b = w.buf
         b[p] = 0xC4
         b[p + 1] = TAG_LEN
-        self._mac_up.tag_into(w.mv[start + 2 : p], b, p + 2)
+        self._mac_up.tag_into(b, start + 2, p, b, p + 2)
         n = p + TAG_LEN - start
         b[start] = n >> 8
         b[start + 1] = n & 0xFF
@@ -424,7 +447,7 @@ class Link:
             self.urgent_max_ms = max(self.urgent_max_ms, d)
         q.pop(c)
         self.seq = seq + 1
-        self.mv = w.mv[start:]
+        self.at = start
         return n + 2
 
     # ---------------------------------------------------------------- timers
@@ -435,12 +458,12 @@ class Link:
             d = self.inflight[mid][_DEADLINE]
             if t is None or ticks_diff(d, t) < 0:
                 t = d
-        if self.state == HELLO_SENT and (t is None or ticks_diff(self._hello_deadline, t) < 0):
-            t = self._hello_deadline
+        if self.state == HELLO_SENT and (t is None or ticks_diff(self._hs[3], t) < 0):
+            t = self._hs[3]
         return t
 
     def handle_timer(self, now_ms):
-        if self.state == HELLO_SENT and ticks_diff(now_ms, self._hello_deadline) >= 0:
+        if self.state == HELLO_SENT and ticks_diff(now_ms, self._hs[3]) >= 0:
             self._closed("hello timeout")
             return
         if self.state != OPEN:

@@ -355,7 +355,15 @@ def build(out: Path, root: Path = FIRMWARE, extra: tuple[Path, ...] = (), py: bo
             dst = out / m.rel.with_suffix(".mpy")
             dst.parent.mkdir(parents=True, exist_ok=True)
             r = subprocess.run(
-                [exe, "-o", str(dst), "-s", str(m.rel), str(src)], check=False, capture_output=True, text=True
+                # -march: csc/sha256.py is viper (native code) for the machine the emulated board
+                # runs on; a board's own build compiles what it freezes for its CPU. -s: tracebacks
+                # name the module (csc.link), a qstr the board interns anyway, not a second one
+                # for its file (csc/link.py): one qstr less per module, and one too many makes
+                # MicroPython allocate its next qstr pool (docs/firmware.md)
+                [exe, "-march=host", "-o", str(dst), "-s", m.name, str(src)],
+                check=False,
+                capture_output=True,
+                text=True,
             )
             if r.returncode != 0:
                 raise BuildError(f"mpy-cross {m.rel}: {r.stderr.strip()}")
