@@ -371,7 +371,7 @@ def load(path: Path | None) -> Config:
 def prepare(cfg: Config) -> Config:
     """Creates the data folder, the development CA and certificates and the factory seed
     on first run; returns the config with every path filled in."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    devpki.private_dir(cfg.data_dir)
     values = dict(cfg.__dict__)
     if cfg.cert_file is None or cfg.key_file is None or cfg.ca_file is None:
         ca = devpki.ensure_ca(cfg.pki_dir)
@@ -385,7 +385,6 @@ def prepare(cfg: Config) -> Config:
     if cfg.factory_seed is None:
         seed_file = cfg.data_dir / "factory_seed"
         if not seed_file.exists():
-            seed_file.write_text(secrets.token_hex(32))
-            seed_file.chmod(0o600)
+            devpki.write_private(seed_file, secrets.token_hex(32).encode())
         values["factory_seed"] = _hex32(str(seed_file), seed_file.read_text().strip())
     return Config(**values)

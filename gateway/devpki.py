@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +34,38 @@ def _name(cn: str, org: str = "evedge dev") -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret (a private key, a seed, a configuration holding one) readable by its
+    owner only from the first byte: created 0600, never chmod'ed afterwards, and written
+    under a temporary name then renamed, so that a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older tmp left by a crash keeps its mode otherwise
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def private_dir(folder: Path) -> Path:
+    """Make `folder` (and its parents) if absent; a folder made here is 0700."""
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_private(
+        path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
-    path.chmod(0o600)
 
 
 def ensure_ca(folder: Path, name: str = "ca", org: str = "evedge dev") -> tuple[Path, Path]:
     """Create `name.pem`/`name.key` in folder unless present; return their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
@@ -68,8 +91,18 @@ def ensure_ca(folder: Path, name: str = "ca", org: str = "evedge dev") -> tuple[
     return cert_path, key_path
 
 
-def issue(folder: Path, cn: str, *, ca: tuple[Path, Path], server: bool = True, client: bool = True) -> Issued:
-    """Issue (once) a leaf certificate for `cn`, valid for localhost and the loopback addresses."""
+def issue(
+    folder: Path,
+    cn: str,
+    *,
+    ca: tuple[Path, Path],
+    server: bool = True,
+    client: bool = True,
+    subject: str | None = None,
+) -> Issued:
+    """Issue (once) a leaf certificate `folder/cn.pem` (key `cn.key`), valid for the name `cn`,
+    localhost and the loopback addresses. `subject`: its common name when it is not `cn` (the
+    CSMS knows a gateway by the common name: its site id)."""
     cert_path, key_path = folder / f"{cn}.pem", folder / f"{cn}.key"
     if cert_path.exists() and key_path.exists():
         return Issued(cert_path, key_path, ca[0])
@@ -92,7 +125,7 @@ def issue(folder: Path, cn: str, *, ca: tuple[Path, Path], server: bool = True, 
     )
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
+        .subject_name(_name(subject or cn))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

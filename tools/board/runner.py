@@ -45,6 +45,7 @@ class Board:
         blocks: int = 256,
         code_dir: str | Path | None = None,
         source: bool | None = None,
+        gw_host: str = "127.0.0.1",
     ) -> None:
         """`code_dir`: a built firmware (tools.board.build) to run; by default the current
         sources are built (once, cached). `source`: run the source instead of a build."""
@@ -53,6 +54,7 @@ class Board:
         self.flash = self.dir / "flash.img"
         self.meter = self.dir / "meter.txt"
         self.gw_port = gw_port
+        self.gw_host = gw_host
         self.device_id = device_id
         self.factory_key = factory_key
         self.heap = heap
@@ -88,7 +90,7 @@ class Board:
             "--meter",
             str(self.meter),
             "--gw",
-            f"127.0.0.1:{self.gw_port}",
+            f"{self.gw_host}:{self.gw_port}",
             "--id",
             self.device_id,
             "--factory-key",

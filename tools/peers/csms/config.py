@@ -103,7 +103,7 @@ def load(path: Path | None = None, *, data_dir: Path | None = None, **overrides:
 
 def provision(cfg: Config) -> None:
     """Make the data folder and, where absent, the development CA and server identity."""
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    devpki.private_dir(cfg.data_dir)
     if not cfg.ca.exists():
         folder = cfg.ca.parent
         made = devpki.ensure_ca(folder, cfg.ca.stem)

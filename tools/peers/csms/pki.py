@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway import devpki
+
 CERT_VALIDITY = dt.timedelta(days=365)
 
 
@@ -46,12 +48,12 @@ def load_or_create_signer(path: Path) -> Signer:
         if not isinstance(key, ed25519.Ed25519PrivateKey):
             raise PkiError(f"{path}: the signing key must be an Ed25519 key")
         return Signer(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    devpki.private_dir(path.parent)
     key = ed25519.Ed25519PrivateKey.generate()
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    devpki.write_private(
+        path,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
-    path.chmod(0o600)
     signer = Signer(key)
     path.with_suffix(".pub").write_text(signer.public.hex() + "\n")
     return signer

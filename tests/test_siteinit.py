@@ -1,0 +1,157 @@
+"""docs/quickstart.md as an operator follows it: `python -m tools.siteinit` makes one PKI for
+the site, and the CSMS, the gateway and a board — each started as its own program from the
+files it wrote — trust each other, onboard the board and bill its session. Ports are
+ephemeral (read back from each program), so the test shares the machine with anything."""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tools import siteinit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Program:
+    """A part started as its own process (`python -m …`); its output lines are kept."""
+
+    def __init__(self, *args: str, stdin: bool = False) -> None:
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *args], cwd=ROOT, text=True, bufsize=1, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        )  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cv:
+                self.lines.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        rx = re.compile(pattern)
+        with self._cv:
+            ok = self._cv.wait_for(
+                lambda: any(rx.search(x) for x in self.lines) or self.proc.poll() is not None, timeout
+            )
+            found = next((m for x in self.lines if (m := rx.search(x))), None)
+        if found is None:
+            tail = "\n".join(self.lines[-30:])
+            why = "exited" if ok else f"not within {timeout} s"
+            raise AssertionError(f"{pattern!r} {why}; last output:\n{tail}")
+        return found
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # a board powers off at the end of its input
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def programs() -> Iterator[list[Program]]:
+    started: list[Program] = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_siteinit_creates_every_secret_private_and_refuses_to_overwrite_a_site(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    made = siteinit.init(site, "DE*ABC*LS1")
+    secrets_ = [*sorted((site / "pki").glob("*.key")), site / "csms" / "signing.key", made.gateway_toml]
+    assert len(secrets_) == 6
+    for f in secrets_:
+        assert mode(f) == 0o600, f
+    for d in (site, site / "pki", site / "csms"):
+        assert mode(d) == 0o700, d
+    assert made.factory_seed.hex() in made.gateway_toml.read_text()
+    with pytest.raises(siteinit.InitError, match="already holds a site"):
+        siteinit.init(site, "DE*ABC*LS1")
+    key = (site / "pki" / "ca.key").read_bytes()
+    again = siteinit.init(site, "DE*ABC*LS1", "127.0.0.1:5000", force=True)
+    assert (site / "pki" / "ca.key").read_bytes() == key  # --force keeps the PKI, rewrites the TOMLs
+    assert '"127.0.0.1:5000"' in again.gateway_toml.read_text()
+
+
+def test_siteinit_refuses_a_bad_site_id_and_address(tmp_path: Path) -> None:
+    with pytest.raises(siteinit.InitError, match="--site"):
+        siteinit.init(tmp_path / "a", "not a site id")
+    with pytest.raises(siteinit.InitError, match="--csms-address"):
+        siteinit.init(tmp_path / "b", csms_address="nowhere")
+    assert not (tmp_path / "a" / "csms.toml").exists() and not (tmp_path / "b").exists()
+
+
+def test_parts_started_on_their_own_from_siteinit_trust_each_other_and_charge(
+    tmp_path: Path, programs: list[Program]
+) -> None:
+    site = tmp_path / "site"
+    env_python = [sys.executable, "-m"]
+    subprocess.run([*env_python, "tools.siteinit", str(site)], cwd=ROOT, check=True, capture_output=True)
+    csms = Program("tools.peers.csms", "--config", str(site / "csms.toml"), "--port", "0")
+    programs.append(csms)
+    csms_port = csms.wait_for(r"csms listening on 127\.0\.0\.1:(\d+)").group(1)
+    # the gateway learns where the CSMS really listens; the PKI made above is kept
+    subprocess.run(
+        [*env_python, "tools.siteinit", str(site), "--force", "--csms-address", f"127.0.0.1:{csms_port}",
+         "--lan-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    gw = Program("gateway", "--config", str(site / "gateway.toml"))
+    programs.append(gw)
+    lan = gw.wait_for(r"READY lan=(\d+)").group(1)
+    gw.wait_for(r"upstream up")  # the CSMS accepted the gateway's certificate, and it the CSMS's
+    admin = [*env_python, "tools.peers.csms.admin", "--data", str(site / "csms")]
+    subprocess.run([*admin, "add-token", "CARD-1"], cwd=ROOT, check=True, capture_output=True)
+    board = Program(
+        "tools.board", "--gw", f"127.0.0.1:{lan}", "--id", "ev-0001", "--dir", str(tmp_path / "b1"),
+        "--gateway-config", str(site / "gateway.toml"), stdin=True,
+    )  # fmt: skip
+    programs.append(board)
+    board.wait_for(r'"ev": "registration"')  # onboarded by the factory key derived from the seed
+    board.send('{"cmd": "card", "token": "CARD-1"}')
+    board.send('{"cmd": "plug"}')
+    board.wait_for(r'"ev": "tx_started"')
+    board.send('{"cmd": "step", "ms": 600000}')
+    board.send('{"cmd": "unplug"}')
+    board.wait_for(r'"ev": "tx_ended"')
+
+    def sessions() -> str:
+        r = subprocess.run([*admin, "list-sessions"], cwd=ROOT, check=True, capture_output=True, text=True)
+        return r.stdout
+
+    # the ended transaction reaches the CSMS once its events are relayed: poll its store
+    end = time.monotonic() + 30
+    while not re.search(r"ev-0001\t\d+\t\d+\tended\tCARD-1", out := sessions()):
+        assert time.monotonic() < end, f"the session never ended at the CSMS:\n{out}"
+        time.sleep(0.2)
