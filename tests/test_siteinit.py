@@ -102,6 +102,7 @@ def test_siteinit_creates_every_secret_private_and_refuses_to_overwrite_a_site(t
     again = siteinit.init(site, "DE*ABC*LS1", "127.0.0.1:5000", force=True)
     assert (site / "pki" / "ca.key").read_bytes() == key  # --force keeps the PKI, rewrites the TOMLs
     assert '"127.0.0.1:5000"' in again.gateway_toml.read_text()
+    assert again.factory_seed == made.factory_seed  # boards made for the site still onboard
 
 
 def test_siteinit_refuses_a_bad_site_id_and_address(tmp_path: Path) -> None:

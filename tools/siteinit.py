@@ -3,7 +3,8 @@ started on their own — on one machine or several — trust each other:
 
     python -m tools.siteinit DIR [--site ID] [--csms-address HOST:PORT] [--lan-listen HOST:PORT]
 
-writes (refusing to overwrite a DIR that already holds a site, unless `--force`):
+writes (refusing to overwrite a DIR that already holds a site, unless `--force`, which
+writes the two TOML files anew and keeps the keys, certificates and factory seed):
 
     DIR/pki/ca.pem, ca.key            the site's CA: the trust anchor of every part
     DIR/pki/csms.pem, csms.key        the CSMS's TLS identity (server and client)
@@ -105,7 +106,8 @@ key = "../pki/csms.key"
 key = "signing.key"           # Ed25519: the gateway trusts it as `{signer.name}`
 """
     )
-    seed = secrets.token_bytes(32)
+    # --force rewrites the files but keeps the seed: boards made with it must still onboard
+    seed = (gwconfig.load(gateway_toml).factory_seed if gateway_toml.exists() else None) or secrets.token_bytes(32)
     devpki.write_private(
         gateway_toml,
         f"""# The site gateway (docs/gateway.md), written by `python -m tools.siteinit`.

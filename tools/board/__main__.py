@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ap.add_argument("--gw", default=None, help="the gateway's LAN address HOST:PORT (default 127.0.0.1:7700)")
     ap.add_argument("--gw-port", type=int, default=None, help="the gateway's LAN port on 127.0.0.1")
-    ap.add_argument("--dir", default="/tmp/evedge-board", help="the board's flash image and meter live here")
+    ap.add_argument("--dir", help="the board's flash image and meter (default: <tmp>/evedge-board-<id>)")
     ap.add_argument("--id", default="evse-1", help="the device id")
     ap.add_argument("--factory-key", help="hex: the board's factory key")
     ap.add_argument("--factory-seed", help="hex: the site's factory seed (the key is derived from it)")
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         if not host or not p.isdigit():
             ap.error(f"--gw: expected HOST:PORT, got {a.gw!r}")
         port = int(p)
-    b = Board(a.dir, port, a.id, _key(a, ap), a.heap, source=a.source, gw_host=host).start()
+    folder = a.dir or Path(tempfile.gettempdir()) / f"evedge-board-{a.id}"
+    b = Board(folder, port, a.id, _key(a, ap), a.heap, source=a.source, gw_host=host).start()
     done = threading.Event()
 
     def show() -> None:
