@@ -37,11 +37,14 @@ async def _run(cfg: config_mod.Config) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
     msrv = await metrics.serve(gw, cfg.metrics_host, cfg.metrics_port)
+    metrics_port = int(msrv.sockets[0].getsockname()[1])
     logging.getLogger("gateway").info(
         "site %s: LAN %s:%d, upstream %s:%d, metrics http://%s:%d/metrics",
-        cfg.site_id, cfg.lan_host, gw.lan_port, cfg.upstream_host, cfg.upstream_port, cfg.metrics_host, cfg.metrics_port,  # noqa: E501
+        cfg.site_id, cfg.lan_host, gw.lan_port, cfg.upstream_host, cfg.upstream_port, cfg.metrics_host, metrics_port,
     )  # fmt: skip
-    print(f"READY lan={gw.lan_port}", flush=True)
+    # The ports bound (port 0 in the configuration: ephemeral ones), for whoever started this
+    # process: `READY lan=7700 metrics=9700` on stdout, once both listen.
+    print(f"READY lan={gw.lan_port} metrics={metrics_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,10 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("run", help="run the gateway (the default)")
     sub.add_parser("status", help="print the running gateway's status")
-    dv = sub.add_parser("devices", help="device keys (M11, M12, M13)")
+    dv = sub.add_parser(
+        "devices",
+        help="device keys (M11, M12, M13); changes reach a running gateway without a restart",
+        description="list: every device (number, id, status); provision ID --key HEX: install the 32-byte"
+        " device key K_dev given as 64 hex digits (the device is accepted at its next Hello, also by a running"
+        " gateway); deregister ID: destroy its key, the device is refused by name (M11); hand-over ID: print"
+        " its key for the new site and stop accepting it here (M12). See docs/gateway.md.",
+    )
     dv.add_argument("action", choices=["list", "deregister", "hand-over", "provision"])
     dv.add_argument("device_id", nargs="?")
-    dv.add_argument("--key", help="hex key for provision")
+    dv.add_argument("--key", metavar="HEX", help="provision: the device key K_dev, 64 hex digits (32 bytes)")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s"
@@ -93,8 +103,8 @@ def _devices(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     devs = Devices(cfg.devices_path, cfg.factory_seed)
     try:
         if args.action == "list":
-            for did, idx, _key, status in devs._db.execute("SELECT device_id, idx, k_dev, status FROM devices"):
-                print(f"{idx:6d} {did} {status}")
+            for d in devs.all():
+                print(f"{d.idx:6d} {d.device_id} {d.status}")
             return 0
         if not args.device_id:
             print("a device id is needed", file=sys.stderr)
@@ -104,7 +114,14 @@ def _devices(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         elif args.action == "hand-over":
             print(devs.hand_over(args.device_id).hex())
         elif args.action == "provision":
-            devs.provision(args.device_id, bytes.fromhex(args.key or ""))
+            if not args.key:
+                print("provision needs --key: the device key, 64 hex digits", file=sys.stderr)
+                return 2
+            try:
+                key = bytes.fromhex(args.key)
+            except ValueError:
+                raise ValueError(f"--key is not hex: {args.key!r}") from None
+            devs.provision(args.device_id, key)
         return 0
     except (DeviceError, ValueError) as e:
         print(f"{args.action}: {e}", file=sys.stderr)

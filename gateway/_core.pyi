@@ -226,6 +226,10 @@ class Receiver:
     def last_errors(self) -> list[tuple[int, int, str]]:
         """`(index, code, reason)` of each frame the last `ingest` rejected."""
 
+    def last_rejections(self) -> list[tuple[int, int, str, int | None]]:
+        """`(index, code, reason, field)` of each frame the last `ingest` rejected;
+        `field` is the body key at fault (as `CoreError.field`), None when there is none."""
+
 @final
 class Sender:
     """One direction of a link, sending side: numbers frames 1, 2, … and tags them."""

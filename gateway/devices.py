@@ -4,9 +4,16 @@ A board is known by its `device_id`. Its 32-byte `K_dev` is made at onboarding (
 proves its factory key, the gateway answers with a fresh key encrypted under the
 factory-derived session key) and kept in SQLite, committed before the Hello response that
 carries it is sent, so a crash never leaves a board with a key the gateway forgot.
-Factory keys are `HMAC-SHA256(factory_seed, device_id)`: the manufacturer's per-device
-keys, derived from one seed the operator installs. Development sites may also accept a
-device-id prefix whose keys derive from `dev_seed` (load tests, benchmarks).
+Factory keys are `HMAC-SHA256(factory_seed, device_id)` (the id's UTF-8 bytes): the
+manufacturer's per-device keys, derived from one seed the operator installs. Development
+sites may also accept a device-id prefix whose keys derive from `dev_seed` (load tests,
+benchmarks).
+
+The table is the one source of truth, shared by the running gateway and
+`python -m gateway devices` (another process): every Hello reads its device's row, so a
+device provisioned or deregistered while the gateway runs is seen at its next Hello,
+without a restart. Only the numbering of devices (`idx`, the Rust queue's device number,
+never reused or changed) is cached, in a bounded map.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +52,17 @@ class DeviceError(Exception):
 
 
 class Devices:
-    """The device table and its in-memory index (`idx` numbers devices for the Rust queue)."""
+    """The device table (SQLite, WAL) and a bounded cache of the device numbers (`idx`)."""
+
+    NAMES_MAX = 65536
+    """Entries of the `idx` → device id cache (a miss reads the table)."""
 
     def __init__(
         self, path: Path | str, factory_seed: bytes | None, dev_seed: bytes | None = None, dev_prefix: str = ""
     ) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        # Another process (`python -m gateway devices`) may write the table: wait for its
+        # short write transactions rather than fail with "database is locked".
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
@@ -58,50 +72,85 @@ class Devices:
         self._factory_seed = factory_seed
         self._dev_seed = dev_seed if dev_prefix else None
         self._dev_prefix = dev_prefix
-        self._by_id: dict[str, Device] = {}
-        self._by_idx: dict[int, Device] = {}
-        for did, idx, key, status in self._db.execute("SELECT device_id, idx, k_dev, status FROM devices"):
-            self._index(Device(did, idx, key, status))
-        self._next_idx = max(self._by_idx, default=0) + 1
-
-    def _index(self, d: Device) -> None:
-        self._by_id[d.device_id] = d
-        self._by_idx[d.idx] = d
+        self._names: OrderedDict[int, str] = OrderedDict()
+        self._data_version = self._version()
 
     def close(self) -> None:
         self._db.close()
 
-    def get(self, device_id: str) -> Device | None:
-        return self._by_id.get(device_id)
+    def _row(self, where: str, arg: str | int) -> Device | None:
+        r = self._db.execute(f"SELECT device_id, idx, k_dev, status FROM devices WHERE {where} = ?", (arg,)).fetchone()
+        return None if r is None else Device(*r)
 
-    def by_idx(self, idx: int) -> Device:
-        return self._by_idx[idx]
+    def get(self, device_id: str) -> Device | None:
+        """The device's row as stored now (one indexed read)."""
+        return self._row("device_id", device_id)
+
+    def all(self) -> list[Device]:
+        return [Device(*r) for r in self._db.execute("SELECT device_id, idx, k_dev, status FROM devices ORDER BY idx")]
+
+    def name_of(self, idx: int) -> str:
+        """The device id numbered `idx` (cached: an idx never changes its device)."""
+        names = self._names
+        did = names.get(idx)
+        if did is None:
+            d = self._row("idx", idx)
+            if d is None:
+                raise KeyError(idx)
+            did = self._remember(d.idx, d.device_id)
+        else:
+            names.move_to_end(idx)
+        return did
+
+    def _remember(self, idx: int, device_id: str) -> str:
+        names = self._names
+        names[idx] = device_id
+        names.move_to_end(idx)
+        while len(names) > self.NAMES_MAX:
+            names.popitem(last=False)
+        return device_id
 
     def __len__(self) -> int:
-        return len(self._by_id)
+        return int(self._db.execute("SELECT count(*) FROM devices").fetchone()[0])
 
-    def _save(self, d: Device) -> None:
-        self._db.execute(
-            "INSERT INTO devices(device_id, idx, k_dev, status) VALUES (?,?,?,?) ON CONFLICT(device_id) DO UPDATE"
-            " SET k_dev=excluded.k_dev, status=excluded.status",
-            (d.device_id, d.idx, d.key, d.status),
-        )
-        self._index(d)
+    def _version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
-    def _new(self, device_id: str, key: bytes | None, status: str) -> Device:
-        d = self._by_id.get(device_id)
-        if d is None:
-            d = Device(device_id, self._next_idx, key, status)
-            self._next_idx += 1
-        else:
-            d = Device(device_id, d.idx, key, status)
-        self._save(d)
-        return d
+    def changed_elsewhere(self) -> bool:
+        """Whether another connection (the `devices` command) committed to the table since
+        the last call: a cheap check, no table read."""
+        v = self._version()
+        changed, self._data_version = v != self._data_version, v
+        return changed
+
+    def inactive(self, device_ids: Iterable[str]) -> set[str]:
+        """Those of `device_ids` that may not connect any more (revoked, migrated)."""
+        ids = list(device_ids)
+        out: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT device_id FROM devices WHERE status != ? AND device_id IN ({marks})"
+            out.update(r[0] for r in self._db.execute(q, (ACTIVE, *chunk)))
+        return out
+
+    def _put(self, device_id: str, key: bytes | None, status: str) -> Device:
+        """Inserts or updates a device; a new one gets the next number in the same statement,
+        so that the gateway and the `devices` command never hand out one number twice."""
+        (idx,) = self._db.execute(
+            "INSERT INTO devices(device_id, idx, k_dev, status)"
+            " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET k_dev=excluded.k_dev, status=excluded.status RETURNING idx",
+            (device_id, key, status),
+        ).fetchall()[0]
+        self._remember(idx, device_id)
+        return Device(device_id, idx, key, status)
 
     def hello_key(self, device_id: str, factory: bool) -> bytes:
         """The key the board's Hello must be tagged with (`K_dev`, or its factory key when
-        onboarding). Raises DeviceError naming why the device may not connect."""
-        d = self._by_id.get(device_id)
+        onboarding), read from the table at each Hello. Raises DeviceError naming why the
+        device may not connect."""
+        d = self.get(device_id)
         if d is not None and d.status != ACTIVE:
             raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} is {d.status} at this site")
         if factory:
@@ -112,7 +161,7 @@ class Devices:
             return d.key
         if self._dev_seed is not None and device_id.startswith(self._dev_prefix):
             key = derive(self._dev_seed, device_id)
-            self._new(device_id, key, ACTIVE)
+            self._put(device_id, key, ACTIVE)
             return key
         raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} is not provisioned at this site")
 
@@ -120,30 +169,31 @@ class Devices:
         """M13: makes and commits a fresh K_dev (it replaces an earlier one: the board
         only asks with its factory key when it holds no device key)."""
         key = secrets.token_bytes(32)
-        self._new(device_id, key, ACTIVE)
+        self._put(device_id, key, ACTIVE)
         return key
 
     def provision(self, device_id: str, key: bytes) -> Device:
-        """Installs a key made elsewhere (a migration into this site, M12, or a test)."""
+        """Installs a key made elsewhere (`devices provision`, a migration into this site
+        (M12), a test); a running gateway accepts the device at its next Hello."""
         if len(key) != 32:
-            raise ValueError("a device key is 32 bytes")
-        return self._new(device_id, key, ACTIVE)
+            raise ValueError(f"a device key is 32 bytes (64 hex digits), got {len(key)} bytes")
+        return self._put(device_id, key, ACTIVE)
 
     def deregister(self, device_id: str) -> None:
         """M11: the key is destroyed; the id stays so that the device is refused by name."""
-        self._new(device_id, None, REVOKED)
+        self._put(device_id, None, REVOKED)
 
     def hand_over(self, device_id: str) -> bytes:
         """M12: returns the device key for the new site and stops accepting it here."""
-        d = self._by_id.get(device_id)
+        d = self.get(device_id)
         if d is None or d.key is None or d.status != ACTIVE:
             raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} has no active key at this site")
-        key = d.key
-        self._new(device_id, None, MIGRATED)
-        return key
+        self._put(device_id, None, MIGRATED)
+        return d.key
 
     def idx_of(self, device_id: str) -> int:
-        d = self._by_id.get(device_id)
+        d = self.get(device_id)
         if d is None:
-            d = self._new(device_id, None, ACTIVE)
+            d = self._put(device_id, None, ACTIVE)
+        self._remember(d.idx, device_id)
         return d.idx

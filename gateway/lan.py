@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway import _core
-from gateway.link import Link, State, Verdict, proto_ts
-from gateway.schema import Action, ErrorCode, Key, Kind, Priority
+from gateway.link import Link, State, Verdict, error_body, proto_ts
+from gateway.schema import Action, ErrorCode, Kind, Priority
 
 if TYPE_CHECKING:
     from gateway.service import Gateway
@@ -86,7 +86,7 @@ class BoardConnection(asyncio.Protocol):
         status = rx.ingest(frames, self.gw.queue, link.idx)
         self.gw.frames_in += len(frames)
         if any(status):
-            out = link.rejected_frames(frames, rx.last_errors(), now)
+            out = link.rejected_frames(frames, rx.last_rejections(), now)
             self.gw.count_rejections(link)
             self.write(out.frames)
             if out.close:
@@ -117,7 +117,7 @@ class BoardConnection(asyncio.Protocol):
         if link.state is State.OPEN:
             self.write([link.error(code, reason, 0, Priority.CONTROL, Action.CLOSE, time.time())])
         else:
-            body = {Key.ERROR_CODE: code, Key.REASON: reason[:120]}
+            body = error_body(code, reason)
             f = _core.encode(Kind.ERROR, 0, 0, Priority.CONTROL, proto_ts(time.time()), Action.HELLO, body, bytes(32))
             self.write([f[:-16] + bytes(16)])
         self.close()

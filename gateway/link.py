@@ -22,10 +22,26 @@ from gateway.schema import EPOCH_UNIX, MESSAGES, PROTOCOL_VERSION, SCHEMA_REV, A
 
 MAX_ACK_IDS = 64
 
+FIRST_SCHEMA_REV = 1
+"""The first revision of the schema (tools/schema/messages.toml, [meta]). Within protocol
+version 1 the schema only grows, so every revision from this one up to the gateway's own
+(`SCHEMA_REV`, generated) is a subset of what the gateway understands: a Hello with one of
+them is accepted, any other `schema_rev` (0, or newer than the gateway) is refused with
+BAD_VERSION naming the field (docs/protocol.md, "Versioning")."""
+
 
 def proto_ts(now: float) -> int:
     """Seconds since the protocol epoch (2024-01-01Z) of a Unix time."""
     return max(0, int(now) - EPOCH_UNIX)
+
+
+def error_body(code: int, reason: str, field: int | None = None) -> dict[int, Any]:
+    """The body of an error frame: `error_code`, `reason` (at most 120 bytes of UTF-8) and,
+    when the error is about one body key, `field`."""
+    body: dict[int, Any] = {Key.ERROR_CODE: int(code), Key.REASON: reason.encode()[:120].decode(errors="ignore")}
+    if field is not None:
+        body[Key.FIELD] = field
+    return body
 
 
 class State(enum.Enum):
@@ -101,21 +117,23 @@ class Link:
         try:
             hello = _core.decode(frame)
         except _core.CoreError as e:
-            return self._refuse(e.name, e.reason, 0, None, now)
+            # the id answered is the Hello's whenever its envelope could be read
+            return self._refuse(e.name, e.reason, peek(frame)[1], None, now, e.field)
         if hello.action != Action.HELLO or hello.kind != Kind.REQUEST or hello.seq != 0:
             return self._refuse(
                 "BAD_KIND", "the first frame of a link must be a Hello request with seq 0", hello.msg_id, None, now
             )
         body = hello.body
-        device_id = body.get(Key.DEVICE_ID)
-        nonce_b = body.get(Key.NONCE)
+        device_id = body[Key.DEVICE_ID]  # the schema check above: present, a str
+        nonce_b = body[Key.NONCE]  # present, bin of at most 16 bytes
         factory = body.get(Key.FACTORY) is True
-        if not isinstance(device_id, str) or not isinstance(nonce_b, bytes) or len(nonce_b) != 16:
-            return self._refuse("BAD_TYPE", "Hello needs a device_id and a 16-byte nonce", hello.msg_id, None, now)
+        if len(nonce_b) != 16:
+            reason = f"Hello nonce is {len(nonce_b)} bytes, want 16"
+            return self._refuse("OUT_OF_RANGE", reason, hello.msg_id, None, now, Key.NONCE)
         try:
             k_dev = self.devices.hello_key(device_id, factory)
         except DeviceError as e:
-            return self._refuse(e.name, e.reason, hello.msg_id, None, now)
+            return self._refuse(e.name, e.reason, hello.msg_id, None, now, Key.DEVICE_ID)
         k_hello = _core.hello_key(k_dev)
         try:
             _core.decode(frame, k_hello)
@@ -124,15 +142,22 @@ class Link:
             return self._refuse(
                 e.name, f"Hello tag does not verify under the {why} of {device_id}", hello.msg_id, k_hello, now
             )
-        if not body.get(Key.VER_MIN, 1) <= PROTOCOL_VERSION <= body.get(Key.VER_MAX, 1):
-            return self._refuse(
-                "BAD_VERSION", f"gateway speaks version {PROTOCOL_VERSION} only", hello.msg_id, k_hello, now
-            )
+        ver_min, ver_max = body[Key.VER_MIN], body[Key.VER_MAX]
+        if not ver_min <= PROTOCOL_VERSION <= ver_max:
+            reason = f"gateway speaks version {PROTOCOL_VERSION} only, board {ver_min}..{ver_max}"
+            at = Key.VER_MIN if ver_min > PROTOCOL_VERSION else Key.VER_MAX
+            return self._refuse("BAD_VERSION", reason, hello.msg_id, k_hello, now, at)
+        rev = body[Key.SCHEMA_REV]
+        if not FIRST_SCHEMA_REV <= rev <= SCHEMA_REV:
+            reason = f"schema_rev {rev} not supported: this gateway accepts {FIRST_SCHEMA_REV}..{SCHEMA_REV}"
+            return self._refuse("BAD_VERSION", reason, hello.msg_id, k_hello, now, Key.SCHEMA_REV)
         nonce_g = os.urandom(16)
         k_up, k_dn, self.e_up, self.e_dn = _core.derive_keys(k_dev, nonce_b, nonce_g)
         self.rx = _core.Receiver(k_up, self.window)
         self.tx = _core.Sender(k_dn)
         self.device_id = device_id
+        # M13: the new key is committed before the response that carries it is sent
+        new_key = self.devices.onboard(device_id) if factory else None
         self.idx = self.devices.idx_of(device_id)
         self.state = State.OPEN
         self._next_id = int(now * 1000) << 4  # unique per device across gateway restarts
@@ -145,8 +170,7 @@ class Link:
             Key.INTERVAL_S: self.interval_s,
         }
         out = Output()
-        if factory:
-            new_key = self.devices.onboard(device_id)
+        if new_key is not None:
             reply[Key.DEVICE_KEY] = _core.aes_ctr(self.e_dn, self.tx.seq, Key.DEVICE_KEY, new_key)
             out.onboarded = True
         out.frames.append(
@@ -154,15 +178,17 @@ class Link:
         )
         return out
 
-    def _refuse(self, name: str, reason: str, msg_id: int, key: bytes | None, now: float) -> Output:
-        """Error frame before the session keys exist: tagged under K_hello when known,
-        else with a zero tag; the link is closed after it."""
+    def _refuse(
+        self, name: str, reason: str, msg_id: int, key: bytes | None, now: float, field: int | None = None
+    ) -> Output:
+        """Error frame before the session keys exist: `seq` 0, action Hello, class control,
+        tagged under K_hello when the device's key is known (`key`), else with 16 zero
+        bytes; the link is closed after it."""
         self.count(name)
         self.state = State.CLOSED
-        body = {Key.ERROR_CODE: ErrorCode[name], Key.REASON: reason[:120]}
-        frame = _core.encode(
-            Kind.ERROR, 0, msg_id, Priority.CONTROL, proto_ts(now), Action.HELLO, body, key or bytes(32)
-        )
+        body = error_body(ErrorCode[name], reason, field)
+        ts = proto_ts(now)
+        frame = _core.encode(Kind.ERROR, 0, msg_id, Priority.CONTROL, ts, Action.HELLO, body, key or bytes(32))
         if key is None:
             frame = frame[:-16] + bytes(16)
         return Output([frame], close=True)
@@ -172,10 +198,13 @@ class Link:
     def count(self, name: str) -> None:
         self.rejected[name] = self.rejected.get(name, 0) + 1
 
-    def rejected_frames(self, frames: list[bytes], errors: Iterable[tuple[int, int, str]], now: float) -> Output:
-        """Error frames for the frames `Receiver.ingest` refused, and the flood verdict."""
+    def rejected_frames(
+        self, frames: list[bytes], errors: Iterable[tuple[int, int, str, int | None]], now: float
+    ) -> Output:
+        """Error frames for the frames `Receiver.ingest` refused (`Receiver.last_rejections`:
+        index, code, reason, body key at fault), and the flood verdict."""
         out = Output()
-        for index, code, reason in errors:
+        for index, code, reason, at in errors:
             name = _core.error_name(code)
             if code == ErrorCode.QUEUE_FULL:
                 # Backpressure is not the board's fault: it retries, it is not counted as bad.
@@ -183,7 +212,7 @@ class Link:
             else:
                 self.note_bad(name, now)
             _kind, msg_id, prio, action = peek(frames[index])
-            out.frames.append(self.error(code, reason, msg_id, prio, action, now))
+            out.frames.append(self.error(code, reason, msg_id, prio, action, now, at))
         out.verdict = self.verdict(now)
         if out.verdict is Verdict.CLOSE:
             out.frames.append(
@@ -206,10 +235,12 @@ class Link:
             return Verdict.THROTTLE
         return Verdict.OK
 
-    def error(self, code: int, reason: str, msg_id: int, prio: int, action: int, now: float) -> bytes:
+    def error(
+        self, code: int, reason: str, msg_id: int, prio: int, action: int, now: float, field: int | None = None
+    ) -> bytes:
+        """A sealed error frame answering `msg_id`; `field` is the body key at fault, if any."""
         assert self.tx is not None
-        body = {Key.ERROR_CODE: int(code), Key.REASON: reason.encode()[:120].decode(errors="ignore")}
-        return self.tx.seal(Kind.ERROR, msg_id, prio, proto_ts(now), action, body)
+        return self.tx.seal(Kind.ERROR, msg_id, prio, proto_ts(now), action, error_body(code, reason, field))
 
     def acks(self, items: Iterable[tuple[int, int, int]], now: float) -> list[bytes]:
         """Batched ack frames for `(prio, msg_id, action)` items: one frame per class and

@@ -73,7 +73,7 @@ ERROR_TEXT: Final[dict[int, str]] = {
     8: 'action code not in the schema',
     9: 'a required field is absent',
     10: "value or length outside the field's bounds",
-    11: 'unsupported protocol major version',
+    11: 'unsupported protocol major version or schema revision',
     12: 'kind not valid for this action',
     13: "priority class lower than the action's default or above 3",
     14: 'bytes after the end of the envelope',

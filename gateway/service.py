@@ -135,6 +135,7 @@ class Gateway:
             self.runner = UplinkRunner(self.uplink, settings, cfg.site_id, self.relayed_acked, self.upstream_request)
             self._tasks.append(asyncio.create_task(self.runner.run()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._watch_devices()))
         self._tasks.extend(self.command_path.resume_rollouts())  # M4: staged rollouts a restart interrupted
 
     @property
@@ -164,6 +165,20 @@ class Gateway:
             await asyncio.sleep(5)
             horizon = int((time.time() - self.cfg.dedup_horizon_s) * 1000)
             await self.committer.run_sync(functools.partial(self.outbox.prune, horizon))
+
+    async def _watch_devices(self, period_s: float = 1.0) -> None:
+        """`python -m gateway devices` writes the device table from another process: a new
+        or re-keyed device is read at its next Hello; a device deregistered or handed over
+        while its link is open loses the link here (a cheap `data_version` check per period,
+        the table read only after a change)."""
+        while True:
+            await asyncio.sleep(period_s)
+            if self.online and self.devices.changed_elsewhere():
+                for did in self.devices.inactive(list(self.online)):
+                    conn = self.online.get(did)
+                    if conn is not None:
+                        log.info("device %s is no longer active at this site: link closed", did)
+                        conn.close()
 
     # ------------------------------------------------------------ links
 
@@ -286,7 +301,7 @@ class Gateway:
                         self.count_name("QUEUE_FULL")
                     continue
                 if conn is None:
-                    device = self.devices.by_idx(idx).device_id
+                    device = self.devices.name_of(idx)
                 if fw_watch and action == _FW_STATUS:  # a staged rollout waits for it
                     self.firmware.status(device, _core.decode(frame).body)
                 m = (conn, prio, msg_id, action if durable[action] else -1)

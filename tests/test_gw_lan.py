@@ -141,6 +141,31 @@ async def test_schema_violation_names_the_field(gw: Gateway) -> None:
     await wait_for(lambda: 77 in b.responses)
     err = b.responses[77]
     assert _core.error_name(err.body[Key.ERROR_CODE]) == "OUT_OF_RANGE"
+    assert err.body[Key.FIELD] == Key.EVSE
+
+
+@with_gw
+async def test_error_frames_carry_the_field_at_fault_when_there_is_one(gw: Gateway) -> None:
+    """docs/protocol.md, Kinds: an error body holds `field`, the body key at fault, when
+    there is one (a nested fault names the top-level key holding it); none otherwise."""
+    b = board(gw)
+    await b.connect()
+    assert b.sender is not None
+    cases: dict[int, tuple[dict[int, Any], str, int | None]] = {
+        81: ({Key.EVSE: "one"}, "BAD_TYPE", Key.EVSE),
+        82: ({Key.ENERGY_WH: 5}, "MISSING_FIELD", Key.EVSE),
+        83: ({Key.EVSE: 1, Key.SAMPLES: [{Key.MEASURAND: 200, Key.VALUE: 1.0}]}, "OUT_OF_RANGE", Key.SAMPLES),
+        84: ({Key.EVSE: 1, Key.SOC: 101}, "OUT_OF_RANGE", Key.SOC),
+    }
+    frames = [b.sender.seal(Kind.EVENT, i, 2, 0, Action.METER_VALUES, body) for i, (body, _, _) in cases.items()]
+    forged = _core.encode(Kind.EVENT, 99, 85, 2, 0, Action.METER_VALUES, {Key.EVSE: 1}, bytes(32))
+    b.send_raw(b"".join(len(f).to_bytes(2, "big") + f for f in [*frames, forged]))
+    await wait_for(lambda: all(i in b.responses for i in [*cases, 85]))
+    for i, (_, name, field) in cases.items():
+        body = b.responses[i].body
+        assert (_core.error_name(body[Key.ERROR_CODE]), body.get(Key.FIELD)) == (name, field), i
+        assert b.responses[i].action == Action.METER_VALUES
+    assert Key.FIELD not in b.responses[85].body  # BAD_TAG: not about a body key
 
 
 def test_flood_is_throttled_then_disconnected(tmp_path: Path) -> None:

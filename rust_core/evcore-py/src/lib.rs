@@ -433,8 +433,11 @@ struct Receiver {
     inner: session::Receiver,
     scratch: Vec<u8>,
     lens: Vec<usize>,
-    errors: Vec<(usize, u16, String)>,
+    errors: Vec<Rejection>,
 }
+
+/// `(index, code, reason, field)` of a frame `Receiver.ingest` rejected.
+type Rejection = (usize, u16, String, Option<u16>);
 
 #[pymethods]
 impl Receiver {
@@ -512,7 +515,7 @@ impl Receiver {
                 f
             });
             inner.ingest_batch(spans, q, device, &mut statuses, |i, e| {
-                errors.push((i, e.wire_code(), e.reason));
+                errors.push((i, e.wire_code(), e.reason, e.field));
             });
             statuses
         });
@@ -521,6 +524,15 @@ impl Receiver {
 
     /// `(index, code, reason)` of each frame the last `ingest` rejected.
     fn last_errors(&self) -> Vec<(usize, u16, String)> {
+        self.errors
+            .iter()
+            .map(|(i, code, reason, _)| (*i, *code, reason.clone()))
+            .collect()
+    }
+
+    /// `(index, code, reason, field)` of each frame the last `ingest` rejected: `field`
+    /// is the body key at fault (`None` when the error is not about one field).
+    fn last_rejections(&self) -> Vec<Rejection> {
         self.errors.clone()
     }
 }

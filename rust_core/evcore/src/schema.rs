@@ -342,7 +342,7 @@ pub static ERRORS: &[(u16, &str, &str)] = &[
     (8, "UNKNOWN_ACTION", "action code not in the schema"),
     (9, "MISSING_FIELD", "a required field is absent"),
     (10, "OUT_OF_RANGE", "value or length outside the field's bounds"),
-    (11, "BAD_VERSION", "unsupported protocol major version"),
+    (11, "BAD_VERSION", "unsupported protocol major version or schema revision"),
     (12, "BAD_KIND", "kind not valid for this action"),
     (13, "BAD_PRIORITY", "priority class lower than the action's default or above 3"),
     (14, "TRAILING_BYTES", "bytes after the end of the envelope"),
