@@ -21,6 +21,10 @@ from gateway import config as config_mod
 from gateway import metrics
 
 
+class CannotListen(Exception):
+    """A listening socket could not be bound (a port taken, an address not on this host)."""
+
+
 async def _run(cfg: config_mod.Config) -> None:
     from gateway.service import Gateway  # noqa: PLC0415 (keeps `status` light)
 
@@ -29,14 +33,22 @@ async def _run(cfg: config_mod.Config) -> None:
     # waiting for its commit) up to 5 ms.
     sys.setswitchinterval(0.0005)
     gw = Gateway(cfg)
-    await gw.start()
+    try:
+        await gw.start()
+    except OSError as e:
+        await gw.stop()
+        raise CannotListen(f"the LAN server on {cfg.lan_host}:{cfg.lan_port}: {e.strerror or e}") from None
     # The hot path makes a few short-lived tuples per frame, freed by reference counting; the
     # cyclic collector's young generation would still run every 700 of them and walk them.
     # Startup's objects go to the permanent generation and the young one is collected every
     # 50,000 allocations (docs/performance.md: gateway CPU per 1000 frames before and after).
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
-    msrv = await metrics.serve(gw, cfg.metrics_host, cfg.metrics_port)
+    try:
+        msrv = await metrics.serve(gw, cfg.metrics_host, cfg.metrics_port)
+    except OSError as e:
+        await gw.stop()
+        raise CannotListen(f"/metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e.strerror or e}") from None
     metrics_port = int(msrv.sockets[0].getsockname()[1])
     logging.getLogger("gateway").info(
         "site %s: LAN %s:%d, upstream %s:%d, metrics http://%s:%d/metrics",
@@ -92,8 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "devices":
         return _devices(cfg, args)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_run(cfg))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run(cfg))
+    except CannotListen as e:
+        print(f"gateway: cannot listen: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
