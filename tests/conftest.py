@@ -1,12 +1,18 @@
-"""Fixtures shared by the firmware tests that run a real emulated board against tests/fwpeer.py."""
+"""Fixtures shared by the tests: the firmware tests' board against tests/fwpeer.py, and the
+operator's default ports made unavailable for the harness runs."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fwpeer import Rig
+
+DEFAULT_PORTS = ((socket.SOCK_DGRAM, 4433), (socket.SOCK_STREAM, 7700), (socket.SOCK_STREAM, 9700))
+"""The defaults of the programs an operator runs: the CSMS's UDP port (the roaming endpoints'
+too), the gateway's LAN and metrics TCP ports. No harness, test or benchmark may need them."""
 
 
 @pytest.fixture
@@ -17,3 +23,26 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         yield r.up()
     finally:
         r.close()
+
+
+@pytest.fixture
+def default_ports_taken() -> Iterator[list[int]]:
+    """DEFAULT_PORTS unavailable while the test runs, as on a machine where a CSMS and a gateway
+    (or another run) already listen: bound here, unless another program holds them already
+    (as good). Yields the ports bound here."""
+    held: list[socket.socket] = []
+    for kind, port in DEFAULT_PORTS:
+        s = socket.socket(socket.AF_INET, kind)
+        try:
+            s.bind(("127.0.0.1", port))
+            if kind == socket.SOCK_STREAM:
+                s.listen()
+        except OSError:  # taken by another program: unavailable all the same
+            s.close()
+            continue
+        held.append(s)
+    try:
+        yield [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()

@@ -4,7 +4,8 @@ It checks the gateway's certificate (mutual TLS), persists every relayed frame i
 once per (site, device, message id), acks each Relay after its commit, and can send
 Commands. The real CSMS lives in tools/peers/csms/; this one stays small on purpose.
 
-Run alone (for kill -9 tests): `python tests/gwpeer.py --port P --db FILE --pki DIR`.
+Run alone (for kill -9 tests): `python tests/gwpeer.py [--port P] --db FILE --pki DIR`; it
+prints `READY port=N` once it listens (port 0, the default: an ephemeral one).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import re
 import sqlite3
 import ssl
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -250,22 +255,40 @@ def server_config(pki: Path, cn: str = "csms", ca_name: str = "ca") -> QuicConfi
 
 
 async def start(host: str, port: int, store: Store, qc: QuicConfiguration, threaded: bool = False) -> tuple[Peer, Any]:
+    """The peer listening on `port`: 0 for an ephemeral one (`bound_port(server)` reads it back);
+    a port read back from an earlier start when it is started again (the gateway's
+    configuration names it). That is safe enough: the kernel hands out ephemeral ports at
+    random across the local range, so another program takes the one just freed, in the short
+    time it is free, only by rare chance; then the bind is retried for a few seconds."""
     peer = Peer(store, threaded)
-    server = await serve(host, port, configuration=qc, create_protocol=lambda *a, **k: PeerProtocol(*a, peer=peer, **k))
-    return peer, server
+    end = time.monotonic() + 3
+    while True:
+        try:
+            server = await serve(host, port, configuration=qc,
+                                 create_protocol=lambda *a, **k: PeerProtocol(*a, peer=peer, **k))  # fmt: skip
+            return peer, server
+        except OSError as e:
+            if not port or e.errno != errno.EADDRINUSE or time.monotonic() > end:
+                raise
+        await asyncio.sleep(0.1)
+
+
+def bound_port(server: Any) -> int:
+    """The UDP port a server of `start` listens on."""
+    return int(server._transport.get_extra_info("sockname")[1])
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0, help="0 (the default): an ephemeral port")
     p.add_argument("--db", required=True)
     p.add_argument("--pki", required=True, type=Path)
     a = p.parse_args()
 
     async def run() -> None:
-        _peer, _server = await start(a.host, a.port, Store(a.db), server_config(a.pki), threaded=True)
-        print("READY", flush=True)
+        _peer, server = await start(a.host, a.port, Store(a.db), server_config(a.pki), threaded=True)
+        print(f"READY port={bound_port(server)}", flush=True)
         await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -297,28 +320,57 @@ def gateway_doc(data: Path, upstream_port: int | None = None, **sections: dict[s
     return doc
 
 
-def gateway_toml(path: Path, udp: int, lan: int, metrics: int, upstream: str = "", tail: str = "") -> Path:
-    """Writes the configuration of a gateway run as its own process (`python -m gateway`):
-    loopback ports, the dev seed; `upstream` adds lines to [upstream], `tail` sections."""
+def gateway_toml(path: Path, udp: int, upstream: str = "", tail: str = "", host: str = "127.0.0.1") -> Path:
+    """Writes the configuration of a gateway run as its own process (`python -m gateway`): the
+    upstream peer at `host:udp`, LAN and metrics on ephemeral loopback ports (`start_gateway`
+    reads them back and pins them here), the dev seed; `upstream` adds lines to [upstream],
+    `tail` sections."""
     path.write_text(
-        f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{lan}"\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
-        f'[upstream]\naddress = "127.0.0.1:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n{upstream}'
+        '[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+        f'[upstream]\naddress = "{host}:{udp}"\nidle_timeout_s = 2.0\nbackoff_max_s = 0.3\n{upstream}'
         f'[devices]\ndev_seed = "{SEED.hex()}"\ndev_prefix = "ev-"\n{tail}'
     )
     return path
 
 
-def free_udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_tcp_port() -> int:
-    import socket
+def start_gateway(cfg: Path, cmd: Sequence[str] = ("-m", "gateway")) -> subprocess.Popen[str]:
+    """`python CMD --config cfg` (the gateway), once it listens (its READY line is read; its
+    stderr goes to gateway.log beside cfg). The ports it bound (`ports(cfg)`) are read from that
+    line and, on the first start (port 0 in cfg's [lan] and [metrics] `listen`), written into
+    cfg: a restart after a kill -9 listens where the boards reconnect. Should another program
+    have taken one of them meanwhile (rare: see `start`), the start is retried briefly."""
+    end = time.monotonic() + 5
+    log = cfg.parent / "gateway.log"
+    while True:
+        with log.open("a") as err:
+            seen = err.tell()
+            p = subprocess.Popen([sys.executable, *cmd, "--config", str(cfg)], cwd=ROOT, text=True,
+                                 stdout=subprocess.PIPE, stderr=err)  # fmt: skip
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if line.startswith("READY"):
+            break
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        tail = log.read_bytes()[seen:].decode(errors="replace")[-3000:]
+        if "Address already in use" not in tail or time.monotonic() > end:
+            raise RuntimeError(f"the gateway did not start: {line!r}\n{tail}")
+        time.sleep(0.2)
+    bound = dict(kv.split("=") for kv in line.split()[1:])
+    text = cfg.read_text()
+    for name in ("lan", "metrics"):
+        text = re.sub(rf'(\[{name}\]\nlisten = "[^"]*):0"', rf'\g<1>:{bound[name]}"', text)
+    cfg.write_text(text)
+    return p
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def ports(cfg: Path) -> dict[str, int]:
+    """The LAN and metrics ports of the gateway configured by cfg (after its first start)."""
+    import tomllib
+
+    doc = tomllib.loads(cfg.read_text())
+    return {name: int(doc[name]["listen"].rsplit(":", 1)[1]) for name in ("lan", "metrics")}

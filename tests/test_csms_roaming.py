@@ -44,8 +44,7 @@ def test_csms_roaming_operator_s7_r3_7_r3_10_r5_2_r5_3(tmp_path: Path, mode: str
             cfgs = testbed.network(tmp_path / "re", mode)
             op = CsmsOperator(lambda: srv, command_timeout_s=10, power_w={evse_gid(SITE, "b1", 1): 11000})
             csp, ch, cso = CspEndpoint(cfgs["csp"]), ClearingHouse(cfgs["ch"]), CsoEndpoint(cfgs["cso"], op)
-            for ep in (csp, ch, cso):
-                await ep.start()
+            await testbed.start_endpoints({"csp": csp, "ch": ch, "cso": cso})  # ephemeral ports
             bridge = CsmsRoaming(cso, op, period_s=0.05).start()
             board = Board("b1")
             try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import gwpeer
 import pytest
 
 from gateway.schema import Action, FirmwareStatus, Status
@@ -22,11 +21,10 @@ IMAGE = b"CSCFW1" + bytes(range(256)) * 12
 OK = (FirmwareStatus.INSTALLED, FirmwareStatus.ACTIVATED)
 
 
+@pytest.mark.usefixtures("default_ports_taken")
 def test_e2e_staged_rollout_survives_a_gateway_restart(tmp_path: Path) -> None:
-    lan = gwpeer.free_tcp_port()  # the restarted gateway listens where the boards reconnect
-
     async def main() -> None:
-        s = Site(tmp_path, 3, gateway_extra={"lan": {"listen": f"127.0.0.1:{lan}"}})
+        s = Site(tmp_path, 3)  # the restarted gateway listens where the boards reconnect: its first port
         try:
             await s.start()
             await asyncio.gather(*(board_wait(b, "registration") for b in s.boards))

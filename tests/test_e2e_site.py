@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.usefixtures("default_ports_taken")  # the site binds free ports only: two runs share a machine
 def test_e2e_site_short_run(tmp_path: Path) -> None:
     p = subprocess.run(
         [sys.executable, "-m", "tools.site", "--boards", "2", "--minutes", "5", "--data", str(tmp_path)],

@@ -39,23 +39,27 @@ sys.exit(main(sys.argv[1:]))
 
 
 def start_gateway(cfg: Path, slow_urgent_commit: bool = False) -> subprocess.Popen[str]:
-    cmd = ["-c", SLOW_URGENT_COMMIT] if slow_urgent_commit else ["-m", "gateway"]
-    p = subprocess.Popen([sys.executable, *cmd, "--config", str(cfg)], cwd=ROOT, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert line.startswith("READY"), line
-    return p
+    """The gateway process, listening (on the ports of its first start: `gwpeer.ports(cfg)`)."""
+    return gwpeer.start_gateway(cfg, ["-c", SLOW_URGENT_COMMIT] if slow_urgent_commit else ["-m", "gateway"])
+
+
+def start_peer(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """tests/gwpeer.py as a process, on an ephemeral port (returned); it makes the site's dev CA
+    in the gateway's PKI folder, which the gateway then uses."""
+    peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gwpeer.py"), "--db", str(tmp_path / "peer.sqlite"),
+                             "--pki", str(tmp_path / "gw" / "pki")],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    assert peer.stdout is not None
+    line = peer.stdout.readline()
+    assert line.startswith("READY port="), line
+    return peer, int(line.split("=")[1])
 
 
 def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
-    udp, lan, metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
-    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp, lan, metrics)
-    gw = start_gateway(cfg)  # makes the PKI the peer also uses
-    peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gwpeer.py"), "--port", str(udp), "--db",
-                             str(tmp_path / "peer.sqlite"), "--pki", str(tmp_path / "gw" / "pki")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    assert peer.stdout is not None and peer.stdout.readline().startswith("READY")
+    peer, udp = start_peer(tmp_path)
+    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp)
+    gw = start_gateway(cfg)
+    lan = gwpeer.ports(cfg)["lan"]  # where the restarted gateways listen too
     rng = random.Random(os.getpid())
     sent: dict[str, list[tuple[int, int]]] = {}
 
@@ -124,13 +128,10 @@ def test_urgent_relayed_before_its_commit_then_kill_9_loses_and_duplicates_nothi
     """An urgent frame reaches the CSMS while its commit is still running (it is relayed in
     parallel with it); the gateway is killed before the commit completes, so the board never
     got its ack and resends it to the restarted gateway: the CSMS holds it exactly once."""
-    udp, lan, metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
-    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp, lan, metrics)
+    peer, udp = start_peer(tmp_path)
+    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp)
     gw = start_gateway(cfg, slow_urgent_commit=True)
-    peer = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gwpeer.py"), "--port", str(udp), "--db",
-                             str(tmp_path / "peer.sqlite"), "--pki", str(tmp_path / "gw" / "pki")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    assert peer.stdout is not None and peer.stdout.readline().startswith("READY")
+    lan = gwpeer.ports(cfg)["lan"]
     store = gwpeer.Store(str(tmp_path / "peer.sqlite"))
     outbox = sqlite3.connect(tmp_path / "gw" / "outbox.sqlite")
 

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -449,10 +450,7 @@ def test_kill_9_in_the_middle_of_a_rollout_resumes_it(tmp_path: Path) -> None:
     Installed while the gateway is down. The restarted gateway resumes the rollout: the first
     board is not told again, the later boards are told and download from the cache, and the
     CSMS's Command, sent again after the reconnect, gets the results."""
-    udp, lan, mport = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
-    cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp, lan, mport, upstream=f'signers = {{ ops = "{PUB}" }}\n',
-                              tail="[firmware]\nfirst_wave = 1\nwave_timeout_s = 60.0\n")  # fmt: skip
-    gw = start_gateway(cfg)  # makes the PKI the peer also uses
+    gw: subprocess.Popen[str] | None = None
     cache_dir = tmp_path / "gw" / "fwcache" / str(IMAGE_ID)
 
     def verified() -> bool:
@@ -463,8 +461,15 @@ def test_kill_9_in_the_middle_of_a_rollout_resumes_it(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         nonlocal gw
-        peer, server = await gwpeer.start("127.0.0.1", udp, gwpeer.Store(str(tmp_path / "peer.sqlite")),
+        # The peer first, on an ephemeral port (it makes the site's dev CA, the gateway's too),
+        # then the gateway configured with that port.
+        peer, server = await gwpeer.start("127.0.0.1", 0, gwpeer.Store(str(tmp_path / "peer.sqlite")),
                                           gwpeer.server_config(tmp_path / "gw" / "pki"))  # fmt: skip
+        cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", gwpeer.bound_port(server),
+                                  upstream=f'signers = {{ ops = "{PUB}" }}\n',
+                                  tail="[firmware]\nfirst_wave = 1\nwave_timeout_s = 60.0\n")  # fmt: skip
+        gw = await asyncio.to_thread(start_gateway, cfg)
+        lan = gwpeer.ports(cfg)["lan"]  # the restarted gateway listens there too
         fw_server = gwpeer.FirmwareServer(peer, {IMAGE_ID: IMAGE})
         boards = [Board(f"ev-{i:04d}", dev_key(gwpeer.SEED, f"ev-{i:04d}"), "127.0.0.1", lan) for i in range(3)]
         got: dict[str, bytes] = {}
@@ -513,10 +518,11 @@ def test_kill_9_in_the_middle_of_a_rollout_resumes_it(tmp_path: Path) -> None:
     try:
         asyncio.run(scenario())
     finally:
-        gw.kill()
-        gw.wait()
-        if gw.stdout is not None:
-            gw.stdout.close()
+        if gw is not None:
+            gw.kill()
+            gw.wait()
+            if gw.stdout is not None:
+                gw.stdout.close()
 
 
 def test_a_board_status_is_queued_for_disk_before_its_ack(tmp_path: Path) -> None:

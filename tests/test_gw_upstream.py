@@ -35,7 +35,8 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 class Site:
     def __init__(self, tmp: Path, **sections: dict[str, Any]) -> None:
         self.tmp = tmp
-        self.port = gwpeer.free_udp_port()
+        self.port = 0
+        """The peer's UDP port: ephemeral on its first start, read back; a restart binds it again."""
         self.store = gwpeer.Store(str(tmp / "peer.sqlite"))
         self.sections = sections
         self.peer: gwpeer.Peer | None = None
@@ -45,6 +46,7 @@ class Site:
     async def start_peer(self, pki: Path | None = None) -> gwpeer.Peer:
         qc = gwpeer.server_config(pki or self.tmp / "gw" / "pki")
         self.peer, self.server = await gwpeer.start("127.0.0.1", self.port, self.store, qc)
+        self.port = gwpeer.bound_port(self.server)
         return self.peer
 
     def stop_peer(self) -> None:
@@ -54,6 +56,9 @@ class Site:
             p.transmit()
 
     async def start_gw(self, **extra: dict[str, Any]) -> Gateway:
+        if not self.port:  # upstream away from the start: the peer's port, from a start and stop
+            await self.start_peer()
+            self.stop_peer()
         doc = gateway_doc(self.tmp / "gw", self.port, **{**self.sections, **extra})
         self.gw = Gateway(config.prepare(config.parse(doc)))
         await self.gw.start()

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.usefixtures("default_ports_taken")  # the campaign binds free ports only: two runs share a machine
 def test_soak_campaign_short(tmp_path: Path) -> None:
     p = subprocess.run(
         [sys.executable, "-m", "tools.site.campaign", "--minutes", "0.4", "--seed", "20240601", "--boards", "3",

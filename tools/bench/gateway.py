@@ -65,15 +65,12 @@ class Rig:
         namespace (tools/bench/shaped.py)."""
         self.tmp = tmp
         self.peer_host = peer_host
-        self.udp, self.lan, self.metrics = gwpeer.free_udp_port(), gwpeer.free_tcp_port(), gwpeer.free_tcp_port()
+        self.fifo, self.extra = fifo, extra
+        # Every port is ephemeral, read back from the first start of its process (the peer's
+        # READY line, the gateway's); a restart binds the same one again (gwpeer.start_gateway).
+        self.udp = self.lan = self.metrics = 0
         tmp.mkdir(parents=True, exist_ok=True)
         self.cfg = tmp / "gateway.toml"
-        self.cfg.write_text(
-            f'[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:{self.lan}"\n[metrics]\nlisten = "127.0.0.1:{self.metrics}"\n'  # noqa: E501
-            f'[upstream]\naddress = "{peer_host}:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\nconnect_timeout_s = 0.5\n'  # noqa: E501
-            f"fifo = {'true' if fifo else 'false'}\n{extra}"
-            f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
-        )
         self.db = tmp / "peer.sqlite"
         self.procs: list[subprocess.Popen[str]] = []
         self.gateway: subprocess.Popen[str] | None = None
@@ -87,18 +84,35 @@ class Rig:
         return proc
 
     def start_gateway(self) -> None:
-        self.gateway = self._spawn(["-m", "gateway", "--config", str(self.cfg)])
-        assert self.gateway.stdout is not None
-        assert self.gateway.stdout.readline().startswith("READY")
+        """The gateway, configured with the peer's port: a peer not started yet (the upstream is
+        away when the gateway starts) is started and stopped first, for the port it comes back on."""
+        if not self.udp:
+            self.start_peer()
+            self.stop_peer()
+        if not self.cfg.exists():  # LAN and metrics on port 0: start_gateway pins the bound ones here
+            self.cfg.write_text(
+                '[site]\ndata_dir = "gw"\n[lan]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+                f'[upstream]\naddress = "{self.peer_host}:{self.udp}"\nidle_timeout_s = 3.0\nbackoff_min_s = 0.02\nbackoff_max_s = 0.1\nconnect_timeout_s = 0.5\n'  # noqa: E501
+                f"fifo = {'true' if self.fifo else 'false'}\n{self.extra}"
+                f'[devices]\ndev_seed = "{gwpeer.SEED.hex()}"\ndev_prefix = "ev-"\n'
+            )
+        self.gateway = gwpeer.start_gateway(self.cfg)
+        self.procs.append(self.gateway)
+        ports = gwpeer.ports(self.cfg)
+        self.lan, self.metrics = ports["lan"], ports["metrics"]
 
     def start_peer(self) -> float:
-        """Starts the peer; returns the time (time.time()) it is listening."""
+        """Starts the peer (on an ephemeral port the first time, read back; then on that one
+        again); returns the time (time.time()) it is listening. It makes the site's dev CA in the
+        gateway's PKI folder (the gateway then uses it)."""
         prefix = () if self.peer_host == "127.0.0.1" else tuple(shaped.netns_exec())
         args = ["tests/gwpeer.py", "--host", self.peer_host, "--port", str(self.udp), "--db", str(self.db),
                 "--pki", str(self.tmp / "gw" / "pki")]  # fmt: skip
         self.peer = self._spawn(args, prefix=prefix)
         assert self.peer.stdout is not None
-        assert self.peer.stdout.readline().startswith("READY")
+        line = self.peer.stdout.readline()
+        assert line.startswith("READY port="), line
+        self.udp = int(line.split("=")[1])
         return time.time()
 
     @property
@@ -204,8 +218,8 @@ def last_arrival(store: gwpeer.Store) -> float:
 async def throughput(tmp: Path, n_boards: int, per_board: int) -> dict[str, float]:
     rig = Rig(tmp)
     try:
-        rig.start_gateway()
         rig.start_peer()
+        rig.start_gateway()
         await asyncio.sleep(0.5)
         assert rig.gateway is not None
         assert rig.peer is not None
@@ -245,8 +259,8 @@ async def urgent_latency(tmp: Path, fifo: bool, seconds: float, extra: str = "",
     sent → receipt. Wall-clock differences are across processes of one machine."""
     rig = Rig(tmp, fifo=fifo, extra=extra, peer_host=peer_host)
     try:
-        rig.start_gateway()
         rig.start_peer()
+        rig.start_gateway()
         await asyncio.sleep(0.5)
         # The bulk boards stand for 20 boards of their own: their simulation must not take
         # the gateway's CPU (nice 10 for the load generator only; docs/performance.md).
@@ -339,8 +353,8 @@ async def outage_at_rate(tmp: Path, n_boards: int, rate: float, outage_s: float,
     peer stores its B-th new row. Drain rate = B / (that time - first new row's arrival)."""
     rig = Rig(tmp)
     try:
-        rig.start_gateway()
         rig.start_peer()
+        rig.start_gateway()
         await asyncio.sleep(0.5)
         load = rig.load(n_boards, rate=rate, seconds=warm_s + outage_s + after_s, window=1 << 20)
         await asyncio.sleep(warm_s + 1.0)  # the boards connect (~1 s), then steady state
@@ -456,7 +470,7 @@ async def main() -> None:
             await outage_at_rate(tmp / f"r{i}", a.boards, rate, a.outage)
         await outage(tmp / "o", a.boards, a.frames)
         ours = await throughput(tmp / "t2", a.boards, a.frames)
-        base = ocppj.run(a.ocpp_boards, a.ocpp_frames, gwpeer.free_tcp_port(), gwpeer.free_tcp_port())
+        base = ocppj.run(a.ocpp_boards, a.ocpp_frames)
         print(f"[4] OCPP-J relay (ocpp {version('ocpp')} ChargePoint on websockets {version('websockets')}),"
               f" {base['messages']:,.0f} MeterValues: {base['per_cpu_s']:,.0f} messages per CPU-second of the relay"
               f" ({base['messages'] / base['seconds']:,.0f} messages/s)")  # fmt: skip

@@ -53,9 +53,14 @@ async def upstream(port: int) -> None:
             msg = json.loads(text)
             await ws.send(json.dumps([3, msg[1], {}]))
 
-    async with websockets.serve(handler, "127.0.0.1", port, subprotocols=["ocpp2.0.1"]):  # type: ignore[list-item]
-        print("READY", flush=True)
+    async with websockets.serve(handler, "127.0.0.1", port, subprotocols=["ocpp2.0.1"]) as srv:  # type: ignore[list-item]
+        print(f"READY port={bound_port(srv)}", flush=True)
         await asyncio.Event().wait()
+
+
+def bound_port(server: Any) -> int:
+    """The port a `websockets.serve` server listens on (asked for 0: an ephemeral one)."""
+    return int(server.sockets[0].getsockname()[1])
 
 
 # ---------------------------------------------------------------- relay
@@ -106,8 +111,8 @@ async def relay(port: int, up_port: int) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
             await cp.start()
 
-    async with websockets.serve(handler, "127.0.0.1", port, subprotocols=["ocpp2.0.1"]):  # type: ignore[list-item]
-        print("READY", flush=True)
+    async with websockets.serve(handler, "127.0.0.1", port, subprotocols=["ocpp2.0.1"]) as srv:  # type: ignore[list-item]
+        print(f"READY port={bound_port(srv)}", flush=True)
         await asyncio.Event().wait()
 
 
@@ -141,8 +146,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(n_boards: int, per_board: int, up_port: int, relay_port: int) -> dict[str, float]:
-    """Runs the three processes; the relay's messages per CPU-second and per second."""
+def run(n_boards: int, per_board: int) -> dict[str, float]:
+    """Runs the three processes (the servers on ephemeral ports, read from their READY lines);
+    the relay's messages per CPU-second and per second."""
     procs: list[subprocess.Popen[str]] = []
 
     def spawn(*args: str) -> subprocess.Popen[str]:
@@ -151,11 +157,16 @@ def run(n_boards: int, per_board: int, up_port: int, relay_port: int) -> dict[st
         procs.append(p)
         return p
 
+    def ready(p: subprocess.Popen[str]) -> int:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith("READY port="), line
+        return int(line.split("=")[1])
+
     try:
-        up = spawn("up", "--port", str(up_port))
-        assert up.stdout is not None and up.stdout.readline().startswith("READY")
-        rel = spawn("relay", "--port", str(relay_port), "--up", str(up_port))
-        assert rel.stdout is not None and rel.stdout.readline().startswith("READY")
+        up_port = ready(spawn("up", "--port", "0"))
+        rel = spawn("relay", "--port", "0", "--up", str(up_port))
+        relay_port = ready(rel)
         b = spawn("boards", "--port", str(relay_port), "--boards", str(n_boards), "--frames", str(per_board))
         assert b.stdout is not None
         while not b.stdout.readline().startswith("T0 "):  # every board connected: count from here, as
@@ -176,7 +187,7 @@ def run(n_boards: int, per_board: int, up_port: int, relay_port: int) -> dict[st
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("role", choices=["up", "relay", "boards"])
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, required=True, help="0: an ephemeral one (up, relay: on their READY line)")
     p.add_argument("--up", type=int, default=0)
     p.add_argument("--boards", type=int, default=100)
     p.add_argument("--frames", type=int, default=50)

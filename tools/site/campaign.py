@@ -27,7 +27,6 @@ import contextlib
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,38 +44,60 @@ EMIT_BASE = 10_000_000  # emitted MeterValues carry energy_wh = EMIT_BASE * (boa
 FAULTS = ("board_power_cut", "gateway_kill9", "upstream_cut", "clock_step")
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class GatewayProcess:
-    """`python -m gateway --config FILE` as a subprocess; `kill9()` and `start()` again."""
+    """`python -m gateway --config FILE` as a subprocess; `kill9()` and `start()` again.
 
-    def __init__(self, config: Path) -> None:
+    `doc` is its configuration, written to FILE. Its LAN and metrics ports are 0 there at first:
+    the gateway binds ephemeral ones and names them on its `READY lan=… metrics=…` line; they
+    are then written into FILE, so that a restart listens where the boards reconnect."""
+
+    def __init__(self, config: Path, doc: dict[str, Any]) -> None:
         self.config = config
+        self.doc = doc
         self.proc: subprocess.Popen[str] | None = None
-        self.ready = threading.Event()
+        self.ports: dict[str, int] = {}
+        """The ports it bound ("lan", "metrics"), from its first READY line."""
         self.log: list[str] = []
+        config.write_text(_toml(doc))
 
-    def start(self) -> None:
-        self.ready.clear()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(self.config)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        )  # fmt: skip
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        if not self.ready.wait(20):
-            raise RuntimeError("gateway not ready:\n" + "\n".join(self.log[-20:]))
+    def start(self, timeout: float = 20) -> None:
+        end = time.monotonic() + timeout
+        while True:
+            done = threading.Event()
+            ready: list[str] = []
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "--config", str(self.config)],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            )  # fmt: skip
+            threading.Thread(target=self._read, args=(self.proc, done, ready), daemon=True).start()
+            done.wait(max(0.1, end - time.monotonic()))  # set on READY, or when it exits
+            if ready:
+                break
+            self.kill9()
+            # A restart binds the ports of the first start again (the boards reconnect there):
+            # another program may have taken one in the short time it was free, by rare chance
+            # (the kernel hands out ephemeral ports at random over the whole range): retry.
+            in_use = bool(self.ports) and any("Address already in use" in line for line in self.log[-20:])
+            if not in_use or time.monotonic() > end:
+                raise RuntimeError("gateway not ready:\n" + "\n".join(self.log[-20:]))
+            time.sleep(0.2)
+        if not self.ports:
+            self.ports = {k: int(v) for k, v in (kv.split("=") for kv in ready[0].split()[1:])}
+            self.doc["lan"]["listen"] = f"127.0.0.1:{self.ports['lan']}"
+            self.doc["metrics"]["listen"] = f"127.0.0.1:{self.ports['metrics']}"
+            self.config.write_text(_toml(self.doc))
 
-    def _read(self, p: subprocess.Popen[str]) -> None:
+    def _read(self, p: subprocess.Popen[str], done: threading.Event, ready: list[str]) -> None:
+        """Keeps the last lines of `p`'s output; `ready` gets its READY line, `done` is set then
+        (or when `p` exits before)."""
         assert p.stdout is not None
         for line in p.stdout:
             self.log.append(line.rstrip())
             del self.log[:-200]
             if line.startswith("READY"):
-                self.ready.set()
+                ready.append(line.strip())
+                done.set()
+        done.set()
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -115,15 +136,11 @@ class Campaign:
         self.csms_up = True
         for i in range(self.n):
             csms.api.add_token(f"SOAK-{i}")  # the CSMS answers online; the site caches (S2)
-        lan_port, metrics_port = free_tcp_port(), free_tcp_port()
-        doc = s.gateway_doc()
-        doc["lan"]["listen"] = f"127.0.0.1:{lan_port}"
-        doc["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
+        doc = s.gateway_doc()  # LAN and metrics on port 0: the gateway names the ports it bound
         doc.setdefault("auth", {})["unknown_token_offline"] = "accept"  # cards: the site decides
-        cfg = self.root / "gateway.toml"
-        cfg.write_text(_toml(doc))
-        self.gw = GatewayProcess(cfg)
+        self.gw = GatewayProcess(self.root / "gateway.toml", doc)
         await asyncio.to_thread(self.gw.start)
+        lan_port = self.gw.ports["lan"]
         for did in s.devices:
             b = Board(self.root / "boards" / did, lan_port, did, factory_key(s.seed, did))
             self.boards.append(b.start())

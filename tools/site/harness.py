@@ -10,13 +10,14 @@ endpoint (`gateway.localcsms.roaming`). Shared by `python -m tools.site` and the
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway import config as gwconfig
 from gateway import devpki
@@ -39,6 +40,9 @@ SITE_PARTY = "DE*ST1*O"
 """The site gateway's party id at its CSO roaming endpoint (role `site`)."""
 
 
+T = TypeVar("T")
+
+
 def factory_key(seed: bytes, device_id: str) -> bytes:
     return hmac.new(seed, device_id.encode(), hashlib.sha256).digest()
 
@@ -52,6 +56,23 @@ async def until(cond: Callable[[], Any], timeout: float = 20.0, what: str = "con
         if time.monotonic() > end:
             raise TimeoutError(f"{what} not met within {timeout} s")
         await asyncio.sleep(0.05)
+
+
+async def rebind(start: Callable[[], Awaitable[T]], what: str, timeout: float = 3.0) -> T:
+    """`start()` of a server restarted on the port it read back from its first start (bound to
+    port 0 then). The other side knows that port (the gateway's configuration names the CSMS's,
+    the boards reconnect to the gateway's LAN port), so it is bound again rather than a new one
+    taken. Safe enough: the kernel hands out ephemeral ports at random across the whole local
+    range, so another program takes the one just freed, in the short time it is free, only by
+    rare chance; then `start()` is retried while the port is in use, for `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return await start()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > end:
+                raise OSError(e.errno, f"{what}: {e.strerror} (the port of its first start)") from e
+        await asyncio.sleep(0.1)
 
 
 async def board_wait(b: Board, ev: str, pred: Callable[[dict[str, Any]], bool] | None = None,
@@ -82,6 +103,8 @@ class Site:
         self.ch: ClearingHouse | None = None
         self.bridge: CsmsRoaming | None = None
         self.site_roaming: SiteRoaming | None = None
+        self.lan_port = 0
+        """The gateway's LAN port, read back from its first start (0 before)."""
 
     def evse(self, i: int) -> str:
         """The global EVSE id of board i (what the roaming endpoints see)."""
@@ -97,8 +120,8 @@ class Site:
         self.csp_b = CspEndpoint(self.re_cfgs["csp2"])
         self.ch = ClearingHouse(self.re_cfgs["ch"])
         self.cso = CsoEndpoint(self.re_cfgs["cso"], op)
-        for ep in (self.csp, self.csp_b, self.ch, self.cso):
-            await ep.start()
+        eps = {"csp": self.csp, "csp2": self.csp_b, "ch": self.ch, "cso": self.cso}
+        self.re_cfgs = await testbed.start_endpoints(eps)  # ephemeral ports, then told to each other
         self.bridge = CsmsRoaming(self.cso, op).start()
 
     def roaming_section(self) -> dict[str, Any]:
@@ -124,13 +147,13 @@ class Site:
         return [f"ev-{i:04d}" for i in range(self.n)]
 
     async def start_csms(self) -> CsmsServer:
+        """The CSMS on an ephemeral port; started again (after `stop_csms`), on the same port:
+        the gateway's configuration names it."""
         data = self.root / "csms"
         port = self.csms.port if self.csms is not None else 0
-        cfg = csms_config.load(data_dir=data)
-        cfg = csms_config.load(data_dir=data, port=port) if port else cfg
-        self.csms = CsmsServer(cfg)
-        await self.csms.start()
-        return self.csms
+        csms = self.csms = CsmsServer(csms_config.load(data_dir=data, port=port))
+        await (rebind(csms.start, "CSMS") if port else csms.start())
+        return csms
 
     async def stop_csms(self) -> None:
         if self.csms is not None:
@@ -146,7 +169,7 @@ class Site:
         name = "csms-" + hashlib.sha256(bytes.fromhex(signer_pub)).hexdigest()[:16]
         doc: dict[str, Any] = {
             "site": {"id": SITE_ID, "data_dir": str(self.root / "gw")},
-            "lan": {"listen": "127.0.0.1:0"},
+            "lan": {"listen": f"127.0.0.1:{self.lan_port}"},  # 0: ephemeral (a restart: the same)
             "metrics": {"listen": "127.0.0.1:0"},
             "devices": {"factory_seed": self.seed.hex()},
             "upstream": {
@@ -168,10 +191,13 @@ class Site:
         return doc
 
     async def start_gateway(self) -> Gateway:
-        self.gw = Gateway(gwconfig.prepare(gwconfig.parse(self.gateway_doc())))
-        self.site_roaming = self.gw.roaming
-        await self.gw.start()
-        return self.gw
+        """The gateway on an ephemeral LAN port; started again (after `self.gw.stop()`), on the
+        same port: the boards reconnect there."""
+        gw = self.gw = Gateway(gwconfig.prepare(gwconfig.parse(self.gateway_doc())))
+        self.site_roaming = gw.roaming
+        await (rebind(gw.start, "gateway LAN") if self.lan_port else gw.start())
+        self.lan_port = gw.lan_port
+        return gw
 
     def start_boards(self) -> list[Board]:
         assert self.gw is not None

@@ -1,10 +1,14 @@
 """A loopback roaming network: one CSO, one home CSP, one clearing house (or more endpoints
-of a role: `party_ids` keys `csp2`, `csp3` …), with a dev CA, certificates, fresh secrets
-and free UDP ports. Used by the tests, `--init` and the whole-site harness (tools/site).
+of a role: `party_ids` keys `csp2`, `csp3` …), with a dev CA, certificates and fresh secrets.
+The endpoints bind ephemeral ports (`start_endpoints`: port 0, then each one is told the
+ports the others bound), so that any number of networks and other programs share a machine.
+Used by the tests, `--init` and the whole-site harness (tools/site).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import secrets
 import socket
@@ -32,6 +36,7 @@ PARTIES = {"cso": CSO, "csp": CSP, "ch": CH}
 
 
 def free_udp_port() -> int:
+    """A port free now (`--init` only: it writes configurations for processes started later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -61,11 +66,11 @@ def network(
     credentials, HMAC key, certificate `pki/csp2.pem` and store `csp2.sqlite`); endpoints of
     the same role get no agreement with each other. `sites` are party ids of the CSO's site
     gateways (role `site`, known to the CSO endpoint only; their credentials are the CSO
-    configuration's `party(site)`)."""
+    configuration's `party(site)`). Every port is 0: `start_endpoints` binds ephemeral ones and
+    fills them in (`with_ports` fills in given ones)."""
     pki = folder / "pki"
     ca = devpki.ensure_ca(pki)
     ids = {**PARTIES, **(party_ids or {})}
-    ports = {role: free_udp_port() for role in ids}
     roles = list(ids)
     pair = {
         frozenset((a, b)): (secrets.token_urlsafe(12), secrets.token_hex(32))
@@ -77,7 +82,7 @@ def network(
         role = role_of(key)
         issued = devpki.issue(pki, key, ca=ca)
         parties = tuple(
-            PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=ports[r])
+            PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=0)
             for r in roles
             if role_of(r) != role
         )
@@ -92,7 +97,7 @@ def network(
             ca=issued.ca,
             mode=mode,
             clearing_house=ids["ch"],
-            port=ports[key],
+            port=0,
             token_lifetime_s=token_lifetime_s,
             retention_s=retention_s,
             parties=parties,
@@ -100,10 +105,58 @@ def network(
     return out
 
 
+def with_ports(cfgs: dict[str, EndpointConfig], ports: dict[str, int]) -> dict[str, EndpointConfig]:
+    """The configurations with the endpoints' ports (key → port) filled in: each endpoint's own,
+    and in the party entries of the others."""
+    by_party = {cfgs[k].party_id: port for k, port in ports.items()}
+    return {
+        key: replace(
+            cfg,
+            port=ports.get(key, cfg.port),
+            parties=tuple(replace(p, port=by_party.get(p.party_id, p.port)) for p in cfg.parties),
+        )
+        for key, cfg in cfgs.items()
+    }
+
+
+async def start_endpoints(endpoints: dict[str, Endpoint]) -> dict[str, EndpointConfig]:
+    """Starts endpoints of one `network` (key → endpoint): each binds the port of its
+    configuration (0: an ephemeral one); then each is given the configuration with the ports
+    the others bound (before any traffic: an endpoint reads its peers' addresses when it first
+    calls them). Returns those configurations (a restart binds the same port again)."""
+    for ep in endpoints.values():
+        await ep.start()
+    cfgs = with_ports({k: ep.cfg for k, ep in endpoints.items()}, {k: ep.port for k, ep in endpoints.items()})
+    for key, ep in endpoints.items():
+        ep.cfg = cfgs[key]
+        for c in ep.clients.values():  # none yet; one made before this would hold a port 0
+            await c.close()
+        ep.clients.clear()
+    return cfgs
+
+
+async def restart_on_port(ep: Endpoint, timeout: float = 3.0) -> Endpoint:
+    """`ep.start()` on the port its configuration names, read back from an earlier start: the
+    other endpoints know it. Safe enough: the kernel hands out ephemeral ports at random across
+    the local range, so another program takes the one just freed, in the short time it is free,
+    only by rare chance; then the start is retried while the port is in use."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return await ep.start()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > end:
+                raise
+        await asyncio.sleep(0.1)
+
+
 def write_network(folder: Path, mode: str) -> dict[str, Path]:
+    """TOML files of a network whose endpoints run as processes of their own, started later:
+    ports free now are written into them (the one place that picks ports ahead)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for role, cfg in network(folder, mode).items():
+    cfgs = network(folder, mode)
+    for role, cfg in with_ports(cfgs, {k: free_udp_port() for k in cfgs}).items():
         path = folder / f"{role}.toml"
         path.write_text(dump(replace(cfg)))
         paths[role] = path
@@ -150,7 +203,7 @@ class Net:
             new = self.csp = CspEndpoint(self.cfgs[role], clock=self.clock)
         else:
             new = self.ch = ClearingHouse(self.cfgs[role], clock=self.clock)
-        return await new.start()
+        return await restart_on_port(new)
 
 
 @asynccontextmanager
@@ -168,8 +221,7 @@ async def running(folder: Path, mode: str, **kw: int) -> AsyncIterator[Net]:
         CspEndpoint(cfgs["csp"], clock=clock),
         ClearingHouse(cfgs["ch"], clock=clock),
     )
-    for ep in net.endpoints().values():
-        await ep.start()
+    net.cfgs = await start_endpoints(net.endpoints())
     try:
         yield net
     finally:
