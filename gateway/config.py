@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway import devpki, gid
+from gateway.protocol import devpki, gid
 
 
 class ConfigError(ValueError):

@@ -37,6 +37,7 @@ from gateway.localcsms.firmware import Rollouts
 from gateway.metrics import UrgentTrace
 from gateway.outbox import Row
 from gateway.pacing import FlightBound
+from gateway.protocol.upstream_wire import ALPN, CLASS_ORDER, K_UP, StreamReader, prefix
 from gateway.schema import (
     FIELDS,
     MESSAGES,
@@ -50,7 +51,6 @@ from gateway.schema import (
     Priority,
     Status,
 )
-from gateway.upstream_wire import ALPN, CLASS_ORDER, K_UP, StreamReader, prefix
 
 log = logging.getLogger("gateway.upstream")
 

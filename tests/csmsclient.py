@@ -19,8 +19,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
 from gateway import _core
+from gateway.protocol.upstream_wire import ALPN, K_UP, StreamReader, prefix
 from gateway.schema import FIELDS, MESSAGES, Action, Key, Kind
-from gateway.upstream_wire import ALPN, K_UP, StreamReader, prefix
 from tools.peers.csms.wire import Envelope, decode_up, proto_time
 
 URGENT, CONTROL, TELEMETRY, BULK = 0, 4, 8, 12
@@ -241,7 +241,7 @@ async def running_csms(folder: Path, **policy: Any) -> AsyncIterator[Any]:
 
 
 def site_identity(server: Any, site_id: str) -> tuple[Path, Path]:
-    from gateway import devpki
+    from gateway.protocol import devpki
 
     cfg = server.config
     (cfg.data_dir / "sites").mkdir(parents=True, exist_ok=True)

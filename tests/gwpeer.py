@@ -32,11 +32,12 @@ from aioquic.quic.events import HandshakeCompleted, QuicEvent, StreamDataReceive
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway import _core, devpki
+from gateway import _core
 from gateway.link import proto_ts
-from gateway.mtls import peer_common_name, require_client_certificates
+from gateway.protocol import devpki
+from gateway.protocol.mtls import peer_common_name, require_client_certificates
+from gateway.protocol.upstream_wire import ALPN, K_UP, StreamReader, prefix
 from gateway.schema import EPOCH_UNIX, Action, Key, Kind, Priority
-from gateway.upstream_wire import ALPN, K_UP, StreamReader, prefix
 
 
 class Store:

@@ -10,6 +10,7 @@ import pytest
 from csmsclient import CMD_CONTROL, CMD_URGENT, TELEMETRY, URGENT, Board, running_csms, site, until
 
 from gateway import _core
+from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import (
     Action,
     AuthStatus,
@@ -22,7 +23,6 @@ from gateway.schema import (
     TxEvent,
     TxTrigger,
 )
-from gateway.upstream_wire import K_UP
 from tools.peers.csms import commands as cmds
 
 pytestmark = pytest.mark.timeout(30)

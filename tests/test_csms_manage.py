@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 from csmsclient import Board, running_csms, site, until
 
 from gateway import _core
+from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import (
     Action,
     CertType,
@@ -27,7 +28,6 @@ from gateway.schema import (
     ResetWhen,
     Status,
 )
-from gateway.upstream_wire import K_UP
 from tools.peers.csms import commands as cmds
 from tools.peers.csms.pki import cert_hash
 

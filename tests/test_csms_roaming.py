@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from csmsclient import CMD_CONTROL, CMD_URGENT, Board, running_csms, site, until
 
-from gateway.localcsms.roaming import evse_gid
+from gateway.protocol.gid import evse_gid
 from gateway.schema import Action, Key, Kind, Priority, ProfilePurpose, Status
 from tools.peers.roaming import testbed
 from tools.peers.roaming.ch import ClearingHouse

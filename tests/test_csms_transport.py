@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from csmsclient import CONTROL, Board, gateway, running_csms, site
 
-from gateway import _core, devpki
+from gateway import _core
+from gateway.protocol import devpki
+from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import Action, ErrorCode, Key, Kind
-from gateway.upstream_wire import K_UP
 from tools.peers.csms.wire import decode_up, encode_up
 
 pytestmark = pytest.mark.timeout(30)

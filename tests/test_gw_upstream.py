@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from gwpeer import SEED, gateway_doc, inner_frame
 
-from gateway import _core, config, devpki, metrics
+from gateway import _core, config, metrics
+from gateway.protocol import devpki
 from gateway.schema import Action, AuthStatus, Key, Kind, Priority, Status
 from gateway.service import Gateway
 from tools.loadclient import Board, dev_key, run_load

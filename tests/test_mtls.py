@@ -11,8 +11,8 @@ from aioquic.asyncio.server import serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, QuicEvent
 
-from gateway.devpki import ensure_ca, issue
-from gateway.mtls import peer_common_name, require_client_certificates
+from gateway.protocol.devpki import ensure_ca, issue
+from gateway.protocol.mtls import peer_common_name, require_client_certificates
 
 ALPN = ["mtls-test"]
 

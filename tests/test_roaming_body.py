@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.roaming import auth, json_body
-from gateway.roaming.json_body import BodyError
+from gateway.protocol.roaming import auth, json_body
+from gateway.protocol.roaming.json_body import BodyError
 
 SDR = {
     "sdr_id": "DE*CSO*R1",

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from gateway import devpki
-from gateway.roaming import auth
-from gateway.roaming.client import PREFIX, RoamingClient, RoamingError
-from gateway.roaming.http3 import H3Client, H3Error, Response, TlsFiles
+from gateway.protocol import devpki
+from gateway.protocol.roaming import auth
+from gateway.protocol.roaming.client import PREFIX, RoamingClient, RoamingError
+from gateway.protocol.roaming.http3 import H3Client, H3Error, Response, TlsFiles
 from tools.peers.roaming.testbed import CSO, CSP, EVSES, Net, Raw, running
 from tools.peers.roaming.testbed import LOCATION_BODY as LOCATION
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import config as gwconfig
-from gateway import devpki
+from gateway.protocol import devpki
 from tools.peers.csms import config as csms_config
 from tools.peers.csms.pki import load_or_create_signer
 

@@ -2,7 +2,7 @@
 
 The local CSMS answers an `Authorize` from its list and cache (S2). A token it does not
 know is, while the roaming endpoint is reachable, asked of the CSO roaming endpoint with
-`gateway.roaming.client.RoamingClient` (platform login token, HMAC per message): the
+`gateway.protocol.roaming.client.RoamingClient` (platform login token, HMAC per message): the
 endpoint answers from the operator's own token table or asks the home CSP directly. A
 definite answer (anything but `unknown`) is cached (S2) and sent to the board at once; an
 `unknown` answer, a refusal or an unreachable endpoint hands the request on to the next
@@ -21,28 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import _core, gid
+from gateway import _core
 from gateway.link import proto_ts
-from gateway.roaming.client import Peer, RoamingClient, RoamingError
-from gateway.roaming.http3 import TlsFiles
+from gateway.protocol import gid
+from gateway.protocol.roaming.client import Peer, RoamingClient, RoamingError
+from gateway.protocol.roaming.http3 import TlsFiles
 from gateway.schema import EPOCH_UNIX, Action, AuthStatus, Key, TokenType
 
 log = logging.getLogger(__name__)
-_BAD = re.compile(r"[^A-Za-z0-9-]")
-
-
-def evse_gid(site_id: str, device_id: str, evse: int = 1) -> str:
-    """The global EVSE id of one board's EVSE: the site's country and party, type E, local
-    part `<site local>-<device id>-<evse>` (characters outside [A-Za-z0-9-] become '-')."""
-    site = gid.parse(site_id, expect="L")
-    local = _BAD.sub("-", f"{site.local}-{device_id}-{evse}")[:32]
-    return gid.make(site.country, site.party, "E", local)
 
 
 @dataclass(frozen=True)
@@ -116,7 +107,7 @@ class SiteRoaming:
         if gw.auth.authorize(token, proto_ts(now)).source in ("list", "cache"):
             next_handler(conn, frame, now)  # known at the site: answered at once
             return
-        evse = evse_gid(gw.cfg.site_id, conn.link.device_id, int(f.body.get(Key.EVSE, 1) or 1))
+        evse = gid.evse_gid(gw.cfg.site_id, conn.link.device_id, int(f.body.get(Key.EVSE, 1) or 1))
         task = asyncio.get_running_loop().create_task(
             self._ask(next_handler, conn, frame, f, token, evse, int(f.body.get(Key.TOKEN_TYPE, 0) or 0))
         )

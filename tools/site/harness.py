@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway import config as gwconfig
-from gateway import devpki
-from gateway.localcsms.roaming import SiteRoaming, evse_gid
+from gateway.localcsms.roaming import SiteRoaming
+from gateway.protocol import devpki
+from gateway.protocol.gid import evse_gid
 from gateway.service import Gateway
 from tools.board import Board
 from tools.peers.csms import config as csms_config

@@ -23,7 +23,7 @@ country = "DE"                # SDR ids: CC*PPP*R...
 party = "EVE"
 # default_tariff = 1
 ```
-Every key is optional. Missing CA/certificate/key files are made with `gateway.devpki` on
+Every key is optional. Missing CA/certificate/key files are made with `gateway.protocol.devpki` on
 first run (development only: an operator points these at the real PKI).
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import devpki
+from gateway.protocol import devpki
 from tools.peers.csms.settings import Settings
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import _core
+from gateway.protocol.upstream_wire import CLASS_ORDER, StreamReader, UpstreamFrameError, prefix
 from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority
-from gateway.upstream_wire import CLASS_ORDER, StreamReader, UpstreamFrameError, prefix
 from tools.peers.csms import outcomes
 from tools.peers.csms.inbound import HANDLERS, Ctx, Relayed
 from tools.peers.csms.wire import (

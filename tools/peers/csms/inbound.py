@@ -13,7 +13,8 @@ from typing import Any
 
 from cryptography import x509
 
-from gateway import _core, gid
+from gateway import _core
+from gateway.protocol import gid
 from gateway.schema import (
     MAX_CHUNK,
     Action,

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import devpki
+from gateway.protocol import devpki
 
 CERT_VALIDITY = dt.timedelta(days=365)
 

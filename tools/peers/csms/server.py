@@ -15,8 +15,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived
 
 from gateway._core import MAX_UP_FRAME
-from gateway.mtls import peer_common_name, require_client_certificates
-from gateway.upstream_wire import ALPN
+from gateway.protocol.mtls import peer_common_name, require_client_certificates
+from gateway.protocol.upstream_wire import ALPN
 from tools.peers.csms.api import Csms
 from tools.peers.csms.config import Config, provision
 from tools.peers.csms.core import CloseConnection, Output, SendData, SiteConnection

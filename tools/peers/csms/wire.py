@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import _core
+from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import (
     EPOCH_UNIX,
     MESSAGES,
@@ -18,7 +19,6 @@ from gateway.schema import (
     ErrorCode,
     Key,
 )
-from gateway.upstream_wire import K_UP
 
 MAX_UP_FRAME: Final = _core.MAX_UP_FRAME
 

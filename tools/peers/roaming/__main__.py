@@ -12,7 +12,7 @@ import logging
 import signal
 from pathlib import Path
 
-from gateway import gid
+from gateway.protocol import gid
 
 from . import config
 from .ch import ClearingHouse

@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway import gid
-from gateway.roaming.client import RoamingError
-from gateway.roaming.http3 import H3Error
+from gateway.protocol import gid
+from gateway.protocol.roaming.client import RoamingError
+from gateway.protocol.roaming.http3 import H3Error
 
 from .endpoint import COUNTERPART, PERSONAL, Ctx, Endpoint, Refused, handles
 from .h3server import Reply

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from gateway import gid
-from gateway.roaming.auth import DEFAULT_TOKEN_LIFETIME
+from gateway.protocol import gid
+from gateway.protocol.roaming.auth import DEFAULT_TOKEN_LIFETIME
 
 ROLES = ("cso", "csp", "ch")
 PARTY_ROLES = (*ROLES, "site")

@@ -1,7 +1,7 @@
 """The CSO endpoint's `OperatorBackend` on top of the project's CSMS (tools/peers/csms).
 
 - The operator's EVSEs are the boards the CSMS knows (`stations`), one location per site;
-  EVSE ids follow `gateway.localcsms.roaming.evse_gid(site, device, evse)`, the rule the
+  EVSE ids follow `gateway.protocol.gid.evse_gid(site, device, evse)`, the rule the
   site gateway uses when it asks the CSO endpoint to authorize a token.
 - `start` (R3-1/R3-2) queues a `RequestStartTransaction` Command for the board through its
   site gateway and waits for the board's answer; `stop` (R3-4) a `RequestStopTransaction`
@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway import gid
-from gateway.localcsms.roaming import evse_gid
-from gateway.roaming.client import RoamingError
+from gateway.protocol import gid
+from gateway.protocol.gid import evse_gid
+from gateway.protocol.roaming.client import RoamingError
 from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
 from tools.peers.csms import commands as cmds
 from tools.peers.csms.api import CsmsError

@@ -13,9 +13,9 @@ import logging
 import secrets
 from typing import Any, ClassVar
 
-from gateway import gid
-from gateway.roaming.client import RoamingError
-from gateway.roaming.http3 import H3Error
+from gateway.protocol import gid
+from gateway.protocol.roaming.client import RoamingError
+from gateway.protocol.roaming.http3 import H3Error
 
 from . import contract_pki
 from .config import EndpointConfig

@@ -14,8 +14,8 @@ import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
-from gateway import gid
-from gateway.roaming import json_body
+from gateway.protocol import gid
+from gateway.protocol.roaming import json_body
 
 from . import contract_pki
 from .config import EndpointConfig

@@ -35,10 +35,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from gateway import gid
-from gateway.roaming import auth, json_body
-from gateway.roaming.client import PREFIX, Peer, RoamingClient, RoamingError
-from gateway.roaming.http3 import H3Error, TlsFiles
+from gateway.protocol import gid
+from gateway.protocol.roaming import auth, json_body
+from gateway.protocol.roaming.client import PREFIX, Peer, RoamingClient, RoamingError
+from gateway.protocol.roaming.http3 import H3Error, TlsFiles
 
 from .config import EndpointConfig
 from .h3server import H3Server, Reply, Request, serve

@@ -18,7 +18,7 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, ProtocolNegotiated, QuicEvent
 
-from gateway.mtls import peer_common_name, require_client_certificates
+from gateway.protocol.mtls import peer_common_name, require_client_certificates
 
 
 @dataclass

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gateway import devpki
-from gateway.roaming import auth
-from gateway.roaming.client import PREFIX, Peer, RoamingClient
-from gateway.roaming.http3 import H3Client, Response, TlsFiles
+from gateway.protocol import devpki
+from gateway.protocol.roaming import auth
+from gateway.protocol.roaming.client import PREFIX, Peer, RoamingClient
+from gateway.protocol.roaming.http3 import H3Client, Response, TlsFiles
 
 from .ch import ClearingHouse
 from .config import ROLES, EndpointConfig, PartyConfig, dump

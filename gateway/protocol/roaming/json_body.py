@@ -9,7 +9,7 @@ Encoding rules (docs/roaming.md):
 - enum fields: the value's NAME as a lower-case string (``"accepted"``, ``"out_of_order"``),
   never its integer: bodies stay readable and survive a renumbering of nothing;
 - list/struct recursively; ``null`` is not a value of any field (leave an optional field out);
-- the fields of ``GID_FIELDS`` hold global identifiers (gateway.gid) of the given type.
+- the fields of ``GID_FIELDS`` hold global identifiers (gateway.protocol.gid) of the given type.
 
 Limits checked before or while parsing: at most ``MAX_BODY`` bytes, nesting depth at most
 ``MAX_DEPTH``, valid UTF-8, no duplicate keys, no NaN/Infinity, a JSON object at the top.
@@ -26,7 +26,8 @@ import math
 import re
 from typing import Any, Final
 
-from gateway import gid, schema
+from gateway import schema
+from gateway.protocol import gid
 
 MAX_BODY: Final = 256 * 1024
 MAX_DEPTH: Final = 16

@@ -59,3 +59,14 @@ def parse(text: object, expect: str | None = None) -> Gid:
 def make(country: str, party: str, type_: str, local: str = "") -> str:
     """Build a global id and check it by parsing it back."""
     return str(parse(f"{country}*{party}*{type_}{local}", expect=type_))
+
+
+_BAD = re.compile(r"[^A-Za-z0-9-]")
+
+
+def evse_gid(site_id: str, device_id: str, evse: int = 1) -> str:
+    """The global EVSE id of one board's EVSE: the site's country and party, type E, local
+    part `<site local>-<device id>-<evse>` (characters outside [A-Za-z0-9-] become '-')."""
+    site = parse(site_id, expect="L")
+    local = _BAD.sub("-", f"{site.local}-{device_id}-{evse}")[:32]
+    return make(site.country, site.party, "E", local)

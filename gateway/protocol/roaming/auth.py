@@ -29,7 +29,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from gateway import gid
+from gateway.protocol import gid
 
 MAX_SKEW: Final = 300
 NONCE_KEEP: Final = 2 * MAX_SKEW

@@ -18,8 +18,8 @@ from types import TracebackType
 from typing import Any
 
 from gateway import schema
-from gateway.roaming import auth, json_body
-from gateway.roaming.http3 import ConnectFailed, H3Client, H3Error, TlsFiles
+from gateway.protocol.roaming import auth, json_body
+from gateway.protocol.roaming.http3 import ConnectFailed, H3Client, H3Error, TlsFiles
 
 PREFIX = "/roaming/v1/"
 RELOGIN_MARGIN = 5  # seconds before the token's expiry at which we log in again
