@@ -72,6 +72,47 @@ def test_limits_before_parsing() -> None:
         json_body.parse(b'{"a": 1, "a": 2}')
 
 
+def _true_depth(v: object) -> int:
+    if isinstance(v, dict):
+        return 1 + max((_true_depth(x) for x in v.values()), default=0)
+    if isinstance(v, list):
+        return 1 + max((_true_depth(x) for x in v), default=0)
+    return 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\n', max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=4), inner,
+                                                                  max_size=3),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@given(_JSON)
+def test_the_depth_scan_agrees_with_the_parser_whatever_the_strings_hold(value: object) -> None:
+    # strings full of brackets, quotes and backslashes (escaped by json.dumps) must not count
+    assert json_body._depth(json.dumps(value).encode()) == _true_depth(value)
+
+
+@pytest.mark.timeout(60)  # the old regex scan took minutes on such bodies, blocking the event loop
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a":' + b'"\\' * (json_body.MAX_BODY // 2 - 4), b'"' * json_body.MAX_BODY, b"[" * json_body.MAX_BODY],
+    ids=["unterminated-escapes", "quotes", "brackets"],
+)
+def test_hostile_bodies_at_the_size_limit_are_refused_by_name(body: bytes) -> None:
+    with pytest.raises(BodyError) as exc:
+        json_body.parse(body)
+    assert exc.value.cause in ("bad_json", "too_deep")
+
+
+def test_a_huge_integer_is_refused_by_name_not_by_a_valueerror() -> None:
+    with pytest.raises(BodyError) as exc:
+        json_body.parse(b'{"energy_wh": ' + b"9" * 5000 + b"}")
+    assert exc.value.cause == "out_of_range"
+    assert json_body.parse(b'{"x": -18446744073709551615}') == {"x": -18446744073709551615}
+
+
 @given(st.binary(max_size=200))
 def test_parse_never_fails_otherwise(data: bytes) -> None:
     try:

@@ -47,8 +47,12 @@ GID_ITEMS: Final[dict[str, str]] = {"sdrs": "R"}
 
 ROAMING_CODES: Final = range(200, 217)
 
-_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET: Final = re.compile(rb"[\[\]{}]")
+MAX_INT_DIGITS: Final = 20
+"""A JSON integer of more digits is refused before Python converts it: no schema integer is
+wider than 64 bits, and the conversion of a long one is quadratic (and raises ValueError
+beyond 4,300 digits)."""
+
+_SPECIAL: Final = re.compile(rb'[\[\]{}"\\]')
 
 
 class BodyError(ValueError):
@@ -74,16 +78,39 @@ def roaming_messages() -> dict[str, schema.MessageSpec]:
 
 
 def _depth(data: bytes) -> int:
+    """The deepest nesting of `data`, in one pass: only the bytes that matter (brackets,
+    quotes, backslashes) are visited, each once, so a hostile body costs time linear in its
+    size (a regex skipping strings backtracks on unterminated ones: quadratic)."""
     deepest = depth = 0
-    for m in _BRACKET.finditer(_STRING.sub(b'""', data)):
-        if m.group() in (b"[", b"{"):
+    in_string = False
+    escaped_at = -1  # the position of the byte a backslash escapes
+    for m in _SPECIAL.finditer(data):
+        at = m.start()
+        if at == escaped_at:
+            continue
+        c = data[at]
+        if in_string:
+            if c == 0x5C:  # backslash
+                escaped_at = at + 1
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):  # [ {
             depth += 1
-            deepest = max(deepest, depth)
-            if depth > MAX_DEPTH:
-                return depth
-        else:
+            if depth > deepest:
+                deepest = depth
+                if depth > MAX_DEPTH:
+                    return depth
+        elif c in (0x5D, 0x7D):
             depth -= 1
     return deepest
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BodyError("out_of_range", f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
 
 
 def _no_constants(name: str) -> float:
@@ -110,7 +137,7 @@ def parse(data: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise BodyError("bad_utf8", f"body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants)
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants, parse_int=_int)
     except json.JSONDecodeError as exc:
         raise BodyError("bad_json", f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
