@@ -13,7 +13,18 @@ import os
 _fw = os.getenv("EVEDGE_FW") or "."
 
 include("$(PORT_DIR)/boards/manifest.py")  # type: ignore[name-defined]  # the port's own (asyncio …)
+# the whole firmware: `csc` holds only what a board runs (the emulated board's simulated hardware
+# is boards/sim.py, never frozen; tests/test_fw_layout.py checks what this file freezes)
 package("csc", base_path=_fw)  # type: ignore[name-defined]
-# `boards.esp32`, as main.py imports it; a top-level `esp32` would be hidden by the port's own module
-package("boards", files=["esp32.py"], base_path=_fw)  # type: ignore[name-defined]
+# `boards.esp32`, as main.py imports it (a top-level `esp32` would be hidden by the port's own
+# module), and the drivers it wires
+_board = [
+    "esp32.py",
+    "drivers/pilot.py",
+    "drivers/modbus_meter.py",
+    "drivers/pn532.py",
+    "drivers/ntc.py",
+    "drivers/zero_cross.py",
+]
+package("boards", files=_board, base_path=_fw)  # type: ignore[name-defined]
 module("main.py", base_path=_fw)  # type: ignore[name-defined]

@@ -1,8 +1,9 @@
-"""Tests of the ESP32 board file (firmware/boards/esp32.py), shared by CPython and MicroPython.
+"""Tests of the ESP32 board (firmware/boards/esp32.py) and its drivers (firmware/boards/drivers/),
+shared by CPython and MicroPython.
 
-The pure pieces (pilot voltage → CP state, current → PWM duty, Modbus RTU CRC and frames, NTC,
-frequency, PN532 frames) against values from their standards and datasheets; then `Esp32Hal`
-itself on a fake `machine` module (pins, PWM, ADC, UART, I2C in memory) with an EV, a Modbus
+The drivers' pure pieces (pilot voltage → CP state, current → PWM duty, Modbus RTU CRC and frames,
+NTC, frequency, PN532 frames) against values from their standards and datasheets; then `Esp32Hal`
+itself, wired to the drivers, on a fake `machine` module (pins, PWM, ADC, UART, I2C in memory) with an EV, a Modbus
 meter and a PN532 played by the test. tests/test_fw_esp32.py runs every `test_*` here under
 CPython and spawns `micropython tests/fw_linktests_runner.py --module fw_esp32tests`.
 Kept to the subset both interpreters understand (no typing, no pytest).
@@ -11,31 +12,43 @@ Kept to the subset both interpreters understand (no typing, no pytest).
 import sys
 
 from boards import esp32 as E  # noqa: N812
-from csc.hal import CP_A, CP_B, CP_C, CP_D, CP_E, CP_F, FLAG_BUTTON, FLAG_CARD, FLAG_CP, FLAG_FAULT
+from boards.drivers import modbus_meter as MB  # noqa: N812
+from boards.drivers import ntc
+from boards.drivers import pilot as P  # noqa: N812
+from boards.drivers import pn532 as NFC  # noqa: N812
+from boards.drivers import zero_cross as ZC  # noqa: N812
+from csc.hal import FLAG_BUTTON, FLAG_CARD, FLAG_CP, FLAG_FAULT
+from csc.schema import CP_STATE_A as CP_A
+from csc.schema import CP_STATE_B as CP_B
+from csc.schema import CP_STATE_C as CP_C
+from csc.schema import CP_STATE_D as CP_D
+from csc.schema import CP_STATE_E as CP_E
+from csc.schema import CP_STATE_F as CP_F
 
 # ---------------------------------------------------------------- pilot
 
 
 def test_pilot_voltage_from_the_adc_front_end():
-    assert E.pilot_mv(E.CP_ADC_MV_N12) == -12000
-    assert E.pilot_mv(E.CP_ADC_MV_P12) == 12000
-    assert E.pilot_mv((E.CP_ADC_MV_N12 + E.CP_ADC_MV_P12) // 2) == 0
+    cal = (E.CP_ADC_MV_N12, E.CP_ADC_MV_P12)  # the board's calibration
+    assert P.pilot_mv(E.CP_ADC_MV_N12, *cal) == -12000
+    assert P.pilot_mv(E.CP_ADC_MV_P12, *cal) == 12000
+    assert P.pilot_mv((E.CP_ADC_MV_N12 + E.CP_ADC_MV_P12) // 2, *cal) == 0
 
 
 def test_cp_states_from_the_pilot_levels_iec61851():
     # nominal high-phase levels; the EV's diode holds the low phase at −12 V
     for volts, state in ((12, CP_A), (9, CP_B), (6, CP_C), (3, CP_D), (0, CP_E), (-12, CP_E)):
-        assert E.cp_state(volts * 1000, -12000) == state, volts
+        assert P.cp_state(volts * 1000, -12000) == state, volts
     # ±1 V tolerances of the standard, thresholds half-way
-    assert E.cp_state(11000) == CP_A and E.cp_state(10000) == CP_B
-    assert E.cp_state(8000) == CP_B and E.cp_state(7000) == CP_C
-    assert E.cp_state(5000) == CP_C and E.cp_state(4000) == CP_D
-    assert E.cp_state(2000) == CP_D and E.cp_state(1000) == CP_E
+    assert P.cp_state(11000) == CP_A and P.cp_state(10000) == CP_B
+    assert P.cp_state(8000) == CP_B and P.cp_state(7000) == CP_C
+    assert P.cp_state(5000) == CP_C and P.cp_state(4000) == CP_D
+    assert P.cp_state(2000) == CP_D and P.cp_state(1000) == CP_E
     # no diode: the low phase does not reach −12 V
-    assert E.cp_state(6000, -6000) == CP_E and E.cp_state(9000, 0) == CP_E
-    assert E.cp_state(6000, -11500) == CP_C
-    assert E.cp_state(9000, None) == CP_B  # steady +12 V: no low phase to check
-    assert E.cp_state(12000, 0) == CP_A  # no EV: nothing to check
+    assert P.cp_state(6000, -6000) == CP_E and P.cp_state(9000, 0) == CP_E
+    assert P.cp_state(6000, -11500) == CP_C
+    assert P.cp_state(9000, None) == CP_B  # steady +12 V: no low phase to check
+    assert P.cp_state(12000, 0) == CP_A  # no EV: nothing to check
 
 
 def test_duty_from_the_current_iec61851():
@@ -43,22 +56,22 @@ def test_duty_from_the_current_iec61851():
         return pm * 65535 // 1000
 
     # I / 0.6 % from 6 to 51 A
-    assert E.duty_u16(6000) == u16(100) == 6553  # 10 %
-    assert E.duty_u16(16000) == u16(266)  # 26.67 %
-    assert E.duty_u16(32000) == u16(533)  # 53.33 %
-    assert E.duty_u16(51000) == u16(850)  # 85 %
+    assert P.duty_u16(6000) == u16(100) == 6553  # 10 %
+    assert P.duty_u16(16000) == u16(266)  # 26.67 %
+    assert P.duty_u16(32000) == u16(533)  # 53.33 %
+    assert P.duty_u16(51000) == u16(850)  # 85 %
     # I / 2.5 + 64 % above 51 A, 80 A at most
-    assert E.duty_u16(63000) == u16(892)  # 89.2 %
-    assert E.duty_u16(80000) == u16(960) and E.duty_u16(100000) == u16(960)  # 96 %
+    assert P.duty_u16(63000) == u16(892)  # 89.2 %
+    assert P.duty_u16(80000) == u16(960) and P.duty_u16(100000) == u16(960)  # 96 %
     # below 6 A: no current can be offered: steady +12 V
-    assert E.duty_u16(5999) == E.DUTY_OFF == 65535 and E.duty_u16(0) == 65535
-    assert E.DUTY_F == 0
+    assert P.duty_u16(5999) == P.DUTY_OFF == 65535 and P.duty_u16(0) == 65535
+    assert P.DUTY_F == 0
 
 
 def test_current_from_the_power_limit():
-    assert E.current_ma(11040) == 16000  # 3 × 230 V
-    assert E.current_ma(3680, 1) == 16000
-    assert E.current_ma(0) == 0 and E.current_ma(-5000) == 0  # no discharge over the pilot
+    assert P.current_ma(11040) == 16000  # 3 × 230 V
+    assert P.current_ma(3680, 1) == 16000
+    assert P.current_ma(0) == 0 and P.current_ma(-5000) == 0  # no discharge over the pilot
 
 
 # ---------------------------------------------------------------- Modbus RTU
@@ -67,11 +80,11 @@ def test_current_from_the_power_limit():
 def test_modbus_crc_of_the_specifications_examples():
     # "MODBUS over serial line" specification: 11 03 00 6B 00 03 → CRC 76 87 (low byte first)
     b = bytearray(8)
-    assert E.mb_request(b, 0x11, 3, 0x006B, 3) == 8
+    assert MB.mb_request(b, 0x11, 3, 0x006B, 3) == 8
     assert bytes(b) == b"\x11\x03\x00\x6b\x00\x03\x76\x87"
-    assert E.mb_request(b, 1, 3, 0, 10) == 8
+    assert MB.mb_request(b, 1, 3, 0, 10) == 8
     assert bytes(b) == b"\x01\x03\x00\x00\x00\x0a\xc5\xcd"
-    assert E.crc16(b, 8) == 0  # a frame with its CRC checks to zero
+    assert MB.crc16(b, 8) == 0  # a frame with its CRC checks to zero
 
 
 def _answer(slave, func, regs):
@@ -82,7 +95,7 @@ def _answer(slave, func, regs):
     for i in range(len(regs)):
         b[3 + 2 * i] = regs[i] >> 8
         b[4 + 2 * i] = regs[i] & 0xFF
-    c = E.crc16(b, len(b) - 2)
+    c = MB.crc16(b, len(b) - 2)
     b[-2] = c & 0xFF
     b[-1] = c >> 8
     return b
@@ -90,41 +103,41 @@ def _answer(slave, func, regs):
 
 def test_modbus_answer_checked_and_registers_read():
     b = _answer(1, 3, [0x0001, 0xE240, 0xFFFF, 0xFF9C])
-    assert E.mb_check(b, len(b), 1, 3, 4) == E.MB_OK
-    assert E.mb_u32(b, 0) == 123456
-    assert E.mb_s32(b, 2) == -100 and E.mb_u32(b, 2) == 0xFFFFFF9C
-    assert E.mb_check(b, len(b) - 1, 1, 3, 4) == E.MB_SHORT
-    assert E.mb_check(b, len(b), 2, 3, 4) == E.MB_FRAME  # another slave
-    assert E.mb_check(b, len(b), 1, 4, 4) == E.MB_FRAME  # another function
-    assert E.mb_check(b, len(b), 1, 3, 3) == E.MB_CRC  # a shorter read: the CRC is elsewhere
+    assert MB.mb_check(b, len(b), 1, 3, 4) == MB.MB_OK
+    assert MB.mb_u32(b, 0) == 123456
+    assert MB.mb_s32(b, 2) == -100 and MB.mb_u32(b, 2) == 0xFFFFFF9C
+    assert MB.mb_check(b, len(b) - 1, 1, 3, 4) == MB.MB_SHORT
+    assert MB.mb_check(b, len(b), 2, 3, 4) == MB.MB_FRAME  # another slave
+    assert MB.mb_check(b, len(b), 1, 4, 4) == MB.MB_FRAME  # another function
+    assert MB.mb_check(b, len(b), 1, 3, 3) == MB.MB_CRC  # a shorter read: the CRC is elsewhere
     b[4] ^= 1
-    assert E.mb_check(b, len(b), 1, 3, 4) == E.MB_CRC
+    assert MB.mb_check(b, len(b), 1, 3, 4) == MB.MB_CRC
     exc = bytearray(b"\x01\x83\x02\x00\x00")
-    c = E.crc16(exc, 3)
+    c = MB.crc16(exc, 3)
     exc[3] = c & 0xFF
     exc[4] = c >> 8
-    assert E.mb_check(exc, 5, 1, 3, 2) == E.MB_EXCEPTION + 2  # illegal data address
+    assert MB.mb_check(exc, 5, 1, 3, 2) == MB.MB_EXCEPTION + 2  # illegal data address
     exc[4] ^= 1
-    assert E.mb_check(exc, 5, 1, 3, 2) == E.MB_CRC
+    assert MB.mb_check(exc, 5, 1, 3, 2) == MB.MB_CRC
 
 
 # ---------------------------------------------------------------- NTC, frequency
 
 
 def test_ntc_temperature_beta_model():
-    assert E.ntc_dc(1650) == 250  # R = R25 at mid-scale
+    assert ntc.ntc_dc(1650) == 250  # R = R25 at mid-scale
     # 50 °C: R = 10 kΩ · e^(3950 (1/323.15 − 1/298.15)) = 3588 Ω → 3300 · R / (R + 10 kΩ) = 871 mV
-    assert 497 <= E.ntc_dc(871) <= 503
-    assert E.ntc_dc(2800) < 0  # colder: higher resistance, higher voltage
-    assert E.ntc_dc(0) is None and E.ntc_dc(3300) is None  # shorted, open
+    assert 497 <= ntc.ntc_dc(871) <= 503
+    assert ntc.ntc_dc(2800) < 0  # colder: higher resistance, higher voltage
+    assert ntc.ntc_dc(0) is None and ntc.ntc_dc(3300) is None  # shorted, open
 
 
 def test_grid_frequency_from_counted_periods():
-    assert E.freq_mhz(50, 1000000) == 50000
-    assert E.freq_mhz(49, 980000) == 50000
-    assert E.freq_mhz(50, 1001000) == 49950  # 49.95005 Hz
-    assert E.freq_mhz(25, 502008) == 49800
-    assert E.freq_mhz(53, 1060000) == 50000  # the longest window (below 1.07 s) in small ints
+    assert ZC.freq_mhz(50, 1000000) == 50000
+    assert ZC.freq_mhz(49, 980000) == 50000
+    assert ZC.freq_mhz(50, 1001000) == 49950  # 49.95005 Hz
+    assert ZC.freq_mhz(25, 502008) == 49800
+    assert ZC.freq_mhz(53, 1060000) == 50000  # the longest window (below 1.07 s) in small ints
 
 
 # ---------------------------------------------------------------- PN532
@@ -143,11 +156,11 @@ def _target(uid):
 
 def test_pn532_frames_of_the_user_manual():
     b = bytearray(16)
-    assert E.pn532_frame(b, b"\x14\x01\x14\x01") == len(SAM_CONFIGURATION)
+    assert NFC.pn532_frame(b, b"\x14\x01\x14\x01") == len(SAM_CONFIGURATION)
     assert bytes(b[: len(SAM_CONFIGURATION)]) == SAM_CONFIGURATION
-    assert E.pn532_frame(b, b"\x4a\x01\x00") == len(IN_LIST_PASSIVE_TARGET)
+    assert NFC.pn532_frame(b, b"\x4a\x01\x00") == len(IN_LIST_PASSIVE_TARGET)
     assert bytes(b[: len(IN_LIST_PASSIVE_TARGET)]) == IN_LIST_PASSIVE_TARGET
-    assert E.pn532_ack(ACK) and not E.pn532_ack(b"\x00\x00\x00\xff\x00\xff\x00")
+    assert NFC.pn532_ack(ACK) and not NFC.pn532_ack(b"\x00\x00\x00\xff\x00\xff\x00")
 
 
 def test_pn532_uid_of_a_target():
@@ -155,15 +168,15 @@ def test_pn532_uid_of_a_target():
         a = bytearray(32)
         t = _target(uid)
         a[: len(t)] = t
-        n = E.pn532_uid_len(a, len(a))
-        assert n == len(uid) and bytes(a[E.NFC_UID_AT : E.NFC_UID_AT + n]) == uid
+        n = NFC.pn532_uid_len(a, len(a))
+        assert n == len(uid) and bytes(a[NFC.NFC_UID_AT : NFC.NFC_UID_AT + n]) == uid
     bad = bytearray(_target(b"\x92\x2e\x58\x32"))
     bad[-2] ^= 1  # DCS
-    assert E.pn532_uid_len(bad, len(bad)) == 0
+    assert NFC.pn532_uid_len(bad, len(bad)) == 0
     bad = bytearray(_target(b"\x92\x2e\x58\x32"))
     bad[5] ^= 1  # LCS
-    assert E.pn532_uid_len(bad, len(bad)) == 0
-    assert E.pn532_uid_len(bytearray(32), 32) == 0  # not ready (status 0)
+    assert NFC.pn532_uid_len(bad, len(bad)) == 0
+    assert NFC.pn532_uid_len(bytearray(32), 32) == 0  # not ready (status 0)
 
 
 # ---------------------------------------------------------------- the board on a fake `machine`
@@ -363,7 +376,7 @@ def test_board_charges_an_ev_through_pilot_lock_and_contactor():
     lock = f.pins[E.PIN_LOCK]
     fb = f.pins[E.PIN_LOCK_FB]
     assert hal.serial == "246f28010203" and hal.rating_w == 22080
-    assert f.pwm.d == E.DUTY_OFF and contactor.v == 0  # safe from the start
+    assert f.pwm.d == P.DUTY_OFF and contactor.v == 0  # safe from the start
     f.step(hal)
     assert hal.cp_state() == CP_A and not hal.plugged() and _rgb(f) == (0, 1, 0)
     f.ev = (9, True)
@@ -371,9 +384,9 @@ def test_board_charges_an_ev_through_pilot_lock_and_contactor():
     assert hal.cp_state() == CP_A  # one sample is not a state (debounce)
     f.step(hal, 1)
     assert hal.cp_state() == CP_B and hal.flags & FLAG_CP
-    assert f.pwm.d == E.DUTY_OFF  # nothing offered before the firmware gives a limit
+    assert f.pwm.d == P.DUTY_OFF  # nothing offered before the firmware gives a limit
     hal.set_limit_w(11040)  # a transaction started: the offer, in state B
-    assert f.pwm.d == E.duty_u16(16000)
+    assert f.pwm.d == P.duty_u16(16000)
     f.ev = (6, True)  # the EV saw it and closes S2
     f.step(hal)
     assert hal.cp_state() == CP_C and contactor.v == 0  # not asked for
@@ -383,12 +396,12 @@ def test_board_charges_an_ev_through_pilot_lock_and_contactor():
     assert contactor.v == 0  # not before the lock reports locked
     fb.v = 0
     f.step(hal, 1)
-    assert contactor.v == 1 and f.pwm.d == E.duty_u16(16000) and _rgb(f) == (0, 0, 1)
+    assert contactor.v == 1 and f.pwm.d == P.duty_u16(16000) and _rgb(f) == (0, 0, 1)
     hal.set_limit_w(7360)
-    assert f.pwm.d == E.duty_u16(10666)  # at once
+    assert f.pwm.d == P.duty_u16(10666)  # at once
     hal.set_limit_w(0)  # a pause: steady +12 V, and the contactor opens
     f.step(hal, 1)
-    assert f.pwm.d == E.DUTY_OFF and contactor.v == 0
+    assert f.pwm.d == P.DUTY_OFF and contactor.v == 0
     hal.set_limit_w(11040)
     f.step(hal, 1)
     assert contactor.v == 1
@@ -402,7 +415,7 @@ def test_board_charges_an_ev_through_pilot_lock_and_contactor():
     assert contactor.v == 0  # at once, not at the next poll
     f.ev = None
     f.step(hal)
-    assert hal.cp_state() == CP_A and lock.v == 0 and f.pwm.d == E.DUTY_OFF
+    assert hal.cp_state() == CP_A and lock.v == 0 and f.pwm.d == P.DUTY_OFF
     fb.v = 1
     f.step(hal, 50)
     assert not hal.fault and not hal.flags & FLAG_FAULT
@@ -417,7 +430,7 @@ def test_board_lock_failure_is_a_fault_and_state_f():
     hal.set_contactor(True)
     f.step(hal, E.LOCK_MS // 20 + 2)  # the feedback never says locked
     assert hal.fault == "lock" and hal.flags & FLAG_FAULT
-    assert f.pins[E.PIN_CONTACTOR].v == 0 and f.pwm.d == E.DUTY_F
+    assert f.pins[E.PIN_CONTACTOR].v == 0 and f.pwm.d == P.DUTY_F
     f.step(hal)
     assert hal.cp_state() == CP_F and _rgb(f) == (1, 0, 0)
     hal.set_lock(False)  # UnlockConnector: the lock is where it is asked to be again
@@ -440,10 +453,10 @@ def test_board_ev_without_diode_is_state_e():
     f.pins[E.PIN_LOCK_FB].v = 0
     f.step(hal, 10)
     assert hal.cp_state() == CP_E and f.pins[E.PIN_CONTACTOR].v == 0  # stays E, never charges
-    assert f.pwm.d != E.DUTY_OFF and _rgb(f) == (1, 0, 0)
+    assert f.pwm.d != P.DUTY_OFF and _rgb(f) == (1, 0, 0)
     f.ev = None
     f.step(hal)
-    assert hal.cp_state() == CP_A and f.pwm.d == E.DUTY_OFF
+    assert hal.cp_state() == CP_A and f.pwm.d == P.DUTY_OFF
 
 
 def test_board_reads_the_meter_over_modbus_rtu():
@@ -451,7 +464,7 @@ def test_board_reads_the_meter_over_modbus_rtu():
     hal = f.board()
     u = f.uart
     f.step(hal, 1)
-    assert bytes(u.sent) == b"\x01\x03\x50\x00\x00\x08" + bytes(u.sent[6:8]) and E.crc16(u.sent, 8) == 0
+    assert bytes(u.sent) == b"\x01\x03\x50\x00\x00\x08" + bytes(u.sent[6:8]) and MB.crc16(u.sent, 8) == 0
     # the driver on to send, off once the request has left (the meter answers on the same pair)
     assert u.de_when_written == [1] and u.de_when_flushed == [1] and f.pins[E.PIN_RS485_DE].v == 0
     u.sent = bytearray()
@@ -474,7 +487,7 @@ def test_board_reads_the_meter_over_modbus_rtu():
     u.rx += _answer(1, 3, regs)
     f.step(hal, 1)
     assert hal.meter() == (12345600, 78900, 11040, 16000, 2301)
-    assert hal.meter_errors == 0
+    assert hal.emeter.errors == 0
     u.sent = bytearray()
     f.step(hal, 1)
     assert u.sent == b""  # the next reading one second later
@@ -484,20 +497,20 @@ def test_board_reads_the_meter_over_modbus_rtu():
     bad[-1] ^= 0xFF
     u.rx += bad
     f.step(hal, 1)
-    assert hal.meter_errors == 1 and hal.meter()[0] == 12345600  # kept
+    assert hal.emeter.errors == 1 and hal.meter()[0] == 12345600  # kept
     f.step(hal, 1, E.METER_MS)
     exc = bytearray(b"\x01\x83\x02\x00\x00")
-    c = E.crc16(exc, 3)
+    c = MB.crc16(exc, 3)
     exc[3] = c & 0xFF
     exc[4] = c >> 8
     u.rx += exc
     f.step(hal, 1)
-    assert hal.meter_errors == 1  # a short answer: one more poll of silence first
+    assert hal.emeter.errors == 1  # a short answer: one more poll of silence first
     f.step(hal, 1)
-    assert hal.meter_errors == 2
+    assert hal.emeter.errors == 2
     f.step(hal, 1, E.METER_MS)
     f.step(hal, 1, 301)  # nothing at all: a timeout
-    assert hal.meter_errors == 3
+    assert hal.emeter.errors == 3
 
 
 def test_board_reads_a_card_from_the_pn532():

@@ -1,9 +1,10 @@
-"""The ESP32 board file (firmware/boards/esp32.py) under both interpreters.
+"""The ESP32 board (firmware/boards/esp32.py) and its drivers (firmware/boards/drivers/) under both
+interpreters.
 
-Every `test_*` of tests/fw_esp32tests.py (the pure pieces against their standards, and the HAL
+Every `test_*` of tests/fw_esp32tests.py (the drivers' pure pieces against their standards, and the HAL
 on a fake `machine`) runs here in CPython as its own test, then all of them on the MicroPython
 unix port (tests/fw_linktests_runner.py --module fw_esp32tests), where `machine` has no PWM,
-ADC, UART or I2C: the module must import there and build its hardware only in Esp32Hal().
+ADC, UART or I2C: the modules must import there and build their hardware only in Esp32Hal().
 """
 
 # The firmware and fw_esp32tests are MicroPython code, untyped by design:

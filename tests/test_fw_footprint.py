@@ -70,7 +70,7 @@ def test_fw_rare_commands_run_at_the_claimed_heap_and_their_code_is_dropped_agai
         b = _ok(rig, Action.TRIGGER_MESSAGE, {Key.REQUESTED_ACTION: Action.STATUS_NOTIFICATION})
         assert b[Key.STATUS] == 0
         assert _ok(rig, Action.CHANGE_AVAILABILITY, {Key.OPERATIVE: True})[Key.STATUS] == 0
-        # S1, S4/S5 (tx_cmds)
+        # S1, S4/S5 (transactions_cmds)
         res: dict[int, Any] = {Key.RESERVATION_ID: 5, Key.EXPIRY: 2**31, Key.ID_TOKEN: b""}
         assert _ok(rig, Action.RESERVE_NOW, res, secrets={Key.ID_TOKEN: b"card-r"})[Key.STATUS] == 0
         assert _ok(rig, Action.CANCEL_RESERVATION, {Key.RESERVATION_ID: 5})[Key.STATUS] == 0
@@ -78,7 +78,7 @@ def test_fw_rare_commands_run_at_the_claimed_heap_and_their_code_is_dropped_agai
         assert _ok(rig, Action.SET_TARIFF, tariff)[Key.STATUS] == 0
         tx = charging(rig)
         assert _ok(rig, Action.COST_UPDATE, {Key.TX_ID: tx, Key.COST: 120, Key.CURRENCY: "EUR"})[Key.STATUS] == 0
-        # E1–E8 (sc_cmds)
+        # E1–E8 (smart_charging_cmds)
         assert _ok(rig, Action.GET_COMPOSITE_SCHEDULE, {Key.EVSE: 1, Key.DURATION_S: 60})[Key.STATUS] == 0
         assert _ok(rig, Action.CLEAR_CHARGING_PROFILE, {})[Key.STATUS] in (0, 4)
         assert _ok(rig, Action.START_SETPOINT_LOOP, {Key.EVSE: 1, Key.RATE_MS: 200, Key.DURATION_S: 1})[Key.STATUS] == 0

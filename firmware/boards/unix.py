@@ -6,7 +6,7 @@
 - Flash: `FileBlockDev` makes the image file a block device (4 KiB blocks) for
   `vfs.VfsLfs2`, mounted at /flash (formatted on first use). Every block write reaches
   the file before the call returns, so `kill -9` of the process is a power cut.
-- HAL: csc.hal_sim.SimHal; its meter register lives in the `--meter` file (the meter
+- HAL: boards.sim.SimHal; its meter register lives in the `--meter` file (the meter
   keeps its register across a power cut, as a real one does).
 - Control channel: one JSON object per line on stdin (commands), one per line on stdout
   (what the board did: {"ev": "...", ...}); see tools/board/ and docs/firmware.md.
@@ -157,9 +157,7 @@ class Control:
 
             hal.flags |= FLAG_BUTTON
         elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
-            from csc.services import get_security
-
-            get_security(app).ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
+            app.security().ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
         elif cmd == "unplug":
             hal.unplug()
         elif cmd == "card":
@@ -242,9 +240,9 @@ def main():
     mount(a.get("flash", "board.img"), int(a.get("blocks", "256")))
     import asyncio
 
+    from boards.sim import SimHal
     from csc import store
     from csc.app import App
-    from csc.hal_sim import SimHal
     from csc.services import (  # noqa: F401
         admin,
         auth,

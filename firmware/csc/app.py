@@ -19,16 +19,24 @@ from asyncio import Event, open_connection
 
 from micropython import const
 
+from . import FW_VERSION, store
 from . import link as L  # noqa: N812
-from . import store
 from .frame import FrameSplitter
 from .ids import Ids
 from .msgpack import FrameError, Map
 from .outbox import SECURITY, Outbox
 from .schema import (
     A_BOOT_NOTIFICATION,
+    A_CERTIFICATE_SIGNED,
+    A_CLEAR_MONITORS,
+    A_DELETE_CERTIFICATE,
+    A_GET_INSTALLED_CERTIFICATES,
     A_HEARTBEAT,
+    A_INSTALL_CERTIFICATE,
+    A_OCSP_RESPONSE,
+    A_REVOKE_CERTIFICATE,
     A_SECURITY_EVENT,
+    A_SET_MONITORS,
     E_NOT_SUPPORTED,
     EPOCH_UNIX,
     F_EVENT_NAME,
@@ -38,33 +46,28 @@ from .schema import (
     F_REASON,
     F_REGISTRATION,
     F_SERIAL,
-    F_STATUS,
     F_TIME,
     F_TIME_MS,
     F_VENDOR,
+    FLEN,
+    LIMITS,
     REGISTRATION_ACCEPTED,
 )
 from .sendq import RX, URGENT, SendQueue
+from .services import Refused
 
-FW_VERSION = "1.0.0"
 TICK_MS = const(50)
 WINDOW = const(8)  # durable records in flight
-
-
-class Refused(Exception):
-    """Raised by a command handler: the command is impossible; `reason` says why."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def status(code, reason=None):
-    b = Map()
-    b[F_STATUS] = code
-    if reason:
-        b[F_REASON] = reason
-    return b
+# the certificate commands (services/security.py): rarely used, so the service is built on the first
+# of them (or the first security()) and its code costs no heap before
+_CERT_ACTIONS = (
+    A_INSTALL_CERTIFICATE,
+    A_DELETE_CERTIFICATE,
+    A_GET_INSTALLED_CERTIFICATES,
+    A_OCSP_RESPONSE,
+    A_CERTIFICATE_SIGNED,
+    A_REVOKE_CERTIFICATE,
+)
 
 
 class App:
@@ -95,9 +98,54 @@ class App:
         if g:
             self.gateway = (g[0], g[1])
         self.services = []
-        from .services import load_all
+        self._build_services()
 
-        load_all(self)
+    # ---------------------------------------------------------------- services
+    def _build_services(self):
+        """The services built at boot, one per feature (csc/services/); the certificate and
+        monitor services are built on their first command instead (`security()`,
+        `monitoring()`), so their code costs no heap before."""
+        # `from .services import auth`, not `from .services.auth import Auth`: the relative
+        # module name of the latter is a qstr of its own (heap on the unix port)
+        from .services import auth, config, smart_charging, transactions
+
+        self.cfg = config.Config(self)
+        self.auth = auth.Auth(self)
+        self.sc = smart_charging.SmartCharging(self)
+        self.tx = transactions.Transactions(self)
+        try:
+            from .services import admin, firmware_update
+        except ImportError:  # a build without them
+            return
+        from .services import station
+
+        self.fw = firmware_update.FirmwareUpdate(self)
+        self.admin = admin.Admin(self)
+        self.station = station.Station(self)
+        self.sec = None  # security(), on its first command
+        self.mon = None  # monitoring(), on its first command
+        if store.exists(store.path("mon")):
+            self.monitoring()
+
+    def security(self):
+        """The certificate service (M14–M19, S7), built on first use (it then registers its
+        own commands)."""
+        s = self.sec
+        if s is None:
+            from .services import security
+
+            s = self.sec = security.Security(self)
+        return s
+
+    def monitoring(self):
+        """The monitor service (M3), built on its first command, or at boot when monitors are
+        stored: a board that has none spends no heap on its code."""
+        s = self.mon
+        if s is None:
+            from .services import monitoring
+
+            s = self.mon = monitoring.Monitoring(self)
+        return s
 
     # ---------------------------------------------------------------- clock
     def now(self):
@@ -140,7 +188,7 @@ class App:
         b[F_EVENT_NAME] = name
         b[F_TIME] = self.time()
         if reason:
-            b[F_REASON] = reason[:120]
+            b[F_REASON] = reason[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
         self.emit(A_SECURITY_EVENT, b, SECURITY)
 
     def request(self, action, body, cb, prio=None):
@@ -226,10 +274,12 @@ class App:
         for s in self.services:
             if action in s.COMMANDS:  # (action, method name, …): an int never equals a name
                 return s
-        if build:
-            from .services import lazy
-
-            return lazy(self, action)
+        if not build or not hasattr(self, "sec"):  # (a build without them: _build_services)
+            return None
+        if action in _CERT_ACTIONS:
+            return self.security()
+        if action == A_SET_MONITORS or action == A_CLEAR_MONITORS:  # noqa: PLR1714, SIM109 — two int compares
+            return self.monitoring()
         return None
 
     def _command(self, mid, action, prio, body, seq):

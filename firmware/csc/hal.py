@@ -1,6 +1,6 @@
 """The hardware seam (MicroOcpp's inputs and outputs): everything the firmware knows of the
 board goes through one `Hal` object, so the same services run on a real EVSE
-(boards/esp32.py), on the emulated board (csc/hal_sim.py) and in tests.
+(boards/esp32.py), on the emulated board (boards/sim.py) and in tests.
 
 Inputs are polled by the services' tick; interrupt-like inputs (card read, button, a
 control-pilot edge) only set a bit in `flags` from their handler, as an ISR would, and the
@@ -15,13 +15,11 @@ voltage dV, temperature d°C, frequency mHz.
 
 from micropython import const
 
-# control-pilot states (schema CpState)
-CP_A = const(0)  # no EV
-CP_B = const(1)  # EV connected, not ready
-CP_C = const(2)  # EV ready (charging allowed)
-CP_D = const(3)
-CP_E = const(4)  # error
-CP_F = const(5)  # EVSE not available
+from .schema import CP_STATE_A
+
+# The control-pilot states are the schema's CpState (CP_STATE_A no EV, B EV connected not ready,
+# C EV ready: charging allowed, D with ventilation, E error, F EVSE not available): `cp_state()`
+# returns them and the transaction service reports them as they are (StatusNotification cp_state).
 
 # bits of Hal.flags, set by interrupt-like inputs
 FLAG_CARD = const(1)
@@ -52,10 +50,10 @@ class Hal:
 
     # ---- inputs
     def cp_state(self, evse=1):
-        return CP_A
+        return CP_STATE_A
 
     def plugged(self, evse=1):
-        return self.cp_state(evse) != CP_A
+        return self.cp_state(evse) != CP_STATE_A
 
     def meter(self, evse=1):
         """(energy_import_wh, energy_export_wh, power_w, current_ma, voltage_dv)."""

@@ -45,18 +45,22 @@ from .schema import (
     E_TIMEOUT,
     F_DEVICE_ID,
     F_DEVICE_KEY,
+    F_ERROR_CODE,
     F_FACTORY,
     F_FW_VERSION,
     F_IDS,
     F_NONCE,
+    F_REASON,
     F_SCHEMA_REV,
     F_VER_MAX,
     F_VER_MIN,
+    FLEN,
     K_ACK,
     K_ERROR,
     K_EVENT,
     K_REQUEST,
     K_RESPONSE,
+    LIMITS,
     P_CONTROL,
     PROTOCOL_VERSION,
     SCHEMA_REV,
@@ -188,7 +192,7 @@ class Link:
             self._closed("bad hello response: " + e.reason)
             return
         if f.kind == K_ERROR:
-            self._closed("hello refused: %s" % f.body.get(13, ""))
+            self._closed("hello refused: %s" % f.body.get(F_REASON, ""))
             return
         k, nonce, mid, _ = self._hs
         if f.kind != K_RESPONSE or f.action != A_HELLO or f.seq != 1 or f.id != mid:
@@ -255,7 +259,7 @@ class Link:
             if k == K_RESPONSE:
                 self.events.append((RESPONSE_RECEIVED, mid, f.action, body))
             else:
-                self.events.append((FAILED, mid, body.get(12, 0), body.get(13, "")))
+                self.events.append((FAILED, mid, body.get(F_ERROR_CODE, 0), body.get(F_REASON, "")))
         elif k == K_ACK:
             self._acked(mid)
             if body is not None:  # an ack the gateway does not send (other keys): decoded
@@ -345,8 +349,8 @@ class Link:
     def refuse(self, mid, action, prio, reason, code=E_REJECTED):
         """Answer command `mid` with an error frame (REJECTED and a reason by default)."""
         b = Map()
-        b[12] = code
-        b[13] = reason[:120]
+        b[F_ERROR_CODE] = code
+        b[F_REASON] = reason[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
         self._answer(mid, K_ERROR, action, prio, b)
 
     def _answer(self, mid, kind, action, prio, body):

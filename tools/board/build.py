@@ -15,9 +15,10 @@ does across modules what `const()` does within one:
 
 The rewrite is done on the text, so line numbers stay those of the source, and it is
 checked against the same transformation done on the syntax tree (any difference fails the
-build). Then every module is compiled by mpy-cross into OUT_DIR (`csc/…`, `boards/…`,
-`main.mpy`); with `--py` the rewritten sources are written instead, for a board's frozen
-manifest (`package("csc", base_path=OUT_DIR)`). The source stays readable and runs as it
+build). Then every module is compiled by mpy-cross into OUT_DIR (`csc/…`, `boards/…` with the
+emulated board's `boards/unix` and `boards/sim`, `main.mpy`); with `--py` the rewritten sources
+are written instead, for a board's frozen manifest (`package("csc", base_path=OUT_DIR)`, which
+takes from `boards/` only what that board runs). The source stays readable and runs as it
 is (CPython, `Board(source=True)`); `built()` keeps one build per source state in a cache
 directory for the emulated board (tools/board/runner.py).
 """
@@ -39,7 +40,8 @@ from tools import executables
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
-# what a board freezes (manifest.py) and the emulated board's own module; not the CPython stub micropython.py
+# what a board freezes (manifest.py: csc, boards/esp32.py and boards/drivers/) and the emulated board's own
+# modules (boards/unix.py, its simulated hardware boards/sim.py); not the CPython stub micropython.py
 PACKAGES = ("csc", "boards")
 MODULES = ("main.py",)
 KEEP = 8  # builds kept in the cache

@@ -60,7 +60,7 @@ for name in %r:  # each alone, then dropped again (as services.on_demand does)
 """
 ORDER = [
     "csc.schema", "csc.msgpack", "csc.crypto", "csc.window", "csc.frame", "csc.store", "csc.ids",
-    "csc.outbox", "csc.sendq", "csc.link", "csc.hal", "csc.hal_sim", "csc.app", "csc.services",
+    "csc.outbox", "csc.sendq", "csc.link", "csc.hal", "boards.sim", "csc.app", "csc.services",
     "csc.services.config", "csc.services.auth", "csc.services.smart_charging", "csc.services.transactions",
     "csc.services.admin", "csc.services.firmware_update", "csc.services.station",
 ]  # fmt: skip

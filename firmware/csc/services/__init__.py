@@ -1,38 +1,48 @@
-"""One service per feature (MicroOcpp's Model/ layer): each registers its own commands
-(`COMMANDS`, answered by `command()`) and gets `boot()` once, `online()` after each handshake and
-`tick(now_ms)` every app tick."""
+"""One service per feature (MicroOcpp's Model/ layer), and here what every service is made of:
+the `Service` base class, the `Refused` exception a command handler raises and the `status()`
+answer most commands give.
+
+Each feature is a module `<feature>.py` (the service: its state, what a tick runs, its urgent and
+frequent commands) and, for most, `<feature>_cmds.py`, its cold half: the rare commands. A service
+declares the commands it answers in `COMMANDS` (action, method name, …; constants, in flash on a
+board) and gets `boot()` once, `online()` after each handshake and `tick(now_ms)` every app tick.
+A name ".function" is a function(service, body, seq) of the feature's cold half, which is
+therefore always the service's own module name + "_cmds": imported for that one command and
+dropped again (`on_demand`).
+
+This module imports no service and not the app: the services import it, the app builds them
+(App._build_services), and no module imports one that imports it back (tests/test_fw_layout.py).
+"""
 
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-from .. import store
-from ..schema import (
-    A_CERTIFICATE_SIGNED,
-    A_CLEAR_MONITORS,
-    A_DELETE_CERTIFICATE,
-    A_GET_INSTALLED_CERTIFICATES,
-    A_INSTALL_CERTIFICATE,
-    A_OCSP_RESPONSE,
-    A_REVOKE_CERTIFICATE,
-    A_SET_MONITORS,
-)
+from ..msgpack import Map
+from ..schema import F_REASON, F_STATUS
 
-# The certificate commands (security.py, M14–M19): rarely used, so the service is built on the
-# first of them (or the first get_security()) and its code costs no heap before.
-CERT_ACTIONS = (
-    A_INSTALL_CERTIFICATE,
-    A_DELETE_CERTIFICATE,
-    A_GET_INSTALLED_CERTIFICATES,
-    A_OCSP_RESPONSE,
-    A_CERTIFICATE_SIGNED,
-    A_REVOKE_CERTIFICATE,
-)
+
+class Refused(Exception):
+    """Raised by a command handler: the command is impossible; `reason` says why."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def status(code, reason=None):
+    b = Map()
+    b[F_STATUS] = code
+    if reason:
+        b[F_REASON] = reason
+    return b
 
 
 class Service:
     # the commands this service answers, flat: (action, name of the method, …); each method
-    # takes (body, seq) and returns the response body or raises app.Refused. The app searches
-    # these tables (constants: in flash on a board) for an action's service: no table in RAM.
+    # takes (body, seq) and returns the response body or raises Refused; a name ".fn" is the
+    # function fn(service, body, seq) of the feature's cold half (<feature>_cmds.py). The app
+    # searches these tables (constants: in flash on a board) for an action's service: no table
+    # in RAM.
     COMMANDS: tuple = ()
 
     def __init__(self, app):
@@ -42,10 +52,9 @@ class Service:
     def command(self, action, body, seq):
         c = self.COMMANDS
         name = c[c.index(action) + 1]
-        i = name.find(".")
-        if i < 0:
+        if not name.startswith("."):
             return getattr(self, name)(body, seq)
-        return on_demand(name[:i], name[i + 1 :], self, body, seq)
+        return on_demand(type(self).__module__ + "_cmds", name[1:], self, body, seq)
 
     def boot(self):
         pass
@@ -58,75 +67,17 @@ class Service:
 
 
 def on_demand(module, fn, service, body, seq):
-    """fn(service, body, seq) of the module `module` of this package, imported for this one
-    command and dropped again: a rare command's code takes heap only while it runs (a
-    COMMANDS entry "module.fn"). Nothing may keep a reference into the module afterwards."""
+    """fn(service, body, seq) of the module `module` of this package (its dotted name: a
+    feature's cold half), imported for this one command and dropped again: a rare command's
+    code takes heap only while it runs. Nothing may keep a reference into the module afterwards."""
     import sys
 
-    name = __name__ + "." + module
-    m = __import__(name, None, None, (fn,))
+    m = __import__(module, None, None, (fn,))
     try:
         return getattr(m, fn)(service, body, seq)
     finally:
-        sys.modules.pop(name, None)
+        sys.modules.pop(module, None)
         pkg = sys.modules[__name__]
-        if hasattr(pkg, module):  # the import made it an attribute of this package too
-            delattr(pkg, module)
-
-
-def get_security(app):
-    """The certificate service, built on first use (it then registers its own commands)."""
-    s = app.sec
-    if s is None:
-        from .security import Security
-
-        s = app.sec = Security(app)
-    return s
-
-
-def get_monitoring(app):
-    """The monitor service (M3), built on its first command, or at boot when monitors are
-    stored: a board that has none spends no heap on its code."""
-    s = app.mon
-    if s is None:
-        from .monitoring import Monitoring
-
-        s = app.mon = Monitoring(app)
-    return s
-
-
-def lazy(app, action):
-    """The service built on its first command that answers `action`, built now; or None."""
-    if not hasattr(app, "sec"):  # a build without them (load_all)
-        return None
-    if action in CERT_ACTIONS:
-        return get_security(app)
-    if action == A_SET_MONITORS or action == A_CLEAR_MONITORS:  # noqa: PLR1714, SIM109 — two int compares
-        return get_monitoring(app)
-    return None
-
-
-def load_all(app):
-    from .auth import Auth
-    from .config import Config
-    from .smart_charging import SmartCharging
-    from .transactions import Transactions
-
-    app.cfg = Config(app)
-    app.auth = Auth(app)
-    app.sc = SmartCharging(app)
-    app.tx = Transactions(app)
-    try:
-        from .admin import Admin
-        from .firmware_update import FirmwareUpdate
-    except ImportError:  # a build without them
-        return
-    from .station import Station
-
-    app.fw = FirmwareUpdate(app)
-    app.admin = Admin(app)
-    app.station = Station(app)
-    app.sec = None  # get_security(app), or lazy() on its first command
-    app.mon = None  # get_monitoring(app), or lazy() on its first command
-    if store.exists(store.path("mon")):
-        get_monitoring(app)
+        short = module[len(__name__) + 1 :]
+        if hasattr(pkg, short):  # the import made it an attribute of this package too
+            delattr(pkg, short)

@@ -16,7 +16,6 @@ idempotently).
 from micropython import const
 
 from .. import store
-from ..app import status
 from ..msgpack import Map
 from ..outbox import SECURITY
 from ..schema import (
@@ -42,6 +41,8 @@ from ..schema import (
     F_REASON,
     F_REQUEST_ID,
     F_TIME,
+    FLEN,
+    LIMITS,
     LOG_STATUS_ACCEPTED,
     LOG_STATUS_UPLOADED,
     LOG_STATUS_UPLOADING,
@@ -50,7 +51,7 @@ from ..schema import (
     STOP_REASON_REBOOT,
     TX_TRIGGER_ABNORMAL_CONDITION,
 )
-from . import Service
+from . import Service, status
 
 LOG_MAX = const(16384)
 CHUNKS_IN_FLIGHT = const(1)  # one LogChunk held for retransmission (its body ~1 KiB) and one in the bulk region
@@ -76,16 +77,16 @@ def _chunk_body(request_id, offset, data, last):
 
 
 class Admin(Service):
-    # the rarely used ones in admin_cmds.py, imported for the command and dropped again
+    # ".name": a rare command, name() of admin_cmds.py, imported for the command and dropped again
     COMMANDS = (
         A_SET_LOG_CRITERIA, "set_log_criteria",
         A_GET_LOG, "get_log",
-        A_RESET, "admin_cmds.reset",
-        A_SET_DISPLAY_MESSAGE, "admin_cmds.set_display",
-        A_CLEAR_DISPLAY_MESSAGE, "admin_cmds.clear_display",
-        A_SET_FAULT_TABLE, "admin_cmds.set_fault_table",
-        A_DEREGISTER, "admin_cmds.deregister",
-        A_MIGRATE, "admin_cmds.migrate",
+        A_RESET, ".reset",
+        A_SET_DISPLAY_MESSAGE, ".set_display",
+        A_CLEAR_DISPLAY_MESSAGE, ".clear_display",
+        A_SET_FAULT_TABLE, ".set_fault_table",
+        A_DEREGISTER, ".deregister",
+        A_MIGRATE, ".migrate",
     )  # fmt: skip
 
     def __init__(self, app):
@@ -194,7 +195,7 @@ class Admin(Service):
         t = self.faults.get(code)
         r = reason or (t[1] if t else None)
         if r:
-            b[F_REASON] = r[:120]
+            b[F_REASON] = r[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
         self.app.emit(A_FAULT_REPORT, b, SECURITY)
         self.log("fault %d %s" % (code, "on" if active else "off"), 1)
 

@@ -4,7 +4,6 @@ dropped again (services.on_demand): their code takes no heap between commands; t
 (messages, faults, the reboot and close times) stays in the Admin service."""
 
 from .. import store
-from ..app import Refused, status
 from ..schema import (
     A_CLEAR_CACHE,
     F_ADDRESS,
@@ -23,6 +22,7 @@ from ..schema import (
     STATUS_SCHEDULED,
     STATUS_UNKNOWN,
 )
+from . import Refused, status
 
 
 # ---------------------------------------------------------------- M5 reset

@@ -34,11 +34,11 @@ CACHE_MAX = const(16)
 
 
 class Auth(Service):
-    # rarely used: in auth_cmds.py, imported for the command and dropped again
+    # ".name": a rare command, name() of auth_cmds.py, imported for the command and dropped again
     COMMANDS = (
-        A_SEND_LOCAL_LIST, "auth_cmds.send_local_list",
-        A_CLEAR_CACHE, "auth_cmds.clear_cache",
-        A_DELETE_PERSONAL_DATA, "auth_cmds.delete_personal_data",
+        A_SEND_LOCAL_LIST, ".send_local_list",
+        A_CLEAR_CACHE, ".clear_cache",
+        A_DELETE_PERSONAL_DATA, ".delete_personal_data",
     )  # fmt: skip
 
     def __init__(self, app):

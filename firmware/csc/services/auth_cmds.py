@@ -5,7 +5,6 @@ ClearCache and DeletePersonalData (M10). Imported for the command and dropped ag
 from micropython import const
 
 from .. import store
-from ..app import status
 from ..msgpack import unpackb
 from ..schema import (
     F_COUNT,
@@ -18,6 +17,7 @@ from ..schema import (
     STATUS_FAILED,
     UPDATE_TYPE_FULL,
 )
+from . import status
 
 _REMOVE = const(255)  # an entry's status that removes its token (differential update)
 

@@ -8,10 +8,9 @@ per variable: accepted, rejected (wrong value, read-only) or unknown. A change o
 variable marked reboot-required answers reboot_required.
 """
 
-# ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-from .. import store
+from .. import FW_VERSION, store
 from ..schema import A_GET_BASE_REPORT, A_GET_VARIABLES, A_SET_VARIABLES
 from . import Service
 
@@ -45,18 +44,16 @@ def find(component, variable):
 
 
 class Config(Service):
-    # rarely used: in config_cmds.py, imported for the command and dropped again
+    # ".name": a rare command, name() of config_cmds.py, imported for the command and dropped again
     COMMANDS = (
-        A_GET_VARIABLES, "config_cmds.get_variables",
-        A_SET_VARIABLES, "config_cmds.set_variables",
-        A_GET_BASE_REPORT, "config_cmds.get_base_report",
+        A_GET_VARIABLES, ".get_variables",
+        A_SET_VARIABLES, ".set_variables",
+        A_GET_BASE_REPORT, ".get_base_report",
     )  # fmt: skip
 
     def __init__(self, app):
         super().__init__(app)
         hal = app.hal
-        from ..app import FW_VERSION
-
         self.vals = [
             hal.model,
             hal.vendor,

@@ -18,6 +18,8 @@ from ..schema import (
     F_VAL,
     F_VARIABLE,
     F_VARS,
+    FLEN,
+    LIMITS,
     STATUS_ACCEPTED,
     STATUS_REBOOT_REQUIRED,
     STATUS_REJECTED,
@@ -30,7 +32,7 @@ _REBOOT = ("NetworkCtrlr",)
 KIND = "ssssiiiibbbisi"  # i int, b bool, s str
 WRITABLE = const(0b11111110000000)  # bit i: VARS[i] is writable (bit 0 is VARS[0])
 MIN = (0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 5, 0, 10)
-MAX = (0, 0, 0, 0, 0, 0, 0, 86400, 0, 0, 0, 3600, 8, 86400)  # str: its maximum length (0: 256)
+MAX = (0, 0, 0, 0, 0, 0, 0, 86400, 0, 0, 0, 3600, 8, 86400)  # str: its maximum length (0: the schema's bound of `val`)
 
 
 def get_variables(cfg, body, seq):
@@ -62,7 +64,7 @@ def _parse(i, s):
     if k == "b":
         s = s.lower()
         return True if s == "true" else False if s == "false" else None
-    return s if len(s) <= (MAX[i] or 256) else None
+    return s if len(s) <= (MAX[i] or LIMITS[FLEN[F_VAL]]) else None
 
 
 def set_variables(cfg, body, seq):

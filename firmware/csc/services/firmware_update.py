@@ -22,7 +22,6 @@ image "boots" when it starts with BOOT_MAGIC; a trial image that does not is aba
 import hashlib
 
 from .. import store
-from ..app import Refused, status
 from ..msgpack import Map
 from ..outbox import SECURITY
 from ..schema import (
@@ -54,7 +53,7 @@ from ..schema import (
     RESET_WHEN_NOW,
     STATUS_ACCEPTED,
 )
-from . import Service
+from . import Refused, Service, status
 
 BOOT_MAGIC = b"CSCFW1"
 MAX_IMAGE = 262144

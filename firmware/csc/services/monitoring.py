@@ -20,7 +20,6 @@ rejected with the reason. MonitorEvent is durable (outbox class TELEMETRY).
 from micropython import const
 
 from .. import store
-from ..app import status
 from ..link import ticks_diff
 from ..msgpack import Map
 from ..outbox import TELEMETRY
@@ -48,7 +47,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
-from . import Service
+from . import Service, status
 
 MAX_MONITORS = const(8)
 CHECK_MS = const(500)

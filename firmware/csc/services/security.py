@@ -12,7 +12,7 @@ certificate relayed over ISO 15118.
 - Revocation (M19): the certificate leaves the trust store and its hash goes on the
   revoked list (`revoked`, on flash), so installing it again is rejected.
 - Key pair (M16): MicroPython has no RSA/ECDSA key generation, so the board's HAL (its
-  secure element; simulated in hal_sim) makes the key pair and the CSR (`hal.csr()`), and
+  secure element; simulated in boards/sim.py) makes the key pair and the CSR (`hal.csr()`), and
   the private key never leaves it. SignCertificate is sent when the CSMS triggers it
   (TriggerMessage) or at boot when no station certificate is installed and the CSMS asks.
   CertificateSigned is accepted only while a CSR is pending (M16) or when it carries the
@@ -27,7 +27,6 @@ import hashlib
 from micropython import const
 
 from .. import store
-from ..app import Refused, status
 from ..msgpack import Map
 from ..schema import (
     A_CERTIFICATE_SIGNED,
@@ -55,7 +54,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
-from . import Service
+from . import Refused, Service, status
 
 MAX_CERTS = const(16)
 _DER_SEQ = const(0x30)  # a DER certificate starts with a SEQUENCE

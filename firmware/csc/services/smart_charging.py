@@ -25,7 +25,6 @@ with a reason.
 from micropython import const
 
 from .. import store
-from ..app import Refused, status
 from ..link import ticks_diff
 from ..msgpack import Map
 from ..outbox import TELEMETRY
@@ -70,23 +69,23 @@ from ..schema import (
     STATUS_ACCEPTED,
     STATUS_REJECTED,
 )
-from . import Service
+from . import Refused, Service, status
 
 FAULT_DSO_MISSED = const(1001)
 _NOMINAL = const(50000)
 
 
 class SmartCharging(Service):
-    # the rarely used ones in sc_cmds.py, imported for the command and dropped again
+    # ".name": a rare command, name() of smart_charging_cmds.py, imported for the command and dropped again
     COMMANDS = (
         A_SET_CHARGING_PROFILE, "set_profile",
         A_DSO_LIMIT, "dso_limit",
         A_SETPOINT, "on_setpoint",  # an event
-        A_CLEAR_CHARGING_PROFILE, "sc_cmds.clear_profile",
-        A_GET_COMPOSITE_SCHEDULE, "sc_cmds.composite",
-        A_START_SETPOINT_LOOP, "sc_cmds.start_loop",
-        A_SET_FREQUENCY_DROOP, "sc_cmds.set_droop",
-        A_DEMAND_RESPONSE, "sc_cmds.demand_response",
+        A_CLEAR_CHARGING_PROFILE, ".clear_profile",
+        A_GET_COMPOSITE_SCHEDULE, ".composite",
+        A_START_SETPOINT_LOOP, ".start_loop",
+        A_SET_FREQUENCY_DROOP, ".set_droop",
+        A_DEMAND_RESPONSE, ".demand_response",
     )  # fmt: skip
 
     def __init__(self, app):

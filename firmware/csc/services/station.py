@@ -17,7 +17,6 @@ EmergencyStop (urgent; from the gateway or from the board's emergency button), a
 from micropython import const
 
 from .. import store
-from ..app import Refused, status
 from ..hal import FLAG_BUTTON
 from ..link import ticks_diff
 from ..schema import (
@@ -36,19 +35,19 @@ from ..schema import (
     TX_TRIGGER_ABNORMAL_CONDITION,
     TX_TRIGGER_REMOTE_STOP,
 )
-from . import Service
+from . import Refused, Service, status
 
 TIME_SYNC_S = const(3600)
 
 
 class Station(Service):
-    # the urgent ones here; TriggerMessage and ChangeAvailability in station_cmds.py, imported
-    # for the command and dropped again
+    # ".name": a rare command, name() of station_cmds.py, imported for the command and dropped again
+    # (the urgent ones, UnlockConnector and EmergencyStop, stay here)
     COMMANDS = (
         A_UNLOCK_CONNECTOR, "unlock",
         A_EMERGENCY_STOP, "emergency_stop",
-        A_TRIGGER_MESSAGE, "station_cmds.trigger",
-        A_CHANGE_AVAILABILITY, "station_cmds.change_availability",
+        A_TRIGGER_MESSAGE, ".trigger",
+        A_CHANGE_AVAILABILITY, ".change_availability",
     )  # fmt: skip
 
     def __init__(self, app):

@@ -2,7 +2,6 @@
 the command and dropped again (services.on_demand): their code takes no heap between
 commands. The urgent operations (UnlockConnector, EmergencyStop) stay in station.py."""
 
-from ..app import status
 from ..msgpack import Map
 from ..schema import (
     A_BOOT_NOTIFICATION,
@@ -22,7 +21,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_SCHEDULED,
 )
-from . import get_security
+from . import status
 
 
 def trigger(st, body, seq):
@@ -46,7 +45,7 @@ def trigger(st, body, seq):
         b[F_TIME] = app.time()
         app.emit(A_METER_VALUES, b)
     elif a == A_SIGN_CERTIFICATE:
-        if not get_security(app).sign_request():
+        if not app.security().sign_request():
             return status(STATUS_REJECTED, "no secure element to make a key pair")
     else:
         return status(STATUS_NOT_SUPPORTED, "cannot trigger action %d" % a)

@@ -19,11 +19,8 @@ The final event carries the SDR: energy_wh (meter stop register), samples
 reading, cost and tariff id.
 """
 
-from micropython import const
-
 from .. import store
-from ..app import Refused, status
-from ..hal import CP_A, CP_B, CP_C, FLAG_CARD
+from ..hal import FLAG_CARD
 from ..link import ticks_diff
 from ..msgpack import Map
 from ..outbox import BILLING, TX
@@ -47,6 +44,9 @@ from ..schema import (
     CONNECTOR_STATUS_OCCUPIED,
     CONNECTOR_STATUS_RESERVED,
     CONNECTOR_STATUS_UNAVAILABLE,
+    CP_STATE_A,
+    CP_STATE_B,
+    CP_STATE_C,
     F_CHARGING_STATE,
     F_COST,
     F_CP_STATE,
@@ -55,6 +55,8 @@ from ..schema import (
     F_EVSE,
     F_ID_TOKEN,
     F_MEASURAND,
+    F_METER_START_WH,
+    F_METER_STOP_WH,
     F_OFFLINE,
     F_POWER_W,
     F_REASON,
@@ -97,10 +99,7 @@ from ..schema import (
     TX_TRIGGER_REMOTE_STOP,
     TX_TRIGGER_STOP_AUTHORIZED,
 )
-from . import Service
-
-F_METER_START_WH = const(161)  # in the dictionary, not (yet) in TransactionEvent's fields
-F_METER_STOP_WH = const(162)
+from . import Refused, Service, status
 
 
 class Tx:
@@ -122,14 +121,14 @@ class Tx:
 
 
 class Transactions(Service):
-    # reservations and tariffs in tx_cmds.py, imported for the command and dropped again
+    # ".name": a rare command, name() of transactions_cmds.py, imported for the command and dropped again
     COMMANDS = (
         A_REQUEST_START_TRANSACTION, "remote_start",
         A_REQUEST_STOP_TRANSACTION, "remote_stop",
-        A_RESERVE_NOW, "tx_cmds.reserve",
-        A_CANCEL_RESERVATION, "tx_cmds.cancel_reservation",
-        A_SET_TARIFF, "tx_cmds.set_tariff",
-        A_COST_UPDATE, "tx_cmds.cost_update",
+        A_RESERVE_NOW, ".reserve",
+        A_CANCEL_RESERVATION, ".cancel_reservation",
+        A_SET_TARIFF, ".set_tariff",
+        A_COST_UPDATE, ".cost_update",
     )  # fmt: skip
 
     def __init__(self, app):
@@ -253,18 +252,18 @@ class Transactions(Service):
     def _charging_state(self):
         hal = self.app.hal
         cp = hal.cp_state(1)
-        if cp == CP_A:
+        if cp == CP_STATE_A:
             return 0
         p = hal.meter(1)[2]
         if p > 0:
             return CHARGING_STATE_CHARGING
         if p < 0:
             return CHARGING_STATE_DISCHARGING
-        if cp == CP_B:
+        if cp == CP_STATE_B:
             if self.tx is not None and not self.hw_limit:
                 return CHARGING_STATE_SUSPENDED_EVSE  # no current offered: the EVSE holds the EV back
             return CHARGING_STATE_SUSPENDED_EV
-        if self.tx is not None and cp == CP_C:
+        if self.tx is not None and cp == CP_STATE_C:
             return CHARGING_STATE_SUSPENDED_EVSE
         return CHARGING_STATE_EV_CONNECTED
 
@@ -324,12 +323,12 @@ class Transactions(Service):
         # is plugged (B or C): a real EV closes S2 (B → C) only once offered current. The
         # contactor closes only in C.
         cp = hal.cp_state(1)
-        offer = self.tx is not None and cp != CP_A and not self.inoperative
+        offer = self.tx is not None and cp != CP_STATE_A and not self.inoperative
         w = self.app.sc.target(1, True) if offer else 0
         if w != self.hw_limit:
             hal.set_limit_w(w, 1)
             self.hw_limit = w
-        on = offer and hal.cp_state(1) == CP_C
+        on = offer and hal.cp_state(1) == CP_STATE_C
         if on != self._on:
             hal.set_contactor(on, 1)
             self._on = on
@@ -343,7 +342,7 @@ class Transactions(Service):
             if c is not None:
                 self.card(c[0], c[1])
         cp = hal.cp_state(1)
-        plugged = cp != CP_A
+        plugged = cp != CP_STATE_A
         tx = self.tx
         if tx is not None and not plugged:
             self.stop(STOP_REASON_EV_DISCONNECTED, TX_TRIGGER_EV_DEPARTED)

@@ -3,7 +3,6 @@ ReserveNow / CancelReservation, S4/S5 SetTariff / CostUpdate. Imported for the c
 and dropped again (services.on_demand): their code takes no heap between commands; the
 state they change (reservation, tariff) stays in the Transactions service."""
 
-from ..app import Refused, status
 from ..schema import (
     F_COST,
     F_CURRENCY,
@@ -23,6 +22,7 @@ from ..schema import (
     STOP_REASON_OTHER,
     TX_TRIGGER_TARIFF_CHANGED,
 )
+from . import Refused, status
 
 
 # ---------------------------------------------------------------- S1 reservations

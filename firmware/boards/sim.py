@@ -1,5 +1,7 @@
-"""The simulated board: a `Hal` whose inputs a test or the demo drives (plug in an EV,
-present a card, change the grid frequency, step the clock) and whose outputs it records.
+"""The simulated board's hardware: a `Hal` whose inputs a test or the demo drives (plug in an
+EV, present a card, change the grid frequency, step the clock) and whose outputs it records.
+The emulated board (boards/unix.py) runs the firmware on it; a real board never freezes it
+(firmware/manifest.py freezes `csc` and its own board's modules only).
 
 The meter integrates power over the simulated clock: with the contactor closed and the EV
 in state C, the power is the EV's demand clipped by the limit the firmware set (a
@@ -12,7 +14,8 @@ the register, standing for an eichrecht meter's signature.
 
 import hashlib
 
-from .hal import CP_A, CP_B, CP_C, FLAG_CARD, FLAG_CP, Hal
+from csc.hal import FLAG_CARD, FLAG_CP, Hal
+from csc.schema import CP_STATE_A, CP_STATE_B, CP_STATE_C
 
 _METER_KEY = b"sim-meter-key"
 
@@ -78,7 +81,7 @@ class SimHal(Hal):
 
     # ---- physics
     def power(self):
-        if not self.contactor or self.cp_state() != CP_C:
+        if not self.contactor or self.cp_state() != CP_STATE_C:
             return 0
         lim = self.limit_w
         if lim < 0:
@@ -101,8 +104,8 @@ class SimHal(Hal):
         # IEC 61851: a ready EV moves from B to C only while the EVSE offers current (PWM),
         # which the firmware does by setting a limit; without an offer it stays in B.
         if not self.ev_plugged:
-            return CP_A
-        return CP_C if self.ev_ready and self.limit_w else CP_B
+            return CP_STATE_A
+        return CP_STATE_C if self.ev_ready and self.limit_w else CP_STATE_B
 
     def meter(self, evse=1):
         self.update()

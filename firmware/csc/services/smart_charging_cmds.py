@@ -5,7 +5,6 @@ commands; the state they set (profiles, loop, droop curve, grid event) and its u
 tick stay in the SmartCharging service. DsoLimit (urgent) and SetChargingProfile stay there."""
 
 from .. import store
-from ..app import Refused, status
 from ..msgpack import Map
 from ..schema import (
     F_DEADBAND_MHZ,
@@ -27,6 +26,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
+from . import Refused, status
 
 
 def clear_profile(sc, body, seq):

@@ -1,1 +1,0 @@
-"""Upstream protocol peers: full endpoints with their own stores (not mocks), kept apart from the gateway."""
