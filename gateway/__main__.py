@@ -37,7 +37,7 @@ async def _run(cfg: config_mod.Config) -> None:
         await gw.start()
     except OSError as e:
         await gw.stop()
-        raise CannotListen(f"the LAN server on {cfg.lan_host}:{cfg.lan_port}: {e.strerror or e}") from None
+        raise CannotListen(f"the LAN server on {cfg.lan.host}:{cfg.lan.port}: {e.strerror or e}") from None
     # The hot path makes a few short-lived tuples per frame, freed by reference counting; the
     # cyclic collector's young generation would still run every 700 of them and walk them.
     # Startup's objects go to the permanent generation and the young one is collected every
@@ -45,14 +45,14 @@ async def _run(cfg: config_mod.Config) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
     try:
-        msrv = await metrics.serve(gw, cfg.metrics_host, cfg.metrics_port)
+        msrv = await metrics.serve(gw, cfg.metrics.host, cfg.metrics.port)
     except OSError as e:
         await gw.stop()
-        raise CannotListen(f"/metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e.strerror or e}") from None
+        raise CannotListen(f"/metrics on {cfg.metrics.host}:{cfg.metrics.port}: {e.strerror or e}") from None
     metrics_port = int(msrv.sockets[0].getsockname()[1])
     logging.getLogger("gateway").info(
         "site %s: LAN %s:%d, upstream %s:%d, metrics http://%s:%d/metrics",
-        cfg.site_id, cfg.lan_host, gw.lan_port, cfg.upstream_host, cfg.upstream_port, cfg.metrics_host, metrics_port,
+        cfg.site.id, cfg.lan.host, gw.lan_port, cfg.upstream.host, cfg.upstream.port, cfg.metrics.host, metrics_port,
     )  # fmt: skip
     # The ports bound (port 0 in the configuration: ephemeral ones), for whoever started this
     # process: `READY lan=7700 metrics=9700` on stdout, once both listen.
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     if args.cmd == "status":
-        url = f"http://{cfg.metrics_host}:{cfg.metrics_port}/status"
+        url = f"http://{cfg.metrics.host}:{cfg.metrics.port}/status"
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 print(json.dumps(json.loads(r.read()), indent=1))
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 def _devices(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from gateway.devices import DeviceError, Devices  # noqa: PLC0415
 
-    devs = Devices(cfg.devices_path, cfg.factory_seed)
+    devs = Devices(cfg.site.devices_path, cfg.devices.factory_seed)
     try:
         if args.action == "list":
             for d in devs.all():

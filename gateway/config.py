@@ -1,19 +1,29 @@
-"""The gateway's configuration: one TOML file over embedded defaults.
+"""The gateway's configuration: one TOML file over embedded defaults, one frozen dataclass per section.
 
 Every key has a default that runs on one machine (data under `./gwdata`, loopback
-addresses, development keys and certificates made on first run). A bad value raises
-`ConfigError` naming the key, so an operator never has to guess which line is wrong.
+addresses, development keys and certificates made on first run), and a bad value raises
+`ConfigError` naming `section.key`, so an operator never has to guess which line is wrong.
+
+`Config` holds one frozen dataclass per TOML section (`cfg.lan.queue_high`,
+`cfg.upstream.fifo`, `cfg.roaming.timeout_s`), each field named after its TOML key: an
+address (`listen`, `address`) gives `host` and `port`, `[[power.zone]]` gives `zones`. A
+section is handed whole to the part it configures (the uplink gets `cfg.upstream`, the
+roaming client `cfg.roaming`), so no settings object repeats a section field by field. The
+parts on the hot path copy the values they use into attributes when they are built and never
+walk `cfg.…` per frame. The TOML format is docs/gateway.md's "Configuration".
 """
 
 from __future__ import annotations
 
 import secrets
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from gateway.protocol import devpki, gid
+from gateway.schema import FIELDS, Key
 
 
 class ConfigError(ValueError):
@@ -30,85 +40,14 @@ class Zone:
 
 
 @dataclass(frozen=True)
-class Config:
-    site_id: str = "DE*EVE*LSITE1"
+class SiteConfig:
+    """`[site]`."""
+
+    id: str = "DE*EVE*LSITE1"
+    """Global id of the location (type L); CN of the site certificate."""
     data_dir: Path = Path("gwdata")
-    # LAN
-    lan_host: str = "127.0.0.1"
-    lan_port: int = 7700
-    max_bad_frames: int = 20
-    bad_window_s: float = 10.0
-    throttle_s: float = 0.5
-    heartbeat_s: int = 60
-    queue_high: int = 50_000
-    # outbox
-    outbox_max_rows: int = 2_000_000
-    outbox_alarm_ratio: float = 0.8
-    commit_max_rows: int = 4096
-    commit_max_bytes: int = 128 << 10
-    dedup_horizon_s: int = 7 * 86400
-    synchronous: str = "FULL"
-    # upstream
-    upstream_enabled: bool = True
-    upstream_host: str = "127.0.0.1"
-    upstream_port: int = 7800
-    server_name: str = "csms"
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    relay_max_frames: int = 256
-    relay_max_bytes: int = 256 << 10
-    connect_timeout_s: float = 5.0
-    bulk_unsent_max: int = 16384
-    bulk_queue_ms: float = 1.0
-    """How long, about, an urgent relay may wait behind the lower classes at the receiver; 0: no
-    flight bound (aioquic's congestion window only)."""
-    max_datagram_size: int = 0
-    """UDP payload of the uplink's QUIC packets; 0: 16 KiB on loopback, else aioquic's 1200."""
-    inflight_max_bytes: int = 4 << 20
-    backoff_min_s: float = 0.1
-    backoff_max_s: float = 30.0
-    idle_timeout_s: float = 10.0
-    fifo: bool = False
-    signers: dict[str, bytes] = field(default_factory=dict)
-    # devices
-    factory_seed: bytes | None = None
-    dev_seed: bytes | None = None
-    dev_prefix: str = ""
-    # local CSMS
-    site_limit_w: int = 100_000
-    zones: tuple[Zone, ...] = ()
-    min_evse_w: int = 1_380
-    unknown_token_offline: str = "reject"
     local_csms_cert: Path | None = None
     """The gateway's own certificate as local CSMS (M17); default: issued by the dev PKI."""
-    # firmware (M4 at the site)
-    fw_cache: bool = True
-    fw_first_wave: int = 1
-    """Boards of a multi-board UpdateFirmware that get it first; 0: all at once."""
-    fw_wave_timeout_s: float = 900.0
-    fw_cache_max_bytes: int = 256 << 20
-    """Bound of the image cache: least recently used images are evicted, never one a rollout needs."""
-    # online identification through the CSO's roaming endpoint (IEC 63119 mixed mode); off
-    # unless [roaming] names the endpoint
-    roaming_party: str = ""
-    roaming_cso: str = ""
-    roaming_host: str = ""
-    roaming_port: int = 0
-    roaming_server_name: str = "localhost"
-    roaming_ca: Path | None = None
-    roaming_cert: Path | None = None
-    roaming_key: Path | None = None
-    roaming_password: str = ""
-    roaming_secret: bytes = b""
-    roaming_timeout_s: float = 3.0
-    # metrics
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9700
-
-    @property
-    def roaming_enabled(self) -> bool:
-        return bool(self.roaming_host)
 
     @property
     def outbox_path(self) -> Path:
@@ -123,14 +62,167 @@ class Config:
         return self.data_dir / "pki"
 
 
-# (section, key) -> (attribute, converter)
+@dataclass(frozen=True)
+class LanConfig:
+    """`[lan]`: the boards' TCP server and the flood policy."""
+
+    host: str = "127.0.0.1"
+    port: int = 7700
+    max_bad_frames: int = 20
+    bad_window_s: float = 10.0
+    throttle_s: float = 0.5
+    heartbeat_s: int = 60
+    queue_high: int = 50_000
+    """Frames queued before reading pauses (backpressure)."""
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    """`[outbox]`."""
+
+    max_rows: int = 2_000_000
+    alarm_ratio: float = 0.8
+    commit_max_rows: int = 4096
+    commit_max_bytes: int = 128 << 10
+    dedup_horizon_s: int = 7 * 86400
+    synchronous: str = "FULL"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """`[upstream]`: the uplink to the CSMS (gateway/uplink/)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 7800
+    server_name: str = "csms"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    relay_max_frames: int = FIELDS[Key.FRAMES].max_len
+    """Frames in one Relay; at most the schema's bound of `frames`."""
+    relay_max_bytes: int = 256 << 10
+    connect_timeout_s: float = 5.0
+    bulk_unsent_max: int = 16384
+    """Bulk bytes handed to aioquic and not yet sent (one loopback datagram)."""
+    bulk_queue_ms: float = 1.0
+    """How long, about, an urgent relay may wait behind the lower classes at the receiver; 0: no
+    flight bound (aioquic's congestion window only)."""
+    max_datagram_size: int = 0
+    """UDP payload of the uplink's QUIC packets; 0: 16 KiB on loopback, else aioquic's 1200."""
+    inflight_max_bytes: int = 4 << 20
+    backoff_min_s: float = 0.1
+    backoff_max_s: float = 30.0
+    idle_timeout_s: float = 10.0
+    fifo: bool = False
+    """Benchmark baseline only: one queue, one stream, no priority."""
+    signers: Mapping[str, bytes] = field(default_factory=dict)
+    """Signer name → Ed25519 public key of signed commands."""
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """`[devices]`."""
+
+    factory_seed: bytes | None = None
+    """Default: generated into data_dir/factory_seed (`prepare`)."""
+    dev_seed: bytes | None = None
+    dev_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """`[power]` and its `[[power.zone]]` tables."""
+
+    site_limit_w: int = 100_000
+    min_evse_w: int = 1_380
+    zones: tuple[Zone, ...] = ()
+
+
+@dataclass(frozen=True)
+class FirmwareConfig:
+    """`[firmware]`: M4 at the site."""
+
+    cache: bool = True
+    first_wave: int = 1
+    """Boards of a multi-board UpdateFirmware that get it first; 0: all at once."""
+    wave_timeout_s: float = 900.0
+    cache_max_bytes: int = 256 << 20
+    """Bound of the image cache: least recently used images are evicted, never one a rollout needs."""
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """`[auth]`."""
+
+    unknown_token_offline: str = "reject"
+
+
+@dataclass(frozen=True)
+class RoamingConfig:
+    """`[roaming]`: online identification through the CSO's roaming endpoint (IEC 63119 mixed
+    mode), the site being a party (role `site`) of that endpoint; off unless the section is there."""
+
+    party_id: str = ""
+    """This site's party id at the CSO endpoint (type O)."""
+    cso_party: str = ""
+    """The CSO endpoint's party id."""
+    host: str = ""
+    port: int = 0
+    server_name: str = "localhost"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    password: str = ""
+    secret: bytes = b""
+    timeout_s: float = 3.0
+    """An Authorize is answered well within the board's own timeout."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: GET /metrics, /status, /urgent."""
+
+    host: str = "127.0.0.1"
+    port: int = 9700
+
+
+@dataclass(frozen=True)
+class Config:
+    site: SiteConfig = field(default_factory=SiteConfig)
+    lan: LanConfig = field(default_factory=LanConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
+    firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    roaming: RoamingConfig = field(default_factory=RoamingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def factory_seed(self) -> bytes | None:
+        """`devices.factory_seed`, for tools/board/__main__.py, which reads it under this name
+        (its owner moves it to `cfg.devices.factory_seed`; then this goes)."""
+        return self.devices.factory_seed
+
+
+# ---------------------------------------------------------------- converters: (key, value) → value
+
+Conv = Callable[[str, Any], Any]
+
+
 def _str(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(f"{key}: expected a string, got {v!r}")
     return v
 
 
-def _int(lo: int, hi: int) -> Any:
+def _int(lo: int, hi: int) -> Conv:
     def conv(key: str, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise ConfigError(f"{key}: expected an integer in {lo}..{hi}, got {v!r}")
@@ -146,7 +238,7 @@ def _datagram(key: str, v: Any) -> int:
     return n
 
 
-def _float(lo: float, hi: float) -> Any:
+def _float(lo: float, hi: float) -> Conv:
     def conv(key: str, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
             raise ConfigError(f"{key}: expected a number in {lo}..{hi}, got {v!r}")
@@ -183,18 +275,14 @@ def _addr(key: str, v: Any) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _site(key: str, v: Any) -> str:
-    try:
-        return str(gid.parse(_str(key, v), expect="L"))
-    except gid.GidError as e:
-        raise ConfigError(f"{key}: {e}") from None
+def _gid(expect: str) -> Conv:
+    def conv(key: str, v: Any) -> str:
+        try:
+            return str(gid.parse(_str(key, v), expect=expect))
+        except gid.GidError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
-
-def _operator(key: str, v: Any) -> str:
-    try:
-        return str(gid.parse(_str(key, v), expect="O"))
-    except gid.GidError as e:
-        raise ConfigError(f"{key}: {e}") from None
+    return conv
 
 
 def _secret(key: str, v: Any) -> bytes:
@@ -221,138 +309,144 @@ def _policy(key: str, v: Any) -> str:
     return s
 
 
-SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
-    "site": {"id": ("site_id", _site), "data_dir": ("data_dir", _path), "local_csms_cert": ("local_csms_cert", _path)},
-    "lan": {
-        "max_bad_frames": ("max_bad_frames", _int(1, 1_000_000)),
-        "bad_window_s": ("bad_window_s", _float(0.01, 3600)),
-        "throttle_s": ("throttle_s", _float(0, 60)),
-        "heartbeat_s": ("heartbeat_s", _int(1, 86400)),
-        "queue_high": ("queue_high", _int(16, 10_000_000)),
-    },
-    "outbox": {
-        "max_rows": ("outbox_max_rows", _int(1, 1 << 40)),
-        "alarm_ratio": ("outbox_alarm_ratio", _float(0.01, 1.0)),
-        "commit_max_rows": ("commit_max_rows", _int(1, 1 << 20)),
-        "commit_max_bytes": ("commit_max_bytes", _int(4096, 1 << 30)),
-        "dedup_horizon_s": ("dedup_horizon_s", _int(0, 1 << 31)),
-        "synchronous": ("synchronous", _sync),
-    },
-    "upstream": {
-        "enabled": ("upstream_enabled", _bool),
-        "server_name": ("server_name", _str),
-        "ca": ("ca_file", _path),
-        "cert": ("cert_file", _path),
-        "key": ("key_file", _path),
-        "relay_max_frames": ("relay_max_frames", _int(1, 256)),
-        "relay_max_bytes": ("relay_max_bytes", _int(4096, 1 << 20)),
-        "connect_timeout_s": ("connect_timeout_s", _float(0.1, 600)),
-        "bulk_unsent_max": ("bulk_unsent_max", _int(256, 1 << 20)),
-        "bulk_queue_ms": ("bulk_queue_ms", _float(0, 10_000)),
-        "max_datagram_size": ("max_datagram_size", _datagram),
-        "inflight_max_bytes": ("inflight_max_bytes", _int(4096, 1 << 30)),
-        "backoff_min_s": ("backoff_min_s", _float(0.001, 60)),
-        "backoff_max_s": ("backoff_max_s", _float(0.01, 3600)),
-        "idle_timeout_s": ("idle_timeout_s", _float(0.5, 3600)),
-        "fifo": ("fifo", _bool),
-    },
-    "devices": {
-        "factory_seed": ("factory_seed", _hex32),
-        "dev_seed": ("dev_seed", _hex32),
-        "dev_prefix": ("dev_prefix", _str),
-    },
-    "power": {
-        "site_limit_w": ("site_limit_w", _int(0, 100_000_000)),
-        "min_evse_w": ("min_evse_w", _int(0, 1_000_000)),
-    },
-    "firmware": {
-        "cache": ("fw_cache", _bool),
-        "first_wave": ("fw_first_wave", _int(0, 100_000)),
-        "wave_timeout_s": ("fw_wave_timeout_s", _float(1, 86400)),
-        "cache_max_bytes": ("fw_cache_max_bytes", _int(1 << 16, 1 << 40)),
-    },
-    "auth": {"unknown_token_offline": ("unknown_token_offline", _policy)},
-    "roaming": {
-        "party_id": ("roaming_party", _operator),
-        "cso_party": ("roaming_cso", _operator),
-        "server_name": ("roaming_server_name", _str),
-        "ca": ("roaming_ca", _path),
-        "cert": ("roaming_cert", _path),
-        "key": ("roaming_key", _path),
-        "password": ("roaming_password", _str),
-        "secret": ("roaming_secret", _secret),
-        "timeout_s": ("roaming_timeout_s", _float(0.1, 30)),
-    },
-    "metrics": {},
-}
+def _signers(key: str, v: Any) -> dict[str, bytes]:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: expected a table of signer name = hex Ed25519 public key")
+    return {str(k): _hex32(f"{key}.{k}", pk) for k, pk in v.items()}
+
+
+def _zones(key: str, v: Any) -> tuple[Zone, ...]:
+    if not isinstance(v, list):
+        raise ConfigError(f"{key}: expected an array of tables [[power.zone]]")
+    out = []
+    for i, z in enumerate(v):
+        at = f"{key}[{i}]"
+        if not isinstance(z, dict):
+            raise ConfigError(f"{at}: expected a table")
+        unknown = set(z) - {"zone", "limit_w", "devices"}
+        if unknown:
+            raise ConfigError(f"{at}.{sorted(unknown)[0]}: unknown key")
+        devs = z.get("devices", [])
+        if not isinstance(devs, list) or not all(isinstance(d, str) for d in devs):
+            raise ConfigError(f"{at}.devices: expected a list of device ids")
+        out.append(
+            Zone(_int(0, 65535)(f"{at}.zone", z.get("zone")), _int(0, 100_000_000)(f"{at}.limit_w", z.get("limit_w")),
+                 tuple(devs))
+        )  # fmt: skip
+    return tuple(out)
+
+
+SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
+    "site": (SiteConfig, {"id": _gid("L"), "data_dir": _path, "local_csms_cert": _path}),
+    "lan": (LanConfig, {
+        "listen": _addr,
+        "max_bad_frames": _int(1, 1_000_000),
+        "bad_window_s": _float(0.01, 3600),
+        "throttle_s": _float(0, 60),
+        "heartbeat_s": _int(1, 86400),
+        "queue_high": _int(16, 10_000_000),
+    }),
+    "outbox": (OutboxConfig, {
+        "max_rows": _int(1, 1 << 40),
+        "alarm_ratio": _float(0.01, 1.0),
+        "commit_max_rows": _int(1, 1 << 20),
+        "commit_max_bytes": _int(4096, 1 << 30),
+        "dedup_horizon_s": _int(0, 1 << 31),
+        "synchronous": _sync,
+    }),
+    "upstream": (UpstreamConfig, {
+        "enabled": _bool,
+        "address": _addr,
+        "server_name": _str,
+        "ca": _path,
+        "cert": _path,
+        "key": _path,
+        "relay_max_frames": _int(1, FIELDS[Key.FRAMES].max_len),
+        "relay_max_bytes": _int(4096, 1 << 20),
+        "connect_timeout_s": _float(0.1, 600),
+        "bulk_unsent_max": _int(256, 1 << 20),
+        "bulk_queue_ms": _float(0, 10_000),
+        "max_datagram_size": _datagram,
+        "inflight_max_bytes": _int(4096, 1 << 30),
+        "backoff_min_s": _float(0.001, 60),
+        "backoff_max_s": _float(0.01, 3600),
+        "idle_timeout_s": _float(0.5, 3600),
+        "fifo": _bool,
+        "signers": _signers,
+    }),
+    "devices": (DevicesConfig, {"factory_seed": _hex32, "dev_seed": _hex32, "dev_prefix": _str}),
+    "power": (PowerConfig, {"site_limit_w": _int(0, 100_000_000), "min_evse_w": _int(0, 1_000_000), "zone": _zones}),
+    "firmware": (FirmwareConfig, {
+        "cache": _bool,
+        "first_wave": _int(0, 100_000),
+        "wave_timeout_s": _float(1, 86400),
+        "cache_max_bytes": _int(1 << 16, 1 << 40),
+    }),
+    "auth": (AuthConfig, {"unknown_token_offline": _policy}),
+    "roaming": (RoamingConfig, {
+        "party_id": _gid("O"),
+        "cso_party": _gid("O"),
+        "address": _addr,
+        "server_name": _str,
+        "ca": _path,
+        "cert": _path,
+        "key": _path,
+        "password": _str,
+        "secret": _secret,
+        "timeout_s": _float(0.1, 30),
+    }),
+    "metrics": (MetricsConfig, {"listen": _addr}),
+}  # fmt: skip
+"""Section → (its dataclass, TOML key → converter)."""
+ADDRESS_KEYS = frozenset({"listen", "address"})
+"""Keys of the form host:port: they fill the section's `host` and `port`."""
 ROAMING_REQUIRED = ("party_id", "cso_party", "address", "ca", "password", "secret")
-ADDRS = {"lan.listen": ("lan_host", "lan_port"), "upstream.address": ("upstream_host", "upstream_port"),
-         "metrics.listen": ("metrics_host", "metrics_port"),
-         "roaming.address": ("roaming_host", "roaming_port")}  # fmt: skip
+_FIELD_OF = {"zone": "zones"}
+"""TOML keys whose field is named otherwise."""
+
+
+def _section(section: str, table: Any) -> Any:
+    cls, keys = SECTIONS[section]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{section}: expected a table")
+    values: dict[str, Any] = {}
+    for k, v in table.items():
+        key = str(k)
+        conv = keys.get(key)
+        if conv is None:
+            raise ConfigError(f"{section}.{key}: unknown key")
+        if key in ADDRESS_KEYS:
+            values["host"], values["port"] = conv(f"{section}.{key}", v)
+        else:
+            values[_FIELD_OF.get(key, key)] = conv(f"{section}.{key}", v)
+    return cls(**values)
+
+
+def _rebased(section: Any, base: Path) -> Any:
+    """The section with its relative paths taken from `base` (the configuration file's folder)."""
+    moved = {
+        f.name: base / p
+        for f in fields(section)
+        if isinstance(p := getattr(section, f.name), Path) and not p.is_absolute()
+    }
+    return replace(section, **moved) if moved else section
 
 
 def parse(doc: dict[str, Any], base: Path = Path()) -> Config:
     """Builds a Config from a parsed TOML document; relative paths are taken from `base`."""
-    values: dict[str, Any] = {}
-    for section, table in doc.items():
-        if section not in SCHEMA:
-            raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted(SCHEMA))})")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{section}: expected a table")
-        for key, v in table.items():
-            name = f"{section}.{key}"
-            if name in ADDRS:
-                h, p = ADDRS[name]
-                values[h], values[p] = _addr(name, v)
-            elif section == "upstream" and key == "signers":
-                if not isinstance(v, dict):
-                    raise ConfigError(f"{name}: expected a table of signer name = hex Ed25519 public key")
-                values["signers"] = {str(k): _hex32(f"{name}.{k}", pk) for k, pk in v.items()}
-            elif section == "power" and key == "zone":
-                values["zones"] = _zones(name, v)
-            elif key in SCHEMA[section]:
-                attr, conv = SCHEMA[section][key]
-                values[attr] = conv(name, v)
-            else:
-                raise ConfigError(f"{name}: unknown key")
+    for section in doc:
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted(SECTIONS))})")
+    sections = {name: _rebased(_section(name, doc.get(name, {})), base) for name in SECTIONS}
     roaming = doc.get("roaming")
     if roaming:
         missing = [k for k in ROAMING_REQUIRED if k not in roaming]
         if missing:
             raise ConfigError(f"roaming.{missing[0]}: required when [roaming] is present")
-    cfg = Config(**values)
-    for attr in ("data_dir", "ca_file", "cert_file", "key_file", "roaming_ca", "roaming_cert", "roaming_key",
-                 "local_csms_cert"):  # fmt: skip
-        p = getattr(cfg, attr)
-        if p is not None and not p.is_absolute():
-            values[attr] = base / p
-    if cfg.backoff_min_s > cfg.backoff_max_s:
+    cfg = Config(**sections)
+    if cfg.upstream.backoff_min_s > cfg.upstream.backoff_max_s:
         raise ConfigError("upstream.backoff_min_s: must not exceed upstream.backoff_max_s")
-    return Config(**values)
-
-
-def _zones(name: str, v: Any) -> tuple[Zone, ...]:
-    if not isinstance(v, list):
-        raise ConfigError(f"{name}: expected an array of tables [[power.zone]]")
-    out = []
-    for i, z in enumerate(v):
-        key = f"{name}[{i}]"
-        if not isinstance(z, dict):
-            raise ConfigError(f"{key}: expected a table")
-        unknown = set(z) - {"zone", "limit_w", "devices"}
-        if unknown:
-            raise ConfigError(f"{key}.{sorted(unknown)[0]}: unknown key")
-        devs = z.get("devices", [])
-        if not isinstance(devs, list) or not all(isinstance(d, str) for d in devs):
-            raise ConfigError(f"{key}.devices: expected a list of device ids")
-        out.append(
-            Zone(
-                _int(0, 65535)(f"{key}.zone", z.get("zone")),
-                _int(0, 100_000_000)(f"{key}.limit_w", z.get("limit_w")),
-                tuple(devs),
-            )
-        )
-    return tuple(out)
+    return cfg
 
 
 def load(path: Path | None) -> Config:
@@ -371,20 +465,20 @@ def load(path: Path | None) -> Config:
 def prepare(cfg: Config) -> Config:
     """Creates the data folder, the development CA and certificates and the factory seed
     on first run; returns the config with every path filled in."""
-    devpki.private_dir(cfg.data_dir)
-    values = dict(cfg.__dict__)
-    if cfg.cert_file is None or cfg.key_file is None or cfg.ca_file is None:
-        ca = devpki.ensure_ca(cfg.pki_dir)
-        issued = devpki.issue(cfg.pki_dir, cfg.site_id, ca=ca, server=False, client=True)
-        values["ca_file"] = cfg.ca_file or issued.ca
-        values["cert_file"] = cfg.cert_file or issued.cert
-        values["key_file"] = cfg.key_file or issued.key
-    if cfg.local_csms_cert is None:
-        ca = devpki.ensure_ca(cfg.pki_dir)
-        values["local_csms_cert"] = devpki.issue(cfg.pki_dir, f"localcsms.{cfg.site_id}", ca=ca, client=False).cert
-    if cfg.factory_seed is None:
-        seed_file = cfg.data_dir / "factory_seed"
+    site, up, devices = cfg.site, cfg.upstream, cfg.devices
+    devpki.private_dir(site.data_dir)
+    if up.cert is None or up.key is None or up.ca is None:
+        ca = devpki.ensure_ca(site.pki_dir)
+        issued = devpki.issue(site.pki_dir, site.id, ca=ca, server=False, client=True)
+        up = replace(up, ca=up.ca or issued.ca, cert=up.cert or issued.cert, key=up.key or issued.key)
+    if site.local_csms_cert is None:
+        ca = devpki.ensure_ca(site.pki_dir)
+        site = replace(
+            site, local_csms_cert=devpki.issue(site.pki_dir, f"localcsms.{site.id}", ca=ca, client=False).cert
+        )
+    if devices.factory_seed is None:
+        seed_file = site.data_dir / "factory_seed"
         if not seed_file.exists():
             devpki.write_private(seed_file, secrets.token_hex(32).encode())
-        values["factory_seed"] = _hex32(str(seed_file), seed_file.read_text().strip())
-    return Config(**values)
+        devices = replace(devices, factory_seed=_hex32(str(seed_file), seed_file.read_text().strip()))
+    return replace(cfg, site=site, upstream=up, devices=devices)

@@ -2,7 +2,7 @@
 
 Each read is cut into frames (`split_frames`) and handed to the Rust core in one
 `Receiver.ingest` call, which queues the good frames in the shared PriorityQueue; the
-site (`gateway.service`) pops that queue urgent-first. Everything protocol-shaped lives in
+site (`LanSite`, `gateway.service.Gateway`) pops that queue urgent-first. Everything protocol-shaped lives in
 `gateway.link`; this module only moves bytes, pauses reading for backpressure and throttling,
 and closes links.
 """
@@ -12,14 +12,47 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway import _core
-from gateway.link import Link, State, Verdict, error_body, proto_ts
+from gateway.devices import Devices
+from gateway.link import FloodPolicy, Link, State, Verdict, error_body, proto_ts
 from gateway.schema import Action, ErrorCode, Kind, Priority
 
-if TYPE_CHECKING:
-    from gateway.service import Gateway
+
+class LanSite(Protocol):
+    """What the LAN glue needs of the site (gateway.service.Gateway is one): where frames
+    go, who is told of links opening and closing, and the counters it keeps."""
+
+    devices: Devices
+    flood: FloodPolicy
+    heartbeat_s: int
+    """The heartbeat interval a link's Hello answer gives its board."""
+    queue: _core.PriorityQueue
+    """The shared queue `Receiver.ingest` fills."""
+    queue_high: int
+    """Frames queued before a connection stops reading (backpressure)."""
+    connections: set[BoardConnection]
+    frames_in: int
+    throttled: int
+
+    def link_opened(self, conn: BoardConnection) -> None: ...
+
+    def link_closed(self, conn: BoardConnection) -> None: ...
+
+    def count_rejections(self, link: Link) -> None:
+        """Adds the link's rejection counts to the site's and clears them."""
+
+    def count_name(self, name: str) -> None: ...
+
+    def dispatch_now(self) -> None:
+        """Dispatches the urgent frames queued, in this callback."""
+
+    def wake(self) -> None:
+        """Schedules a dispatch round."""
+
+    def pause(self, conn: BoardConnection) -> None:
+        """Stops reading `conn` until the queue drained (backpressure)."""
 
 
 def _prefixed(frames: list[bytes]) -> bytes:
@@ -29,9 +62,9 @@ def _prefixed(frames: list[bytes]) -> bytes:
 class BoardConnection(asyncio.Protocol):
     """One board's TCP connection."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: LanSite) -> None:
         self.gw = gw
-        self.link = Link(gw.devices, gw.flood, interval_s=gw.cfg.heartbeat_s)
+        self.link = Link(gw.devices, gw.flood, interval_s=gw.heartbeat_s)
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -98,7 +131,7 @@ class BoardConnection(asyncio.Protocol):
             self.gw.dispatch_now()  # urgent frames leave in this callback, before other links' reads
         else:
             self.gw.wake()
-        if len(self.gw.queue) > self.gw.cfg.queue_high:
+        if len(self.gw.queue) > self.gw.queue_high:
             self.gw.pause(self)
 
     # -------------------------------------------------------------- helpers
@@ -155,7 +188,7 @@ class BoardConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
 
-async def serve(gw: Gateway, host: str, port: int) -> asyncio.Server:
+async def serve(gw: LanSite, host: str, port: int) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     factory: Callable[[], BoardConnection] = lambda: BoardConnection(gw)  # noqa: E731
     return await loop.create_server(factory, host, port, backlog=1024)

@@ -18,9 +18,21 @@ from typing import Any
 
 from gateway import _core
 from gateway.devices import DeviceError, Devices
-from gateway.schema import EPOCH_UNIX, MESSAGES, PROTOCOL_VERSION, SCHEMA_REV, Action, ErrorCode, Key, Kind, Priority
+from gateway.schema import (
+    EPOCH_UNIX,
+    FIELDS,
+    MESSAGES,
+    PROTOCOL_VERSION,
+    SCHEMA_REV,
+    Action,
+    ErrorCode,
+    Key,
+    Kind,
+    Priority,
+)
 
-MAX_ACK_IDS = 64
+MAX_ACK_IDS = FIELDS[Key.IDS].max_len
+"""The schema's bound of `ids` in one ack frame (besides the frame's own id)."""
 
 FIRST_SCHEMA_REV = 1
 """The first revision of the schema (tools/schema/messages.toml, [meta]). Within protocol
@@ -35,10 +47,21 @@ def proto_ts(now: float) -> int:
     return max(0, int(now) - EPOCH_UNIX)
 
 
+REASON_MAX = FIELDS[Key.REASON].max_len
+"""The schema's bound of a `reason`, in bytes of UTF-8."""
+
+
+def clip_reason(text: str) -> str:
+    """`text` cut to what a `reason` field may hold (`REASON_MAX` bytes of UTF-8, never
+    half a character)."""
+    raw = text.encode()
+    return text if len(raw) <= REASON_MAX else raw[:REASON_MAX].decode(errors="ignore")
+
+
 def error_body(code: int, reason: str, field: int | None = None) -> dict[int, Any]:
-    """The body of an error frame: `error_code`, `reason` (at most 120 bytes of UTF-8) and,
-    when the error is about one body key, `field`."""
-    body: dict[int, Any] = {Key.ERROR_CODE: int(code), Key.REASON: reason.encode()[:120].decode(errors="ignore")}
+    """The body of an error frame: `error_code`, `reason` (`clip_reason`) and, when the
+    error is about one body key, `field`."""
+    body: dict[int, Any] = {Key.ERROR_CODE: int(code), Key.REASON: clip_reason(reason)}
     if field is not None:
         body[Key.FIELD] = field
     return body
@@ -244,7 +267,7 @@ class Link:
 
     def acks(self, items: Iterable[tuple[int, int, int]], now: float) -> list[bytes]:
         """Batched ack frames for `(prio, msg_id, action)` items: one frame per class and
-        action, each covering up to 1 + 64 ids."""
+        action, each covering up to 1 + `MAX_ACK_IDS` ids."""
         assert self.tx is not None
         groups: dict[tuple[int, int], list[int]] = {}
         for prio, msg_id, action in items:

@@ -11,10 +11,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from gateway.service import Gateway
+from typing import Any, Protocol
 
 CLASSES = ("urgent", "control", "telemetry", "bulk")
 
@@ -208,7 +205,20 @@ def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None, trace:
     return "\n".join(lines) + "\n"
 
 
-async def serve(gw: Gateway, host: str, port: int) -> asyncio.Server:
+class Observed(Protocol):
+    """What the status server needs of the site (gateway.service.Gateway is one)."""
+
+    @property
+    def trace(self) -> UrgentTrace: ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures of /status (JSON) and /metrics."""
+
+    async def oldest_pending_ms(self) -> int | None:
+        """Acceptance time (Unix ms) of the oldest row owed upstream, None when none."""
+
+
+async def serve(gw: Observed, host: str, port: int) -> asyncio.Server:
     meter = RateMeter()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -218,8 +228,8 @@ async def serve(gw: Gateway, host: str, port: int) -> asyncio.Server:
             snap = gw.snapshot()
             fps = meter.update(snap["frames_in"])
             if path.startswith("/metrics"):
-                oldest = await gw.committer.run_sync(gw.outbox.oldest_pending_ms)
-                age = None if not isinstance(oldest, int) else max(0.0, time.time() - oldest / 1000)
+                oldest = await gw.oldest_pending_ms()
+                age = None if oldest is None else max(0.0, time.time() - oldest / 1000)
                 body, ctype, code = prometheus(snap, fps, age, gw.trace), "text/plain; version=0.0.4", "200 OK"
             elif path.startswith("/urgent"):
                 body, ctype, code = json.dumps(gw.trace.recent()) + "\n", "application/json", "200 OK"

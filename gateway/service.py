@@ -1,8 +1,17 @@
 """The site gateway: LAN links → Rust queue → durable outbox → acks → uplink; commands back.
 
-One asyncio loop. `wake()` schedules one dispatch round that pops the shared
-PriorityQueue urgent-first: events go to the outbox (acked to their board once committed,
-then relayed), requests to the local CSMS, responses to the command that waits for them.
+Rule: a board's event is acked only once durable, urgent frames are dispatched and relayed
+before anything else, and a board request always gets an answer.
+
+One asyncio loop. `wake()` schedules one dispatch round that pops the shared PriorityQueue
+urgent-first (`dispatch_now` does the urgent frames at once, in their read callback):
+events go to the outbox (acked to their board once committed, then relayed; urgent ones
+are relayed at once, in parallel with their commit), requests down the board-request chain
+(roaming endpoint → CSMS over the uplink → local CSMS, gateway/boards.py), responses to the
+request that waits for them (`Boards.answered`). Requests from the CSMS go to the command
+path (gateway/commands.py). `Gateway` builds the parts and wires them; each part sees only
+the small `Protocol` it declares of the gateway (`lan.LanSite`, `commands.CommandSite`,
+`forward.ForwardSite`, `localcsms.roaming.RoamingSite`, `metrics.Observed`).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +29,24 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway import _core
+from gateway.boards import BoardRequest, Boards, board_request
+from gateway.commands import CommandPath
 from gateway.config import Config
 from gateway.devices import Devices
+from gateway.forward import Forwarder
 from gateway.lan import BoardConnection, serve
-from gateway.link import FloodPolicy, State, proto_ts
+from gateway.link import FloodPolicy, Link
+from gateway.localcsms.answer import LocalCsms
 from gateway.localcsms.auth import Authorizer
-from gateway.localcsms.firmware import FirmwareCache
-from gateway.localcsms.power import SITE, PowerManager
-from gateway.localcsms.roaming import SiteRoaming, roaming_settings
+from gateway.localcsms.clock import Clock
+from gateway.localcsms.fwcache import FirmwareCache
+from gateway.localcsms.power import PowerManager
+from gateway.localcsms.roaming import SiteRoaming
 from gateway.metrics import UrgentTrace
 from gateway.outbox import Committer, Outbox, Row
-from gateway.schema import (
-    EPOCH_UNIX,
-    MESSAGES,
-    Action,
-    AuthStatus,
-    ErrorCode,
-    Key,
-    Kind,
-    Priority,
-    Registration,
-    Status,
-)
-from gateway.upstream import CommandPath, Uplink, UplinkRunner, UplinkSettings
+from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority
+from gateway.uplink.relay import Uplink
+from gateway.uplink.runner import UplinkRunner
 
 log = logging.getLogger("gateway")
 
@@ -51,6 +55,8 @@ DISPATCH_CHUNK = 512
 DISPATCH_BUDGET_S = 0.002
 """Time a dispatch round may use before the loop reads the links again (it yields to urgent
 frames read meanwhile, which are dispatched in their read callback)."""
+TOKEN_MEMORY = 100_000
+"""Plaintext id tokens of accepted frames kept for their Relay items (`Uplink.token_uids`)."""
 _EVENT = int(Kind.EVENT)
 _URGENT = int(Priority.URGENT)
 _FW_STATUS = int(Action.FIRMWARE_STATUS)
@@ -58,41 +64,38 @@ _DURABLE = {code: spec.durable for code, spec in MESSAGES.items()}
 """Events acked to their board once stored, by action."""
 
 
-class Clock:
-    """The site's time source (B13): the local clock, corrected by the CSMS time of
-    SiteHello when they differ by more than a second."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def now(self) -> float:
-        return time.time() + self.offset
-
-    def upstream_time(self, proto_seconds: int) -> None:
-        skew = EPOCH_UNIX + proto_seconds - time.time()
-        self.offset = skew if abs(skew) > 1.5 else 0.0
-
-
 class Gateway:
+    """The site: builds the parts from the configuration, owns the dispatch and the counters."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.devices = Devices(cfg.devices_path, cfg.factory_seed, cfg.dev_seed, cfg.dev_prefix)
-        self.outbox = Outbox(cfg.outbox_path, cfg.synchronous)
-        self.committer = Committer(self.outbox, cfg.commit_max_rows, cfg.commit_max_bytes)
-        self.auth = Authorizer(cfg.data_dir / "localcsms.sqlite", cfg.unknown_token_offline)
-        self.power = PowerManager(cfg.site_limit_w, cfg.zones, cfg.min_evse_w)
-        self.firmware = FirmwareCache(cfg.data_dir / "fwcache", cfg.fw_cache, cfg.fw_cache_max_bytes)
-        self.local_csms_cert = local_csms_cert_der(cfg.local_csms_cert)
+        site, lan, ob, up, fw = cfg.site, cfg.lan, cfg.outbox, cfg.upstream, cfg.firmware
+        self.site_id = site.id
+        self.devices = Devices(site.devices_path, cfg.devices.factory_seed, cfg.devices.dev_seed,
+                               cfg.devices.dev_prefix)  # fmt: skip
+        self.outbox = Outbox(site.outbox_path, ob.synchronous)
+        self.committer = Committer(self.outbox, ob.commit_max_rows, ob.commit_max_bytes)
+        self.auth = Authorizer(site.data_dir / "localcsms.sqlite", cfg.auth.unknown_token_offline)
+        self.power = PowerManager(cfg.power.site_limit_w, cfg.power.zones, cfg.power.min_evse_w)
+        self.firmware = FirmwareCache(site.data_dir / "fwcache", fw.cache, fw.cache_max_bytes)
+        self.local_csms_cert = local_csms_cert_der(site.local_csms_cert)
         """DER of the gateway's own certificate as local CSMS (M17), b"" when none is configured."""
         self.clock = Clock()
-        self.queue = _core.PriorityQueue(max_items=cfg.queue_high * 4, max_bytes=256 << 20)
-        self.flood = FloodPolicy(cfg.max_bad_frames, cfg.bad_window_s, cfg.throttle_s)
+        # What the hot path reads, copied out of the configuration once.
+        self.heartbeat_s = lan.heartbeat_s
+        self.queue_high = lan.queue_high
+        self.max_rows = ob.max_rows
+        self.alarm_rows = ob.alarm_ratio * ob.max_rows
+        self.chunk = min(ob.commit_max_rows, DISPATCH_CHUNK)
+        self.chunk_bytes = ob.commit_max_bytes
+        self.fifo = up.fifo
+        self.queue = _core.PriorityQueue(max_items=lan.queue_high * 4, max_bytes=256 << 20)
+        self.flood = FloodPolicy(lan.max_bad_frames, lan.bad_window_s, lan.throttle_s)
         self.connections: set[BoardConnection] = set()
-        self.online: dict[str, BoardConnection] = {}
-        self.by_idx: dict[int, BoardConnection] = {}
-        self.came_online: dict[str, asyncio.Event] = {}
-        self.pending_cmds: dict[tuple[int, int], asyncio.Future[bytes]] = {}
-        self.uplink = Uplink(cfg.site_id, cfg.relay_max_frames, cfg.fifo)
+        self.boards: Boards[BoardConnection] = Boards(self.clock.now)
+        self.online = self.boards.online
+        """device id → its open link (`Boards.online`)."""
+        self.uplink = Uplink(site.id, up.relay_max_frames, up.fifo)
         self.trace = UrgentTrace()
         """Ingress → sent timings of the urgent frames (/urgent, /status, /metrics)."""
         self.uplink.trace = self.trace
@@ -102,7 +105,7 @@ class Gateway:
         self.runner: UplinkRunner | None = None
         self.paused: set[BoardConnection] = set()
         self._scheduled = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._server: asyncio.Server | None = None
         # counters for metrics
         self.frames_in = 0
@@ -116,27 +119,27 @@ class Gateway:
         self.rejections: dict[str, int] = {}
         self.outbox_alarm = False
         self.started = time.time()
-        self.command_path = CommandPath(self)
-        self.roaming = SiteRoaming(self, roaming_settings(cfg)) if cfg.roaming_enabled else None
+        # The board-request chain, and the command path (CSMS → site).
+        self.local = LocalCsms(self.auth, self.firmware, lan.heartbeat_s, self.count_name)
+        self.forwarder = Forwarder(self, site.id, self.local.answer)
+        self.command_path = CommandPath(self, up.signers, fw, self.forwarder)
+        self.roaming = SiteRoaming(self, site.id, cfg.roaming) if cfg.roaming.enabled else None
+        # M4: a rollout's records are written on the outbox's writer thread, so that a board's
+        # FirmwareStatus is on disk before the commit that acks it.
+        self.firmware.rollouts.bind(self.run_sync, self.boards.deliver)
 
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
         cfg = self.cfg
-        self._server = await serve(self, cfg.lan_host, cfg.lan_port)
-        if cfg.upstream_enabled:
-            assert cfg.ca_file and cfg.cert_file and cfg.key_file
-            settings = UplinkSettings(
-                cfg.upstream_host, cfg.upstream_port, cfg.server_name, str(cfg.ca_file), str(cfg.cert_file),
-                str(cfg.key_file), cfg.bulk_unsent_max, cfg.inflight_max_bytes, cfg.backoff_min_s, cfg.backoff_max_s,
-                cfg.idle_timeout_s, relay_max_bytes=cfg.relay_max_bytes, connect_timeout_s=cfg.connect_timeout_s,
-                max_datagram_size=cfg.max_datagram_size, bulk_queue_ms=cfg.bulk_queue_ms,
-            )  # fmt: skip
-            self.runner = UplinkRunner(self.uplink, settings, cfg.site_id, self.relayed_acked, self.upstream_request)
+        self._server = await serve(self, cfg.lan.host, cfg.lan.port)
+        if cfg.upstream.enabled:
+            self.runner = UplinkRunner(self.uplink, cfg.upstream, self.site_id, self.relayed_acked,
+                                       self.command_path.handle)  # fmt: skip
             self._tasks.append(asyncio.create_task(self.runner.run()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_devices()))
-        self._tasks.extend(self.command_path.resume_rollouts())  # M4: staged rollouts a restart interrupted
+        self._tasks.extend(self.firmware.rollouts.resume())  # M4: staged rollouts a restart interrupted
 
     @property
     def lan_port(self) -> int:
@@ -160,11 +163,20 @@ class Gateway:
         self.devices.close()
         self.auth.close()
 
+    def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]:
+        """Runs `fn` on the outbox's writer thread (the one that touches the site's databases)."""
+        return self.committer.run_sync(fn)
+
+    async def oldest_pending_ms(self) -> int | None:
+        """Acceptance time (Unix ms) of the oldest row owed upstream (read on the writer thread)."""
+        oldest = await self.run_sync(self.outbox.oldest_pending_ms)
+        return oldest if isinstance(oldest, int) else None
+
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(5)
-            horizon = int((time.time() - self.cfg.dedup_horizon_s) * 1000)
-            await self.committer.run_sync(functools.partial(self.outbox.prune, horizon))
+            horizon = int((time.time() - self.cfg.outbox.dedup_horizon_s) * 1000)
+            await self.run_sync(functools.partial(self.outbox.prune, horizon))
 
     async def _watch_devices(self, period_s: float = 1.0) -> None:
         """`python -m gateway devices` writes the device table from another process: a new
@@ -183,30 +195,16 @@ class Gateway:
     # ------------------------------------------------------------ links
 
     def link_opened(self, conn: BoardConnection) -> None:
-        did = conn.link.device_id
-        old = self.online.get(did)
-        if old is not None and old is not conn:
-            old.close()  # a board reconnecting replaces its stale link
-        self.online[did] = conn
-        self.by_idx[conn.link.idx] = conn
-        ev = self.came_online.pop(did, None)
-        if ev is not None:
-            ev.set()
+        self.boards.opened(conn)
 
     def link_closed(self, conn: BoardConnection) -> None:
-        did = conn.link.device_id
-        if did and self.online.get(did) is conn:
-            del self.online[did]
-            self.by_idx.pop(conn.link.idx, None)
+        self.boards.closed(conn)
         self.paused.discard(conn)
-        for key, fut in list(self.pending_cmds.items()):
-            if key[0] == conn.link.idx and not fut.done():
-                fut.set_exception(ConnectionError("link closed"))
 
-    def count_rejections(self, conn_link: Any) -> None:
-        for name, n in conn_link.rejected.items():
+    def count_rejections(self, link: Link) -> None:
+        for name, n in link.rejected.items():
             self.rejections[name] = self.rejections.get(name, 0) + n
-        conn_link.rejected.clear()
+        link.rejected.clear()
 
     def count_name(self, name: str) -> None:
         self.rejections[name] = self.rejections.get(name, 0) + 1
@@ -238,7 +236,6 @@ class Gateway:
         has used `DISPATCH_BUDGET_S`; then the loop reads the links again (an urgent frame
         read meanwhile is dispatched in its own read callback)."""
         self._scheduled = False
-        cfg = self.cfg
         queue = self.queue
         committer = self.committer
         now = self.clock.now()
@@ -249,15 +246,15 @@ class Gateway:
         if committer.full:
             return  # the commit in progress calls wake() when it is done
         deadline = time.perf_counter() + DISPATCH_BUDGET_S
-        chunk = min(cfg.commit_max_rows, DISPATCH_CHUNK)
+        chunk, chunk_bytes = self.chunk, self.chunk_bytes
         while len(queue) and not committer.full:
-            self._dispatch_batch(queue.pop_batch(chunk, cfg.commit_max_bytes), now)
+            self._dispatch_batch(queue.pop_batch(chunk, chunk_bytes), now)
             if time.perf_counter() > deadline:
                 break
         if len(queue):
             if not committer.full:
                 self.wake()
-        elif self.paused and len(queue) < cfg.queue_high // 2:
+        elif self.paused and len(queue) < self.queue_high // 2:
             for c in list(self.paused):
                 c.resume()
             self.paused.clear()
@@ -266,10 +263,9 @@ class Gateway:
     def _dispatch_batch(self, batch: list[tuple[int, int, int, int, bytes]], now: float) -> None:
         """Events to the outbox (urgent ones also to the uplink at once), requests to the
         local CSMS, responses to the command waiting for them."""
-        cfg = self.cfg
         committer = self.committer
         seq0 = seq = committer.next_seq
-        by_idx = self.by_idx
+        by_idx = self.boards.by_idx
         durable = _DURABLE
         fw_watch = self.firmware.watchers
         new_row = tuple.__new__
@@ -279,7 +275,7 @@ class Gateway:
         rows: list[Row] = []
         meta: list[tuple[BoardConnection | None, int, int, int]] = []
         full: dict[BoardConnection, list[bytes]] = {}
-        room = seq0 + cfg.outbox_max_rows - self.pending_rows - committer.waiting
+        room = seq0 + self.max_rows - self.pending_rows - committer.waiting
         # Frames of one read arrive together: the link of the previous frame is usually this one's.
         last_idx, conn, device = -1, None, ""
         event, urgent = _EVENT, _URGENT
@@ -317,9 +313,7 @@ class Gateway:
                 if conn is not None:
                     self._board_request(conn, frame, now)
             elif kind in (Kind.RESPONSE, Kind.ERROR):
-                fut = self.pending_cmds.pop((idx, msg_id), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(frame)
+                self.boards.answered(idx, msg_id, frame)
         committer.next_seq = seq
         for c, frames in full.items():
             c.write(frames)
@@ -331,7 +325,7 @@ class Gateway:
                 if uc is not None:
                     accepted(r[0], r[1], r[2], uc.read_wall, uc.read_pc, t_disp)
             self._accepted(u_rows)
-            early = not cfg.fifo and self.runner is not None
+            early = not self.fifo and self.runner is not None
             if early:
                 # Relayed now, in parallel with their commit: the board is acked only after
                 # the commit; if the gateway dies before it, the board resends and the
@@ -350,11 +344,24 @@ class Gateway:
             committer.submit(b_rows, lambda res: self._committed(b_rows, b_meta, res), nbytes=nbytes)
 
     def _accepted(self, rows: list[Row]) -> None:
-        """The command path notes the plaintext id tokens of the frames that carry one
-        (key 16 followed by a bin8: a cheap filter, the same as the command path's)."""
-        cand = [(r[1], r[2], r[3], r[4]) for r in rows if b"\x10\xc4" in r[4]]
-        if cand:
-            self.command_path.accepted(cand)
+        """Frames about to be stored: the plaintext of their id tokens (the link that accepted
+        them holds E_up) goes with their Relay items as `token_uid` (docs/upstream.md). Key 16
+        (id_token) followed by a bin8 is a cheap filter: most frames carry no token."""
+        cand = [r for r in rows if b"\x10\xc4" in r[4]]
+        if not cand:
+            return
+        tokens = self.uplink.token_uids
+        online = self.online
+        for r in cand:
+            conn = online.get(r[1])
+            if conn is None or not conn.link.e_up:
+                continue
+            f = _core.decode(r[4])
+            ct = f.body.get(Key.ID_TOKEN)
+            if isinstance(ct, bytes):
+                tokens[r[1], r[2]] = conn.link.decrypt(f.seq, Key.ID_TOKEN, ct).decode("utf-8", "replace")
+        while len(tokens) > TOKEN_MEMORY:
+            del tokens[next(iter(tokens))]
 
     def _committed(self, rows: list[Row], meta: list[tuple[BoardConnection | None, int, int, int]],
                    res: list[int | None] | BaseException, urgent: bool = False,
@@ -396,154 +403,32 @@ class Gateway:
         self.committer.retire(seqs)
 
     def _check_alarm(self) -> None:
-        alarm = self.pending_rows >= self.cfg.outbox_alarm_ratio * self.cfg.outbox_max_rows
+        alarm = self.pending_rows >= self.alarm_rows
         if alarm and not self.outbox_alarm:
-            log.warning(
-                "outbox alarm: %d of %d rows held (upstream away?)", self.pending_rows, self.cfg.outbox_max_rows
-            )
+            log.warning("outbox alarm: %d of %d rows held (upstream away?)", self.pending_rows, self.max_rows)
         self.outbox_alarm = alarm
 
-    # ------------------------------------------------------------ local CSMS, board side
+    # ------------------------------------------------------------ board requests
 
     def _board_request(self, conn: BoardConnection, frame: bytes, now: float) -> None:
-        """Roaming endpoint first for a token nobody here knows (when configured), then the
-        CSMS for what must go upstream, else the local CSMS."""
+        """Decoded once, then down the chain: the roaming endpoint for a token nobody here
+        knows (when configured), the CSMS for what must go upstream, else the local CSMS."""
+        req = board_request(conn, frame, self.auth, now)
         if self.roaming is not None:
-            self.roaming.board_request(self._upstream_or_local, conn, frame, now)
+            self.roaming.board_request(req, now, self._upstream_or_local)
         else:
-            self._upstream_or_local(conn, frame, now)
+            self._upstream_or_local(req, now)
 
-    def _upstream_or_local(self, conn: BoardConnection, frame: bytes, now: float) -> None:
-        if not self.command_path.board_request(conn, frame, now):  # forwarded: the CSMS answers it
-            self.answer_locally(conn, frame, now)
-
-    def answer_locally(self, conn: BoardConnection, frame: bytes, now: float) -> None:
-        """The local CSMS's answer to a board request (also when the CSMS was too slow)."""
-        f = _core.decode(frame)
-        link = conn.link
-        a = f.action
-        body: dict[int, Any]
-        if a == Action.HEARTBEAT:
-            body = {Key.TIME: proto_ts(now)}
-        elif a == Action.TIME_SYNC:
-            body = {Key.TIME: proto_ts(now), Key.TIME_MS: int(now * 1000) % 1000}
-        elif a == Action.BOOT_NOTIFICATION:
-            body = {
-                Key.REGISTRATION: Registration.ACCEPTED,
-                Key.INTERVAL_S: self.cfg.heartbeat_s,
-                Key.TIME: proto_ts(now),
-            }
-        elif a == Action.AUTHORIZE:
-            token_ct = f.body[Key.ID_TOKEN]
-            token = link.decrypt(f.seq, Key.ID_TOKEN, token_ct).decode("utf-8", "replace")
-            d = self.auth.authorize(token, proto_ts(now))
-            body = {Key.AUTH_STATUS: d.status}
-            if d.expiry is not None:
-                body[Key.EXPIRY] = d.expiry
-            if d.status != AuthStatus.ACCEPTED:
-                body[Key.REASON] = f"token {d.source} at this site"
-        elif a == Action.FIRMWARE_CHUNK and (
-            chunk := self.firmware.chunk(int(f.body[Key.IMAGE_ID]), int(f.body[Key.OFFSET]))
-        ):
-            body = chunk  # M4: a verified image in the site's cache
-        else:
-            name = MESSAGES[a].name
-            conn.send_one(
-                link.error(ErrorCode.NOT_SUPPORTED, f"{name} is not served by this gateway", f.msg_id, f.prio, a, now)
-            )
-            self.count_name("NOT_SUPPORTED")
-            return
-        conn.send_one(link.respond(f.msg_id, f.prio, a, body, now))
-
-    # ------------------------------------------------------------ commands from upstream
-
-    async def upstream_request(self, f: _core.Frame) -> tuple[int, dict[int, Any]]:
-        """A request from the CSMS: the command path of docs/upstream.md answers it."""
-        return await self.command_path.handle(f)
-
-    async def send_request(self, conn: BoardConnection, action: int, body: dict[int, Any], timeout: float,
-                           prio: int | None = None) -> _core.Frame:  # fmt: skip
-        """Sends a request to a board and waits for its response or error frame."""
-        if conn.link.state is not State.OPEN:
-            raise ConnectionError("link not open")
-        msg_id, frame = conn.link.request(action, body, self.clock.now(), prio)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.pending_cmds[conn.link.idx, msg_id] = fut
-        conn.send_one(frame)
-        try:
-            raw = await asyncio.wait_for(fut, timeout)
-        finally:
-            self.pending_cmds.pop((conn.link.idx, msg_id), None)
-        return _core.decode(raw)
-
-    async def _site_command(self, inner: _core.Frame) -> tuple[int, str]:
-        b = inner.body
-        if inner.action == Action.TOKEN_LIST:
-            entries = [(str(t[Key.TOKEN_UID]), int(t[Key.AUTH_STATUS]), t.get(Key.EXPIRY)) for t in b[Key.TOKENS]]
-            await self.committer.run_sync(
-                lambda: self.auth.update_list(int(b[Key.LIST_VERSION]), b[Key.UPDATE_TYPE] == 0, entries)
-            )
-            return Status.ACCEPTED, ""
-        if inner.action == Action.CLEAR_CACHE:
-            self.auth.clear_cache()
-            return Status.ACCEPTED, ""
-        if inner.action == Action.DSO_LIMIT:
-            r = await self._dso(b)
-            return int(r[Key.STATUS]), str(r.get(Key.REASON, ""))
-        if inner.action == Action.AVAILABLE_POWER:
-            self.power.available_w = int(b[Key.AVAILABLE_W])
-            late = await self.apply_power(None, Action.SET_CHARGING_PROFILE, None)
-            return (Status.REJECTED, "late: " + ",".join(late)[:110]) if late else (Status.ACCEPTED, "")
-        return Status.NOT_SUPPORTED, f"{MESSAGES[inner.action].name} is not a site command"
-
-    async def _dso(self, b: dict[int, Any]) -> dict[int, Any]:
-        """E5: the new limit reaches every affected board, which confirms, within the deadline."""
-        zone = b.get(Key.ZONE)
-        self.power.dso[SITE if zone is None else int(zone)] = int(b[Key.LIMIT_W])
-        deadline_s = int(b[Key.DEADLINE_MS]) / 1000
-        late = await self.apply_power(zone, Action.DSO_LIMIT, deadline_s)
-        if late:
-            return {Key.STATUS: Status.REJECTED, Key.REASON: ("not confirmed in time: " + ",".join(late))[:120]}
-        return {Key.STATUS: Status.ACCEPTED}
-
-    async def apply_power(self, zone: int | None, action: int, deadline_s: float | None) -> list[str]:
-        """Sends each affected board its share; returns the boards that did not confirm in time."""
-        online = list(self.online)
-        shares = self.power.allocate(online)
-        affected = self.power.affected(zone, online) if action == Action.DSO_LIMIT else online
-        timeout = deadline_s if deadline_s is not None else MESSAGES[action].timeout_ms / 1000
-
-        async def one(did: str) -> str | None:
-            conn = self.online.get(did)
-            if conn is None:
-                return did
-            w = shares.get(did, 0)
-            if action == Action.DSO_LIMIT:
-                body: dict[int, Any] = {Key.LIMIT_W: w, Key.DEADLINE_MS: int(timeout * 1000), Key.EVSE: 0}
-            else:
-                body = {
-                    Key.EVSE: 0,
-                    Key.PROFILE_ID: 1,
-                    Key.STACK_LEVEL: 0,
-                    Key.PURPOSE: 4,
-                    Key.PERIODS: [{Key.START_S: 0, Key.LIMIT_W: w}],
-                }
-            try:
-                ans = await self.send_request(conn, action, body, timeout)
-            except (TimeoutError, ConnectionError):
-                return did
-            ok = ans.kind == Kind.RESPONSE and ans.body.get(Key.STATUS, 0) == Status.ACCEPTED
-            return None if ok else did
-
-        res = await asyncio.gather(*(one(d) for d in affected))
-        return [d for d in res if d is not None]
+    def _upstream_or_local(self, req: BoardRequest, now: float) -> None:
+        if not self.forwarder.forward(req, now):  # forwarded: the CSMS answers it
+            self.local.answer(req, now)
 
     # ------------------------------------------------------------ views
 
     def snapshot(self) -> dict[str, Any]:
         r = self.runner
         return {
-            "site": self.cfg.site_id,
+            "site": self.site_id,
             "uptime_s": round(time.time() - self.started, 1),
             "links": len(self.online),
             "connections": len(self.connections),
@@ -562,7 +447,7 @@ class Gateway:
             "upstream": r.state if r else "disabled",
             "upstream_connects": r.connects if r else 0,
             "upstream_error": r.last_error if r else "",
-            "uplink_path": r.protocol.path_state() if r and r.protocol and r.protocol.ready else {},
+            "uplink_path": r.path_state() if r else {},
             "rejections": dict(self.rejections),
             "throttled": self.throttled,
             "commits": self.committer.commits,
@@ -579,7 +464,3 @@ def local_csms_cert_der(path: Path | None) -> bytes:
     if b"-----BEGIN" not in raw:
         return raw
     return x509.load_pem_x509_certificate(raw).public_bytes(serialization.Encoding.DER)
-
-
-def iter_prios() -> Iterable[int]:
-    return (Priority.URGENT, Priority.CONTROL, Priority.TELEMETRY, Priority.BULK)

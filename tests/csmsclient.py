@@ -18,10 +18,10 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamDataReceived
 
+from evedge_csms.wire import Envelope, decode_up, proto_time
 from gateway import _core
 from gateway.protocol.upstream_wire import ALPN, K_UP, StreamReader, prefix
 from gateway.schema import FIELDS, MESSAGES, Action, Key, Kind
-from tools.peers.csms.wire import Envelope, decode_up, proto_time
 
 URGENT, CONTROL, TELEMETRY, BULK = 0, 4, 8, 12
 """The gateway's class streams (client-initiated)."""
@@ -226,8 +226,8 @@ async def running_csms(folder: Path, **policy: Any) -> AsyncIterator[Any]:
     """A CSMS on 127.0.0.1 with an ephemeral port and its data under `folder`."""
     import dataclasses
 
-    from tools.peers.csms.config import load
-    from tools.peers.csms.server import CsmsServer
+    from evedge_csms.config import load
+    from evedge_csms.server import CsmsServer
 
     cfg = load(None, data_dir=folder, port=0)
     if policy:

@@ -2,7 +2,7 @@
 
 It checks the gateway's certificate (mutual TLS), persists every relayed frame in SQLite
 once per (site, device, message id), acks each Relay after its commit, and can send
-Commands. The real CSMS lives in tools/peers/csms/; this one stays small on purpose.
+Commands. The real CSMS lives in tools/peers/evedge_csms/; this one stays small on purpose.
 
 Run alone (for kill -9 tests): `python tests/gwpeer.py [--port P] --db FILE --pki DIR`; it
 prints `READY port=N` once it listens (port 0, the default: an ephemeral one).

@@ -1,4 +1,4 @@
-"""The operator CLI (`python -m tools.peers.csms.admin`) against a running CSMS's data folder."""
+"""The operator CLI (`evedge-csms-admin`, or `python -m evedge_csms.admin`) against a running CSMS's data folder."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from csmsclient import Board, running_csms, site
 
+from evedge_csms.admin import main
 from gateway import _core
 from gateway.schema import Action, Key, Priority, TxEvent
-from tools.peers.csms.admin import main
 
 pytestmark = pytest.mark.timeout(30)
 

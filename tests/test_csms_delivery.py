@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from csmsclient import Board, gateway, running_csms, site, site_identity
 
+from evedge_csms.store import SqliteStore
 from gateway.schema import Action, Key, TxEvent, TxTrigger
-from tools.peers.csms.store import SqliteStore
 
 pytestmark = pytest.mark.timeout(30)
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def test_csms_b17_redelivered_relay_is_acked_again_and_stored_once(tmp_path: Pat
 
 def _start(data: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.peers.csms", "--data", str(data), "--port", "0"],
+        [sys.executable, "-m", "evedge_csms", "--data", str(data), "--port", "0"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

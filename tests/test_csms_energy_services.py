@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from csmsclient import CMD_CONTROL, CMD_URGENT, TELEMETRY, URGENT, Board, running_csms, site, until
 
+from evedge_csms import commands as cmds
 from gateway import _core
 from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import (
@@ -23,7 +24,6 @@ from gateway.schema import (
     TxEvent,
     TxTrigger,
 )
-from tools.peers.csms import commands as cmds
 
 pytestmark = pytest.mark.timeout(30)
 

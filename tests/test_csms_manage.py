@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from csmsclient import Board, running_csms, site, until
 
+from evedge_csms import commands as cmds
+from evedge_csms.pki import cert_hash
 from gateway import _core
 from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import (
@@ -28,8 +30,6 @@ from gateway.schema import (
     ResetWhen,
     Status,
 )
-from tools.peers.csms import commands as cmds
-from tools.peers.csms.pki import cert_hash
 
 pytestmark = pytest.mark.timeout(30)
 BOOT = {Key.MODEL: "m", Key.VENDOR: "v", Key.SERIAL: "s", Key.FW_VERSION: "1.0"}

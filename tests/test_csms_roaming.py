@@ -1,4 +1,4 @@
-"""The CSMS as the CSO's operator (tools/peers/roaming/csms_operator.py), against a real CSMS,
+"""The CSMS as the CSO's operator (tools/peers/evedge_roaming/csms_operator.py), against a real CSMS,
 a test gateway and the three roaming endpoints: S7/R3-3 (a board's Get15118EVCertificate
 relayed to the home CSP's contract PKI, its chain back to the board), R3-7/R3-10 (charge
 plans as SetChargingProfile tx Commands, capped at the EVSE's power), R5-2/R5-3 (urgent
@@ -17,14 +17,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from csmsclient import CMD_CONTROL, CMD_URGENT, Board, running_csms, site, until
 
+from evedge_roaming import testbed
+from evedge_roaming.ch import ClearingHouse
+from evedge_roaming.contract_pki import split_chain, verify_chain
+from evedge_roaming.csms_operator import CsmsOperator, CsmsRoaming, remote_start_id
+from evedge_roaming.cso import CsoEndpoint
+from evedge_roaming.csp import CspEndpoint
 from gateway.protocol.gid import evse_gid
 from gateway.schema import Action, Key, Kind, Priority, ProfilePurpose, Status
-from tools.peers.roaming import testbed
-from tools.peers.roaming.ch import ClearingHouse
-from tools.peers.roaming.contract_pki import split_chain, verify_chain
-from tools.peers.roaming.csms_operator import CsmsOperator, CsmsRoaming, remote_start_id
-from tools.peers.roaming.cso import CsoEndpoint
-from tools.peers.roaming.csp import CspEndpoint
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.parametrize("mode", ["clearing_house", "mixed"])]
 SITE = "DE*CSO*LSITE1"

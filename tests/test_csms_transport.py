@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from csmsclient import CONTROL, Board, gateway, running_csms, site
 
+from evedge_csms.wire import decode_up, encode_up
 from gateway import _core
 from gateway.protocol import devpki
 from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import Action, ErrorCode, Key, Kind
-from tools.peers.csms.wire import decode_up, encode_up
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,7 +26,7 @@ def run(coro: Any) -> Any:
 
 
 def snapshot(server: Any) -> dict[str, int]:
-    from tools.peers.csms.tables import TABLES
+    from evedge_csms.tables import TABLES
 
     return {t.name: len(server.store.select(t.name)) for t in TABLES if t.name not in ("sites",)}
 

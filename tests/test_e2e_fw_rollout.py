@@ -38,7 +38,7 @@ def test_e2e_staged_rollout_survives_a_gateway_restart(tmp_path: Path) -> None:
 async def scenario(s: Site) -> None:
     assert s.csms is not None and s.gw is not None
     csms, api = s.csms, s.csms.api
-    site = s.gw.cfg.site_id
+    site = s.gw.cfg.site.id
     b0 = s.boards[0]
     api.add_token("04AABBCC")
     m = b0.mark()

@@ -98,7 +98,7 @@ def test_e2e_r3_2_remote_start_from_home_csp_reaches_the_board(tmp_path: Path) -
         assert answer["result"] == "accepted", answer
         sid = answer["roaming_session_id"]
         tx = await board_wait(b, "tx_started", since=m)
-        csms, site = s.csms, s.gw.cfg.site_id if s.gw else ""
+        csms, site = s.csms, s.gw.cfg.site.id if s.gw else ""
         row = await until(lambda: csms.store.get("transactions", site_id=site, device_id="ev-0000",
                                                  tx_id=tx["tx_id"]), 10, "tx at the CSMS")  # fmt: skip
         assert row is not None and row["remote_start_id"] is not None

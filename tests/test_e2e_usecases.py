@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from evedge_csms import commands as cmds
 from gateway.schema import FirmwareStatus, Key, Status
-from tools.peers.csms import commands as cmds
 from tools.site.harness import Site, board_wait, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -94,7 +94,7 @@ def test_e2e_s3_remote_start_and_stop(tmp_path: Path) -> None:
 
 def s_id(s: Site) -> str:
     assert s.gw is not None
-    return s.gw.cfg.site_id
+    return s.gw.cfg.site.id
 
 
 def test_e2e_e5_dso_limit_reaches_every_board_of_the_zone(tmp_path: Path) -> None:

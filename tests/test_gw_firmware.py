@@ -26,7 +26,8 @@ from test_gw_crash import start_gateway
 from test_gw_upstream import Site, run, wait_for
 
 from gateway import config, metrics
-from gateway.localcsms.firmware import FirmwareCache, Rollout
+from gateway.localcsms.fwcache import FirmwareCache
+from gateway.localcsms.rollout import Rollout
 from gateway.schema import Action, CertType, FirmwareStatus, Key, Kind, Priority, Status
 from tools.loadclient import Board, dev_key
 
@@ -123,7 +124,7 @@ def test_later_boards_are_served_from_the_cache(tmp_path: Path) -> None:
         assert {d for d, _, _ in server.requests} == {boards[0].device_id}
         assert s.gw is not None
         assert s.gw.firmware.snapshot()["chunks_served"] == 2 * chunks
-        assert (s.gw.cfg.data_dir / "fwcache" / str(IMAGE_ID) / "image.bin").read_bytes() == IMAGE
+        assert (s.gw.cfg.site.data_dir / "fwcache" / str(IMAGE_ID) / "image.bin").read_bytes() == IMAGE
 
     run(body, tmp_path, **SIGNERS)
 
@@ -199,7 +200,7 @@ def test_boards_are_told_to_trust_the_gateway_as_local_csms(tmp_path: Path) -> N
             (req,) = [f for f in b.requests_in if f.action == Action.INSTALL_CERTIFICATE]
             assert req.body[Key.CERT_TYPE] == CertType.LOCAL_CSMS and req.body[Key.CERT] == gw.local_csms_cert
         cert = x509.load_der_x509_certificate(gw.local_csms_cert)
-        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"localcsms.{gw.cfg.site_id}"
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == f"localcsms.{gw.cfg.site.id}"
         # a command naming another certificate is refused, nothing is sent
         other = inner_frame(Action.INSTALL_CERTIFICATE, {Key.CERT_TYPE: CertType.LOCAL_CSMS, Key.CERT: b"x" * 40})
         res = await proto.command([], other, signature=SIGNER.sign(other), signer="ops")
@@ -354,16 +355,16 @@ def test_cache_io_runs_on_its_worker_and_a_crash_leaves_no_half_image(
 ) -> None:
     import threading
 
-    from gateway.localcsms import firmware
+    from gateway.localcsms import fwcache
 
     threads: set[str] = set()
-    write = firmware._write_atomic
+    write = fwcache._write_atomic
 
     def spy(path: Path, data: bytes) -> None:
         threads.add(threading.current_thread().name)
         write(path, data)
 
-    monkeypatch.setattr(firmware, "_write_atomic", spy)
+    monkeypatch.setattr(fwcache, "_write_atomic", spy)
 
     async def body() -> None:
         cache = FirmwareCache(tmp_path / "fw")
@@ -406,7 +407,7 @@ def test_firmware_config_errors_and_metrics() -> None:
     for bad in (-1, "1G", 1024, True, 2.5):
         with pytest.raises(config.ConfigError, match=r"firmware\.cache_max_bytes"):
             config.parse({"firmware": {"cache_max_bytes": bad}})
-    assert config.parse({"firmware": {"cache_max_bytes": 1 << 20}}).fw_cache_max_bytes == 1 << 20
+    assert config.parse({"firmware": {"cache_max_bytes": 1 << 20}}).firmware.cache_max_bytes == 1 << 20
     snap = {"queue": [0] * 4, "uplink_unsent": [0] * 4, "outbox_backlog": 0, "outbox_alarm": False, "frames_in": 0,
             "frames_stored": 0, "duplicates": 0, "relay_acked": 0, "links": 0, "upstream": "up",
             "upstream_connects": 1, "rejections": {}, "throttled": 0,

@@ -62,7 +62,7 @@ async def wait_for(cond: object, timeout: float = 5.0) -> None:
 
 
 def rows(gw: Gateway) -> list[tuple[str, int]]:
-    db = sqlite3.connect(gw.cfg.outbox_path)
+    db = sqlite3.connect(gw.cfg.site.outbox_path)
     try:
         return [(d, m) for d, m in db.execute("SELECT device, msg_id FROM outbox ORDER BY seq")]
     finally:
@@ -209,8 +209,8 @@ async def test_unknown_device_and_wrong_key_are_refused_by_name(gw: Gateway) -> 
 
 @with_gw
 async def test_onboarding_provisions_a_key_then_deregistration_revokes_it(gw: Gateway) -> None:
-    assert gw.cfg.factory_seed is not None
-    b = Board("fab-1", None, "127.0.0.1", gw.lan_port, factory_key=derive(gw.cfg.factory_seed, "fab-1"))
+    assert gw.cfg.devices.factory_seed is not None
+    b = Board("fab-1", None, "127.0.0.1", gw.lan_port, factory_key=derive(gw.cfg.devices.factory_seed, "fab-1"))
     await b.connect()  # M13: factory Hello, key received, reconnect with it
     assert b.key is not None and gw.devices.get("fab-1") is not None
     b.send("meter", 1)

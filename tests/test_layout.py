@@ -4,6 +4,7 @@ peers see only the gateway's protocol package, and the gateway ships without the
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,3 +61,93 @@ def test_the_protocol_package_needs_nothing_else_of_the_gateway() -> None:
         if mod.startswith("gateway.") and not within(mod, SHARED)
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_nothing_imports_the_peers_by_their_old_path() -> None:
+    """The peers are `evedge_csms` and `evedge_roaming` (tools/peers is no package): imported
+    as `tools.peers.…` (a namespace package) they would load a second time, apart."""
+    bad = [
+        f"{path.relative_to(ROOT)}:{line}: {mod}"
+        for folder in (GATEWAY, ROOT / "tools", ROOT / "tests")
+        for path in sorted(folder.rglob("*.py"))
+        for line, mod in imports(path)
+        if mod == "tools.peers" or mod.startswith("tools.peers.")
+    ]
+    assert not bad, "\n".join(bad)
+    assert not (PEERS / "__init__.py").exists()
+
+
+def test_the_peers_ship_in_their_own_distribution_and_the_gateway_without_them() -> None:
+    root = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    peers = tomllib.loads((PEERS / "pyproject.toml").read_text())
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    assert root["tool"]["maturin"]["python-packages"] == ["gateway"]
+    packages = sorted(p.parent.name for p in PEERS.glob("*/__init__.py"))
+    assert packages == ["evedge_csms", "evedge_roaming"]
+    assert sorted(peers["tool"]["setuptools"]["packages"]) == packages
+    # released together: the same version, and exactly that gateway (its protocol package and core)
+    version = cargo["workspace"]["package"]["version"]
+    assert peers["project"]["version"] == version
+    assert f"evedge=={version}" in peers["project"]["dependencies"]
+    scripts = peers["project"]["scripts"]
+    assert {"evedge-csms", "evedge-csms-admin", "evedge-roaming"} <= scripts.keys()
+    assert not scripts.keys() & root["project"]["scripts"].keys()
+
+
+GENERATED = {GATEWAY / "schema.py"}
+"""Written by `python -m tools.codegen`, exempt from the size bound."""
+MAX_MODULE_LINES = 600
+
+
+def gateway_modules() -> dict[str, Path]:
+    """Dotted name → file of every module of the gateway (a package by its __init__.py)."""
+    out = {}
+    for path in sorted(GATEWAY.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def test_the_gateways_imports_form_no_cycle() -> None:
+    """Each module of gateway/ imports only modules below it: a part that needs the site
+    declares a Protocol of what it needs instead of importing gateway.service back
+    (imports under TYPE_CHECKING and inside functions count: they are loops all the same)."""
+    modules = gateway_modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:  # `from gateway.schema import Key` → gateway.schema
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {
+        mod: sorted({t for _, m in imports(path) if (t := resolve(m)) is not None and t != mod})
+        for mod, path in modules.items()
+    }
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(mod: str) -> list[str] | None:
+        state[mod] = 1
+        path.append(mod)
+        for dep in graph[mod]:
+            if state.get(dep) == 1:
+                return [*path[path.index(dep) :], dep]
+            if dep not in state and (cycle := visit(dep)) is not None:
+                return cycle
+        path.pop()
+        state[mod] = 2
+        return None
+
+    for mod in graph:
+        if mod not in state:
+            cycle = visit(mod)
+            assert cycle is None, "import cycle in the gateway: " + " → ".join(cycle)
+
+
+def test_no_hand_written_gateway_module_exceeds_600_lines() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {n} lines"
+        for path in sorted(GATEWAY.rglob("*.py"))
+        if path not in GENERATED and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    ]
+    assert not long, f"split these by what they hold (at most {MAX_MODULE_LINES} lines each):\n" + "\n".join(long)

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from tools.peers.roaming.contract_pki import split_chain, verify_chain
-from tools.peers.roaming.testbed import CSO, CSP, EVSES, Net, running
+from evedge_roaming.contract_pki import split_chain, verify_chain
+from evedge_roaming.testbed import CSO, CSP, EVSES, Net, running
 
 MODES = ["peer_to_peer", "clearing_house", "mixed"]
 CONTRACT = "DE*CSP*C00012345"

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from evedge_roaming.testbed import CSO, CSP, EVSES, Net, Raw, running
+from evedge_roaming.testbed import LOCATION_BODY as LOCATION
 from gateway.protocol import devpki
 from gateway.protocol.roaming import auth
 from gateway.protocol.roaming.client import PREFIX, RoamingClient, RoamingError
 from gateway.protocol.roaming.http3 import H3Client, H3Error, Response, TlsFiles
-from tools.peers.roaming.testbed import CSO, CSP, EVSES, Net, Raw, running
-from tools.peers.roaming.testbed import LOCATION_BODY as LOCATION
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -195,7 +195,7 @@ def test_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
             await net.csp.stop()
             from dataclasses import replace
 
-            from tools.peers.roaming.csp import CspEndpoint
+            from evedge_roaming.csp import CspEndpoint
 
             impostor = await CspEndpoint(
                 replace(net.cfgs["csp"], cert=bad.cert, key=bad.key, db=tmp_path / "i.db"), clock=net.clock

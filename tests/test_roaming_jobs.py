@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.peers.roaming.endpoint import Endpoint, retry_delay
-from tools.peers.roaming.testbed import CSO, CSP, EVSES, Net, running
+from evedge_roaming.endpoint import Endpoint, retry_delay
+from evedge_roaming.testbed import CSO, CSP, EVSES, Net, running
 
 pytestmark = pytest.mark.timeout(30)
 TARIFF = {"tariff_id": 5, "operator_id": CSO, "price_kwh": 40, "currency": "EUR"}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.peers.roaming.testbed import CSO, CSP, EVSES, Raw, running
-from tools.peers.roaming.testbed import LOCATION_BODY as LOCATION
+from evedge_roaming.testbed import CSO, CSP, EVSES, Raw, running
+from evedge_roaming.testbed import LOCATION_BODY as LOCATION
 
 pytestmark = pytest.mark.timeout(30)
 TARIFF = {"tariff_id": 3, "operator_id": CSO, "price_kwh": 30, "currency": "EUR"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.peers.roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, Net, running
+from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, Net, running
 
 MODES = ["peer_to_peer", "clearing_house", "mixed"]
 TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR", "price_session": 50}

@@ -5,14 +5,17 @@ ephemeral (read back from each program), so the test shares the machine with any
 
 from __future__ import annotations
 
+import asyncio
 import re
 import stat
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,7 +122,7 @@ def test_parts_started_on_their_own_from_siteinit_trust_each_other_and_charge(
     site = tmp_path / "site"
     env_python = [sys.executable, "-m"]
     subprocess.run([*env_python, "tools.siteinit", str(site)], cwd=ROOT, check=True, capture_output=True)
-    csms = Program("tools.peers.csms", "--config", str(site / "csms.toml"), "--port", "0")
+    csms = Program("evedge_csms", "--config", str(site / "csms.toml"), "--port", "0")
     programs.append(csms)
     csms_port = csms.wait_for(r"csms listening on 127\.0\.0\.1:(\d+)").group(1)
     # the gateway learns where the CSMS really listens; the PKI made above is kept
@@ -132,7 +135,8 @@ def test_parts_started_on_their_own_from_siteinit_trust_each_other_and_charge(
     programs.append(gw)
     lan = gw.wait_for(r"READY lan=(\d+)").group(1)
     gw.wait_for(r"upstream up")  # the CSMS accepted the gateway's certificate, and it the CSMS's
-    admin = [*env_python, "tools.peers.csms.admin", "--data", str(site / "csms")]
+    # the operator CLI as installed by evedge-peers (tools/setup.sh), beside this interpreter
+    admin = [str(Path(sys.executable).with_name("evedge-csms-admin")), "--data", str(site / "csms")]
     subprocess.run([*admin, "add-token", "CARD-1"], cwd=ROOT, check=True, capture_output=True)
     board = Program(
         "tools.board", "--gw", f"127.0.0.1:{lan}", "--id", "ev-0001", "--dir", str(tmp_path / "b1"),
@@ -156,3 +160,50 @@ def test_parts_started_on_their_own_from_siteinit_trust_each_other_and_charge(
     while not re.search(r"ev-0001\t\d+\t\d+\tended\tCARD-1", out := sessions()):
         assert time.monotonic() < end, f"the session never ended at the CSMS:\n{out}"
         time.sleep(0.2)
+
+
+def test_siteinit_roaming_endpoints_and_the_gateway_trust_one_site_ca(tmp_path: Path) -> None:
+    """The roaming network siteinit writes: the endpoints load their files (paths relative to
+    them, passwords and keys 0600), and the gateway's [roaming] credentials and certificate
+    log in at the CSO endpoint, as a CSP's log in there too: one CA for every part."""
+
+    from evedge_roaming.config import load
+
+    site = tmp_path / "site"
+    siteinit.init(site, "DE*ABC*LS1", roaming="mixed")
+    files = {k: site / "roaming" / f"{k}.toml" for k in ("cso", "csp", "ch")}
+    assert all(mode(f) == 0o600 for f in files.values())
+    moved = tmp_path / "moved"  # relative paths: the folder can be moved as a whole
+    site.rename(moved)
+    cfgs = {k: load(moved / "roaming" / f"{k}.toml") for k in files}
+    assert cfgs["cso"].party_id == "DE*ABC*O" and cfgs["cso"].ca.resolve() == (moved / "pki" / "ca.pem").resolve()
+    asyncio.run(_log_in_everywhere(moved, cfgs))
+
+
+async def _log_in_everywhere(moved: Path, cfgs: dict[str, Any]) -> None:
+    from evedge_roaming.__main__ import build
+    from evedge_roaming.testbed import start_endpoints, with_ports
+    from gateway.protocol.roaming.client import Peer, RoamingClient
+    from gateway.protocol.roaming.http3 import TlsFiles
+
+    eps = {k: build(k, c) for k, c in with_ports(cfgs, dict.fromkeys(cfgs, 0)).items()}
+    try:
+        cfgs = await start_endpoints(eps)
+        roaming = tomllib.loads((moved / "gateway.toml").read_text())["roaming"]
+        tls = TlsFiles(moved / roaming["ca"], moved / roaming["cert"], moved / roaming["key"])
+        me = roaming["party_id"]
+        peer = Peer(roaming["cso_party"], "127.0.0.1", cfgs["cso"].port, tls, username=me,
+                    password=roaming["password"], secret=bytes.fromhex(roaming["secret"]))  # fmt: skip
+        async with RoamingClient(me, peer) as c:
+            assert await c.login()
+        csp = cfgs["csp"]
+        at_cso = csp.party(cfgs["cso"].party_id)
+        assert at_cso is not None
+        csp_tls = TlsFiles(csp.ca, csp.cert, csp.key)
+        peer = Peer(at_cso.party_id, "127.0.0.1", cfgs["cso"].port, csp_tls, username=csp.party_id,
+                    password=at_cso.password, secret=at_cso.secret_bytes)  # fmt: skip
+        async with RoamingClient(csp.party_id, peer) as c:
+            assert await c.login()
+    finally:
+        for ep in eps.values():
+            await ep.stop()

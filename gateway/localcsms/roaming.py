@@ -9,8 +9,10 @@ definite answer (anything but `unknown`) is cached (S2) and sent to the board at
 handler (the CSMS over the uplink, or the local offline policy), so roaming never makes
 the site's own answers slower or worse.
 
-It is on when the gateway's configuration has a `[roaming]` section (docs/gateway.md):
-`Gateway` then asks this module first for every board request it cannot answer itself.
+It is on when the gateway's configuration has a `[roaming]` section (docs/gateway.md,
+`config.RoamingConfig`): `Gateway` then hands every board request to `board_request` first,
+as the head of the chain roaming endpoint → CSMS over the uplink → local CSMS; the token
+comes decrypted and looked up once, in the `BoardRequest` (gateway/boards.py).
 
 The EVSE of board `device_id` is `evse_gid(site_id, device_id)` — the one rule shared with
 the CSMS's roaming adapter (tools/peers/roaming/csms_operator.py).
@@ -22,12 +24,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from gateway import _core
-from gateway.link import proto_ts
+from gateway.boards import BoardRequest
+from gateway.config import RoamingConfig
+from gateway.localcsms.auth import Authorizer
+from gateway.localcsms.clock import Clock
 from gateway.protocol import gid
 from gateway.protocol.roaming.client import Peer, RoamingClient, RoamingError
 from gateway.protocol.roaming.http3 import TlsFiles
@@ -35,28 +38,31 @@ from gateway.schema import EPOCH_UNIX, Action, AuthStatus, Key, TokenType
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 5.0
+"""After a failure, the endpoint is not asked again for this long."""
 
-@dataclass(frozen=True)
-class RoamingSettings:
-    """The site gateway as a party (role `site`) of its CSO's roaming endpoint."""
+Handler = Callable[[BoardRequest, float], None]
+"""The next stage of a board request's chain (the CSMS over the uplink, then the local CSMS)."""
 
-    party_id: str  # this site's party id at the CSO endpoint (type O)
-    cso_party: str  # the CSO endpoint's party id
-    host: str
-    port: int
-    ca: Path
-    password: str
-    secret: bytes
-    cert: Path | None = None
-    key: Path | None = None
-    server_name: str = "localhost"
-    timeout_s: float = 3.0  # an Authorize must be answered well within the board's own timeout
-    retry_after_s: float = 5.0  # after a failure, the endpoint is not asked again for this long
+
+class RoamingSite(Protocol):
+    """What online identification needs of the site (gateway.service.Gateway is one)."""
+
+    @property
+    def auth(self) -> Authorizer: ...
+
+    @property
+    def clock(self) -> Clock: ...
 
 
 class SiteRoaming:
-    def __init__(self, gw: Any, settings: RoamingSettings) -> None:
-        self.gw = gw
+    """The site gateway as a party (role `site`) of its CSO's roaming endpoint."""
+
+    def __init__(self, site: RoamingSite, site_id: str, settings: RoamingConfig) -> None:
+        if settings.ca is None:
+            raise ValueError("roaming.ca is required when [roaming] is present")
+        self.site = site
+        self.site_id = site_id
         self.s = settings
         tls = TlsFiles(settings.ca, settings.cert, settings.key)
         peer = Peer(
@@ -87,54 +93,45 @@ class SiteRoaming:
         except (TimeoutError, ConnectionError, RoamingError, OSError) as e:
             self.failed += 1
             if not isinstance(e, RoamingError) or e.status >= 500:
-                self.down_until = time.monotonic() + self.s.retry_after_s
+                self.down_until = time.monotonic() + RETRY_AFTER_S
             log.warning("roaming authorization of a token at %s failed: %s", evse, e)
             return None
         self.answered += 1
         return answer
 
-    def board_request(self, next_handler: Any, conn: Any, frame: bytes, now: float) -> None:
-        gw = self.gw
-        f = _core.decode(frame)
-        if f.action != Action.AUTHORIZE or not self.reachable():
-            next_handler(conn, frame, now)
+    def board_request(self, req: BoardRequest, now: float, then: Handler) -> None:
+        """An Authorize of a token the site does not know is asked of the endpoint; every
+        other request, and every answer that is not definite, goes on to `then`."""
+        f = req.frame
+        if f.action != Action.AUTHORIZE or req.token is None or req.known_here or not self.reachable():
+            then(req, now)  # not for roaming, or known at the site: answered at once
             return
-        ct = f.body.get(Key.ID_TOKEN)
-        if not isinstance(ct, bytes):
-            next_handler(conn, frame, now)
-            return
-        token = conn.link.decrypt(f.seq, Key.ID_TOKEN, ct).decode("utf-8", "replace")
-        if gw.auth.authorize(token, proto_ts(now)).source in ("list", "cache"):
-            next_handler(conn, frame, now)  # known at the site: answered at once
-            return
-        evse = gid.evse_gid(gw.cfg.site_id, conn.link.device_id, int(f.body.get(Key.EVSE, 1) or 1))
+        evse = gid.evse_gid(self.site_id, req.device, int(f.body.get(Key.EVSE, 1) or 1))
         task = asyncio.get_running_loop().create_task(
-            self._ask(next_handler, conn, frame, f, token, evse, int(f.body.get(Key.TOKEN_TYPE, 0) or 0))
+            self._ask(req, req.token, evse, int(f.body.get(Key.TOKEN_TYPE, 0) or 0), then)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _ask(
-        self, next_handler: Any, conn: Any, frame: bytes, f: _core.Frame, token: str, evse: str, token_type: int
-    ) -> None:
+    async def _ask(self, req: BoardRequest, token: str, evse: str, token_type: int, then: Handler) -> None:
         answer = await self.authorize(token, evse, token_type)
-        gw = self.gw
-        if conn.closed:
+        if req.conn.closed:
             return
-        now = gw.clock.now()
+        now = self.site.clock.now()
         if answer is None or answer.get("auth_status") == "unknown":
-            next_handler(conn, frame, now)  # the CSMS (uplink up) or the site's offline policy
+            then(req, now)  # the CSMS (uplink up) or the site's offline policy
             return
         status = int(AuthStatus[str(answer["auth_status"]).upper()])
         expiry = answer.get("expiry")
         proto_expiry = None if expiry is None else max(0, int(expiry) - EPOCH_UNIX)
-        gw.auth.remember(token, status, proto_expiry)  # S2: the site's cache
+        self.site.auth.remember(token, status, proto_expiry)  # S2: the site's cache
         body: dict[int, Any] = {Key.AUTH_STATUS: status}
         if proto_expiry is not None:
             body[Key.EXPIRY] = proto_expiry
         if status != AuthStatus.ACCEPTED:
             body[Key.REASON] = "refused by the home CSP"
-        conn.send_one(conn.link.respond(f.msg_id, f.prio, f.action, body, now))
+        f = req.frame
+        req.conn.send_one(req.conn.link.respond(f.msg_id, f.prio, f.action, body, now))
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -143,14 +140,3 @@ class SiteRoaming:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.client.close()
-
-
-def roaming_settings(cfg: Any) -> RoamingSettings:
-    """The `[roaming]` section of a `gateway.config.Config`."""
-    if cfg.roaming_ca is None:
-        raise ValueError("roaming.ca is required when [roaming] is present")
-    return RoamingSettings(
-        cfg.roaming_party, cfg.roaming_cso, cfg.roaming_host, cfg.roaming_port, cfg.roaming_ca,
-        cfg.roaming_password, cfg.roaming_secret, cfg.roaming_cert, cfg.roaming_key, cfg.roaming_server_name,
-        cfg.roaming_timeout_s,
-    )  # fmt: skip

@@ -1,5 +1,6 @@
 """What the gateway shares with the programs it talks to upstream — the CSMS and the IEC 63119
-roaming endpoints (tools/peers) — and nothing else of the gateway:
+roaming endpoints (`evedge_csms`, `evedge_roaming`: the evedge-peers distribution in tools/peers)
+— and nothing else of the gateway:
 
 - `gid`: global identifiers (operators, sites, EVSEs, contracts, sessions, SDRs);
 - `upstream_wire`: the upstream protocol's framing on QUIC streams, ALPN, priority classes;

@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from evedge_csms import commands as cmds
+from evedge_roaming.csp import CspEndpoint
 from gateway.link import proto_ts
 from gateway.schema import AuthStatus, Status, TokenType
-from tools.peers.csms import commands as cmds
-from tools.peers.roaming.csp import CspEndpoint
 from tools.site.harness import Site, board_wait, until
 
 
@@ -53,7 +53,7 @@ async def view(s: Site, stop: asyncio.Event) -> None:
 async def scenario(s: Site, minutes: int) -> list[str]:
     assert s.csms is not None and s.gw is not None
     problems: list[str] = []
-    api, site = s.csms.api, s.gw.cfg.site_id
+    api, site = s.csms.api, s.gw.cfg.site.id
     n = len(s.boards)
     await asyncio.gather(*(board_wait(b, "registration") for b in s.boards))
     for i in range(n):
@@ -179,7 +179,7 @@ async def roaming_and_services(s: Site, minutes: int) -> list[str]:
     start, S1 reservation, M8 log upload."""
     assert s.csms is not None and s.csp is not None and s.csp_b is not None and s.gw is not None
     problems: list[str] = []
-    api, site, n = s.csms.api, s.gw.cfg.site_id, len(s.boards)
+    api, site, n = s.csms.api, s.gw.cfg.site.id, len(s.boards)
     csp_b = s.csp_b
     # R3-1, R4-1: a card of provider A at EVSE 0 and one of provider B at EVSE 1, each known to
     # its own home CSP only (at the same time when there are two boards)

@@ -1,4 +1,4 @@
-"""The whole chain on loopback, in one asyncio loop: a CSMS server (tools.peers.csms), the
+"""The whole chain on loopback, in one asyncio loop: a CSMS server (evedge_csms), the
 site gateway (gateway.service with its command path attached) and emulated boards (real
 MicroPython processes, tools.board). With `roaming=True` also the IEC 63119 roaming
 endpoints in mixed mode — the CSO's (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), two
@@ -19,20 +19,20 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from evedge_csms import config as csms_config
+from evedge_csms.server import CsmsServer
+from evedge_roaming import testbed
+from evedge_roaming.ch import ClearingHouse
+from evedge_roaming.config import EndpointConfig
+from evedge_roaming.csms_operator import CsmsOperator, CsmsRoaming
+from evedge_roaming.cso import CsoEndpoint
+from evedge_roaming.csp import CspEndpoint
 from gateway import config as gwconfig
 from gateway.localcsms.roaming import SiteRoaming
 from gateway.protocol import devpki
 from gateway.protocol.gid import evse_gid
 from gateway.service import Gateway
 from tools.board import Board
-from tools.peers.csms import config as csms_config
-from tools.peers.csms.server import CsmsServer
-from tools.peers.roaming import testbed
-from tools.peers.roaming.ch import ClearingHouse
-from tools.peers.roaming.config import EndpointConfig
-from tools.peers.roaming.csms_operator import CsmsOperator, CsmsRoaming
-from tools.peers.roaming.cso import CsoEndpoint
-from tools.peers.roaming.csp import CspEndpoint
 
 SITE_ID = "DE*EVE*LSITE1"
 CSO_ID, CSP_ID, CSP_B_ID, CH_ID = "DE*EVE*O", "DE*HCP*O", "DE*HCB*O", "DE*CHX*O"

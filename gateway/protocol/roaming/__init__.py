@@ -1,4 +1,4 @@
-"""IEC 63119 roaming: what the gateway and the roaming endpoints (tools/peers/roaming) share.
+"""IEC 63119 roaming: what the gateway and the roaming endpoints (`evedge_roaming`, tools/peers/evedge_roaming) share.
 
 - `json_body`: JSON bodies of the roaming messages (codes 200-215) checked against the schema;
 - `auth`: platform login tokens and HMAC source authentication of every request;

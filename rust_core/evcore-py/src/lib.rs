@@ -7,7 +7,8 @@ mod errors;
 use evcore::frame::{self, Header};
 use evcore::msgpack::{self, Value};
 use evcore::queue::{Batch, QueueConfig};
-use evcore::schema::{key as K, MAX_FRAME, MAX_UP_FRAME, PROTOCOL_VERSION, SCHEMA_REV};
+use evcore::relay::{self, RelayError};
+use evcore::schema::{MAX_FRAME, MAX_UP_FRAME, PROTOCOL_VERSION, SCHEMA_REV};
 use evcore::{session, Code, TagKey};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -179,10 +180,9 @@ fn decode(
 /// One `relayed` item of a Relay: `(device_id, msg_id, prio, action, frame, token_uid)`.
 type RelayRow<'py> = (String, u64, u64, u64, Bound<'py, PyBytes>, Option<String>);
 
-/// A Relay read for storing its rows: the frame is checked as [`decode`] does (schema, tag
-/// when `key` is given), then `(header, site_id, rows)` is built straight from the body,
-/// each row with its inner frame's header read structurally (size, envelope shape; its tag
-/// is not checked: TLS protects the uplink). No Python dict is made per item.
+/// A Relay read for storing its rows (`evcore::relay::read`): the frame is checked as
+/// [`decode`] does (schema, tag when `key` is given), then `(header, site_id, rows)`, each
+/// row with its inner frame's header read structurally. No Python dict is made per item.
 #[pyfunction]
 #[pyo3(signature = (frame, key = None, *, max_frame = None))]
 fn relay_rows<'py>(
@@ -198,60 +198,21 @@ fn relay_rows<'py>(
         )));
     }
     let tag_key = key.map(TagKey::new);
-    let acc = session::check_limited(frame, tag_key.as_ref(), max_frame).py_err(py)?;
-    let env = &acc.envelope;
-    if env.header.action != u64::from(evcore::schema::action::RELAY) {
-        return Err(PyValueError::new_err(format!(
-            "action {} is not a Relay",
-            env.header.action
-        )));
-    }
-    let Value::Map(pairs) = msgpack::decode(env.body).py_err(py)? else {
-        return Err(PyValueError::new_err("body is not a map"));
+    let relay = match relay::read(frame, tag_key.as_ref(), max_frame) {
+        Ok(r) => r,
+        Err(RelayError::Frame(e)) => return Err(errors::to_py(py, e)),
+        Err(e) => return Err(PyValueError::new_err(e.to_string())),
     };
-    // The schema check above guarantees both fields and their types.
-    let Some(Value::Str(site)) = map_get(&pairs, K::SITE_ID) else {
-        return Err(PyValueError::new_err("Relay without site_id"));
-    };
-    let mut rows = Vec::new();
-    if let Some(Value::Array(items)) = map_get(&pairs, K::FRAMES) {
-        rows.reserve(items.len());
-        for (n, item) in items.iter().enumerate() {
-            let Value::Map(kv) = item else {
-                return Err(PyValueError::new_err(format!("frames[{n}] is not a map")));
-            };
-            let Some(Value::Str(device)) = map_get(kv, K::DEVICE_ID) else {
-                return Err(PyValueError::new_err(format!(
-                    "frames[{n}] without device_id"
-                )));
-            };
-            let Some(Value::Bin(inner)) = map_get(kv, K::FRAME) else {
-                return Err(PyValueError::new_err(format!("frames[{n}] without frame")));
-            };
-            let uid = match map_get(kv, K::TOKEN_UID) {
-                Some(Value::Str(s)) => Some(s.clone()),
-                _ => None,
-            };
-            let h = frame::parse(inner).py_err(py)?.header;
-            rows.push((
-                device.clone(),
-                h.id,
-                h.prio,
-                h.action,
-                PyBytes::new(py, inner),
-                uid,
-            ));
-        }
-    }
-    Ok((header_tuple(&env.header), site.clone(), rows))
-}
-
-/// The value of integer key `k` in a decoded map.
-fn map_get(pairs: &[(Value, Value)], k: u16) -> Option<&Value> {
-    pairs
-        .iter()
-        .find(|(pk, _)| matches!(pk, Value::UInt(x) if *x == u64::from(k)))
-        .map(|(_, v)| v)
+    let rows = relay
+        .rows
+        .into_iter()
+        .map(|r| {
+            let h = r.header;
+            let frame = PyBytes::new(py, &r.frame);
+            (r.device_id, h.id, h.prio, h.action, frame, r.token_uid)
+        })
+        .collect();
+    Ok((header_tuple(&relay.header), relay.site_id, rows))
 }
 
 /// Decodes one bare msgpack value (hardened: limits, every width); no schema.

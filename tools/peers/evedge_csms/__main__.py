@@ -1,4 +1,8 @@
-"""`python -m tools.peers.csms --config FILE`: run the CSMS until interrupted."""
+"""`evedge-csms --config FILE`: run the CSMS until interrupted.
+
+Console script of the evedge-peers distribution; `python -m evedge_csms` is the same. The
+operator's command line is its own script, `evedge-csms-admin` (evedge_csms/admin.py).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ import logging
 import signal
 from pathlib import Path
 
-from tools.peers.csms.config import load
-from tools.peers.csms.server import CsmsServer
+from evedge_csms.config import load
+from evedge_csms.server import CsmsServer
 
 
 async def _run(server: CsmsServer) -> None:
@@ -24,7 +28,7 @@ async def _run(server: CsmsServer) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tools.peers.csms", description="The CSMS peer (docs/csms.md)")
+    ap = argparse.ArgumentParser(prog="evedge-csms", description="The CSMS peer (docs/csms.md)")
     ap.add_argument("--config", type=Path, help="TOML file (all keys optional)")
     ap.add_argument("--data", type=Path, help="data folder (overrides csms.data)")
     ap.add_argument("--port", type=int, help="UDP port (overrides csms.port; 0 = ephemeral)")

@@ -1,4 +1,4 @@
-"""The operator's command line: `python -m tools.peers.csms.admin --data DIR COMMAND`.
+"""The operator's command line: `evedge-csms-admin --data DIR COMMAND` (or `python -m evedge_csms.admin`).
 
 Reads and writes the CSMS store directly (SQLite in WAL mode: safe beside the running
 server). Commands it queues are sent by the running server to the site's gateway.
@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from evedge_csms.api import Csms, CsmsError
+from evedge_csms.config import load, provision
+from evedge_csms.inbound import Ctx
+from evedge_csms.pki import Ca, load_or_create_signer
+from evedge_csms.store import SqliteStore
+from evedge_csms.wire import unix_time
 from gateway.schema import ResetWhen
-from tools.peers.csms.api import Csms, CsmsError
-from tools.peers.csms.config import load, provision
-from tools.peers.csms.inbound import Ctx
-from tools.peers.csms.pki import Ca, load_or_create_signer
-from tools.peers.csms.store import SqliteStore
-from tools.peers.csms.wire import unix_time
 
 SDR_FIELDS = (
     "sdr_id",
@@ -77,7 +77,7 @@ def export_sdrs(api: Csms, fmt: str, out: TextIO) -> None:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.peers.csms.admin", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="evedge-csms-admin", description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="the CSMS data folder")
     ap.add_argument("--config", type=Path, help="the CSMS config file (for policy and PKI paths)")
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -9,11 +9,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from evedge_csms import commands as cmds
+from evedge_csms.inbound import Ctx, answer_ev_certificate, record_certificate
+from evedge_csms.pki import der
+from evedge_csms.store import Row
 from gateway.schema import CertType, Key, ResetWhen
-from tools.peers.csms import commands as cmds
-from tools.peers.csms.inbound import Ctx, answer_ev_certificate, record_certificate
-from tools.peers.csms.pki import der
-from tools.peers.csms.store import Row
 
 
 class CsmsError(ValueError):
@@ -29,7 +29,7 @@ class Csms:
         return time.time() if now is None else now
 
     def send(self, site_id: str, spec: cmds.CommandSpec, now: float | None = None) -> int:
-        """Queue any Command built by `tools.peers.csms.commands`."""
+        """Queue any Command built by `evedge_csms.commands`."""
         return cmds.enqueue(self.store, site_id, spec, self._now(now), self.ctx.signer)
 
     # ---------------------------------------------------------------- M13, M11, M12

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evedge_csms.pki import Signer
+from evedge_csms.store import Store
+from evedge_csms.wire import encode_up, proto_time
 from gateway import _core
 from gateway.schema import (
     MESSAGES,
@@ -36,9 +39,6 @@ from gateway.schema import (
     ResetWhen,
     UpdateType,
 )
-from tools.peers.csms.pki import Signer
-from tools.peers.csms.store import Store
-from tools.peers.csms.wire import encode_up, proto_time
 
 DEFAULT_EXPIRY_S = 3600
 SIGNED_ACTIONS = frozenset(

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evedge_csms.settings import Settings
 from gateway.protocol import devpki
-from tools.peers.csms.settings import Settings
 
 
 class ConfigError(ValueError):

@@ -12,12 +12,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
-from gateway import _core
-from gateway.protocol.upstream_wire import CLASS_ORDER, StreamReader, UpstreamFrameError, prefix
-from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority
-from tools.peers.csms import outcomes
-from tools.peers.csms.inbound import HANDLERS, Ctx, Relayed
-from tools.peers.csms.wire import (
+from evedge_csms import outcomes
+from evedge_csms.inbound import HANDLERS, Ctx, Relayed
+from evedge_csms.wire import (
     Envelope,
     WireError,
     answerable_action,
@@ -26,6 +23,9 @@ from tools.peers.csms.wire import (
     error_body,
     proto_time,
 )
+from gateway import _core
+from gateway.protocol.upstream_wire import CLASS_ORDER, StreamReader, UpstreamFrameError, prefix
+from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority
 
 log = logging.getLogger("csms.core")
 

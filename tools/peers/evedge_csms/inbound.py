@@ -13,6 +13,11 @@ from typing import Any
 
 from cryptography import x509
 
+from evedge_csms import commands as cmds
+from evedge_csms.pki import Ca, PkiError, Signer, cert_hash, der
+from evedge_csms.settings import Settings
+from evedge_csms.store import Store
+from evedge_csms.wire import error_body, proto_time
 from gateway import _core
 from gateway.protocol import gid
 from gateway.schema import (
@@ -26,11 +31,6 @@ from gateway.schema import (
     Status,
     TxEvent,
 )
-from tools.peers.csms import commands as cmds
-from tools.peers.csms.pki import Ca, PkiError, Signer, cert_hash, der
-from tools.peers.csms.settings import Settings
-from tools.peers.csms.store import Store
-from tools.peers.csms.wire import error_body, proto_time
 
 log = logging.getLogger("csms.inbound")
 

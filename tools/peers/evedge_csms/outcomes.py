@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from evedge_csms.inbound import Ctx, store_variable
 from gateway import _core
 from gateway.schema import Action, Key, Kind, Status
-from tools.peers.csms.inbound import Ctx, store_variable
 
 log = logging.getLogger("csms.outcomes")
 

@@ -14,15 +14,15 @@ from aioquic.asyncio.server import QuicServer, serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived
 
+from evedge_csms.api import Csms
+from evedge_csms.config import Config, provision
+from evedge_csms.core import CloseConnection, Output, SendData, SiteConnection
+from evedge_csms.inbound import Ctx
+from evedge_csms.pki import Ca, load_or_create_signer
+from evedge_csms.store import SqliteStore, Store
 from gateway._core import MAX_UP_FRAME
 from gateway.protocol.mtls import peer_common_name, require_client_certificates
 from gateway.protocol.upstream_wire import ALPN
-from tools.peers.csms.api import Csms
-from tools.peers.csms.config import Config, provision
-from tools.peers.csms.core import CloseConnection, Output, SendData, SiteConnection
-from tools.peers.csms.inbound import Ctx
-from tools.peers.csms.pki import Ca, load_or_create_signer
-from tools.peers.csms.store import SqliteStore, Store
 
 log = logging.getLogger("csms.server")
 POLL_S = 0.1

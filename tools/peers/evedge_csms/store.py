@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from tools.peers.csms.tables import BY_NAME, TABLES, Table
+from evedge_csms.tables import BY_NAME, TABLES, Table
 
 Row = dict[str, Any]
 

@@ -1,4 +1,5 @@
-"""Run one roaming endpoint: python -m tools.peers.roaming --role cso|csp|ch --config FILE
+"""Run one roaming endpoint: evedge-roaming --role cso|csp|ch --config FILE
+(console script of the evedge-peers distribution; `python -m evedge_roaming` is the same).
 
 `--init DIR` writes a complete loopback network instead (dev CA, certificates, one TOML per
 role, for the mode given by --mode) and exits; run the three endpoints from those files.
@@ -46,7 +47,7 @@ async def run(role: str, cfg: config.EndpointConfig, demo_evses: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tools.peers.roaming", description=__doc__)
+    ap = argparse.ArgumentParser(prog="evedge-roaming", description=__doc__)
     ap.add_argument("--role", choices=config.ROLES)
     ap.add_argument("--config", type=Path)
     ap.add_argument("--demo-evses", type=int, default=2, help="EVSEs of the in-memory operator (cso)")
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.init is not None:
-        for role, path in write_network(a.init, a.mode).items():
-            print(f"{role}: python -m tools.peers.roaming --role {role} --config {path}")
+        for key, cfg in write_network(a.init, a.mode).items():
+            print(f"{key}: evedge-roaming --role {cfg.role} --config {a.init / f'{key}.toml'}")
         return
     if a.role is None or a.config is None:
         ap.error("--role and --config are required (or --init DIR)")

@@ -27,6 +27,7 @@ Relative paths are relative to the TOML file.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -126,10 +127,14 @@ def load(path: Path) -> EndpointConfig:
     return EndpointConfig(**data, parties=parties)
 
 
-def dump(cfg: EndpointConfig) -> str:
-    """TOML text of a configuration (what the testbed writes and `load` reads back)."""
+def dump(cfg: EndpointConfig, relative_to: Path | None = None) -> str:
+    """TOML text of a configuration (what the testbed writes and `load` reads back); with
+    `relative_to` (the folder the file goes to) its paths are written relative to it, as
+    `load` reads them."""
 
     def value(v: object) -> str:
+        if isinstance(v, Path) and relative_to is not None:
+            v = Path(os.path.relpath(v.absolute(), relative_to.absolute()))
         if isinstance(v, str | Path):
             return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
         return str(v)

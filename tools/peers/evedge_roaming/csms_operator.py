@@ -1,4 +1,4 @@
-"""The CSO endpoint's `OperatorBackend` on top of the project's CSMS (tools/peers/csms).
+"""The CSO endpoint's `OperatorBackend` on top of the project's CSMS (tools/peers/evedge_csms).
 
 - The operator's EVSEs are the boards the CSMS knows (`stations`), one location per site;
   EVSE ids follow `gateway.protocol.gid.evse_gid(site, device, evse)`, the rule the
@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from evedge_csms import commands as cmds
+from evedge_csms.api import CsmsError
+from evedge_csms.server import CsmsServer
 from gateway.protocol import gid
 from gateway.protocol.gid import evse_gid
 from gateway.protocol.roaming.client import RoamingError
 from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
-from tools.peers.csms import commands as cmds
-from tools.peers.csms.api import CsmsError
-from tools.peers.csms.server import CsmsServer
 
 from .cso import CsoEndpoint
 
@@ -58,7 +58,7 @@ def remote_start_id(session_id: str) -> int:
 
 
 class CsmsOperator:
-    """`OperatorBackend` of tools/peers/roaming/operator.py over a running `CsmsServer`."""
+    """`OperatorBackend` of tools/peers/evedge_roaming/operator.py over a running `CsmsServer`."""
 
     def __init__(
         self,

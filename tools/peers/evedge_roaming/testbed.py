@@ -59,6 +59,7 @@ def network(
     retention_s: int = 30 * 86400,
     party_ids: dict[str, str] | None = None,
     sites: tuple[str, ...] = (),
+    ca: tuple[Path, Path] | None = None,
 ) -> dict[str, EndpointConfig]:
     """Configurations of the endpoints (key → config), certificates issued in folder/pki.
     `party_ids` overrides the party ids (key → id) and adds endpoints: a key is a role,
@@ -67,9 +68,11 @@ def network(
     the same role get no agreement with each other. `sites` are party ids of the CSO's site
     gateways (role `site`, known to the CSO endpoint only; their credentials are the CSO
     configuration's `party(site)`). Every port is 0: `start_endpoints` binds ephemeral ones and
-    fills them in (`with_ports` fills in given ones)."""
-    pki = folder / "pki"
-    ca = devpki.ensure_ca(pki)
+    fills them in (`with_ports` fills in given ones). `ca`: the CA (certificate, key) that
+    issues the endpoints' certificates, e.g. a site's (tools.siteinit); by default one of the
+    network's own in folder/pki."""
+    pki = devpki.private_dir(folder / "pki")
+    ca = ca or devpki.ensure_ca(pki)
     ids = {**PARTIES, **(party_ids or {})}
     roles = list(ids)
     pair = {
@@ -150,17 +153,26 @@ async def restart_on_port(ep: Endpoint, timeout: float = 3.0) -> Endpoint:
         await asyncio.sleep(0.1)
 
 
-def write_network(folder: Path, mode: str) -> dict[str, Path]:
-    """TOML files of a network whose endpoints run as processes of their own, started later:
-    ports free now are written into them (the one place that picks ports ahead)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    cfgs = network(folder, mode)
-    for role, cfg in with_ports(cfgs, {k: free_udp_port() for k in cfgs}).items():
-        path = folder / f"{role}.toml"
-        path.write_text(dump(replace(cfg)))
-        paths[role] = path
-    return paths
+def write_network(
+    folder: Path,
+    mode: str,
+    *,
+    party_ids: dict[str, str] | None = None,
+    sites: tuple[str, ...] = (),
+    ca: tuple[Path, Path] | None = None,
+    ports: dict[str, int] | None = None,
+) -> dict[str, EndpointConfig]:
+    """TOML files `folder/<key>.toml` of a network whose endpoints run as processes of their
+    own, started later (returns the configurations written). Without `ports`, ports free now
+    are written into them (the one place that picks ports ahead). Paths in the files are
+    relative to the files, so the folder can be moved; the files hold the pairs' passwords
+    and HMAC keys, so they are created 0600."""
+    devpki.private_dir(folder)
+    cfgs = network(folder, mode, party_ids=party_ids, sites=sites, ca=ca)
+    cfgs = with_ports(cfgs, ports or {k: free_udp_port() for k in cfgs})
+    for key, cfg in cfgs.items():
+        devpki.write_private(folder / f"{key}.toml", dump(cfg, relative_to=folder).encode())
+    return cfgs
 
 
 class FakeClock:
