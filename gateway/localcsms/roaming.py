@@ -15,7 +15,7 @@ as the head of the chain roaming endpoint → CSMS over the uplink → local CSM
 comes decrypted and looked up once, in the `BoardRequest` (gateway/boards.py).
 
 The EVSE of board `device_id` is `evse_gid(site_id, device_id)` — the one rule shared with
-the CSMS's roaming adapter (tools/peers/roaming/csms_operator.py).
+the CSMS's roaming adapter (tools/peers/evedge_roaming/csms_operator.py).
 """
 
 from __future__ import annotations
