@@ -234,3 +234,24 @@ def test_client_without_a_site_ca_certificate_is_refused(tmp_path: Path, client_
             assert net.csp.store.snapshot() == before
 
     asyncio.run(main())
+
+
+def test_one_partys_certificate_cannot_carry_anothers_credentials(tmp_path: Path) -> None:
+    """The clearing house's own (valid) certificate with the CSO's password and HMAC key: the
+    CSP refuses it by name (the certificate names the CH, the request claims the CSO)."""
+
+    async def main() -> None:
+        async with running(tmp_path, "clearing_house") as net:
+            raw = Raw(net)  # the CSO's credentials at the CSP
+            ch = net.cfgs["ch"]
+            await raw.http.close()
+            raw.http = H3Client("127.0.0.1", raw.party.port, TlsFiles(ch.ca, ch.cert, ch.key))
+            raw.login.http = raw.http
+            before = net.csp.store.snapshot()
+            login = {"party_id": CSO, "username": CSO, "password": raw.party.password}
+            r, body = await raw.post("PlatformLogin", login, token=None)
+            assert (r.status, body["error"]) == (403, "certificate_mismatch")
+            assert net.csp.store.snapshot() == before
+            await raw.http.close()
+
+    asyncio.run(main())

@@ -74,6 +74,7 @@ def _roaming(root: Path, ca: tuple[Path, Path], mode: str | None, port: int, cso
     if mode is None:
         return ""
     keys = {"cso": cso, "csp": "DE*HCP*O", "ch": "DE*CHX*O"}
+    devpki.issue(root / "pki", "gateway-roaming", ca=ca, server=False, subject=site_party)
     cfgs = write_network(
         root / "roaming", mode, party_ids=keys, sites=(site_party,), ca=ca,
         ports={k: port + i for i, k in enumerate(keys)},
@@ -86,8 +87,8 @@ party_id = {_toml_str(site_party)}
 cso_party = {_toml_str(cso)}
 address = "127.0.0.1:{cfgs["cso"].port}"
 ca = "pki/ca.pem"
-cert = "pki/gateway.pem"      # the endpoints demand a client certificate of their CA: the site's
-key = "pki/gateway.key"
+cert = "pki/gateway-roaming.pem"  # a client certificate of the endpoints' CA naming this party
+key = "pki/gateway-roaming.key"
 password = {_toml_str(me.password)}
 secret = "{me.secret}"
 """

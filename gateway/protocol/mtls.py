@@ -9,6 +9,12 @@ and verifies the chain against the configured CA with aioquic's own
 client never gets a stream. It relies on two private aioquic names
 (`QuicConnection._initialize`, `tls.Context._request_client_certificate`), pinned by
 tests/test_mtls.py.
+
+aioquic checks neither side's extended key usage (its chain check is OpenSSL's without a
+purpose), so a server certificate could log in as a client and the reverse. Here a client's
+certificate must allow clientAuth (`require_client_certificates`) and a server's serverAuth
+(`require_server_usage`, for the clients: the gateway's uplink, the roaming HTTP/3 client).
+A certificate without the extension is not restricted (RFC 5280, 4.2.1.12).
 """
 
 from __future__ import annotations
@@ -16,11 +22,24 @@ from __future__ import annotations
 from aioquic import tls
 from aioquic._buffer import Buffer
 from aioquic.quic.connection import QuicConnection
-from cryptography.x509.oid import NameOID
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 class AlertCertificateRequired(tls.Alert):
     description = tls.AlertDescription.certificate_required
+
+
+def check_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier, role: str) -> None:
+    """Refuse (bad_certificate) a `role` certificate whose extended key usage excludes `usage`."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if usage not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
+        raise tls.AlertBadCertificate(
+            f"the {role}'s certificate is not for TLS {role} authentication (extended key usage)"
+        )
 
 
 class _ClientCertContext(tls.Context):
@@ -39,6 +58,7 @@ class _ClientCertContext(tls.Context):
         tls.verify_certificate(
             certificate=self._peer_certificate, chain=self._peer_certificate_chain, cafile=self.client_cafile
         )
+        check_usage(self._peer_certificate, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
         cns = self._peer_certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         self.verified_cn = str(cns[0].value) if cns else None
 
@@ -55,6 +75,24 @@ def require_client_certificates(quic: QuicConnection, cafile: str) -> None:
         assert isinstance(ctx, _ClientCertContext)
         ctx.client_cafile = cafile
         ctx.verified_cn = None
+
+    setattr(quic, "_initialize", initialize)  # noqa: B010 - no public hook in aioquic
+
+
+class _ServerUsageContext(tls.Context):
+    def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
+        super()._client_handle_certificate_verify(input_buf)  # signature, chain, name
+        if self._peer_certificate is not None:
+            check_usage(self._peer_certificate, ExtendedKeyUsageOID.SERVER_AUTH, "server")
+
+
+def require_server_usage(quic: QuicConnection) -> None:
+    """Make this (client) connection refuse a server certificate not meant for TLS servers."""
+    original = quic._initialize
+
+    def initialize(peer_cid: bytes) -> None:
+        original(peer_cid)
+        quic.tls.__class__ = _ServerUsageContext
 
     setattr(quic, "_initialize", initialize)  # noqa: B010 - no public hook in aioquic
 

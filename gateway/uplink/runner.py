@@ -23,6 +23,7 @@ from typing import Any
 from aioquic.quic.connection import QuicConnection
 
 from gateway.config import UpstreamConfig
+from gateway.protocol.mtls import require_server_usage
 from gateway.uplink.protocol import RequestHandler, UpstreamProtocol
 from gateway.uplink.relay import Uplink
 from gateway.uplink.settings import quic_configuration
@@ -114,6 +115,7 @@ class UplinkRunner:
             sock.close()
             raise
         quic = QuicConnection(configuration=quic_configuration(up))
+        require_server_usage(quic)
         transport, proto = await loop.create_datagram_endpoint(
             lambda: UpstreamProtocol(
                 quic, uplink=self.uplink, up=up, on_acked=self.on_acked, on_request=self.on_request

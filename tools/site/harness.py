@@ -131,7 +131,8 @@ class Site:
         me = cfg.party(SITE_PARTY)
         assert me is not None
         pki = self.root / "roaming" / "pki"
-        issued = devpki.issue(pki, "site", ca=devpki.ensure_ca(pki))  # the endpoints want a client certificate
+        # the endpoints want a client certificate, whose common name is the party the gateway is
+        issued = devpki.issue(pki, "site", ca=devpki.ensure_ca(pki), subject=SITE_PARTY)
         return {
             "party_id": SITE_PARTY,
             "cso_party": CSO_ID,

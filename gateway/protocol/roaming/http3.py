@@ -19,6 +19,8 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ConnectionTerminated, QuicEvent
 
+from gateway.protocol.mtls import require_server_usage
+
 MAX_RESPONSE = 1024 * 1024
 
 
@@ -56,6 +58,7 @@ class _Pending:
 class _ClientProtocol(QuicConnectionProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        require_server_usage(self._quic)  # before connect() initialises TLS
         self.h3 = H3Connection(self._quic)
         self.pending: dict[int, _Pending] = {}
         self.closed = False

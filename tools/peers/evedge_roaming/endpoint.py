@@ -323,6 +323,9 @@ class Endpoint:
         party = self.cfg.party(auth.claimed_party(req.headers))
         if party is None:
             raise Refused(403, "unknown_party", f"party {req.headers.get(auth.H_PARTY)} is not known here")
+        if req.peer != party.party_id:  # the TLS client certificate names the party that sends
+            raise Refused(403, "certificate_mismatch",
+                          f"the client certificate is {req.peer!r}'s, not {party.party_id}'s")  # fmt: skip
         signed = auth.verify(req.headers, party.secret_bytes, req.method, req.path, body=req.body, now=now)
         if not self.remember_nonce(signed.party, signed.nonce, signed.ts, now):
             raise Refused(409, "replay", f"nonce {signed.nonce} already used by {signed.party}")

@@ -83,7 +83,7 @@ def network(
     out = {}
     for key, party in ids.items():
         role = role_of(key)
-        issued = devpki.issue(pki, key, ca=ca)
+        issued = devpki.issue(pki, key, ca=ca, subject=party)  # the endpoints bind the CN to the party
         parties = tuple(
             PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=0)
             for r in roles
