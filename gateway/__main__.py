@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gateway import config as config_mod
 from gateway import metrics
+from gateway.protocol import devpki
 
 
 class CannotListen(Exception):
@@ -67,6 +68,7 @@ async def _run(cfg: config_mod.Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    devpki.private_by_default()
     p = argparse.ArgumentParser(prog="evedge-gateway", description="EV-charging site gateway")
     p.add_argument("--config", type=Path, help="TOML configuration file (defaults are embedded)")
     p.add_argument("-v", "--verbose", action="store_true")

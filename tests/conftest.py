@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from fwpeer import Rig
+from programs import Program
 
 DEFAULT_PORTS = ((socket.SOCK_DGRAM, 4433), (socket.SOCK_STREAM, 7700), (socket.SOCK_STREAM, 9700))
 """The defaults of the programs an operator runs: the CSMS's UDP port (the roaming endpoints'
@@ -46,3 +47,12 @@ def default_ports_taken() -> Iterator[list[int]]:
     finally:
         for s in held:
             s.close()
+
+
+@pytest.fixture
+def programs() -> Iterator[list[Program]]:
+    """Programs (tests/programs.py) a test starts as an operator would; stopped when it ends."""
+    started: list[Program] = []
+    yield started
+    for p in reversed(started):
+        p.stop()

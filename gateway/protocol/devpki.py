@@ -49,6 +49,14 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def private_by_default() -> None:
+    """Make every file this process creates from now on its owner's only (umask 077): the
+    SQLite stores and their WAL and journal files (device keys, tokens, the CSMS's key pairs),
+    keys, seeds, configurations. Each program that keeps secrets calls it first thing in its
+    `main`; created private, never chmod'ed afterwards."""
+    os.umask(0o077)
+
+
 def private_dir(folder: Path) -> Path:
     """Make `folder` (and its parents) if absent; a folder made here is 0700."""
     if not folder.exists():

@@ -36,6 +36,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from gateway.protocol import devpki
 from tools.board import Board
 from tools.site.harness import Site, factory_key, until
 
@@ -58,7 +59,7 @@ class GatewayProcess:
         self.ports: dict[str, int] = {}
         """The ports it bound ("lan", "metrics"), from its first READY line."""
         self.log: list[str] = []
-        config.write_text(_toml(doc))
+        devpki.write_private(config, _toml(doc).encode())  # it holds the factory seed
 
     def start(self, timeout: float = 20) -> None:
         end = time.monotonic() + timeout
@@ -85,7 +86,7 @@ class GatewayProcess:
             self.ports = {k: int(v) for k, v in (kv.split("=") for kv in ready[0].split()[1:])}
             self.doc["lan"]["listen"] = f"127.0.0.1:{self.ports['lan']}"
             self.doc["metrics"]["listen"] = f"127.0.0.1:{self.ports['metrics']}"
-            self.config.write_text(_toml(self.doc))
+            devpki.write_private(self.config, _toml(self.doc).encode())
 
     def _read(self, p: subprocess.Popen[str], done: threading.Event, ready: list[str]) -> None:
         """Keeps the last lines of `p`'s output; `ready` gets its READY line, `done` is set then

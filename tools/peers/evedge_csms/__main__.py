@@ -14,6 +14,7 @@ from pathlib import Path
 
 from evedge_csms.config import load
 from evedge_csms.server import CsmsServer
+from gateway.protocol import devpki
 
 
 async def _run(server: CsmsServer) -> None:
@@ -28,6 +29,7 @@ async def _run(server: CsmsServer) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    devpki.private_by_default()
     ap = argparse.ArgumentParser(prog="evedge-csms", description="The CSMS peer (docs/csms.md)")
     ap.add_argument("--config", type=Path, help="TOML file (all keys optional)")
     ap.add_argument("--data", type=Path, help="data folder (overrides csms.data)")

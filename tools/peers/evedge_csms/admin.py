@@ -30,6 +30,7 @@ from evedge_csms.inbound import Ctx
 from evedge_csms.pki import Ca, load_or_create_signer
 from evedge_csms.store import SqliteStore
 from evedge_csms.wire import unix_time
+from gateway.protocol import devpki
 from gateway.schema import ResetWhen
 
 SDR_FIELDS = (
@@ -77,6 +78,7 @@ def export_sdrs(api: Csms, fmt: str, out: TextIO) -> None:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    devpki.private_by_default()
     ap = argparse.ArgumentParser(prog="evedge-csms-admin", description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="the CSMS data folder")
     ap.add_argument("--config", type=Path, help="the CSMS config file (for policy and PKI paths)")

@@ -13,7 +13,7 @@ import logging
 import signal
 from pathlib import Path
 
-from gateway.protocol import gid
+from gateway.protocol import devpki, gid
 
 from . import config
 from .ch import ClearingHouse
@@ -47,6 +47,7 @@ async def run(role: str, cfg: config.EndpointConfig, demo_evses: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    devpki.private_by_default()
     ap = argparse.ArgumentParser(prog="evedge-roaming", description=__doc__)
     ap.add_argument("--role", choices=config.ROLES)
     ap.add_argument("--config", type=Path)
