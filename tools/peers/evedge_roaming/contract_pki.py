@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.protocol import devpki
+
 ROOT_VALIDITY = dt.timedelta(days=40 * 365)
 SUB_VALIDITY = dt.timedelta(days=4 * 365)
 CONTRACT_VALIDITY = dt.timedelta(days=2 * 365)
@@ -169,11 +171,12 @@ class ContractCa:
         for path, data in zip(
             files, (root.public_bytes(pem), _key_pem(root_key), sub.public_bytes(pem), _key_pem(sub_key)), strict=True
         ):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(data)
             if path.suffix == ".key":
-                tmp.chmod(0o600)
-            tmp.replace(path)
+                devpki.write_private(path, data)  # created 0600, renamed into place
+            else:
+                tmp = path.with_suffix(path.suffix + ".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(path)
         return cls(party, root, sub, sub_key)
 
     def issue(self, csr: x509.CertificateSigningRequest, contract_id: str, now: dt.datetime) -> list[bytes]:
