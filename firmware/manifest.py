@@ -1,5 +1,5 @@
 # ruff: noqa: F821
-# `include`, `package` and `module` are builtins of MicroPython's manifest tool (tools/makemanifest.py),
+# `include`, `package`, `module` and `options` are builtins of MicroPython's manifest tool (tools/makemanifest.py),
 # which exec()s this file; neither ruff nor mypy can know them.
 # Freezes the firmware into a MicroPython build (the codec and services then live in flash as bytecode,
 # not in the heap):
@@ -12,7 +12,10 @@ import os
 
 _fw = os.getenv("EVEDGE_FW") or "."
 
-include("$(PORT_DIR)/boards/manifest.py")  # type: ignore[name-defined]  # the port's own (asyncio …)
+# the port's own manifest (asyncio …): a board port's boards/manifest.py; the emulated board's image
+# (tools/board/manifest_unix.py) includes this file with the unix port's instead
+options.defaults(port_manifest="$(PORT_DIR)/boards/manifest.py")  # type: ignore[name-defined]
+include(options.port_manifest)  # type: ignore[name-defined]
 # the whole firmware: `csc` holds only what a board runs (the emulated board's simulated hardware
 # is boards/sim.py, never frozen; tests/test_fw_layout.py checks what this file freezes)
 package("csc", base_path=_fw)  # type: ignore[name-defined]

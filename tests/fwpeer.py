@@ -71,6 +71,8 @@ class Peer:
         self.conns: list[Conn] = []
         self.hellos = 0
         self._answers: dict[int, tuple[int, Body, float]] = {}
+        self.answer_prio: dict[int, int] = {}  # msg id of our request -> the class the board answered in
+        self.last_request = 0  # msg id of the last request sent
         self._mid = 1_000_000
         self._cv = threading.Condition()
         self.srv = socket.socket()
@@ -151,6 +153,7 @@ class Peer:
                     self.events.append((t, a, body))
             elif k in (Kind.RESPONSE, Kind.ERROR):
                 self._answers[mid] = (k, body, t)
+                self.answer_prio[mid] = fr.prio
                 if k == Kind.ERROR:
                     self.errors.append(body)
             elif k == Kind.REQUEST:
@@ -266,6 +269,7 @@ class Peer:
         self._mid += 1
         mid = self._mid
         p = MESSAGES[action].priority if prio is None else prio
+        self.last_request = mid
         c.seal(Kind.REQUEST, mid, p, action, body, secrets)
         k, b, _ = self.wait(lambda: self._answers.get(mid), timeout)
         return k, b
@@ -276,10 +280,20 @@ class Peer:
         self._mid += 1
         mid = self._mid
         p = MESSAGES[action].priority if prio is None else prio
+        self.last_request = mid
         t0 = time.monotonic()
         c.seal(Kind.REQUEST, mid, p, action, body)
         k, b, t1 = self.wait(lambda: self._answers.get(mid), 10)
         return k, b, t1 - t0
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """A request the board answers without side effects (GetVariables of one variable): the
+        board handles what it receives in order, one frame after the other, so once this answer
+        is here everything sent to it before was handled."""
+        k, _ = self.request(
+            Action.GET_VARIABLES, {Key.VARS: [{Key.COMPONENT: "EVSE", Key.VARIABLE: "MaxPowerW"}]}, timeout=timeout
+        )
+        assert k == Kind.RESPONSE
 
     def send_event(self, action: int, body: Body) -> None:
         c = self.conn()
@@ -297,7 +311,8 @@ FACTORY_KEY = bytes(range(32))
 class Rig:
     """A gateway peer and one emulated board on it, onboarded and registered."""
 
-    def __init__(self, workdir: Any, heap: str = "512k", **peer_kw: Any) -> None:
+    def __init__(self, workdir: Any, heap: str | None = None, **peer_kw: Any) -> None:
+        """`heap`: the board's -X heapsize; by default the board's own (tools.board.runner.DEFAULT_HEAP)."""
         from tools.board import Board
 
         self.peer = Peer({"evse-1": {"factory_key": FACTORY_KEY}}, **peer_kw)
@@ -326,3 +341,29 @@ def charging(rig: Rig, token: str = "card-1", **plug: object) -> int:
     rig.board.cmd("plug", **plug)
     rig.board.cmd("card", token=token)
     return int(rig.board.wait("tx_started", since=m)["tx_id"])
+
+
+def barrier(board: Any) -> int:
+    """The index in `board.events` just past a `status` answer: the board handles its control
+    commands in order, so everything it did from that index on came after every command sent
+    before this call had been carried out. Events of its own (ticks, the link) seen there
+    happened after those commands too."""
+    m = board.mark()
+    board.cmd("status")
+    e = board.wait("status", since=m)
+    with board._cv:
+        return next(i for i in range(m, len(board.events)) if board.events[i] is e) + 1
+
+
+def until_status(board: Any, pred: Callable[[dict[str, Any]], Any], timeout: float = 20.0) -> dict[str, Any]:
+    """The board's first `status` answer that satisfies `pred`, asked again (every 50 ms) until
+    one does; TimeoutError naming the last answer after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        st: dict[str, Any] = board.status()
+        if pred(st):
+            return st
+        if time.monotonic() > end:
+            shown = {k: v for k, v in st.items() if k not in ("modules",)}
+            raise TimeoutError(f"board status never satisfied the condition in {timeout} s; last: {shown}")
+        time.sleep(0.05)  # the poll's pace, not a wait for something

@@ -15,12 +15,14 @@ from fwpeer import Rig, charging
 
 from gateway.schema import Action, Key, Kind
 from tools.board.footprint import ON_DEMAND
+from tools.board.runner import board_kind
 
 pytestmark = pytest.mark.timeout(120)
 
-# the heap docs/firmware.md states for every command ("Every command on the claimed heap"); the
-# footprint scenario alone passes with less (134k)
-CLAIMED_HEAP = "155k"
+# the heap docs/firmware.md states for every command ("Every command on the claimed heap"), per board
+# (EVEDGE_BOARD): on the 32-bit board image 48k (40k passes, 38k fails; the footprint scenario alone
+# passes in 38k), on the 64-bit build with its bytecode in the heap 155k (the scenario: 130k)
+CLAIMED_HEAP = {"image": "48k", "bytecode": "155k", "source": "512k"}[board_kind()]
 CA_CERT = b"\x30\x82\x01\x00" + b"ca-root-certificate" * 4
 
 

@@ -12,6 +12,7 @@ import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -174,7 +175,8 @@ def frozen(fw: Path | None = None) -> set[str]:
         os.environ["EVEDGE_FW"] = str(fw)
     try:
         code = compile(MANIFEST.read_text(), str(MANIFEST), "exec")
-        exec(code, {"include": lambda path: None, "package": package, "module": module})
+        options = SimpleNamespace(defaults=lambda **kw: None, port_manifest=None)  # the port's manifest: left out
+        exec(code, {"include": lambda path: None, "package": package, "module": module, "options": options})
     finally:
         os.environ.pop("EVEDGE_FW", None)
         if saved is not None:

@@ -24,6 +24,10 @@ step "cargo fmt"                    cargo fmt --all --check
 step "clippy"                       cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo test"                   cargo test -p evcore --quiet
 step "pytest"                       python -m pytest -q
+# the boards above run on the 32-bit board image (firmware frozen); the firmware tests that start
+# boards again on the 64-bit build with its bytecode in the heap (tools/board/runner.py), ~1 min
+step "firmware boards, 64-bit build" env EVEDGE_BOARD=bytecode python -m pytest -q tests/test_fw_build.py \
+    tests/test_fw_footprint.py tests/test_fw_outbox.py tests/test_fw_station.py tests/test_fw_usecases.py
 
 if ((${#failed[@]})); then
     printf '\nFAILED: %s\n' "${failed[*]}"

@@ -282,7 +282,8 @@ def main():
     m2 = gc.mem_alloc()
     ctl = Control(app, hal, mp)
     ctl.peak = m2
-    note("boot", {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free()})
+    m = sys.maxsize  # 2**31 - 1 on the 32-bit board image, 2**63 - 1 on the 64-bit unix port
+    note("boot", {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m})
     asyncio.run(app.main((ctl.run(), ctl.meter_task())))
 
 

@@ -6,7 +6,9 @@ with its factory key given as `--factory-key HEX` (what the board maker stored o
 Type control commands as JSON lines on standard input (`{"cmd": "card", "token": "CARD-1"}`,
 `{"cmd": "plug"}`, `{"cmd": "step", "ms": 600000}`, `{"cmd": "unplug"}`; docs/firmware.md);
 the board's events are printed as JSON lines as they happen. End of input powers the board
-off, unless `--keep` is given (then it runs until interrupted).
+off, unless `--keep` is given (then it runs until interrupted). The board runs on the board image
+(tools/board/image.py: the 32-bit unix port with the firmware frozen in; built on first use), or with
+`--bytecode` (or EVEDGE_BOARD=bytecode) on the 64-bit port with the build's bytecode in the heap.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from gateway import config as gwconfig
 
+from .image import ImageError
 from .runner import Board
 
 
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--factory-key", help="hex: the board's factory key")
     ap.add_argument("--factory-seed", help="hex: the site's factory seed (the key is derived from it)")
     ap.add_argument("--gateway-config", type=Path, help="the gateway's TOML: its factory seed")
-    ap.add_argument("--heap", default="512k", help="MicroPython heap (-X heapsize)")
+    ap.add_argument("--heap", default=None, help="MicroPython heap (-X heapsize; default: runner.DEFAULT_HEAP)")
+    ap.add_argument("--bytecode", action="store_true", help="the 64-bit build, bytecode in the heap (not the image)")
     ap.add_argument("--keep", action="store_true", help="keep running after the end of standard input")
     ap.add_argument("--source", action="store_true", help="run firmware/ as it is, not the build (debugging)")
     a = ap.parse_args(argv)
@@ -73,7 +77,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--gw: expected HOST:PORT, got {a.gw!r}")
         port = int(p)
     folder = a.dir or Path(tempfile.gettempdir()) / f"evedge-board-{a.id}"
-    b = Board(folder, port, a.id, _key(a, ap), a.heap, source=a.source, gw_host=host).start()
+    kind = "source" if a.source else "bytecode" if a.bytecode else None  # None: EVEDGE_BOARD, else the image
+    try:
+        b = Board(folder, port, a.id, _key(a, ap), a.heap, source=a.source, gw_host=host, kind=kind).start()
+    except (ImageError, ValueError) as e:
+        sys.exit(f"board: {e}")
     done = threading.Event()
 
     def show() -> None:

@@ -1,20 +1,27 @@
-"""Footprint of the firmware: `python -m tools.board.footprint [--quick] [--source]`.
+"""Footprint of the firmware: `python -m tools.board.footprint [--quick] [--bytecode | --source]`.
 
-- total .mpy size: every module of firmware/csc as the build compiles it (tools/board/build.py:
-  constants inlined across modules, mpy-cross; as frozen on a board);
-- heap taken by each module's import (`--source`: the source compiled on the board, not the build):
-  the modules imported at boot, then apart those loaded when a command needs them (the services
-  built on their first command, and the rare commands' modules, dropped again after the command);
+Measures the board image by default (tools/board/image.py: the 32-bit unix port with the firmware
+frozen in, as a microcontroller runs it); `--bytecode` the 64-bit unix port with the build's .mpy
+loaded into the heap, `--source` the source compiled on that board. The first line says which.
+
+- what goes to flash (the image): the frozen firmware (what firmware/manifest.py freezes: bytecode,
+  qstrs, constants and raw-code structs, as mpy-tool counts them for a 32-bit target); for the
+  64-bit build: the total .mpy size of firmware/csc as the build compiles it (tools/board/build.py:
+  constants inlined across modules, mpy-cross);
+- heap taken by each module's import: the modules imported at boot, then apart those loaded when a
+  command needs them (the services built on their first command, and the rare commands' modules,
+  dropped again after the command);
 - heap after the imports (the modules imported at boot) and after boot (App built, buffers
   preallocated, state loaded);
 - peak heap (sampled after gc every 250 ms, and at the reboot) during a full charging
   session while a firmware download (16 chunks, verified) and a log upload (8 KiB) run —
   both checked to have progressed during the session —, up to the install and the reboot
   that follow the session's end; the working set = peak − heap after imports (and after boot);
-- the smallest `-X heapsize` with which that scenario passes (to 4 KiB; a board that ran out of
-  heap on the way, MemoryError or a service's error, fails).
-On the unix port the bytecode of .mpy modules is loaded into the heap (a board runs it
-frozen in flash), so the smallest heap includes the code; the working set does not.
+- the smallest `-X heapsize` with which that scenario passes (searched down to 16k, in 1 KiB steps
+  on the image, 4 KiB on the 64-bit build; a board that ran out of heap on the way, MemoryError or a
+  service's error, fails).
+On the 64-bit build the bytecode of .mpy modules is loaded into the heap (a board runs it frozen in
+flash), so the smallest heap includes the code; the working set does not.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import image
 from .build import FIRMWARE, build
 from .runner import micropython
 
@@ -72,16 +80,17 @@ FIRST_USE = ["csc.services.security", "csc.services.monitoring"]
 ON_DEMAND = sorted("csc.services." + p.stem for p in (FIRMWARE / "csc" / "services").glob("*_cmds.py"))
 
 
-def per_import(code: Path) -> list[tuple[str, int, int]]:
+def per_import(code: Path | None) -> list[tuple[str, int, int]]:
     """Heap taken by each module's import (after gc), in dependency order: (name, bytes, 0) for the
     resident modules, (name, bytes while loaded, bytes left after it was dropped) for the ones
-    loaded on demand."""
+    loaded on demand. `code` None: the board image's frozen modules."""
+    exe = str(image.built()) if code is None else micropython()
     r = subprocess.run(
-        [micropython(), "-X", "heapsize=1m", "-c", IMPORTS % (ORDER + FIRST_USE, ON_DEMAND)],
+        [exe, "-X", "heapsize=1m", "-c", IMPORTS % (ORDER + FIRST_USE, ON_DEMAND)],
         check=True,
         capture_output=True,
         text=True,
-        env={**os.environ, "MICROPYPATH": f"{code}:.frozen"},
+        env={**os.environ, "MICROPYPATH": ".frozen" if code is None else f"{code}:.frozen"},
         timeout=60,
     )
     return [(w[0], int(w[1]), int(w[2]) if len(w) > 2 else 0) for w in (line.split() for line in r.stdout.splitlines())]
@@ -91,8 +100,11 @@ class ScenarioError(Exception):
     """The scenario did not run what it measures."""
 
 
-def scenario(code: Path, heap: str) -> dict[str, int] | None:
-    """The full session; its figures, or None when the board failed (out of memory)."""
+def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int] | None:
+    """The full session; its figures, or None when the board failed (out of memory). `code`: a
+    build to run on the 64-bit port, FIRMWARE for the source, None for the board image. `strict`:
+    a scenario that did not run what it measures raises ScenarioError; else (the heap search: a
+    board short of heap drops log lines) it fails."""
     from fwpeer import FACTORY_KEY, Peer  # noqa: PLC0415 — on the path set above
 
     from gateway.schema import Action, Key  # noqa: PLC0415
@@ -100,10 +112,11 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
 
     peer = Peer({"evse-1": {"factory_key": FACTORY_KEY}})
     peer.tokens[b"card-1"] = 0
-    image = b"CSCFW1" + bytes(range(256)) * 64  # 16 KiB image
-    peer.firmware[1] = image
+    fw_image = b"CSCFW1" + bytes(range(256)) * 64  # 16 KiB image
+    peer.firmware[1] = fw_image
     with tempfile.TemporaryDirectory() as d:
-        b = Board(d, peer.port, heap=heap, code_dir=None if code == FIRMWARE else code, source=code == FIRMWARE)
+        kind = "image" if code is None else "source" if code == FIRMWARE else "bytecode"
+        b = Board(d, peer.port, heap=heap, code_dir=code if kind == "bytecode" else None, kind=kind)
         try:
             b.start()
             boot = b.wait("boot", timeout=10)
@@ -121,8 +134,8 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
                 {
                     Key.IMAGE_ID: 1,
                     Key.VERSION: "1.1",
-                    Key.SIZE: len(image),
-                    Key.SHA256: hashlib.sha256(image).digest(),
+                    Key.SIZE: len(fw_image),
+                    Key.SHA256: hashlib.sha256(fw_image).digest(),
                     Key.SIGNATURE: bytes(64),
                 },
                 timeout=5,
@@ -146,7 +159,7 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
             # both ran during the session, not before nor after it: the figure includes them
             chunks = [r for r in peer.requests if r[1] == Action.FIRMWARE_CHUNK]
             logs = peer.durable(Action.LOG_CHUNK)
-            need = (len(image) + 1023) // 1024
+            need = (len(fw_image) + 1023) // 1024
             if len(chunks) != need:
                 raise ScenarioError(f"firmware download: {len(chunks)} of {need} chunks written")
             if sum(len(c[Key.DATA]) for c in logs) < 8 * 1024:
@@ -166,8 +179,11 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
                 "heap_boot": boot["heap_boot"] - boot["heap_start"],
                 "peak": st["peak"] - boot["heap_start"],
             }
-        except ScenarioError:
-            raise  # the scenario did not run what it measures: no figure
+        except ScenarioError as e:
+            if strict:
+                raise  # the scenario did not run what it measures: no figure
+            print(f"  ({heap}: {e})")
+            return None
         except (TimeoutError, OSError) as e:
             print(f"  ({heap}: {str(e).splitlines()[0]})")
             return None
@@ -178,15 +194,28 @@ def scenario(code: Path, heap: str) -> dict[str, int] | None:
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    kind = "source" if "--source" in sys.argv else "bytecode" if "--bytecode" in sys.argv else "image"
     out = Path(tempfile.mkdtemp(prefix="csc-mpy-"))
     try:
-        source = "--source" in sys.argv
-        sizes = build(out)
-        csc = {k: v for k, v in sizes.items() if k.startswith("csc/")}
-        total = sum(csc.values())
-        print(f"total .mpy size: {total} bytes ({total / 1024:.1f} KiB), {len(csc)} modules of csc/ (built)")
-        code = FIRMWARE if source else out
-        print("heap per import (" + ("source" if source else "built") + "), the modules imported at boot:")
+        code: Path | None
+        if kind == "image":
+            exe = image.built()
+            print(f"measuring: {image.describe(exe)} ({exe})")
+            fz = image.info(exe)["frozen"]["firmware"]
+            print(
+                f"frozen firmware (to flash, what firmware/manifest.py freezes): {fz['total_bytes']} bytes "
+                f"({fz['total_bytes'] / 1024:.1f} KiB; {fz['modules']} modules: {fz['bytecode_bytes']} B of bytecode, "
+                f"{fz['qstrs']} qstrs in {fz['qstr_bytes']} B; the .mpy files: {fz['mpy_bytes']} B)"
+            )
+            code = None
+        else:
+            print("measuring: 64-bit " + ("source compiled on the board" if kind == "source" else "bytecode in heap"))
+            sizes = build(out)
+            csc = {k: v for k, v in sizes.items() if k.startswith("csc/")}
+            total = sum(csc.values())
+            print(f"total .mpy size: {total} bytes ({total / 1024:.1f} KiB), {len(csc)} modules of csc/ (built)")
+            code = FIRMWARE if kind == "source" else out
+        print(f"heap per import ({kind}), the modules imported at boot:")
         for name, n, left in per_import(code):
             if name == FIRST_USE[0]:
                 print("built on their first command (not in the heap after imports below):")
@@ -204,18 +233,33 @@ def main() -> None:
         print(f"working set (peak - heap after imports): {r['peak'] - r['heap_imports']} bytes")
         if quick:
             return
-        lo, hi = 64, 512  # KiB: lo fails, hi passes
-        while hi - lo > 4:  # to 4 KiB
-            mid = (lo + hi) // 2
-            ok = scenario(code, f"{mid}k") is not None
-            print(f"  heapsize {mid}k: {'pass' if ok else 'fail'}")
-            if ok:
-                hi = mid
-            else:
-                lo = mid
-        print(f"smallest -X heapsize that passes: {hi}k")
+        print(f"smallest -X heapsize that passes: {smallest_heap(code, 1 if kind == 'image' else 4)}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def smallest_heap(code: Path | None, step: int, lo: int = 16) -> str:
+    """The smallest -X heapsize (KiB, to `step`) in which the scenario passes, searched down to `lo`."""
+    hi = 32
+    while scenario(code, f"{hi}k", strict=False) is None:  # the first heap that passes, doubling
+        print(f"  heapsize {hi}k: fail")
+        lo, hi = hi, hi * 2
+        if hi > 512:
+            return "none up to 512k"
+    print(f"  heapsize {hi}k: pass")
+    if lo == 16 and scenario(code, "16k", strict=False) is not None:
+        return "16k or less (the search stops at 16k)"
+    while hi - lo > step:  # lo fails, hi passes
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            mid = lo + step
+        ok = scenario(code, f"{mid}k", strict=False) is not None
+        print(f"  heapsize {mid}k: {'pass' if ok else 'fail'}")
+        if ok:
+            hi = mid
+        else:
+            lo = mid
+    return f"{hi}k ({lo}k fails)"
 
 
 if __name__ == "__main__":

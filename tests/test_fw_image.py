@@ -1,0 +1,82 @@
+"""The board image (tools/board/image.py): MicroPython's unix port built 32-bit with the firmware
+frozen in. It builds (or is cached), freezes what firmware/manifest.py freezes plus the emulated
+board's own modules, a board on it boots on a 32-bit heap, and a build that fails or is cut short
+leaves nothing that could be taken for an image."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fwpeer import Rig
+from test_fw_layout import frozen
+
+from tools.board import image
+from tools.board.runner import DEFAULT_HEAP, Board
+
+pytestmark = pytest.mark.timeout(600)  # the first use builds the image (about a minute on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def exe() -> Path:
+    return image.built()
+
+
+def test_the_image_is_built_once_and_cached_by_its_inputs(exe: Path) -> None:
+    h = image.image_hash()
+    assert exe == image.cache_dir() / h / "micropython" and image.cached(h) == exe
+    assert image.built() == exe  # cached: the same file, not built again
+    info = image.info(exe)
+    assert info["hash"] == h and info["inputs"] == image.inputs()
+    fw = info["frozen"]["firmware"]  # what goes to a real board's flash
+    assert fw["modules"] == len(frozen()) and 0 < fw["bytecode_bytes"] < fw["total_bytes"]
+    assert info["frozen"]["image"]["total_bytes"] > fw["total_bytes"]  # asyncio, boards.unix and boards.sim too
+
+
+def test_the_image_freezes_what_a_board_freezes_and_the_emulated_boards_modules(exe: Path) -> None:
+    # boards.unix and main run a board when imported: main is tried last, and gets as far as the ESP32's flash
+    names = [*sorted(frozen() - {"main"} | {"boards.sim", "asyncio", "asyncio.stream"}), "main"]
+    probe = f"import sys\nprint(sys.maxsize)\nfor n in {names!r}:\n    __import__(n)\n    print(n)"
+    env = {**os.environ, "MICROPYPATH": ".frozen"}  # nothing from the file system
+    r = subprocess.run([str(exe), "-c", probe], check=False, capture_output=True, text=True, env=env, cwd="/")
+    out = r.stdout.split("Traceback")[0].split()
+    assert out[0] == str(2**31 - 1) and out[1:] == names[:-1], r.stdout
+    assert 'boards/esp32.py", line' in r.stdout and "no module named 'esp32'" in r.stdout  # main ran boards.esp32
+
+
+@pytest.fixture
+def image_rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    r.board = Board(tmp_path, r.peer.port, "evse-1", r.board.factory_key, kind="image")
+    yield r
+    r.close()
+
+
+def test_a_board_on_the_image_boots_on_a_32_bit_heap(exe: Path, image_rig: Rig) -> None:
+    b = image_rig.board
+    assert (b.exe, b.heap, b.code_dir) == (str(exe), DEFAULT_HEAP["image"], None)
+    assert b.describe() == f"32-bit frozen board image {exe.parent.name}"
+    image_rig.up()
+    boot = b.all("boot")[0]
+    assert boot["maxsize"] == 2**31 - 1  # 32-bit pointers and small ints
+    st = b.status()
+    assert st["registered"] is True and st["mem_alloc"] + st["mem_free"] <= 64 * 1024
+
+
+def test_a_failed_build_leaves_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EVEDGE_BOARD_IMAGE_CACHE", str(tmp_path))
+    (tmp_path / ".build-left-by-a-kill").mkdir()  # what an interrupted build leaves
+
+    def broken(tmp: Path, ins: dict[str, str], h: str, quiet: bool) -> Path:
+        (tmp / "out").mkdir()
+        (tmp / "out" / "micropython").write_text("half an image")
+        raise KeyboardInterrupt  # the build cut short
+
+    monkeypatch.setattr(image, "_build", broken)
+    with pytest.raises(KeyboardInterrupt):
+        image.built(quiet=True)
+    assert image.cached() is None
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the leftovers removed, no image
