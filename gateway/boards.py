@@ -45,7 +45,8 @@ class BoardLink(Protocol):
 
     def send_one(self, frame: bytes) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, cause: str = "site", reason: str = "") -> None:
+        """Closes the link, counted under `cause` (gateway.languard.CAUSES)."""
 
 
 class LinkNotOpen(ConnectionError):
@@ -119,7 +120,7 @@ class Boards(Generic[C]):
         did = conn.link.device_id
         old = self.online.get(did)
         if old is not None and old is not conn:
-            old.close()  # a board reconnecting replaces its stale link
+            old.close("replaced")  # a board reconnecting replaces its stale link
         self.online[did] = conn
         self.by_idx[conn.link.idx] = conn
         ev = self.came_online.pop(did, None)

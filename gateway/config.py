@@ -64,16 +64,28 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class LanConfig:
-    """`[lan]`: the boards' TCP server and the flood policy."""
+    """`[lan]`: the boards' TCP server, its bounds (gateway/languard.py) and the flood policy."""
 
     host: str = "127.0.0.1"
     port: int = 7700
     max_bad_frames: int = 20
+    """Bad frames within `bad_window_s`: throttled; twice that: closed, and the device's
+    Hellos refused (RATE_LIMITED) until its count falls below it."""
     bad_window_s: float = 10.0
     throttle_s: float = 0.5
     heartbeat_s: int = 60
     queue_high: int = 50_000
     """Frames queued before reading pauses (backpressure)."""
+    max_connections: int = 2048
+    """Connections at once, lowered to RLIMIT_NOFILE less a headroom (languard.FD_HEADROOM)."""
+    max_per_address: int = 64
+    """Connections without a completed Hello from one source address."""
+    hello_timeout_s: float = 10.0
+    """A connection whose Hello has not arrived by then is closed."""
+    frame_timeout_s: float = 10.0
+    """A frame whose bytes have not all arrived by then (from its first byte) closes its connection."""
+    idle_heartbeats: float = 3.0
+    """A live link silent for this many heartbeat intervals (`heartbeat_s`) is closed."""
 
 
 @dataclass(frozen=True)
@@ -345,6 +357,11 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "throttle_s": _float(0, 60),
         "heartbeat_s": _int(1, 86400),
         "queue_high": _int(16, 10_000_000),
+        "max_connections": _int(1, 1_000_000),
+        "max_per_address": _int(1, 1_000_000),
+        "hello_timeout_s": _float(0.01, 3600),
+        "frame_timeout_s": _float(0.01, 3600),
+        "idle_heartbeats": _float(1.0, 1000),
     }),
     "outbox": (OutboxConfig, {
         "max_rows": _int(1, 1 << 40),

@@ -9,7 +9,10 @@ manufacturer's per-device keys, derived from one seed the operator installs. Dev
 sites may also accept a device-id prefix whose keys derive from `dev_seed` (load tests,
 benchmarks).
 
-The table is the one source of truth, shared by the running gateway and
+No Hello writes the table before its tag verified: a development device's row is inserted,
+and an onboarding key committed, only then, and on the gateway's writer thread
+(`onboard`, `admit`, through a connection of their own), never with an fsync on the event
+loop. The table is the one source of truth, shared by the running gateway and
 `python -m gateway devices` (another process): every Hello reads its device's row, so a
 device provisioned or deregistered while the gateway runs is seen at its next Hello,
 without a restart. Only the numbering of devices (`idx`, the Rust queue's device number,
@@ -62,21 +65,30 @@ class Devices:
     ) -> None:
         # Another process (`python -m gateway devices`) may write the table: wait for its
         # short write transactions rather than fail with "database is locked".
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=5.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._path = str(path)
+        self._db = self._connect()
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, idx INTEGER UNIQUE NOT NULL,"
             " k_dev BLOB, status TEXT NOT NULL)"
         )
+        self._wdb: sqlite3.Connection | None = None
+        """The connection of `onboard` and `admit`, opened by the first of them (the writer thread)."""
         self._factory_seed = factory_seed
         self._dev_seed = dev_seed if dev_prefix else None
         self._dev_prefix = dev_prefix
         self._names: OrderedDict[int, str] = OrderedDict()
         self._data_version = self._version()
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
     def close(self) -> None:
         self._db.close()
+        if self._wdb is not None:
+            self._wdb.close()
 
     def _row(self, where: str, arg: str | int) -> Device | None:
         r = self._db.execute(f"SELECT device_id, idx, k_dev, status FROM devices WHERE {where} = ?", (arg,)).fetchone()
@@ -137,40 +149,61 @@ class Devices:
     def _put(self, device_id: str, key: bytes | None, status: str) -> Device:
         """Inserts or updates a device; a new one gets the next number in the same statement,
         so that the gateway and the `devices` command never hand out one number twice."""
-        (idx,) = self._db.execute(
+        idx = self._write(self._db, device_id, key, status)
+        self._remember(idx, device_id)
+        return Device(device_id, idx, key, status)
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, device_id: str, key: bytes | None, status: str) -> int:
+        (idx,) = db.execute(
             "INSERT INTO devices(device_id, idx, k_dev, status)"
             " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), ?, ?)"
             " ON CONFLICT(device_id) DO UPDATE SET k_dev=excluded.k_dev, status=excluded.status RETURNING idx",
             (device_id, key, status),
         ).fetchall()[0]
-        self._remember(idx, device_id)
-        return Device(device_id, idx, key, status)
+        return int(idx)
 
-    def hello_key(self, device_id: str, factory: bool) -> bytes:
-        """The key the board's Hello must be tagged with (`K_dev`, or its factory key when
-        onboarding), read from the table at each Hello. Raises DeviceError naming why the
-        device may not connect."""
+    def _writer(self) -> sqlite3.Connection:
+        if self._wdb is None:
+            self._wdb = self._connect()
+        return self._wdb
+
+    def hello_key(self, device_id: str, factory: bool) -> tuple[bytes, bool]:
+        """`(key, new)`: the key the board's Hello must be tagged with (`K_dev`, or its factory
+        key when onboarding), read from the table at each Hello (nothing is written), and
+        whether the device is a development device without its row yet (`admit` it once the
+        Hello's tag verified). Raises DeviceError naming why the device may not connect."""
         d = self.get(device_id)
         if d is not None and d.status != ACTIVE:
             raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} is {d.status} at this site")
         if factory:
             if self._factory_seed is None:
                 raise DeviceError("UNKNOWN_DEVICE", "this site has no factory seed: onboarding is closed")
-            return derive(self._factory_seed, device_id)
+            return derive(self._factory_seed, device_id), False
         if d is not None and d.key is not None:
-            return d.key
+            return d.key, False
         if self._dev_seed is not None and device_id.startswith(self._dev_prefix):
-            key = derive(self._dev_seed, device_id)
-            self._put(device_id, key, ACTIVE)
-            return key
+            return derive(self._dev_seed, device_id), True
         raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} is not provisioned at this site")
 
     def onboard(self, device_id: str) -> bytes:
         """M13: makes and commits a fresh K_dev (it replaces an earlier one: the board
-        only asks with its factory key when it holds no device key)."""
+        only asks with its factory key when it holds no device key). On the writer thread,
+        once the factory Hello's tag verified."""
         key = secrets.token_bytes(32)
-        self._put(device_id, key, ACTIVE)
+        self._write(self._writer(), device_id, key, ACTIVE)
         return key
+
+    def admit(self, device_id: str, key: bytes) -> None:
+        """Commits the row of a development device (its key derived from `dev_seed`). On the
+        writer thread, once its Hello's tag verified; a row written meanwhile by the `devices`
+        command (a key provisioned, the device deregistered) is left as it is."""
+        self._writer().execute(
+            "INSERT INTO devices(device_id, idx, k_dev, status)"
+            " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET k_dev=excluded.k_dev WHERE status = ? AND k_dev IS NULL",
+            (device_id, key, ACTIVE, ACTIVE),
+        )
 
     def provision(self, device_id: str, key: bytes) -> Device:
         """Installs a key made elsewhere (`devices provision`, a migration into this site

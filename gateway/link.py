@@ -10,9 +10,10 @@ policy, and sealing acks and responses with the link's counter.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,9 @@ class State(enum.Enum):
     AWAIT_HELLO = 0
     OPEN = 1
     CLOSED = 2
+    REGISTERING = 3
+    """The Hello verified; the device's row is being committed (off the event loop) before
+    the answer is sent."""
 
 
 class Verdict(enum.Enum):
@@ -83,9 +87,61 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class FloodPolicy:
+    """`max_bad` bad frames within `window_s`: the link is read at most once per `throttle_s`;
+    twice that: closed, and the device's Hellos are refused until the count falls below it."""
+
     max_bad: int = 20
     window_s: float = 10.0
     throttle_s: float = 0.5
+
+    @property
+    def close_at(self) -> int:
+        return 2 * self.max_bad
+
+
+class FloodMemory:
+    """The times of each device's bad frames within the flood window, kept across its links:
+    a device that floods and reconnects stays throttled, then refused, for the window. Only a
+    device whose Hello verified can add to its own count."""
+
+    def __init__(self, policy: FloodPolicy) -> None:
+        self.policy = policy
+        self._bad: dict[str, deque[float]] = {}
+
+    def note(self, device_id: str, now: float) -> None:
+        bad = self._bad.get(device_id)
+        if bad is None:
+            bad = self._bad[device_id] = deque(maxlen=self.policy.close_at)
+        bad.append(now)
+
+    def count(self, device_id: str, now: float) -> int:
+        """Bad frames of the device within the window ending at `now`."""
+        bad = self._bad.get(device_id)
+        if bad is None:
+            return 0
+        horizon = now - self.policy.window_s
+        while bad and bad[0] < horizon:
+            bad.popleft()
+        return len(bad)
+
+    def verdict(self, device_id: str, now: float) -> Verdict:
+        n = self.count(device_id, now)
+        if n >= self.policy.close_at:
+            return Verdict.CLOSE
+        return Verdict.THROTTLE if n >= self.policy.max_bad else Verdict.OK
+
+    def budget(self, device_id: str, now: float) -> int:
+        """Bad frames the device may still send before its link is closed (at least 1 while open)."""
+        return max(1, self.policy.close_at - self.count(device_id, now))
+
+    def prune(self, now: float) -> None:
+        """Forgets the devices with no bad frame left in the window."""
+        for did in [d for d in self._bad if not self.count(d, now)]:
+            del self._bad[did]
+
+    def held(self) -> int:
+        """Devices at the closing count (their Hellos are refused until it falls)."""
+        return sum(len(b) >= self.policy.close_at for b in self._bad.values())
 
 
 @dataclass
@@ -96,6 +152,11 @@ class Output:
     close: bool = False
     verdict: Verdict = Verdict.OK
     onboarded: bool = False
+    cause: str = ""
+    """Why the link closes (gateway.languard.CAUSES): "bad_hello", "flood"."""
+    store: Callable[[], bytes | None] | None = None
+    """A write to the device table to run off the event loop before the Hello is answered
+    (a development device's first row, an onboarding key): its result goes to `Link.hello_stored`."""
 
 
 def peek(frame: bytes) -> tuple[int, int, int, int]:
@@ -117,9 +178,18 @@ def peek(frame: bytes) -> tuple[int, int, int, int]:
 class Link:
     """One board connection: Hello, then counters in both directions."""
 
-    def __init__(self, devices: Devices, policy: FloodPolicy, *, interval_s: int = 60, window: int = 64) -> None:
+    def __init__(
+        self,
+        devices: Devices,
+        policy: FloodPolicy,
+        *,
+        interval_s: int = 60,
+        window: int = 64,
+        memory: FloodMemory | None = None,
+    ) -> None:
         self.devices = devices
         self.policy = policy
+        self.memory = memory if memory is not None else FloodMemory(policy)
         self.interval_s = interval_s
         self.window = window
         self.state = State.AWAIT_HELLO
@@ -130,8 +200,11 @@ class Link:
         self.e_up = b""
         self.e_dn = b""
         self.rejected: dict[str, int] = {}
-        self._bad: deque[float] = deque()
+        self.refusal = ""
+        """The error name and reason of a Hello refused (for the log)."""
         self._next_id = 0
+        self._hello: tuple[int, bytes, bytes, bool] | None = None
+        """msg id, K_dev, board nonce and factory flag of a Hello waiting for its row (REGISTERING)."""
 
     # ------------------------------------------------------------ handshake
 
@@ -154,7 +227,7 @@ class Link:
             reason = f"Hello nonce is {len(nonce_b)} bytes, want 16"
             return self._refuse("OUT_OF_RANGE", reason, hello.msg_id, None, now, Key.NONCE)
         try:
-            k_dev = self.devices.hello_key(device_id, factory)
+            k_dev, new_row = self.devices.hello_key(device_id, factory)
         except DeviceError as e:
             return self._refuse(e.name, e.reason, hello.msg_id, None, now, Key.DEVICE_ID)
         k_hello = _core.hello_key(k_dev)
@@ -174,14 +247,34 @@ class Link:
         if not FIRST_SCHEMA_REV <= rev <= SCHEMA_REV:
             reason = f"schema_rev {rev} not supported: this gateway accepts {FIRST_SCHEMA_REV}..{SCHEMA_REV}"
             return self._refuse("BAD_VERSION", reason, hello.msg_id, k_hello, now, Key.SCHEMA_REV)
+        if self.memory.verdict(device_id, now) is Verdict.CLOSE:
+            p = self.policy
+            reason = f"{device_id} sent {p.close_at} bad frames within {p.window_s:g} s: refused for up to that long"
+            return self._refuse("RATE_LIMITED", reason, hello.msg_id, k_hello, now, cause="flood")
+        self.device_id = device_id
+        self._hello = (hello.msg_id, k_dev, nonce_b, factory)
+        # The tag verified: only now may the Hello write the device table, and off the event
+        # loop (`store`); M13: the new key is committed before the response that carries it.
+        if factory:
+            store: Callable[[], bytes | None] | None = functools.partial(self.devices.onboard, device_id)
+        elif new_row:
+            store = functools.partial(self.devices.admit, device_id, k_dev)
+        else:
+            return self.hello_stored(None, now)
+        self.state = State.REGISTERING
+        return Output(store=store)
+
+    def hello_stored(self, new_key: bytes | None, now: float) -> Output:
+        """The Hello's answer, once what it had to write is committed (`new_key`: the
+        onboarding key made, M13)."""
+        assert self._hello is not None
+        msg_id, k_dev, nonce_b, _factory = self._hello
+        self._hello = None
         nonce_g = os.urandom(16)
         k_up, k_dn, self.e_up, self.e_dn = _core.derive_keys(k_dev, nonce_b, nonce_g)
         self.rx = _core.Receiver(k_up, self.window)
         self.tx = _core.Sender(k_dn)
-        self.device_id = device_id
-        # M13: the new key is committed before the response that carries it is sent
-        new_key = self.devices.onboard(device_id) if factory else None
-        self.idx = self.devices.idx_of(device_id)
+        self.idx = self.devices.idx_of(self.device_id)
         self.state = State.OPEN
         self._next_id = int(now * 1000) << 4  # unique per device across gateway restarts
         reply: dict[int, Any] = {
@@ -196,25 +289,38 @@ class Link:
         if new_key is not None:
             reply[Key.DEVICE_KEY] = _core.aes_ctr(self.e_dn, self.tx.seq, Key.DEVICE_KEY, new_key)
             out.onboarded = True
-        out.frames.append(
-            self.tx.seal(Kind.RESPONSE, hello.msg_id, Priority.CONTROL, proto_ts(now), Action.HELLO, reply)
-        )
+        out.frames.append(self.tx.seal(Kind.RESPONSE, msg_id, Priority.CONTROL, proto_ts(now), Action.HELLO, reply))
         return out
 
+    def hello_failed(self, reason: str, now: float) -> Output:
+        """What the Hello had to write could not be committed: refused (INTERNAL), link closed."""
+        assert self._hello is not None
+        msg_id, k_dev, _nonce, _factory = self._hello
+        self._hello = None
+        return self._refuse("INTERNAL", reason, msg_id, _core.hello_key(k_dev), now)
+
     def _refuse(
-        self, name: str, reason: str, msg_id: int, key: bytes | None, now: float, field: int | None = None
+        self,
+        name: str,
+        reason: str,
+        msg_id: int,
+        key: bytes | None,
+        now: float,
+        field: int | None = None,
+        cause: str = "bad_hello",
     ) -> Output:
         """Error frame before the session keys exist: `seq` 0, action Hello, class control,
         tagged under K_hello when the device's key is known (`key`), else with 16 zero
         bytes; the link is closed after it."""
         self.count(name)
         self.state = State.CLOSED
+        self.refusal = f"{name}: {reason}"
         body = error_body(ErrorCode[name], reason, field)
         ts = proto_ts(now)
         frame = _core.encode(Kind.ERROR, 0, msg_id, Priority.CONTROL, ts, Action.HELLO, body, key or bytes(32))
         if key is None:
             frame = frame[:-16] + bytes(16)
-        return Output([frame], close=True)
+        return Output([frame], close=True, cause=cause)
 
     # ------------------------------------------------------------ after Hello
 
@@ -242,21 +348,21 @@ class Link:
                 self.error(ErrorCode.RATE_LIMITED, "too many bad frames: link closed", 0, 1, Action.CLOSE, now)
             )
             out.close = True
+            out.cause = "flood"
         return out
 
     def note_bad(self, name: str, now: float) -> None:
         self.count(name)
-        self._bad.append(now)
+        self.memory.note(self.device_id, now)
 
     def verdict(self, now: float) -> Verdict:
-        bad = self._bad
-        while bad and bad[0] < now - self.policy.window_s:
-            bad.popleft()
-        if len(bad) >= 2 * self.policy.max_bad:
-            return Verdict.CLOSE
-        if len(bad) >= self.policy.max_bad:
-            return Verdict.THROTTLE
-        return Verdict.OK
+        return self.memory.verdict(self.device_id, now)
+
+    def bad_budget(self, now: float) -> int:
+        """Bad frames this link may still send before it is closed: the glue hands the core
+        at most that many frames at a time, so that a flood is stopped at the frame that
+        reaches the limit, not after a whole read."""
+        return self.memory.budget(self.device_id, now)
 
     def error(
         self, code: int, reason: str, msg_id: int, prio: int, action: int, now: float, field: int | None = None

@@ -2,7 +2,8 @@
 
 `GET /metrics` — Prometheus exposition text; `GET /status` — the same figures as JSON
 (what `python -m gateway status` prints); `GET /urgent` — the last urgent frames' timings
-(`UrgentTrace`), as JSON.
+(`UrgentTrace`), as JSON. At most `MAX_CLIENTS` clients at once, each request line within
+`READ_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None, trace:
             lines += [f"# HELP evedge_uplink_{key} {help_}", f"# TYPE evedge_uplink_{key} gauge",
                       f"evedge_uplink_{key} {path[key]}"]  # fmt: skip
     lines += ["# TYPE evedge_throttled_total counter", f"evedge_throttled_total {s['throttled']}"]
+    lines += lan_lines(s.get("lan"))
     fw = s.get("firmware_cache")
     if fw:
         lines += [
@@ -205,6 +207,37 @@ def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None, trace:
     return "\n".join(lines) + "\n"
 
 
+def lan_lines(lan: dict[str, Any] | None) -> list[str]:
+    """The LAN server's bounds (gateway/languard.py): connections by state, closures by cause."""
+    if not lan:
+        return []
+    lines = [
+        "# HELP evedge_lan_connections Board connections by state: pre_hello (no Hello yet), live.",
+        "# TYPE evedge_lan_connections gauge",
+    ]
+    lines += [f'evedge_lan_connections{{state="{k}"}} {v}' for k, v in lan["connections"].items()]
+    lines += [
+        "# TYPE evedge_lan_max_connections gauge",
+        f"evedge_lan_max_connections {lan['max_connections']}",
+        "# TYPE evedge_lan_accepted_total counter",
+        f"evedge_lan_accepted_total {lan['accepted']}",
+        "# HELP evedge_lan_accept_errors_total accept() failures (EMFILE, ENFILE, …): accepting paused briefly.",
+        "# TYPE evedge_lan_accept_errors_total counter",
+        f"evedge_lan_accept_errors_total {lan['accept_errors']}",
+        "# HELP evedge_lan_closed_total Board connections closed or refused, by cause.",
+        "# TYPE evedge_lan_closed_total counter",
+    ]
+    lines += [f'evedge_lan_closed_total{{cause="{k}"}} {v}' for k, v in sorted(lan["closed"].items())]
+    lines += [
+        "# HELP evedge_lan_flood_held Devices whose Hellos are refused for a bad-frame flood in the window.",
+        "# TYPE evedge_lan_flood_held gauge",
+        f"evedge_lan_flood_held {lan['flood_held']}",
+        "# TYPE evedge_log_lines_suppressed_total counter",
+    ]
+    lines += [f'evedge_log_lines_suppressed_total{{cause="{k}"}} {v}' for k, v in sorted(lan["log_suppressed"].items())]
+    return lines
+
+
 class Observed(Protocol):
     """What the status server needs of the site (gateway.service.Gateway is one)."""
 
@@ -218,12 +251,23 @@ class Observed(Protocol):
         """Acceptance time (Unix ms) of the oldest row owed upstream, None when none."""
 
 
+MAX_CLIENTS = 16
+"""Connections the status server serves at once; more are closed at once."""
+READ_TIMEOUT_S = 5.0
+"""A client's request line must arrive within this."""
+
+
 async def serve(gw: Observed, host: str, port: int) -> asyncio.Server:
     meter = RateMeter()
+    active = [0]
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if active[0] >= MAX_CLIENTS:
+            writer.close()
+            return
+        active[0] += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
+            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
             path = line.split()[1].decode() if len(line.split()) > 1 else "/"
             snap = gw.snapshot()
             fps = meter.update(snap["frames_in"])
@@ -242,9 +286,10 @@ async def serve(gw: Observed, host: str, port: int) -> asyncio.Server:
                 f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
             )
             await writer.drain()
-        except (OSError, TimeoutError, IndexError):
+        except (OSError, TimeoutError, IndexError, ValueError):  # ValueError: a request line over 64 KiB
             pass
         finally:
+            active[0] -= 1
             writer.close()
 
     return await asyncio.start_server(handle, host, port)

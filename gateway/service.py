@@ -34,7 +34,8 @@ from gateway.commands import CommandPath
 from gateway.config import Config
 from gateway.devices import Devices
 from gateway.forward import Forwarder
-from gateway.lan import BoardConnection, serve
+from gateway.lan import BoardConnection, LanServer, serve
+from gateway.languard import LanGuard
 from gateway.link import FloodPolicy, Link
 from gateway.localcsms.answer import LocalCsms
 from gateway.localcsms.auth import Authorizer
@@ -91,6 +92,8 @@ class Gateway:
         self.fifo = up.fifo
         self.queue = _core.PriorityQueue(max_items=lan.queue_high * 4, max_bytes=256 << 20)
         self.flood = FloodPolicy(lan.max_bad_frames, lan.bad_window_s, lan.throttle_s)
+        self.guard = LanGuard(lan, self.flood)
+        """Connection caps, deadlines, closures by cause, the flood memory (gateway/languard.py)."""
         self.connections: set[BoardConnection] = set()
         self.boards: Boards[BoardConnection] = Boards(self.clock.now)
         self.online = self.boards.online
@@ -106,7 +109,7 @@ class Gateway:
         self.paused: set[BoardConnection] = set()
         self._scheduled = False
         self._tasks: list[asyncio.Task[Any]] = []
-        self._server: asyncio.Server | None = None
+        self._server: LanServer | None = None
         # counters for metrics
         self.frames_in = 0
         self.frames_stored = 0
@@ -150,7 +153,7 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         for c in list(self.connections):
-            c.close()
+            c.close("shutdown")
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -190,7 +193,7 @@ class Gateway:
                     conn = self.online.get(did)
                     if conn is not None:
                         log.info("device %s is no longer active at this site: link closed", did)
-                        conn.close()
+                        conn.close("deregistered")
 
     # ------------------------------------------------------------ links
 
@@ -432,6 +435,7 @@ class Gateway:
             "uptime_s": round(time.time() - self.started, 1),
             "links": len(self.online),
             "connections": len(self.connections),
+            "lan": self.guard.snapshot(len(self.connections)),
             "frames_in": self.frames_in,
             "frames_stored": self.frames_stored,
             "duplicates": self.duplicates,

@@ -225,6 +225,10 @@ def _ts() -> int:
     return int(time.time()) - EPOCH_UNIX
 
 
+CONNECT_AT_ONCE = 32
+"""Boards of one load connecting at the same time (below the gateway's `lan.max_per_address`, 64)."""
+
+
 @dataclass
 class LoadResult:
     sent: int
@@ -246,8 +250,16 @@ async def run_load(
     """Each board sends `per_board` events as fast as acks allow (at most `window` unacked);
     with `seconds`, it keeps sending until then instead. With `rate` (and `seconds`), each
     board sends one event every 1/`rate` s instead, the boards evenly staggered, whatever
-    the acks. `started` is called once every board is connected, just before the first event."""
-    await asyncio.gather(*(b.connect() for b in boards))
+    the acks. `started` is called once every board is connected, just before the first event.
+    The boards connect `CONNECT_AT_ONCE` at a time: they all come from one address, and the
+    gateway caps the connections without a completed Hello per address (`lan.max_per_address`)."""
+    at_once = asyncio.Semaphore(CONNECT_AT_ONCE)
+
+    async def connect(b: Board) -> None:
+        async with at_once:
+            await b.connect()
+
+    await asyncio.gather(*(connect(b) for b in boards))
     if started is not None:
         started()
     t0 = time.perf_counter()
