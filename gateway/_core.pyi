@@ -142,8 +142,9 @@ def encode(
 def decode(frame: bytes, key: bytes | None = None, *, max_frame: int | None = None) -> Frame:
     """Parses and validates a frame against the schema; checks the tag when `key` is
     given. No replay window (see `Receiver`). `max_frame` (default MAX_FRAME) raises the
-    size limit for upstream envelopes, up to MAX_UP_FRAME (ValueError beyond). Raises
-    FrameError."""
+    size limit for upstream envelopes, up to MAX_UP_FRAME (ValueError beyond); above
+    MAX_FRAME the budget of values is MAX_UP_OBJECTS instead of MAX_OBJECTS
+    (`gateway.schema`). Raises FrameError."""
 
 def relay_rows(
     frame: bytes, key: bytes | None = None, *, max_frame: int | None = None
@@ -160,8 +161,9 @@ def pack(value: Any) -> bytes:
 
 def unpack(data: bytes) -> Any:
     """One bare msgpack value, with the decoder's limits (depth 8, 256 items per
-    container, UTF-8 strings, no ext types); trailing bytes are an error. Raises
-    FrameError."""
+    container, `gateway.schema.MAX_OBJECTS` values below the outermost container —
+    MAX_UP_OBJECTS when `data` is longer than MAX_FRAME —, no map repeating a key, UTF-8 strings, no ext
+    types); trailing bytes are an error. Raises FrameError."""
 
 def split_frames(buf: bytes | bytearray) -> tuple[list[bytes], int]:
     """Cuts the complete u16-big-endian-length-prefixed frames off `buf`; returns them

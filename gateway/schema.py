@@ -6,12 +6,14 @@ import enum
 from typing import Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
-SCHEMA_REV: Final = 4
+SCHEMA_REV: Final = 5
 MAX_FRAME: Final = 4096
 MAX_UP_FRAME: Final = 1048576
 MAX_CHUNK: Final = 1024
 MAX_DEPTH: Final = 8
 MAX_ITEMS: Final = 256
+MAX_OBJECTS: Final = 512
+MAX_UP_OBJECTS: Final = 8192
 TAG_LEN: Final = 16
 EPOCH_UNIX: Final = 1704067200
 
@@ -60,6 +62,7 @@ class ErrorCode(enum.IntEnum):
     BAD_KEY = 26
     EXPIRED = 27
     INTERNAL = 28
+    TOO_MANY_OBJECTS = 29
 
 
 ERROR_TEXT: Final[dict[int, str]] = {
@@ -91,6 +94,7 @@ ERROR_TEXT: Final[dict[int, str]] = {
     26: 'map key is not an unsigned integer',
     27: 'command arrived after its expiry',
     28: 'receiver failed; the message was not accepted',
+    29: 'frame holds more values than the maximum number of objects',
 }
 
 

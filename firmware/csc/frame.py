@@ -9,7 +9,7 @@ precedence and raises the first error as a `FrameError`:
 
 1. length above MAX_FRAME → OVERSIZE
 2. structure (msgpack.check): TRUNCATED, INVALID_MSGPACK, TOO_DEEP, TOO_MANY_ITEMS,
-   BAD_UTF8, whichever comes first in byte order; then TRAILING_BYTES
+   TOO_MANY_OBJECTS, BAD_UTF8, whichever comes first in byte order; then TRAILING_BYTES
 3. envelope shape → BAD_ENVELOPE; 4. ver → BAD_VERSION; 5. tag → BAD_TAG;
 6. replay window → REPLAY
 7. kind > 4 → BAD_KIND; action unknown to the board → UNKNOWN_ACTION; kind not valid
@@ -19,7 +19,9 @@ precedence and raises the first error as a `FrameError`:
    struct in full where it stands): BAD_KEY, DUPLICATE_KEY, BAD_TYPE, OUT_OF_RANGE;
    then MISSING_FIELD for the first required key missing, in table order. Only the
    message's own fields (struct's own members) are checked against the field tables;
-   every other key, ext (0) included, is kept as it is, like the Rust core does.
+   every other key, ext (0) included, is kept as it is, like the Rust core does, except
+   that no map inside it may hold a key twice (DUPLICATE_KEY, `field` the body key
+   holding it, as for any fault inside a struct or list).
 """
 
 # ruff: noqa: PLR1714, SIM109, PLR0124
@@ -129,7 +131,8 @@ def encode(w, kind, seq, mid, prio, ts, action, body, mac=None, tag=None, ver=PR
     The frame itself is w.mv[2:end]. `mac` (a crypto.Hmac) computes the tag; without it
     `tag` (16 bytes) is written as given, or zeros. `body` is a dict (written in its
     iteration order) or msgpack.Pairs. Raises FrameError(E_OVERSIZE) when the frame
-    would exceed MAX_FRAME or the buffer.
+    would exceed MAX_FRAME or the buffer, FrameError(E_TOO_DEEP) when a value of the body
+    nests deeper than a receiver accepts (MAX_DEPTH containers, the envelope included).
     """
     w.pos = 2
     w.byte(0x99)
@@ -140,7 +143,7 @@ def encode(w, kind, seq, mid, prio, ts, action, body, mac=None, tag=None, ver=PR
     w.integer(prio)
     w.integer(ts)
     w.integer(action)
-    w.value(body)
+    w.value(body, 1)  # inside the envelope
     p = w.pos
     end = p + _TAIL
     if end - 2 > MAX_FRAME:
@@ -225,11 +228,13 @@ def _field(r, k, a, c, check=False):
             if KEYS[i] == k:
                 known = True
                 break
-    if not known:
-        return r.finish(cls)  # a key this message does not know: kept as it is
-    ft = FTYPE[k]
+    ft = FTYPE[k] if known else T_ANY  # a key this message does not know: kept as it is
     if ft == _NONE or ft == T_ANY:
-        return r.finish(cls)
+        try:
+            return r.finish(cls)
+        except FrameError as e:  # a map inside holds a key twice: the error names this key
+            e.field = k if k <= 0xFFFF else None
+            raise
     if ft != T_LIST:
         return _scalar(r, cls, ft, k, LIMITS[FLEN[k]])
     if cls != ARRAY:
@@ -263,7 +268,7 @@ def _entries(r, n, j):
             raise FrameError(E_BAD_KEY, "map key is not an unsigned int")
         k = r.v
         if k in d:
-            raise FrameError(E_DUPLICATE_KEY, "key appears twice", k)
+            raise FrameError(E_DUPLICATE_KEY, "key appears twice", k if k <= 0xFFFF else None)
         d[k] = _field(r, k, a, c)
     for i in range(a, b):
         if KEYS[i] not in d:

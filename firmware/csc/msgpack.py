@@ -4,20 +4,29 @@ Encoding writes into a preallocated buffer (`Writer`): the shortest form of ever
 str, bin, array and map (byte for byte what CPython's `msgpack.packb(v,
 use_bin_type=True)` writes), float32 when the value survives a round trip through
 float32 bit for bit (so ±inf and the default NaN too, as in the Rust core) and float64
-otherwise, maps in insertion order.
+otherwise, maps in insertion order. A value nested deeper than a decoder accepts (more than
+MAX_DEPTH containers, the envelope included when the frame's body is written at depth 1) is
+refused with TOO_DEEP before any byte of that container is written.
 
 Decoding reads a memoryview in two passes and never trusts a declared length:
 - `check` walks the bytes without allocating and raises the first structural error in
   byte order: TRUNCATED, INVALID_MSGPACK (0xc1, ext types), TOO_DEEP (more than
   MAX_DEPTH nested containers, the outermost counting 1), TOO_MANY_ITEMS (a container of
-  more than MAX_ITEMS items; a map's items are its entries), BAD_UTF8 (strict UTF-8: no
-  overlong forms, no surrogates, nothing above U+10FFFF);
-- `Reader` builds values from bytes that `check` accepted.
+  more than MAX_ITEMS items; a map's items are its entries), TOO_MANY_OBJECTS (more than
+  MAX_OBJECTS values below the outermost container: each container's declared items — a
+  map's keys and values — are charged when its header is read, before anything is built),
+  BAD_UTF8 (strict UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF);
+- `Reader` builds values from bytes that `check` accepted, and refuses a map that holds a
+  key twice (DUPLICATE_KEY), at any depth.
 Every error is a `FrameError(code, reason)` with a code from `schema.E_*`.
 
-Decoded maps are dicts (OrderedDict under MicroPython, whose dicts are unordered) in wire
-order; a map whose keys cannot make a dict (a list or map as key, or two equal keys)
-decodes as `Pairs`, a list of (key, value) tuples that the encoder writes back as a map.
+Two map keys are the same key when they are the same value: same type (nil, bool, int,
+float, str, bin, array, map) and equal, ints whatever their width, floats by value whatever
+their width (so NaN is never a repeat), arrays and maps item by item in wire order
+(docs/protocol.md, "Limits"). Decoded maps are dicts (OrderedDict under MicroPython, whose
+dicts are unordered) in wire order; a map whose keys cannot make a dict (a list or map as
+key, or keys that differ only in type: 1, 1.0 and true) decodes as `Pairs`, a list of
+(key, value) tuples that the encoder writes back as a map.
 """
 
 # ruff: noqa: PLR1714, SIM109, PLR0124
@@ -30,16 +39,19 @@ import sys
 from .schema import (
     E_BAD_TYPE,
     E_BAD_UTF8,
+    E_DUPLICATE_KEY,
     E_INVALID_MSGPACK,
     E_OUT_OF_RANGE,
     E_OVERSIZE,
     E_TOO_DEEP,
     E_TOO_MANY_ITEMS,
+    E_TOO_MANY_OBJECTS,
     E_TRAILING_BYTES,
     E_TRUNCATED,
     MAX_DEPTH,
     MAX_FRAME,
     MAX_ITEMS,
+    MAX_OBJECTS,
 )
 
 try:
@@ -87,7 +99,8 @@ class FrameError(Exception):
 
 class Pairs(list):
     """A msgpack map kept as a list of (key, value) tuples, in wire order, because its
-    keys cannot make a dict (a list or map as key, or the same key twice)."""
+    keys cannot make a dict (a list or map as key, or keys equal in Python that differ in
+    type: 1, 1.0, True)."""
 
 
 # ---------------------------------------------------------------- encoder
@@ -204,8 +217,9 @@ class Writer:
     def map(self, n):
         self._len(n, 0x80, 15, 0, 0xDE, 0xDF)
 
-    def value(self, v):
-        # one method for every type (MicroPython: each method costs heap of its own)
+    def value(self, v, depth=0):
+        # one method for every type (MicroPython: each method costs heap of its own);
+        # `depth` counts the containers around v, as check() does
         if v is None:
             self.byte(0xC0)
         elif v is True or v is False:
@@ -220,20 +234,24 @@ class Writer:
             self.raw(e)
         elif isinstance(v, (bytes, bytearray, memoryview)):
             self.binary(v)
-        elif isinstance(v, dict):
-            self.map(len(v))
-            for k in v:  # v.items() would allocate a tuple per entry under MicroPython
-                self.value(k)
-                self.value(v[k])
-        elif isinstance(v, Pairs):
-            self.map(len(v))
-            for k, x in v:
-                self.value(k)
-                self.value(x)
-        elif isinstance(v, (list, tuple)):
-            self._len(len(v), 0x90, 15, 0, 0xDC, 0xDD)
-            for x in v:
-                self.value(x)
+        elif isinstance(v, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise FrameError(E_TOO_DEEP, "value nested deeper than MAX_DEPTH")
+            depth += 1
+            if isinstance(v, dict):
+                self.map(len(v))
+                for k in v:  # v.items() would allocate a tuple per entry under MicroPython
+                    self.value(k, depth)
+                    self.value(v[k], depth)
+            elif isinstance(v, Pairs):
+                self.map(len(v))
+                for k, x in v:
+                    self.value(k, depth)
+                    self.value(x, depth)
+            else:
+                self._len(len(v), 0x90, 15, 0, 0xDC, 0xDD)
+                for x in v:
+                    self.value(x, depth)
         else:
             raise FrameError(E_BAD_TYPE, "no msgpack form for this value")
 
@@ -297,13 +315,21 @@ def utf8_ok(b, p, e):
     return True
 
 
-def check(b, p, end, depth=0, marks=None):
+_left = 0  # values left in the budget of the check() under way (not reentrant, like decode)
+
+
+def check(b, p, end, depth=0, marks=None, objects=MAX_OBJECTS):
     """Validate the structure of the value at b[p:end]; return where it ends.
 
-    `depth` counts the containers around the value. When `marks` (a list) is given and
-    the value is a container, marks[i] receives the offset of item i (for a map: of the
+    `depth` counts the containers around the value; a call at depth 0 starts a budget of
+    `objects` values (MAX_OBJECTS: a frame's), charged with each container's declared items
+    before they are read, in a counter (nothing allocated). When `marks` (a list) is given
+    and the value is a container, marks[i] receives the offset of item i (for a map: of the
     i-th key or value) for every i < len(marks).
     """
+    global _left
+    if not depth:
+        _left = objects
     if p >= end:
         raise FrameError(E_TRUNCATED, "value missing")
     t = b[p]
@@ -357,6 +383,9 @@ def check(b, p, end, depth=0, marks=None):
     depth += 1
     if kind == MAP:
         n += n
+    if n > _left:
+        raise FrameError(E_TOO_MANY_OBJECTS, "frame above MAX_OBJECTS values")
+    _left -= n
     i = 0
     if marks is not None:
         m = len(marks)
@@ -483,25 +512,39 @@ class Reader:
             for _ in range(n):
                 a.append(self.value())
             return a
-        d = Map()  # type: ignore[var-annotated]
-        i = 0
-        while i < n:
+        d = Map()
+        out = None
+        for _ in range(n):
             k = self.value()
-            v = self.value()
-            i += 1
-            if isinstance(k, (list, dict)) or k in d:
-                out = Pairs(d.items())
-                out.append((k, v))
-                while i < n:
-                    k = self.value()
-                    out.append((k, self.value()))
-                    i += 1
-                return out
-            d[k] = v
-        return d
+            if out is None:
+                if not isinstance(k, (list, dict)) and k not in d:
+                    d[k] = self.value()
+                    continue
+                out = Pairs(d.items())  # a key a dict cannot tell apart: pairs from here on
+            for x in out:
+                if same_key(x[0], k):
+                    raise FrameError(E_DUPLICATE_KEY, "map holds a key twice")
+            out.append((k, self.value()))
+        return d if out is None else out
 
     def value(self):
         return self.finish(self.head())
+
+
+def same_key(a, b):
+    """Whether two decoded map keys are the same key (the module's docstring): same type and
+    equal, maps and arrays item by item in wire order."""
+    if isinstance(a, (dict, Pairs)):
+        if not isinstance(b, (dict, Pairs)) or len(a) != len(b):
+            return False
+        pa = list(a.items()) if isinstance(a, dict) else a
+        pb = list(b.items()) if isinstance(b, dict) else b
+        return all(same_key(pa[i][0], pb[i][0]) and same_key(pa[i][1], pb[i][1]) for i in range(len(pa)))
+    if isinstance(a, list):
+        if not isinstance(b, list) or isinstance(b, Pairs) or len(a) != len(b):
+            return False
+        return all(same_key(a[i], b[i]) for i in range(len(a)))
+    return type(a) is type(b) and a == b
 
 
 def unpackb(data):

@@ -3,12 +3,14 @@
 from micropython import const
 
 PROTOCOL_VERSION = const(1)
-SCHEMA_REV = const(4)
+SCHEMA_REV = const(5)
 MAX_FRAME = const(4096)
 MAX_UP_FRAME = const(1048576)
 MAX_CHUNK = const(1024)
 MAX_DEPTH = const(8)
 MAX_ITEMS = const(256)
+MAX_OBJECTS = const(512)
+MAX_UP_OBJECTS = const(8192)
 TAG_LEN = const(16)
 EPOCH_UNIX = const(1704067200)
 K_REQUEST = const(0)
@@ -60,6 +62,7 @@ E_DUPLICATE_KEY = const(25)
 E_BAD_KEY = const(26)
 E_EXPIRED = const(27)
 E_INTERNAL = const(28)
+E_TOO_MANY_OBJECTS = const(29)
 
 # actions
 A_HELLO = const(1)

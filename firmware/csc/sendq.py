@@ -208,7 +208,7 @@ class SendQueue:
             if isinstance(body, bytes):  # already encoded (a remembered answer, no secret field)
                 w.raw(body)
             else:
-                w.value(body)
+                w.value(body, 1)  # inside the envelope: depth as a receiver counts it
         except FrameError:
             return False
         return True

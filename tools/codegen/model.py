@@ -207,6 +207,12 @@ def load(path: Path = SCHEMA_PATH) -> Schema:
             )
         )
     messages.sort(key=lambda x: x.code)
+    for msg in messages:
+        budget = raw["meta"]["max_up_objects" if msg.origin in UPSTREAM_ORIGINS else "max_objects"]
+        for part in (msg.fields, msg.response):
+            n = frame_values(by_name, part)
+            if msg.origin != "re" and n > budget:
+                raise SchemaError(f"message {msg.name}: a full body makes a frame of {n} values, above {budget}")
     errors = sorted((Error(int(e["code"]), e["name"], e["text"]) for e in raw["error"]), key=lambda e: e.code)
     if len({e.code for e in errors}) != len(errors):
         raise SchemaError("error codes must be unique")
@@ -223,6 +229,24 @@ def load(path: Path = SCHEMA_PATH) -> Schema:
         ack_body=_members(raw["bodies"]["ack"], fdefs, "ack body"),
         by_name=by_name,
     )
+
+
+UPSTREAM_ORIGINS = ("site", "upstream")
+"""Messages of upstream envelopes (max_up_frame, max_up_objects); `re` ones are JSON."""
+
+
+def frame_values(by_name: dict[str, Field], members: tuple[Member, ...]) -> int:
+    """The most values a frame of this body can hold below its envelope array (what
+    max_objects counts): the 9 envelope elements, then every key and value of the body with
+    every member present and every list at its max_len."""
+
+    def value(f: Field) -> int:
+        if f.type != "list":
+            return 1
+        item = 1 + sum(1 + value(by_name[m.name]) for m in f.members) if f.members else 1
+        return 1 + f.max_len * item
+
+    return 9 + sum(1 + value(by_name[m.name]) for m in members)
 
 
 def upper(name: str) -> str:

@@ -49,7 +49,8 @@ impl Frame {
 
 fn frame_to_py(py: Python<'_>, acc: &session::Accepted<'_>) -> PyResult<Frame> {
     let env = &acc.envelope;
-    let body = match msgpack::decode(env.body).py_err(py)? {
+    // An accepted frame's body: its values were counted with the frame's.
+    let body = match msgpack::decode_with(env.body, usize::MAX).py_err(py)? {
         Value::Map(pairs) => convert::map_to_py(py, &pairs)?,
         _ => return Err(PyValueError::new_err("body is not a map")),
     };
@@ -215,7 +216,8 @@ fn relay_rows<'py>(
     Ok((header_tuple(&relay.header), relay.site_id, rows))
 }
 
-/// Decodes one bare msgpack value (hardened: limits, every width); no schema.
+/// Decodes one bare msgpack value (hardened: limits, budget, no repeated key, every
+/// width); no schema.
 #[pyfunction]
 fn unpack<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
     let v = msgpack::decode(data).py_err(py)?;

@@ -37,9 +37,10 @@ pub enum Code {
     BadKey = err::BAD_KEY,
     Expired = err::EXPIRED,
     Internal = err::INTERNAL,
+    TooManyObjects = err::TOO_MANY_OBJECTS,
 }
 
-const ALL: [Code; 28] = [
+const ALL: [Code; 29] = [
     Code::Truncated,
     Code::Oversize,
     Code::BadEnvelope,
@@ -68,6 +69,7 @@ const ALL: [Code; 28] = [
     Code::BadKey,
     Code::Expired,
     Code::Internal,
+    Code::TooManyObjects,
 ];
 
 impl Code {

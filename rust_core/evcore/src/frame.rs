@@ -51,7 +51,7 @@ pub fn parse_limited(frame: &[u8], max_frame: usize) -> Result<Envelope<'_>> {
             format!("frame of {} bytes, max {max_frame}", frame.len()),
         ));
     }
-    msgpack::check(frame)?;
+    msgpack::check_with(frame, msgpack::objects_for(max_frame))?;
 
     let mut r = Reader::new(frame);
     match r.next_token()? {

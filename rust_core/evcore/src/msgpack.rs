@@ -6,14 +6,67 @@
 //! trusts a declared length: a length beyond the bytes that remain is `TRUNCATED`, and
 //! nothing is reserved before the bytes exist. Containers nest at most [`MAX_DEPTH`]
 //! deep (`TOO_DEEP`) and hold at most [`MAX_ITEMS`] items (`TOO_MANY_ITEMS`); every str
-//! must be UTF-8 (`BAD_UTF8`).
+//! must be UTF-8 (`BAD_UTF8`). A reader has a budget of values ([`MAX_OBJECTS`] for a
+//! frame, [`objects_for`]): each container's declared items (a map's keys and values) are
+//! charged when its header is read, before any of them is read or built, and a container
+//! that does not fit what is left is `TOO_MANY_OBJECTS`. A map never holds the same key
+//! twice ([`same_key`]): [`Reader::read_value`] and [`Reader::skip_unique`] refuse a repeat
+//! with `DUPLICATE_KEY`; [`Reader::skip_value`] checks the structure only.
 //!
 //! Two views: [`Reader`] pulls borrowed [`Token`]s (zero-copy, the hot path), and
 //! [`Value`] is an owned tree for everything else. The writer emits the canonical
 //! (shortest) form, the same bytes Python's `msgpack.packb` writes for ints.
 
 use crate::error::{Code, Error, Result};
-pub use crate::schema::{MAX_DEPTH, MAX_ITEMS};
+pub use crate::schema::{MAX_DEPTH, MAX_FRAME, MAX_ITEMS, MAX_OBJECTS, MAX_UP_OBJECTS};
+
+/// The budget of values of a frame (or bare value) of at most `max_frame` bytes:
+/// [`MAX_OBJECTS`] up to `MAX_FRAME`, [`MAX_UP_OBJECTS`] for a larger upstream envelope.
+pub fn objects_for(max_frame: usize) -> usize {
+    if max_frame > MAX_FRAME {
+        MAX_UP_OBJECTS
+    } else {
+        MAX_OBJECTS
+    }
+}
+
+/// Whether two map keys are the same key (docs/protocol.md, "Limits"): the same type and
+/// equal — ints whatever their width (they are normalised), floats by value whatever their
+/// width (so NaN never repeats, and -0.0 is 0.0), str and bin byte for byte, arrays and
+/// maps item by item in order.
+#[allow(clippy::float_cmp)] // exact equality of values is the rule, not a tolerance
+pub fn same_key(a: &Value, b: &Value) -> bool {
+    let float = |v: &Value| match v {
+        Value::F32(f) => Some(f64::from(*f)),
+        Value::F64(f) => Some(*f),
+        _ => None,
+    };
+    match (a, b) {
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| same_key(p, q))
+        }
+        (Value::Map(x), Value::Map(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|((k1, v1), (k2, v2))| same_key(k1, k2) && same_key(v1, v2))
+        }
+        _ => match (float(a), float(b)) {
+            (Some(x), Some(y)) => x == y,
+            (None, None) => a == b,
+            _ => false,
+        },
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn duplicate(at: usize) -> Error {
+    Error::new(
+        Code::DuplicateKey,
+        format!("at byte {at}: a map holds this key twice"),
+    )
+}
 
 /// One msgpack item as read: scalars with their value, containers with their count.
 ///
@@ -65,11 +118,23 @@ fn truncated(pos: usize, what: &str) -> Error {
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Values left in the budget (see [`Reader::enter`]).
+    left: usize,
 }
 
 impl<'a> Reader<'a> {
+    /// A reader with the budget of a frame of `buf`'s size ([`objects_for`]).
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
+        Self::with_budget(buf, objects_for(buf.len()))
+    }
+
+    /// A reader whose containers may declare `objects` values in all.
+    pub fn with_budget(buf: &'a [u8], objects: usize) -> Self {
+        Self {
+            buf,
+            pos: 0,
+            left: objects,
+        }
     }
 
     /// Offset of the next unread byte.
@@ -217,9 +282,11 @@ impl<'a> Reader<'a> {
     }
 
     /// Checks a container header read at `depth` (1 = outermost) against the limits:
-    /// `TOO_DEEP` first, then `TOO_MANY_ITEMS`. Returns the number of values it holds.
+    /// `TOO_DEEP` first, then `TOO_MANY_ITEMS`, then `TOO_MANY_OBJECTS` (its values do not
+    /// fit the budget left), and charges its values to the budget. Returns the number of
+    /// values it holds (a map's keys and values).
     #[inline]
-    pub fn enter(at: usize, depth: usize, tok: &Token<'_>) -> Result<usize> {
+    pub fn enter(&mut self, at: usize, depth: usize, tok: &Token<'_>) -> Result<usize> {
         let (n, per) = match *tok {
             Token::Array(n) => (n as usize, 1),
             Token::Map(n) => (n as usize, 2),
@@ -240,7 +307,19 @@ impl<'a> Reader<'a> {
                 ),
             ));
         }
-        Ok(n * per)
+        let values = n * per;
+        if values > self.left {
+            return Err(Error::new(
+                Code::TooManyObjects,
+                format!(
+                    "at byte {at}: {} of {values} values, {} left of the frame's budget",
+                    tok.type_name(),
+                    self.left
+                ),
+            ));
+        }
+        self.left -= values;
+        Ok(values)
     }
 
     /// Reads and checks one complete value whose container (if any) sits at `depth`
@@ -248,9 +327,45 @@ impl<'a> Reader<'a> {
     pub fn skip_value(&mut self, depth: usize) -> Result<()> {
         let at = self.pos;
         let tok = self.next_token()?;
-        let n = Self::enter(at, depth, &tok)?;
+        let n = self.enter(at, depth, &tok)?;
         for _ in 0..n {
             self.skip_value(depth + 1)?;
+        }
+        Ok(())
+    }
+
+    /// [`Reader::skip_value`] that also refuses a map holding a key twice, at any depth
+    /// (`DUPLICATE_KEY`, in byte order with the other errors): the check of values kept
+    /// without interpretation (ext, unknown keys). Only the keys of maps are built.
+    pub fn skip_unique(&mut self, depth: usize) -> Result<()> {
+        let at = self.pos;
+        let tok = self.next_token()?;
+        self.enter(at, depth, &tok)?;
+        self.unique_items(&tok, depth)
+    }
+
+    /// The items of the container whose header `tok` (at `depth`) was just entered, as
+    /// [`Reader::skip_unique`] checks them.
+    pub fn unique_items(&mut self, tok: &Token<'_>, depth: usize) -> Result<()> {
+        match *tok {
+            Token::Array(n) => {
+                for _ in 0..n {
+                    self.skip_unique(depth + 1)?;
+                }
+            }
+            Token::Map(n) => {
+                let mut keys: Vec<Value> = Vec::new();
+                for _ in 0..n {
+                    let at = self.pos;
+                    let k = self.read_value(depth + 1)?;
+                    if keys.iter().any(|p| same_key(p, &k)) {
+                        return Err(duplicate(at));
+                    }
+                    keys.push(k);
+                    self.skip_unique(depth + 1)?;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -310,11 +425,12 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Reads one complete value into an owned [`Value`], container at `depth`.
+    /// Reads one complete value into an owned [`Value`], container at `depth`; a map
+    /// holding a key twice is `DUPLICATE_KEY`.
     pub fn read_value(&mut self, depth: usize) -> Result<Value> {
         let at = self.pos;
         let tok = self.next_token()?;
-        let n = Self::enter(at, depth, &tok)?;
+        let n = self.enter(at, depth, &tok)?;
         Ok(match tok {
             Token::Nil => Value::Nil,
             Token::Bool(b) => Value::Bool(b),
@@ -335,7 +451,11 @@ impl<'a> Reader<'a> {
             Token::Map(_) => {
                 let mut pairs = Vec::with_capacity((n / 2).min((self.buf.len() - self.pos) / 2));
                 for _ in 0..n / 2 {
+                    let key_at = self.pos;
                     let k = self.read_value(depth + 1)?;
+                    if pairs.iter().any(|(p, _)| same_key(p, &k)) {
+                        return Err(duplicate(key_at));
+                    }
                     let v = self.read_value(depth + 1)?;
                     pairs.push((k, v));
                 }
@@ -345,9 +465,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Checks that `buf` holds exactly one well-formed msgpack value.
+/// Checks that `buf` holds exactly one well-formed msgpack value (structure and limits,
+/// the budget of [`objects_for`] its size; repeated keys are not looked for).
 pub fn check(buf: &[u8]) -> Result<()> {
-    let mut r = Reader::new(buf);
+    check_with(buf, objects_for(buf.len()))
+}
+
+/// [`check`] with a budget of `objects` values.
+pub fn check_with(buf: &[u8], objects: usize) -> Result<()> {
+    let mut r = Reader::with_budget(buf, objects);
     r.skip_value(1)?;
     trailing(&r, buf)
 }
@@ -367,9 +493,15 @@ fn trailing(r: &Reader<'_>, buf: &[u8]) -> Result<()> {
     }
 }
 
-/// Decodes exactly one msgpack value (trailing bytes are an error).
+/// Decodes exactly one msgpack value (trailing bytes are an error), with the budget of
+/// [`objects_for`] its size; a map holding a key twice is `DUPLICATE_KEY`.
 pub fn decode(buf: &[u8]) -> Result<Value> {
-    let mut r = Reader::new(buf);
+    decode_with(buf, objects_for(buf.len()))
+}
+
+/// [`decode`] with a budget of `objects` values (a frame's body: the frame's budget).
+pub fn decode_with(buf: &[u8], objects: usize) -> Result<Value> {
+    let mut r = Reader::with_budget(buf, objects);
     let v = r.read_value(1)?;
     trailing(&r, buf)?;
     Ok(v)
@@ -704,6 +836,67 @@ mod tests {
         let mut over = vec![0xdc, 0x01, 0x01];
         over.extend(std::iter::repeat_n(0xc0, 257));
         assert_eq!(code(&over), Code::TooManyItems);
+    }
+
+    #[test]
+    fn the_budget_counts_declared_values_before_reading_them() {
+        // [[nil × 255], [nil × 255]]: 2 + 510 = 512 values, the budget
+        let mut ok = vec![0x92];
+        for _ in 0..2 {
+            ok.extend([0xdc, 0x00, 0xff]);
+            ok.extend(std::iter::repeat_n(0xc0, 255));
+        }
+        assert!(decode(&ok).is_ok());
+        // one more declared value: refused at that header, though its items are missing
+        let mut over = ok[..ok.len() - 258].to_vec(); // without the second array
+        over.extend([0xdc, 0x01, 0x00]);
+        assert_eq!(code(&over), Code::TooManyObjects);
+        assert_eq!(
+            check(&over).unwrap_err().code,
+            Code::TooManyObjects,
+            "the structure pass too"
+        );
+        // a map's entry is two values: 256 entries are 512, plus the outer array's one
+        let mut map = vec![0x91, 0xde, 0x01, 0x00];
+        map.extend(std::iter::repeat_n(0xc0, 512));
+        assert_eq!(code(&map), Code::TooManyObjects);
+        assert!(Reader::with_budget(&map, 513).skip_value(1).is_ok());
+        // a larger value (an upstream envelope) has the upstream budget
+        assert_eq!(objects_for(MAX_FRAME), MAX_OBJECTS);
+        assert_eq!(objects_for(MAX_FRAME + 1), MAX_UP_OBJECTS);
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_at_any_depth() {
+        for bad in [
+            &[0x82, 0x01, 0x02, 0x01, 0x03][..],               // {1: 2, 1: 3}
+            &[0x82, 0x05, 0xc0, 0xd0, 0x05, 0xc0],             // 5 in two widths
+            &[0x82, 0x91, 0x01, 0xc0, 0x91, 0x01, 0xc0],       // [1] twice
+            &[0x91, 0x81, 0xa1, b'k', 0x82, 0xc0, 1, 0xc0, 2], // nil twice, deep
+        ] {
+            assert_eq!(code(bad), Code::DuplicateKey, "{bad:02x?}");
+            let mut r = Reader::new(bad);
+            assert_eq!(r.skip_unique(1).unwrap_err().code, Code::DuplicateKey);
+            assert!(
+                check(bad).is_ok(),
+                "the structure pass does not look for repeats"
+            );
+        }
+        let mut floats = vec![0x82, 0xca];
+        floats.extend(1.5f32.to_be_bytes());
+        floats.extend([0xc0, 0xcb]);
+        floats.extend(1.5f64.to_be_bytes());
+        floats.push(0xc0);
+        assert_eq!(code(&floats), Code::DuplicateKey);
+        // different types are different keys; NaN never repeats
+        let kinds = [
+            0x84, 0x01, 0xc0, 0xc3, 0xc0, 0xca, 0x3f, 0x80, 0, 0, 0xc0, 0xa1, b'1', 0xc0,
+        ];
+        assert!(decode(&kinds).is_ok());
+        let nan = Value::F64(f64::NAN);
+        assert!(!same_key(&nan, &nan));
+        assert!(same_key(&Value::F32(-0.0), &Value::F64(0.0)));
+        assert!(!same_key(&Value::UInt(1), &Value::Bool(true)));
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub fn read(frame: &[u8], key: Option<&TagKey>, max_frame: usize) -> Result<Rela
         return Err(RelayError::NotRelay(header.action));
     }
     let shape = |s: String| Err(RelayError::Shape(s));
-    let Value::Map(mut pairs) = msgpack::decode(acc.envelope.body)? else {
+    // Its values were counted with the frame's: no second budget for the body.
+    let Value::Map(mut pairs) = msgpack::decode_with(acc.envelope.body, usize::MAX)? else {
         return shape("body is not a map".into());
     };
     // The schema check above guarantees both fields and their types.

@@ -6,12 +6,14 @@
 use crate::schema_types::{FieldDef, MessageDef, Member, Ty};
 
 pub const PROTOCOL_VERSION: u64 = 1;
-pub const SCHEMA_REV: u64 = 4;
+pub const SCHEMA_REV: u64 = 5;
 pub const MAX_FRAME: usize = 4096;
 pub const MAX_UP_FRAME: usize = 1048576;
 pub const MAX_CHUNK: usize = 1024;
 pub const MAX_DEPTH: usize = 8;
 pub const MAX_ITEMS: usize = 256;
+pub const MAX_OBJECTS: usize = 512;
+pub const MAX_UP_OBJECTS: usize = 8192;
 pub const TAG_LEN: usize = 16;
 pub const EPOCH_UNIX: u64 = 1704067200;
 
@@ -62,6 +64,7 @@ pub mod err {
     pub const BAD_KEY: u16 = 26;
     pub const EXPIRED: u16 = 27;
     pub const INTERNAL: u16 = 28;
+    pub const TOO_MANY_OBJECTS: u16 = 29;
 }
 
 /// Action codes.
@@ -360,6 +363,7 @@ pub static ERRORS: &[(u16, &str, &str)] = &[
     (26, "BAD_KEY", "map key is not an unsigned integer"),
     (27, "EXPIRED", "command arrived after its expiry"),
     (28, "INTERNAL", "receiver failed; the message was not accepted"),
+    (29, "TOO_MANY_OBJECTS", "frame holds more values than the maximum number of objects"),
 ];
 
 /// Body of an error frame, whatever its action.

@@ -4,7 +4,7 @@
 
 use crate::error::{Code, Error, Result};
 use crate::frame::{self, Envelope, Header};
-use crate::msgpack::{Reader, Token, Value};
+use crate::msgpack::{self, Reader, Token, Value};
 use crate::queue::PriorityQueue;
 use crate::schema::{MAX_FRAME, PROTOCOL_VERSION, TAG_LEN};
 use crate::schema_types::MessageDef;
@@ -26,10 +26,12 @@ fn one_pass(frame: &[u8], max_frame: usize) -> Result<Accepted<'_>> {
     if frame.len() > max_frame || frame.len() < TAG_SUFFIX + 10 {
         return Err(fail());
     }
-    let mut r = Reader::new(frame);
-    if r.next_token()? != Token::Array(9) {
+    let mut r = Reader::with_budget(frame, msgpack::objects_for(max_frame));
+    let envelope = r.next_token()?;
+    if envelope != Token::Array(9) {
         return Err(fail());
     }
+    r.enter(0, 1, &envelope)?;
     let mut ints = [0u64; 7];
     for slot in &mut ints {
         match r.next_token()? {
@@ -82,7 +84,8 @@ fn checked_slow<'a>(
         w.check(envelope.header.seq)?;
     }
     let (message, members) = validate::check_header(&envelope.header)?;
-    validate::check_body(envelope.body, members)?;
+    // The body's values were counted with the frame's (parse): no second budget here.
+    validate::check_body_at(&mut Reader::with_budget(envelope.body, usize::MAX), members)?;
     Ok(Accepted { envelope, message })
 }
 

@@ -137,7 +137,7 @@ pub fn check_body_at(r: &mut Reader<'_>, members: &[Member]) -> Result<()> {
     let at = r.pos();
     match r.next_token()? {
         t @ Token::Map(n) => {
-            Reader::enter(at, 2, &t)?;
+            r.enter(at, 2, &t)?;
             check_map(r, n, members, 2)
         }
         t => Err(Error::new(
@@ -175,8 +175,14 @@ fn check_map(r: &mut Reader<'_>, n: u32, members: &[Member], depth: usize) -> Re
         };
         match def {
             Some(def) => check_value(r, def, def.ty, depth + 1)?,
-            // ext and keys this message does not know: kept, not interpreted.
-            None => r.skip_value(depth + 1)?,
+            // ext and keys this message does not know: kept, not interpreted, but a map
+            // inside may not repeat a key either (the error names the body key holding it).
+            None => r.skip_unique(depth + 1).map_err(|mut e| {
+                if e.code == Code::DuplicateKey {
+                    e.field = u16::try_from(k).ok();
+                }
+                e
+            })?,
         }
     }
     for m in members {
@@ -263,7 +269,7 @@ fn check_value(r: &mut Reader<'_>, def: &FieldDef, ty: Ty, depth: usize) -> Resu
     let at_elem = ty != def.ty;
     let at = r.pos();
     let tok = r.next_token()?;
-    Reader::enter(at, depth, &tok)?;
+    r.enter(at, depth, &tok)?;
     match ty {
         Ty::Uint | Ty::Int => check_int(def, ty, &tok)?,
         Ty::Float => check_float(def, &tok)?,
@@ -323,15 +329,13 @@ fn check_value(r: &mut Reader<'_>, def: &FieldDef, ty: Ty, depth: usize) -> Resu
             return check_map(r, n, def.members, depth).map_err(|e| e.within(def.key, &label(def)));
         }
         Ty::Any => {
-            // Limits only, checked with the frame's structure.
-            let n = match tok {
-                Token::Array(n) => n as usize,
-                Token::Map(n) => 2 * n as usize,
-                _ => 0,
-            };
-            for _ in 0..n {
-                r.skip_value(depth + 1)?;
-            }
+            // Limits, checked with the frame's structure, and no map repeating a key.
+            r.unique_items(&tok, depth).map_err(|mut e| {
+                if e.code == Code::DuplicateKey {
+                    e.field = Some(def.key);
+                }
+                e
+            })?;
         }
     }
     Ok(())

@@ -26,14 +26,58 @@ fn scalar() -> impl Strategy<Value = Value> {
     ]
 }
 
-/// Values nested at most 6 deep (within the frame's depth limit under the envelope).
+/// The pairs with each key once (its first entry): a valid map.
+fn unique(pairs: Vec<(Value, Value)>) -> Vec<(Value, Value)> {
+    let mut out: Vec<(Value, Value)> = Vec::new();
+    for (k, v) in pairs {
+        if !out.iter().any(|(p, _)| msgpack::same_key(p, &k)) {
+            out.push((k, v));
+        }
+    }
+    out
+}
+
+/// Valid values nested at most 6 deep (within the frame's depth limit under the envelope).
 fn value() -> impl Strategy<Value = Value> {
     scalar().prop_recursive(5, 64, 8, |inner| {
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-            proptest::collection::vec((inner.clone(), inner), 0..8).prop_map(Value::Map),
+            proptest::collection::vec((inner.clone(), inner), 0..8)
+                .prop_map(|pairs| Value::Map(unique(pairs))),
         ]
     })
+}
+
+/// `v` with one repeated key, in its deepest first non-empty map (the map's first key
+/// given again, as its last entry); None when there is no such map.
+fn with_repeat(v: &Value) -> Option<Value> {
+    match v {
+        Value::Map(pairs) => pairs
+            .iter()
+            .enumerate()
+            .find_map(|(i, (_, x))| {
+                let mut p = pairs.clone();
+                p[i].1 = with_repeat(x)?;
+                Some(Value::Map(p))
+            })
+            .or_else(|| {
+                // a key holding a NaN is never a repeat of itself
+                let k = pairs
+                    .first()
+                    .filter(|(k, _)| msgpack::same_key(k, k))?
+                    .0
+                    .clone();
+                let mut p = pairs.clone();
+                p.push((k, Value::Nil));
+                Some(Value::Map(p))
+            }),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, x)| {
+            let mut a = items.clone();
+            a[i] = with_repeat(x)?;
+            Some(Value::Array(a))
+        }),
+        _ => None,
+    }
 }
 
 fn meter_body() -> impl Strategy<Value = Value> {
@@ -145,6 +189,24 @@ proptest! {
         let fast = session::check_tagged(&f, &key).map(|a| a.envelope.header);
         let slow = session::check_tagged_slow(&f, &key).map(|a| a.envelope.header);
         prop_assert_eq!(fast.map_err(|e| e.code), slow.map_err(|e| e.code));
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_at_any_depth(v in value()) {
+        if let Some(bad) = with_repeat(&v) {
+            prop_assert_eq!(msgpack::decode(&bad.to_bytes()).unwrap_err().code, Code::DuplicateKey);
+            // in a frame: the body key holding it is named, on both paths
+            let body = Value::Map(vec![(Value::UInt(1), Value::UInt(1)), (Value::UInt(0), bad)]);
+            let h = Header { ver: 1, kind: kind::EVENT.into(), seq: 1, id: 1, prio: 2, ts: 0, action: action::METER_VALUES.into() };
+            let f = frame::encode(&h, &body, &TagKey::new(&KEY));
+            prop_assume!(f.len() <= MAX_FRAME);
+            for e in [
+                session::check_tagged(&f, &TagKey::new(&KEY)).unwrap_err(),
+                session::check_tagged_slow(&f, &TagKey::new(&KEY)).unwrap_err(),
+            ] {
+                prop_assert_eq!((e.code, e.field), (Code::DuplicateKey, Some(0)));
+            }
+        }
     }
 
     #[test]

@@ -21,19 +21,31 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-fn load() -> Option<Json> {
+/// The vectors file: a missing, unreadable or empty one fails the test (never a silent pass).
+fn load() -> Json {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/vectors/frames.json");
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("frames.json is JSON")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!(
-                "\n*** SKIPPED: {} does not exist (run `python -m tools.make_vectors`) ***\n",
-                path.display()
-            );
-            None
-        }
-        Err(e) => panic!("cannot read {}: {e}", path.display()),
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {}: {e} (run `python -m tools.make_vectors`)",
+            path.display()
+        )
+    });
+    let doc: Json = serde_json::from_str(&text).expect("frames.json is JSON");
+    for section in [
+        "cases",
+        "sequences",
+        "streams",
+        "secrets",
+        "ed25519",
+        "values",
+    ] {
+        assert!(
+            doc[section].as_array().is_some_and(|a| !a.is_empty()),
+            "{}: section {section} missing or empty",
+            path.display()
+        );
     }
+    doc
 }
 
 fn float_of(j: &Json) -> f64 {
@@ -103,7 +115,7 @@ fn name_of(r: &Result<impl Sized, Error>) -> String {
 
 #[test]
 fn frame_cases() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     let key_of = keys(&doc, "keys");
     let cases = doc["cases"].as_array().expect("cases");
     assert!(!cases.is_empty());
@@ -174,7 +186,7 @@ fn frame_cases() {
 
 #[test]
 fn sequences_through_one_receiver() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     let key_of = keys(&doc, "keys");
     for seq in doc["sequences"].as_array().unwrap() {
         let name = seq["name"].as_str().unwrap();
@@ -197,7 +209,7 @@ fn sequences_through_one_receiver() {
 
 #[test]
 fn streams_split() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     for s in doc["streams"].as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
         let bytes = hex(s["bytes"].as_str().unwrap());
@@ -223,7 +235,7 @@ fn streams_split() {
 
 #[test]
 fn secrets_encrypt() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     for s in doc["secrets"].as_array().unwrap() {
         let key: [u8; 16] = hex(s["key"].as_str().unwrap()).try_into().unwrap();
         let plain = hex(s["plain"].as_str().unwrap());
@@ -239,7 +251,7 @@ fn secrets_encrypt() {
 
 #[test]
 fn key_derivation() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     for section in ["keys", "kdf"] {
         let k = &doc[section];
         let h = |n: &str| hex(k[n].as_str().unwrap());
@@ -261,7 +273,7 @@ type SigCase = (Vec<u8>, Vec<u8>, Vec<u8>, bool);
 
 #[test]
 fn ed25519_single_and_batch() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     let items: Vec<SigCase> = doc["ed25519"]
         .as_array()
         .unwrap()
@@ -299,7 +311,7 @@ fn hex_str(b: &[u8]) -> String {
 
 #[test]
 fn bare_values_of_every_width() {
-    let Some(doc) = load() else { return };
+    let doc = load();
     for v in doc["values"].as_array().unwrap() {
         let name = v["name"].as_str().unwrap();
         let bytes = hex(v["msgpack"].as_str().unwrap());
