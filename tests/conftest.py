@@ -3,6 +3,7 @@ operator's default ports made unavailable for the harness runs."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,18 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         yield r.up()
     finally:
         r.close()
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """The seed of a test's random choices: EVEDGE_SEED from the environment, else the test's
+    `@pytest.mark.seed(N)`, else 1. Printed (pytest shows it with a failure's output), so that
+    `EVEDGE_SEED=N python -m pytest <test id>` replays the same choices."""
+    m = request.node.get_closest_marker("seed")
+    default = int(m.args[0]) if m is not None else 1
+    value = int(os.environ.get("EVEDGE_SEED", default))
+    print(f"seed {value} (replay: EVEDGE_SEED={value} python -m pytest '{request.node.nodeid}')")
+    return value
 
 
 @pytest.fixture

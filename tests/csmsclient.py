@@ -142,7 +142,7 @@ class GatewayClient:
         self.send_raw(stream_id, prefix(frame))
         return msg_id
 
-    async def request(self, stream_id: int, action: int, body: dict[Any, Any], timeout: float = 5) -> Envelope:
+    async def request(self, stream_id: int, action: int, body: dict[Any, Any], timeout: float = 20) -> Envelope:
         msg_id = self.next_id
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self.rx.responses[msg_id] = fut
@@ -159,12 +159,12 @@ class GatewayClient:
         self.rx.acks.setdefault(rid, asyncio.Event())
         return rid
 
-    async def relay_acked(self, items: list[dict[Any, Any]], relay_id: int | None = None, timeout: float = 5) -> int:
+    async def relay_acked(self, items: list[dict[Any, Any]], relay_id: int | None = None, timeout: float = 20) -> int:
         rid = self.relay(items, relay_id)
         await asyncio.wait_for(self.rx.acks[rid].wait(), timeout)
         return rid
 
-    async def error_for(self, msg_id: int, timeout: float = 5) -> Envelope:
+    async def error_for(self, msg_id: int, timeout: float = 20) -> Envelope:
         for _ in range(int(timeout / 0.02)):
             for _, env in self.rx.errors:
                 if env.msg_id == msg_id:
@@ -172,7 +172,7 @@ class GatewayClient:
             await asyncio.sleep(0.02)
         raise TimeoutError(f"no error frame for id {msg_id}")
 
-    async def command(self, timeout: float = 5) -> tuple[int, Envelope, _core.Frame | None]:
+    async def command(self, timeout: float = 20) -> tuple[int, Envelope, _core.Frame | None]:
         """The next Command (or bare request) from the CSMS, with its inner frame decoded."""
         stream_id, env = await asyncio.wait_for(self.rx.commands.get(), timeout)
         inner = _core.decode(env.body[Key.FRAME], K_UP) if env.action == Action.COMMAND else None
@@ -256,7 +256,7 @@ async def site(server: Any, site_id: str = "site-1", **kw: Any) -> AsyncIterator
         yield client
 
 
-async def until(predicate: Any, timeout: float = 5.0) -> Any:
+async def until(predicate: Any, timeout: float = 20.0) -> Any:
     """Poll `predicate()` until it returns a truthy value."""
     for _ in range(int(timeout / 0.02)):
         value = predicate()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gateway.schema import Action, FirmwareStatus, Status
-from tools.site.harness import Site, board_wait, until
+from tools.site.harness import Site, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -60,8 +60,7 @@ async def scenario(s: Site) -> None:
     for b in s.boards[1:]:
         assert not b.all("fw_status"), "the later wave waits for the first"
 
-    b0.cmd("step", ms=60_000)
-    await asyncio.sleep(0.3)
+    await board_step(b0, 60_000)
     b0.cmd("unplug")  # the session ends: the board installs, reports Installed, reboots
     await board_wait(b0, "exit", timeout=40)
     b0.start()  # powers up on the new image

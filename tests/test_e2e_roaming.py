@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.schema import AuthStatus
-from tools.site.harness import Site, board_wait, until
+from tools.site.harness import Site, board_status, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,8 +51,7 @@ def test_e2e_r3_1_r4_1_roaming_card_authorized_by_home_csp_sdr_reaches_csp(tmp_p
         assert sid is not None and sid.startswith("DE*HCP*S")  # issued by the home CSP
         b.cmd("plug")
         await board_wait(b, "tx_started", since=m)
-        b.cmd("step", ms=600_000)
-        await asyncio.sleep(0.5)
+        await board_step(b, 600_000)
         b.cmd("unplug")
         end = await board_wait(b, "tx_ended", since=m)
         csms = s.csms
@@ -91,7 +90,7 @@ def test_e2e_r3_2_remote_start_from_home_csp_reaches_the_board(tmp_path: Path) -
         assert s.csms is not None and s.csp is not None and s.ch is not None
         b = s.boards[0]
         b.cmd("plug")
-        await asyncio.sleep(0.5)
+        await board_status(b, lambda st: st["svc"])  # a tick of the board has seen the EV
         m = b.mark()
         s.csp.add_customer("APP-USER-7")
         answer = await s.csp.start_remote(s.evse(0), "APP-USER-7")
@@ -102,8 +101,7 @@ def test_e2e_r3_2_remote_start_from_home_csp_reaches_the_board(tmp_path: Path) -
         row = await until(lambda: csms.store.get("transactions", site_id=site, device_id="ev-0000",
                                                  tx_id=tx["tx_id"]), 10, "tx at the CSMS")  # fmt: skip
         assert row is not None and row["remote_start_id"] is not None
-        b.cmd("step", ms=300_000)
-        await asyncio.sleep(0.5)
+        await board_step(b, 300_000)
         stop = await s.csp.stop_remote(sid)  # R3-4 through the same path
         assert stop["result"] == "accepted", stop
         await board_wait(b, "tx_ended", since=m)
@@ -130,8 +128,7 @@ def test_e2e_r3_1_r3_9_card_of_provider_b_goes_to_its_own_home_csp(tmp_path: Pat
         assert sid is not None and sid.startswith("DE*HCB*S") and s.cso.session(sid)["csp"] == b_csp.me
         b.cmd("plug")
         await board_wait(b, "tx_started", since=m)
-        b.cmd("step", ms=300_000)
-        await asyncio.sleep(0.5)
+        await board_step(b, 300_000)
         b.cmd("unplug")
         end = await board_wait(b, "tx_ended", since=m)
         row = await until(lambda: b_csp.store.one("SELECT * FROM sdrs WHERE session_id=?", sid), 15,

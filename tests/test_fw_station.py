@@ -7,13 +7,12 @@ is named after the use-case ID it proves."""
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 import pytest
-from fwpeer import Conn, Rig, charging, now_ts
+from fwpeer import Conn, Rig, barrier, charging, now_ts
 
-from gateway.schema import Action, Key, Kind
+from gateway.schema import Action, Key, Kind, Priority
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,27 +45,40 @@ def test_fw_m3_monitors_trigger_on_threshold_delta_and_period(rig: Rig) -> None:
     assert b[Key.STATUS] == REJECTED and "NoSuchThing" in b[Key.REASON]
     assert ok(rig, Action.SET_MONITORS, {Key.MONITORS: mon})[Key.STATUS] == ACCEPTED
 
-    def events(mid: int) -> list[dict[int, Any]]:
+    def events(mid: int) -> list[dict[int, Any]]:  # MonitorEvents stored by the gateway
         return [e for e in rig.peer.durable(Action.MONITOR_EVENT) if e[Key.MONITOR_ID] == mid]
 
-    rig.peer.wait(lambda: len(events(3)) >= 2, 6)  # periodic, every second
-    assert not events(1)  # nothing crossed yet: the rejected SetMonitors installed nothing
-    assert not [e for e in rig.peer.durable(Action.MONITOR_EVENT) if e[Key.MONITOR_ID] == 9]
+    def fired(mid: int, since: int = 0) -> list[dict[str, Any]]:  # the board's note of each one it emitted
+        with rig.board._cv:
+            return [e for e in rig.board.events[since:] if e["ev"] == "monitor" and e["id"] == mid]
+
+    def checked(periodic: int) -> None:
+        # the board checks all its monitors in one go: the periodic one firing after a barrier
+        # means every monitor was checked after the commands sent before it
+        rig.board.wait("monitor", pred=lambda e: e["id"] == periodic, since=barrier(rig.board), timeout=10)
+
+    rig.peer.wait(lambda: len(events(3)) >= 2, 10)  # periodic, every second
+    assert not fired(1)  # nothing crossed yet: the rejected SetMonitors installed nothing
+    assert not fired(9)
     rig.board.cmd("temp", dc=650)
-    e = rig.peer.wait(lambda: events(1), 5)[0]
+    e = rig.peer.wait(lambda: events(1), 10)[0]
     assert (e[Key.VAL], e[Key.SEVERITY], e[Key.VARIABLE]) == ("650", 2, "Temperature")
     rig.board.cmd("freq", mhz=50050)
-    time.sleep(1.2)
-    assert not events(2)  # a delta below the threshold
+    checked(3)
+    assert not fired(2)  # a delta below the threshold
     rig.board.cmd("freq", mhz=50150)
-    assert rig.peer.wait(lambda: events(2), 5)[0][Key.VAL] == "50150"
-    time.sleep(1.2)
-    assert len(events(1)) == 1  # upper fires once per crossing
+    assert rig.peer.wait(lambda: events(2), 10)[0][Key.VAL] == "50150"
+    checked(3)
+    assert len(fired(1)) == 1  # upper fires once per crossing (the temperature stayed above)
+    m = rig.board.mark()
     assert ok(rig, Action.CLEAR_MONITORS, {Key.IDS: [3]})[Key.STATUS] == ACCEPTED
-    time.sleep(1.5)
-    n = len(events(3))
-    time.sleep(1.5)
-    assert len(events(3)) == n
+    cleared = rig.board.wait("command", pred=lambda e: e["action"] == Action.CLEAR_MONITORS, since=m)
+    with rig.board._cv:
+        at = next(i for i in range(m, len(rig.board.events)) if rig.board.events[i] is cleared)
+    # the checks go on (a periodic monitor 4 fires twice), monitor 3 no longer fires
+    assert ok(rig, Action.SET_MONITORS, {Key.MONITORS: [{**mon[2], Key.MONITOR_ID: 4}]})[Key.STATUS] == ACCEPTED
+    rig.board.wait("monitor", pred=lambda e: e["id"] == 4 and len(fired(4)) >= 2, since=at, timeout=10)
+    assert not fired(3, since=at)
     assert ok(rig, Action.CLEAR_MONITORS, {Key.IDS: [77]})[Key.STATUS] == UNKNOWN
 
 
@@ -77,7 +89,7 @@ def test_fw_m7_m8_log_criteria_and_upload_resumes_after_power_cut(rig: Rig) -> N
     assert ok(rig, Action.SET_LOG_CRITERIA, {Key.LOG_LEVEL: 9})[Key.STATUS] == ACCEPTED
     for _ in range(10):
         rig.board.cmd("log", text="0123456789abcdef", n=64)
-    time.sleep(0.3)
+    barrier(rig.board)  # the ten lines are in the log
     rig.peer.auto_ack = False  # the gateway takes chunks but acknowledges only the first two
     acked: list[int] = []
 
@@ -94,7 +106,9 @@ def test_fw_m7_m8_log_criteria_and_upload_resumes_after_power_cut(rig: Rig) -> N
 
     ack_chunk(1)
     ack_chunk(2)
-    time.sleep(1.0)  # the board saves the acknowledged position
+    # one chunk in flight: the board saves the position after an acknowledged chunk before it
+    # sends the next one, so chunk 3 on its way means the position after chunk 2 is on flash
+    rig.peer.wait(lambda: len(rig.peer.durable(Action.LOG_CHUNK)) >= 3, 10)
     rig.power_cut()
     rig.peer.auto_ack = True
     rig.up()
@@ -228,10 +242,11 @@ def test_fw_e4_resource_manager_limit_obeyed(rig: Rig) -> None:
     profile: dict[int, Any] = {Key.EVSE: 0, Key.PROFILE_ID: 4, Key.STACK_LEVEL: 0, Key.PURPOSE: 4,
                Key.PERIODS: [{Key.START_S: 0, Key.LIMIT_W: 3700}]}  # fmt: skip
     assert ok(rig, Action.SET_CHARGING_PROFILE, profile)[Key.STATUS] == ACCEPTED
+    st = rig.board.status()  # the limit applied when the answer left
+    assert st["hw_limit"] == 3700 and 0 < st["power_w"] <= 3700
+    rig.board.cmd("tick")  # and still after the board's next tick (which plans the power again)
     st = rig.board.status()
-    assert st["hw_limit"] == 3700
-    time.sleep(0.5)
-    assert rig.board.status()["power_w"] <= 3700
+    assert st["hw_limit"] == 3700 and 0 < st["power_w"] <= 3700
 
 
 # ---------------------------------------------------------------- availability, unlock, emergency stop
@@ -256,7 +271,9 @@ def test_fw_change_availability_scheduled_during_tx_and_refuses_new_sessions(rig
 def test_fw_unlock_connector_is_urgent_and_ends_the_transaction(rig: Rig) -> None:
     tx = charging(rig)
     _, b, rtt = rig.peer.request_timed(Action.UNLOCK_CONNECTOR, {Key.EVSE: 1})
-    assert b[Key.STATUS] == ACCEPTED and rtt < 0.5
+    assert b[Key.STATUS] == ACCEPTED
+    assert rig.peer.answer_prio[rig.peer.last_request] == Priority.URGENT  # answered in the urgent class
+    print(f"UnlockConnector round trip {rtt * 1000:.1f} ms")  # a figure, not a pass/fail bound
     assert rig.board.wait("tx_ended")["tx_id"] == tx
     k, b = rig.peer.request(Action.UNLOCK_CONNECTOR, {Key.EVSE: 7})
     assert k == Kind.ERROR and "evse" in b[Key.REASON]
@@ -265,7 +282,9 @@ def test_fw_unlock_connector_is_urgent_and_ends_the_transaction(rig: Rig) -> Non
 def test_fw_emergency_stop_from_the_gateway_opens_the_contactor(rig: Rig) -> None:
     tx = charging(rig)
     _, b, rtt = rig.peer.request_timed(Action.EMERGENCY_STOP, {Key.REASON: "fire alarm"}, prio=0)
-    assert b[Key.STATUS] == ACCEPTED and rtt < 0.5
+    assert b[Key.STATUS] == ACCEPTED
+    assert rig.peer.answer_prio[rig.peer.last_request] == Priority.URGENT
+    print(f"EmergencyStop round trip {rtt * 1000:.1f} ms")  # a figure, not a pass/fail bound
     st = rig.board.status()
     assert st["contactor"] is False and st["estop"] is True and st["tx_id"] is None
     ended = rig.peer.wait(lambda: [e for e in rig.peer.durable(Action.TRANSACTION_EVENT) if e[Key.EVENT] == 2])

@@ -5,7 +5,6 @@ duplicated, order per device and class kept (B16, B17). Real processes: the gate
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import sqlite3
@@ -19,7 +18,7 @@ import pytest
 
 from tools.loadclient import Board, dev_key
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,12 +54,15 @@ def start_peer(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
     return peer, int(line.split("=")[1])
 
 
-def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path) -> None:
+@pytest.mark.seed(20240601)
+def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path, seed: int) -> None:
+    """`seed` (EVEDGE_SEED, printed) draws the kill instants and the mix of urgent and telemetry
+    events; what is in flight at each kill still depends on the machine's timing."""
     peer, udp = start_peer(tmp_path)
     cfg = gwpeer.gateway_toml(tmp_path / "gateway.toml", udp)
     gw = start_gateway(cfg)
     lan = gwpeer.ports(cfg)["lan"]  # where the restarted gateways listen too
-    rng = random.Random(os.getpid())
+    rng = random.Random(seed)
     sent: dict[str, list[tuple[int, int]]] = {}
 
     async def load() -> list[Board]:
@@ -91,7 +93,7 @@ def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
         await producer
         stop2 = asyncio.Event()
         keepers2 = [asyncio.create_task(b.keep_connected(stop2)) for b in boards]
-        end = time.monotonic() + 20
+        end = time.monotonic() + 40
         while any(b.unacked for b in boards) and time.monotonic() < end:
             await asyncio.sleep(0.05)
         stop2.set()
@@ -105,7 +107,7 @@ def test_kill_9_under_load_loses_nothing_and_duplicates_nothing(tmp_path: Path) 
         total = sum(len(v) for v in sent.values())
         assert total > 1000
         db = sqlite3.connect(tmp_path / "peer.sqlite")
-        end = time.monotonic() + 20
+        end = time.monotonic() + 40
         while db.execute("SELECT count(*) FROM frames").fetchone()[0] < total and time.monotonic() < end:
             time.sleep(0.1)
         rows = list(db.execute("SELECT device, prio, msg_id FROM frames ORDER BY n"))
@@ -147,11 +149,11 @@ def test_urgent_relayed_before_its_commit_then_kill_9_loses_and_duplicates_nothi
         await asyncio.wait_for(board.connected.wait(), 10)
         await asyncio.wait_for(meters.connected.wait(), 10)
         meter_ids = meters.send("meter", 20)
-        end = time.monotonic() + 10
+        end = time.monotonic() + 30
         while len(at_peer("ev-m01")) < 20 and time.monotonic() < end:  # the uplink is up
             await asyncio.sleep(0.02)
         urgent_ids = board.send("fault", 3)
-        end = time.monotonic() + 10
+        end = time.monotonic() + 30
         while len(at_peer("ev-u01")) < 3 and time.monotonic() < end:
             await asyncio.sleep(0.01)
         assert at_peer("ev-u01") == urgent_ids, "relayed while the commit is still running"
@@ -162,7 +164,7 @@ def test_urgent_relayed_before_its_commit_then_kill_9_loses_and_duplicates_nothi
         assert gw.stdout is not None
         gw.stdout.close()
         gw = await asyncio.to_thread(start_gateway, cfg)  # the board resends to the new gateway
-        end = time.monotonic() + 15
+        end = time.monotonic() + 30
         while board.unacked and time.monotonic() < end:
             await asyncio.sleep(0.02)
         assert not board.unacked, "acked once durable in the restarted gateway"
@@ -171,7 +173,7 @@ def test_urgent_relayed_before_its_commit_then_kill_9_loses_and_duplicates_nothi
             q = "SELECT count(*) FROM outbox WHERE device = 'ev-u01' AND acked = 1"
             return int(outbox.execute(q).fetchone()[0])
 
-        end = time.monotonic() + 10
+        end = time.monotonic() + 30
         while retired() < 3 and time.monotonic() < end:  # relayed again, acked: deduplicated
             await asyncio.sleep(0.02)
         assert retired() == 3

@@ -494,7 +494,10 @@ def test_kill_9_in_the_middle_of_a_rollout_resumes_it(tmp_path: Path) -> None:
             gw.stdout.close()
             protocols = len(peer.protocols)
             release.set()  # Installed, while the gateway is down: kept on the board until acked
-            await asyncio.sleep(0.2)
+            await wait_for(
+                lambda: any(a == Action.FIRMWARE_STATUS and body[Key.FW_STATUS] == FirmwareStatus.INSTALLED
+                            for a, _, body, _ in boards[0].unacked.values())
+            )  # fmt: skip
             gw = await asyncio.to_thread(start_gateway, cfg)
             await wait_for(lambda: len(got) == 3, 40)  # resumed: the later wave told and served
             assert all(got[d] == IMAGE for d in targets)

@@ -52,7 +52,7 @@ def with_gw(fn: Callable[[Gateway], Awaitable[None]]) -> Callable[[Path], None]:
     return test
 
 
-async def wait_for(cond: object, timeout: float = 5.0) -> None:
+async def wait_for(cond: object, timeout: float = 20.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while not cond():  # type: ignore[operator]

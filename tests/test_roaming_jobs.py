@@ -26,6 +26,19 @@ async def until(cond: Callable[[], bool], seconds: float = 12.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def count_ticks(ep: Endpoint) -> list[float]:
+    """The times (its clock) of the rounds of `ep`'s background loop completed from now on."""
+    done: list[float] = []
+    tick = ep.tick
+
+    async def counted() -> None:
+        await tick()
+        done.append(ep.clock())
+
+    ep.tick = counted  # type: ignore[method-assign]
+    return done
+
+
 def test_backoff_is_bounded_and_jittered() -> None:
     delays = [[retry_delay(n, Endpoint.RETRY_BASE_S, Endpoint.RETRY_CAP_S) for n in range(1, 16)] for _ in range(20)]
     for run in delays:
@@ -122,8 +135,10 @@ def test_r3_8_unused_reservation_expires(tmp_path: Path, mode: str) -> None:
             other = await net.csp.start_remote(EVSES[1], "04OTHER")  # reserved for another token
             assert other["result"] == "evse_occupied" and "reservation 77" in other["reason"]
 
+            ticks = count_ticks(net.cso)
             net.clock.advance(599)
-            await asyncio.sleep(3 * Endpoint.LOOP_PERIOD_S)
+            n = len(ticks)
+            await until(lambda: len(ticks) >= n + 2)  # a whole round of the background loop after the clock moved
             assert _reservation(net, "cso", 77) == "active" and net.operator.cancelled == []
             net.clock.advance(2)  # expired unused: the background loop cancels and tells the CSP
             await until(lambda: _reservation(net, "csp", 77) == "expired" and net.cso.jobs() == [])

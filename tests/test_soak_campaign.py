@@ -4,27 +4,47 @@ duplicate, order per device, SDRs reconcile (B16, B17, S6). The long run: --minu
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tools.site.campaign import FAULTS, fault_schedule
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(90)
+def test_a_seed_replays_the_same_fault_schedule() -> None:
+    a = fault_schedule(20240601, 24, 3)
+    assert a == fault_schedule(20240601, 24, 3)  # the same faults, boards, lengths and offsets
+    assert a != fault_schedule(20240602, 24, 3)
+    assert len(a) >= 6 and {f.kind for f in a} <= set(FAULTS)
+    assert all(1.0 - 1e-3 <= b.at_s - f.at_s <= 3.0 + 1e-3 for f, b in itertools.pairwise(a))  # one every 1–3 s
+    assert all(0 <= f.board < 3 for f in a)
+    # the schedule is drawn from the seed alone: a longer run begins with the same faults
+    assert fault_schedule(20240601, 60, 3)[: len(a)] == a
+
+
+@pytest.mark.timeout(240)
 @pytest.mark.usefixtures("default_ports_taken")  # the campaign binds free ports only: two runs share a machine
 def test_soak_campaign_short(tmp_path: Path) -> None:
+    seed, seconds, boards = 20240601, 24, 3
     p = subprocess.run(
-        [sys.executable, "-m", "tools.site.campaign", "--minutes", "0.4", "--seed", "20240601", "--boards", "3",
-         "--data", str(tmp_path)],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=85,
+        [sys.executable, "-m", "tools.site.campaign", "--minutes", str(seconds / 60), "--seed", str(seed),
+         "--boards", str(boards), "--data", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=230,
     )  # fmt: skip
     out = p.stdout + p.stderr[-3000:]
     assert "== campaign summary ==" in p.stdout, out[-5000:]
+    schedule = fault_schedule(seed, seconds, boards)
+    assert f"fault schedule (seed {seed}): " + "; ".join(map(str, schedule)) in p.stdout, out[-5000:]
     faults = p.stdout.split("faults injected: ")[1].splitlines()[0]
-    assert sum(int(x.split()[-1]) for x in faults.split(", ")) >= 4, faults
+    injected = {x.rsplit(" ", 1)[0]: int(x.split()[-1]) for x in faults.split(", ")}
+    assert injected == {k: Counter(f.kind for f in schedule)[k] for k in FAULTS}, faults  # every one of them
+    assert sum(injected.values()) >= 4, faults
     for check in (
         "no accepted message lost",
         "none duplicated",

@@ -2,9 +2,56 @@
 # Every check, in one command: generated files fresh, lint, format, types, stubs, Rust
 # and Python tests. Expects tools/setup.sh to have run (tools/test.sh does both).
 # Runs every step even when one fails, then exits non-zero naming the failed steps.
+#
+# `tools/check.sh --stress`: instead, the whole pytest suite twice in a row while CPU burners
+# (one busy loop per core, at the same niceness as the tests) keep every core busy; the
+# burners are started and always killed here. Fails if either run fails. Not run by CI.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$HOME/.cargo/bin:$PATH"
+
+if [[ ${1:-} == --stress ]]; then
+    shift
+    burners=()
+    stop_burners() {
+        ((${#burners[@]})) || return 0
+        kill "${burners[@]}" 2>/dev/null
+        wait "${burners[@]}" 2>/dev/null
+        burners=()
+    }
+    tests=""
+    trap stop_burners EXIT
+    # interrupted: the burners go, and the running suite gets an interrupt (it stops its fixtures)
+    trap 'stop_burners; [[ -n $tests ]] && kill -INT "$tests" 2>/dev/null; exit 130' INT TERM
+    cores=$(nproc)
+    for ((i = 0; i < cores; i++)); do
+        (while :; do :; done) &
+        burners+=($!)
+    done
+    printf '== stress: %d CPU burners (pids %s) on %d cores; the pytest suite twice\n' \
+        "${#burners[@]}" "${burners[*]}" "$cores"
+    logs=$(mktemp -d "${TMPDIR:-/tmp}/evedge-stress.XXXXXX")
+    results=()
+    status=0
+    for run in 1 2; do
+        printf '\n== stress run %d (log %s/run%d.log)\n' "$run" "$logs" "$run"
+        start=$SECONDS
+        python -m pytest -q "$@" > >(tee "$logs/run$run.log") 2>&1 &
+        tests=$!
+        wait "$tests"
+        rc=$?
+        tests=""
+        summary=$(grep -E '^=*.* in [0-9.]+s' "$logs/run$run.log" | tail -1 | tr -d '=')
+        results+=("run $run: exit $rc, $((SECONDS - start)) s wall;${summary}")
+        ((rc == 0)) || status=1
+    done
+    stop_burners
+    printf '\n== stress summary\n'
+    printf '%s\n' "${results[@]}"
+    ((status == 0)) && printf 'both runs passed under CPU load\n' || printf 'FAILED under CPU load\n'
+    exit "$status"
+fi
+
 failed=()
 step() {
     local name=$1

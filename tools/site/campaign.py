@@ -15,8 +15,13 @@ on boards. Then everything comes back, the backlog drains, and the run checks:
 - every SDR reconciles with the metered energy of its transaction (meter stop − start, and
   the board's own figure when it printed one).
 
-The seed is printed; `--seed S` replays the same fault schedule. Exit status 1 on a failed
-check. The CI runs a short campaign (tests/test_soak_campaign.py); `--minutes 30` soaks.
+The seed is printed; `--seed S` replays the same fault schedule: the faults come from their
+own `random.Random(seed)` (`fault_schedule`, printed at the start), drawn before the run, so
+the same seed gives the same faults (kind, board, outage and step lengths) in the same order
+at the same offsets. Each fault is injected at its offset or, when the one before took longer
+(a gateway restart), right after it. The traffic (sessions, emits, steps) has an RNG of its
+own and depends on the machine's timing; it is not replayed. Exit status 1 on a failed check.
+The CI runs a short campaign (tests/test_soak_campaign.py); `--minutes 30` soaks.
 """
 
 from __future__ import annotations
@@ -33,16 +38,56 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.protocol import devpki
 from tools.board import Board
-from tools.site.harness import Site, factory_key, until
+from tools.site.harness import Site, board_status, factory_key, until
 
 ROOT = Path(__file__).resolve().parents[2]
 EMIT_BASE = 10_000_000  # emitted MeterValues carry energy_wh = EMIT_BASE * (board + 1) + k
 FAULTS = ("board_power_cut", "gateway_kill9", "upstream_cut", "clock_step")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault of the schedule."""
+
+    at_s: float
+    """Offset from the start of the fault phase, seconds."""
+    kind: str
+    board: int
+    """The board it hits (board power cut, clock step); drawn for every kind."""
+    pause_s: float
+    """How long the part stays down (power cut, gateway kill -9, upstream cut)."""
+    step_ms: int
+    """The clock step (clock_step)."""
+
+    def __str__(self) -> str:
+        if self.kind == "clock_step":
+            what = f"board {self.board}, +{self.step_ms // 1000} s"
+        elif self.kind == "board_power_cut":
+            what = f"board {self.board}, off {self.pause_s:.2f} s"
+        else:
+            what = f"down {self.pause_s:.2f} s"
+        return f"{self.at_s:.1f} s {self.kind} ({what})"
+
+
+def fault_schedule(seed: int, seconds: float, boards: int) -> list[Fault]:
+    """The faults of a campaign, from `random.Random(seed)` alone: one every 1–3 s from the
+    start of the fault phase until `seconds`. The same arguments give the same list."""
+    rng = random.Random(seed)
+    out: list[Fault] = []
+    t = rng.uniform(1.0, 3.0)
+    while t < seconds:
+        kind = rng.choice(FAULTS)
+        board = rng.randrange(boards)
+        pause = rng.uniform(0.5, 2.0) if kind == "upstream_cut" else rng.uniform(0.1, 1.0)
+        out.append(Fault(round(t, 3), kind, board, round(pause, 3), rng.randint(10, 3600) * 1000))
+        t += rng.uniform(1.0, 3.0)
+    return out
 
 
 class GatewayProcess:
@@ -117,7 +162,8 @@ class GatewayProcess:
 class Campaign:
     def __init__(self, root: Path, boards: int, seconds: float, seed: int) -> None:
         self.root, self.n, self.seconds, self.seed = root, boards, seconds, seed
-        self.rng = random.Random(seed)
+        self.schedule = fault_schedule(seed, seconds, boards)
+        self.rng = random.Random(f"traffic {seed}")  # the traffic's own: timing-dependent, not replayed
         self.site = Site(root, boards)
         self.gw: GatewayProcess | None = None
         self.boards: list[Board] = []
@@ -195,39 +241,40 @@ class Campaign:
         else:
             b.cmd("unplug")
 
-    async def fault(self) -> None:
-        kind = self.rng.choice(FAULTS)
+    async def fault(self, f: Fault) -> None:
+        kind = f.kind
         s = self.site
         if kind == "board_power_cut":
-            b = self.rng.choice(self.boards)
+            b = self.boards[f.board]
             b.kill()
-            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+            await asyncio.sleep(f.pause_s)  # the outage's length
             b.start()
         elif kind == "gateway_kill9":
             assert self.gw is not None
             self.gw.kill9()
-            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+            await asyncio.sleep(f.pause_s)
             await asyncio.to_thread(self.gw.start)
         elif kind == "upstream_cut":
             await self._csms_stop()
-            await asyncio.sleep(self.rng.uniform(0.5, 2.0))
+            await asyncio.sleep(f.pause_s)
             await s.start_csms()
             self.csms_up = True
         else:  # the board's clock jumps (and its meter runs on)
-            b = self.rng.choice(self.boards)
+            b = self.boards[f.board]
             if b.alive():
-                b.cmd("step", ms=self.rng.randint(10, 3600) * 1000)
+                b.cmd("step", ms=f.step_ms)
         self.faults[kind] += 1
 
     async def run(self) -> None:
-        end = time.monotonic() + self.seconds
-        next_fault = time.monotonic() + self.rng.uniform(1.0, 3.0)
-        while time.monotonic() < end:
+        """Traffic every 0.2 s; each fault of the schedule at its offset (or right after the one
+        before, when that one ran late), every one of them injected; at least `seconds` long."""
+        t0 = time.monotonic()
+        pending = list(self.schedule)
+        while pending or time.monotonic() < t0 + self.seconds:
             await asyncio.gather(*(self.traffic(i) for i in range(self.n)))
-            if time.monotonic() >= next_fault:
-                await self.fault()
-                next_fault = time.monotonic() + self.rng.uniform(1.0, 3.0)
-            await asyncio.sleep(0.2)
+            if pending and time.monotonic() >= t0 + pending[0].at_s:
+                await self.fault(pending.pop(0))
+            await asyncio.sleep(0.2)  # the traffic's pace
 
     # ------------------------------------------------------------------ settle and check
     async def settle(self) -> None:
@@ -243,7 +290,20 @@ class Campaign:
             return all(set(v) <= set(got.get(d, [])) for d, v in self.confirmed.items())
 
         await until(all_in, 60, "every confirmed MeterValues at the CSMS")
-        await asyncio.sleep(2)  # the last transaction events
+        # the last transaction events: every board idle (its unplug carried out), then an SDR at
+        # the CSMS for every transaction a board ended
+        for b in self.boards:
+            await board_status(b, lambda st: st["tx_id"] is None, 30)
+
+        def missing() -> list[tuple[str, int]]:
+            have = {(str(x["device_id"]), int(x["tx_id"])) for x in csms.api.sdrs()}
+            ended = {(b.device_id, int(e["tx_id"])) for b in self.boards for e in b.all("tx_ended")}
+            return sorted(ended - have)
+
+        try:
+            await until(lambda: not missing(), 60, "an SDR at the CSMS for every transaction a board ended")
+        except TimeoutError as timeout:
+            raise TimeoutError(f"{timeout}: missing {missing()}") from None
         for b in self.boards:
             kinds = Counter(str(e["ev"]) for e in b.events)
             print(f"[campaign] {b.device_id} events: {dict(kinds)}", flush=True)
@@ -335,6 +395,7 @@ def _toml(doc: dict[str, Any]) -> str:
 async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
     c = Campaign(root, boards, seconds, seed)
     print(f"[campaign] seed {seed}, {boards} boards, {seconds:.0f} s of faults, data {root}", flush=True)
+    print(f"[campaign] fault schedule (seed {seed}): " + "; ".join(map(str, c.schedule)), flush=True)
     t0 = time.monotonic()
     report: dict[str, Any] = {}
     try:

@@ -81,6 +81,31 @@ async def board_wait(b: Board, ev: str, pred: Callable[[dict[str, Any]], bool] |
     return await asyncio.to_thread(b.wait, ev, pred, timeout, since)
 
 
+async def board_status(b: Board, pred: Callable[[dict[str, Any]], Any] | None = None,
+                       timeout: float = 20.0) -> dict[str, Any]:  # fmt: skip
+    """The board's first `status` answer that satisfies `pred` (the first answer when None),
+    asked again every 50 ms until one does. The board carries out its control commands in
+    order: an answer comes after every command sent before it took effect."""
+    end = time.monotonic() + timeout
+    while True:
+        m = b.mark()
+        b.cmd("status")
+        st = await board_wait(b, "status", since=m, timeout=max(1.0, end - time.monotonic()))
+        if pred is None or pred(st):
+            return st
+        if time.monotonic() > end:
+            raise TimeoutError(f"{b.device_id}: status never satisfied the condition in {timeout} s")
+        await asyncio.sleep(0.05)  # the poll's pace
+
+
+async def board_step(b: Board, ms: int) -> dict[str, Any]:
+    """`step`s the board's clock (its meter runs on with it) by `ms` and waits until the board
+    shows it (its clock moved on); its status then."""
+    t0 = int((await board_status(b))["time"])
+    b.cmd("step", ms=ms)
+    return await board_status(b, lambda st: st["time"] >= t0 + ms // 1000)
+
+
 class Site:
     """One site: CSMS, gateway, `n` boards (ev-0000 …), under `root`."""
 
