@@ -159,11 +159,11 @@ def relay_rows(
 def pack(value: Any) -> bytes:
     """One value in canonical msgpack."""
 
-def unpack(data: bytes) -> Any:
+def unpack(data: bytes, max_objects: int | None = None) -> Any:
     """One bare msgpack value, with the decoder's limits (depth 8, 256 items per
     container, `gateway.schema.MAX_OBJECTS` values below the outermost container —
-    MAX_UP_OBJECTS when `data` is longer than MAX_FRAME —, no map repeating a key, UTF-8 strings, no ext
-    types); trailing bytes are an error. Raises FrameError."""
+    MAX_UP_OBJECTS when `data` is longer than MAX_FRAME, `max_objects` when given —, no map
+    repeating a key, UTF-8 strings, no ext types); trailing bytes are an error. Raises FrameError."""
 
 def split_frames(buf: bytes | bytearray) -> tuple[list[bytes], int]:
     """Cuts the complete u16-big-endian-length-prefixed frames off `buf`; returns them

@@ -38,7 +38,7 @@ from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.clock import Clock
 from gateway.localcsms.fwcache import FirmwareCache
 from gateway.localcsms.power import SITE, PowerManager
-from gateway.schema import FIELDS, MESSAGES, Action, CertType, ErrorCode, Key, Kind, Status
+from gateway.schema import FIELDS, MAX_UP_OBJECTS, MESSAGES, Action, CertType, ErrorCode, Key, Kind, Status
 
 SIGNED_ACTIONS = frozenset(
     {Action.UPDATE_FIRMWARE, Action.INSTALL_CERTIFICATE, Action.CERTIFICATE_SIGNED, Action.SET_TARIFF}
@@ -266,7 +266,8 @@ class CommandPath:
     async def _local_list(self, b: dict[int, Any]) -> tuple[int, str]:
         """S2: the CSMS's local list for the site itself (the gateway's offline authorization);
         `entries` is plaintext upstream: a msgpack list of {id_token, auth_status, expiry?}."""
-        raw = _core.unpack(b[Key.ENTRIES])
+        # the blob came inside an upstream Command, bounded by its frame: that frame's budget
+        raw = _core.unpack(b[Key.ENTRIES], MAX_UP_OBJECTS)
         entries = [(str(e[Key.ID_TOKEN]), int(e[Key.AUTH_STATUS]), e.get(Key.EXPIRY)) for e in raw]
         full = int(b[Key.UPDATE_TYPE]) == 0
         auth = self.site.auth

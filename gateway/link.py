@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from gateway import _core
 from gateway.devices import DeviceError, Devices
 from gateway.schema import (
@@ -162,13 +164,18 @@ class Output:
 def peek(frame: bytes) -> tuple[int, int, int, int]:
     """`(kind, msg_id, prio, action)` of a frame as far as it can be read, for error
     frames about frames the core rejected (zeros where unreadable)."""
+    # Only the envelope's head is read (msgpack's own reader, past the array header the seven
+    # scalars before the body): a frame refused for its body (a repeated key, too many values)
+    # still gets an error naming its own id. Frames are at most MAX_FRAME bytes, so this is bounded.
+    u = msgpack.Unpacker(raw=True, max_buffer_size=len(frame) + 1)
+    u.feed(frame)
     try:
-        env = _core.unpack(frame)
-    except _core.CoreError:
+        if u.read_array_header() != 9:
+            return 0, 0, Priority.CONTROL, Action.CLOSE
+        head = [u.unpack() for _ in range(7)]
+    except Exception:
         return 0, 0, Priority.CONTROL, Action.CLOSE
-    if not isinstance(env, list) or len(env) != 9:
-        return 0, 0, Priority.CONTROL, Action.CLOSE
-    vals = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0 for v in env[1:7]]
+    vals = [v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0 for v in head[1:7]]
     kind, _seq, msg_id, prio, _ts, action = vals
     # An action the schema does not know cannot be echoed (the board could not decode the
     # error frame): such errors are about the link, and name Close.

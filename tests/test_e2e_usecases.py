@@ -132,6 +132,24 @@ def test_e2e_m4_signed_firmware_campaign(tmp_path: Path) -> None:
     run(tmp_path, 1, fn)
 
 
+def test_e2e_s2_a_local_list_of_150_cards_reaches_the_site_whole(tmp_path: Path) -> None:
+    """The site's local list arrives as one blob inside an upstream Command: it is bounded by
+    that frame (MAX_UP_OBJECTS), not by a LAN frame's value budget: 150 cards (750 values, 2 KB, the
+    schema's bound of `entries`) fit."""
+
+    async def fn(s: Site) -> None:
+        assert s.csms is not None and s.gw is not None
+        for i in range(150):
+            s.csms.api.add_token(f"CARD-{i:03d}")
+        row = await s.command_done(s.csms.api.send_local_list(s_id(s), 7))
+        assert row["results"] and row["results"][0]["status"] == Status.ACCEPTED, (row["state"], row["results"])
+        gw = s.gw
+        assert gw.auth.list_version == 7
+        assert all(gw.auth.authorize(f"CARD-{i:03d}", 0).source == "list" for i in range(150))
+
+    run(tmp_path, 1, fn)
+
+
 def test_e2e_upstream_outage_and_drain(tmp_path: Path) -> None:
     async def fn(s: Site) -> None:
         assert s.csms is not None and s.gw is not None

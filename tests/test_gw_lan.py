@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from gwpeer import SEED, gateway_doc
 
 from gateway import _core, config
 from gateway.devices import derive
-from gateway.schema import Action, Key, Kind, Priority
+from gateway.schema import PROTOCOL_VERSION, Action, Key, Kind, Priority
 from gateway.service import Gateway
 from tools.loadclient import Board, HelloRefused, dev_key, run_load
 
@@ -166,6 +169,25 @@ async def test_error_frames_carry_the_field_at_fault_when_there_is_one(gw: Gatew
         assert (_core.error_name(body[Key.ERROR_CODE]), body.get(Key.FIELD)) == (name, field), i
         assert b.responses[i].action == Action.METER_VALUES
     assert Key.FIELD not in b.responses[85].body  # BAD_TAG: not about a body key
+
+
+@with_gw
+async def test_a_frame_refused_for_a_repeated_key_is_answered_with_its_own_id(gw: Gateway) -> None:
+    """A body repeating a key is refused by the decoder (DUPLICATE_KEY, docs/protocol.md), yet
+    its envelope's head was readable: the error names the frame's own id and action."""
+    b = board(gw)
+    await b.connect()
+    assert b.sender is not None
+    head = [PROTOCOL_VERSION, Kind.EVENT, b.sender.seq + 10, 86, Priority.TELEMETRY, 0, Action.METER_VALUES]
+    body = b"\x82" + b"".join(msgpack.packb(v) for v in (Key.EVSE, 1, Key.EVSE, 2))
+    unsealed = b"\x99" + b"".join(msgpack.packb(v) for v in head) + body
+    tag = hmac.new(b.k_up, unsealed, hashlib.sha256).digest()[:16]  # a good tag: only the body is wrong
+    frame = unsealed + msgpack.packb(tag)
+    b.send_raw(len(frame).to_bytes(2, "big") + frame)
+    await wait_for(lambda: 86 in b.responses)
+    err = b.responses[86]
+    assert _core.error_name(err.body[Key.ERROR_CODE]) == "DUPLICATE_KEY"
+    assert err.action == Action.METER_VALUES
 
 
 def test_flood_is_throttled_then_disconnected(tmp_path: Path) -> None:

@@ -76,6 +76,7 @@ class Board:
     acked_ids: list[int] = field(default_factory=list)
     record_acks: bool = False
     e_up: bytes = b""
+    k_up: bytes = b""
     responses: dict[int, _core.Frame] = field(default_factory=dict)
     requests_in: list[_core.Frame] = field(default_factory=list)
     answer: Callable[[_core.Frame], Body | None] | None = None
@@ -117,7 +118,7 @@ class Board:
         self.receiver = _core.Receiver(k_dn)
         self.receiver.receive(raw)
         self.sender = _core.Sender(k_up)
-        self.e_up = e_up
+        self.k_up, self.e_up = k_up, e_up
         if Key.DEVICE_KEY in reply.body:
             return _core.aes_ctr(e_dn, 1, Key.DEVICE_KEY, reply.body[Key.DEVICE_KEY])
         return key

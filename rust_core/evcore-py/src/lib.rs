@@ -217,10 +217,20 @@ fn relay_rows<'py>(
 }
 
 /// Decodes one bare msgpack value (hardened: limits, budget, no repeated key, every
-/// width); no schema.
+/// width); no schema. `max_objects`: the budget of values when not the one of a frame of
+/// `data`'s size (a blob that came inside a larger, already bounded frame).
 #[pyfunction]
-fn unpack<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyAny>> {
-    let v = msgpack::decode(data).py_err(py)?;
+#[pyo3(signature = (data, max_objects=None))]
+fn unpack<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    max_objects: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let v = match max_objects {
+        Some(n) => msgpack::decode_with(data, n),
+        None => msgpack::decode(data),
+    }
+    .py_err(py)?;
     convert::to_py(py, &v)
 }
 
