@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from gateway import _core
-from gateway.link import Link, State, clip_reason, proto_ts
+from gateway.link import Link, State, proto_ts
 from gateway.localcsms.auth import Authorizer, Decision
+from gateway.protocol.text import clip_reason
 from gateway.schema import FIELDS, Action, Key, Kind, Status
 
 SECRET_KEYS = frozenset(k for k, spec in FIELDS.items() if spec.type == "secret")

@@ -33,11 +33,12 @@ from gateway import _core
 from gateway.boards import Boards, Result
 from gateway.config import FirmwareConfig
 from gateway.forward import Forwarder
-from gateway.link import clip_reason, proto_ts
+from gateway.link import proto_ts
 from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.clock import Clock
 from gateway.localcsms.fwcache import FirmwareCache
 from gateway.localcsms.power import SITE, PowerManager
+from gateway.protocol.text import clip_reason
 from gateway.schema import FIELDS, MAX_UP_OBJECTS, MESSAGES, Action, CertType, ErrorCode, Key, Kind, Status
 
 SIGNED_ACTIONS = frozenset(

@@ -21,6 +21,7 @@ import msgpack
 
 from gateway import _core
 from gateway.devices import DeviceError, Devices
+from gateway.protocol.text import clip_reason
 from gateway.schema import (
     EPOCH_UNIX,
     FIELDS,
@@ -50,15 +51,7 @@ def proto_ts(now: float) -> int:
     return max(0, int(now) - EPOCH_UNIX)
 
 
-REASON_MAX = FIELDS[Key.REASON].max_len
 """The schema's bound of a `reason`, in bytes of UTF-8."""
-
-
-def clip_reason(text: str) -> str:
-    """`text` cut to what a `reason` field may hold (`REASON_MAX` bytes of UTF-8, never
-    half a character)."""
-    raw = text.encode()
-    return text if len(raw) <= REASON_MAX else raw[:REASON_MAX].decode(errors="ignore")
 
 
 def error_body(code: int, reason: str, field: int | None = None) -> dict[int, Any]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import _core
-from gateway.link import clip_reason
+from gateway.protocol.text import clip_reason
 from gateway.schema import FirmwareStatus, Key, Status
 
 log = logging.getLogger("gateway.firmware")

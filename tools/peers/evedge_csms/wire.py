@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from gateway import _core
+from gateway.protocol.text import clip_reason
 from gateway.protocol.upstream_wire import K_UP
 from gateway.schema import (
     EPOCH_UNIX,
@@ -22,8 +23,6 @@ from gateway.schema import (
 
 MAX_UP_FRAME: Final = _core.MAX_UP_FRAME
 
-MAX_REASON: Final = 120
-
 
 def proto_time(now: float) -> int:
     """Protocol time (seconds since 2024-01-01Z) of a Unix time."""
@@ -32,13 +31,6 @@ def proto_time(now: float) -> int:
 
 def unix_time(t: int) -> int:
     return t + EPOCH_UNIX
-
-
-def clip_reason(text: str) -> str:
-    data = text.encode()
-    if len(data) <= MAX_REASON:
-        return text
-    return data[:MAX_REASON].decode("utf-8", "ignore")
 
 
 class WireError(Exception):

@@ -42,6 +42,7 @@ from evedge_csms.server import CsmsServer
 from gateway.protocol import gid
 from gateway.protocol.gid import evse_gid
 from gateway.protocol.roaming.client import RoamingError
+from gateway.protocol.text import clip_reason
 from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
 
 from .cso import CsoEndpoint
@@ -302,7 +303,7 @@ class CsmsRoaming:
             try:
                 answer = await self.cso.contract_certificate(evse, action, bytes(req["exi"]))
             except Exception as e:  # a refusal of the CSO endpoint itself (bad EVSE id …)
-                answer = {"status": "rejected", "reason": str(e)[:120]}
+                answer = {"status": "rejected", "reason": clip_reason(str(e))}
             srv = self.op.csms()
             if srv is None:
                 return n  # the CSMS went away meanwhile: the request stays pending

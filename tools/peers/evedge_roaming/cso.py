@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from gateway.protocol import gid
 from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
+from gateway.protocol.text import clip_reason
 
 from . import contract_pki
 from .config import EndpointConfig
@@ -363,7 +364,7 @@ class CsoEndpoint(Endpoint):
         try:
             answer = await self.send("ContractCertificate", body, home)
         except (ConnectionError, RoamingError, H3Error) as exc:
-            return {"status": "rejected", "reason": f"home CSP {home} not reachable: {exc}"[:120]}
+            return {"status": "rejected", "reason": clip_reason(f"home CSP {home} not reachable: {exc}")}
         out: dict[str, Any] = {"status": answer["status"]}
         if "exi" in answer:
             out["exi"] = base64.b64decode(answer["exi"])
