@@ -255,3 +255,21 @@ def test_one_partys_certificate_cannot_carry_anothers_credentials(tmp_path: Path
             await raw.http.close()
 
     asyncio.run(main())
+
+
+def test_a_handler_failure_is_a_500_that_tells_the_peer_nothing_of_the_internals(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running(tmp_path, "peer_to_peer") as net:
+            raw = Raw(net)
+
+            async def broken(_req: object) -> object:
+                raise RuntimeError("db at /srv/secret/csp.sqlite is locked")
+
+            net.csp._pipeline = broken  # type: ignore[method-assign,assignment]
+            r, body = await raw.post("PlatformLogin", {}, token=None)
+            assert r.status == 500 and body["error"] == "internal"
+            assert "secret" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+            assert body["detail"].startswith("internal error, incident ")
+            await raw.http.close()
+
+    asyncio.run(main())

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,8 @@ class Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=lambda: {"content-type": "application/json"})
 
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[Request], Awaitable[Reply]]
 
@@ -88,8 +92,10 @@ class _ServerProtocol(QuicConnectionProtocol):
     async def _answer(self, stream_id: int, req: Request) -> None:
         try:
             reply = await self.handler(req)
-        except Exception as exc:  # a handler bug must not kill the connection
-            body = {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}
+        except Exception:  # a handler bug must not kill the connection, nor tell the peer our internals
+            incident = secrets.token_hex(6)
+            log.exception("roaming request %s %s failed (incident %s)", req.method, req.path[:80], incident)
+            body = {"error": "internal", "detail": f"internal error, incident {incident}"}
             reply = Reply(500, json.dumps(body).encode())
         if self._h3 is None:
             return
