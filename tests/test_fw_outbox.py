@@ -110,13 +110,14 @@ def test_fw_b16_full_outbox_sheds_telemetry_first_and_reports_it(rig: Rig) -> No
     assert sorted(b[Key.SEQ_NO] for b in tx) == list(range(len(tx)))
 
 
+@pytest.mark.timeout(300)  # filling the flash image takes ~30 s alone, more on a loaded machine
 def test_fw_b17_full_flash_never_corrupts_outbox(rig: Rig) -> None:
     peer = rig.peer
     peer.auto_ack = False
     rig.board.cmd("emit", n=5, **{"from": 0})
     barrier(rig.board)  # the five are stored
     rig.board.cmd("fill")
-    rig.board.wait("filled")
+    rig.board.wait("filled", timeout=180)  # a full LittleFS image, written 1 KiB at a time: slow under load
     rig.board.cmd("emit", n=5, **{"from": 100})
     st = rig.board.status()
     assert st["online"]
@@ -125,7 +126,7 @@ def test_fw_b17_full_flash_never_corrupts_outbox(rig: Rig) -> None:
     rig.up()
     rig.board.cmd("unfill")
     ok = _stored(rig)
-    peer.wait(lambda: ok <= {i for (_, i, _, _) in peer.persisted}, 20)
+    peer.wait(lambda: ok <= {i for (_, i, _, _) in peer.persisted}, 60)
     vals = sorted(b[Key.ENERGY_WH] for b in peer.durable(Action.METER_VALUES))
     assert set(range(5)) <= set(vals)
     assert len(vals) == len(set(vals))
