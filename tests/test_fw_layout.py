@@ -202,3 +202,26 @@ def test_the_manifest_freezes_the_same_modules_from_the_build(tmp_path: Path) ->
     build.build(tmp_path, py=True)
     assert frozen(tmp_path) == frozen()
     assert (tmp_path / "boards" / "sim.py").is_file() and (tmp_path / "boards" / "unix.py").is_file()
+
+
+def _members(path: Path, cls: str) -> dict[str, list[str]]:
+    """A class's methods (their parameters) and class attributes (no parameters), from the source."""
+    node = next(n for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef) and n.name == cls)
+    out: dict[str, list[str]] = {}
+    for n in node.body:
+        if isinstance(n, ast.FunctionDef):
+            out[n.name] = [a.arg for a in n.args.args]
+        elif isinstance(n, ast.Assign):
+            out.update((t.id, []) for t in n.targets if isinstance(t, ast.Name))
+    return out
+
+
+def test_the_simulated_hal_has_every_input_and_output_of_hal() -> None:
+    # SimHal implements Hal's interface without subclassing it (the base's defaults would cost the
+    # emulated board heap a real board spends on its own HAL): every name, with the same parameters
+    hal = _members(FIRMWARE / "csc" / "hal.py", "Hal")
+    sim = _members(FIRMWARE / "boards" / "sim.py", "SimHal")
+    assert not [k for k in hal if k != "__init__" and sim.get(k) != hal[k]]
+    init = ast.parse((FIRMWARE / "boards" / "sim.py").read_text())
+    assigned = {t.attr for t in ast.walk(init) if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store)}
+    assert {"flags", "card"} <= assigned  # Hal.__init__'s

@@ -117,11 +117,12 @@ class Control:
                 f.write("%f %f" % (self.hal.wh_in, self.hal.wh_out))
 
     async def run(self):
-        import asyncio
+        from csc.app import wait_io  # asyncio's I/O queue: no asyncio.stream module (heap)
 
-        r = asyncio.StreamReader(sys.stdin)
+        i = sys.stdin
         while True:
-            line = await r.readline()
+            await wait_io(i, 0)
+            line = i.readline()  # a whole line (stdin blocks), as asyncio's StreamReader reads it
             if not line:
                 return
             try:
