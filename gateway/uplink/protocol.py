@@ -244,7 +244,8 @@ class UpstreamProtocol(QuicConnectionProtocol):
                 self._frame(event.stream_id, raw)
             self.kick()
         elif isinstance(event, ConnectionTerminated):
-            log.warning("upstream closed: %s (%s)", event.reason_phrase, event.error_code)
+            why = event.reason_phrase or ("closed by the peer" if event.error_code == 0 else "no reason given")
+            log.warning("upstream closed: %s (QUIC error code %s)", why, event.error_code)
             self.ready = False
             self.closed.set()
             if not self.hello_answered.done():

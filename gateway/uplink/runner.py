@@ -88,7 +88,7 @@ class UplinkRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # every failure of one connection leads to a reconnect
-                self.last_error = f"{type(e).__name__}: {e}"
+                self.last_error = f"{type(e).__name__}: {e}" if str(e) else f"{type(e).__name__} (the connection ended)"
                 log.warning("upstream: %s", self.last_error)
             finally:
                 self.protocol = None
