@@ -224,6 +224,9 @@ class Control:
             d["mem_free"] = gc.mem_free()
             d["peak"] = self.peak
             note("status", d)
+        elif cmd == "probe":  # the invariants' sampler (tools/site/invariants.py): small, no gc pass
+            tx = app.tx.tx
+            note("probe", {"p": hal.power(), "tx": tx.id if tx else None, "c": hal.contactor, "r": app.registered})
         elif cmd == "reset_peak":
             gc.collect()
             self.peak = gc.mem_alloc()

@@ -1,0 +1,124 @@
+"""The real site a scenario runs on (DESIGN.md, "Proof on the real chain"): the CSMS, the
+gateway and real MicroPython boards of tools/site/harness.py, free ports, with the invariants
+of tools/site/invariants.py sampled for the whole scenario.
+
+    def test_e1_…(tmp_path):
+        async def fn(site: Site, inv: Invariants) -> None:
+            ...  # act as the actor does, assert what the world sees
+        scenario(tmp_path, fn, boards=2)
+
+`scenario` starts the site (every board registered), starts the sampler, runs `fn`, then
+checks billing (every transaction that ended billed once) and fails the test with every
+invariant that broke. The limits of the gateway's configuration are declared from the start;
+a scenario that sets another limit through an actor's interface declares it with
+`inv.limit(watts, devices, deadline_s)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from tools.site.harness import Site, board_wait, until
+from tools.site.invariants import Checker, Limit, Sampler, billing_faults
+
+__all__ = ["Invariants", "Site", "scenario"]
+
+
+class Invariants:
+    """The scenario's handle on the invariants: declare limits, read what was seen."""
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.checker = Checker()
+        self.sampler = Sampler(lambda: site.boards, self._registration, self.checker)
+        self.billing = True
+        """Check billing at the end (a scenario about a transaction that must not be billed yet,
+        e.g. one left running on purpose, still is: only ended ones are checked)."""
+
+    def _registration(self) -> dict[str, str]:
+        csms = self.site.csms
+        if csms is None or csms.store is None:
+            return {}
+        return {r["device_id"]: r["registration"] for r in csms.api.stations() if r["registration"]}
+
+    def limit(self, watts: int, devices: Iterable[str] | None = None, deadline_s: float = 3.0,
+              what: str = "") -> Limit:  # fmt: skip
+        """A limit the scenario has just put in force through an actor's interface: from
+        `deadline_s` on, the boards `devices` (None: all) together draw at most `watts`."""
+        return self.checker.limit(watts, devices, time.monotonic() + deadline_s, what)
+
+    def lift(self, lim: Limit) -> None:
+        """`lim` is no longer in force (a higher one replaced it, it expired)."""
+        lim.end = time.monotonic()
+
+    async def settle(self) -> None:
+        """One more round of probes, now (e.g. right after a state the scenario wants checked)."""
+        await self.sampler.round()
+
+    def declare_configured(self) -> None:
+        """The site and zone limits of the gateway's configuration, in force from the start."""
+        doc = self.site.gateway_doc()
+        power = doc.get("power", {})
+        if "site_limit_w" in power:
+            self.checker.limit(int(power["site_limit_w"]), None, 0.0, "site limit (configured)")
+        for z in power.get("zone", []):
+            self.checker.limit(int(z["limit_w"]), z["devices"], 0.0, f"zone {z['zone']} limit (configured)")
+
+
+def ended_at_boards(site: Site) -> list[tuple[str, object]]:
+    return [(b.device_id, e["tx_id"]) for b in site.boards for e in b.all("tx_ended")]
+
+
+async def check_billing(site: Site, timeout: float = 20.0) -> list[str]:
+    """The billing faults once the books have settled: waits (up to `timeout`) until every
+    transaction a board ended is ended and billed at the CSMS, then reports what is wrong."""
+    csms = site.csms
+    assert csms is not None
+    api = csms.api
+
+    def faults() -> list[str]:
+        return billing_faults(api.sessions(), api.sdrs(), ended_at_boards(site))
+
+    with contextlib.suppress(TimeoutError):  # what is still wrong then is the verdict
+        await until(lambda: not faults(), timeout, "billing settled")
+    return faults()
+
+
+def scenario(tmp: Path, fn: Callable[[Site, Invariants], Awaitable[None]], boards: int = 2,
+             gateway_extra: dict[str, dict[str, Any]] | None = None, roaming: bool = False,
+             registered: bool = True) -> None:  # fmt: skip
+    """Runs `fn` on a real site of `boards` boards under `tmp`, with the invariants sampled;
+    fails with every broken invariant. `registered`: wait until every board has its
+    registration answer before `fn` (False: a scenario about onboarding itself)."""
+
+    async def main() -> None:
+        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=roaming)
+        inv = Invariants(site)
+        broken: list[str] = []
+        try:
+            await site.start()
+            if registered:
+                await asyncio.gather(*(board_wait(b, "registration") for b in site.boards))
+            inv.declare_configured()
+            inv.sampler.start()
+            await fn(site, inv)
+            await inv.sampler.stop()
+            await inv.sampler.round()
+            if inv.billing:
+                broken += await check_billing(site)
+        finally:
+            await inv.sampler.stop()
+            await site.close()
+        chk = inv.checker
+        for line in chk.excursions[:20]:
+            print("excursion (within settle time unless listed below):", line)
+        print(f"invariants: {chk.samples} sample rounds, {len(chk.excursions)} excursions")
+        broken = chk.violations + broken
+        assert not broken, "invariants broken:\n" + "\n".join(broken)
+
+    asyncio.run(main())
