@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.site.harness import Site, board_wait, until
-from tools.site.invariants import Checker, Limit, Sampler, billing_faults
+from tools.site.invariants import Checker, Limit, Sampler, billing_faults, configured_limits
 
 __all__ = ["Invariants", "Site", "scenario"]
 
@@ -62,12 +62,7 @@ class Invariants:
 
     def declare_configured(self) -> None:
         """The site and zone limits of the gateway's configuration, in force from the start."""
-        doc = self.site.gateway_doc()
-        power = doc.get("power", {})
-        if "site_limit_w" in power:
-            self.checker.limit(int(power["site_limit_w"]), None, 0.0, "site limit (configured)")
-        for z in power.get("zone", []):
-            self.checker.limit(int(z["limit_w"]), z["devices"], 0.0, f"zone {z['zone']} limit (configured)")
+        configured_limits(self.checker, self.site.gateway_doc())
 
 
 def ended_at_boards(site: Site) -> list[tuple[str, object]]:

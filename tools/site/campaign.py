@@ -13,7 +13,11 @@ on boards. Then everything comes back, the backlog drains, and the run checks:
   counts the redeliveries it deduplicated), transaction events unique per (tx, seq_no);
 - order per device: the CSMS received each device's emitted values in emit order;
 - every SDR reconciles with the metered energy of its transaction (meter stop − start, and
-  the board's own figure when it printed one).
+  the board's own figure when it printed one);
+- the invariants of tools/site/invariants.py, sampled for the whole run (faults included): the
+  site limit (set to bind: `SITE_LIMIT_W_PER_BOARD` a board, less than two sessions draw) and
+  the zone limit hold, no board draws without a transaction or while the CSMS has not
+  accepted it, and every transaction the CSMS saw end is billed exactly once.
 
 The seed is printed; `--seed S` replays the same fault schedule: the faults come from their
 own `random.Random(seed)` (`fault_schedule`, printed at the start), drawn before the run, so
@@ -45,9 +49,13 @@ from typing import Any
 from gateway.protocol import devpki
 from tools.board import Board
 from tools.site.harness import Site, board_status, factory_key, until
+from tools.site.invariants import Checker, Sampler, billing_faults, configured_limits
 
 ROOT = Path(__file__).resolve().parents[2]
 EMIT_BASE = 10_000_000  # emitted MeterValues carry energy_wh = EMIT_BASE * (board + 1) + k
+SITE_LIMIT_W_PER_BOARD = 6000
+"""The campaign's site limit is this times the boards: a session draws up to 11 kW, so two at
+once already need the gateway to share (E1), through every fault."""
 FAULTS = ("board_power_cut", "gateway_kill9", "upstream_cut", "clock_step")
 
 
@@ -175,6 +183,14 @@ class Campaign:
         self.redelivered = 0
         self.csms_up = False
         self.problems: list[str] = []
+        self.checker = Checker()
+        self.sampler = Sampler(lambda: self.boards, self._registration, self.checker)
+
+    def _registration(self) -> dict[str, str]:
+        csms = self.site.csms
+        if csms is None or not self.csms_up:
+            return {}  # the CSMS is down (an upstream cut): the decisions it holds are unchanged
+        return {r["device_id"]: r["registration"] for r in csms.api.stations() if r["registration"]}
 
     # ------------------------------------------------------------------ set-up
     async def start(self) -> None:
@@ -185,6 +201,8 @@ class Campaign:
             csms.api.add_token(f"SOAK-{i}")  # the CSMS answers online; the site caches (S2)
         doc = s.gateway_doc()  # LAN and metrics on port 0: the gateway names the ports it bound
         doc.setdefault("auth", {})["unknown_token_offline"] = "accept"  # cards: the site decides
+        doc["power"]["site_limit_w"] = SITE_LIMIT_W_PER_BOARD * self.n
+        configured_limits(self.checker, doc)
         self.gw = GatewayProcess(self.root / "gateway.toml", doc)
         await asyncio.to_thread(self.gw.start)
         lan_port = self.gw.ports["lan"]
@@ -194,8 +212,10 @@ class Campaign:
             self.confirmed[did] = []
             self.issued[did] = 0
         await asyncio.gather(*(asyncio.to_thread(b.wait, "registration", None, 30) for b in self.boards))
+        self.sampler.start()
 
     async def close(self) -> None:
+        await self.sampler.stop()
         for b in self.boards:
             b.stop()
         if self.gw is not None:
@@ -345,11 +365,17 @@ class Campaign:
         ended = [t for t in csms.api.sessions() if t["state"] == "ended"]
         no_sdr = [(t["device_id"], t["tx_id"]) for t in ended
                   if not any(x["device_id"] == t["device_id"] and x["tx_id"] == t["tx_id"] for x in sdrs)]  # fmt: skip
+        ended_at_boards = [(b.device_id, e["tx_id"]) for b in self.boards for e in b.all("tx_ended")]
+        billing = billing_faults(csms.api.sessions(), sdrs, ended_at_boards)
+        inv = self.checker
         checks = {
             "no accepted message lost": not lost,
             "none duplicated": not dups and len(keys) == len(received),
             "order per device kept": not disorder,
             "every SDR reconciles with its metered energy": not bad_sdr and not no_sdr,
+            "every transaction billed exactly once": not billing,
+            f"invariants held in {inv.samples} sample rounds (limits, no energy without a transaction, "
+            "registration)": not inv.violations,
         }
         for name, ok in checks.items():
             if not ok:
@@ -363,6 +389,7 @@ class Campaign:
             self.problems.append(f"out of order at {d}: ... {v[max(0, i - 3) : i + 3]} ...")
         if bad_sdr or no_sdr:
             self.problems.append(f"SDRs: {bad_sdr} without SDR: {no_sdr}")
+        self.problems += billing + inv.violations
         return {
             "checks": checks,
             "confirmed": sum(len(v) for v in self.confirmed.values()),
@@ -402,6 +429,7 @@ async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
         await c.start()
         await c.run()
         await c.settle()
+        await c.sampler.stop()
         report = c.check()
     except Exception as e:  # the summary names what failed
         c.problems.append(f"{type(e).__name__}: {e}")

@@ -118,6 +118,16 @@ class Checker:
                 self._fault(("limit", str(id(lim))), f"{lim} broken for {now - began:.1f} s: {drawn} W ({detail})")
 
 
+def configured_limits(checker: Checker, gateway_doc: Mapping[str, Any]) -> None:
+    """Declares the site and zone limits of a gateway's configuration (its TOML as a dict), in
+    force from the start: the site holds them with no command from anybody (E1)."""
+    power = gateway_doc.get("power", {})
+    if "site_limit_w" in power:
+        checker.limit(int(power["site_limit_w"]), None, 0.0, "site limit (configured)")
+    for z in power.get("zone", []):
+        checker.limit(int(z["limit_w"]), z["devices"], 0.0, f"zone {z['zone']} limit (configured)")
+
+
 class BoardLike(Protocol):
     """What the sampler needs of an emulated board (tools.board.Board is one)."""
 
