@@ -123,7 +123,9 @@ def test_every_usecase_has_a_proof_and_every_proof_exists() -> None:
     unproven = [u for u, entry in uc["usecase"].items() if not entry["proofs"]]
     assert unproven == [], f"use cases with no proof: {unproven}"
     for uid, entry in [*uc["usecase"].items(), *uc["requirement"].items()]:
-        for proof in entry["proofs"]:
+        scenarios = entry.get("scenarios", [])
+        assert all(s.startswith("tests/scenarios/") for s in scenarios), f"{uid}: a scenario outside tests/scenarios"
+        for proof in [*entry["proofs"], *scenarios]:
             path, _, name = proof.partition("::")
             source = ROOT / path
             assert source.is_file(), f"{uid}: {path} does not exist"

@@ -38,14 +38,27 @@ def emit(s: Schema) -> str:
         "",
         "Each ID of the catalogue (`../shared/USECASES.md`) with the messages that carry it",
         "(from `tools/schema/messages.toml`) and the tests that prove it (from",
-        "`tools/schema/usecases.toml`). `tests/test_schema.py` fails when an ID has no message.",
+        "`tools/schema/usecases.toml`). `tests/test_schema.py` fails when an ID has no message",
+        "or names a test that does not exist.",
+        "",
+        "The proof of a use case is a **scenario on the real chain** (`tests/scenarios/`: real",
+        "MicroPython boards, the real gateway, the real CSMS and roaming endpoints, started where",
+        "the actor starts, with the invariants of docs/design/testing.md sampled throughout).",
+        "The **unit tests** try one part against a stand-in for its neighbour: useful, never the",
+        "proof.",
         "",
         "## Use cases (IEC 63110-1, IEC 63119-2)",
-        "| ID | use case | messages | proofs |",
-        "|---|---|---|---|",
+        "| ID | use case | messages | real-chain scenarios (the proof) | unit tests |",
+        "|---|---|---|---|---|",
     ]
+    unproven = []
     for uid, u in uc["usecase"].items():
-        o.append(f"| {uid} | {u['title']} | {', '.join(by.get(uid, [])) or '—'} | {_proofs(u['proofs'])} |")
+        scen = u.get("scenarios", [])
+        if not scen:
+            unproven.append(uid)
+        msgs = ", ".join(by.get(uid, [])) or "—"
+        o.append(f"| {uid} | {u['title']} | {msgs} | {_proofs(scen)} | {_proofs(u['proofs'])} |")
+    o += ["", f"Not yet proven on the real chain: {', '.join(unproven) or 'none'}."]
     o += [
         "",
         "## Transport requirements (IEC 63110-1 Annex B)",
