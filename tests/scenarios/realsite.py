@@ -77,7 +77,7 @@ async def check_billing(site: Site, timeout: float = 20.0) -> list[str]:
     api = csms.api
 
     def faults() -> list[str]:
-        return billing_faults(api.sessions(), api.sdrs(), ended_at_boards(site))
+        return billing_faults(api.sessions(), api.billed_transactions(), ended_at_boards(site))
 
     with contextlib.suppress(TimeoutError):  # what is still wrong then is the verdict
         await until(lambda: not faults(), timeout, "billing settled")

@@ -316,7 +316,7 @@ class Campaign:
             await board_status(b, lambda st: st["tx_id"] is None, 30)
 
         def missing() -> list[tuple[str, int]]:
-            have = {(str(x["device_id"]), int(x["tx_id"])) for x in csms.api.sdrs()}
+            have = {(str(x["device_id"]), int(x["tx_id"])) for x in csms.api.billed_transactions()}
             ended = {(b.device_id, int(e["tx_id"])) for b in self.boards for e in b.all("tx_ended")}
             return sorted(ended - have)
 
@@ -353,20 +353,22 @@ class Campaign:
         disorder = {d: v for d, v in stored.items() if v != sorted(v)}
         received = csms.store.select("received")
         keys = {(r["site_id"], r["device_id"], r["msg_id"], r["grp"]) for r in received}
-        sdrs = csms.api.sdrs()
-        bad_sdr = [x["sdr_id"] for x in sdrs if x["energy_wh"] != x["meter_stop_wh"] - x["meter_start_wh"]]
+        sdrs = csms.api.sdrs()  # one per service session (clause 6), listing its transactions:
+        lines = csms.api.billed_transactions()  # those transactions, each with its SDR
+        bad_sdr = [f"{x['sdr_id']} tx {x['tx_id']}" for x in lines
+                   if x["energy_wh"] != x["meter_stop_wh"] - x["meter_start_wh"]]  # fmt: skip
         compared = 0
-        for x in sdrs:
+        for x in lines:
             wh = self.board_wh.get((str(x["device_id"]), int(x["tx_id"])))
             if wh is not None:
                 compared += 1
                 if wh != x["energy_wh"]:
-                    bad_sdr.append(f"{x['sdr_id']}: board {wh} Wh, SDR {x['energy_wh']} Wh")
+                    bad_sdr.append(f"{x['sdr_id']} tx {x['tx_id']}: board {wh} Wh, SDR {x['energy_wh']} Wh")
         ended = [t for t in csms.api.sessions() if t["state"] == "ended"]
-        no_sdr = [(t["device_id"], t["tx_id"]) for t in ended
-                  if not any(x["device_id"] == t["device_id"] and x["tx_id"] == t["tx_id"] for x in sdrs)]  # fmt: skip
+        billed = {(x["device_id"], x["tx_id"]) for x in lines}
+        no_sdr = [(t["device_id"], t["tx_id"]) for t in ended if (t["device_id"], t["tx_id"]) not in billed]
         ended_at_boards = [(b.device_id, e["tx_id"]) for b in self.boards for e in b.all("tx_ended")]
-        billing = billing_faults(csms.api.sessions(), sdrs, ended_at_boards)
+        billing = billing_faults(csms.api.sessions(), lines, ended_at_boards)
         inv = self.checker
         checks = {
             "no accepted message lost": not lost,
@@ -396,7 +398,8 @@ class Campaign:
             "stored_frames": len(received),
             "sdrs": len(sdrs),
             "sdrs_compared_with_board": compared,
-            "energy_wh": sum(int(x["energy_wh"]) for x in sdrs),
+            "transactions_billed": len(lines),
+            "energy_wh": sum(int(x["energy_wh"]) for x in lines),
         }
 
 
@@ -442,8 +445,9 @@ async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
     stored = report.get("stored_frames", 0)
     print(f"sessions started {c.sessions}; MeterValues confirmed by boards {confirmed}; "
           f"frames stored at the CSMS {stored}; redeliveries deduplicated {c.redelivered}")  # fmt: skip
-    print(f"SDRs {report.get('sdrs', 0)} ({report.get('sdrs_compared_with_board', 0)} compared with the board's "
-          f"meter), energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
+    print(f"SDRs {report.get('sdrs', 0)} billing {report.get('transactions_billed', 0)} transactions "
+          f"({report.get('sdrs_compared_with_board', 0)} compared with the board's meter), "
+          f"energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
     for name, ok in report.get("checks", {}).items():
         print(f"  {'PASS' if ok else 'FAIL'} {name}")
     for p in c.problems:

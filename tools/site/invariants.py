@@ -193,8 +193,9 @@ class Sampler:
 def billing_faults(transactions: Sequence[Mapping[str, Any]], sdrs: Sequence[Mapping[str, Any]],
                    ended_at_boards: Iterable[tuple[str, object]] = ()) -> list[str]:  # fmt: skip
     """Every transaction the CSMS saw end billed exactly once, at the tariff it ran under; every
-    (device, tx id) a board ended known to the CSMS as ended. `transactions` and `sdrs` are the
-    CSMS's rows (`api.sessions()`, `api.sdrs()`)."""
+    (device, tx id) a board ended known to the CSMS as ended. `transactions` are the CSMS's
+    transactions (`api.sessions()`), `sdrs` its billing lines (`api.billed_transactions()`: an
+    SDR is per service session and lists its transactions, IEC 63110-1 clause 6)."""
     faults: list[str] = []
     billed: dict[tuple[str, str, object], list[Mapping[str, Any]]] = {}
     for s in sdrs:
