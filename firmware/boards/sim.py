@@ -55,7 +55,8 @@ class SimHal:
         self.last = self.ticks_ms()
         self.exi = None
         self.needs = None  # (energy_wh, departure_s, soc) the EV announces over ISO 15118
-        self.se_key = None  # the simulated secure element's private key
+        self.se_key = None  # a private key delivered from outside (M18), held by the secure element
+        self.se_csr = None  # the secure element's certificate request (M16), from its own key pair
 
     def ticks_ms(self):
         return self._t.ticks_add(self._t.ticks_ms(), self.skew_ms)
@@ -145,14 +146,10 @@ class SimHal:
         return self.needs if self.ev_plugged else None
 
     def csr(self):
-        # stands for a secure element: a fresh private key that stays here, and a CSR
-        # (DER SEQUENCE) holding the public value (here a hash of the key) and the serial
-        import os
-
-        self.se_key = os.urandom(32)
-        pub = hashlib.sha256(self.se_key).digest()
-        inner = b"SIMCSR" + self.serial.encode() + pub
-        return bytes((0x30, len(inner))) + inner
+        # the secure element made the key pair and keeps the private key; the board holds only
+        # the PKCS#10 request (on the emulated board the host runner is the chip and hands the
+        # request over on the control channel: `se`). None: no secure element attached.
+        return self.se_csr
 
     def install_key(self, key):
         self.se_key = bytes(key)

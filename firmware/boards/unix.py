@@ -224,6 +224,8 @@ class Control:
             d["mem_free"] = gc.mem_free()
             d["peak"] = self.peak
             note("status", d)
+        elif cmd == "se":  # the host's simulated secure element (tools/board/runner.py): its CSR
+            hal.se_csr = bytes.fromhex(c["csr"])
         elif cmd == "probe":  # the invariants' sampler (tools/site/invariants.py): small, no gc pass
             tx = app.tx.tx
             note("probe", {"p": hal.power(), "tx": tx.id if tx else None, "c": hal.contactor, "r": app.registered})

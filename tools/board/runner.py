@@ -31,6 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.protocol import devpki
 from tools import executables
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +159,27 @@ class Board:
         self.boots += 1
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._err, args=(self.proc,), daemon=True).start()
+        self.cmd("se", csr=self.secure_element_csr().hex())
         return self
+
+    def secure_element_csr(self) -> bytes:
+        """The board's secure element (M16), simulated here on the host as an ATECC-class chip
+        beside the microcontroller would be: it makes an ECDSA P-256 key pair once and keeps the
+        private key (`se-key.pem`, 0600: it never enters the board); the board gets only the
+        PKCS#10 request, signed by that key, with the device id as common name, to send to the
+        CSMS (SignCertificate). The same request every boot until the key is made again."""
+        key_path, csr_path = self.dir / "se-key.pem", self.dir / "se-csr.der"
+        if key_path.exists() and csr_path.exists():
+            return csr_path.read_bytes()
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())  # fmt: skip
+        devpki.write_private(key_path, pem)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.device_id)])
+        csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+        der = csr.public_bytes(serialization.Encoding.DER)
+        csr_path.write_bytes(der)
+        return der
 
     def _read(self, p: subprocess.Popen[str]) -> None:
         assert p.stdout is not None
