@@ -27,13 +27,10 @@ from gateway import _core
 from gateway.link import Link, State, proto_ts
 from gateway.localcsms.auth import Authorizer, Decision
 from gateway.protocol.text import clip_reason
-from gateway.schema import FIELDS, Action, Key, Kind, Status
+from gateway.schema import FIELDS, MESSAGES, Action, Key, Kind, Status
 
 SECRET_KEYS = frozenset(k for k, spec in FIELDS.items() if spec.type == "secret")
 """Body keys whose values cross the LAN encrypted (docs/protocol.md)."""
-KNOWN_HERE = frozenset({"list", "cache"})
-"""Sources of a local decision the site answers with at once (the token is known here)."""
-
 Result = dict[int, Any]
 """One target's result in a `Command` response: device_id, status, reason?, frame?."""
 
@@ -70,8 +67,9 @@ class BoardRequest:
 
     @property
     def known_here(self) -> bool:
-        """An `Authorize` of a token in the site's list or cache: answered locally at once."""
-        return self.decision is not None and self.decision.source in KNOWN_HERE
+        """An `Authorize` the site answers at once, online too: a token in its local list, or
+        cached within the operator's trust window (gateway/localcsms/auth.py, S2)."""
+        return self.decision is not None and self.decision.trusted
 
 
 def board_request(conn: BoardLink, raw: bytes, auth: Authorizer, now: float) -> BoardRequest:
@@ -172,14 +170,29 @@ class Boards(Generic[C]):
         finally:
             self.pending.pop(key, None)
 
+    def notify(self, conn: C, action: int, body: dict[int, Any], prio: int | None = None) -> None:
+        """Seals an event for the board and sends it: a (non-durable) event has no answer."""
+        link = conn.link
+        if link.state is not State.OPEN or link.tx is None:
+            raise LinkNotOpen("link not open")
+        conn.send_one(link.request(action, sealed_body(link, body), self.now(), prio)[1])
+
     async def deliver(self, device_id: str, action: int, body: dict[int, Any], prio: int, timeout: float) -> Result:
         """One target of a command: the request re-sealed for this board, its answer as the
         target's result (with the board's response envelope under `frame`). A board offline
-        now gets it if it comes back before the deadline (B16)."""
+        now gets it if it comes back before the deadline (B16). An event (Setpoint, E7) has no
+        answer: its result is ACCEPTED once it is on the board's link (the board reports what it
+        did in its MeasuredValues)."""
         deadline = time.monotonic() + timeout
         conn = await self.wait_online(device_id, timeout)
         if conn is None:
             return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: "board offline until expiry"}
+        if MESSAGES[action].kind == Kind.EVENT:
+            try:
+                self.notify(conn, action, body, prio)
+            except LinkNotOpen:
+                return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link not open"}
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.ACCEPTED, Key.REASON: "sent (an event: no answer)"}
         try:
             raw = await self.request(conn, action, body, max(0.0, deadline - time.monotonic()), prio)
         except LinkNotOpen:

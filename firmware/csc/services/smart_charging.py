@@ -7,7 +7,8 @@ discharge setpoint), recomputed every tick and at once when a limit arrives:
 1. limit = hardware rating, lowered by the active profile of each purpose (highest
    stack level wins within a purpose; tx_default/tx only during a transaction; a tx
    profile beats tx_default) and by the DSO limit (E5, urgent: applied in the command
-   handler itself, checked against the meter at its deadline — a miss is a FaultReport);
+   handler itself, checked against the meter at its deadline — a miss is a FaultReport;
+   kept on the flash, so that a board rebooted while its gateway is away still keeps to it);
 2. a profile period with a negative limit, or a negative setpoint (E6/E7), asks for
    discharge: granted only when the EV and the hardware allow it, bounded by both;
 3. the droop curve (E8) overrides the setpoint when the measured frequency leaves the
@@ -64,6 +65,7 @@ from ..schema import (
     F_VALID_TO,
     GRID_EVENT_EMERGENCY,
     PROFILE_PURPOSE_DSO,
+    PROFILE_PURPOSE_RESOURCE_MANAGER,
     PROFILE_PURPOSE_TX,
     PROFILE_PURPOSE_TX_DEFAULT,
     STATUS_ACCEPTED,
@@ -93,7 +95,8 @@ class SmartCharging(Service):
         self.profiles = store.load(store.path("sc"), []) or []  # [pid, evse, level, purpose, periods, from, to, t0]
         d = store.load(store.path("droop"), None)
         self.droop = d  # [points [[f, p]...], deadband, rate]
-        self.dso = None  # [limit, valid_to, deadline ticks, checked]
+        d = store.load(store.path("dso"), None)  # [limit, valid_to]: the last DSO limit, over a reboot
+        self.dso = None if d is None else [d[0], d[1], 0, True]  # [limit, valid_to, deadline ticks, checked]
         self.setpoint = None
         self.loop = None  # [rate_ms, end ticks or None, next ticks]
         self.droop_w = None
@@ -117,11 +120,17 @@ class SmartCharging(Service):
     # ---------------------------------------------------------------- commands
     def set_profile(self, body, seq):
         evse = self._evse(body, True)
+        purpose = body[F_PURPOSE]
+        # a site's share (resource manager: the gateway, which does not know this hardware) above
+        # the rating limits nothing more than the rating does; the CSMS's profiles must fit it
+        top = self.app.hal.rating_w if purpose == PROFILE_PURPOSE_RESOURCE_MANAGER else None
         periods = []
         for p in body[F_PERIODS]:
-            self._watts(p[F_LIMIT_W])
-            periods.append([p[F_START_S], p[F_LIMIT_W]])
-        purpose = body[F_PURPOSE]
+            w = p[F_LIMIT_W]
+            if top is not None and w > top:
+                w = top
+            self._watts(w)
+            periods.append([p[F_START_S], w])
         if purpose == PROFILE_PURPOSE_TX and not self.app.tx.active(evse or 1):
             return status(STATUS_REJECTED, "no transaction on this evse")
         now = self.app.time()
@@ -149,9 +158,11 @@ class SmartCharging(Service):
             raise Refused("a DSO limit cannot be negative")
         self._evse(body)
         now = self.app.now()
-        self.dso = [lim, body.get(F_VALID_TO, 0), now + body[F_DEADLINE_MS], False]
+        vt = body.get(F_VALID_TO, 0)
+        self.dso = [lim, vt, now + body[F_DEADLINE_MS], False]
         self.app.tx.apply()  # the hardware gets the new limit before the answer leaves
         self.app.note("dso_applied", {"limit_w": lim, "hw_limit_w": self.app.tx.hw_limit})
+        store.save(store.path("dso"), [lim, vt])
         return status(STATUS_ACCEPTED)
 
     def on_setpoint(self, body, seq):
@@ -159,6 +170,8 @@ class SmartCharging(Service):
         hal = self.app.hal
         self.setpoint = max(-hal.rating_discharge_w, min(w, hal.rating_w))
         self.app.tx.apply()
+        if self.loop is None:  # an event has no answer: what the board did is reported (the loop does it at its rate)
+            self._measured(self.app.hal)
 
     def needs_w(self, evse):
         """The power the EV needs to get its energy by its departure (0: no needs known)."""
@@ -208,6 +221,7 @@ class SmartCharging(Service):
         if d is not None:
             if d[1] and t >= d[1]:
                 self.dso = None
+                store.remove(store.path("dso"))
             else:
                 lim = min(lim, d[0])
                 if PROFILE_PURPOSE_DSO in best and best[PROFILE_PURPOSE_DSO][1] < lim:
@@ -306,11 +320,13 @@ class SmartCharging(Service):
                 self.setpoint = None
                 return
             lp[2] = now + lp[0]
-            m = hal.meter(1)
-            b = Map()
-            b[F_EVSE] = 1
-            b[F_POWER_W] = m[2]
-            if self.setpoint is not None:
-                b[F_SETPOINT_W] = self.setpoint
-            b[F_FREQ_MHZ] = hal.freq_mhz()
-            app.emit(A_MEASURED_VALUES, b)
+            self._measured(hal)
+
+    def _measured(self, hal):
+        b = Map()
+        b[F_EVSE] = 1
+        b[F_POWER_W] = hal.meter(1)[2]
+        if self.setpoint is not None:
+            b[F_SETPOINT_W] = self.setpoint
+        b[F_FREQ_MHZ] = hal.freq_mhz()
+        self.app.emit(A_MEASURED_VALUES, b)

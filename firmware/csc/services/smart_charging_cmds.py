@@ -22,6 +22,7 @@ from ..schema import (
     F_START_S,
     F_VALID_TO,
     GRID_EVENT_NORMAL,
+    PROFILE_PURPOSE_RESOURCE_MANAGER,
     STATUS_ACCEPTED,
     STATUS_REJECTED,
     STATUS_UNKNOWN,
@@ -33,10 +34,16 @@ def clear_profile(sc, body, seq):
     pid = body.get(F_PROFILE_ID)
     evse = body.get(F_EVSE)
     pur = body.get(F_PURPOSE)
+    # the site's own limit (purpose resource_manager: the gateway's share, E4) is not the CSMS's
+    # to clear by accident: only a clear that names that purpose removes it
     keep = [
         p
         for p in sc.profiles
-        if not ((pid is None or p[0] == pid) and (evse is None or p[1] == evse) and (pur is None or p[3] == pur))
+        if not (
+            (pid is None or p[0] == pid)
+            and (evse is None or p[1] == evse)
+            and (p[3] == pur if pur is not None else p[3] != PROFILE_PURPOSE_RESOURCE_MANAGER)
+        )
     ]
     found = len(keep) != len(sc.profiles)
     sc.profiles = keep
