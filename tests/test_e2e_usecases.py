@@ -84,6 +84,7 @@ def test_e2e_s3_remote_start_and_stop(tmp_path: Path) -> None:
         stop = api.send(s_id(s), cmds.request_stop(["ev-0000"], int(tx["tx_id"])))
         assert (await s.command_done(stop))["results"][0]["status"] == Status.ACCEPTED
         await board_wait(b, "tx_ended", since=m)
+        b.cmd("unplug")  # the service session (one SDR) ends when the EV leaves (clause 6)
         sdr = (await until(api.sdrs, 15, "SDR"))[0]
         assert sdr["id_token"] == "REMOTE-1" and sdr["energy_wh"] > 0
 

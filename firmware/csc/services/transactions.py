@@ -1,12 +1,18 @@
 """Sessions and transactions (63110-1 clause 6, Annex C), S1 reservations, S2/S3 start
 and stop, S4/S5 tariffs and running cost, S6 the SDR data of the final TransactionEvent.
 
-Per EVSE: a *service session* (from the first interaction — card, remote start,
-reservation use, plug-in — until the EV leaves with no transaction left) contains a
-*charging session* (plug-in to unplug) which holds one or more *transactions*; a tariff
-change splits the running transaction (ended + started, trigger tariff_changed) inside
-the same service session. Every id comes from the device's id counter (ids.py), so it is
-unique for the device's life.
+Per EVSE (docs/firmware.md, "Sessions"): a *service session* is one customer's service at
+the EVSE, from the first interaction (card accepted, remote start, reservation use, plug-in)
+until the customer is done: the EV unplugged (after its last transaction), or no EV connected
+within TxCtrlr.EVConnectionTimeOut of the authorization (S3: the authorization is dropped, so
+a later plug-in never charges on it). It holds the *charging session* (plug-in to unplug) and
+one or more *transactions*: a tariff change splits the running transaction (ended + started,
+trigger tariff_changed, at one meter reading, the contactor untouched), a stop by card with
+the EV still plugged and a new start by card make a second one. The flat session fee goes
+with the service session's first transaction only. The end of a service session is a durable
+SessionEvent (why: ev_disconnected, timeout, power_loss). Every id comes from the device's id
+counter (ids.py), unique for the device's life; the site and the CSMS make them global with
+the device's id. All three ids travel in every TransactionEvent.
 
 Each TransactionEvent is durable (outbox class TX) and numbered by `seq_no` from 0 within
 its transaction; the EVSE state (`tx<evse>` on flash) is saved right after the event is
@@ -14,9 +20,9 @@ stored, with no await in between, so at boot the outbox tells what a power cut m
 cut short: `recover()` replays the stored events of the transaction onto the saved state.
 A transaction found running at boot is ended with stop_reason power_loss.
 
-The final event carries the SDR: energy_wh (meter stop register), samples
-[energy_import_wh at start, at stop], meter_start_wh/meter_stop_wh, the signed meter
-reading, cost and tariff id.
+Every event carries both registers, energy_wh (imported) and energy_out_wh (exported, E6);
+the final one carries the SDR data: samples [import at start, at stop, export at start, at stop],
+meter_start/stop_wh and meter_start/stop_out_wh, the signed meter reading, cost and tariff.
 """
 
 from .. import store
@@ -31,6 +37,7 @@ from ..schema import (
     A_REQUEST_STOP_TRANSACTION,
     A_RESERVATION_UPDATE,
     A_RESERVE_NOW,
+    A_SESSION_EVENT,
     A_SET_TARIFF,
     A_STATUS_NOTIFICATION,
     A_TRANSACTION_EVENT,
@@ -47,15 +54,19 @@ from ..schema import (
     CP_STATE_A,
     CP_STATE_B,
     CP_STATE_C,
+    F_CHARGING_SESSION_ID,
     F_CHARGING_STATE,
     F_COST,
     F_CP_STATE,
+    F_ENERGY_OUT_WH,
     F_ENERGY_WH,
     F_EVENT,
     F_EVSE,
     F_ID_TOKEN,
     F_MEASURAND,
+    F_METER_START_OUT_WH,
     F_METER_START_WH,
+    F_METER_STOP_OUT_WH,
     F_METER_STOP_WH,
     F_OFFLINE,
     F_POWER_W,
@@ -76,6 +87,7 @@ from ..schema import (
     F_TRIGGER,
     F_TX_ID,
     F_VALUE,
+    MEASURAND_ENERGY_EXPORT_WH,
     MEASURAND_ENERGY_IMPORT_WH,
     RESERVATION_STATUS_EXPIRED,
     RESERVATION_STATUS_USED,
@@ -85,6 +97,7 @@ from ..schema import (
     STOP_REASON_LOCAL,
     STOP_REASON_POWER_LOSS,
     STOP_REASON_REMOTE,
+    STOP_REASON_TIMEOUT,
     TOKEN_TYPE_CENTRAL,
     TX_EVENT_ENDED,
     TX_EVENT_STARTED,
@@ -105,7 +118,7 @@ from . import Refused, Service, status
 class Tx:
     """The running transaction (saved on flash with the EVSE state)."""
 
-    def __init__(self, tid, seq=0, tok=None, tt=0, rsid=None, res=None, wh0=0, t0=0, tariff=None):
+    def __init__(self, tid, seq=0, tok=None, tt=0, rsid=None, res=None, wh0=0, t0=0, tariff=None, out0=0, fee=True):
         self.id = tid
         self.seq = seq  # seq_no of its next TransactionEvent
         self.tok = tok
@@ -115,9 +128,12 @@ class Tx:
         self.wh0 = wh0  # meter at start
         self.t0 = t0
         self.tariff = tariff
+        self.out0 = out0  # export register at start (E6)
+        self.fee = fee  # the service session's first transaction: it carries the session fee
 
     def dump(self):
-        return [self.id, self.seq, self.tok, self.tt, self.rsid, self.res, self.wh0, self.t0, self.tariff]
+        return [self.id, self.seq, self.tok, self.tt, self.rsid, self.res, self.wh0, self.t0, self.tariff, self.out0,
+                self.fee]  # fmt: skip
 
 
 class Transactions(Service):
@@ -142,9 +158,13 @@ class Transactions(Service):
         self.res_used = None  # reservation id the next transaction uses
         self.tariff = None  # [id, price_kwh, currency, price_session, price_min]
         self.last = 0  # id of the last transaction ended
+        self.wait = 0  # time (s) until which the authorization waits for the EV (S3), 0: none
+        self.fee_due = False  # the service session's session fee is still to be charged
         s = store.load(self.p, None)
-        if isinstance(s, list) and len(s) == 8:
-            self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last = s
+        if isinstance(s, list) and len(s) in (8, 10):
+            self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last = s[:8]
+            if len(s) == 10:
+                self.wait, self.fee_due = s[8], s[9]
             self.tx = Tx(*t) if t else None
         self.hw_limit = 0
         self.state = None
@@ -157,7 +177,8 @@ class Transactions(Service):
     def save(self):
         tx = self.tx
         t = tx.dump() if tx is not None else None
-        store.save(self.p, [self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last])
+        store.save(self.p, [self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last,
+                            self.wait, self.fee_due])  # fmt: skip
 
     def active(self, evse=1):
         return self.tx is not None
@@ -167,9 +188,8 @@ class Transactions(Service):
         self.recover()
         if self.tx is not None:  # the power went while charging
             self.stop(STOP_REASON_POWER_LOSS, TX_TRIGGER_ABNORMAL_CONDITION)
-        self.chg = 0
-        self.auth = None
-        self.svc = 0
+        if self.svc:
+            self.svc_end(STOP_REASON_POWER_LOSS)
         self.save()
 
     def recover(self):
@@ -201,6 +221,7 @@ class Transactions(Service):
                     b.get(F_ENERGY_WH, 0),
                     b.get(F_TIME, 0),
                     b.get(F_TARIFF_ID),
+                    b.get(F_METER_START_OUT_WH, 0),
                 )
                 self.svc = b.get(F_SESSION_ID, 0)
                 changed = True
@@ -220,10 +241,13 @@ class Transactions(Service):
         b[F_TRIGGER] = trigger
         b[F_EVSE] = 1
         b[F_ENERGY_WH] = m[0]
+        b[F_ENERGY_OUT_WH] = m[1]
         b[F_POWER_W] = m[2]
         b[F_TIME] = app.time()
         b[F_CHARGING_STATE] = self.state = self._charging_state()
         b[F_SESSION_ID] = self.svc
+        if self.chg:
+            b[F_CHARGING_SESSION_ID] = self.chg
         if not app.online:
             b[F_OFFLINE] = True
         if tx.tariff is not None:
@@ -267,47 +291,103 @@ class Transactions(Service):
             return CHARGING_STATE_SUSPENDED_EVSE
         return CHARGING_STATE_EV_CONNECTED
 
-    def start(self, trigger):
+    def svc_open(self):
+        if not self.svc:
+            self.svc = self.app.ids.next()
+            self.fee_due = True
+
+    def svc_end(self, reason):
+        """The service session is over (the customer is done, or the EV never came): said to
+        the CSMS, durably; its authorization goes with it."""
+        app = self.app
+        b = Map()
+        b[F_EVENT] = TX_EVENT_ENDED
+        b[F_SESSION_ID] = self.svc
+        b[F_EVSE] = 1
+        b[F_TIME] = app.time()
+        b[F_STOP_REASON] = reason
+        if self.chg:
+            b[F_CHARGING_SESSION_ID] = self.chg
+        a = self.auth
+        if a and a[2] is not None:
+            b[F_REMOTE_START_ID] = a[2]
+        app.emit(A_SESSION_EVENT, b, TX)
+        app.note("svc_ended", {"svc": self.svc, "reason": reason})
+        self.svc = self.chg = self.wait = 0
+        self.auth = None
+        self.fee_due = False
+        self.save()
+
+    def await_ev(self):
+        """An authorization was given with no EV plugged: it waits TxCtrlr.EVConnectionTimeOut."""
+        app = self.app
+        self.wait = 0 if app.hal.plugged(1) else app.time() + app.cfg.get("TxCtrlr", "EVConnectionTimeOut")
+
+    @staticmethod
+    def _sample(measurand, v, t):
+        s = Map()
+        s[F_MEASURAND] = measurand
+        s[F_VALUE] = v
+        s[F_TIME] = t
+        return s
+
+    def start(self, trigger, m=None):
         a = self.auth
         app = self.app
-        if not self.svc:
-            self.svc = app.ids.next()
-        wh = app.hal.meter(1)[0]
+        self.svc_open()
+        if not self.chg and app.hal.plugged(1):
+            self.chg = app.ids.next()
+        self.wait = 0
+        if m is None:
+            m = app.hal.meter(1)
+        wh, out, t = m[0], m[1], app.time()
         tariff = self.tariff
-        tx = Tx(app.ids.next(), 0, None, 0, None, self.res_used, wh, app.time(), tariff[0] if tariff else None)
+        tx = Tx(
+            app.ids.next(), 0, None, 0, None, self.res_used, wh, t, tariff[0] if tariff else None, out, self.fee_due
+        )
+        self.fee_due = False
         if a:
             tx.tok, tx.tt, tx.rsid = a[0], a[1], a[2]
         self.tx = tx
         self.res_used = None
-        s = Map()
-        s[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
-        s[F_VALUE] = wh
-        s[F_TIME] = app.time()
-        ok = self._event(TX_EVENT_STARTED, trigger, {F_SAMPLES: [s], F_METER_START_WH: wh})
+        smp = [self._sample(MEASURAND_ENERGY_IMPORT_WH, wh, t), self._sample(MEASURAND_ENERGY_EXPORT_WH, out, t)]
+        ok = self._event(TX_EVENT_STARTED, trigger, {F_SAMPLES: smp, F_METER_START_WH: wh, F_METER_START_OUT_WH: out})
         app.note("tx_started", {"tx_id": tx.id, "ok": ok})
         self._next_update = app.now() + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
         self.apply()
         return self.tx.id
 
     def stop(self, reason, trigger):
-        tx = self.tx
-        if tx is None:
+        if self.tx is None:
             return
-        app = self.app
-        hal = app.hal
+        hal = self.app.hal
         hal.set_contactor(False, 1)
         hal.set_limit_w(0, 1)
         self.hw_limit = 0
-        wh = hal.meter(1)[0]
-        s0 = Map()
-        s0[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
-        s0[F_VALUE] = tx.wh0
-        s0[F_TIME] = tx.t0
-        s1 = Map()
-        s1[F_MEASURAND] = MEASURAND_ENERGY_IMPORT_WH
-        s1[F_VALUE] = wh
-        s1[F_TIME] = app.time()
-        extra = {F_STOP_REASON: reason, F_SAMPLES: [s0, s1], F_METER_START_WH: tx.wh0, F_METER_STOP_WH: wh}
+        self._on = False
+        self.end(reason, trigger, hal.meter(1))
+
+    def split(self, reason, trigger):
+        """S4: the running transaction ends and the next starts at the same meter reading; the
+        power path is not touched, so the EV charges on without a gap."""
+        tx = self.tx
+        m = self.app.hal.meter(1)
+        self.auth = [tx.tok, tx.tt, tx.rsid]
+        self.end(reason, trigger, m)
+        self.start(trigger, m)
+
+    def end(self, reason, trigger, m):
+        tx = self.tx
+        app = self.app
+        wh, out, t = m[0], m[1], app.time()
+        smp = [
+            self._sample(MEASURAND_ENERGY_IMPORT_WH, tx.wh0, tx.t0),
+            self._sample(MEASURAND_ENERGY_IMPORT_WH, wh, t),
+            self._sample(MEASURAND_ENERGY_EXPORT_WH, tx.out0, tx.t0),
+            self._sample(MEASURAND_ENERGY_EXPORT_WH, out, t),
+        ]
+        extra = {F_STOP_REASON: reason, F_SAMPLES: smp, F_METER_START_WH: tx.wh0, F_METER_STOP_WH: wh,
+                 F_METER_START_OUT_WH: tx.out0, F_METER_STOP_OUT_WH: out}  # fmt: skip
         self._event(TX_EVENT_ENDED, trigger, extra)
         tid = tx.id
         self.tx = None
@@ -349,17 +429,15 @@ class Transactions(Service):
             tx = None
         if plugged and not self.chg:
             self.chg = app.ids.next()
-            if not self.svc:
-                self.svc = app.ids.next()
+            self.svc_open()
             self.save()
             if self.auth and tx is None:
                 self.start(TX_TRIGGER_CABLE_PLUGGED_IN)
                 tx = self.tx
         if not plugged and self.chg:
-            self.chg = 0
-            self.svc = 0
-            self.auth = None
-            self.save()
+            self.svc_end(STOP_REASON_EV_DISCONNECTED)  # the customer is done: the EV has left
+        elif self.wait and not plugged and app.time() >= self.wait:
+            self.svc_end(STOP_REASON_TIMEOUT)  # S3: no EV within the EV-connection timeout
         r = self.res
         if r and r[1] <= app.time():
             self.res = None
@@ -422,8 +500,8 @@ class Transactions(Service):
                 self.res_used = r[0]
                 self._res_update(r[0], RESERVATION_STATUS_USED)
             self.auth = [tok, tt, None]
-            if not self.svc:
-                self.svc = self.app.ids.next()
+            self.svc_open()
+            self.await_ev()
             self.save()
             if self.app.hal.plugged(1):
                 self.start(TX_TRIGGER_AUTHORIZED)
@@ -444,8 +522,8 @@ class Transactions(Service):
         if r and r[2] != tok:
             return status(STATUS_REJECTED, "evse reserved for another token")
         self.auth = [tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID]]
-        if not self.svc:
-            self.svc = self.app.ids.next()
+        self.svc_open()
+        self.await_ev()
         self.save()
         b = status(STATUS_ACCEPTED)
         if self.app.hal.plugged(1):
@@ -474,7 +552,7 @@ class Transactions(Service):
         if not t or tx is None:
             return 0
         mins = max(0, self.app.time() - tx.t0) // 60
-        return t[3] + t[1] * (wh - tx.wh0) // 1000 + t[4] * mins
+        return (t[3] if tx.fee else 0) + t[1] * (wh - tx.wh0) // 1000 + t[4] * mins
 
 
 _unused = (CHARGING_STATE_EV_CONNECTED, F_REASON, F_STATUS)

@@ -71,10 +71,7 @@ def set_tariff(txs, body, seq):
     tx = txs.tx
     if tx is not None and (old is None or old[0] != t[0]):
         # a tariff change splits the transaction inside the same service session
-        auth = [tx.tok, tx.tt, None]
-        txs.stop(STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
-        txs.auth = auth
-        txs.start(TX_TRIGGER_TARIFF_CHANGED)
+        txs.split(STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
     return status(STATUS_ACCEPTED)
 
 

@@ -442,7 +442,12 @@ def transaction_event(ctx: Ctx, it: Relayed, now: float) -> None:
         },
     )
     row = ctx.store.get("transactions", **key) or {}
-    update: dict[str, Any] = {**key, "evse": b[Key.EVSE], "evse_gid": it.evse_gid or row.get("evse_gid")}
+    update: dict[str, Any] = {
+        **key,
+        "evse": b[Key.EVSE],
+        "evse_gid": it.evse_gid or row.get("evse_gid"),
+        "tx_gid": global_id(ctx.settings, it.site_id, it.device_id, "T", b[Key.TX_ID]),
+    }
     token = it.token()
     if token is not None:
         update["id_token"] = token
@@ -453,13 +458,24 @@ def transaction_event(ctx: Ctx, it: Relayed, now: float) -> None:
         ("stop_reason", Key.STOP_REASON),
         ("remote_start_id", Key.REMOTE_START_ID),
         ("reservation_id", Key.RESERVATION_ID),
+        ("session_id", Key.SESSION_ID),
+        ("charging_session_id", Key.CHARGING_SESSION_ID),
+        ("meter_start_wh", Key.METER_START_WH),
+        ("meter_stop_wh", Key.METER_STOP_WH),
+        ("meter_start_out_wh", Key.METER_START_OUT_WH),
+        ("meter_stop_out_wh", Key.METER_STOP_OUT_WH),
     ):
         if k in b:
             update[col] = b[k]
+    session = b.get(Key.SESSION_ID)
+    if session:
+        update["session_gid"] = global_id(ctx.settings, it.site_id, it.device_id, "S", session)
     if b[Key.EVENT] == TxEvent.STARTED:
         update["state"] = row.get("state") or "active"
+        update["started"] = it.time()
     elif b[Key.EVENT] == TxEvent.ENDED:
         update["state"] = "ended"
+        update["stopped"] = it.time()
     elif not row.get("state"):
         update["state"] = "active"
     ctx.store.upsert("transactions", update)
@@ -467,7 +483,51 @@ def transaction_event(ctx: Ctx, it: Relayed, now: float) -> None:
         ctx.store.update(
             "reservations", {"status": "used", "updated": int(now)}, {"reservation_id": b[Key.RESERVATION_ID]}
         )
-    build_sdr(ctx, it.site_id, it.device_id, b[Key.TX_ID], now)
+    if session:
+        srow = ctx.store.get("service_sessions", **_key(it), session_id=session)
+        if srow is None:
+            ctx.store.insert(
+                "service_sessions",
+                {
+                    **_key(it),
+                    "session_id": session,
+                    "session_gid": update["session_gid"],
+                    "evse": b[Key.EVSE],
+                    "evse_gid": it.evse_gid,
+                    "started": it.time(),
+                    "state": "active",
+                },
+            )
+        build_sdr(ctx, it.site_id, it.device_id, session, now)
+    else:  # a board that sends no service session id: its transaction is a service session of its own
+        build_tx_sdr(ctx, it.site_id, it.device_id, b[Key.TX_ID], now)
+
+
+def session_event(ctx: Ctx, it: Relayed, now: float) -> None:
+    """Clause 6: a service session ended (the EV left, it never came: S3's EV-connection
+    timeout, a power cut); its SDR is made once its transactions have ended."""
+    b = it.body
+    session = b[Key.SESSION_ID]
+    if b[Key.EVENT] != TxEvent.ENDED:
+        return
+    key = {**_key(it), "session_id": session}
+    row = ctx.store.get("service_sessions", **key) or {}
+    ctx.store.upsert(
+        "service_sessions",
+        {
+            **key,
+            "session_gid": global_id(ctx.settings, it.site_id, it.device_id, "S", session),
+            "evse": b[Key.EVSE],
+            "evse_gid": it.evse_gid or row.get("evse_gid"),
+            "charging_session_id": b.get(Key.CHARGING_SESSION_ID),
+            "remote_start_id": b.get(Key.REMOTE_START_ID),
+            "started": row.get("started") or it.time(),
+            "stopped": it.time(),
+            "stop_reason": b[Key.STOP_REASON],
+            "state": "ended",
+        },
+    )
+    build_sdr(ctx, it.site_id, it.device_id, session, now)
 
 
 def meter_values(ctx: Ctx, it: Relayed, now: float) -> None:
@@ -488,75 +548,150 @@ def meter_values(ctx: Ctx, it: Relayed, now: float) -> None:
         ignore=True,
     )
     if b.get(Key.TX_ID) is not None:
-        build_sdr(ctx, it.site_id, it.device_id, b[Key.TX_ID], now)
+        tx = ctx.store.get("transactions", **_key(it), tx_id=b[Key.TX_ID]) or {}
+        if tx.get("session_id"):
+            build_sdr(ctx, it.site_id, it.device_id, tx["session_id"], now)
+        else:
+            build_tx_sdr(ctx, it.site_id, it.device_id, b[Key.TX_ID], now)
 
 
 def sdr_id(settings: Settings, site_id: str, device_id: str, tx_id: int) -> str:
+    """The SDR id of a transaction that is a service session of its own (a board without
+    service session ids)."""
     local = hashlib.sha256(f"{site_id}|{device_id}|{tx_id}".encode()).hexdigest()[:24].upper()
     return gid.make(settings.country, settings.party, "R", local)
 
 
-def tariff_cost(tariff: dict[str, Any] | None, energy_wh: int, duration_s: int) -> int:
+def global_id(settings: Settings, site_id: str, device_id: str, kind: str, local_id: int) -> str:
+    """Clause 6: the global id of a board's service session ("S") or transaction ("T"): a
+    board's ids are unique for its life only, so the site and the device are part of it (a
+    session id of this operator, type S; the SDR of a service session is type R)."""
+    local = hashlib.sha256(f"{site_id}|{device_id}|{kind}{local_id}".encode()).hexdigest()[:24].upper()
+    return gid.make(settings.country, settings.party, "R" if kind == "R" else "S", local)
+
+
+def tariff_cost(tariff: dict[str, Any] | None, energy_wh: int, duration_s: int, session_fee: bool = True) -> int:
     """Cost in minor units: energy_wh × price_kwh / 1000 (floor) + price_min per started
-    minute + price_session (the rule of docs/roaming.md, with the time component)."""
+    minute + price_session (the rule of docs/roaming.md, with the time component); the
+    session fee only once per service session (`session_fee` on its first transaction)."""
     if tariff is None:
         return 0
     minutes = -(-max(duration_s, 0) // 60)
     return (
         energy_wh * int(tariff["price_kwh"]) // 1000
         + minutes * int(tariff["price_min"] or 0)
-        + int(tariff["price_session"] or 0)
+        + (int(tariff["price_session"] or 0) if session_fee else 0)
     )
 
 
-def build_sdr(ctx: Ctx, site_id: str, device_id: str, tx_id: int, now: float) -> None:
-    """S6: the SDR of a transaction, (re)made once its Ended event is in."""
-    key = {"site_id": site_id, "device_id": device_id, "tx_id": tx_id}
+def _line(ctx: Ctx, site_id: str, device_id: str, tx: dict[str, Any], first: bool) -> dict[str, Any] | None:
+    """One transaction of an SDR, from its events; None while it has not ended."""
+    key = {"site_id": site_id, "device_id": device_id, "tx_id": tx["tx_id"]}
     events = ctx.store.select("tx_events", key, order="seq_no")
     ended = [e for e in events if e["event"] == TxEvent.ENDED]
     if not ended:
-        return
-    tx = ctx.store.get("transactions", **key) or {}
+        return None
     started_ev = next((e for e in events if e["event"] == TxEvent.STARTED), events[0])
     with_energy = [e for e in events if e["energy_wh"] is not None]
-    meter_start = (
-        started_ev["energy_wh"]
-        if started_ev["energy_wh"] is not None
-        else (with_energy[0]["energy_wh"] if with_energy else 0)
-    )
-    meter_stop = (
-        ended[-1]["energy_wh"]
-        if ended[-1]["energy_wh"] is not None
-        else (with_energy[-1]["energy_wh"] if with_energy else meter_start)
-    )
+
+    def meter(col: str, ev: dict[str, Any], fallback: Any) -> int:
+        k = str(int(Key.METER_START_WH if col == "start" else Key.METER_STOP_WH))
+        body = ev["body"] or {}
+        return int(body[k]) if body.get(k) is not None else int(fallback)
+
+    meter_start = meter("start", started_ev, started_ev["energy_wh"] if started_ev["energy_wh"] is not None
+                        else (with_energy[0]["energy_wh"] if with_energy else 0))  # fmt: skip
+    meter_stop = meter("stop", ended[-1], ended[-1]["energy_wh"] if ended[-1]["energy_wh"] is not None
+                       else (with_energy[-1]["energy_wh"] if with_energy else meter_start))  # fmt: skip
+    out_start, out_stop = tx.get("meter_start_out_wh"), tx.get("meter_stop_out_wh")
+    energy_out = max(0, int(out_stop) - int(out_start)) if out_start is not None and out_stop is not None else 0
     started, stopped = int(started_ev["time"]), int(ended[-1]["time"])
-    energy = max(0, int(meter_stop) - int(meter_start))
+    energy = max(0, meter_stop - meter_start)
     tariff_id = tx.get("tariff_id") if tx.get("tariff_id") is not None else ctx.settings.default_tariff
     tariff = ctx.store.get("tariffs", tariff_id=tariff_id) if tariff_id is not None else None
-    cost = tariff_cost(tariff, energy, stopped - started) if tariff else int(tx.get("board_cost") or 0)
+    cost = tariff_cost(tariff, energy, stopped - started, first) if tariff else int(tx.get("board_cost") or 0)
     signed = [e["signed_meter"] for e in events if e["signed_meter"]]
-    mv = ctx.store.select("meter_values", {"site_id": site_id, "device_id": device_id, "tx_id": tx_id}, order="msg_id")
+    mv = ctx.store.select("meter_values", key, order="msg_id")
     signed += [m["signed_meter"] for m in mv if m["signed_meter"]]
+    return {
+        "tx_id": tx["tx_id"],
+        "tx_gid": tx.get("tx_gid"),
+        "charging_session_id": tx.get("charging_session_id"),
+        "id_token": tx.get("id_token"),
+        "started": started,
+        "stopped": stopped,
+        "meter_start_wh": meter_start,
+        "meter_stop_wh": meter_stop,
+        "energy_wh": energy,
+        "meter_start_out_wh": out_start,
+        "meter_stop_out_wh": out_stop,
+        "energy_out_wh": energy_out,
+        "tariff_id": tariff_id,
+        "currency": tariff["currency"] if tariff else ctx.settings.currency,
+        "cost": cost,
+        "stop_reason": tx.get("stop_reason"),
+        "signed_meter": signed,
+    }
+
+
+def _write_sdr(ctx: Ctx, sdr: str, site_id: str, device_id: str, txs: list[dict[str, Any]],
+               lines: list[dict[str, Any]], session: dict[str, Any], now: float) -> None:  # fmt: skip
+    first, last = lines[0], lines[-1]
+    tx0 = txs[0]
     ctx.store.upsert(
         "sdrs",
         {
-            "sdr_id": sdr_id(ctx.settings, site_id, device_id, tx_id),
-            **key,
-            "evse": tx.get("evse"),
-            "evse_gid": tx.get("evse_gid"),
-            "id_token": tx.get("id_token"),
-            "started": started,
-            "stopped": stopped,
-            "meter_start_wh": int(meter_start),
-            "meter_stop_wh": int(meter_stop),
-            "energy_wh": energy,
-            "tariff_id": tariff_id,
-            "currency": tariff["currency"] if tariff else ctx.settings.currency,
-            "cost": cost,
-            "signed_meter": signed,
+            "sdr_id": sdr,
+            "site_id": site_id,
+            "device_id": device_id,
+            "tx_id": first["tx_id"],
+            "session_id": session.get("session_id"),
+            "session_gid": session.get("session_gid"),
+            "evse": tx0.get("evse"),
+            "evse_gid": tx0.get("evse_gid"),
+            "id_token": first["id_token"],
+            "started": first["started"],
+            "stopped": last["stopped"],
+            "meter_start_wh": first["meter_start_wh"],
+            "meter_stop_wh": last["meter_stop_wh"],
+            "energy_wh": sum(x["energy_wh"] for x in lines),
+            "meter_start_out_wh": first["meter_start_out_wh"],
+            "meter_stop_out_wh": last["meter_stop_out_wh"],
+            "energy_out_wh": sum(x["energy_out_wh"] for x in lines),
+            "tariff_id": first["tariff_id"],
+            "currency": first["currency"],
+            "cost": sum(x["cost"] for x in lines),
+            "signed_meter": [m for x in lines for m in x["signed_meter"]],
+            "transactions": [{k: v for k, v in x.items() if k not in ("signed_meter", "id_token")} for x in lines],
             "created": int(now),
         },
     )
+
+
+def build_sdr(ctx: Ctx, site_id: str, device_id: str, session_id: int, now: float) -> None:
+    """S6, clause 6: the SDR of a service session, made once the session has ended and every
+    transaction of it has its Ended event (made again if a late event of it comes in). It
+    lists its transactions (energy imported and exported, times, meter readings, tariff,
+    cost); the flat session fee is charged once, with the first."""
+    key = {"site_id": site_id, "device_id": device_id}
+    session = ctx.store.get("service_sessions", **key, session_id=session_id)
+    if session is None or session["state"] != "ended":
+        return
+    txs = ctx.store.select("transactions", {**key, "session_id": session_id}, order="tx_id")
+    lines = [_line(ctx, site_id, device_id, t, i == 0) for i, t in enumerate(txs)]
+    done = [x for x in lines if x is not None]
+    if not done or len(done) != len(lines):
+        return  # nothing to bill (the EV never came: S3), or a transaction still to end
+    sdr = global_id(ctx.settings, site_id, device_id, "R", session_id)
+    _write_sdr(ctx, sdr, site_id, device_id, txs, done, session, now)
+
+
+def build_tx_sdr(ctx: Ctx, site_id: str, device_id: str, tx_id: int, now: float) -> None:
+    """The SDR of a transaction without a service session id, once its Ended event is in."""
+    tx = ctx.store.get("transactions", site_id=site_id, device_id=device_id, tx_id=tx_id) or {"tx_id": tx_id}
+    line = _line(ctx, site_id, device_id, tx, True)
+    if line is not None:
+        _write_sdr(ctx, sdr_id(ctx.settings, site_id, device_id, tx_id), site_id, device_id, [tx], [line], {}, now)
 
 
 # ---------------------------------------------------------------- E2, E3, E7, E8
@@ -604,6 +739,7 @@ HANDLERS: dict[int, Handler] = {
     Action.AUTHORIZE: authorize,
     Action.RESERVATION_UPDATE: reservation_update,
     Action.TRANSACTION_EVENT: transaction_event,
+    Action.SESSION_EVENT: session_event,
     Action.METER_VALUES: meter_values,
     Action.MEASURED_VALUES: measured_values,
     Action.FREQUENCY_RESPONSE: measured_values,

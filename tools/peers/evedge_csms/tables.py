@@ -51,7 +51,14 @@ TABLES: Final[tuple[Table, ...]] = (
         "site_id device_id tx_id",
         "site_id device_id tx_id:int evse:int evse_gid id_token token_type:int started:int stopped:int"
         " meter_start_wh:int meter_stop_wh:int tariff_id:int board_cost:int stop_reason:int remote_start_id:int"
-        " reservation_id:int state",
+        " reservation_id:int state tx_gid session_id:int session_gid charging_session_id:int"
+        " meter_start_out_wh:int meter_stop_out_wh:int",
+    ),
+    _t(
+        "service_sessions",
+        "site_id device_id session_id",
+        "site_id device_id session_id:int session_gid evse:int evse_gid charging_session_id:int remote_start_id:int"
+        " started:int stopped:int stop_reason:int state",
     ),
     _t(
         "tx_events",
@@ -69,7 +76,9 @@ TABLES: Final[tuple[Table, ...]] = (
         "sdrs",
         "sdr_id",
         "sdr_id site_id device_id tx_id:int evse:int evse_gid id_token started:int stopped:int meter_start_wh:int"
-        " meter_stop_wh:int energy_wh:int tariff_id:int currency cost:int signed_meter:json created:int",
+        " meter_stop_wh:int energy_wh:int tariff_id:int currency cost:int signed_meter:json created:int"
+        " session_id:int session_gid meter_start_out_wh:int meter_stop_out_wh:int energy_out_wh:int"
+        " transactions:json",
     ),
     _t("security_events", "site_id device_id msg_id", "site_id device_id msg_id:int event_name time:int reason"),
     _t(
