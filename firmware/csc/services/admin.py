@@ -1,13 +1,35 @@
 """Managing the board: M5 reset, M6 display messages, M7/M8 log criteria and upload,
 M9 fault codes, M11 deregistration, M12 migration.
 
-The log is a ring of two files on flash (`log0`, `log1`, LOG_MAX bytes each); SetLogCriteria
-sets the level kept (on flash, `loglvl`). GetLog answers accepted and uploads the log as
-LogChunk events of at most MAX_CHUNK bytes (bulk class: they never delay urgent frames),
-at most CHUNKS_IN_FLIGHT unacknowledged, then a LogStatus (uploaded). The position up to
-which the gateway acknowledged is on flash (`logup`): after a power cut the upload resumes
-there (a chunk resent after the cut carries the same `offset`, so the receiver places it
-idempotently).
+Logs (M7/M8): two logs, each a ring of two files on flash (LOG_MAX bytes each): the
+diagnostics log (`log0`, `log1`) and the security log (`slog0`, `slog1`, the security
+events). A line is `<time> <level> <component> <text>`: levels 1 error, 3 warning, 5
+information, 7 debug; components are those of the component model (config.VARS:
+ChargingStation, SampledDataCtrlr, DisplayCtrlr, NetworkCtrlr …), SecurityCtrlr for the security
+events. SetLogCriteria sets, per log (`log_type`, diagnostics when absent), the highest level
+kept and the components kept (none: every one); level 0 turns the log off. The criteria decide
+what is written, so the log holds only what they select; they are on flash (`logcrit`). Each
+change is itself written (component LogCtrlr, level 0) whatever the criteria, so that a reader
+sees from where they hold. GetLog uploads the log of its `log_type` as LogChunk events of at
+most MAX_CHUNK bytes (bulk class: they never delay urgent frames), at most CHUNKS_IN_FLIGHT
+unacknowledged, then a LogStatus (uploaded). The position up to which the gateway acknowledged
+is on flash (`logup`): after a power cut the upload resumes there (a chunk resent after the
+cut carries the same `offset`, so the receiver places it idempotently).
+
+Reset (M5): `soft` restarts the application (App.restart: the link closed, the services built
+again from flash) on a running board; `hard` resets the board (Hal.reboot). `when` now ends a
+running transaction first (stop reason reboot); idle, the default, answers scheduled during a
+transaction and resets once it has ended. Each reset is a SecurityEvent ResetOrReboot, and the
+next BootNotification says why the board booted (App.boot_reason: SoftReset, HardReset,
+FirmwareUpdate, PowerUp), so the CSMS sees which reset happened.
+
+Display messages (M6): [priority, text, language, valid_from, valid_to] per display id, on flash
+(`disp`), so a power cut keeps them. Shown is the message valid now (valid_from ≤ time <
+valid_to, each bound optional) of the best priority; among equals, one in the station's
+language (DisplayCtrlr.Language) or in none before one in another language (the fallback when
+none matches), then the lowest id. A message past its valid_to is dropped. The choice is made
+again every DISPLAY_MS, so a message appears at its start and goes at its end; the display is
+written only when the choice changes (the tariff and the cost use it too).
 """
 
 # ruff: noqa: PLC0415
@@ -35,8 +57,8 @@ from ..schema import (
     F_EVSE,
     F_FAULT_CODE,
     F_LAST,
-    F_LOG_LEVEL,
     F_LOG_STATUS,
+    F_LOG_TYPE,
     F_OFFSET,
     F_REASON,
     F_REQUEST_ID,
@@ -47,15 +69,18 @@ from ..schema import (
     LOG_STATUS_UPLOADED,
     LOG_STATUS_UPLOADING,
     MAX_CHUNK,
-    STATUS_ACCEPTED,
     STOP_REASON_REBOOT,
     TX_TRIGGER_ABNORMAL_CONDITION,
 )
-from . import Service, status
+from . import Service
 
 LOG_MAX = const(16384)
 CHUNKS_IN_FLIGHT = const(1)  # one LogChunk held for retransmission (its body ~1 KiB) and one in the bulk region
 FAULT_OVERTEMP = const(2001)
+DISPLAY_MS = const(1000)
+LOGS = ("log", "slog")  # the files of each log, by log type: diagnostics, security
+# the criteria when the CSMS has set none: [highest level kept, components kept (None: all)] per log
+_CRIT = ([5, None], [9, None])
 
 
 def _read(path, at, n):
@@ -79,7 +104,7 @@ def _chunk_body(request_id, offset, data, last):
 class Admin(Service):
     # ".name": a rare command, name() of admin_cmds.py, imported for the command and dropped again
     COMMANDS = (
-        A_SET_LOG_CRITERIA, "set_log_criteria",
+        A_SET_LOG_CRITERIA, ".set_log_criteria",
         A_GET_LOG, "get_log",
         A_RESET, ".reset",
         A_SET_DISPLAY_MESSAGE, ".set_display",
@@ -91,39 +116,48 @@ class Admin(Service):
 
     def __init__(self, app):
         super().__init__(app)
-        self.level = store.load(store.path("loglvl"), 5)
+        c = store.load(store.path("logcrit"), None)
+        self.crit = c if c and len(c) == 2 else [list(_CRIT[0]), list(_CRIT[1])]
         self.faults = store.load(store.path("faults"), {}) or {}
-        self.messages = {}
+        self.messages = store.load(store.path("disp"), {}) or {}  # id -> [prio, text, lang, from, to]
+        self._shown = None  # the id of the message on the display
+        self._disp_due = 0
         u = store.load(store.path("logup"), None)  # an upload a power cut interrupted
-        self.upload = [u[0], u[1], u[2], u[3], []] if u else None  # [request_id, file, offset, total, in flight]
-        self.reset_when_idle = False
+        # [request_id, file, offset, total, in flight, log type]
+        self.upload = [u[0], u[1], u[2], u[3], [], u[4] if len(u) > 4 else 0] if u else None
+        self.reset_when_idle = None  # the reset type (ResetType) waiting for the transaction's end
         self.overtemp = False
 
+    def boot(self):
+        self.show()
+
     # ---------------------------------------------------------------- M7/M8 log
-    def log(self, text, level=5):
-        if level > self.level:
+    def log(self, text, level=5, component="ChargingStation", log_type=0):
+        c = self.crit[log_type]
+        if level > c[0] or (c[1] and component not in c[1]):
             return
+        self.write(log_type, "%d %d %s %s\n" % (self.app.time(), level, component, text))
+
+    def write(self, log_type, line):
+        """Append `line` to the log `log_type`, the older file giving way when the newer is full."""
         import os
 
-        p = store.path("log0")
+        name = LOGS[log_type]
+        p = store.path(name + "0")
         try:
             if os.stat(p)[6] > LOG_MAX:
-                os.rename(p, store.path("log1"))
+                os.rename(p, store.path(name + "1"))
         except OSError:
             pass
         try:
             with open(p, "a") as f:
-                f.write("%d %s\n" % (self.app.time(), text))
+                f.write(line)
         except OSError:
             pass
 
-    def set_log_criteria(self, body, seq):
-        self.level = body[F_LOG_LEVEL]
-        store.save(store.path("loglvl"), self.level)
-        return status(STATUS_ACCEPTED)
-
     def get_log(self, body, seq):
-        self.upload = [body[F_REQUEST_ID], 1, 0, 0, []]
+        t = body[F_LOG_TYPE]
+        self.upload = [body[F_REQUEST_ID], 1, 0, 0, [], t if t < len(LOGS) else 0]
         self._save_upload(self.upload)
         self._log_status(LOG_STATUS_UPLOADING)
         b = Map()
@@ -131,7 +165,7 @@ class Admin(Service):
         return b
 
     def _save_upload(self, pos):
-        store.save(store.path("logup"), pos[:4])
+        store.save(store.path("logup"), [pos[0], pos[1], pos[2], pos[3], self.upload[5]])
 
     def _log_status(self, st):
         b = Map()
@@ -151,7 +185,7 @@ class Admin(Service):
         if acked is not None:  # resume here after a power cut
             self._save_upload(acked[1:5])
         while len(pend) < CHUNKS_IN_FLIGHT and u[1] >= 0 and app.online:
-            p = store.path("log%d" % u[1])
+            p = store.path(LOGS[u[5]] + "%d" % u[1])
             at = u[2]
             data = _read(p, at, MAX_CHUNK)
             last = False
@@ -185,29 +219,78 @@ class Admin(Service):
                     return _chunk_body(c[1], c[4] - c[7], data, c[8])
         return None
 
+    # ---------------------------------------------------------------- M6 display
+    def show(self):
+        """Put the message to show now on the display (see the module's docstring); drop the
+        expired ones."""
+        app = self.app
+        t = app.time()
+        lang = app.cfg.get("DisplayCtrlr", "Language")
+        best = None
+        bk = 0
+        gone = None
+        ms = self.messages
+        for k in ms:
+            m = ms[k]
+            if m[4] is not None and t >= m[4]:
+                gone = (gone or []) + [k]
+                continue
+            if m[3] is not None and t < m[3]:
+                continue
+            key = m[0] * 2 + (1 if m[2] and m[2] != lang else 0)
+            if best is None or key < bk or (key == bk and k < best):
+                best = k
+                bk = key
+        if gone:
+            for k in gone:
+                ms.pop(k)
+            store.save(store.path("disp"), ms)
+        if best != self._shown:
+            self._shown = best
+            app.hal.display(ms[best][1] if best is not None else "")
+            if best is not None:
+                self.log("showing message %d" % best, 7, "DisplayCtrlr")
+
     # ---------------------------------------------------------------- M9 faults
-    def fault(self, code, active, reason=None):
+    def fault(self, code, active, detail=None):
+        """Report fault `code` (set or cleared): its text is the provisioned table's, followed by
+        what the board measured (`detail`); the board's own text when the table has none."""
         b = Map()
         b[F_FAULT_CODE] = code
         b[F_ACTIVE] = active
         b[F_TIME] = self.app.time()
         b[F_EVSE] = 1
         t = self.faults.get(code)
-        r = reason or (t[1] if t else None)
+        r = "%s (%s)" % (t[1], detail) if t and t[1] and detail else (t[1] if t and t[1] else detail)
         if r:
             b[F_REASON] = r[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
         self.app.emit(A_FAULT_REPORT, b, SECURITY)
-        self.log("fault %d %s" % (code, "on" if active else "off"), 1)
+        self.log("fault %d %s %s" % (code, "on" if active else "off", r or ""), 1 if active else 5)
 
-    # ---------------------------------------------------------------- tick
-    def reboot_soon(self, delay_ms):
-        """Reboot in `delay_ms` (the answer and the last events leave first), ending a running
-        transaction now (stop reason reboot): Reset `now` and UpdateFirmware `now`."""
+    # ---------------------------------------------------------------- M5 reset
+    def reboot_soon(self, delay_ms, hard=True, reason="HardReset"):
+        """Reset in `delay_ms` (the answer and the last events leave first), ending a running
+        transaction now (stop reason reboot): Reset `now` and UpdateFirmware `now`. `hard`: the
+        board resets (Hal.reboot); else the application restarts (App.restart). `reason`: the
+        next BootNotification's."""
         app = self.app
         if app.tx.active():
             app.tx.stop(STOP_REASON_REBOOT, TX_TRIGGER_ABNORMAL_CONDITION)
         self._reboot_at = app.now() + delay_ms
+        self._reboot = (hard, reason)
 
+    def _reset(self):
+        app = self.app
+        hard, reason = self._reboot
+        self._reboot_at = None
+        app.note("reboot", {"reason": reason})
+        if not hard:
+            app.restart(reason)
+            return
+        store.save(store.path("bootr"), reason)  # what App.boot_reason reads after the reset
+        app.hal.reboot()
+
+    # ---------------------------------------------------------------- tick
     def tick(self, now):
         app = self.app
         from ..link import ticks_diff
@@ -219,13 +302,16 @@ class Admin(Service):
         if hot != self.overtemp:
             self.overtemp = hot
             self.fault(FAULT_OVERTEMP, hot, "temperature %d.%d C" % (t // 10, t % 10))
+        if (self.messages or self._shown is not None) and ticks_diff(now, self._disp_due) >= 0:
+            self._disp_due = now + DISPLAY_MS
+            self.show()
+        if self.reset_when_idle is not None and not app.tx.active():
+            hard = self.reset_when_idle
+            self.reset_when_idle = None
+            self.reboot_soon(300, hard, "HardReset" if hard else "SoftReset")
         r = getattr(self, "_reboot_at", None)
-        if self.reset_when_idle and not app.tx.active():
-            self.reset_when_idle = False
-            self._reboot_at = r = now + 300
         if r is not None and ticks_diff(now, r) >= 0:
-            app.note("reboot")
-            app.hal.reboot()
+            self._reset()
         c = getattr(self, "_close_at", None)
         if c is not None and ticks_diff(now, c) >= 0:
             self._close_at = None

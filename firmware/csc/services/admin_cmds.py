@@ -1,22 +1,31 @@
 """The rarely used commands of the board's management (admin.py): M5 Reset, M6 display
-messages, M9 fault table, M11 deregistration, M12 migration. Imported for the command and
-dropped again (services.on_demand): their code takes no heap between commands; their state
-(messages, faults, the reboot and close times) stays in the Admin service."""
+messages, M7 log criteria, M9 fault table, M11 deregistration, M12 migration. Imported for the
+command and dropped again (services.on_demand): their code takes no heap between commands; their
+state (messages, criteria, faults, the reset and close times) stays in the Admin service."""
 
 from .. import store
 from ..schema import (
     A_CLEAR_CACHE,
     F_ADDRESS,
+    F_COMPONENTS,
     F_DEVICE_KEY,
     F_DISPLAY_ID,
     F_DISPLAY_PRIORITY,
     F_EVSE,
     F_FAULT_CODE,
     F_FAULT_TABLE,
+    F_LANGUAGE,
+    F_LOG_LEVEL,
+    F_LOG_TYPE,
     F_REASON,
+    F_RESET_TYPE,
     F_SEVERITY,
     F_TEXT,
+    F_VALID_FROM,
+    F_VALID_TO,
     F_WHEN,
+    REGISTRATION_REJECTED,
+    RESET_TYPE_HARD,
     RESET_WHEN_NOW,
     STATUS_ACCEPTED,
     STATUS_SCHEDULED,
@@ -28,10 +37,15 @@ from . import Refused, status
 # ---------------------------------------------------------------- M5 reset
 def reset(adm, body, seq):
     app = adm.app
-    if app.tx.active() and body.get(F_WHEN) != RESET_WHEN_NOW:
-        adm.reset_when_idle = True
+    hard = body[F_RESET_TYPE] == RESET_TYPE_HARD
+    now = body.get(F_WHEN) == RESET_WHEN_NOW
+    kind = "hard" if hard else "soft"
+    app.security_event("ResetOrReboot", "%s reset by the CSMS, %s" % (kind, "now" if now else "when idle"))
+    app.log("%s reset %s" % (kind, "now" if now else "when idle"), 3)
+    if app.tx.active() and not now:
+        adm.reset_when_idle = hard
         return status(STATUS_SCHEDULED)
-    adm.reboot_soon(300)  # let the answer and the last events leave
+    adm.reboot_soon(300, hard, "HardReset" if hard else "SoftReset")  # the answer and the last events leave first
     return status(STATUS_ACCEPTED)
 
 
@@ -39,25 +53,43 @@ def reset(adm, body, seq):
 def set_display(adm, body, seq):
     if body.get(F_EVSE, 1) > adm.app.hal.evses:
         raise Refused("unknown evse")
-    adm.messages[body[F_DISPLAY_ID]] = (body[F_DISPLAY_PRIORITY], body[F_TEXT])
-    _show(adm)
+    f = body.get(F_VALID_FROM)
+    t = body.get(F_VALID_TO)
+    if f is not None and t is not None and t <= f:
+        raise Refused("valid_to must be after valid_from")
+    i = body[F_DISPLAY_ID]
+    adm.messages[i] = [body[F_DISPLAY_PRIORITY], body[F_TEXT], body.get(F_LANGUAGE), f, t]
+    store.save(store.path("disp"), adm.messages)
+    adm._shown = -1  # chosen again, and written, now
+    adm.show()
+    adm.app.log("message %d set" % i, 5, "DisplayCtrlr")
     return status(STATUS_ACCEPTED)
 
 
 def clear_display(adm, body, seq):
     if adm.messages.pop(body[F_DISPLAY_ID], None) is None:
         return status(STATUS_UNKNOWN)
-    _show(adm)
+    store.save(store.path("disp"), adm.messages)
+    adm.show()
     return status(STATUS_ACCEPTED)
 
 
-def _show(adm):
-    best = None
-    for k in adm.messages:
-        m = adm.messages[k]
-        if best is None or m[0] < best[0]:
-            best = m
-    adm.app.hal.display(best[1] if best else "")
+# ---------------------------------------------------------------- M7 log criteria
+def set_log_criteria(adm, body, seq):
+    t = body.get(F_LOG_TYPE, 0)
+    if t >= len(adm.crit):  # diagnostics, security
+        raise Refused("unknown log type %d" % t)
+    level = body[F_LOG_LEVEL]
+    comps = body.get(F_COMPONENTS) or None
+    adm.crit[t] = [level, comps]
+    store.save(store.path("logcrit"), adm.crit)
+    # written whatever the criteria: where the new ones begin to hold
+    adm.write(
+        t,
+        "%d 0 LogCtrlr criteria: level %d, components %s\n"
+        % (adm.app.time(), level, ",".join(comps) if comps else "all"),
+    )
+    return status(STATUS_ACCEPTED)
 
 
 # ---------------------------------------------------------------- M9 faults
@@ -72,28 +104,44 @@ def set_fault_table(adm, body, seq):
 
 # ---------------------------------------------------------------- M11/M12
 def deregister(adm, body, seq):
+    """M11: the board is no longer registered: a running transaction ends now (its records
+    leave before the link closes), the EVSE is unavailable, the device key is destroyed. The
+    gateway refuses the board's Hellos until the CSMS registers it again; it then onboards
+    anew with its factory key."""
     app = adm.app
+    app.registration(REGISTRATION_REJECTED)  # kept on flash: no charging offline either
     app.security_event("Deregistered", body.get(F_REASON))
     store.remove(store.path("key"))  # credentials revoked: back to factory onboarding
     app.auth.command(A_CLEAR_CACHE, None, 0)  # personal data goes; billing records stay
-    app.registered = False
     adm._close_at = app.now() + 300
     return status(STATUS_ACCEPTED)
 
 
 def migrate(adm, body, seq):
+    """M12: the board moves to another site's gateway (`address`, host:port on the LAN) and
+    onboards there with its factory key, unless the command brings a device key for it (the
+    records on its flash go there). Refused by name instead: an address the board cannot
+    connect to, and a move during a transaction (it would be split between two sites)."""
+    app = adm.app
     addr = body[F_ADDRESS]
     host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise Refused("address must be host:port")
+    if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise Refused("address must be host:port of a gateway, not %s" % addr)
+    if app.tx.active():
+        raise Refused("a transaction is running: migrate once it has ended")
+    try:
+        __import__("socket").getaddrinfo(host, int(port))
+    except OSError:
+        raise Refused("address %s does not resolve" % host) from None
     k = body.get(F_DEVICE_KEY)
     if k is not None:
-        k = adm.app.link.decrypt(seq, F_DEVICE_KEY, k)
+        k = app.link.decrypt(seq, F_DEVICE_KEY, k)
         if len(k) != 32:
             raise Refused("device key must be 32 bytes")
-    store.save(store.path("gw"), [host, int(port)])
-    if k is not None:
         store.write_atomic(store.path("key"), k)
-    adm.app.gateway = (host, int(port))
-    adm._close_at = adm.app.now() + 300
+    else:
+        store.remove(store.path("key"))  # this site's key means nothing there: factory onboarding
+    store.save(store.path("gw"), [host, int(port)])
+    app.gateway = (host, int(port))
+    adm._close_at = app.now() + 300
     return status(STATUS_ACCEPTED)

@@ -82,7 +82,9 @@ def set_variables(cfg, body, seq):
             x = _parse(i, v.get(F_VAL, "")) if WRITABLE >> i & 1 else None
             if x is None:
                 r[F_STATUS] = STATUS_REJECTED
+                cfg.app.log("%s rejected: %s" % (v[F_VARIABLE], v.get(F_VAL, "")), 3, c)  # M7: a warning
             else:
+                cfg.app.log("%s set: %s" % (v[F_VARIABLE], x), 5, c)
                 cfg.vals[i] = x
                 changed = True
                 r[F_STATUS] = STATUS_REBOOT_REQUIRED if c in _REBOOT else STATUS_ACCEPTED

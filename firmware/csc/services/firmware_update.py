@@ -14,7 +14,10 @@ unless UpdateFirmware says `when` = now: then the install follows the verificati
 and a running session ends first (stop reason reboot, as Reset now does). A
 verified image waiting for the install is kept across a power cut (`ok` in `fwdl`). From
 Installing to the reboot the EVSE is unavailable, so no session starts in between. Boot
-state (`boot`): active slot, trial slot and its boot attempts. On the emulated board an
+state (`boot`): active slot, trial slot, the version of each (`ver` the active one's, None for
+the firmware the board was built with; `tver` the trial's). The active slot's version is the
+board's (Hello, BootNotification, the FirmwareVersion variable) and FirmwareStatus activated
+carries it, so the CSMS stores the version the board now runs. On the emulated board an
 image "boots" when it starts with BOOT_MAGIC; a trial image that does not is abandoned and the old slot stays active
 (FirmwareStatus rolled_back). Every step is reported as a durable FirmwareStatus.
 """
@@ -69,14 +72,25 @@ class FirmwareUpdate(Service):
         self.st = store.load(store.path("fwdl"), None)  # the download in progress
         self.boot_st = store.load(store.path("boot"), None) or {"active": 0, "trial": None, "ver": None}
         self.waiting = False
+        self._version(self.boot_st.get("ver"))
 
-    def _status(self, st, reason=None, image=None):
+    def _version(self, v):
+        """The board's version is `v`, the active slot's (None: the one it was built with)."""
+        app = self.app
+        if v:
+            app.version = v
+            app.cfg.vals[3] = v  # ChargingStation.FirmwareVersion (config.VARS)
+            app.link.ident = (app.link.ident[0], v)
+
+    def _status(self, st, reason=None, image=None, version=None):
         b = Map()
         b[F_IMAGE_ID] = image if image is not None else (self.st["img"] if self.st else 0)
         b[F_FW_STATUS] = st
         if reason:
             b[F_REASON] = reason
         b[F_SLOT] = self.boot_st["active"]
+        if version:
+            b[F_VERSION] = version
         self.app.emit(A_FIRMWARE_STATUS, b, SECURITY)
         self.app.note("fw_status", {"status": st, "reason": reason})
 
@@ -88,10 +102,13 @@ class FirmwareUpdate(Service):
         img = store.read(store.path("fw%d" % t)) or b""
         image = b.get("img", 0)
         b["trial"] = None
+        v = b.pop("tver", None)
         if img[: len(BOOT_MAGIC)] == BOOT_MAGIC:
             b["active"] = t
+            b["ver"] = v
             store.save(store.path("boot"), b)
-            self._status(FIRMWARE_STATUS_ACTIVATED, None, image)
+            self._version(v)
+            self._status(FIRMWARE_STATUS_ACTIVATED, None, image, v)
         else:
             store.save(store.path("boot"), b)
             self._status(FIRMWARE_STATUS_ROLLED_BACK, "new image failed to boot", image)
@@ -207,12 +224,13 @@ class FirmwareUpdate(Service):
         b = self.boot_st
         b["trial"] = st["slot"]
         b["img"] = st["img"]
-        b["ver"] = st["ver"]
+        b["tver"] = st["ver"]
         store.save(store.path("boot"), b)
         self._status(FIRMWARE_STATUS_INSTALLED)
         self.st = None
         store.remove(store.path("fwdl"))
-        app.admin.reboot_soon(500)  # activate: boot the new slot (a session, with `now`, ends first)
+        # activate: boot the new slot (a session, with `now`, ends first)
+        app.admin.reboot_soon(500, True, "FirmwareUpdate")
 
     def _fail(self, code, reason):
         self._status(code, reason)

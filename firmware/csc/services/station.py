@@ -90,6 +90,7 @@ class Station(Service):
             tx.stop(STOP_REASON_EMERGENCY_STOP, TX_TRIGGER_ABNORMAL_CONDITION)
         tx.apply()
         self.app.note("emergency_stop", {"reason": reason})
+        self.app.log("emergency stop: %s" % reason, 1)
 
     def emergency_stop(self, body, seq):
         self._evse(body)

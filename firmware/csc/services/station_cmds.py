@@ -54,6 +54,7 @@ def trigger(st, body, seq):
 
 def change_availability(st, body, seq):
     st._evse(body)
+    st.app.log("availability: %s" % ("operative" if body[F_OPERATIVE] else "inoperative"), 5)
     if body[F_OPERATIVE]:
         st.operative = True
         st.estop = False

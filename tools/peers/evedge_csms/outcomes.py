@@ -67,12 +67,41 @@ def _status_side_effects(ctx: Ctx, cmd: dict[str, Any], entry: dict[str, Any], n
         ctx.store.upsert("fw_status", {**key, "history": history, "time": int(now)})
 
 
+def _set_variables(ctx: Ctx, cmd: dict[str, Any], site: str, device: str, body: dict[Any, Any], now: float) -> None:
+    """M2: what the station now holds: the value written where it accepted it (or will apply it
+    after a reboot), the value known before where it refused it; its answer carries only the
+    status, so the value comes from the request (the answers are in the request's order)."""
+    asked = _core.decode(cmd["frame"]).body.get(Key.VARS, [])
+    for i, answer in enumerate(body.get(Key.VARS, [])):
+        v = dict(answer)
+        req = asked[i] if i < len(asked) else {}
+        same = all(req.get(k) == v.get(k) for k in (Key.COMPONENT, Key.VARIABLE, Key.INSTANCE, Key.EVSE))
+        if same and v.get(Key.STATUS) in (Status.ACCEPTED, Status.REBOOT_REQUIRED) and Key.VAL in req:
+            v[Key.VAL] = req[Key.VAL]
+        elif Key.VAL not in v:
+            old = ctx.store.get(
+                "variables",
+                site_id=site,
+                device_id=device,
+                component=v[Key.COMPONENT],
+                variable=v[Key.VARIABLE],
+                instance=v.get(Key.INSTANCE, ""),
+                evse=v.get(Key.EVSE, -1),
+                attr=v.get(Key.ATTR, 0),
+            )
+            if old is not None:
+                v[Key.VAL] = old["val"]
+        store_variable(ctx.store, site, device, v, now)
+
+
 def apply(ctx: Ctx, cmd: dict[str, Any], device: str, body: dict[Any, Any], now: float) -> None:
     """Use-case data in a board's response to a Command."""
     action, site = int(cmd["action"]), cmd["site_id"]
-    if action in (Action.GET_VARIABLES, Action.SET_VARIABLES):
+    if action == Action.GET_VARIABLES:
         for v in body.get(Key.VARS, []):
             store_variable(ctx.store, site, device, v, now)
+    elif action == Action.SET_VARIABLES:
+        _set_variables(ctx, cmd, site, device, body, now)
     elif action == Action.REQUEST_START_TRANSACTION and Key.TX_ID in body:
         ctx.store.upsert("transactions", {"site_id": site, "device_id": device, "tx_id": body[Key.TX_ID]})
     elif action == Action.DELETE_PERSONAL_DATA and cmd["ref"]:
