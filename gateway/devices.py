@@ -17,6 +17,12 @@ loop. The table is the one source of truth, shared by the running gateway and
 device provisioned or deregistered while the gateway runs is seen at its next Hello,
 without a restart. Only the numbering of devices (`idx`, the Rust queue's device number,
 never reused or changed) is cached, in a bounded map.
+
+Registration (M13, M11) is the CSMS's: its last answer to a device's BootNotification is
+kept in `registration` (NULL: never decided), so that the site answers with it while the
+uplink is down. A deregistration revokes the key and refuses every Hello, the factory one
+included, until the CSMS registers the device again (`decided` with accepted): then the
+device may onboard anew with its factory key.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ACTIVE, REVOKED, MIGRATED = "active", "revoked", "migrated"
+_ACCEPTED, _REJECTED = 0, 2
+"""gateway.schema.Registration's values (not imported: `python -m gateway devices` needs no core)."""
+
+
+_COLS = "device_id, idx, k_dev, status, registration"
 
 
 def derive(seed: bytes, device_id: str) -> bytes:
@@ -43,6 +54,8 @@ class Device:
     idx: int
     key: bytes | None
     status: str
+    registration: int | None = None
+    """The CSMS's last registration decision (gateway.schema.Registration), None if never made."""
 
 
 class DeviceError(Exception):
@@ -71,6 +84,9 @@ class Devices:
             "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, idx INTEGER UNIQUE NOT NULL,"
             " k_dev BLOB, status TEXT NOT NULL)"
         )
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+        if "registration" not in cols:  # a table made before registrations were kept (M13)
+            self._db.execute("ALTER TABLE devices ADD COLUMN registration INTEGER")
         self._wdb: sqlite3.Connection | None = None
         """The connection of `onboard` and `admit`, opened by the first of them (the writer thread)."""
         self._factory_seed = factory_seed
@@ -91,7 +107,7 @@ class Devices:
             self._wdb.close()
 
     def _row(self, where: str, arg: str | int) -> Device | None:
-        r = self._db.execute(f"SELECT device_id, idx, k_dev, status FROM devices WHERE {where} = ?", (arg,)).fetchone()
+        r = self._db.execute(f"SELECT {_COLS} FROM devices WHERE {where} = ?", (arg,)).fetchone()
         return None if r is None else Device(*r)
 
     def get(self, device_id: str) -> Device | None:
@@ -99,7 +115,7 @@ class Devices:
         return self._row("device_id", device_id)
 
     def all(self) -> list[Device]:
-        return [Device(*r) for r in self._db.execute("SELECT device_id, idx, k_dev, status FROM devices ORDER BY idx")]
+        return [Device(*r) for r in self._db.execute(f"SELECT {_COLS} FROM devices ORDER BY idx")]
 
     def name_of(self, idx: int) -> str:
         """The device id numbered `idx` (cached: an idx never changes its device)."""
@@ -174,6 +190,8 @@ class Devices:
         whether the device is a development device without its row yet (`admit` it once the
         Hello's tag verified). Raises DeviceError naming why the device may not connect."""
         d = self.get(device_id)
+        if d is not None and d.status == REVOKED:
+            raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} was deregistered: refused until registered again")
         if d is not None and d.status != ACTIVE:
             raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} is {d.status} at this site")
         if factory:
@@ -213,8 +231,42 @@ class Devices:
         return self._put(device_id, key, ACTIVE)
 
     def deregister(self, device_id: str) -> None:
-        """M11: the key is destroyed; the id stays so that the device is refused by name."""
+        """M11: the key is destroyed; the id stays so that the device is refused by name (its
+        factory Hello too) until the CSMS registers it again (`decided`)."""
         self._put(device_id, None, REVOKED)
+
+    def deregistered(self, device_id: str) -> None:
+        """M11, the CSMS's Deregister: `deregister`, and the registration rejected. On the
+        writer thread."""
+        self._writer().execute(
+            "INSERT INTO devices(device_id, idx, k_dev, status, registration)"
+            " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), NULL, ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET k_dev=NULL, status=excluded.status,"
+            " registration=excluded.registration",
+            (device_id, REVOKED, _REJECTED),
+        )
+
+    def decided(self, device_id: str, registration: int) -> None:
+        """M13: the CSMS's registration decision for the device, kept for the answers the site
+        gives alone. Accepted after a deregistration (M11) lets the device onboard again with
+        its factory key (its old key stays destroyed). On the writer thread."""
+        self._writer().execute(
+            "INSERT INTO devices(device_id, idx, k_dev, status, registration)"
+            " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), NULL, ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET registration=excluded.registration,"
+            " status=CASE WHEN status = ? AND excluded.registration = ? THEN ? ELSE status END",
+            (device_id, ACTIVE, int(registration), REVOKED, _ACCEPTED, ACTIVE),
+        )
+
+    def migrated(self, device_id: str) -> None:
+        """M12: the device moved to another site: its key here is destroyed and its Hellos
+        refused. On the writer thread."""
+        self._writer().execute("UPDATE devices SET k_dev=NULL, status=? WHERE device_id=?", (MIGRATED, device_id))
+
+    def registration_of(self, device_id: str) -> int | None:
+        """The CSMS's last decision for the device (None: never decided), one indexed read."""
+        r = self._db.execute("SELECT registration FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return None if r is None or r[0] is None else int(r[0])
 
     def hand_over(self, device_id: str) -> bytes:
         """M12: returns the device key for the new site and stops accepting it here."""

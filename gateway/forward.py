@@ -3,7 +3,8 @@
 Rule: a board always gets an answer within its request's timeout (B1), from the CSMS when
 it can, else from the local CSMS (B18). While the uplink is up, a request the local CSMS
 cannot answer (FirmwareChunk of an image not in the site's cache, SignCertificate,
-Get15118EVCertificate, Authorize of a token neither in the list nor in the cache) goes
+Get15118EVCertificate, BootNotification (M13: registration is the CSMS's), Authorize of a
+token neither in the list nor in the cache) goes
 upstream in a Relay of its own, outside the outbox. If the CSMS has not answered after
 `LOCAL_FALLBACK_SHARE` of the message's timeout (uplink cut but not yet noticed, slow CSMS),
 the local CSMS answers instead; a later answer of the CSMS then only fills the site's
@@ -30,7 +31,9 @@ from gateway.localcsms.fwcache import FirmwareCache
 from gateway.schema import MESSAGES, Action, Key, Kind, Status
 from gateway.uplink.runner import UplinkRunner
 
-FORWARDED = frozenset({Action.FIRMWARE_CHUNK, Action.SIGN_CERTIFICATE, Action.GET15118_EV_CERTIFICATE})
+FORWARDED = frozenset(
+    {Action.FIRMWARE_CHUNK, Action.SIGN_CERTIFICATE, Action.GET15118_EV_CERTIFICATE, Action.BOOT_NOTIFICATION}
+)
 """Board requests the site cannot answer: relayed to the CSMS, answered by a Command."""
 MEMORY = 100_000
 """Forwarded requests remembered (the oldest are forgotten first)."""
@@ -59,6 +62,9 @@ class ForwardSite(Protocol):
 
     @property
     def runner(self) -> UplinkRunner | None: ...
+
+    def registration_decided(self, device_id: str, registration: int) -> None:
+        """Keeps the CSMS's registration decision for the device (M13)."""
 
 
 class Forwarder:
@@ -114,8 +120,13 @@ class Forwarder:
         """The CSMS answers a board request that went upstream: re-sealed as its response."""
         site = self.site
         key = (device_id, inner.msg_id)
-        late = key not in self.forwarded and key in self.late
+        asked = key in self.forwarded
+        late = not asked and key in self.late
         token = self.late.pop(key) if late else self.forwarded.pop(key, None)
+        if inner.kind == Kind.RESPONSE and inner.action == Action.BOOT_NOTIFICATION:
+            site.registration_decided(device_id, int(inner.body[Key.REGISTRATION]))
+            if not asked and not late:  # M11, M13: a decision the CSMS sent on its own
+                return {Key.DEVICE_ID: device_id, Key.STATUS: Status.ACCEPTED, Key.REASON: "kept by the site"}
         if inner.kind == Kind.RESPONSE and inner.action == Action.AUTHORIZE and token is not None:
             b = inner.body
             site.auth.remember(token, int(b[Key.AUTH_STATUS]), b.get(Key.EXPIRY))

@@ -14,6 +14,7 @@ from cryptography.x509.oid import NameOID
 from csmsclient import Board, running_csms, site, until
 
 from evedge_csms import commands as cmds
+from evedge_csms.api import CsmsError
 from evedge_csms.pki import cert_hash
 from gateway import _core
 from gateway.protocol.upstream_wire import K_UP
@@ -236,11 +237,13 @@ def test_csms_m11_m12_deregister_and_migrate(tmp_path: Path) -> None:
             _, _, inner = await gw.command()
             assert inner is not None and inner.body[Key.REGISTRATION] == Registration.REJECTED
             assert srv.store.select("stations")[0]["model"] == "m"  # data kept
-            srv.api.migrate("site-1", ["b2"], "quic://other-csms:4433", cert=b"\x30\x00")
+            with pytest.raises(CsmsError, match="host:port"):  # a URL is no address a board can use
+                srv.api.migrate("site-1", ["b2"], "quic://other-csms:4433")
+            srv.api.migrate("site-1", ["b2"], "gw-2.site.example:7700", cert=b"\x30\x00")
             _, _, inner = await gw.command()
-            assert inner is not None and inner.body[Key.ADDRESS] == "quic://other-csms:4433"
+            assert inner is not None and inner.body[Key.ADDRESS] == "gw-2.site.example:7700"
             assert (
-                srv.store.get("stations", site_id="site-1", device_id="b2")["migrated_to"] == "quic://other-csms:4433"
+                srv.store.get("stations", site_id="site-1", device_id="b2")["migrated_to"] == "gw-2.site.example:7700"
             )
 
     run(main())
@@ -307,9 +310,12 @@ def test_csms_m14_m15_m17_m18_m19_certificates(tmp_path: Path) -> None:
             cert = x509.load_der_x509_certificate(inner.body[Key.CERT])
             assert cert.public_key() == key.public_key()
             issued = cert_hash(inner.body[Key.CERT]).hex()
-            (cmd,) = srv.api.revoke(issued, "key compromise")  # M19
+            await gw.relay_acked([Board("b1").frame(Action.BOOT_NOTIFICATION, BOOT)])  # a station of the site
+            await gw.command()
+            (cmd,) = srv.api.revoke(issued, "key compromise")  # M19: to every board of every site
             _, env, inner = await gw.command()
             assert inner is not None and inner.body[Key.CERT_HASH].hex() == issued
+            assert env.body[Key.TARGETS] == ["b1"]  # (a site-wide RevokeCertificate is no site command)
             assert srv.store.get("certificates", cert_hash=issued)["revoked"]
             gw.accept_all(_, env)
             await until(lambda: srv.api.command(cmd)["state"] == "done")

@@ -1,7 +1,8 @@
 """The local CSMS's answers to board requests: what the site answers itself.
 
 Rule: every board request gets an answer from the site when nothing better comes in time:
-Heartbeat, TimeSync and BootNotification always (the site is the boards' time source, B13),
+Heartbeat and TimeSync always (the site is the boards' time source, B13), BootNotification
+with the CSMS's last decision or the offline policy (M13, gateway/localcsms/registration.py),
 Authorize from the site's list and cache or its offline policy (S2), FirmwareChunk of a
 verified image in the site's cache (M4); anything else is refused as NOT_SUPPORTED, naming
 the message. The gateway asks here last, after the roaming endpoint and the CSMS
@@ -18,16 +19,16 @@ from gateway.boards import BoardRequest
 from gateway.link import proto_ts
 from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.fwcache import FirmwareCache
-from gateway.schema import MESSAGES, Action, AuthStatus, ErrorCode, Key, Registration
+from gateway.localcsms.registration import BootAnswers
+from gateway.schema import MESSAGES, Action, AuthStatus, ErrorCode, Key
 
 
 class LocalCsms:
-    def __init__(self, auth: Authorizer, firmware: FirmwareCache, heartbeat_s: int,
+    def __init__(self, auth: Authorizer, firmware: FirmwareCache, boot: BootAnswers,
                  count_name: Callable[[str], None]) -> None:  # fmt: skip
         self.auth = auth
         self.firmware = firmware
-        self.heartbeat_s = heartbeat_s
-        """The interval the boards are given in the BootNotification answer."""
+        self.boot = boot
         self.count_name = count_name
 
     def answer(self, req: BoardRequest, now: float) -> None:
@@ -40,7 +41,10 @@ class LocalCsms:
         elif a == Action.TIME_SYNC:
             body = {Key.TIME: proto_ts(now), Key.TIME_MS: int(now * 1000) % 1000}
         elif a == Action.BOOT_NOTIFICATION:
-            body = {Key.REGISTRATION: Registration.ACCEPTED, Key.INTERVAL_S: self.heartbeat_s, Key.TIME: proto_ts(now)}
+            boot = self.boot.body(req, now)
+            if boot is None:
+                return  # held: the uplink is starting, the CSMS answers it
+            body = boot
         elif a == Action.AUTHORIZE and req.decision is not None:
             d = req.decision  # looked up once, when the request was decoded
             body = {Key.AUTH_STATUS: d.status}

@@ -9,6 +9,8 @@ server). Commands it queues are sent by the running server to the site's gateway
     send-limit --site S --limit-w N [--zone Z] [--deadline-ms MS] [--available]
     firmware-campaign --site S --image FILE --version V --targets D [D ...] [--now]
     set-registration --site S --device D accepted|pending|rejected
+    deregister --site S --device D [--reason TEXT]
+    migrate --site S --address HOST:PORT --targets D [D ...]
     add-token TOKEN [--status N] [--tariff ID]
     set-tariff --site S --id N --price-kwh P --currency EUR [--price-min P] [--price-session P]
     export-sdrs --format csv|json
@@ -103,6 +105,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     sr.add_argument("--site", required=True)
     sr.add_argument("--device", required=True)
     sr.add_argument("registration", choices=("accepted", "pending", "rejected"))
+    dr = sub.add_parser("deregister", help="M11: the station is removed (set-registration accepted takes it back)")
+    dr.add_argument("--site", required=True)
+    dr.add_argument("--device", required=True)
+    dr.add_argument("--reason")
+    mg = sub.add_parser("migrate", help="M12: the boards move to another site's gateway (its LAN host:port)")
+    mg.add_argument("--site", required=True)
+    mg.add_argument("--address", required=True)
+    mg.add_argument("--targets", nargs="+", required=True)
     at = sub.add_parser("add-token")
     at.add_argument("token")
     at.add_argument("--status", type=int, default=0)
@@ -144,7 +154,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             campaign = api.firmware_campaign(args.site, args.image.read_bytes(), args.version, args.targets, when=when)
             out.write(f"campaign {campaign} (image {campaign}) queued for {', '.join(args.targets)}\n")
         elif args.cmd == "set-registration":
-            api.set_registration(args.site, args.device, args.registration)
+            sent = api.set_registration(args.site, args.device, args.registration)
+            out.write(f"commands {', '.join(map(str, sent))} queued for {args.site}\n" if sent else "recorded\n")
+        elif args.cmd == "deregister":
+            cmd = api.deregister(args.site, args.device, args.reason)
+            out.write(f"command {cmd} queued for {args.site}\n")
+        elif args.cmd == "migrate":
+            cmd = api.migrate(args.site, args.targets, args.address)
+            out.write(f"command {cmd} queued for {args.site}\n")
         elif args.cmd == "add-token":
             api.add_token(args.token, args.status, tariff_id=args.tariff)
         elif args.cmd == "set-tariff":
