@@ -10,6 +10,9 @@ import hashlib
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from fwpeer import Conn, Rig, barrier, charging, now_ts
 
 from gateway.schema import Action, Key, Kind, Priority
@@ -181,7 +184,11 @@ def test_fw_m16_csr_from_the_secure_element_then_certificate_signed(rig: Rig) ->
     b = ok(rig, Action.TRIGGER_MESSAGE, {Key.REQUESTED_ACTION: Action.SIGN_CERTIFICATE})
     assert b[Key.STATUS] == ACCEPTED
     rig.peer.wait(lambda: csrs, 5)
-    assert csrs[0][0] == 0x30 and b"SIMCSR" in csrs[0]
+    csr = x509.load_der_x509_csr(csrs[0])  # a real PKCS#10 request, signed by the secure element's key
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == rig.board.device_id
+    se_key = serialization.load_pem_private_key((rig.board.dir / "se-key.pem").read_bytes(), None)
+    assert csr.public_key() == se_key.public_key()  # the chip's key pair; its private half stays in the chip
     rig.board.wait("csr_sent")
     assert ok(rig, Action.CERTIFICATE_SIGNED, {Key.CERT: CS_CERT, Key.CERT_TYPE: 3})[Key.STATUS] == ACCEPTED
     e = rig.board.wait("cs_cert_installed")

@@ -175,7 +175,11 @@ class Sampler:
 
     async def _run(self) -> None:
         while True:
-            await self.round()
+            try:
+                await self.round()
+            except Exception as e:  # a sampler that stops would pass every check: it says so instead
+                self.checker.violations.append(f"the invariant sampler failed: {type(e).__name__}: {e}")
+                raise
             await asyncio.sleep(self.period_s)
 
     def start(self) -> Sampler:
