@@ -1,0 +1,96 @@
+"""What the OCPP face keeps across restarts, and the rule by which outbox rows retire.
+
+Rule: the outbox (gateway/outbox.py) is the one durable queue; the OCPP face keeps no copy of
+a row. It keeps, per board, the highest outbox `seq` its CSMS acknowledged (`cursor`): rows of
+that board at or below it are not sent again after a restart, the rest are, in order. A row is
+retired in the outbox only when every northbound that carries it has delivered it
+(`RetireGate`): the native uplink alone, the OCPP face alone, or both. Until then its frame
+stays, so a gateway kill -9 loses nothing for either.
+
+Also kept: each board's identity as its station (from its last BootNotification) and the
+CSMS's last registration answer, so that stations come up at a restart before their boards
+speak, and a board is answered while the CSMS is unreachable with what the CSMS decided.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from gateway.ocpp.up import BoardInfo
+
+
+class Ledger:
+    """ocpp.sqlite. Written on the outbox's writer thread (`Gateway.run_sync`), read at start."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS station (device TEXT PRIMARY KEY, model TEXT, vendor TEXT, serial TEXT,"
+            " fw_version TEXT, reason TEXT, registration INTEGER)"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS cursor (device TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS token (seq INTEGER PRIMARY KEY, device TEXT, token TEXT)")
+        self.cursors: dict[str, int] = dict(self._db.execute("SELECT device, seq FROM cursor").fetchall())
+        """device → the highest outbox seq its station delivered."""
+
+    def close(self) -> None:
+        self._db.close()
+
+    def stations(self) -> dict[str, tuple[BoardInfo, int | None]]:
+        rows = self._db.execute("SELECT device, model, vendor, serial, fw_version, reason, registration FROM station")
+        return {r[0]: (BoardInfo(r[1], r[2], r[3], r[4], r[5]), r[6]) for r in rows}
+
+    def save_station(self, device: str, info: BoardInfo, registration: int | None) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO station VALUES (?,?,?,?,?,?,?)",
+            (device, info.model, info.vendor, info.serial, info.fw_version, info.reason, registration),
+        )
+
+    def delivered(self, device: str, seq: int) -> None:
+        """The CSMS acknowledged `device`'s rows up to `seq` (called in the rows' order)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("INSERT OR REPLACE INTO cursor VALUES (?, ?)", (device, seq))
+        self._db.execute("DELETE FROM token WHERE device = ? AND seq <= ?", (device, seq))
+        self._db.execute("COMMIT")
+
+    def save_tokens(self, rows: list[tuple[int, str, str]]) -> None:
+        """(seq, device, token in clear) of rows whose id token OCPP must carry (the Started
+        TransactionEvent's idToken): the gateway holds the clear text in memory only, and the
+        row may be sent after a restart."""
+        self._db.executemany("INSERT OR REPLACE INTO token VALUES (?, ?, ?)", rows)
+
+    def token(self, seq: int) -> str | None:
+        r = self._db.execute("SELECT token FROM token WHERE seq = ?", (seq,)).fetchone()
+        return None if r is None else str(r[0])
+
+
+class RetireGate:
+    """A row retires once each of `consumers` delivered it (in memory: after a restart the
+    rows still held are owed to every consumer, each of which skips what it knows it sent:
+    the CSMS deduplicates the native Relays, the OCPP face has its cursor)."""
+
+    def __init__(self, consumers: Iterable[str]) -> None:
+        self.consumers = frozenset(consumers)
+        self._seen: dict[int, set[str]] = {}
+
+    def delivered(self, consumer: str, seqs: Sequence[int]) -> list[int]:
+        """The seqs `consumer` delivered that may now be retired."""
+        if len(self.consumers) == 1:
+            return list(seqs)
+        out = []
+        for s in seqs:
+            got = self._seen.setdefault(s, set())
+            got.add(consumer)
+            if got >= self.consumers:
+                del self._seen[s]
+                out.append(s)
+        return out
+
+    @property
+    def waiting(self) -> int:
+        """Rows delivered by some consumers and not yet by all."""
+        return len(self._seen)
