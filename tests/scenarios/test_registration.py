@@ -181,8 +181,9 @@ def test_m11_a_deregistered_board_stops_and_cannot_onboard_again_until_registere
         row2 = station(site, "ev-0000")
         assert row2 is not None and row2["deregistered"] == 1 and row2["registration"] == "rejected"
         csms = site.csms
-        tx = await until(lambda: csms.store.get("transactions", site_id=SITE_ID, device_id="ev-0000",  # type: ignore[union-attr]
-                                                    tx_id=ended["tx_id"]), 10, "transaction kept (law)")  # fmt: skip
+        assert csms is not None
+        tx = await until(lambda: csms.store.get("transactions", site_id=SITE_ID, device_id="ev-0000",
+                                                tx_id=ended["tx_id"]), 10, "transaction kept (law)")  # fmt: skip
         assert tx["state"] == "ended"
         # registered again by the operator: the board onboards and charges
         m = b.mark()
