@@ -61,6 +61,8 @@ class UpstreamProtocol(QuicConnectionProtocol):
         self.out_seq: dict[int, int] = {}
         self.written: dict[int, int] = {}
         self.ready = False
+        self.site_events = 0
+        """Site events sent on this connection (their message ids)."""
         self.closed = asyncio.Event()
         self.hello_answered: asyncio.Future[_core.Frame] = asyncio.get_running_loop().create_future()
         # The runner may have given up waiting (connect timeout) before the link dies: the
@@ -291,5 +293,16 @@ class UpstreamProtocol(QuicConnectionProtocol):
         if not self.ready or self.closed.is_set():
             return False
         self._send(prio, Kind.EVENT, relay_id, min(prio, RELAY_DEFAULT_PRIO), Action.RELAY, body)
+        self.transmit()
+        return True
+
+    def send_event(self, action: int, body: dict[int, Any]) -> bool:
+        """Sends a site event (SiteForecast, BoardsReport) on its action's class, outside the
+        outbox: nothing is owed if the connection is lost (a newer report supersedes it)."""
+        if not self.ready or self.closed.is_set():
+            return False
+        prio = int(MESSAGES[action].priority)
+        self.site_events += 1
+        self._send(prio, Kind.EVENT, self.site_events, prio, action, body)
         self.transmit()
         return True

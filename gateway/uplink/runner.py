@@ -47,6 +47,8 @@ class UplinkRunner:
         self.connects = 0
         self.last_error = ""
         self.up_since = 0.0
+        self.on_up: Callable[[], None] = lambda: None
+        """Called on each connection once SiteHello is answered (the site's reports start it)."""
 
     @property
     def ready(self) -> bool:
@@ -64,6 +66,10 @@ class UplinkRunner:
     def send_relay(self, relay_id: int, prio: int, body: dict[int, Any]) -> bool:
         """A Relay outside the outbox (a board request the CSMS answers); False when not up."""
         return self.protocol is not None and self.protocol.send_relay(relay_id, prio, body)
+
+    def send_event(self, action: int, body: dict[int, Any]) -> bool:
+        """A site event outside the outbox (`UpstreamProtocol.send_event`); False when not up."""
+        return self.protocol is not None and self.protocol.send_event(action, body)
 
     def path_state(self) -> dict[str, float]:
         """The path's figures while up (`UpstreamProtocol.path_state`), else {}."""
@@ -84,6 +90,7 @@ class UplinkRunner:
                     self.up_since = time.time()
                     backoff = up.backoff_min_s
                     log.info("upstream up (%s:%d)", up.host, up.port)
+                    self.on_up()
                     await self._keepalive(proto)
             except asyncio.CancelledError:
                 raise

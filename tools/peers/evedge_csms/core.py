@@ -132,9 +132,7 @@ class SiteConnection:
             self._relay(stream_id, env, now)
         elif env.kind == Kind.EVENT and env.action == Action.BOARDS_REPORT:
             self._site_check(env)
-            self.ctx.store.upsert(
-                "boards_reports", {"site_id": self.site_id, "at": int(now), "evses": env.body[Key.EVSES]}
-            )
+            self._boards_report(env.body, now)
         elif env.kind == Kind.EVENT and env.action == Action.SITE_FORECAST:
             self._site_check(env)
             store = self.ctx.store
@@ -155,6 +153,17 @@ class SiteConnection:
         else:
             name = MESSAGES[env.action].name
             raise WireError(ErrorCode.NOT_SUPPORTED, f"{name} is not handled by the CSMS", **ids)
+
+    def _boards_report(self, body: dict[int, Any], now: float) -> None:
+        """M1: the site's inventory replaces the one held; a large site's comes in pages (page 0
+        replaces, the next ones add, in order: they travel on one stream)."""
+        store = self.ctx.store
+        evses = list(body[Key.EVSES])
+        with store.transaction():
+            if body.get(Key.PAGE, 0):
+                held = store.get("boards_reports", site_id=self.site_id)
+                evses = list(held["evses"] if held else []) + evses
+            store.upsert("boards_reports", {"site_id": self.site_id, "at": int(now), "evses": evses})
 
     def _site_check(self, env: Envelope) -> None:
         site = env.body.get(Key.SITE_ID)
