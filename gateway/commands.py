@@ -15,12 +15,15 @@ command is refused (`EXPIRED`). Then:
 - a response or error inner frame answers a board request that went upstream
   (gateway/forward.py);
 - empty targets address the site itself: TokenList (R4-2), SendLocalList, ClearCache,
-  DsoLimit, AvailablePower, InstallCertificate of the local-CSMS certificate (M17).
+  DsoLimit, AvailablePower, InstallCertificate of the local-CSMS certificate (M17); and
+  SetTariff (S5), DemandResponse (E2), DeletePersonalData (M10), which the gateway hands on
+  to every board and keeps for those that come online later
+  (gateway/localcsms/sitewide.py).
 
 A bare `AvailablePower` (E4) or `DsoLimit` (E5) request is answered with its own response.
-Power commands share the site's power among the boards online (`PowerManager`) and send each
-affected board its share; a DSO limit is ACCEPTED only if every affected board confirmed
-within its deadline.
+Power commands go to the site's power control (gateway/localcsms/sharing.py), which shares
+the site's power among the boards and sends each its share; a DSO limit is ACCEPTED only if
+every affected board confirmed within its deadline.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from gateway.link import proto_ts
 from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.clock import Clock
 from gateway.localcsms.fwcache import FirmwareCache
-from gateway.localcsms.power import SITE, PowerManager
+from gateway.localcsms.sharing import PowerControl
+from gateway.localcsms.sitewide import FANNED_OUT, SiteWide
 from gateway.protocol.text import clip_reason
 from gateway.schema import FIELDS, MAX_UP_OBJECTS, MESSAGES, Action, CertType, ErrorCode, Key, Kind, Status
 
@@ -66,10 +70,13 @@ class CommandSite(Protocol):
     def auth(self) -> Authorizer: ...
 
     @property
-    def power(self) -> PowerManager: ...
+    def power(self) -> PowerControl: ...
 
     @property
     def firmware(self) -> FirmwareCache: ...
+
+    @property
+    def sitewide(self) -> SiteWide: ...
 
     @property
     def local_csms_cert(self) -> bytes:
@@ -80,6 +87,9 @@ class CommandSite(Protocol):
 
     def count_name(self, name: str) -> None:
         """Counts a rejection by its name (/status, /metrics)."""
+
+    async def left_site(self, action: int, results: list[Result]) -> None:
+        """A Deregister (M11) or Migrate (M12) was delivered to its targets (`results`)."""
 
 
 class CommandPath:
@@ -144,6 +154,8 @@ class CommandPath:
         if not targets and inner.action == Action.SEND_LOCAL_LIST:
             status, reason = await self._local_list(inner.body)
             return Kind.RESPONSE, {Key.RESULTS: [{Key.DEVICE_ID: "", Key.STATUS: status, Key.REASON: reason}]}
+        if not targets and inner.action in FANNED_OUT and inner.kind == Kind.REQUEST:
+            return Kind.RESPONSE, {Key.RESULTS: await site.sitewide.command(inner, timeout)}
         if not targets:
             status, reason = await self.site_command(inner)
             res: Result = {Key.DEVICE_ID: "", Key.STATUS: status}
@@ -164,9 +176,10 @@ class CommandPath:
                                                        deliver)  # fmt: skip
             return Kind.RESPONSE, {Key.RESULTS: results}
         a, b, p = inner.action, inner.body, inner.prio
-        return Kind.RESPONSE, {
-            Key.RESULTS: list(await asyncio.gather(*(deliver(t, a, b, p, timeout) for t in targets)))
-        }
+        results = list(await asyncio.gather(*(deliver(t, a, b, p, timeout) for t in targets)))
+        if a in (Action.DEREGISTER, Action.MIGRATE):
+            await site.left_site(a, results)  # M11, M12: the site stops admitting them
+        return Kind.RESPONSE, {Key.RESULTS: results}
 
     # ---------------------------------------------------------- the site itself
 
@@ -184,55 +197,12 @@ class CommandPath:
             site.auth.clear_cache()
             return Status.ACCEPTED, ""
         if inner.action == Action.DSO_LIMIT:
-            return await self._dso(b)
+            status, reason = await site.power.dso_limit(b)
+            return status, clip_reason(reason)
         if inner.action == Action.AVAILABLE_POWER:
-            site.power.available_w = int(b[Key.AVAILABLE_W])
-            late = await self.apply_power(None, Action.SET_CHARGING_PROFILE, None)
-            return (Status.REJECTED, clip_reason("late: " + ",".join(late))) if late else (Status.ACCEPTED, "")
+            status, reason = await site.power.available_power(b)
+            return status, clip_reason(reason)
         return Status.NOT_SUPPORTED, f"{MESSAGES[inner.action].name} is not a site command"
-
-    async def _dso(self, b: dict[int, Any]) -> tuple[int, str]:
-        """E5: the new limit reaches every affected board, which confirms, within the deadline."""
-        zone = b.get(Key.ZONE)
-        self.site.power.dso[SITE if zone is None else int(zone)] = int(b[Key.LIMIT_W])
-        deadline_s = int(b[Key.DEADLINE_MS]) / 1000
-        late = await self.apply_power(zone, Action.DSO_LIMIT, deadline_s)
-        if late:
-            return Status.REJECTED, clip_reason("not confirmed in time: " + ",".join(late))
-        return Status.ACCEPTED, ""
-
-    async def apply_power(self, zone: int | None, action: int, deadline_s: float | None) -> list[str]:
-        """Sends each affected board its share; returns the boards that did not confirm in time."""
-        boards, power = self.site.boards, self.site.power
-        online = list(boards.online)
-        shares = power.allocate(online)
-        affected = power.affected(zone, online) if action == Action.DSO_LIMIT else online
-        timeout = deadline_s if deadline_s is not None else MESSAGES[action].timeout_ms / 1000
-
-        async def one(did: str) -> str | None:
-            conn = boards.online.get(did)
-            if conn is None:
-                return did
-            w = shares.get(did, 0)
-            if action == Action.DSO_LIMIT:
-                body: dict[int, Any] = {Key.LIMIT_W: w, Key.DEADLINE_MS: int(timeout * 1000), Key.EVSE: 0}
-            else:
-                body = {
-                    Key.EVSE: 0,
-                    Key.PROFILE_ID: 1,
-                    Key.STACK_LEVEL: 0,
-                    Key.PURPOSE: 4,
-                    Key.PERIODS: [{Key.START_S: 0, Key.LIMIT_W: w}],
-                }
-            try:
-                ans = _core.decode(await boards.request(conn, action, body, timeout))
-            except (TimeoutError, ConnectionError):
-                return did
-            ok = ans.kind == Kind.RESPONSE and ans.body.get(Key.STATUS, 0) == Status.ACCEPTED
-            return None if ok else did
-
-        res = await asyncio.gather(*(one(d) for d in affected))
-        return [d for d in res if d is not None]
 
     async def _local_csms_cert(self, inner: _core.Frame, timeout: float) -> list[Result]:
         """M17, a site command: every online board is told to trust the gateway's own

@@ -130,6 +130,9 @@ class UpstreamConfig:
     """Benchmark baseline only: one queue, one stream, no priority."""
     signers: Mapping[str, bytes] = field(default_factory=dict)
     """Signer name → Ed25519 public key of signed commands."""
+    reports_interval_s: float = 60.0
+    """E3, M1: at most one SiteForecast (per zone) and one BoardsReport per this many seconds;
+    a change within it is sent at its end (gateway/localcsms/reports.py)."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,9 @@ class DevicesConfig:
     """Default: generated into data_dir/factory_seed (`prepare`)."""
     dev_seed: bytes | None = None
     dev_prefix: str = ""
+    offline_registration: str = "pending"
+    """M13: the registration the site gives, while the uplink is down, a board the CSMS has
+    never decided on (pending: it charges nothing and asks again; accepted; rejected)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,9 @@ class AuthConfig:
     """`[auth]`."""
 
     unknown_token_offline: str = "reject"
+    online_trust_s: float = 0.0
+    """While the uplink is up, a cached answer younger than this is given without asking the
+    CSMS (S2); 0: always ask, so that a card blocked at the CSMS is refused at once."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,32 @@ class RoamingConfig:
 
 
 @dataclass(frozen=True)
+class OcppConfig:
+    """`[ocpp]`: the OCPP 2.0.1 northbound (gateway/ocpp/, docs/ocpp.md); off unless `url` is set.
+    Each board is a charging station on a WebSocket of its own, `url`/device id."""
+
+    url: str = ""
+    """ws://… (security profile 1) or wss://… (2, 3): the CSMS's OCPP endpoint."""
+    security_profile: int = 1
+    """1: basic auth over ws; 2: basic auth over TLS; 3: mutual TLS (`cert`, `key`: the site's)."""
+    password_file: Path | None = None
+    """Profiles 1 and 2: the stations' basic-auth password, one line, a file only its owner may read."""
+    ca: Path | None = None
+    cert: Path | None = None
+    """Profile 3: default the site's certificate (`upstream.cert`, `upstream.key`)."""
+    key: Path | None = None
+    timeout_s: float = 10.0
+    """How long a station waits for the CSMS's answer to one of its CALLs."""
+    backoff_max_s: float = 30.0
+    max_frame: int = 65536
+    """A bigger frame from the CSMS is answered FormatViolation."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """`[metrics]`: GET /metrics, /status, /urgent."""
 
@@ -214,6 +249,7 @@ class Config:
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     roaming: RoamingConfig = field(default_factory=RoamingConfig)
+    ocpp: OcppConfig = field(default_factory=OcppConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
@@ -321,6 +357,13 @@ def _policy(key: str, v: Any) -> str:
     return s
 
 
+def _registration(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if s not in ("pending", "accepted", "rejected"):
+        raise ConfigError(f"{key}: expected 'pending', 'accepted' or 'rejected', got {v!r}")
+    return s
+
+
 def _signers(key: str, v: Any) -> dict[str, bytes]:
     if not isinstance(v, dict):
         raise ConfigError(f"{key}: expected a table of signer name = hex Ed25519 public key")
@@ -346,6 +389,13 @@ def _zones(key: str, v: Any) -> tuple[Zone, ...]:
                  tuple(devs))
         )  # fmt: skip
     return tuple(out)
+
+
+def _ocpp_url(key: str, v: Any) -> str:
+    url = _str(key, v)
+    if not url.startswith(("ws://", "wss://")):
+        raise ConfigError(f"{key}: expected a ws:// or wss:// URL, got {v!r}")
+    return url
 
 
 SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
@@ -390,8 +440,10 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "idle_timeout_s": _float(0.5, 3600),
         "fifo": _bool,
         "signers": _signers,
+        "reports_interval_s": _float(0.1, 86400),
     }),
-    "devices": (DevicesConfig, {"factory_seed": _hex32, "dev_seed": _hex32, "dev_prefix": _str}),
+    "devices": (DevicesConfig, {"factory_seed": _hex32, "dev_seed": _hex32, "dev_prefix": _str,
+                                "offline_registration": _registration}),
     "power": (PowerConfig, {"site_limit_w": _int(0, 100_000_000), "min_evse_w": _int(0, 1_000_000), "zone": _zones}),
     "firmware": (FirmwareConfig, {
         "cache": _bool,
@@ -399,7 +451,7 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "wave_timeout_s": _float(1, 86400),
         "cache_max_bytes": _int(1 << 16, 1 << 40),
     }),
-    "auth": (AuthConfig, {"unknown_token_offline": _policy}),
+    "auth": (AuthConfig, {"unknown_token_offline": _policy, "online_trust_s": _float(0, 30 * 86400)}),
     "roaming": (RoamingConfig, {
         "party_id": _gid("O"),
         "cso_party": _gid("O"),
@@ -411,6 +463,17 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "password": _str,
         "secret": _secret,
         "timeout_s": _float(0.1, 30),
+    }),
+    "ocpp": (OcppConfig, {
+        "url": _ocpp_url,
+        "security_profile": _int(1, 3),
+        "password_file": _path,
+        "ca": _path,
+        "cert": _path,
+        "key": _path,
+        "timeout_s": _float(0.5, 300),
+        "backoff_max_s": _float(0.05, 3600),
+        "max_frame": _int(1024, 1 << 24),
     }),
     "metrics": (MetricsConfig, {"listen": _addr}),
 }  # fmt: skip
@@ -461,9 +524,20 @@ def parse(doc: dict[str, Any], base: Path = Path()) -> Config:
         if missing:
             raise ConfigError(f"roaming.{missing[0]}: required when [roaming] is present")
     cfg = Config(**sections)
+    _check_ocpp(cfg.ocpp)
     if cfg.upstream.backoff_min_s > cfg.upstream.backoff_max_s:
         raise ConfigError("upstream.backoff_min_s: must not exceed upstream.backoff_max_s")
     return cfg
+
+
+def _check_ocpp(o: OcppConfig) -> None:
+    if not o.enabled:
+        return
+    tls = o.url.startswith("wss://")
+    if (o.security_profile == 1 and tls) or (o.security_profile > 1 and not tls):
+        raise ConfigError(f"ocpp.url: security profile {o.security_profile} wants {'wss' if not tls else 'ws'}://")
+    if o.security_profile < 3 and o.password_file is None:
+        raise ConfigError(f"ocpp.password_file: required by security profile {o.security_profile}")
 
 
 def load(path: Path | None) -> Config:

@@ -4,7 +4,7 @@ Rule: a board always gets an answer within its request's timeout (B1), from the 
 it can, else from the local CSMS (B18). While the uplink is up, a request the local CSMS
 cannot answer (FirmwareChunk of an image not in the site's cache, SignCertificate,
 Get15118EVCertificate, BootNotification (M13: registration is the CSMS's), Authorize of a
-token neither in the list nor in the cache) goes
+token not in the local list, cached or not: the cache is for offline use, S2) goes
 upstream in a Relay of its own, outside the outbox. If the CSMS has not answered after
 `LOCAL_FALLBACK_SHARE` of the message's timeout (uplink cut but not yet noticed, slow CSMS),
 the local CSMS answers instead; a later answer of the CSMS then only fills the site's

@@ -6,7 +6,7 @@ import enum
 from typing import Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
-SCHEMA_REV: Final = 5
+SCHEMA_REV: Final = 6
 MAX_FRAME: Final = 4096
 MAX_UP_FRAME: Final = 1048576
 MAX_CHUNK: Final = 1024
@@ -167,6 +167,7 @@ class Action(enum.IntEnum):
     GET15118_EV_CERTIFICATE = 83
     UNLOCK_CONNECTOR = 84
     EMERGENCY_STOP = 85
+    SESSION_EVENT = 95
     SITE_HELLO = 100
     RELAY = 101
     COMMAND = 102
@@ -188,6 +189,7 @@ class Action(enum.IntEnum):
     SETTLEMENT = 214
     DELETE_USER_DATA = 215
     CONTRACT_CERTIFICATE = 216
+    DISPUTE_SDR = 217
 
 
 class Key(enum.IntEnum):
@@ -360,6 +362,14 @@ class Key(enum.IntEnum):
     AMOUNT = 166
     TOKEN_UID = 167
     MAC = 168
+    CHARGING_SESSION_ID = 169
+    ENERGY_OUT_WH = 170
+    METER_START_OUT_WH = 171
+    METER_STOP_OUT_WH = 172
+    LINES = 190
+    TARIFFS = 191
+    PAGE = 192
+    PAGES = 193
 
 
 class TxEvent(enum.IntEnum):
@@ -568,6 +578,7 @@ class StopReason(enum.IntEnum):
     REBOOT = 7
     TIME_LIMIT = 8
     OTHER = 9
+    TIMEOUT = 10
 
 
 class UpdateType(enum.IntEnum):
@@ -667,7 +678,7 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     25: FieldSpec(25, 'setpoint_w', 'int', '', -10000000, 10000000, 0, 0, None, ()),
     26: FieldSpec(26, 'status', 'uint', '', 0, 7, 0, 0, 'Status', ()),
     27: FieldSpec(27, 'session_id', 'uint', '', 0, 4294967295, 0, 0, None, ()),
-    28: FieldSpec(28, 'stop_reason', 'uint', '', 0, 9, 0, 0, 'StopReason', ()),
+    28: FieldSpec(28, 'stop_reason', 'uint', '', 0, 10, 0, 0, 'StopReason', ()),
     29: FieldSpec(29, 'cost', 'uint', '', 0, 4294967295, 0, 0, None, ()),
     30: FieldSpec(30, 'samples', 'list', 'struct', 0, 0, 16, 0, None, ((31, True), (32, True), (20, False), (65, False))),
     31: FieldSpec(31, 'measurand', 'uint', '', 0, 7, 0, 0, 'Measurand', ()),
@@ -788,7 +799,7 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     146: FieldSpec(146, 'name', 'str', '', 0, 0, 128, 0, None, ()),
     147: FieldSpec(147, 'latitude', 'float', '', -90.0, 90.0, 0, 0, None, ()),
     148: FieldSpec(148, 'longitude', 'float', '', -180.0, 180.0, 0, 0, None, ()),
-    149: FieldSpec(149, 'evses', 'list', 'struct', 0, 0, 64, 0, None, ((135, True), (151, True), (150, True), (2, False))),
+    149: FieldSpec(149, 'evses', 'list', 'struct', 0, 0, 64, 0, None, ((135, True), (151, True), (150, True), (2, False), (50, False), (1, False), (133, False), (131, False), (134, False), (58, False), (55, False))),
     150: FieldSpec(150, 'max_power_w', 'uint', '', 0, 10000000, 0, 0, None, ()),
     151: FieldSpec(151, 'evse_status', 'uint', '', 0, 4, 0, 0, 'EvseStatus', ()),
     152: FieldSpec(152, 'contract_id', 'secret', '', 0, 0, 64, 0, None, ()),
@@ -808,6 +819,14 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     166: FieldSpec(166, 'amount', 'uint', '', 0, 4294967295, 0, 0, None, ()),
     167: FieldSpec(167, 'token_uid', 'str', '', 0, 0, 64, 0, None, ()),
     168: FieldSpec(168, 'mac', 'bin', '', 0, 0, 32, 0, None, ()),
+    169: FieldSpec(169, 'charging_session_id', 'uint', '', 0, 4294967295, 0, 0, None, ()),
+    170: FieldSpec(170, 'energy_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
+    171: FieldSpec(171, 'meter_start_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
+    172: FieldSpec(172, 'meter_stop_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
+    190: FieldSpec(190, 'lines', 'list', 'struct', 0, 0, 32, 0, None, ((159, True), (160, True), (7, True), (29, True), (123, False), (161, False), (162, False))),
+    191: FieldSpec(191, 'tariffs', 'list', 'struct', 0, 0, 64, 0, None, ((123, True), (124, True), (127, True), (125, False), (126, False), (66, False))),
+    192: FieldSpec(192, 'page', 'uint', '', 0, 65535, 0, 0, None, ()),
+    193: FieldSpec(193, 'pages', 'uint', '', 0, 65535, 0, 0, None, ()),
 }
 
 FIELD_BY_NAME: Final[dict[str, FieldSpec]] = {f.name: f for f in FIELDS.values()}
@@ -873,7 +892,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     75: MessageSpec(75, 'ClearCache', Kind.REQUEST, 'csms', Priority(1), 10000, False, (), ((26, True),), ('S2', )),
     76: MessageSpec(76, 'RequestStartTransaction', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((16, True), (40, True), (17, False), (1, False)), ((26, True), (3, False), (13, False)), ('S3', 'R3-2', )),
     77: MessageSpec(77, 'RequestStopTransaction', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((3, True),), ((26, True),), ('S3', 'R3-4', )),
-    78: MessageSpec(78, 'TransactionEvent', Kind.EVENT, 'cs', Priority(1), 30000, True, ((5, True), (3, True), (4, True), (6, True), (1, True), (7, False), (8, False), (20, False), (22, False), (16, False), (17, False), (19, False), (27, False), (28, False), (40, False), (38, False), (41, False), (29, False), (123, False), (30, False), (161, False), (162, False)), (), ('S2', 'S3', 'S6', 'E1', 'E6', 'R3-5', 'R3-6', )),
+    78: MessageSpec(78, 'TransactionEvent', Kind.EVENT, 'cs', Priority(1), 30000, True, ((5, True), (3, True), (4, True), (6, True), (1, True), (7, False), (8, False), (20, False), (22, False), (16, False), (17, False), (19, False), (27, False), (28, False), (40, False), (38, False), (41, False), (29, False), (123, False), (30, False), (161, False), (162, False), (169, False), (170, False), (171, False), (172, False)), (), ('S2', 'S3', 'S6', 'E1', 'E6', 'R3-5', 'R3-6', )),
     79: MessageSpec(79, 'MeterValues', Kind.EVENT, 'cs', Priority(2), 30000, True, ((1, True), (7, False), (8, False), (9, False), (10, False), (21, False), (3, False), (20, False), (41, False), (30, False)), (), ('E1', 'S6', 'R3-6', )),
     80: MessageSpec(80, 'StatusNotification', Kind.EVENT, 'cs', Priority(2), 30000, False, ((1, True), (11, True), (2, False), (23, False), (20, False)), (), ('R1-3', 'M3', )),
     81: MessageSpec(81, 'CostUpdate', Kind.REQUEST, 'csms', Priority(1), 10000, False, ((3, True), (29, True), (127, False)), ((26, True),), ('S4', 'R3-6', )),
@@ -881,27 +900,29 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     83: MessageSpec(83, 'Get15118EVCertificate', Kind.REQUEST, 'cs', Priority(1), 30000, False, ((128, True), (129, True)), ((26, True), (128, False)), ('S7', 'R3-3', )),
     84: MessageSpec(84, 'UnlockConnector', Kind.REQUEST, 'csms', Priority(0), 2000, False, ((1, True), (2, False)), ((26, True), (13, False)), ('R5-2', 'R5-3', )),
     85: MessageSpec(85, 'EmergencyStop', Kind.REQUEST, 'any', Priority(0), 1000, False, ((13, True), (1, False)), ((26, True),), ('E5', 'R5-2', )),
+    95: MessageSpec(95, 'SessionEvent', Kind.EVENT, 'cs', Priority(1), 30000, True, ((5, True), (27, True), (1, True), (20, True), (28, True), (169, False), (40, False), (38, False)), (), ('S2', 'S3', 'S6', )),
     100: MessageSpec(100, 'SiteHello', Kind.REQUEST, 'site', Priority(1), 10000, False, ((136, True), (52, True), (53, True), (54, True)), ((59, True), (20, True), (54, False)), ('B10', 'B12', 'B15', 'B25', 'M17', )),
     101: MessageSpec(101, 'Relay', Kind.EVENT, 'site', Priority(2), 30000, True, ((136, True), (138, True)), (), ('B12', 'B16', 'B17', )),
     102: MessageSpec(102, 'Command', Kind.REQUEST, 'upstream', Priority(1), 30000, False, ((139, True), (137, True), (39, False), (93, False), (94, False)), ((140, True),), ('B11', 'B16', 'B22', )),
-    103: MessageSpec(103, 'BoardsReport', Kind.EVENT, 'site', Priority(2), 30000, False, ((136, True), (149, True)), (), ('R1-2', 'R1-3', 'M1', )),
+    103: MessageSpec(103, 'BoardsReport', Kind.EVENT, 'site', Priority(2), 30000, False, ((136, True), (149, True), (192, False), (193, False)), (), ('R1-2', 'R1-3', 'M1', )),
     200: MessageSpec(200, 'PlatformLogin', Kind.REQUEST, 're', Priority(1), 10000, False, ((141, True), (142, True), (143, True)), ((144, True), (39, True)), ('R1-1', )),
     201: MessageSpec(201, 'PutLocation', Kind.REQUEST, 're', Priority(2), 30000, False, ((145, True), (163, True), (146, True), (147, True), (148, True), (149, True)), ((26, True),), ('R1-2', )),
     202: MessageSpec(202, 'EvseStatusUpdate', Kind.REQUEST, 're', Priority(2), 30000, False, ((135, True), (151, True), (20, True), (158, False), (13, False)), ((26, True),), ('R1-3', 'R5-1', )),
     203: MessageSpec(203, 'PushTariff', Kind.REQUEST, 're', Priority(2), 30000, False, ((123, True), (163, True), (124, True), (127, True), (125, False), (126, False), (66, False)), ((26, True),), ('R2-1', )),
-    204: MessageSpec(204, 'GetTariffs', Kind.REQUEST, 're', Priority(2), 30000, False, ((163, True),), ((26, True), (123, False), (124, False), (127, False)), ('R2-2', )),
+    204: MessageSpec(204, 'GetTariffs', Kind.REQUEST, 're', Priority(2), 30000, False, ((163, True),), ((26, True), (123, False), (124, False), (127, False), (125, False), (126, False), (66, False), (191, False)), ('R2-2', )),
     205: MessageSpec(205, 'AuthorizeRoaming', Kind.REQUEST, 're', Priority(1), 5000, False, ((167, True), (135, True), (17, True)), ((18, True), (153, False), (39, False), (152, False)), ('R3-1', 'R3-3', 'R4-1', )),
     206: MessageSpec(206, 'RemoteStart', Kind.REQUEST, 're', Priority(1), 10000, False, ((135, True), (167, True), (153, True)), ((155, True), (13, False)), ('R3-2', )),
     207: MessageSpec(207, 'RemoteStop', Kind.REQUEST, 're', Priority(1), 10000, False, ((153, True),), ((155, True), (13, False)), ('R3-4', )),
     208: MessageSpec(208, 'SessionUpdate', Kind.REQUEST, 're', Priority(2), 30000, False, ((153, True), (135, True), (7, True), (8, True), (29, False), (20, True)), ((26, True),), ('R3-5', 'R3-6', )),
     209: MessageSpec(209, 'ChargePlan', Kind.REQUEST, 're', Priority(1), 10000, False, ((153, True), (156, True)), ((26, True), (156, False)), ('R3-7', 'R3-10', )),
     210: MessageSpec(210, 'ReserveRoaming', Kind.REQUEST, 're', Priority(1), 10000, False, ((135, True), (167, True), (39, True), (38, True)), ((155, True), (13, False)), ('R3-8', )),
-    211: MessageSpec(211, 'PutSdr', Kind.REQUEST, 're', Priority(1), 30000, False, ((154, True), (153, True), (135, True), (167, True), (159, True), (160, True), (161, True), (162, True), (7, True), (29, True), (127, True), (123, False), (41, False)), ((26, True), (13, False)), ('R3-9', 'R3-5', 'S6', )),
-    212: MessageSpec(212, 'TokenList', Kind.REQUEST, 're', Priority(3), 30000, False, ((141, True), (120, True), (121, True), (157, True)), ((26, True),), ('R4-2', )),
+    211: MessageSpec(211, 'PutSdr', Kind.REQUEST, 're', Priority(1), 30000, False, ((154, True), (153, True), (135, True), (167, True), (159, True), (160, True), (161, True), (162, True), (7, True), (29, True), (127, True), (123, False), (41, False), (190, False)), ((26, True), (13, False)), ('R3-9', 'R3-5', 'S6', )),
+    212: MessageSpec(212, 'TokenList', Kind.REQUEST, 're', Priority(3), 30000, False, ((141, True), (120, True), (121, True), (157, True), (192, False), (193, False)), ((26, True),), ('R4-2', )),
     213: MessageSpec(213, 'UnlockRoaming', Kind.REQUEST, 're', Priority(0), 5000, False, ((135, True), (153, False), (13, False)), ((155, True), (13, False)), ('R5-2', 'R5-3', )),
     214: MessageSpec(214, 'Settlement', Kind.REQUEST, 're', Priority(3), 30000, False, ((141, True), (164, True), (166, True), (127, True)), ((26, True), (13, False)), ('R3-9', )),
     215: MessageSpec(215, 'DeleteUserData', Kind.REQUEST, 're', Priority(1), 30000, False, ((167, True), (141, False)), ((26, True), (109, True)), ('M10', )),
     216: MessageSpec(216, 'ContractCertificate', Kind.REQUEST, 're', Priority(1), 30000, False, ((135, True), (129, True), (128, True), (152, False)), ((26, True), (128, False), (13, False)), ('S7', 'R3-3', )),
+    217: MessageSpec(217, 'DisputeSdr', Kind.REQUEST, 're', Priority(1), 30000, False, ((154, True), (153, True), (13, True), (7, False), (29, False)), ((26, True), (13, False)), ('R3-9', 'R3-5', )),
 }
 
 MESSAGE_BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in MESSAGES.values()}

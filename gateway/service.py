@@ -32,7 +32,7 @@ from gateway import _core
 from gateway.boards import BoardRequest, Boards, board_request
 from gateway.commands import CommandPath
 from gateway.config import Config
-from gateway.devices import Devices
+from gateway.devices import ACTIVE, Devices
 from gateway.forward import Forwarder
 from gateway.lan import BoardConnection, LanServer, serve
 from gateway.languard import LanGuard
@@ -42,10 +42,15 @@ from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.clock import Clock
 from gateway.localcsms.fwcache import FirmwareCache
 from gateway.localcsms.power import PowerManager
+from gateway.localcsms.registration import BootAnswers
+from gateway.localcsms.reports import SiteReports
 from gateway.localcsms.roaming import SiteRoaming
+from gateway.localcsms.sharing import PowerControl, PowerStore
+from gateway.localcsms.sitewide import SiteWide, SiteWideStore
 from gateway.metrics import UrgentTrace
+from gateway.ocpp.bridge import OcppBridge
 from gateway.outbox import Committer, Outbox, Row
-from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority
+from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority, Status
 from gateway.uplink.relay import Uplink
 from gateway.uplink.runner import UplinkRunner
 
@@ -61,6 +66,9 @@ TOKEN_MEMORY = 100_000
 _EVENT = int(Kind.EVENT)
 _URGENT = int(Priority.URGENT)
 _FW_STATUS = int(Action.FIRMWARE_STATUS)
+_TX_EVENT = int(Action.TRANSACTION_EVENT)
+_REPORTED = frozenset({_TX_EVENT, int(Action.NOTIFY_EV_NEEDS), int(Action.STATUS_NOTIFICATION)})
+"""Events the site's reports follow (E3 forecast, M1 inventory)."""
 _DURABLE = {code: spec.durable for code, spec in MESSAGES.items()}
 """Events acked to their board once stored, by action."""
 
@@ -76,8 +84,8 @@ class Gateway:
                                cfg.devices.dev_prefix)  # fmt: skip
         self.outbox = Outbox(site.outbox_path, ob.synchronous)
         self.committer = Committer(self.outbox, ob.commit_max_rows, ob.commit_max_bytes)
-        self.auth = Authorizer(site.data_dir / "localcsms.sqlite", cfg.auth.unknown_token_offline)
-        self.power = PowerManager(cfg.power.site_limit_w, cfg.power.zones, cfg.power.min_evse_w)
+        self.auth = Authorizer(site.data_dir / "localcsms.sqlite", cfg.auth.unknown_token_offline,
+                               cfg.auth.online_trust_s)  # fmt: skip
         self.firmware = FirmwareCache(site.data_dir / "fwcache", fw.cache, fw.cache_max_bytes)
         self.local_csms_cert = local_csms_cert_der(site.local_csms_cert)
         """DER of the gateway's own certificate as local CSMS (M17), b"" when none is configured."""
@@ -98,6 +106,10 @@ class Gateway:
         self.boards: Boards[BoardConnection] = Boards(self.clock.now)
         self.online = self.boards.online
         """device id → its open link (`Boards.online`)."""
+        pm = PowerManager(cfg.power.site_limit_w, cfg.power.zones, cfg.power.min_evse_w)
+        self.power = PowerControl(pm, PowerStore(site.data_dir / "power.sqlite"), self.boards, self.clock.now,
+                                  self.run_sync)  # fmt: skip
+        """E1, E4, E5: the boards' shares of the site's power (gateway/localcsms/sharing.py)."""
         self.uplink = Uplink(site.id, up.relay_max_frames, up.fifo)
         self.trace = UrgentTrace()
         """Ingress → sent timings of the urgent frames (/urgent, /status, /metrics)."""
@@ -123,10 +135,24 @@ class Gateway:
         self.outbox_alarm = False
         self.started = time.time()
         # The board-request chain, and the command path (CSMS → site).
-        self.local = LocalCsms(self.auth, self.firmware, lan.heartbeat_s, self.count_name)
+        self.boot = BootAnswers(self.devices, cfg.devices.offline_registration, lan.heartbeat_s,
+                                self._uplink_starting, self.clock.now)  # fmt: skip
+        self.local = LocalCsms(self.auth, self.firmware, self.boot, self.count_name)
+        self.boot.chain = self._upstream_or_local
         self.forwarder = Forwarder(self, site.id, self.local.answer)
+        self.sitewide = SiteWide(SiteWideStore(site.data_dir / "sitewide.sqlite"), self.boards, self.auth,
+                                 pm.zone_of, self._active_devices, self.clock.now, self.run_sync)  # fmt: skip
+        """S5, E2, M10: site-wide commands handed on to the boards (gateway/localcsms/sitewide.py)."""
         self.command_path = CommandPath(self, up.signers, fw, self.forwarder)
+        self.reports = SiteReports(site.id, cfg.power, up.reports_interval_s, self.boards, lambda: pm.shares,
+                                   self._active_devices, self.clock.now)  # fmt: skip
+        """E3, M1: the site's forecast and inventory, sent upstream (gateway/localcsms/reports.py)."""
         self.roaming = SiteRoaming(self, site.id, cfg.roaming) if cfg.roaming.enabled else None
+        self.ocpp = OcppBridge(self, cfg.ocpp, site.data_dir, up.enabled, self.clock.now, self._upstream_or_local,
+                               lan.heartbeat_s, up.cert, up.key) if cfg.ocpp.enabled else None  # fmt: skip
+        """The OCPP 2.0.1 northbound (gateway/ocpp/, docs/ocpp.md), beside or instead of the uplink."""
+        if self.ocpp is not None:
+            self.ocpp.add(pending, recovered=True)
         # M4: a rollout's records are written on the outbox's writer thread, so that a board's
         # FirmwareStatus is on disk before the commit that acks it.
         self.firmware.rollouts.bind(self.run_sync, self.boards.deliver)
@@ -139,10 +165,13 @@ class Gateway:
         if cfg.upstream.enabled:
             self.runner = UplinkRunner(self.uplink, cfg.upstream, self.site_id, self.relayed_acked,
                                        self.command_path.handle)  # fmt: skip
+            self.runner.on_up, self.reports.send = self.reports.uplink_up, self.runner.send_event
             self._tasks.append(asyncio.create_task(self.runner.run()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_devices()))
         self._tasks.extend(self.firmware.rollouts.resume())  # M4: staged rollouts a restart interrupted
+        if self.ocpp is not None:
+            self.ocpp.start()
 
     @property
     def lan_port(self) -> int:
@@ -159,6 +188,11 @@ class Gateway:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        await self.power.close()
+        await self.sitewide.close()
+        await self.reports.close()
+        if self.ocpp is not None:
+            await self.ocpp.close()
         await self.committer.drain()
         self.committer.close()
         self.outbox.close()
@@ -189,6 +223,7 @@ class Gateway:
         while True:
             await asyncio.sleep(period_s)
             if self.online and self.devices.changed_elsewhere():
+                self.reports.devices_changed()
                 for did in self.devices.inactive(list(self.online)):
                     conn = self.online.get(did)
                     if conn is not None:
@@ -197,12 +232,21 @@ class Gateway:
 
     # ------------------------------------------------------------ links
 
+    def _active_devices(self) -> list[str]:
+        return [d.device_id for d in self.devices.all() if d.status == ACTIVE]
+
     def link_opened(self, conn: BoardConnection) -> None:
         self.boards.opened(conn)
+        self.power.board_online(conn.link.device_id)  # its share first: it may have changed meanwhile
+        self.sitewide.board_online(conn.link.device_id)  # the tariff and demand response in force, deletions owed
+        self.reports.link(conn.link.device_id, True)
 
     def link_closed(self, conn: BoardConnection) -> None:
         self.boards.closed(conn)
         self.paused.discard(conn)
+        did = conn.link.device_id
+        if did and did not in self.online:  # gone, not replaced by a newer link
+            self.reports.link(did, False)
 
     def count_rejections(self, link: Link) -> None:
         for name, n in link.rejected.items():
@@ -303,6 +347,10 @@ class Gateway:
                     device = self.devices.name_of(idx)
                 if fw_watch and action == _FW_STATUS:  # a staged rollout waits for it
                     self.firmware.status(device, _core.decode(frame).body)
+                elif action == _TX_EVENT:  # a session starts or ends: the shares change (E4)
+                    self.power.tx_event(device, frame)
+                if action in _REPORTED:
+                    self.reports.frame(device, action, frame)
                 m = (conn, prio, msg_id, action if durable[action] else -1)
                 if prio == urgent:
                     u_rows.append(new_row(Row, (seq, device, msg_id, prio, frame)))
@@ -399,11 +447,21 @@ class Gateway:
             self.uplink.add(new)
             if self.runner is not None:
                 self.runner.kick(now=urgent)
+        if self.ocpp is not None:  # the OCPP face takes rows once durable, urgent ones too
+            self.ocpp.add(rows if not dups else [r for r, s in zip(rows, res, strict=True) if s is not None])
         self.wake()
 
     def relayed_acked(self, seqs: list[int]) -> None:
         self.pending_rows -= len(seqs)
-        self.committer.retire(seqs)
+        self.retire(seqs if self.ocpp is None else self.ocpp.native_delivered(seqs))
+
+    def retire(self, seqs: list[int]) -> None:
+        """Outbox rows every northbound delivered (the native uplink, the OCPP face)."""
+        if seqs:
+            self.committer.retire(seqs)
+
+    def token_uid(self, device: str, msg_id: int) -> str | None:
+        return self.uplink.token_uids.get((device, msg_id))
 
     def _check_alarm(self) -> None:
         alarm = self.pending_rows >= self.alarm_rows
@@ -417,6 +475,10 @@ class Gateway:
         """Decoded once, then down the chain: the roaming endpoint for a token nobody here
         knows (when configured), the CSMS for what must go upstream, else the local CSMS."""
         req = board_request(conn, frame, self.auth, now)
+        if req.frame.action == Action.BOOT_NOTIFICATION:
+            self.reports.booted(req.device, req.frame.body)
+        if self.ocpp is not None and self.ocpp.board_request(req, now):
+            return  # the OCPP CSMS answers (BootNotification, Authorize of a token unknown here)
         if self.roaming is not None:
             self.roaming.board_request(req, now, self._upstream_or_local)
         else:
@@ -425,6 +487,34 @@ class Gateway:
     def _upstream_or_local(self, req: BoardRequest, now: float) -> None:
         if not self.forwarder.forward(req, now):  # forwarded: the CSMS answers it
             self.local.answer(req, now)
+
+    # ------------------------------------------------------------ registration (M11, M12, M13)
+
+    def _uplink_starting(self) -> bool:
+        """The uplink is configured and has not been up yet since the gateway started."""
+        r = self.runner
+        return r is not None and r.connects == 0
+
+    def registration_decided(self, device_id: str, registration: int) -> None:
+        """The CSMS's registration decision for a device (its BootNotification answer, or one it
+        sent on its own): kept for the answers the site gives alone (M13), and accepted
+        re-admits a deregistered device (M11)."""
+        self.run_sync(functools.partial(self.devices.decided, device_id, registration))
+        self.reports.registration(device_id, registration)
+
+    async def left_site(self, action: int, results: list[dict[int, Any]]) -> None:
+        """The CSMS's Deregister (M11) or Migrate (M12) was delivered: a deregistered device is
+        refused from now on whatever its board answered (the CSMS decided); a migrated one once
+        its board accepted. Its open link is closed by `_watch_devices` (the write is another
+        connection's)."""
+        for r in results:
+            did = str(r[Key.DEVICE_ID])
+            if action == Action.DEREGISTER:
+                await self.run_sync(functools.partial(self.devices.deregistered, did))
+            elif r[Key.STATUS] == Status.ACCEPTED:
+                await self.run_sync(functools.partial(self.devices.migrated, did))
+            log.info("device %s %s by the CSMS", did, "deregistered" if action == Action.DEREGISTER else "migrated")
+        self.reports.devices_changed()
 
     # ------------------------------------------------------------ views
 
@@ -457,6 +547,7 @@ class Gateway:
             "commits": self.committer.commits,
             "firmware_cache": self.firmware.snapshot(),
             "urgent_ingress_to_sent": self.trace.summary(),
+            "ocpp": self.ocpp.snapshot() if self.ocpp is not None else {},
         }
 
 

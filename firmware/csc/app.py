@@ -50,11 +50,15 @@ from .schema import (
     FLEN,
     LIMITS,
     REGISTRATION_ACCEPTED,
+    STOP_REASON_OTHER,
+    TX_TRIGGER_ABNORMAL_CONDITION,
 )
 from .sendq import RX, URGENT, SendQueue
 from .services import Refused
 
 TICK_MS = const(50)
+_BOOT_RETRY_MS = const(30000)  # a BootNotification left unanswered is sent again after this
+_HOLD_MAX_MS = const(8000)  # the longest wait before a Hello again after the gateway refused one
 WINDOW = const(8)  # durable records in flight
 # the certificate commands (services/security.py): rarely used, so the service is built on the first
 # of them (or the first security()) and its code costs no heap before
@@ -98,7 +102,12 @@ class App:
         self.split = FrameSplitter(q.w.mv[URGENT:], RX, q.lend)
         self.pending = {}  # our request id -> fn(body or None, error code)
         self.flying = {}  # outbox ids in flight
-        self.registered = False
+        # M13: the CSMS's last decision, on flash: a board that reboots offline obeys it still
+        self._reg = store.load(store.path("reg"), None)
+        self.registered = self._reg == REGISTRATION_ACCEPTED
+        self._barred = False  # the EVSE made unavailable because the board is not accepted
+        self._boot_due = None  # when to ask again (BootNotification) while not accepted
+        self._hold_ms = 0  # extra wait before reconnecting after the gateway refused our Hello
         self.interval_s = 300
         self.online = False
         self._parked = None  # the sender's task while it waits for kick() (`_park`)
@@ -106,6 +115,11 @@ class App:
         self._t_ticks = hal.ticks_ms()
         self._hb_due = 0
         self._reconnect = False  # set when the link must be dropped and opened again
+        self._restart = False  # a soft reset (M5): the services are built again once the link is down
+        self.version = FW_VERSION  # of the active slot (the firmware update service says)
+        # why the board booted (BootNotification, M5): what the reset before wrote, else a power-up
+        self.boot_reason = store.load(store.path("bootr"), None) or "PowerUp"
+        store.remove(store.path("bootr"))
         g = store.load(store.path("gw"))
         if g:
             self.gateway = (g[0], g[1])
@@ -205,6 +219,7 @@ class App:
         return ok
 
     def security_event(self, name, reason=None):
+        self.log("%s %s" % (name, reason or ""), 3, "SecurityCtrlr", 1)  # the security log
         b = Map()
         b[F_EVENT_NAME] = name
         b[F_TIME] = self.time()
@@ -276,6 +291,7 @@ class App:
                     self.note("record_refused", {"id": mid, "code": ev[2]})
                     self.pump()
             elif t == L.OPENED:
+                self._hold_ms = 0
                 if not self._reconnect:  # not when a device key just came (onboarding)
                     self._opened(ev[1])
             elif t == L.KEY_PROVISIONED:
@@ -285,6 +301,8 @@ class App:
             elif t == L.CLOSED:
                 self.note("link_closed", {"reason": ev[1]})
                 self._reconnect = True
+                if ev[1].startswith("hello refused"):  # e.g. deregistered (M11): ask again, slower
+                    self._hold_ms = min(self._hold_ms * 2 or 500, _HOLD_MAX_MS)
         # done
 
     def _service(self, action, build=False):
@@ -320,6 +338,7 @@ class App:
         self.set_time(body[F_TIME], body.get(F_TIME_MS, 0))
         self.interval_s = body.get(F_INTERVAL_S, self.interval_s) or self.interval_s
         self.note("online", {"time": body[F_TIME]})
+        self.log("online", 5, "NetworkCtrlr")
         self.boot_notification()
         self.pump()
         for s in self.services:
@@ -330,23 +349,75 @@ class App:
         b[F_MODEL] = self.hal.model
         b[F_VENDOR] = self.hal.vendor
         b[F_SERIAL] = self.hal.serial
-        b[F_FW_VERSION] = FW_VERSION
+        b[F_FW_VERSION] = self.version
+        b[F_REASON] = self.boot_reason
         self.request(A_BOOT_NOTIFICATION, b, self._booted)
 
     def _booted(self, body, err):
-        if body is None:
+        if body is None:  # no answer (link lost, timeout): asked again, as when pending
+            self._boot_due = self.now() + _BOOT_RETRY_MS
             return
-        self.registered = body[F_REGISTRATION] == REGISTRATION_ACCEPTED
         self.interval_s = body[F_INTERVAL_S] or self.interval_s
+        self.registration(body[F_REGISTRATION])
         self.set_time(body[F_TIME])
         self._hb_due = L.ticks_diff(self.now(), -self.interval_s * 1000)
         self.note("registration", {"status": body[F_REGISTRATION]})
+        self.log("registration %d" % body[F_REGISTRATION], 5, "NetworkCtrlr")
 
-    def log(self, text, level=5):
-        """A line for the board's log (the log service keeps it when present)."""
+    def registration(self, r):
+        """M13: the CSMS's decision, obeyed and kept on flash. Only an accepted board charges:
+        pending or rejected (or deregistered, M11), a running transaction ends, the EVSE is
+        unavailable and the board asks again (BootNotification) after `interval_s`."""
+        if r != self._reg:
+            self._reg = r
+            store.save(store.path("reg"), r)
+        self.registered = r == REGISTRATION_ACCEPTED
+        self._boot_due = None if self.registered else self.now() + self.interval_s * 1000
+        self._obey()
+
+    def _obey(self):
+        tx = self.tx
+        if not self.registered:
+            if tx.active():
+                tx.stop(STOP_REASON_OTHER, TX_TRIGGER_ABNORMAL_CONDITION)
+            if not tx.inoperative:  # (ChangeAvailability may have cleared it: made so again)
+                self._barred = tx.inoperative = True
+                tx.apply()
+        elif self._barred:  # accepted again: the availability the station service keeps
+            self._barred = False
+            st = getattr(self, "station", None)
+            tx.inoperative = st is not None and (st.estop or not st.operative)
+            tx.apply()
+
+    def log(self, text, level=5, component="ChargingStation", log_type=0):
+        """A line for the board's log `log_type` (0 diagnostics, 1 security), from `component`
+        at `level` (1 error … 7 debug): the log service keeps it when present and its criteria
+        select it (services/admin.py)."""
         a = getattr(self, "admin", None)
         if a is not None:
-            a.log(text, level)
+            a.log(text, level, component, log_type)
+
+    def restart(self, reason):
+        """M5 soft reset: the application starts again on the running board. The link is
+        closed; once it is down (`run_link`) the services are built again from flash and booted,
+        as at power-up, and the board connects again (BootNotification with `reason`)."""
+        self.boot_reason = reason
+        self._restart = True
+        self._reconnect = True
+        self.kick()
+
+    def _rebuild(self):
+        self._restart = False
+        hal = self.hal
+        for n in range(1, hal.evses + 1):  # the outputs safe first, as at power-up
+            hal.set_contactor(False, n)
+            hal.set_limit_w(0, n)
+        self.services = []  # (the registration stays: the CSMS's decision, kept on flash)
+        __import__("gc").collect()  # the old services go before the new ones take heap
+        self._build_services()
+        for s in self.services:
+            s.boot()
+        self.note("restarted", {"reason": self.boot_reason})
 
     def _heartbeat(self, body, err):
         if body is not None:
@@ -391,6 +462,8 @@ class App:
         backoff = 200
         link = self.link
         while True:
+            if self._restart:
+                self._rebuild()
             self._reconnect = False
             self.split.reset()
             s = None
@@ -446,7 +519,8 @@ class App:
                 self.pending.pop(mid)(None, -1)
             link.close()
             self.note("offline")
-            await asyncio.sleep_ms(100)
+            self.log("offline", 3, "NetworkCtrlr")
+            await asyncio.sleep_ms(100 + self._hold_ms)
 
     def tick(self):
         now = self.now()
@@ -455,6 +529,12 @@ class App:
         if self.online and self.registered and L.ticks_diff(now, self._hb_due) >= 0:
             self._hb_due = now + self.interval_s * 1000
             self.request(A_HEARTBEAT, {}, self._heartbeat)
+        if not self.registered:
+            self._obey()
+            b = self._boot_due
+            if self.online and b is not None and L.ticks_diff(now, b) >= 0:
+                self._boot_due = None
+                self.boot_notification()
         for s in self.services:
             s.tick(now)
 

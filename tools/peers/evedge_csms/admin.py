@@ -6,6 +6,8 @@ server). Commands it queues are sent by the running server to the site's gateway
     list-stations
     list-sessions
     list-commands [--site S]
+    list-forecasts --site S [--zone Z] [--all]
+    list-boards --site S
     send-limit --site S --limit-w N [--zone Z] [--deadline-ms MS] [--available]
     firmware-campaign --site S --image FILE --version V --targets D [D ...] [--now]
     set-registration --site S --device D accepted|pending|rejected
@@ -89,6 +91,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     sub.add_parser("list-sessions")
     lc = sub.add_parser("list-commands")
     lc.add_argument("--site")
+    lf = sub.add_parser("list-forecasts", help="E3: the site's forecast in force (--all: every one received)")
+    lf.add_argument("--site", required=True)
+    lf.add_argument("--zone", type=int)
+    lf.add_argument("--all", action="store_true")
+    lb = sub.add_parser("list-boards", help="M1: the site's boards and EVSEs, as it last reported them")
+    lb.add_argument("--site", required=True)
     sl = sub.add_parser("send-limit")
     sl.add_argument("--site", required=True)
     sl.add_argument("--limit-w", type=int, required=True)
@@ -143,6 +151,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         elif args.cmd == "list-commands":
             rows = store.select("commands", {"site_id": args.site} if args.site else None, order="cmd_id")
             _table(rows, ("cmd_id", "site_id", "name", "targets", "state", "reason", "results"), out)
+        elif args.cmd == "list-forecasts":
+            if args.all:
+                rows = api.forecasts(args.site, args.zone)
+            else:
+                last = api.forecast(args.site, args.zone)
+                rows = [last] if last is not None else []
+            flat = [{**r, "start_s": p["start_s"], "limit_w": p["limit_w"]} for r in rows for p in r["forecast"]]
+            _table(flat, ("forecast_id", "site_id", "zone", "at", "start_s", "limit_w"), out)
+        elif args.cmd == "list-boards":
+            board_cols = ("device_id", "evse", "evse_gid", "evse_status", "max_power_w", "model", "vendor", "serial",
+                          "fw_version", "registration", "at")  # fmt: skip
+            _table(api.boards(args.site), board_cols, out)
         elif args.cmd == "send-limit":
             if args.available:
                 cmd = api.available_power(args.site, args.limit_w, args.zone)

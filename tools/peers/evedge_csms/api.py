@@ -5,6 +5,7 @@ them when it reconnects, unless they expired). Used by the admin CLI, the demo a
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,11 +14,35 @@ from evedge_csms import commands as cmds
 from evedge_csms.inbound import Ctx, answer_ev_certificate, record_certificate
 from evedge_csms.pki import der
 from evedge_csms.store import Row
-from gateway.schema import CertType, Key, ResetWhen
+from evedge_csms.wire import proto_time
+from gateway import schema
+from gateway.schema import FIELDS, Action, CertType, Key, Registration, ResetWhen
+
+TARGETS_MAX = FIELDS[Key.TARGETS].max_len
+"""Boards one Command may address (the schema's bound)."""
+
+
+RESERVATION_ENDED = frozenset({"used", "expired", "removed", "cancelled", "rejected"})
+"""States of a reservation that the board no longer holds."""
 
 
 class CsmsError(ValueError):
     """An operation was refused; the message says why (nothing was changed)."""
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+
+
+def lan_address(address: str) -> tuple[str, int]:
+    """M12: a site gateway's LAN address, `host:port` (a DNS name or IPv4 address, a port
+    1–65535): what a board can connect to. A URL (`quic://…`, the CSMS's own address) is
+    refused by name."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not _HOST.fullmatch(host):
+        raise CsmsError(f"migrate: the address must be host:port of the new site's gateway, not {address!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CsmsError(f"migrate: port {port!r} of {address!r} is not 1-65535")
+    return host, int(port)
 
 
 class Csms:
@@ -33,10 +58,32 @@ class Csms:
         return cmds.enqueue(self.store, site_id, spec, self._now(now), self.ctx.signer)
 
     # ---------------------------------------------------------------- M13, M11, M12
-    def set_registration(self, site_id: str, device_id: str, registration: str) -> None:
+    def set_registration(self, site_id: str, device_id: str, registration: str, now: float | None = None) -> list[int]:
+        """M13: the station's registration from now on. A station that has booted before is told
+        at once: its site keeps the decision (the gateway answers with it while the uplink is
+        down) and the board is asked to boot again (TriggerMessage), so that it obeys the new
+        decision now. Accepted also registers a deregistered station again (M11): its site lets
+        it onboard anew. Returns the ids of the Commands sent (none for a station never seen)."""
         if registration not in ("accepted", "pending", "rejected"):
             raise CsmsError(f"registration must be accepted, pending or rejected, not {registration!r}")
-        self.store.upsert("stations", {"site_id": site_id, "device_id": device_id, "registration": registration})
+        t = self._now(now)
+        with self.store.transaction():
+            row = self.store.get("stations", site_id=site_id, device_id=device_id)
+            values: dict[str, Any] = {"site_id": site_id, "device_id": device_id, "registration": registration}
+            if registration == "accepted":
+                values["deregistered"] = 0
+            self.store.upsert("stations", values)
+            if row is None or not row["first_seen"]:
+                return []  # never booted: it learns the decision at its first BootNotification
+            decision = {
+                Key.REGISTRATION: int(Registration[registration.upper()]),
+                Key.INTERVAL_S: self.ctx.settings.heartbeat_s,
+                Key.TIME: proto_time(t),
+            }
+            sent = [self.send(site_id, cmds.answer(device_id, 0, Action.BOOT_NOTIFICATION, decision), t)]
+            if not row["deregistered"]:  # a deregistered board has no link until it onboards again
+                sent.append(self.send(site_id, cmds.trigger_message((device_id,), Action.BOOT_NOTIFICATION), t))
+            return sent
 
     def deregister(self, site_id: str, device_id: str, reason: str | None = None, now: float | None = None) -> int:
         """M11: the station is removed: registration rejected, its certificates revoked, its
@@ -56,7 +103,11 @@ class Csms:
             return self.send(site_id, cmds.deregister((device_id,), reason), t)
 
     def migrate(self, site_id: str, targets: Sequence[str], address: str, cert: bytes | None = None) -> int:
-        """M12: move stations to another CSMS; their data stays here, marked migrated."""
+        """M12: move stations to another site of this CSMS: `address` is the LAN address
+        (host:port) of that site's gateway, where the boards onboard anew with their factory
+        keys (the site's keys and trust anchors are not handed over: issue #15). Their data
+        stays here, marked migrated."""
+        lan_address(address)
         with self.store.transaction():
             for d in targets:
                 self.store.upsert("stations", {"site_id": site_id, "device_id": d, "migrated_to": address})
@@ -200,9 +251,13 @@ class Csms:
             return self.send(site_id, cmds.CommandSpec(**{**spec.__dict__, "ref": str(reservation_id)}))
 
     def cancel_reservation(self, reservation_id: int) -> int:
+        """S1: the board is told to drop the reservation; refused here (nothing sent) when the
+        board already ended it: used, expired, removed, cancelled or rejected."""
         row = self.store.get("reservations", reservation_id=reservation_id)
         if row is None:
             raise CsmsError(f"no reservation {reservation_id}")
+        if row["status"] in RESERVATION_ENDED:
+            raise CsmsError(f"reservation {reservation_id} is {row['status']}: nothing to cancel")
         with self.store.transaction():
             self.store.update("reservations", {"status": "cancelled"}, {"reservation_id": reservation_id})
             return self.send(row["site_id"], cmds.cancel_reservation((row["device_id"],), reservation_id))
@@ -252,7 +307,10 @@ class Csms:
             return self.send(site_id, spec)
 
     def revoke(self, cert_hash_hex: str, reason: str | None = None) -> list[int]:
-        """M19: mark revoked here and tell every site, so that no board accepts it any more."""
+        """M19: mark revoked here and tell every board of every site (each station this CSMS
+        knows there and has not deregistered; a board offline gets it when it comes back
+        before the command expires), so that no board accepts it any more. A Command per site
+        (per `TARGETS_MAX` boards)."""
         row = self.store.get("certificates", cert_hash=cert_hash_hex)
         if row is None:
             raise CsmsError(f"no certificate {cert_hash_hex}")
@@ -260,8 +318,17 @@ class Csms:
             self.store.update(
                 "certificates", {"revoked": int(time.time()), "revoke_reason": reason}, {"cert_hash": cert_hash_hex}
             )
-            spec = cmds.revoke_certificate(bytes.fromhex(cert_hash_hex), reason)
-            return [self.send(s["site_id"], spec) for s in self.store.select("sites")]
+            sent = []
+            for s in self.store.select("sites"):
+                boards = [
+                    r["device_id"]
+                    for r in self.store.select("stations", {"site_id": s["site_id"]}, order="device_id")
+                    if not r["deregistered"]
+                ]
+                for i in range(0, len(boards), TARGETS_MAX):
+                    spec = cmds.revoke_certificate(bytes.fromhex(cert_hash_hex), reason, boards[i : i + TARGETS_MAX])
+                    sent.append(self.send(s["site_id"], spec))
+            return sent
 
     # ---------------------------------------------------------------- M3, M6, M9
     def set_monitors(self, site_id: str, device_id: str, monitors: Sequence[dict[Any, Any]]) -> int:
@@ -292,6 +359,12 @@ class Csms:
             )
             return self.send(site_id, cmds.set_display_message(targets, display_id, text, priority, **opt))
 
+    def clear_display_message(self, site_id: str, targets: Sequence[str], display_id: int) -> int:
+        """M6: the message goes from the site's list and from the boards' displays."""
+        with self.store.transaction():
+            self.store.delete("display_messages", {"site_id": site_id, "display_id": display_id})
+            return self.send(site_id, cmds.clear_display_message(targets, display_id))
+
     def set_fault_table(self, site_id: str, targets: Sequence[str], table: Sequence[tuple[int, int, str]]) -> int:
         with self.store.transaction():
             for code, severity, text in table:
@@ -305,11 +378,52 @@ class Csms:
     def sessions(self) -> list[Row]:
         return self.store.select("transactions", order="site_id, device_id, tx_id")
 
+    def service_sessions(self) -> list[Row]:
+        """Clause 6: the boards' service sessions (`state` active/ended, `stop_reason` why it
+        ended, e.g. StopReason.TIMEOUT: no EV within the EV-connection timeout)."""
+        return self.store.select("service_sessions", order="site_id, device_id, session_id")
+
     def sdrs(self) -> list[Row]:
+        """One SDR per service session; `transactions` lists its transactions (the billing
+        lines), `tx_id` is the first of them."""
         return self.store.select("sdrs", order="site_id, device_id, tx_id")
+
+    def billed_transactions(self) -> list[Row]:
+        """Every transaction line of every SDR: site_id, device_id, tx_id, sdr_id, tariff_id,
+        cost, energy_wh … (a transaction billed once appears once)."""
+        return [
+            {**line, "site_id": s["site_id"], "device_id": s["device_id"], "sdr_id": s["sdr_id"]}
+            for s in self.sdrs()
+            for line in (s["transactions"] or [])
+        ]
 
     def command(self, cmd_id: int) -> Row | None:
         return self.store.get("commands", cmd_id=cmd_id)
+
+    # ---------------------------------------------------------------- E3, M1: what the sites report
+    def forecasts(self, site_id: str | None = None, zone: int | None = None) -> list[Row]:
+        """E3: the SiteForecasts received, oldest first: `site_id`, `zone` (None: the whole site),
+        `at` (Unix s, when received), `forecast`: periods {start_s (s from `at`), limit_w (W the
+        site will draw)}, the last one holding until the next forecast. A newer forecast of the
+        same site and zone supersedes the older ones (`forecast`)."""
+        where: dict[str, Any] = {} if site_id is None else {"site_id": site_id}
+        rows = self.store.select("forecasts", where or None, order="forecast_id")
+        return [{**r, "forecast": [named(p) for p in r["forecast"]]} for r in rows if r["zone"] == zone]
+
+    def forecast(self, site_id: str, zone: int | None = None) -> Row | None:
+        """E3: the site's (or zone's) forecast in force: the last one received, None before any."""
+        rows = self.forecasts(site_id, zone)
+        return rows[-1] if rows else None
+
+    def boards(self, site_id: str) -> list[Row]:
+        """M1: the site's last BoardsReport, one row per EVSE: evse_gid, evse_status
+        (available/occupied/reserved/out_of_order/unknown), max_power_w (0: not known),
+        device_id, evse, model, vendor, serial, fw_version, registration, and `at` (Unix s,
+        when reported). [] before any report."""
+        row = self.store.get("boards_reports", site_id=site_id)
+        if row is None:
+            return []
+        return [{**named(e), "at": row["at"]} for e in row["evses"]]
 
     # ---------------------------------------------------------------- S7 (contract certificates)
     def pending_ev_certificates(self) -> list[Row]:
@@ -329,3 +443,15 @@ class Csms:
         """Send the contract PKI's answer (`status` accepted/rejected, `exi` the DER chain) to the
         board; False if that request is unknown or was answered already."""
         return answer_ev_certificate(self.ctx, site_id, device_id, msg_id, status, exi, reason, self._now(now))
+
+
+def named(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored struct (keys are the schema's field numbers) by field names, enums by value names."""
+    out: dict[str, Any] = {}
+    for k, v in item.items():
+        spec = FIELDS.get(int(k))
+        if spec is None:
+            continue
+        enum = getattr(schema, spec.enum, None) if spec.enum else None
+        out[spec.name] = enum(v).name.lower() if enum is not None and isinstance(v, int) else v
+    return out
