@@ -33,7 +33,12 @@ log = logging.getLogger("gateway.uplink")
 
 class UplinkRunner:
     """Keeps one connection up: connect, SiteHello, relay; on loss, back off and resume
-    from the outbox rows still owed (nothing in flight is forgotten)."""
+    from the outbox rows still owed (nothing in flight is forgotten).
+
+    Every wait is bounded with `asyncio.timeout`, not `asyncio.wait_for`: on Python 3.11,
+    `wait_for` returns the inner result when its awaitable completes in the same loop turn as
+    a cancellation of the task, and swallows the cancellation; the runner then reconnected
+    instead of ending, and the gateway's `stop()` waited for it for good."""
 
     def __init__(self, uplink: Uplink, up: UpstreamConfig, site_id: str,
                  on_acked: Callable[[list[int]], None], on_request: RequestHandler) -> None:  # fmt: skip
@@ -83,7 +88,8 @@ class UplinkRunner:
             self.state = "connecting"
             try:
                 async with self._connect() as proto:
-                    await asyncio.wait_for(proto.hello(self.site_id), up.connect_timeout_s)
+                    async with asyncio.timeout(up.connect_timeout_s):
+                        await proto.hello(self.site_id)
                     self.protocol = proto
                     self.state = "up"
                     self.connects += 1
@@ -111,7 +117,8 @@ class UplinkRunner:
         nor one that refuses us can hold the runner (or the gateway's shutdown)."""
         up = self.up
         loop = asyncio.get_running_loop()
-        infos = await asyncio.wait_for(loop.getaddrinfo(up.host, up.port, type=socket.SOCK_DGRAM), up.connect_timeout_s)
+        async with asyncio.timeout(up.connect_timeout_s):
+            infos = await loop.getaddrinfo(up.host, up.port, type=socket.SOCK_DGRAM)
         host, port = str(infos[0][4][0]), int(infos[0][4][1])
         addr = ("::ffff:" + host if ":" not in host else host, port, 0, 0)
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -131,12 +138,14 @@ class UplinkRunner:
         )
         try:
             proto.connect(addr)
-            await asyncio.wait_for(proto.wait_connected(), up.connect_timeout_s)
+            async with asyncio.timeout(up.connect_timeout_s):
+                await proto.wait_connected()
             yield proto
         finally:
             proto.close()
             with contextlib.suppress(TimeoutError, ConnectionError):
-                await asyncio.wait_for(proto.wait_closed(), 1.0)
+                async with asyncio.timeout(1.0):
+                    await proto.wait_closed()
             transport.close()
 
     async def _keepalive(self, proto: UpstreamProtocol) -> None:
@@ -144,6 +153,7 @@ class UplinkRunner:
         period = self.up.idle_timeout_s / 3
         while not proto.closed.is_set():
             try:
-                await asyncio.wait_for(proto.closed.wait(), period)
+                async with asyncio.timeout(period):
+                    await proto.closed.wait()
             except TimeoutError:
                 proto.ping_now()
