@@ -1,6 +1,7 @@
 """A short soak and fault campaign (`python -m tools.site.campaign`): board power cuts, kill -9
 of the gateway process, upstream cuts and clock steps while sessions run; no loss, no
-duplicate, order per device, SDRs reconcile (B16, B17, S6). The long run: --minutes 30."""
+duplicate, order per device, SDRs reconcile (B16, B17, S6); the same with the OCPP 2.0.1
+northbound on (--ocpp, #17). The long run: --minutes 30."""
 
 from __future__ import annotations
 
@@ -60,3 +61,29 @@ def test_campaign_refuses_a_data_folder_with_an_earlier_run(tmp_path: Path) -> N
     p = subprocess.run([sys.executable, "-m", "tools.site.campaign", "--data", str(tmp_path)],
                        check=False, cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert p.returncode == 2 and "is not empty" in p.stderr
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("default_ports_taken")
+def test_soak_campaign_short_in_ocpp_mode(tmp_path: Path) -> None:
+    """The same faults with the OCPP 2.0.1 northbound on (#17): checked at the OCPP CSMS."""
+    seed, seconds, boards = 20240601, 24, 3
+    p = subprocess.run(
+        [sys.executable, "-m", "tools.site.campaign", "--ocpp", "--minutes", str(seconds / 60), "--seed", str(seed),
+         "--boards", str(boards), "--data", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=230,
+    )  # fmt: skip
+    out = p.stdout + p.stderr[-3000:]
+    assert "checks read the OCPP CSMS" in p.stdout and "== campaign summary ==" in p.stdout, out[-5000:]
+    faults = p.stdout.split("faults injected: ")[1].splitlines()[0]
+    injected = {x.rsplit(" ", 1)[0]: int(x.split()[-1]) for x in faults.split(", ")}
+    schedule = fault_schedule(seed, seconds, boards)
+    assert injected == {k: Counter(f.kind for f in schedule)[k] for k in FAULTS}, faults
+    for check in (
+        "no accepted message lost",
+        "none duplicated",
+        "order per device kept",
+        "every transaction's events continuous (seqNo 0, 1, …), its energy that of the board's meter",
+    ):
+        assert f"PASS {check}" in p.stdout, out[-5000:]
+    assert p.returncode == 0, out[-5000:]

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -196,16 +196,63 @@ class OcppBridge:
             return {"versionNumber": auth.list_version}
         if action == "SendLocalList":
             return self._local_list(p)
+        if action in SITE_CALLS:
+            return await SITE_CALLS[action](self, device, p)
         try:
             cmd = down.command(action, p)
         except down.Unfit as e:
             return e.response
         except KeyError:
             raise oe.NotSupportedError(f"{action} is not carried to the boards (docs/ocpp.md)") from None
+        out, _ = await self._ask(device, cmd)
+        if action == "SetDisplayMessage" and out.get("status") == "Accepted":
+            await self.site.run_sync(lambda: self.ledger.save_display(device, dict(p["message"])))
+        elif action == "ClearDisplayMessage" and out.get("status") == "Accepted":
+            await self.site.run_sync(lambda: self.ledger.drop_display(device, int(p["id"])))
+        return out
+
+    async def _ask(self, device: str, cmd: down.ToBoard) -> tuple[Payload, down.Result]:
         spec = MESSAGES[cmd.action]
         timeout = min(spec.timeout_ms / 1000, self.timeout_s)
         res = await self.site.boards.deliver(device, cmd.action, cmd.body, int(spec.priority), timeout)
-        return cmd.answer(res)
+        return cmd.answer(res), res
+
+    async def _set_monitoring(self, device: str, p: Payload) -> Payload:
+        need = sum(1 for d in p["setMonitoringData"] if "id" not in d)
+        got = await self.site.run_sync(lambda: self.ledger.monitor_ids(need)) if need else []
+        ids = iter(got if isinstance(got, list) else [])
+        cmd, results = down.monitors(p, lambda: int(next(ids)))
+        if cmd is None:
+            return {"setMonitoringResult": results}
+        return (await self._ask(device, cmd))[0]
+
+    async def _clear_monitoring(self, device: str, p: Payload) -> Payload:
+        out = [(await self._ask(device, down.clear_monitor(int(i))))[0] for i in p["id"]]
+        return {"clearMonitoringResult": out}
+
+    async def _trigger(self, device: str, p: Payload) -> Payload:
+        """F06: the status notifications are the station's to repeat (the boards report a status
+        only when it changes): the one last sent while the update or upload is under way, else
+        Idle. Every other message is the board's to send."""
+        what = str(p["requestedMessage"])
+        st = self.stations.get(device)
+        if what not in down.BUSY or st is None:
+            cmd = down.command("TriggerMessage", p)
+            return (await self._ask(device, cmd))[0]
+        last = st.last.get(what)
+        st.notify(what, last if last is not None and last["status"] in down.BUSY[what] else {"status": "Idle"})
+        return {"status": "Accepted"}
+
+    async def _get_displays(self, device: str, p: Payload) -> Payload:
+        """O03: the display messages the board accepted through OCPP and still valid, told in a
+        NotifyDisplayMessages after the answer (Unknown: none matches)."""
+        got = await self.site.run_sync(lambda: self.ledger.displays(device))
+        infos = down.displays_matching(got if isinstance(got, list) else [], p, proto_ts(self.now()))
+        st = self.stations.get(device)
+        if not infos or st is None:
+            return {"status": "Unknown"}
+        st.notify("NotifyDisplayMessages", {"requestId": int(p["requestId"]), "messageInfo": infos})
+        return {"status": "Accepted"}
 
     def _local_list(self, p: Payload) -> Payload:
         auth = self.site.auth
@@ -308,3 +355,13 @@ class OcppBridge:
             "orphan_rows": sum(len(v) for v in self.orphans.values()),
             "awaiting_other_northbound": self.gate.waiting,
         }
+
+
+SiteCall = Callable[[OcppBridge, str, Payload], Awaitable[Payload]]
+SITE_CALLS: dict[str, SiteCall] = {
+    "TriggerMessage": OcppBridge._trigger,
+    "SetVariableMonitoring": OcppBridge._set_monitoring,
+    "ClearVariableMonitoring": OcppBridge._clear_monitoring,
+    "GetDisplayMessages": OcppBridge._get_displays,
+}
+"""CSMS calls the bridge answers itself, asking the board what it needs (none, one or several requests)."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from gateway import _core
 from gateway.ocpp.up import AUTH_STATUS, TOKEN_TYPE, Payload, iso
-from gateway.schema import EPOCH_UNIX, Action, Key, ProfilePurpose, ResetType, ResetWhen, Status
+from gateway.schema import EPOCH_UNIX, Action, Key, MonitorType, ProfilePurpose, ResetType, ResetWhen, Status
 
 Result = dict[int, Any]
 """One target's result (gateway.boards.Boards.deliver): status, reason?, frame?."""
@@ -33,9 +33,15 @@ PURPOSE = {"ChargingStationMaxProfile": ProfilePurpose.MAX_STATION, "TxDefaultPr
 PRIORITY = {"AlwaysFront": 0, "InFront": 1, "NormalCycle": 2}
 TRIGGER = {"BootNotification": Action.BOOT_NOTIFICATION, "StatusNotification": Action.STATUS_NOTIFICATION,
            "MeterValues": Action.METER_VALUES, "Heartbeat": Action.HEARTBEAT,
-           "TransactionEvent": Action.TRANSACTION_EVENT, "FirmwareStatusNotification": Action.FIRMWARE_STATUS,
-           "LogStatusNotification": Action.LOG_STATUS,
+           "TransactionEvent": Action.TRANSACTION_EVENT,
            "SignChargingStationCertificate": Action.SIGN_CERTIFICATE}  # fmt: skip
+"""FirmwareStatusNotification and LogStatusNotification are the gateway's to trigger: it saw the
+board's last status (gateway/ocpp/bridge.py)."""
+BUSY = {"FirmwareStatusNotification": frozenset({"Downloading", "Downloaded", "SignatureVerified", "Installing",
+                                                 "DownloadScheduled", "DownloadPaused", "InstallScheduled",
+                                                 "InstallRebooting"}),
+        "LogStatusNotification": frozenset({"Uploading"})}  # fmt: skip
+"""The statuses of an update or upload still under way (L01.FR.?? / N01: triggered when idle, Idle)."""
 VOLTS = 230
 """A limit in amperes becomes watts at this voltage per phase (the boards take watts)."""
 
@@ -180,7 +186,8 @@ def _reserve(p: Payload) -> ToBoard:
         if status_of(res) == Status.ACCEPTED:
             return {"status": "Accepted"}
         why = str(res.get(Key.REASON, "")).lower()
-        return {"status": "Occupied" if "occupied" in why else "Unavailable" if "unavailable" in why else "Rejected"}
+        taken = "occupied" in why or "reserved" in why  # H01: reserved for another is Occupied too
+        return {"status": "Occupied" if taken else "Unavailable" if "unavailable" in why else "Rejected"}
 
     return ToBoard(Action.RESERVE_NOW, body, answer, evse)
 
@@ -328,6 +335,8 @@ def _data_transfer(p: Payload) -> ToBoard:
         body[Key.DATA] = data.encode()[:1024]
 
     def answer(res: Result) -> Payload:
+        if status_of(res) != Status.ACCEPTED and "not supported" in str(res.get(Key.REASON, "")):
+            return {"status": "UnknownVendorId"}  # the board knows no vendor extension at all
         out = reply(res, ("Accepted", "Rejected", "UnknownMessageId", "UnknownVendorId"))
         data = answer_body(res).get(Key.DATA)
         if isinstance(data, bytes):
@@ -335,6 +344,87 @@ def _data_transfer(p: Payload) -> ToBoard:
         return out
 
     return ToBoard(Action.DATA_TRANSFER, body, answer)
+
+
+MONITORABLE = (("EVSE", "Power"), ("EVSE", "Energy"), ("ChargingStation", "Temperature"),
+               ("ChargingStation", "Frequency"))  # fmt: skip
+"""The variables a board can monitor (firmware/csc/services/monitoring.py), with OCPP's names."""
+MONITOR_TYPE = {"UpperThreshold": MonitorType.UPPER, "LowerThreshold": MonitorType.LOWER, "Delta": MonitorType.DELTA,
+                "Periodic": MonitorType.PERIODIC, "PeriodicClockAligned": MonitorType.PERIODIC_CLOCK}  # fmt: skip
+
+
+def monitors(p: Payload, new_id: Callable[[], int]) -> tuple[ToBoard | None, list[Payload]]:
+    """SetVariableMonitoring: the SetMonitors the board is asked (None when no monitor fits)
+    and the result of each monitor, in order; those the board is asked get the board's verdict
+    (it takes all or none). A monitor without `id` is a new one: `new_id()` numbers it."""
+    results: list[Payload] = []
+    asked: list[dict[int, Any]] = []
+    for d in p["setMonitoringData"]:
+        comp, var = str(d["component"]["name"]), str(d["variable"]["name"])
+        r: Payload = {"status": "Accepted", "type": d["type"], "severity": int(d["severity"]),
+                      "component": d["component"], "variable": d["variable"]}  # fmt: skip
+        kind = MONITOR_TYPE[str(d["type"])]
+        value = float(d["value"])
+        if (comp, var) not in MONITORABLE:
+            known = any(c == comp for c, _ in MONITORABLE)
+            r["status"] = "UnknownVariable" if known else "UnknownComponent"
+        elif d.get("transaction"):
+            r["status"] = "Rejected"
+            r["statusInfo"] = {"reasonCode": "NoTxMonitor", "additionalInfo": "monitors hold beyond transactions"}
+        elif kind >= MonitorType.DELTA and value <= 0:
+            r["status"] = "Rejected"
+            r["statusInfo"] = {"reasonCode": "BadValue", "additionalInfo": "delta and periodic need a value > 0"}
+        else:
+            r["id"] = int(d["id"]) if "id" in d else new_id()
+            m: dict[int, Any] = {Key.MONITOR_ID: r["id"], Key.COMPONENT: comp, Key.VARIABLE: var,
+                                 Key.MONITOR_TYPE: int(kind), Key.THRESHOLD: value,
+                                 Key.SEVERITY: int(d["severity"])}  # fmt: skip
+            if isinstance(d["component"].get("evse"), dict):
+                m[Key.EVSE] = int(d["component"]["evse"]["id"])
+            asked.append(m)
+        results.append(r)
+    if not asked:
+        return None, results
+
+    def answer(res: Result) -> Payload:
+        ok = status_of(res) == Status.ACCEPTED
+        out = []
+        for r in results:
+            o = dict(r)
+            if "id" in o and not ok:
+                o["status"] = "Rejected"
+                o["statusInfo"] = {"reasonCode": "Board", "additionalInfo": str(res.get(Key.REASON, ""))[:512]}
+            out.append(o)
+        return {"setMonitoringResult": out}
+
+    return ToBoard(Action.SET_MONITORS, {Key.MONITORS: asked}, answer), results
+
+
+def clear_monitor(monitor_id: int) -> ToBoard:
+    """One id of a ClearVariableMonitoring (the board answers found or not for its whole list,
+    so each id is asked alone)."""
+
+    def answer(res: Result) -> Payload:
+        st = status_of(res)
+        name = "Accepted" if st == Status.ACCEPTED else "NotFound" if st == Status.UNKNOWN else "Rejected"
+        return {"status": name, "id": monitor_id}
+
+    return ToBoard(Action.CLEAR_MONITORS, {Key.IDS: [monitor_id]}, answer)
+
+
+def displays_matching(infos: list[Payload], p: Payload, now: int) -> list[Payload]:
+    """The display messages (OCPP MessageInfo) a GetDisplayMessages asks for and still valid at
+    `now` (protocol seconds): the board drops a message past its end, so does the answer."""
+    ids = set(p.get("id") or ())
+
+    def fits(m: Payload) -> bool:
+        if ids and m["id"] not in ids:
+            return False
+        if any(k in p and m.get(k) != p[k] for k in ("priority", "state")):
+            return False
+        return not (m.get("endDateTime") and proto_time(str(m["endDateTime"])) <= now)
+
+    return [m for m in infos if fits(m)]
 
 
 COMMANDS: dict[str, Callable[[Payload], ToBoard]] = {

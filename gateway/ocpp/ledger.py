@@ -14,6 +14,7 @@ speak, and a board is answered while the CSMS is unreachable with what the CSMS 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -34,6 +35,10 @@ class Ledger:
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS cursor (device TEXT PRIMARY KEY, seq INTEGER NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS token (seq INTEGER PRIMARY KEY, device TEXT, token TEXT)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS display (device TEXT, id INTEGER, info TEXT, PRIMARY KEY (device, id))"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER)")
         self.cursors: dict[str, int] = dict(self._db.execute("SELECT device, seq FROM cursor").fetchall())
         """device → the highest outbox seq its station delivered."""
 
@@ -66,6 +71,33 @@ class Ledger:
     def token(self, seq: int) -> str | None:
         r = self._db.execute("SELECT token FROM token WHERE seq = ?", (seq,)).fetchone()
         return None if r is None else str(r[0])
+
+    def monitor_ids(self, n: int) -> list[int]:
+        """`n` new monitor ids, unique on the site and never reused (OCPP: the station numbers
+        the monitors the CSMS sets without one); from MONITOR_ID_BASE so that the ids an
+        operator gives through the native CSMS (small numbers) are not replaced by accident."""
+        row = self._db.execute("SELECT v FROM meta WHERE k = 'monitor_id'").fetchone()
+        first = int(row[0]) + 1 if row else MONITOR_ID_BASE
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('monitor_id', ?)", (first + n - 1,))
+        return list(range(first, first + n))
+
+    def save_display(self, device: str, info: dict[str, object]) -> None:
+        """A display message (OCPP's MessageInfo) the board accepted: GetDisplayMessages answers
+        from these, the board keeps its own copy on flash."""
+        self._db.execute("INSERT OR REPLACE INTO display VALUES (?, ?, ?)", (device, info["id"], json.dumps(info)))
+
+    def drop_display(self, device: str, display_id: int | None) -> None:
+        if display_id is None:
+            self._db.execute("DELETE FROM display WHERE device = ?", (device,))
+        else:
+            self._db.execute("DELETE FROM display WHERE device = ? AND id = ?", (device, display_id))
+
+    def displays(self, device: str) -> list[dict[str, object]]:
+        rows = self._db.execute("SELECT info FROM display WHERE device = ? ORDER BY id", (device,))
+        return [json.loads(r[0]) for r in rows]
+
+
+MONITOR_ID_BASE = 100_000
 
 
 class RetireGate:

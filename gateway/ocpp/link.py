@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -88,6 +89,9 @@ class OcppLink:
         self.max_frame = max_frame
         self._waiting: dict[str, asyncio.Future[CallResult | CallError]] = {}
         self._ids = itertools.count(1)
+        self._nonce = secrets.token_hex(4)
+        """Our CALLs' message ids are unique across connections and restarts (OCPP-J): this
+        connection's nonce and a counter, or the id the caller gives (a row's, stable)."""
         self._call_lock = asyncio.Lock()
         self._slots = asyncio.Semaphore(max_concurrent)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -171,10 +175,11 @@ class OcppLink:
         with contextlib.suppress(websockets.ConnectionClosed):
             await self.ws.send(error_frame(uid, code, description, cause))
 
-    async def call(self, action: str, payload: Payload) -> Payload:
+    async def call(self, action: str, payload: Payload, uid: str | None = None) -> Payload:
         """The station's CALL; its CALLRESULT's payload (checked against the schema).
-        `Refused` before sending, `CallFailed` on a CALLERROR, TimeoutError, ConnectionError."""
-        msg = Call(str(next(self._ids)), action, payload)
+        `Refused` before sending, `CallFailed` on a CALLERROR, TimeoutError, ConnectionError.
+        `uid`: the message id, when the same message must keep its id when sent again."""
+        msg = Call(uid or f"{self._nonce}-{next(self._ids)}", action, payload)
         try:
             await _validate(msg)
         except oe.OCPPError as e:

@@ -74,6 +74,12 @@ class Station:
         self._boot_asked = False
         self._boot_waiters: list[asyncio.Future[tuple[int, int]]] = []
         self._task: asyncio.Task[None] | None = None
+        self.last: dict[str, Payload] = {}
+        """The last FirmwareStatusNotification and LogStatusNotification sent: what a
+        TriggerMessage of them repeats while the update or upload is under way."""
+        self.calls: deque[tuple[str, Payload]] = deque()
+        """The station's own CALLs that follow an answer to the CSMS (NotifyDisplayMessages after
+        GetDisplayMessages): sent next, not kept across a restart (the CSMS asks again)."""
 
     # ------------------------------------------------------------ the gateway's side
 
@@ -92,6 +98,10 @@ class Station:
         self.rows.extend(rows)
         if offline or not self.accepted:
             self.offline.update(r.seq for r in rows)
+        self._wake.set()
+
+    def notify(self, action: str, payload: Payload) -> None:
+        self.calls.append((action, payload))
         self._wake.set()
 
     def boot(self, info: BoardInfo) -> asyncio.Future[tuple[int, int]]:
@@ -144,6 +154,12 @@ class Station:
             if not self.accepted or self._boot_asked:
                 await self._boot(link, reader)
                 continue
+            if self.calls:
+                action, payload = self.calls[0]
+                with contextlib.suppress(CallFailed, Refused):
+                    await link.call(action, payload)
+                self.calls.popleft()
+                continue
             if self.rows:
                 await self._deliver(link, self.rows[0])
                 continue
@@ -188,7 +204,9 @@ class Station:
         msg = event(f.action, body, f.ts, row.seq in self.offline, token)
         if msg is not None:
             try:
-                await link.call(*msg)
+                await link.call(*msg, uid=f"row-{row.seq}")  # sent again after a kill -9: the same id
+                if msg[0] in ("FirmwareStatusNotification", "LogStatusNotification"):
+                    self.last[msg[0]] = msg[1]
                 self.sent += 1
             except (CallFailed, Refused) as e:
                 self.dropped += 1

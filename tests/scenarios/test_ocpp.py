@@ -4,7 +4,8 @@ validation on in both directions (tests/scenarios/ocpp_csms.py). Proves, as OCPP
 B01–B03 / M13 (BootNotification: Accepted and Rejected are what the board obeys), G01
 (StatusNotification), C01/C10 (Authorize, the Authorization Cache), E01–E07 / S3 / S6
 (TransactionEvent Started/Updated/Ended with continuous seqNo and the board's own ids), F01/F03
-/ S3 (RequestStart/StopTransaction from the CSMS), D01/D02 (SendLocalList, GetLocalListVersion),
+/ S3 (RequestStart/StopTransaction from the CSMS), A04 (SecurityEventNotification), D01/D02
+(SendLocalList, GetLocalListVersion),
 the offline behaviour (E04: queued TransactionEvents delivered afterwards in order, exactly once,
 offline=true, seqNo continuous, across a gateway restart), and OCPP-J CALLERRORs for bad input."""
 
@@ -273,5 +274,8 @@ def test_ocpp_m1_m2_m3_m5_device_model_trigger_availability_display_and_reset(tm
         assert (await board_wait(b, "registration", since=m))["status"] == 0  # the CSMS accepted it again
         assert len(csms.of(DEV, "BootNotification")) > boots
         assert csms.of(DEV, "BootNotification")[-1]["reason"] == "RemoteReset"
+        # A04 / M8: the reset is a security event, told to the CSMS
+        await until(lambda: any(e["type"] == "ResetOrReboot" for e in csms.of(DEV, "SecurityEventNotification")),
+                    10, "SecurityEventNotification ResetOrReboot")  # fmt: skip
 
     ocpp_scenario(tmp_path, fn)
