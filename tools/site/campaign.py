@@ -19,6 +19,15 @@ on boards. Then everything comes back, the backlog drains, and the run checks:
   the zone limit hold, no board draws without a transaction or while the CSMS has not
   accepted it, and every transaction the CSMS saw end is billed exactly once.
 
+`--ocpp`: the same campaign with the gateway's OCPP 2.0.1 northbound on (docs/ocpp.md), against
+the `ocpp` library's CSMS (tools/site/ocpp_csms.py) beside the native one; an upstream cut is an
+outage of the OCPP CSMS, and the checks read what the OCPP CSMS received: no loss and order of
+the numbered MeterValues, no duplicate (a message sent again with its message id, after a kill
+between the CSMS's answer and the gateway's cursor, is a retransmission the CSMS can tell and is
+counted as such; a value under two message ids is a duplicate), every transaction's
+TransactionEvents with seqNo 0, 1, … once each, Started first and Ended last, and its Ended
+event's energy register minus its Started one equal to the board's own figure.
+
 The seed is printed; `--seed S` replays the same fault schedule: the faults come from their
 own `random.Random(seed)` (`fault_schedule`, printed at the start), drawn before the run, so
 the same seed gives the same faults (kind, board, outage and step lengths) in the same order
@@ -50,6 +59,8 @@ from gateway.protocol import devpki
 from tools.board import Board
 from tools.site.harness import Site, board_status, factory_key, until
 from tools.site.invariants import Checker, Sampler, billing_faults, configured_limits
+from tools.site.ocpp_csms import PASSWORD as OCPP_PASSWORD
+from tools.site.ocpp_csms import OcppCsms, Seen
 
 ROOT = Path(__file__).resolve().parents[2]
 EMIT_BASE = 10_000_000  # emitted MeterValues carry energy_wh = EMIT_BASE * (board + 1) + k
@@ -151,6 +162,7 @@ class GatewayProcess:
             if line.startswith("READY"):
                 ready.append(line.strip())
                 done.set()
+        p.stdout.close()  # the process is gone: its pipe with it
         done.set()
 
     def kill9(self) -> None:
@@ -168,8 +180,10 @@ class GatewayProcess:
 
 
 class Campaign:
-    def __init__(self, root: Path, boards: int, seconds: float, seed: int) -> None:
+    def __init__(self, root: Path, boards: int, seconds: float, seed: int, ocpp: bool = False) -> None:
         self.root, self.n, self.seconds, self.seed = root, boards, seconds, seed
+        self.ocpp = OcppCsms() if ocpp else None
+        """The OCPP CSMS (--ocpp): what the checks read."""
         self.schedule = fault_schedule(seed, seconds, boards)
         self.rng = random.Random(f"traffic {seed}")  # the traffic's own: timing-dependent, not replayed
         self.site = Site(root, boards)
@@ -202,6 +216,11 @@ class Campaign:
         doc = s.gateway_doc()  # LAN and metrics on port 0: the gateway names the ports it bound
         doc.setdefault("auth", {})["unknown_token_offline"] = "accept"  # cards: the site decides
         doc["power"]["site_limit_w"] = SITE_LIMIT_W_PER_BOARD * self.n
+        if self.ocpp is not None:
+            await self.ocpp.start()
+            pw = self.root / "ocpp-password"
+            devpki.write_private(pw, OCPP_PASSWORD.encode())
+            doc["ocpp"] = {"url": self.ocpp.url, "password_file": str(pw), "timeout_s": 5.0, "backoff_max_s": 0.5}
         configured_limits(self.checker, doc)
         self.gw = GatewayProcess(self.root / "gateway.toml", doc)
         await asyncio.to_thread(self.gw.start)
@@ -221,6 +240,8 @@ class Campaign:
         if self.gw is not None:
             await asyncio.to_thread(self.gw.stop)
         await self._csms_stop()
+        if self.ocpp is not None:
+            await self.ocpp.stop()
 
     async def _csms_stop(self) -> None:
         s = self.site
@@ -274,6 +295,10 @@ class Campaign:
             self.gw.kill9()
             await asyncio.sleep(f.pause_s)
             await asyncio.to_thread(self.gw.start)
+        elif kind == "upstream_cut" and self.ocpp is not None:  # an outage of the OCPP CSMS
+            await self.ocpp.stop()
+            await asyncio.sleep(f.pause_s)
+            await self.ocpp.start()
         elif kind == "upstream_cut":
             await self._csms_stop()
             await asyncio.sleep(f.pause_s)
@@ -320,6 +345,8 @@ class Campaign:
             ended = {(b.device_id, int(e["tx_id"])) for b in self.boards for e in b.all("tx_ended")}
             return sorted(ended - have)
 
+        if self.ocpp is not None:
+            missing = self._ocpp_missing
         try:
             await until(lambda: not missing(), 60, "an SDR at the CSMS for every transaction a board ended")
         except TimeoutError as timeout:
@@ -330,8 +357,36 @@ class Campaign:
             for e in b.all("tx_ended"):
                 self.board_wh[b.device_id, int(e["tx_id"])] = int(e["wh"])
 
+    def _ocpp_missing(self) -> list[tuple[str, int]]:
+        """(device, tx) a board ended whose Ended event the OCPP CSMS has not received."""
+        assert self.ocpp is not None
+        have = {(c.station, int(c.payload["transactionInfo"]["transactionId"])) for c in self.ocpp.calls
+                if c.action == "TransactionEvent" and c.payload["eventType"] == "Ended"}  # fmt: skip
+        ended = {(b.device_id, int(e["tx_id"])) for b in self.boards for e in b.all("tx_ended")}
+        return sorted(ended - have)
+
+    def ocpp_calls(self, action: str) -> tuple[list[Seen], int]:
+        """The OCPP CSMS's `action` CALLs in the order received, each message id once, and how
+        many were retransmissions (the same message id again)."""
+        assert self.ocpp is not None
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for c in self.ocpp.calls:
+            if c.action == action and (c.station, c.uid) not in seen:
+                seen.add((c.station, c.uid))
+                out.append(c)
+        return out, sum(1 for c in self.ocpp.calls if c.action == action) - len(out)
+
     def stored_values(self) -> dict[str, list[int]]:
         """device → emitted values stored at the CSMS, in the order the CSMS received them."""
+        if self.ocpp is not None:
+            got: dict[str, list[int]] = {}
+            for c in self.ocpp_calls("MeterValues")[0]:
+                for mv in c.payload["meterValue"]:
+                    for v in mv["sampledValue"]:
+                        if v["measurand"] == "Energy.Active.Import.Register" and v["value"] >= EMIT_BASE:
+                            got.setdefault(c.station, []).append(int(v["value"]))
+            return got
         csms = self.site.csms
         assert csms is not None
         out: dict[str, list[int]] = {}
@@ -342,7 +397,67 @@ class Campaign:
             out.setdefault(str(device), []).append(int(wh))
         return out
 
+    def check_ocpp(self) -> dict[str, Any]:
+        """The checks on what the OCPP CSMS received (--ocpp)."""
+        stored = self.stored_values()
+        lost = {d: sorted(set(v) - set(stored.get(d, []))) for d, v in self.confirmed.items()}
+        lost = {d: v for d, v in lost.items() if v}
+        dups = {d: [x for x, c in Counter(v).items() if c > 1] for d, v in stored.items()}
+        dups = {d: v for d, v in dups.items() if v}
+        disorder = {d: v for d, v in stored.items() if v != sorted(v)}
+        events, resent = self.ocpp_calls("TransactionEvent")
+        self.redelivered = resent + self.ocpp_calls("MeterValues")[1]
+        txs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for c in events:
+            txs.setdefault((c.station, int(c.payload["transactionInfo"]["transactionId"])), []).append(c.payload)
+        bad_seq = []
+        bad_energy = []
+        compared = 0
+        for key, evs in txs.items():
+            kinds = [e["eventType"] for e in evs]
+            if [e["seqNo"] for e in evs] != list(range(len(evs))) or kinds[0] != "Started" or "Ended" in kinds[:-1]:
+                bad_seq.append(f"{key}: {[(e['seqNo'], e['eventType'][0]) for e in evs]}")
+            wh = self.board_wh.get(key)
+            if wh is not None and kinds[-1] == "Ended":
+                compared += 1
+                got = _register(evs[-1]) - _register(evs[0])
+                if got != wh:
+                    bad_energy.append(f"{key}: board {wh} Wh, CSMS {got} Wh")
+        ended = {k for k, evs in txs.items() if evs[-1]["eventType"] == "Ended"}
+        missing = sorted(set(self.board_wh) - ended)
+        inv = self.checker
+        checks = {
+            "no accepted message lost": not lost,
+            "none duplicated": not dups and not bad_seq,
+            "order per device kept": not disorder,
+            "every transaction's events continuous (seqNo 0, 1, …), its energy that of the board's meter":
+                not bad_seq and not bad_energy and not missing,
+            f"invariants held in {inv.samples} sample rounds (limits, no energy without a transaction, "
+            "registration)": not inv.violations,
+        }  # fmt: skip
+        self.problems += [name for name, ok in checks.items() if not ok]
+        if lost:
+            self.problems.append(f"lost: {lost}")
+        if dups:
+            self.problems.append(f"duplicated: {dups}")
+        self.problems += [f"out of order at {d}" for d in disorder]
+        self.problems += [f"transaction events: {x}" for x in bad_seq] + bad_energy
+        if missing:
+            self.problems.append(f"no Ended event at the OCPP CSMS: {missing}")
+        self.problems += inv.violations
+        return {
+            "checks": checks,
+            "confirmed": sum(len(v) for v in self.confirmed.values()),
+            "stored_frames": len(self.ocpp.calls) if self.ocpp is not None else 0,
+            "sdrs": 0,
+            "sdrs_compared_with_board": compared,
+            "transactions_billed": len(ended),
+            "energy_wh": sum(self.board_wh.get(k, 0) for k in ended),
+        }
+
     def check(self) -> dict[str, Any]:
+        if self.ocpp is not None:
+            return self.check_ocpp()
         csms = self.site.csms
         assert csms is not None
         stored = self.stored_values()
@@ -403,6 +518,15 @@ class Campaign:
         }
 
 
+def _register(ev: dict[str, Any]) -> int:
+    """A TransactionEvent's Energy.Active.Import.Register, Wh (0 when it carries none)."""
+    for mv in ev.get("meterValue", ()):
+        for v in mv["sampledValue"]:
+            if v["measurand"] == "Energy.Active.Import.Register":
+                return int(v["value"])
+    return 0
+
+
 def _toml(doc: dict[str, Any]) -> str:
     """The gateway configuration as TOML (strings, numbers, lists, inline tables)."""
 
@@ -422,9 +546,10 @@ def _toml(doc: dict[str, Any]) -> str:
     return "".join(f"[{sec}]\n" + "".join(f"{k} = {v(x)}\n" for k, x in body.items()) for sec, body in doc.items())
 
 
-async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
-    c = Campaign(root, boards, seconds, seed)
-    print(f"[campaign] seed {seed}, {boards} boards, {seconds:.0f} s of faults, data {root}", flush=True)
+async def amain(root: Path, boards: int, seconds: float, seed: int, ocpp: bool = False) -> int:
+    c = Campaign(root, boards, seconds, seed, ocpp)
+    mode = " (OCPP 2.0.1 northbound: the checks read the OCPP CSMS)" if ocpp else ""
+    print(f"[campaign] seed {seed}, {boards} boards, {seconds:.0f} s of faults, data {root}{mode}", flush=True)
     print(f"[campaign] fault schedule (seed {seed}): " + "; ".join(map(str, c.schedule)), flush=True)
     t0 = time.monotonic()
     report: dict[str, Any] = {}
@@ -443,11 +568,17 @@ async def amain(root: Path, boards: int, seconds: float, seed: int) -> int:
     print(f"seed {seed}; faults injected: " + ", ".join(f"{k} {c.faults[k]}" for k in FAULTS))
     confirmed = sum(len(v) for v in c.confirmed.values())
     stored = report.get("stored_frames", 0)
+    what = "retransmissions (same message id) recognized" if ocpp else "redeliveries deduplicated"
     print(f"sessions started {c.sessions}; MeterValues confirmed by boards {confirmed}; "
-          f"frames stored at the CSMS {stored}; redeliveries deduplicated {c.redelivered}")  # fmt: skip
-    print(f"SDRs {report.get('sdrs', 0)} billing {report.get('transactions_billed', 0)} transactions "
-          f"({report.get('sdrs_compared_with_board', 0)} compared with the board's meter), "
-          f"energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
+          f"frames stored at the CSMS {stored}; {what} {c.redelivered}")  # fmt: skip
+    if ocpp:
+        print(f"transactions ended at the OCPP CSMS {report.get('transactions_billed', 0)} "
+              f"({report.get('sdrs_compared_with_board', 0)} compared with the board's meter), "
+              f"energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
+    else:
+        print(f"SDRs {report.get('sdrs', 0)} billing {report.get('transactions_billed', 0)} transactions "
+              f"({report.get('sdrs_compared_with_board', 0)} compared with the board's meter), "
+              f"energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
     for name, ok in report.get("checks", {}).items():
         print(f"  {'PASS' if ok else 'FAIL'} {name}")
     for p in c.problems:
@@ -463,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--boards", type=int, default=3)
     ap.add_argument("--data", type=Path, default=None, help="an empty or new folder (default: a fresh temporary one)")
+    ap.add_argument("--ocpp", action="store_true", help="the gateway's OCPP 2.0.1 northbound on; checked at its CSMS")
     a = ap.parse_args(argv)
     if a.data is not None and a.data.exists() and any(a.data.iterdir()):
         # The checks compare what the boards confirmed with everything the CSMS holds: the
@@ -470,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--data {a.data} is not empty: a campaign starts from nothing")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     root = a.data or Path(tempfile.mkdtemp(prefix="evedge-campaign-"))
-    return asyncio.run(amain(root, a.boards, a.minutes * 60, seed))
+    return asyncio.run(amain(root, a.boards, a.minutes * 60, seed, a.ocpp))
 
 
 if __name__ == "__main__":
