@@ -3,10 +3,12 @@ EV, present a card, change the grid frequency, step the clock) and whose outputs
 The emulated board (boards/unix.py) runs the firmware on it; a real board never freezes it
 (firmware/manifest.py freezes `csc` and its own board's modules only).
 
-The meter integrates power over the simulated clock: with the contactor closed and the EV
-in state C, the power is the EV's demand clipped by the limit the firmware set (a
-negative limit discharges, when the EV allows it). Signed readings are HMAC-SHA256 over
-the register, standing for an eichrecht meter's signature.
+The board has `evses` EVSEs (1 unless the runner says otherwise: `--evses`), each with its own
+EV, contactor, limit, cable lock and meter (`_Ev`); the inputs and outputs take the EVSE's number
+as `Hal`'s do. Each meter integrates power over the simulated clock: with the contactor closed and
+the EV in state C, the power is the EV's demand clipped by the limit the firmware set (a negative
+limit discharges, when the EV allows it). Signed readings are HMAC-SHA256 over the register,
+standing for an eichrecht meter's signature.
 
 SimHal implements every input and output of `csc.hal.Hal` itself (and the base's `flags`, `card`,
 `plugged`, `take_card`, `reboot`) rather than subclassing it: the base's defaults, all overridden
@@ -25,36 +27,44 @@ from csc.schema import CP_STATE_A, CP_STATE_B, CP_STATE_C
 _METER_KEY = b"sim-meter-key"
 
 
+class _Ev:
+    """One EVSE: the EV plugged into it, its contactor, limit and lock, its meter's registers."""
+
+    def __init__(self):
+        self.plugged = False
+        self.ready = False  # the EV wants to charge: it closes S2 (state C) once offered PWM
+        self.max_w = 11000
+        self.v2g = False
+        self.needs = None  # (energy_wh, departure_s, soc) the EV announces over ISO 15118
+        self.contactor = False
+        self.limit_w = 0
+        self.locked = False
+        self.wh_in = 0.0  # energy registers, Wh (float: sub-Wh steps accumulate)
+        self.wh_out = 0.0
+
+
 class SimHal:
-    rating_w = 11000
+    rating_w = 11000  # per EVSE
     rating_discharge_w = 7000
     evses = 1
     model = "SIM-1"
     vendor = "evedge"
     serial = "SIM0001"
 
-    def __init__(self):
+    def __init__(self, evses=1):
         self.flags = 0  # Hal.flags: FLAG_* set by the interrupt-like inputs
         self.card = None
         import time
 
         self._t = time
         self.skew_ms = 0  # clock steps from the control channel
-        self.ev_plugged = False
-        self.ev_ready = False  # the EV wants to charge: it closes S2 (state C) once offered PWM
-        self.ev_max_w = 11000
-        self.ev_v2g = False
-        self.contactor = False
-        self.limit_w = 0
-        self.locked = False
+        self.evses = evses
+        self.e = [_Ev() for _ in range(evses)]  # EVSE n is e[n - 1]
         self.text = ""
         self.freq = 50000
         self.temp = 250
-        self.wh_in = 0.0  # energy registers, Wh (float: sub-Wh steps accumulate)
-        self.wh_out = 0.0
         self.last = self.ticks_ms()
         self.exi = None
-        self.needs = None  # (energy_wh, departure_s, soc) the EV announces over ISO 15118
         self.se_key = None  # a private key delivered from outside (M18), held by the secure element
         self.se_csr = None  # the secure element's certificate request (M16), from its own key pair
 
@@ -66,51 +76,63 @@ class SimHal:
         self.update()
 
     # ---- what the control channel does
-    def plug(self, ready=True, max_w=11000, v2g=False, needs=None):
-        self.ev_plugged = True
-        self.ev_ready = ready
-        self.ev_max_w = max_w
-        self.ev_v2g = v2g
-        self.needs = needs
-        self.flags |= FLAG_CP
-
-    def unplug(self):
+    def plug(self, ready=True, max_w=11000, v2g=False, needs=None, evse=1):
         self.update()
-        self.ev_plugged = False
+        e = self.e[evse - 1]
+        e.plugged = True
+        e.ready = ready
+        e.max_w = max_w
+        e.v2g = v2g
+        e.needs = needs
         self.flags |= FLAG_CP
 
-    def ready(self, on):
+    def unplug(self, evse=1):
         self.update()
-        self.ev_ready = on
+        self.e[evse - 1].plugged = False
         self.flags |= FLAG_CP
 
-    def present(self, token, token_type=0):
-        self.card = (token, token_type)
+    def ready(self, on, evse=1):
+        self.update()
+        self.e[evse - 1].ready = on
+        self.flags |= FLAG_CP
+
+    def present(self, token, token_type=0, evse=0):
+        # evse 0: the board's one card reader, shared by its EVSEs; n: the reader of EVSE n
+        self.card = (token, token_type, evse) if evse else (token, token_type)
         self.flags |= FLAG_CARD
 
     # ---- physics
-    def power(self):
-        if not self.contactor or self.cp_state() != CP_STATE_C:
+    def power(self, evse=0):
+        """The power (W) EVSE `evse` transfers now; 0: the board's total."""
+        if not evse:
+            p = 0
+            for n in range(1, self.evses + 1):
+                p += self.power(n)
+            return p
+        e = self.e[evse - 1]
+        if not e.contactor or self.cp_state(evse) != CP_STATE_C:
             return 0
-        lim = self.limit_w
+        lim = e.limit_w
         if lim < 0:
-            return max(lim, -self.rating_discharge_w) if self.ev_v2g else 0
-        return min(lim, self.ev_max_w, self.rating_w)
+            return max(lim, -self.rating_discharge_w) if e.v2g else 0
+        return min(lim, e.max_w, self.rating_w)
 
     def update(self):
         now = self.ticks_ms()
         dt = self._t.ticks_diff(now, self.last)
         self.last = now
         if dt > 0:
-            p = self.power()
-            if p >= 0:
-                self.wh_in += p * dt / 3600000
-            else:
-                self.wh_out -= p * dt / 3600000
+            for n in range(1, self.evses + 1):
+                p = self.power(n)
+                e = self.e[n - 1]
+                if p >= 0:
+                    e.wh_in += p * dt / 3600000
+                else:
+                    e.wh_out -= p * dt / 3600000
 
     # ---- inputs (Hal's)
     def plugged(self, evse=1):
-        return self.ev_plugged
+        return self.e[evse - 1].plugged
 
     def take_card(self):
         c = self.card
@@ -121,17 +143,19 @@ class SimHal:
     def cp_state(self, evse=1):
         # IEC 61851: a ready EV moves from B to C only while the EVSE offers current (PWM),
         # which the firmware does by setting a limit; without an offer it stays in B.
-        if not self.ev_plugged:
+        e = self.e[evse - 1]
+        if not e.plugged:
             return CP_STATE_A
-        return CP_STATE_C if self.ev_ready and self.limit_w else CP_STATE_B
+        return CP_STATE_C if e.ready and e.limit_w else CP_STATE_B
 
     def meter(self, evse=1):
         self.update()
-        p = self.power()
-        return (int(self.wh_in), int(self.wh_out), p, p * 10000 // 2300, 2300)
+        e = self.e[evse - 1]
+        p = self.power(evse)
+        return (int(e.wh_in), int(e.wh_out), p, p * 10000 // 2300, 2300)
 
     def signed_meter(self, evse=1):
-        wh = int(self.wh_in)
+        wh = int(self.e[evse - 1].wh_in)
         h = hashlib.sha256(_METER_KEY)
         h.update(str(wh).encode())
         return b"SIM1" + wh.to_bytes(8, "big") + h.digest()
@@ -143,7 +167,8 @@ class SimHal:
         return self.freq
 
     def ev_needs(self, evse=1):
-        return self.needs if self.ev_plugged else None
+        e = self.e[evse - 1]
+        return e.needs if e.plugged else None
 
     def csr(self):
         # the secure element made the key pair and keeps the private key; the board holds only
@@ -155,19 +180,20 @@ class SimHal:
         self.se_key = bytes(key)
 
     def ev_discharge_ok(self, evse=1):
-        return self.ev_v2g and self.ev_plugged
+        e = self.e[evse - 1]
+        return e.v2g and e.plugged
 
     # ---- outputs
     def set_contactor(self, on, evse=1):
         self.update()
-        self.contactor = on
+        self.e[evse - 1].contactor = on
 
     def set_limit_w(self, watts, evse=1):
         self.update()
-        self.limit_w = watts
+        self.e[evse - 1].limit_w = watts
 
     def set_lock(self, locked, evse=1):
-        self.locked = locked
+        self.e[evse - 1].locked = locked
 
     def display(self, text):
         self.text = text
@@ -183,16 +209,17 @@ class SimHal:
 
         sys.exit(3)
 
+    def evse_status(self, evse):
+        e = self.e[evse - 1]
+        e_in, e_out, p, _, _ = self.meter(evse)
+        return {"cp": self.cp_state(evse), "contactor": e.contactor, "limit_w": e.limit_w, "power_w": p,
+                "wh_in": e_in, "wh_out": e_out, "locked": e.locked}  # fmt: skip
+
     def status(self):
-        e_in, e_out, p, _, _ = self.meter()
-        return {
-            "cp": self.cp_state(),
-            "contactor": self.contactor,
-            "limit_w": self.limit_w,
-            "power_w": p,
-            "wh_in": e_in,
-            "wh_out": e_out,
-            "locked": self.locked,
-            "text": self.text,
-            "freq": self.freq,
-        }
+        """EVSE 1's figures at the top level (as for a board with one EVSE), every EVSE's
+        under `evses`."""
+        d = self.evse_status(1)
+        d["text"] = self.text
+        d["freq"] = self.freq
+        d["evses"] = [self.evse_status(n) for n in range(1, self.evses + 1)]
+        return d

@@ -1,13 +1,14 @@
 """The emulated board: the firmware on the MicroPython unix port.
 
     micropython -X heapsize=96k firmware/boards/unix.py --flash board.img --gw 127.0.0.1:7700 \
-        --id evse-1 --factory-key <64 hex> [--blocks 256] [--meter meter.txt]
+        --id evse-1 --factory-key <64 hex> [--blocks 256] [--meter meter.txt] [--evses 1]
 
 - Flash: `FileBlockDev` makes the image file a block device (4 KiB blocks) for
   `vfs.VfsLfs2`, mounted at /flash (formatted on first use). Every block write reaches
   the file before the call returns, so `kill -9` of the process is a power cut.
-- HAL: boards.sim.SimHal; its meter register lives in the `--meter` file (the meter
-  keeps its register across a power cut, as a real one does).
+- HAL: boards.sim.SimHal with `--evses` EVSEs (default 1); the meters' registers live in the
+  `--meter` file (a meter keeps its register across a power cut, as a real one does): import
+  and export of EVSE 1, then of EVSE 2, ….
 - Control channel: one JSON object per line on stdin (commands), one per line on stdout
   (what the board did: {"ev": "...", ...}); see tools/board/ and docs/firmware.md.
 """
@@ -114,7 +115,8 @@ class Control:
     def _meter_save(self):
         if self.meter_path:
             with open(self.meter_path, "w") as f:
-                f.write("%f %f" % (self.hal.wh_in, self.hal.wh_out))
+                for e in self.hal.e:
+                    f.write("%f %f " % (e.wh_in, e.wh_out))
 
     async def run(self):
         from csc.app import wait_io  # asyncio's I/O queue: no asyncio.stream module (heap)
@@ -138,8 +140,11 @@ class Control:
         while True:
             await asyncio.sleep_ms(250)
             self.hal.update()
-            if self.hal.wh_in != last:
-                last = self.hal.wh_in
+            wh = 0.0
+            for e in self.hal.e:
+                wh += e.wh_in
+            if wh != last:
+                last = wh
                 self._meter_save()
             gc.collect()
             m = gc.mem_alloc()
@@ -149,10 +154,13 @@ class Control:
         cmd = c.get("cmd")
         hal = self.hal
         app = self.app
-        if cmd == "plug":
-            hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False), c.get("needs"))
+        n = c.get("evse", 1)  # the EVSE the EV (or the card, when given) is at
+        if cmd in ("plug", "unplug", "ready") and not 1 <= n <= hal.evses:
+            note("control_error", {"what": "no evse %s on this board" % n})
+        elif cmd == "plug":
+            hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False), c.get("needs"), n)
         elif cmd == "ready":
-            hal.ready(c.get("on", True))
+            hal.ready(c.get("on", True), n)
         elif cmd == "button":  # the emergency stop button
             from csc.hal import FLAG_BUTTON
 
@@ -160,10 +168,10 @@ class Control:
         elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
             app.security().ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
         elif cmd == "unplug":
-            hal.unplug()
-        elif cmd == "card":
+            hal.unplug(n)
+        elif cmd == "card":  # at the reader of EVSE `evse`; without it at the board's shared reader
             tok = c["token"]
-            hal.present(tok.encode() if isinstance(tok, str) else bytes(tok), c.get("type", 0))
+            hal.present(tok.encode() if isinstance(tok, str) else bytes(tok), c.get("type", 0), c.get("evse", 0))
         elif cmd == "freq":
             hal.freq = c["mhz"]
         elif cmd == "temp":
@@ -171,6 +179,7 @@ class Control:
         elif cmd == "step":
             hal.step(c["ms"])
             app._t_s += c["ms"] // 1000
+            self._meter_save()  # the registers jumped: kept at once, as a real meter keeps each Wh
         elif cmd == "tick":
             app.tick()
         elif cmd == "emit":  # test helper: n durable telemetry events, numbered from `from`
@@ -200,9 +209,16 @@ class Control:
             app.log(c.get("text", "x") * c.get("n", 1))
         elif cmd == "status":
             d = hal.status()
-            tx = app.tx.tx
-            d["tx_id"] = tx.id if tx else None
-            d["svc"] = app.tx.svc
+            for i, e in enumerate(app.tx.e):  # EVSE 1's at the top level too (hal.status())
+                x = d["evses"][i]
+                x["tx_id"] = e.tx.id if e.tx else None
+                x["svc"] = e.svc
+                x["hw_limit"] = e.hw_limit
+                x["charging_state"] = e.state
+                x["status"] = e.status
+            e = app.tx.e[0]
+            d["tx_id"] = e.tx.id if e.tx else None
+            d["svc"] = e.svc
             d["online"] = app.online
             d["registered"] = app.registered
             d["outbox"] = len(app.outbox)
@@ -216,7 +232,7 @@ class Control:
             d["se_key"] = hal.se_key.hex() if hal.se_key else None
             d["operative"] = app.station.operative
             d["estop"] = app.station.estop
-            d["charging_state"] = app.tx.state
+            d["charging_state"] = e.state
             d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
             d["modules"] = [m for m in sys.modules if m.startswith("csc.")]  # on-demand ones come and go
             gc.collect()
@@ -227,8 +243,17 @@ class Control:
         elif cmd == "se":  # the host's simulated secure element (tools/board/runner.py): its CSR
             hal.se_csr = bytes.fromhex(c["csr"])
         elif cmd == "probe":  # the invariants' sampler (tools/site/invariants.py): small, no gc pass
-            tx = app.tx.tx
-            note("probe", {"p": hal.power(), "tx": tx.id if tx else None, "c": hal.contactor, "r": app.registered})
+            # the board's total power, a transaction when any EVSE has one, any contactor closed;
+            # with several EVSEs each one's [power, transaction] under "e"
+            tx = None
+            on = False
+            for e in app.tx.e:
+                tx = tx or (e.tx.id if e.tx else None)
+                on = on or hal.e[e.n - 1].contactor
+            d = {"p": hal.power(), "tx": tx, "c": on, "r": app.registered}
+            if hal.evses > 1:
+                d["e"] = [[hal.power(e.n), e.tx.id if e.tx else None] for e in app.tx.e]
+            note("probe", d)
         elif cmd == "reset_peak":
             gc.collect()
             self.peak = gc.mem_alloc()
@@ -260,14 +285,15 @@ def main():
     )
 
     store.ROOT = "/flash"
-    hal = SimHal()
+    hal = SimHal(int(a.get("evses", "1")))
     mp = a.get("meter")
     if mp:
         try:
             with open(mp) as f:
                 w = f.read().split()
-                hal.wh_in = float(w[0])
-                hal.wh_out = float(w[1])
+            for i, e in enumerate(hal.e):
+                e.wh_in = float(w[2 * i])
+                e.wh_out = float(w[2 * i + 1])
         except (OSError, IndexError, ValueError):
             pass
     host, port = a.get("gw", "127.0.0.1:7700").split(":")

@@ -109,6 +109,9 @@ class PowerControl:
         store.load(pm)
         self.fresh: set[str] = set()
         """Boards (re)connected whose flash state is not known: sent their share whatever it is."""
+        self.tx_evses: dict[str, set[int]] = {}
+        """The EVSEs of each board with a transaction (a twin-socket board draws while either
+        has one; not kept on disk: after a restart, a board's next TransactionEvent says)."""
         self._lock = asyncio.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[list[str]]] = set()
@@ -125,14 +128,21 @@ class PowerControl:
 
     def tx_event(self, device_id: str, frame: bytes) -> None:
         """A board's TransactionEvent (seen at the dispatcher): started or ended moves it
-        between the idle and the drawing boards."""
-        ev = _core.decode(frame).body.get(Key.EVENT)
+        between the idle and the drawing boards; a board with several EVSEs is drawing while a
+        transaction runs on any of them (its one share, which the board splits among them)."""
+        body = _core.decode(frame).body
+        ev = body.get(Key.EVENT)
+        busy = self.tx_evses.setdefault(device_id, set())
+        if ev == TxEvent.ENDED:
+            busy.discard(int(body.get(Key.EVSE) or 1))
+        elif ev in (TxEvent.STARTED, TxEvent.UPDATED):
+            busy.add(int(body.get(Key.EVSE) or 1))
         drawing = self.pm.drawing
         was = device_id in drawing
-        if ev == TxEvent.ENDED:
-            drawing.discard(device_id)
-        elif ev in (TxEvent.STARTED, TxEvent.UPDATED):
+        if busy:
             drawing.add(device_id)
+        else:
+            drawing.discard(device_id)
         if was != (device_id in drawing):
             self.kick()
 

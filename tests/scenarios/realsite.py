@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +91,14 @@ async def check_billing(site: Site, timeout: float = 20.0) -> list[str]:
 
 def scenario(tmp: Path, fn: Callable[[Site, Invariants], Awaitable[None]], boards: int = 2,
              gateway_extra: dict[str, dict[str, Any]] | None = None, roaming: bool = False,
-             registered: bool = True) -> None:  # fmt: skip
+             registered: bool = True, evses: int | Sequence[int] = 1) -> None:  # fmt: skip
     """Runs `fn` on a real site of `boards` boards under `tmp`, with the invariants sampled;
     fails with every broken invariant. `registered`: wait until every board is accepted by
-    the CSMS before `fn` (False: a scenario about onboarding itself)."""
+    the CSMS before `fn` (False: a scenario about onboarding itself). `evses`: the EVSEs of
+    every board, or of each board in order."""
 
     async def main() -> None:
-        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=roaming)
+        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=roaming, evses=evses)
         inv = Invariants(site)
         broken: list[str] = []
         try:

@@ -58,6 +58,16 @@ def test_power_without_a_transaction_and_power_while_not_accepted_are_violations
     assert c.violations and "while rejected at the CSMS" in c.violations[0]
 
 
+def test_power_on_an_evse_without_its_own_transaction_is_a_violation() -> None:
+    # a twin board: EVSE 1 charges in its transaction; EVSE 2 drawing with none is a fault even
+    # though the board as a whole has a transaction
+    c = Checker()
+    c.observe(1.0, {"a": Probe(7_000, 5, True, True, ((4_000, 5), (3_000, 6)))}, {})
+    assert not c.violations
+    c.observe(2.0, {"a": Probe(7_000, 5, True, True, ((4_000, 5), (3_000, None)))}, {})
+    assert c.violations == ["a EVSE 2: 3000 W drawn with no transaction on it (t=2.00)"]
+
+
 def test_billing_twice_never_or_at_another_tariff_is_a_fault() -> None:
     tx = {"site_id": "S", "device_id": "a", "tx_id": 1, "state": "ended", "tariff_id": 2}
     sdr = {"site_id": "S", "device_id": "a", "tx_id": 1, "tariff_id": 2}

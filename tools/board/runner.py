@@ -82,8 +82,11 @@ class Board:
         source: bool | None = None,
         gw_host: str = "127.0.0.1",
         kind: str | None = None,
+        evses: int = 1,
     ) -> None:
         """`kind`: "image", "bytecode" or "source" (see above; default EVEDGE_BOARD, else "image").
+        `evses`: the simulated board's EVSEs (each with its EV, contactor and meter; control
+        commands `plug`, `unplug`, `ready` and `card` take `evse=n`).
         `code_dir`: a built firmware (tools.board.build) to run on the 64-bit port ("bytecode"); by
         default the current sources are built (once, cached). `source`: run the source instead of a
         build ("source"; also EVEDGE_FW_SOURCE=1). `heap`: -X heapsize, by default DEFAULT_HEAP[kind]."""
@@ -96,6 +99,9 @@ class Board:
         self.device_id = device_id
         self.factory_key = factory_key
         self.blocks = blocks
+        if evses < 1:
+            raise ValueError(f"a board has at least one EVSE, not {evses}")
+        self.evses = evses
         if code_dir is not None:
             self.kind = "bytecode"
         elif source:
@@ -152,6 +158,8 @@ class Board:
             self.factory_key.hex(),
             "--blocks",
             str(self.blocks),
+            "--evses",
+            str(self.evses),
         ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1

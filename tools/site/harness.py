@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,9 +110,13 @@ class Site:
     """One site: CSMS, gateway, `n` boards (ev-0000 …), under `root`."""
 
     def __init__(self, root: Path, n_boards: int = 2, gateway_extra: dict[str, dict[str, Any]] | None = None,
-                 roaming: bool = False) -> None:  # fmt: skip
+                 roaming: bool = False, evses: int | Sequence[int] = 1) -> None:  # fmt: skip
+        """`evses`: the EVSEs of every board, or of each board in order (a twin-socket board: 2)."""
         self.root = Path(root)
         self.n = n_boards
+        self.evses = [evses] * n_boards if isinstance(evses, int) else list(evses)
+        if len(self.evses) != n_boards:
+            raise ValueError(f"evses: {len(self.evses)} counts for {n_boards} boards")
         self.seed = os.urandom(32)
         self.extra = gateway_extra or {}
         self.csms: CsmsServer | None = None
@@ -132,9 +136,9 @@ class Site:
         self.lan_port = 0
         """The gateway's LAN port, read back from its first start (0 before)."""
 
-    def evse(self, i: int) -> str:
-        """The global EVSE id of board i (what the roaming endpoints see)."""
-        return evse_gid(SITE_ID, self.devices[i])
+    def evse(self, i: int, evse: int = 1) -> str:
+        """The global EVSE id of board i's EVSE `evse` (what the roaming endpoints see)."""
+        return evse_gid(SITE_ID, self.devices[i], evse)
 
     async def start_roaming(self) -> None:
         """The CSO, two home-CSP (A, B) and CH endpoints in mixed mode; the CSO's operator is the
@@ -228,8 +232,8 @@ class Site:
 
     def start_boards(self) -> list[Board]:
         assert self.gw is not None
-        for did in self.devices:
-            b = Board(self.root / "boards" / did, self.gw.lan_port, did, factory_key(self.seed, did))
+        for did, n in zip(self.devices, self.evses, strict=True):
+            b = Board(self.root / "boards" / did, self.gw.lan_port, did, factory_key(self.seed, did), evses=n)
             self.boards.append(b.start())
         return self.boards
 

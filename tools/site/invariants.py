@@ -4,7 +4,8 @@ the fault campaign runs (DESIGN.md, "Proof on the real chain"; docs/design/testi
 - **limits**: the power the boards' meters draw, summed over the boards a limit covers, stays
   within every limit in force (site, zone, DSO, resource manager, charging profile) from that
   limit's deadline on, across board reboots and gateway restarts;
-- **no energy without a transaction**: a board whose meter shows power has a transaction;
+- **no energy without a transaction**: a board whose meter shows power has a transaction; on a
+  board with several EVSEs, each EVSE whose meter shows power has one of its own;
 - **registration**: a board the CSMS has not accepted (pending, rejected, deregistered) draws
   nothing once the decision is `registration_grace_s` old;
 - **billing** (`billing_faults`, checked at the end): every transaction the CSMS saw end is
@@ -53,13 +54,15 @@ class Limit:
 
 @dataclass(frozen=True)
 class Probe:
-    """One board's answer to a probe: its meter's power (W, negative when discharging), its
-    transaction, its contactor, whether it considers itself registered."""
+    """One board's answer to a probe: its meters' power (W, negative when discharging), a
+    transaction of it, a contactor closed, whether it considers itself registered; on a board
+    with several EVSEs, each EVSE's (power W, transaction or None) in order."""
 
     power_w: int
     tx_id: object
     contactor: bool
     registered: bool
+    evses: tuple[tuple[int, object], ...] = ()
 
 
 @dataclass
@@ -93,6 +96,10 @@ class Checker:
         for did, p in probes.items():
             if p.power_w != 0 and p.tx_id is None:
                 self._fault(("no-tx", did), f"{did}: {p.power_w} W drawn with no transaction (t={now:.2f})")
+            for n, (w, tx) in enumerate(p.evses, 1):
+                if w != 0 and tx is None:
+                    self._fault(("no-tx", f"{did}#{n}"), f"{did} EVSE {n}: {w} W drawn with no transaction "
+                                                         f"on it (t={now:.2f})")  # fmt: skip
         for did, decided in registration.items():
             if decided == "accepted":
                 self._unaccepted.pop(did, None)
@@ -165,7 +172,8 @@ class Sampler:
             e = b.wait("probe", None, 3.0, m)
         except (TimeoutError, OSError, ValueError, AssertionError):
             return None  # the board was cut (a power-cut fault) or is starting: no sample of it
-        return Probe(int(e["p"]), e["tx"], bool(e["c"]), bool(e["r"]))
+        per = tuple((int(w), tx) for w, tx in e.get("e", ()))
+        return Probe(int(e["p"]), e["tx"], bool(e["c"]), bool(e["r"]), per)
 
     async def round(self) -> None:
         boards = list(self.boards())

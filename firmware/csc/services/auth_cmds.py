@@ -67,18 +67,7 @@ def delete_personal_data(auth, body, seq):
     if auth.local.pop(tok, None) is not None:
         n += 1
         store.save(store.path("ll"), [auth.version, auth.local])
-    txs = auth.app.tx  # the session state too (not the stored billing events)
-    k = n
-    a = txs.auth
-    if a and a[0] == tok and txs.tx is None:
-        txs.auth = None
-        n += 1
-    r = txs.res
-    if r and r[2] == tok:
-        txs.res = None
-        n += 1
-    if n > k:
-        txs.save()
+    n += auth.app.tx.forget(tok)  # every EVSE's session state too (not the stored billing events)
     b = status(STATUS_ACCEPTED)
     b[F_COUNT] = n
     return b

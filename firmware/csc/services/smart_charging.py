@@ -1,8 +1,11 @@
 """E1 charging profiles, E5 DSO limit, E6 V2G (negative setpoints), E7 setpoint loop,
 E8 frequency droop, E2 demand response, E3 the EV's needs: everything that decides the power the EVSE may transfer.
 
-`target(evse, now, tx)` is the signed power for the hardware (≥ 0 charge limit, < 0
-discharge setpoint), recomputed every tick and at once when a limit arrives:
+`target(evse, tx, share)` is the signed power for the hardware (≥ 0 charge limit, < 0
+discharge setpoint), recomputed every tick and at once when a limit arrives. The limits for the
+board as a whole (a profile for EVSE 0 — among them the site's share, resource_manager —, the DSO
+limit, a demand response, a setpoint, the droop) are split equally among the `share` EVSEs that
+offer power (transactions.Transactions.apply); a profile for EVSE n and the rating hold for EVSE n:
 
 1. limit = hardware rating, lowered by the active profile of each purpose (highest
    stack level wins within a purpose; tx_default/tx only during a transaction; a tx
@@ -77,6 +80,11 @@ FAULT_DSO_MISSED = const(1001)
 _NOMINAL = const(50000)
 
 
+def _part(w, k):
+    """One of `k` equal parts of the signed power `w`, rounded towards 0 (k parts never exceed w)."""
+    return w // k if w >= 0 else -(-w // k)
+
+
 class SmartCharging(Service):
     # ".name": a rare command, name() of smart_charging_cmds.py, imported for the command and dropped again
     COMMANDS = (
@@ -102,7 +110,7 @@ class SmartCharging(Service):
         self.droop_w = None
         self._mv_next = 0
         self.dr = None  # [grid_event, limit_w, valid_to]
-        self.needs_sent = False
+        self.needs_sent = 0  # bit n-1: the EV at EVSE n had its needs sent
 
     def _evse(self, body, need=False):
         e = body.get(F_EVSE, 0 if not need else None)
@@ -110,28 +118,31 @@ class SmartCharging(Service):
             raise Refused("unknown evse %s" % e)
         return e
 
-    def _watts(self, w):
+    def _watts(self, w, k=1):
+        """Refused beyond the rating of the `k` EVSEs the power is for (the rating is an EVSE's)."""
         hal = self.app.hal
-        if w > hal.rating_w:
-            raise Refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w))
-        if w < -hal.rating_discharge_w:
-            raise Refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w))
+        if w > hal.rating_w * k:
+            raise Refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w * k))
+        if w < -hal.rating_discharge_w * k:
+            raise Refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w * k))
 
     # ---------------------------------------------------------------- commands
     def set_profile(self, body, seq):
         evse = self._evse(body, True)
         purpose = body[F_PURPOSE]
         # a site's share (resource manager: the gateway, which does not know this hardware) above
-        # the rating limits nothing more than the rating does; the CSMS's profiles must fit it
-        top = self.app.hal.rating_w if purpose == PROFILE_PURPOSE_RESOURCE_MANAGER else None
+        # the rating limits nothing more than the rating does; the CSMS's profiles must fit it.
+        # A profile for EVSE 0 is the board's: the rating of all its EVSEs
+        k = 1 if evse else self.app.hal.evses
+        top = self.app.hal.rating_w * k if purpose == PROFILE_PURPOSE_RESOURCE_MANAGER else None
         periods = []
         for p in body[F_PERIODS]:
             w = p[F_LIMIT_W]
             if top is not None and w > top:
                 w = top
-            self._watts(w)
+            self._watts(w, k)
             periods.append([p[F_START_S], w])
-        if purpose == PROFILE_PURPOSE_TX and not self.app.tx.active(evse or 1):
+        if purpose == PROFILE_PURPOSE_TX and not self.app.tx.active(evse):
             return status(STATUS_REJECTED, "no transaction on this evse")
         now = self.app.time()
         pid = body[F_PROFILE_ID]
@@ -168,7 +179,8 @@ class SmartCharging(Service):
     def on_setpoint(self, body, seq):
         w = body[F_SETPOINT_W]
         hal = self.app.hal
-        self.setpoint = max(-hal.rating_discharge_w, min(w, hal.rating_w))
+        k = hal.evses  # the board's setpoint, split among its EVSEs (target())
+        self.setpoint = max(-hal.rating_discharge_w * k, min(w, hal.rating_w * k))
         self.app.tx.apply()
         if self.loop is None:  # an event has no answer: what the board did is reported (the loop does it at its rate)
             self._measured(self.app.hal)
@@ -190,8 +202,9 @@ class SmartCharging(Service):
                 lim = w
         return lim
 
-    def limit(self, evse, tx):
-        """The signed power allowed now (before setpoints and droop)."""
+    def limit(self, evse, tx, share=1):
+        """The signed power allowed now on `evse` (before setpoints and droop), the board's own
+        limits split in `share` parts."""
         hal = self.app.hal
         t = self.app.time()
         best = {}  # type: dict  # purpose -> (stack level, watts)
@@ -204,6 +217,8 @@ class SmartCharging(Service):
             w = self._period(p, t)
             if w is None:
                 continue
+            if not p[1]:
+                w = _part(w, share)
             b = best.get(pur)
             if b is None or p[2] > b[0]:
                 best[pur] = (p[2], w)
@@ -223,7 +238,7 @@ class SmartCharging(Service):
                 self.dso = None
                 store.remove(store.path("dso"))
             else:
-                lim = min(lim, d[0])
+                lim = min(lim, d[0] // share)
                 if PROFILE_PURPOSE_DSO in best and best[PROFILE_PURPOSE_DSO][1] < lim:
                     lim = best[PROFILE_PURPOSE_DSO][1]
         r = self.dr
@@ -232,27 +247,30 @@ class SmartCharging(Service):
                 self.dr = None
             else:
                 floor = 0 if r[0] == GRID_EVENT_EMERGENCY else self.needs_w(evse)
-                lim = min(lim, max(r[1], floor))
+                lim = min(lim, max(r[1] // share, floor))
         if neg is not None:
             return neg
         return lim
 
-    def target(self, evse, tx):
+    def target(self, evse, tx, share=1):
         hal = self.app.hal
-        lim = self.limit(evse, tx)
+        lim = self.limit(evse, tx, share)
         w = lim
-        if self.setpoint is not None:
-            w = min(self.setpoint, lim) if lim >= 0 else self.setpoint
+        sp = self.setpoint
+        if sp is not None:
+            sp = _part(sp, share)
+            w = min(sp, lim) if lim >= 0 else sp
         dw = self._droop(hal.freq_mhz())
         if dw is not None:
+            dw = _part(dw, share)
             w = min(dw, lim) if lim >= 0 else dw
         if w < 0:
             if not hal.ev_discharge_ok(evse) or hal.rating_discharge_w <= 0:
                 return 0
             w = max(w, -hal.rating_discharge_w)
             d = self.dso
-            if d is not None and -w > d[0]:
-                w = -d[0]
+            if d is not None and -w > d[0] // share:
+                w = -(d[0] // share)
         return w
 
     def _droop(self, f):
@@ -276,7 +294,7 @@ class SmartCharging(Service):
         d = self.dso
         if d is not None and not d[3] and ticks_diff(now, d[2]) >= 0:
             d[3] = True
-            p = hal.meter(1)[2]
+            p = app.tx.power()
             ok = abs(p) <= d[0]
             app.note("dso_checked", {"power_w": p, "limit_w": d[0], "ok": ok})
             if not ok:
@@ -286,7 +304,7 @@ class SmartCharging(Service):
                 b[F_TIME] = app.time()
                 b[F_REASON] = "DSO limit not reached by the deadline"
                 app.emit(A_FAULT_REPORT, b, TELEMETRY)
-        if self.droop is not None and app.tx.active(1):
+        if self.droop is not None and app.tx.active():
             f = hal.freq_mhz()
             dw = self._droop(f)
             if dw != self.droop_w:
@@ -298,21 +316,8 @@ class SmartCharging(Service):
                 b[F_POWER_W] = app.tx.hw_limit
                 b[F_TIME] = app.time()
                 app.emit(A_FREQUENCY_RESPONSE, b, TELEMETRY)
-        n = hal.ev_needs(1)
-        if n is None:
-            self.needs_sent = False
-        elif not self.needs_sent:
-            self.needs_sent = True
-            b = Map()
-            b[F_EVSE] = 1
-            b[F_ENERGY_NEEDED_WH] = n[0]
-            b[F_DEPARTURE] = app.time() + n[1]
-            if n[2] is not None:
-                b[F_SOC] = n[2]
-            tx = app.tx.tx
-            if tx is not None:
-                b[F_TX_ID] = tx.id
-            app.emit(A_NOTIFY_EV_NEEDS, b, TELEMETRY)
+        for e in app.tx.e:
+            self._needs(e)
         lp = self.loop
         if lp is not None and ticks_diff(now, lp[2]) >= 0:
             if lp[1] is not None and ticks_diff(now, lp[1]) >= 0:
@@ -322,10 +327,30 @@ class SmartCharging(Service):
             lp[2] = now + lp[0]
             self._measured(hal)
 
+    def _needs(self, e):
+        """E3: the needs of the EV at EVSE `e`, once per plug-in."""
+        app = self.app
+        n = app.hal.ev_needs(e.n)
+        bit = 1 << (e.n - 1)
+        if n is None:
+            self.needs_sent &= ~bit
+        elif not self.needs_sent & bit:
+            self.needs_sent |= bit
+            b = Map()
+            b[F_EVSE] = e.n
+            b[F_ENERGY_NEEDED_WH] = n[0]
+            b[F_DEPARTURE] = app.time() + n[1]
+            if n[2] is not None:
+                b[F_SOC] = n[2]
+            tx = e.tx
+            if tx is not None:
+                b[F_TX_ID] = tx.id
+            app.emit(A_NOTIFY_EV_NEEDS, b, TELEMETRY)
+
     def _measured(self, hal):
         b = Map()
         b[F_EVSE] = 1
-        b[F_POWER_W] = hal.meter(1)[2]
+        b[F_POWER_W] = self.app.tx.power()  # the board's: a setpoint is the board's too
         if self.setpoint is not None:
             b[F_SETPOINT_W] = self.setpoint
         b[F_FREQ_MHZ] = hal.freq_mhz()

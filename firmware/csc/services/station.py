@@ -68,21 +68,23 @@ class Station(Service):
         e = body.get(F_EVSE, 1)
         if e < 0 or e > self.app.hal.evses:
             raise Refused("unknown evse %d" % e)
+        return e
 
     # ---------------------------------------------------------------- urgent
     def unlock(self, body, seq):
-        self._evse(body)
+        n = self._evse(body) or 1  # the connector of EVSE n: its transaction only
         tx = self.app.tx
-        if tx.active():
-            tx.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP)
-        self.app.hal.set_lock(False, 1)
+        if tx.active(n):
+            tx.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP, n)
+        self.app.hal.set_lock(False, n)
         self.app.note("unlocked")
         return status(STATUS_ACCEPTED)
 
     def _stop_now(self, reason):
         hal = self.app.hal
-        hal.set_contactor(False, 1)  # first, before anything that may fail
-        hal.set_limit_w(0, 1)
+        for n in range(1, hal.evses + 1):  # every EVSE's, first, before anything that may fail
+            hal.set_contactor(False, n)
+            hal.set_limit_w(0, n)
         self.estop = True
         self._save()
         tx = self.app.tx

@@ -29,7 +29,7 @@ def trigger(st, body, seq):
     a = body[F_REQUESTED_ACTION]
     app = st.app
     if a == A_STATUS_NOTIFICATION:
-        app.tx.status = None  # the next tick reports it
+        app.tx.online()  # the next tick reports every EVSE's
     elif a == A_HEARTBEAT:
         app._hb_due = app.now()
     elif a == A_TIME_SYNC:

@@ -1,18 +1,19 @@
 """Sessions and transactions (63110-1 clause 6, Annex C), S1 reservations, S2/S3 start
 and stop, S4/S5 tariffs and running cost, S6 the SDR data of the final TransactionEvent.
 
-Per EVSE (docs/firmware.md, "Sessions"): a *service session* is one customer's service at
-the EVSE, from the first interaction (card accepted, remote start, reservation use, plug-in)
-until the customer is done: the EV unplugged (after its last transaction), or no EV connected
-within TxCtrlr.EVConnectionTimeOut of the authorization (S3: the authorization is dropped, so
-a later plug-in never charges on it). It holds the *charging session* (plug-in to unplug) and
-one or more *transactions*: a tariff change splits the running transaction (ended + started,
-trigger tariff_changed, at one meter reading, the contactor untouched), a stop by card with
-the EV still plugged and a new start by card make a second one. The flat session fee goes
-with the service session's first transaction only. The end of a service session is a durable
-SessionEvent (why: ev_disconnected, timeout, power_loss). Every id comes from the device's id
-counter (ids.py), unique for the device's life; the site and the CSMS make them global with
-the device's id. All three ids travel in every TransactionEvent.
+Per EVSE (docs/firmware.md, "Sessions"; a board with several EVSEs runs one `Evse` each, built
+at boot for `hal.evses`, each with its own state file `tx<n>`, and a session on each at once): a
+*service session* is one customer's service at the EVSE, from the first interaction (card
+accepted, remote start, reservation use, plug-in) until the customer is done: the EV unplugged
+(after its last transaction), or no EV connected within TxCtrlr.EVConnectionTimeOut of the
+authorization (S3: the authorization is dropped, so a later plug-in never charges on it). It
+holds the *charging session* (plug-in to unplug) and one or more *transactions*: a tariff change
+splits the running transaction (ended + started, trigger tariff_changed, at one meter reading,
+the contactor untouched), a stop by card with the EV still plugged and a new start by card make
+a second one. The flat session fee goes with the service session's first transaction only. The
+end of a service session is a durable SessionEvent (why: ev_disconnected, timeout, power_loss).
+Every id comes from the device's id counter (ids.py), unique for the device's life; the site and
+the CSMS make them global with the device's id. All three ids travel in every TransactionEvent.
 
 Each TransactionEvent is durable (outbox class TX) and numbered by `seq_no` from 0 within
 its transaction; the EVSE state (`tx<evse>` on flash) is saved right after the event is
@@ -116,7 +117,7 @@ from . import Refused, Service, status
 
 
 class Tx:
-    """The running transaction (saved on flash with the EVSE state)."""
+    """The running transaction of an EVSE (saved on flash with the EVSE state)."""
 
     def __init__(self, tid, seq=0, tok=None, tt=0, rsid=None, res=None, wh0=0, t0=0, tariff=None, out0=0, fee=True):
         self.id = tid
@@ -136,20 +137,14 @@ class Tx:
                 self.fee]  # fmt: skip
 
 
-class Transactions(Service):
-    # ".name": a rare command, name() of transactions_cmds.py, imported for the command and dropped again
-    COMMANDS = (
-        A_REQUEST_START_TRANSACTION, "remote_start",
-        A_REQUEST_STOP_TRANSACTION, "remote_stop",
-        A_RESERVE_NOW, ".reserve",
-        A_CANCEL_RESERVATION, ".cancel_reservation",
-        A_SET_TARIFF, ".set_tariff",
-        A_COST_UPDATE, ".cost_update",
-    )  # fmt: skip
+class Evse:
+    """One EVSE's sessions: its service and charging session, transaction, authorization,
+    reservation, tariff, power offer and status; saved on flash as `tx<n>`."""
 
-    def __init__(self, app):
-        super().__init__(app)
-        self.p = store.path("tx1")
+    def __init__(self, app, n):
+        self.app = app
+        self.n = n
+        self.p = store.path("tx%d" % n)
         self.svc = 0  # service session id
         self.chg = 0  # charging session id
         self.tx = None  # the running Tx
@@ -171,8 +166,6 @@ class Transactions(Service):
         self.status = None
         self._next_update = 0
         self._on = False
-        self.inoperative = False  # unavailable or emergency-stopped (services/station.py)
-        self.last_tok = None
 
     def save(self):
         tx = self.tx
@@ -180,66 +173,65 @@ class Transactions(Service):
         store.save(self.p, [self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last,
                             self.wait, self.fee_due])  # fmt: skip
 
-    def active(self, evse=1):
-        return self.tx is not None
+    def free(self, tok=None):
+        """No transaction and no authorization waiting here, and not reserved for another token."""
+        r = self.res
+        return self.tx is None and self.auth is None and not (r and r[2] != tok)
 
     # ---------------------------------------------------------------- boot recovery
+    def recovered(self, b):
+        """One stored TransactionEvent of this EVSE replayed onto the saved state (see recover());
+        True when it changed it."""
+        tx = self.tx
+        tid = b[F_TX_ID]
+        if tx is not None and tid == tx.id:
+            changed = False
+            if b[F_SEQ_NO] >= tx.seq:
+                tx.seq = b[F_SEQ_NO] + 1
+                changed = True
+            if b[F_EVENT] == TX_EVENT_ENDED:
+                self.tx = None
+                self.last = tid
+                changed = True
+            return changed
+        if tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.last:
+            # stored, but the power went before the state was saved
+            self.tx = Tx(
+                tid,
+                b[F_SEQ_NO] + 1,
+                b.get(F_ID_TOKEN),
+                b.get(F_TOKEN_TYPE, 0),
+                None,
+                None,
+                b.get(F_ENERGY_WH, 0),
+                b.get(F_TIME, 0),
+                b.get(F_TARIFF_ID),
+                b.get(F_METER_START_OUT_WH, 0),
+            )
+            self.svc = b.get(F_SESSION_ID, 0)
+            return True
+        return False
+
     def boot(self):
-        self.recover()
         if self.tx is not None:  # the power went while charging
             self.stop(STOP_REASON_POWER_LOSS, TX_TRIGGER_ABNORMAL_CONDITION)
         if self.svc:
             self.svc_end(STOP_REASON_POWER_LOSS)
         self.save()
 
-    def recover(self):
-        ob = self.app.outbox
-        changed = False
-        for r in ob.records(A_TRANSACTION_EVENT):
-            b = ob.load(r[0])
-            if b is None:
-                continue
-            tx = self.tx
-            tid = b[F_TX_ID]
-            if tx is not None and tid == tx.id:
-                if b[F_SEQ_NO] >= tx.seq:
-                    tx.seq = b[F_SEQ_NO] + 1
-                    changed = True
-                if b[F_EVENT] == TX_EVENT_ENDED:
-                    self.tx = None
-                    self.last = tid
-                    changed = True
-            elif tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.last:
-                # stored, but the power went before the state was saved
-                self.tx = Tx(
-                    tid,
-                    b[F_SEQ_NO] + 1,
-                    b.get(F_ID_TOKEN),
-                    b.get(F_TOKEN_TYPE, 0),
-                    None,
-                    None,
-                    b.get(F_ENERGY_WH, 0),
-                    b.get(F_TIME, 0),
-                    b.get(F_TARIFF_ID),
-                    b.get(F_METER_START_OUT_WH, 0),
-                )
-                self.svc = b.get(F_SESSION_ID, 0)
-                changed = True
-        if changed:
-            self.save()
-
     # ---------------------------------------------------------------- events
     def _event(self, ev, trigger, extra=None):
         app = self.app
         tx = self.tx
         hal = app.hal
-        m = hal.meter(1)
+        n = self.n
+        m = hal.meter(n)
         b = Map()
         b[F_EVENT] = ev
         b[F_TX_ID] = tx.id
         b[F_SEQ_NO] = tx.seq
         b[F_TRIGGER] = trigger
-        b[F_EVSE] = 1
+        b[F_EVSE] = n
         b[F_ENERGY_WH] = m[0]
         b[F_ENERGY_OUT_WH] = m[1]
         b[F_POWER_W] = m[2]
@@ -262,7 +254,7 @@ class Transactions(Service):
             if tx.res is not None:
                 b[F_RESERVATION_ID] = tx.res
         if ev != TX_EVENT_UPDATED:
-            sm = hal.signed_meter(1)
+            sm = hal.signed_meter(n)
             if sm:
                 b[F_SIGNED_METER] = sm
         if extra:
@@ -275,10 +267,10 @@ class Transactions(Service):
 
     def _charging_state(self):
         hal = self.app.hal
-        cp = hal.cp_state(1)
+        cp = hal.cp_state(self.n)
         if cp == CP_STATE_A:
             return 0
-        p = hal.meter(1)[2]
+        p = hal.meter(self.n)[2]
         if p > 0:
             return CHARGING_STATE_CHARGING
         if p < 0:
@@ -303,7 +295,7 @@ class Transactions(Service):
         b = Map()
         b[F_EVENT] = TX_EVENT_ENDED
         b[F_SESSION_ID] = self.svc
-        b[F_EVSE] = 1
+        b[F_EVSE] = self.n
         b[F_TIME] = app.time()
         b[F_STOP_REASON] = reason
         if self.chg:
@@ -312,7 +304,7 @@ class Transactions(Service):
         if a and a[2] is not None:
             b[F_REMOTE_START_ID] = a[2]
         app.emit(A_SESSION_EVENT, b, TX)
-        app.note("svc_ended", {"svc": self.svc, "reason": reason})
+        app.note("svc_ended", {"svc": self.svc, "reason": reason, "evse": self.n})
         self.svc = self.chg = self.wait = 0
         self.auth = None
         self.fee_due = False
@@ -321,7 +313,7 @@ class Transactions(Service):
     def await_ev(self):
         """An authorization was given with no EV plugged: it waits TxCtrlr.EVConnectionTimeOut."""
         app = self.app
-        self.wait = 0 if app.hal.plugged(1) else app.time() + app.cfg.get("TxCtrlr", "EVConnectionTimeOut")
+        self.wait = 0 if app.hal.plugged(self.n) else app.time() + app.cfg.get("TxCtrlr", "EVConnectionTimeOut")
 
     @staticmethod
     def _sample(measurand, v, t):
@@ -335,11 +327,11 @@ class Transactions(Service):
         a = self.auth
         app = self.app
         self.svc_open()
-        if not self.chg and app.hal.plugged(1):
+        if not self.chg and app.hal.plugged(self.n):
             self.chg = app.ids.next()
         self.wait = 0
         if m is None:
-            m = app.hal.meter(1)
+            m = app.hal.meter(self.n)
         wh, out, t = m[0], m[1], app.time()
         tariff = self.tariff
         tx = Tx(
@@ -352,26 +344,26 @@ class Transactions(Service):
         self.res_used = None
         smp = [self._sample(MEASURAND_ENERGY_IMPORT_WH, wh, t), self._sample(MEASURAND_ENERGY_EXPORT_WH, out, t)]
         ok = self._event(TX_EVENT_STARTED, trigger, {F_SAMPLES: smp, F_METER_START_WH: wh, F_METER_START_OUT_WH: out})
-        app.note("tx_started", {"tx_id": tx.id, "ok": ok})
+        app.note("tx_started", {"tx_id": tx.id, "ok": ok, "evse": self.n})
         self._next_update = app.now() + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
-        self.apply()
-        return self.tx.id
+        app.tx.apply()  # every EVSE: the board's limit is now shared with this one too
+        return tx.id
 
     def stop(self, reason, trigger):
         if self.tx is None:
             return
         hal = self.app.hal
-        hal.set_contactor(False, 1)
-        hal.set_limit_w(0, 1)
+        hal.set_contactor(False, self.n)
+        hal.set_limit_w(0, self.n)
         self.hw_limit = 0
         self._on = False
-        self.end(reason, trigger, hal.meter(1))
+        self.end(reason, trigger, hal.meter(self.n))
 
     def split(self, reason, trigger):
         """S4: the running transaction ends and the next starts at the same meter reading; the
         power path is not touched, so the EV charges on without a gap."""
         tx = self.tx
-        m = self.app.hal.meter(1)
+        m = self.app.hal.meter(self.n)
         self.auth = [tx.tok, tx.tt, tx.rsid]
         self.end(reason, trigger, m)
         self.start(trigger, m)
@@ -393,35 +385,35 @@ class Transactions(Service):
         self.tx = None
         self.last = tid
         self.save()
-        app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx.wh0})
+        app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx.wh0, "evse": self.n})
 
     # ---------------------------------------------------------------- power
-    def apply(self):
-        """Recompute the power target and give it to the hardware at once."""
+    def offer(self):
+        """The pilot's PWM (the offer, from the limit) comes with the transaction while an EV is
+        plugged (B or C): a real EV closes S2 (B → C) only once offered current."""
+        return self.tx is not None and self.app.hal.cp_state(self.n) != CP_STATE_A and not self.app.tx.inoperative
+
+    def apply(self, share, lower):
+        """Give the hardware this EVSE's power target (its part of the board's limits: 1/`share`);
+        `lower`: only if it is lower than the one it has (Transactions.apply)."""
         hal = self.app.hal
-        # The offer (the pilot's PWM, from the limit) comes with the transaction while an EV
-        # is plugged (B or C): a real EV closes S2 (B → C) only once offered current. The
-        # contactor closes only in C.
-        cp = hal.cp_state(1)
-        offer = self.tx is not None and cp != CP_STATE_A and not self.inoperative
-        w = self.app.sc.target(1, True) if offer else 0
-        if w != self.hw_limit:
-            hal.set_limit_w(w, 1)
+        n = self.n
+        offer = self.offer()
+        w = self.app.sc.target(n, True, share) if offer else 0
+        if w != self.hw_limit and (not lower or w < self.hw_limit):
+            hal.set_limit_w(w, n)
             self.hw_limit = w
-        on = offer and hal.cp_state(1) == CP_STATE_C
+        on = offer and hal.cp_state(n) == CP_STATE_C  # the contactor closes only in C
         if on != self._on:
-            hal.set_contactor(on, 1)
+            hal.set_contactor(on, n)
             self._on = on
 
     # ---------------------------------------------------------------- tick
     def tick(self, now):
         app = self.app
         hal = app.hal
-        if hal.flags & FLAG_CARD:
-            c = hal.take_card()
-            if c is not None:
-                self.card(c[0], c[1])
-        cp = hal.cp_state(1)
+        n = self.n
+        cp = hal.cp_state(n)
         plugged = cp != CP_STATE_A
         tx = self.tx
         if tx is not None and not plugged:
@@ -442,8 +434,8 @@ class Transactions(Service):
         if r and r[1] <= app.time():
             self.res = None
             self.save()
-            self._res_update(r[0], RESERVATION_STATUS_EXPIRED)
-        self.apply()
+            app.tx._res_update(r[0], RESERVATION_STATUS_EXPIRED)
+        app.tx.apply()  # (every EVSE's: a session that began or ended here changes their shares)
         if tx is not None:
             if self._charging_state() != self.state:
                 self._event(TX_EVENT_UPDATED, TX_TRIGGER_CHARGING_STATE_CHANGED)
@@ -452,10 +444,11 @@ class Transactions(Service):
                 self._event(TX_EVENT_UPDATED, TX_TRIGGER_METER_VALUE_PERIODIC)
             t = self.tariff
             if t:
-                hal.display("%s %d.%02d" % (t[2], self.cost(hal.meter(1)[0]) // 100, self.cost(hal.meter(1)[0]) % 100))
+                c = self.cost(hal.meter(n)[0])
+                hal.display("%s %d.%02d" % (t[2], c // 100, c % 100))
         else:
             self.state = None
-        if self.inoperative and tx is None:
+        if app.tx.inoperative and tx is None:
             st = CONNECTOR_STATUS_UNAVAILABLE
         elif plugged:
             st = CONNECTOR_STATUS_OCCUPIED
@@ -464,85 +457,56 @@ class Transactions(Service):
         if st != self.status:
             self.status = st
             b = Map()
-            b[F_EVSE] = 1
+            b[F_EVSE] = n
             b[F_STATE] = st
             b[F_CP_STATE] = cp
             b[F_TIME] = app.time()
             app.emit(A_STATUS_NOTIFICATION, b)
 
-    def online(self):
-        self.status = None  # report the connector status again
-
     # ---------------------------------------------------------------- authorization
     def card(self, tok, tt):
         tx = self.tx
-        self.last_tok = tok
+        app = self.app
         if tx is not None:
             if tx.tok == tok:
                 self.stop(STOP_REASON_LOCAL, TX_TRIGGER_STOP_AUTHORIZED)
             else:
-                self.app.note("card_ignored", {"why": "busy"})
+                app.note("card_ignored", {"why": "busy", "evse": self.n})
             return
-        if self.inoperative:
-            self.app.note("auth", {"status": "unavailable"})
+        if app.tx.inoperative:
+            app.note("auth", {"status": "unavailable"})
             return
         r = self.res
         if r and r[2] != tok:
-            self.app.note("auth", {"status": "reserved"})
+            app.note("auth", {"status": "reserved"})
             return
 
         def done(st, src):
-            self.app.note("auth", {"status": st, "source": src})
+            app.note("auth", {"status": st, "source": src, "evse": self.n})
             if st != AUTH_STATUS_ACCEPTED or self.tx is not None:
                 return
             if r:
                 self.res = None
                 self.res_used = r[0]
-                self._res_update(r[0], RESERVATION_STATUS_USED)
+                app.tx._res_update(r[0], RESERVATION_STATUS_USED)
             self.auth = [tok, tt, None]
             self.svc_open()
             self.await_ev()
             self.save()
-            if self.app.hal.plugged(1):
+            if app.hal.plugged(self.n):
                 self.start(TX_TRIGGER_AUTHORIZED)
 
-        self.app.auth.check(tok, tt, done)
+        app.auth.check(tok, tt, done)
 
-    # ---------------------------------------------------------------- S3 remote start / stop
-    def remote_start(self, body, seq):
-        evse = body.get(F_EVSE, 1)
-        if evse < 1 or evse > self.app.hal.evses:
-            raise Refused("unknown evse %d" % evse)
-        if self.tx is not None:
-            return status(STATUS_REJECTED, "evse occupied by a transaction")
-        if self.inoperative:
-            return status(STATUS_REJECTED, "evse unavailable")
-        tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
-        r = self.res
-        if r and r[2] != tok:
-            return status(STATUS_REJECTED, "evse reserved for another token")
-        self.auth = [tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID]]
+    def remote_start(self, tok, tt, rsid):
+        self.auth = [tok, tt, rsid]
         self.svc_open()
         self.await_ev()
         self.save()
         b = status(STATUS_ACCEPTED)
-        if self.app.hal.plugged(1):
+        if self.app.hal.plugged(self.n):
             b[F_TX_ID] = self.start(TX_TRIGGER_REMOTE_START)
         return b
-
-    def remote_stop(self, body, seq):
-        tx = self.tx
-        if tx is None or tx.id != body[F_TX_ID]:
-            return status(STATUS_REJECTED, "no such transaction")
-        self.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP)
-        return status(STATUS_ACCEPTED)
-
-    # ---------------------------------------------------------------- S1 reservations
-    def _res_update(self, rid, st):
-        b = Map()
-        b[F_RESERVATION_ID] = rid
-        b[F_RES_STATUS] = st
-        self.app.emit(A_RESERVATION_UPDATE, b, BILLING)
 
     # ---------------------------------------------------------------- S4/S5 tariffs
     def cost(self, wh):
@@ -553,6 +517,194 @@ class Transactions(Service):
             return 0
         mins = max(0, self.app.time() - tx.t0) // 60
         return (t[3] if tx.fee else 0) + t[1] * (wh - tx.wh0) // 1000 + t[4] * mins
+
+
+class Transactions(Service):
+    """The service: the board's EVSEs (`e`, EVSE n is e[n - 1]), the commands routed to the right
+    one, and what concerns the board as a whole (availability, the split of its power limits)."""
+
+    # ".name": a rare command, name() of transactions_cmds.py, imported for the command and dropped again
+    COMMANDS = (
+        A_REQUEST_START_TRANSACTION, "remote_start",
+        A_REQUEST_STOP_TRANSACTION, "remote_stop",
+        A_RESERVE_NOW, ".reserve",
+        A_CANCEL_RESERVATION, ".cancel_reservation",
+        A_SET_TARIFF, ".set_tariff",
+        A_COST_UPDATE, ".cost_update",
+    )  # fmt: skip
+
+    def __init__(self, app):
+        super().__init__(app)
+        self.e = [Evse(app, n) for n in range(1, app.hal.evses + 1)]
+        self.hw_limit = 0  # the board's: the sum of its EVSEs' power targets
+        self.inoperative = False  # unavailable or emergency-stopped (services/station.py)
+
+    def active(self, evse=0):
+        """A transaction runs on EVSE `evse` (0: on any)."""
+        for e in self.e:  # noqa: SIM110 — any() would allocate a generator
+            if e.tx is not None and evse in (0, e.n):
+                return True
+        return False
+
+    def stop(self, reason, trigger, evse=0):
+        """Ends the transaction of EVSE `evse` (0: of every EVSE)."""
+        for e in self.e:
+            if evse in (0, e.n):
+                e.stop(reason, trigger)
+        self.apply()
+
+    def power(self):
+        """The board's power now (W, the sum over its EVSEs)."""
+        p = 0
+        for e in self.e:
+            p += self.app.hal.meter(e.n)[2]
+        return p
+
+    def forget(self, tok):
+        """M10: the token's authorization waiting for an EV and its reservations are dropped
+        (a running transaction keeps its token: it is billed with it). The number dropped."""
+        k = 0
+        for e in self.e:
+            n = k
+            a = e.auth
+            if a and a[0] == tok and e.tx is None:
+                e.auth = None
+                k += 1
+            r = e.res
+            if r and r[2] == tok:
+                e.res = None
+                k += 1
+            if k > n:
+                e.save()
+        return k
+
+    # ---------------------------------------------------------------- boot recovery
+    def boot(self):
+        self.recover()
+        for e in self.e:
+            e.boot()
+
+    def recover(self):
+        """At boot, the stored TransactionEvents of each EVSE replayed onto its saved state: the
+        state file is saved right after each event is stored, so a power cut in between left
+        the event and not the state (see the module's doc)."""
+        ob = self.app.outbox
+        changed = 0  # bit n-1: EVSE n
+        for r in ob.records(A_TRANSACTION_EVENT):
+            b = ob.load(r[0])
+            if b is None:
+                continue
+            n = b.get(F_EVSE, 1)
+            if 1 <= n <= len(self.e) and self.e[n - 1].recovered(b):
+                changed |= 1 << (n - 1)
+        for e in self.e:
+            if changed & (1 << (e.n - 1)):
+                e.save()
+
+    # ---------------------------------------------------------------- power
+    def apply(self):
+        """Recompute the power targets and give them to the hardware at once. The board's own
+        limits (its share of the site, DSO, demand response, setpoint, profiles for EVSE 0) are
+        split equally among the EVSEs offering power (a transaction and an EV plugged), so their
+        sum holds it whatever each EV does; lowered ones first, so the sum never exceeds it."""
+        k = 0
+        for e in self.e:
+            if e.offer():
+                k += 1
+        for e in self.e:
+            e.apply(k or 1, True)
+        w = 0
+        for e in self.e:
+            e.apply(k or 1, False)
+            w += e.hw_limit
+        self.hw_limit = w
+
+    # ---------------------------------------------------------------- tick
+    def tick(self, now):
+        hal = self.app.hal
+        if hal.flags & FLAG_CARD:
+            c = hal.take_card()
+            if c is not None:
+                self.card(c[0], c[1], c[2] if len(c) > 2 else 0)
+        for e in self.e:
+            e.tick(now)
+
+    def online(self):
+        for e in self.e:
+            e.status = None  # report the connector status again
+
+    # ---------------------------------------------------------------- authorization
+    def card(self, tok, tt, n):
+        """A card at the reader of EVSE `n`, or (n = 0) at the board's one reader: it stops the
+        transaction it started, else it is for the EVSE reserved for it, else the first free
+        one with an EV plugged, else the first free one."""
+        es = self.e
+        if n > len(es):
+            self.app.note("card_ignored", {"why": "no evse %d" % n})
+            return
+        if not n:
+            for e in es:  # its transaction, or its authorization waiting for the EV
+                a = e.tx.tok if e.tx is not None else e.auth and e.auth[0]
+                if a == tok:
+                    e.card(tok, tt)
+                    return
+            for e in es:
+                r = e.res
+                if e.tx is None and r and r[2] == tok:
+                    n = e.n
+                    break
+            for e in es:
+                if not n and e.free(tok) and self.app.hal.plugged(e.n):
+                    n = e.n
+            for e in es:
+                if not n and e.free(tok):
+                    n = e.n
+        es[(n or 1) - 1].card(tok, tt)
+
+    # ---------------------------------------------------------------- S3 remote start / stop
+    def remote_start(self, body, seq):
+        n = body.get(F_EVSE, 0)
+        es = self.e
+        if n > len(es):
+            raise Refused("unknown evse %d" % n)
+        tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
+        if not n:  # any EVSE: the first free one
+            for e in es:
+                if not n and e.free(tok):
+                    n = e.n
+            if not n:
+                return status(STATUS_REJECTED, "every evse occupied")
+        e = es[n - 1]
+        if e.tx is not None:
+            return status(STATUS_REJECTED, "evse occupied by a transaction")
+        if self.inoperative:
+            return status(STATUS_REJECTED, "evse unavailable")
+        r = e.res
+        if r and r[2] != tok:
+            return status(STATUS_REJECTED, "evse reserved for another token")
+        return e.remote_start(tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID])
+
+    def by_tx(self, tid):
+        """The EVSE running transaction `tid`, or None."""
+        for e in self.e:
+            if e.tx is not None and e.tx.id == tid:
+                return e
+        return None
+
+    def remote_stop(self, body, seq):
+        e = self.by_tx(body[F_TX_ID])
+        if e is None:
+            return status(STATUS_REJECTED, "no such transaction")
+        e.stop(STOP_REASON_REMOTE, TX_TRIGGER_REMOTE_STOP)
+        self.apply()
+        return status(STATUS_ACCEPTED)
+
+    # ---------------------------------------------------------------- S1 reservations
+    def _res_update(self, rid, st):
+        b = Map()
+        b[F_RESERVATION_ID] = rid
+        b[F_RES_STATUS] = st
+        self.app.emit(A_RESERVATION_UPDATE, b, BILLING)
 
 
 _unused = (CHARGING_STATE_EV_CONNECTED, F_REASON, F_STATUS)

@@ -77,6 +77,18 @@ def _key(it: Relayed) -> dict[str, Any]:
     return {"site_id": it.site_id, "device_id": it.device_id}
 
 
+def _evse_gid(it: Relayed, evse: object) -> str | None:
+    """The global id of the frame's EVSE: the gateway's, else the site's rule for it
+    (`gid.evse_gid`: site, device and EVSE number, as the roaming operator names it), so that
+    the EVSEs of a board with several are told apart; None if the site id is not a global one."""
+    if it.evse_gid:
+        return it.evse_gid
+    try:
+        return gid.evse_gid(it.site_id, it.device_id, int(evse) if isinstance(evse, int) and evse else 1)
+    except gid.GidError:
+        return None
+
+
 def _answer(ctx: Ctx, it: Relayed, body: dict[Any, Any], now: float) -> None:
     cmds.enqueue(
         ctx.store, it.site_id, cmds.answer(it.device_id, it.frame.msg_id, it.frame.action, body), now, ctx.signer
@@ -139,7 +151,7 @@ def status_notification(ctx: Ctx, it: Relayed, now: float) -> None:
             "state": b[Key.STATE],
             "cp_state": b.get(Key.CP_STATE),
             "time": it.time(),
-            "evse_gid": it.evse_gid,
+            "evse_gid": _evse_gid(it, b[Key.EVSE]),
         },
     )
 
@@ -445,7 +457,7 @@ def transaction_event(ctx: Ctx, it: Relayed, now: float) -> None:
     update: dict[str, Any] = {
         **key,
         "evse": b[Key.EVSE],
-        "evse_gid": it.evse_gid or row.get("evse_gid"),
+        "evse_gid": _evse_gid(it, b[Key.EVSE]) or row.get("evse_gid"),
         "tx_gid": global_id(ctx.settings, it.site_id, it.device_id, "T", b[Key.TX_ID]),
     }
     token = it.token()
@@ -493,7 +505,7 @@ def transaction_event(ctx: Ctx, it: Relayed, now: float) -> None:
                     "session_id": session,
                     "session_gid": update["session_gid"],
                     "evse": b[Key.EVSE],
-                    "evse_gid": it.evse_gid,
+                    "evse_gid": _evse_gid(it, b[Key.EVSE]),
                     "started": it.time(),
                     "state": "active",
                 },
@@ -518,7 +530,7 @@ def session_event(ctx: Ctx, it: Relayed, now: float) -> None:
             **key,
             "session_gid": global_id(ctx.settings, it.site_id, it.device_id, "S", session),
             "evse": b[Key.EVSE],
-            "evse_gid": it.evse_gid or row.get("evse_gid"),
+            "evse_gid": _evse_gid(it, b[Key.EVSE]) or row.get("evse_gid"),
             "charging_session_id": b.get(Key.CHARGING_SESSION_ID),
             "remote_start_id": b.get(Key.REMOTE_START_ID),
             "started": row.get("started") or it.time(),
