@@ -90,6 +90,7 @@ def test_settlement_reaches_a_party_that_was_down(tmp_path: Path) -> None:
         async with running(tmp_path, "clearing_house") as net:
             await net.cso.publish_tariff(TARIFF)
             net.csp.add_customer("04SETTLE")
+            await net.csp.distribute_tokens()  # the CSO and the CH learn the card's home (R4-2)
             sid = (await net.cso.token_presented(EVSES[0], "04SETTLE"))["roaming_session_id"]
             await net.cso.session_progress(sid, 3000, 7000)
             done = await net.cso.session_ended(sid, 3000)

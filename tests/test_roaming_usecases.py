@@ -71,8 +71,13 @@ def test_r2_1_tariff_push_and_r2_2_pull(tmp_path: Path, mode: str) -> None:
         assert json.loads(row[0])["price_kwh"] == 45
         net.csp.store.exec("DELETE FROM tariffs")
         answer = await net.csp.pull_tariffs(CSO)
-        assert answer == {"status": "accepted", "tariff_id": 7, "price_kwh": 45, "currency": "EUR"}
-        assert net.csp.store.get("SELECT tariff_id FROM tariffs WHERE operator_id=?", CSO)[0] == 7
+        every = TARIFF | {"price_min": 0, "valid_from": 0}
+        del every["operator_id"]
+        assert answer == {"status": "accepted", **every, "tariffs": [every]}  # every element, price_session too
+        assert json.loads(net.csp.store.get("SELECT body FROM tariffs WHERE operator_id=?", CSO)[0]) == {
+            **every,
+            "operator_id": CSO,
+        }
         expect_route(net, "GetTariffs", CSP, CSO)
 
     run(tmp_path, mode, scenario)
@@ -115,6 +120,7 @@ def test_r3_1_local_start_and_the_whole_session(tmp_path: Path, mode: str) -> No
     async def scenario(net: Net) -> None:
         await net.cso.publish_tariff(TARIFF)
         net.csp.add_customer("04A1B2C3D4")
+        await net.csp.distribute_tokens()  # the card's home is known from its list (R4-2): nobody else sees it
         answer = await net.cso.token_presented(EVSES[0], "04A1B2C3D4", "rfid")
         assert answer["auth_status"] == "accepted" and answer["result"] == "accepted"
         sid = answer["roaming_session_id"]
@@ -172,9 +178,16 @@ def test_r4_1_online_identification_answers_per_token(tmp_path: Path, mode: str)
     async def scenario(net: Net) -> None:
         net.csp.add_customer("BLOCKED1", status="blocked")
         net.csp.add_customer("OLD1", expiry=int(net.clock()) - 1)
+        net.csp.add_customer("LATER1")
+        await net.csp.distribute_tokens()
+        net.csp.add_customer("LATER1", status="blocked")  # after the list: only the online answer knows
         assert (await net.cso.token_presented(EVSES[0], "BLOCKED1"))["auth_status"] == "blocked"
         assert (await net.cso.token_presented(EVSES[0], "OLD1"))["auth_status"] == "expired"
+        assert (await net.cso.token_presented(EVSES[0], "LATER1"))["auth_status"] == "blocked"
+        asked = len(routed(net, "AuthorizeRoaming"))
         assert (await net.cso.token_presented(EVSES[0], "STRANGER"))["auth_status"] == "unknown"
+        assert len(routed(net, "AuthorizeRoaming")) == asked  # the CH passed the unknown card to no CSP
+        assert "STRANGER" not in json.dumps(net.csp.store.snapshot())
         assert net.operator.evses[EVSES[0]].status == "available"
         assert net.cso.store.get("SELECT COUNT(*) FROM sessions")[0] == 0
 
@@ -203,6 +216,8 @@ def test_r5_2_r5_3_emergency_unlock(tmp_path: Path, mode: str) -> None:
         assert (await net.csp.unlock(EVSES[0], sid, "cable stuck"))["result"] == "accepted"  # R5-2
         assert (await net.csp.unlock(EVSES[1], None, "activation failed"))["result"] == "accepted"  # R5-3
         assert net.operator.evses[EVSES[0]].unlocked == 1 and net.operator.evses[EVSES[1]].unlocked == 1
+        # the unlocked session is over at both ends (it stayed active before)
+        assert (net.cso.session(sid)["state"], net.csp.session(sid)["state"]) == ("stopping", "unlocked")
 
     run(tmp_path, mode, scenario)
 
@@ -231,6 +246,7 @@ def test_m10_delete_user_data_follows_the_data(tmp_path: Path, mode: str) -> Non
 def test_retention_purges_personal_data(tmp_path: Path, mode: str) -> None:
     async def scenario(net: Net) -> None:
         net.csp.add_customer("04AGED01")
+        await net.csp.distribute_tokens()
         sid = (await net.cso.token_presented(EVSES[0], "04AGED01"))["roaming_session_id"]
         assert net.cso.purge() == 0
         net.clock.advance(net.cfgs["cso"].retention_s + 1)

@@ -45,7 +45,7 @@ GID_FIELDS: Final[dict[str, str]] = {
 #: list fields whose items are global ids
 GID_ITEMS: Final[dict[str, str]] = {"sdrs": "R"}
 
-ROAMING_CODES: Final = range(200, 217)
+ROAMING_CODES: Final = range(200, 218)
 
 MAX_INT_DIGITS: Final = 20
 """A JSON integer of more digits is refused before Python converts it: no schema integer is
@@ -193,9 +193,9 @@ def _check_bin(value: object, max_len: int, path: str) -> None:
         raise BodyError("out_of_range", f"{len(raw)} bytes exceed {max_len}", path)
 
 
-def _check_gid(value: str, type_: str, path: str) -> None:
+def _check_gid(value: str, type_: str, path: str) -> str:
     try:
-        gid.parse(value, expect=type_)
+        return gid.canonical(value, expect=type_)
     except gid.GidError as exc:
         raise BodyError("bad_gid", str(exc), path) from None
 
@@ -211,6 +211,10 @@ def _check_members(members: tuple[tuple[int, bool], ...], value: object, path: s
                 raise BodyError("missing_field", "required field is absent", sub)
             continue
         _check_field(spec, value[spec.name], sub)
+        if spec.name in GID_FIELDS:  # every party stores and compares the canonical spelling
+            value[spec.name] = gid.canonical(value[spec.name])
+        elif spec.name in GID_ITEMS:
+            value[spec.name] = [gid.canonical(item) for item in value[spec.name]]
 
 
 def _check_field(spec: schema.FieldSpec, value: object, path: str) -> None:
@@ -266,7 +270,8 @@ def _check_list(spec: schema.FieldSpec, value: object, path: str) -> None:
 
 
 def check(message: str, body: dict[str, Any], *, response: bool = False) -> dict[str, Any]:
-    """Check a parsed body of `message` (its request, or its response); return it unchanged."""
+    """Check a parsed body of `message` (its request, or its response); return it, its global
+    ids rewritten in canonical form (`gid.canonical`: standard EVSE id and eMAID spellings)."""
     spec = schema.MESSAGE_BY_NAME.get(message)
     if spec is None or spec.code not in ROAMING_CODES:
         raise BodyError("unknown_message", f"{message[:40]!r} is not a roaming message", status=404)

@@ -10,7 +10,10 @@ bodies.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +21,7 @@ from gateway.protocol import gid
 from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 
-from .endpoint import COUNTERPART, PERSONAL, Ctx, Endpoint, Refused, handles
+from .endpoint import COUNTERPART, Ctx, Endpoint, Refused, handles
 from .h3server import Reply
 
 DDL = """
@@ -29,6 +32,10 @@ CREATE TABLE IF NOT EXISTS sdrs(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, csp 
     verdict TEXT, settlement INTEGER);
 CREATE TABLE IF NOT EXISTS csp_records(session_id TEXT PRIMARY KEY, csp TEXT NOT NULL, energy_wh INTEGER NOT NULL,
     cost INTEGER NOT NULL, at INTEGER NOT NULL);
+-- the home CSP of each token of the lists passed on (R4-2), by a keyed digest: the CH routes a
+-- card number to its home without keeping it (the key never leaves the CH's store)
+CREATE TABLE IF NOT EXISTS token_homes(digest TEXT PRIMARY KEY, csp TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS ch_key(k TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settlements(id INTEGER PRIMARY KEY, cso TEXT NOT NULL, csp TEXT NOT NULL, sdrs TEXT NOT NULL,
     amount INTEGER NOT NULL, currency TEXT NOT NULL, at INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0);
 """
@@ -72,9 +79,13 @@ class ClearingHouse(Endpoint):
             self._check_sdr(body, ctx, dest.party_id)
         if message == "DeleteUserData":
             self.forget(body["token_uid"])
+        if message == "DisputeSdr":
+            self._check_dispute(body, ctx, dest.party_id)
         status, answer = await self._forward(message, body, ctx, dest.party_id)
         if status == 200 and message == "PutSdr":
             self._keep_sdr(body, ctx, dest.party_id)
+        if status == 200 and message == "DisputeSdr":  # held out of settlement until resolved
+            self.store.exec("UPDATE sdrs SET verdict='disputed' WHERE sdr_id=?", body["sdr_id"])
         return self._reply(status, answer)
 
     async def _fan_out(self, message: str, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
@@ -103,15 +114,45 @@ class ClearingHouse(Endpoint):
 
     @handles("TokenList", senders=("csp",))
     async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        return await self._fan_out("TokenList", body, ctx)
+        answer = await self._fan_out("TokenList", body, ctx)
+        with self.store.tx() as db:
+            if body["update_type"] == "full" and body.get("page", 0) == 0:
+                db.execute("DELETE FROM token_homes WHERE csp=?", (ctx.origin,))
+            for t in body["tokens"]:
+                if t["auth_status"] == "invalid":
+                    db.execute("DELETE FROM token_homes WHERE digest=? AND csp=?", (self._digest(t["token_uid"]),
+                                                                                   ctx.origin))  # fmt: skip
+                else:
+                    db.execute("INSERT OR REPLACE INTO token_homes VALUES(?,?,?)",
+                               (self._digest(t["token_uid"]), ctx.origin, int(ctx.now)))  # fmt: skip
+        return answer
+
+    def _digest(self, token_uid: str) -> str:
+        row = self.store.one("SELECT k FROM ch_key")
+        key = secrets.token_hex(32) if row is None else str(row[0])
+        if row is None:
+            self.store.exec("INSERT INTO ch_key VALUES(?)", key)
+        return hmac.new(bytes.fromhex(key), token_uid.encode(), hashlib.sha256).hexdigest()
 
     @handles("AuthorizeRoaming", senders=("cso",))
     async def _on_authorize(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        """No destination: find the home CSP (contract id's party first, then every CSP)."""
+        """No destination: find the home CSP — the contract id's provider, else the CSP whose
+        token list holds the card; the card number goes to no other CSP (unless this CH is
+        configured `token_discovery = "ask_every_csp"`)."""
         csps = [p.party_id for p in self.cfg.of_role("csp")]
-        if body["token_type"] == "iso15118":
-            home = gid.parse(body["token_uid"], expect="C").operator
+        uid = body["token_uid"]
+        try:
+            home: str | None = gid.parse(uid, expect="C").operator
+        except gid.GidError:
+            home = None
+        if home is not None or body["token_type"] == "iso15118":
             csps = [home] if home in csps else []
+        else:
+            row = self.store.one("SELECT csp FROM token_homes WHERE digest=?", self._digest(uid))
+            if row is not None:
+                csps = [str(row[0])]
+            elif self.cfg.token_discovery != "ask_every_csp":
+                csps = []
         for csp in csps:
             status, answer = await self._forward("AuthorizeRoaming", body, ctx, csp)
             if status == 200 and answer["auth_status"] != "unknown":
@@ -134,6 +175,19 @@ class ClearingHouse(Endpoint):
         row = self.store.one("SELECT cso, energy_wh, cost FROM sdrs WHERE sdr_id=?", body["sdr_id"])
         if row is not None and (row[0] != ctx.origin or (row[1], row[2]) != (body["energy_wh"], body["cost"])):
             raise Refused(409, "conflict", f"SDR {body['sdr_id']} was already routed with other values", "sdr_id")
+        other = self.store.one(
+            "SELECT sdr_id FROM sdrs WHERE session_id=? AND cso=? AND sdr_id != ?",
+            body["roaming_session_id"], ctx.origin, body["sdr_id"],
+        )  # fmt: skip
+        if other is not None:  # a second bill for one session is never passed on, nor settled
+            raise Refused(409, "duplicate_sdr", f"session is billed by {other[0]} already", "sdr_id")
+
+    def _check_dispute(self, body: dict[str, Any], ctx: Ctx, cso: str) -> None:
+        row = self.store.one("SELECT cso, csp FROM sdrs WHERE sdr_id=?", body["sdr_id"])
+        if row is None or (row[0], row[1]) != (cso, ctx.origin):
+            raise Refused(404, "unknown_sdr", f"no SDR {body['sdr_id']} between {ctx.origin} and {cso}", "sdr_id")
+        if self.store.one("SELECT 1 FROM sdrs WHERE sdr_id=? AND settlement IS NOT NULL", body["sdr_id"]):
+            raise Refused(409, "settled", f"SDR {body['sdr_id']} is settled already", "sdr_id")
 
     def _keep_sdr(self, body: dict[str, Any], ctx: Ctx, csp: str) -> None:
         with self.store.tx() as db:
@@ -148,7 +202,7 @@ class ClearingHouse(Endpoint):
                     body["energy_wh"],
                     body["cost"],
                     body["currency"],
-                    body["token_uid"],
+                    None,  # settlement needs no token uid: the CH keeps none
                     int(ctx.now),
                 ),
             )
@@ -159,7 +213,8 @@ class ClearingHouse(Endpoint):
         with self.store.tx() as db:
             rows = db.execute(
                 "SELECT s.sdr_id, s.energy_wh, s.cost, r.energy_wh, r.cost, s.csp, r.csp FROM sdrs s"
-                " LEFT JOIN csp_records r ON r.session_id = s.session_id WHERE s.settlement IS NULL ORDER BY s.sdr_id"
+                " LEFT JOIN csp_records r ON r.session_id = s.session_id"
+                " WHERE s.settlement IS NULL AND COALESCE(s.verdict, '') != 'disputed' ORDER BY s.sdr_id"
             ).fetchall()
             for sdr_id, e, c, re_, rc, csp, rcsp in rows:
                 if re_ is None or rcsp != csp:
@@ -210,13 +265,14 @@ class ClearingHouse(Endpoint):
 
     # ---- privacy
     def note_shared(self, message: str, body: dict[str, Any], to: str) -> None:
-        if message in PERSONAL:
-            super().note_shared(message, body, to)
+        """The CH forgets card numbers once routed: the sender records where it sent them
+        (the answering CSP's party is in its session id), so a deletion needs none here."""
 
     def forget(self, token_uid: str) -> int:
         with self.store.tx() as db:
             n = db.execute("UPDATE sdrs SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM shared WHERE token_uid=?", (token_uid,)).rowcount
+            n += db.execute("DELETE FROM token_homes WHERE digest=?", (self._digest(token_uid),)).rowcount
         return n
 
     def purge_personal(self, cut: int) -> int:

@@ -41,6 +41,7 @@ PARTY_ROLES = (*ROLES, "site")
 """A `site` party is a site gateway of the CSO itself (mixed mode: it asks its CSO endpoint to
 authorize unknown tokens online, docs/roaming.md "Sites behind the CSO endpoint")."""
 MODES = ("peer_to_peer", "clearing_house", "mixed")
+TOKEN_DISCOVERY = ("private", "ask_every_csp")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,12 @@ class EndpointConfig:
     retention_s: int = 30 * 86400
     token_lifetime_s: int = DEFAULT_TOKEN_LIFETIME
     currency: str = "EUR"
+    #: where a CSO (or the CH) sends a card number whose home CSP it does not know — not from
+    #: a token list (R4-2), not a contract id with its provider prefix: `private` (default)
+    #: nowhere but through the CH, which knows the homes from the lists it passed on; the
+    #: answer is `unknown` otherwise. `ask_every_csp` asks each CSP in turn (every one of them
+    #: then sees the card number: only for a network whose CSPs all agreed to it).
+    token_discovery: str = "private"
     parties: tuple[PartyConfig, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -97,6 +104,8 @@ class EndpointConfig:
             ch = self.party(self.clearing_house or "")
             if ch is None or ch.role != "ch":
                 raise ConfigError(f"mode {self.mode} needs clearing_house = the party id of a configured CH")
+        if self.token_discovery not in TOKEN_DISCOVERY:
+            raise ConfigError(f"token_discovery must be one of {TOKEN_DISCOVERY}, not {self.token_discovery!r}")
         if self.token_lifetime_s <= 0 or self.retention_s <= 0:
             raise ConfigError("token_lifetime_s and retention_s must be positive")
 

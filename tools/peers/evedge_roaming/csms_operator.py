@@ -42,9 +42,11 @@ from evedge_csms.server import CsmsServer
 from gateway.protocol import gid
 from gateway.protocol.gid import evse_gid
 from gateway.protocol.roaming.client import RoamingError
+from gateway.protocol.roaming.http3 import H3Error
 from gateway.protocol.text import clip_reason
 from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
 
+from . import publish
 from .cso import CsoEndpoint
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ class CsmsOperator:
         self.sessions: dict[str, tuple[str, str, int]] = {}
         """roaming session id → (site, device, remote start id) of the sessions started here."""
         self.session_evse: Callable[[str], str | None] = lambda _sid: None
+        self.session_token: Callable[[str], str | None] = lambda _sid: None
+        """The token of a roaming session (set by CsmsRoaming): a card-started one has no
+        remote start id, its transaction is found by EVSE and token."""
         """roaming session id → its EVSE (set by `CsmsRoaming`: the CSO endpoint's sessions)."""
 
     def evse_power_w(self, evse: str) -> int:
@@ -154,12 +159,20 @@ class CsmsOperator:
         return result
 
     async def stop(self, session_id: str) -> str:
+        """R3-4: the session's active transaction — by its remote start id when it was started
+        remotely, else (a card at the EVSE, R3-1) by EVSE and token — is stopped."""
         where = self.sessions.get(session_id)
-        if where is None:
-            return "unknown_session"
-        site, dev, rsid = where
-        txs = [t for t in self._srv().store.select("transactions", {"site_id": site, "device_id": dev})
-               if t["remote_start_id"] == rsid and t["state"] == "active"]  # fmt: skip
+        if where is not None:
+            site, dev, rsid = where
+            txs = [t for t in self._srv().store.select("transactions", {"site_id": site, "device_id": dev})
+                   if t["remote_start_id"] == rsid and t["state"] == "active"]  # fmt: skip
+        else:
+            at, token = self._evses().get(self.session_evse(session_id) or ""), self.session_token(session_id)
+            if at is None or token is None:
+                return "unknown_session"
+            site, dev, n = at
+            txs = [t for t in self._srv().store.select("transactions", {"site_id": site, "device_id": dev})
+                   if t["state"] == "active" and t["id_token"] == token and (t["evse"] or 1) == n]  # fmt: skip
         if not txs:
             return "unknown_session"
         return await self._run(site, cmds.request_stop([dev], int(txs[-1]["tx_id"])))
@@ -259,10 +272,12 @@ class CsmsRoaming:
         self.cso, self.op, self.period_s = cso, operator, period_s
         cso.store.db.executescript(DDL)
         operator.session_evse = self._session_evse
+        operator.session_token = self._session_token
         self.forwarded = 0
         self.certificates = 0
         """Get15118EVCertificate requests answered with the home CSP's answer (S7)."""
         self._task: asyncio.Task[None] | None = None
+        self.publisher = publish.CsmsPublisher(cso)
 
     def start(self) -> CsmsRoaming:
         self._task = asyncio.get_running_loop().create_task(self.run())
@@ -283,6 +298,10 @@ class CsmsRoaming:
             except Exception as e:  # the CSMS is away (outage) or the home CSP is: next round
                 log.debug("roaming SDR hand-over: %s", e)
             await asyncio.sleep(self.period_s)
+
+    def _session_token(self, sid: str) -> str | None:
+        row = self.cso.store.one("SELECT token_uid FROM sessions WHERE session_id=?", sid)
+        return None if row is None or row[0] is None else str(row[0])
 
     def _session_evse(self, sid: str) -> str | None:
         row = self.cso.store.one("SELECT evse_gid FROM sessions WHERE session_id=?", sid)
@@ -319,6 +338,11 @@ class CsmsRoaming:
         if srv is None:
             return 0
         await self.ev_certificates()
+        try:
+            states = {e: await self.op.evse_status(e) or "unknown" for e in self.op.evses()}
+            await self.publisher.step(srv.store, states)
+        except (RoamingError, ConnectionError, H3Error) as e:  # a CSP or the CH is away: next round
+            log.warning("publishing to the home CSPs: %s", e)
         seen = {str(r[0]): (r[1], r[2]) for r in self.cso.store.all("SELECT sdr_id, session_id, state FROM csms_sdrs")}
         n = 0
         for sdr in srv.api.sdrs():
@@ -326,7 +350,10 @@ class CsmsRoaming:
             if (prev is not None and prev[1] != "pending") or not sdr["id_token"]:
                 continue
             evse = evse_gid(str(sdr["site_id"]), str(sdr["device_id"]), int(sdr["evse"] or 1))
-            sid = str(prev[0]) if prev is not None else self.cso.open_session(evse, str(sdr["id_token"]))
+            token = str(sdr["id_token"])
+            sid = str(prev[0]) if prev is not None else self.cso.open_session(evse, token)
+            if sid is None and await self.op.token_status(token) is None:  # a roaming card the site knew
+                sid = self.cso.adopt_session(evse, token, publish.unix(sdr["started"]) or int(time.time()))
             if sid is None:
                 self.cso.store.exec("INSERT OR REPLACE INTO csms_sdrs VALUES(?,?,?,?)", sdr["sdr_id"], None, "local",
                                     int(time.time()))  # fmt: skip
@@ -334,7 +361,13 @@ class CsmsRoaming:
             self.cso.store.exec("INSERT OR REPLACE INTO csms_sdrs VALUES(?,?,?,?)", sdr["sdr_id"], sid, "pending",
                                 int(time.time()))  # fmt: skip
             try:
-                await self.cso.session_ended(sid, int(sdr["energy_wh"]), meter_start_wh=int(sdr["meter_start_wh"]))
+                await self.cso.session_ended(
+                    sid,
+                    int(sdr["energy_wh"]),
+                    meter_start_wh=int(sdr["meter_start_wh"]),
+                    signed_meter=publish.signed_meter(sdr),
+                    lines=publish.sdr_lines(sdr),
+                )
             except (RoamingError, ConnectionError) as e:
                 log.warning("SDR of %s not yet accepted by the home CSP: %s", sid, e)
                 continue

@@ -18,7 +18,7 @@ from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 from gateway.protocol.text import clip_reason
 
-from . import contract_pki
+from . import contract_pki, pricing
 from .config import EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 from .operator import OperatorBackend
@@ -34,11 +34,17 @@ CREATE TABLE IF NOT EXISTS sessions(session_id TEXT PRIMARY KEY, evse_gid TEXT N
 CREATE TABLE IF NOT EXISTS token_cache(token_uid TEXT PRIMARY KEY, party TEXT NOT NULL, auth_status TEXT NOT NULL,
     expiry INTEGER);
 CREATE TABLE IF NOT EXISTS token_lists(party TEXT PRIMARY KEY, version INTEGER NOT NULL);
+-- R4-2: pages of a token list version not yet complete (installed at once when all are here)
+CREATE TABLE IF NOT EXISTS token_pages(party TEXT NOT NULL, version INTEGER NOT NULL, page INTEGER NOT NULL,
+    pages INTEGER NOT NULL, update_type TEXT NOT NULL, tokens TEXT NOT NULL, at INTEGER NOT NULL,
+    PRIMARY KEY(party, version, page));
 CREATE TABLE IF NOT EXISTS reservations(reservation_id INTEGER NOT NULL, csp TEXT NOT NULL, evse_gid TEXT NOT NULL,
     token_uid TEXT, expiry INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'active', PRIMARY KEY(csp, reservation_id));
 CREATE TABLE IF NOT EXISTS plans(session_id TEXT PRIMARY KEY, plan TEXT NOT NULL, by TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
     currency TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS disputes(sdr_id TEXT PRIMARY KEY, csp TEXT NOT NULL, reason TEXT NOT NULL,
+    energy_wh INTEGER, cost INTEGER, at INTEGER NOT NULL);
 """
 
 
@@ -83,48 +89,66 @@ class CsoEndpoint(Endpoint):
         self.store.exec("INSERT OR REPLACE INTO tariffs VALUES(?,?)", tariff["tariff_id"], json.dumps(tariff))
         await self.broadcast("PushTariff", tariff)
 
-    def _tariff(self) -> dict[str, Any] | None:
-        row = self.store.one("SELECT body FROM tariffs ORDER BY tariff_id DESC LIMIT 1")
-        return None if row is None else dict(json.loads(row[0]))
+    def tariffs(self) -> dict[int, pricing.Tariff]:
+        """Every tariff published (kept: a session is priced with the one it ran under)."""
+        return {int(r[0]): pricing.Tariff.from_body(json.loads(r[1])) for r in self.store.all("SELECT * FROM tariffs")}
+
+    def _tariff(self) -> pricing.Tariff | None:
+        """The tariff in force now (its valid_from passed)."""
+        return pricing.in_force(self.tariffs().values(), int(self.clock()))
 
     def _home_candidates(self, token_uid: str, token_type: str) -> list[str]:
+        """The CSPs a card number may be sent to: its home from a token list, or the provider
+        of a contract id (an eMAID, also printed on an RFID card); none else (privacy: a card
+        number goes to its home CSP only) unless `token_discovery` says to ask every CSP."""
         row = self.store.one("SELECT party FROM token_cache WHERE token_uid=?", token_uid)
         if row is not None:
             return [str(row[0])]
-        if token_type == "iso15118":
-            with_party = gid.parse(token_uid, expect="C").operator
-            if self.cfg.party(with_party) is not None:
-                return [with_party]
-        return [p.party_id for p in self.cfg.of_role("csp")]
+        home = home_of_contract(token_uid)
+        if home is not None or token_type == "iso15118":
+            party = self.cfg.party(home or "")
+            return [home] if home is not None and party is not None and party.role == "csp" else []
+        if self.cfg.token_discovery == "ask_every_csp":
+            return [p.party_id for p in self.cfg.of_role("csp")]
+        return []
+
+    async def _ask_home(self, body: dict[str, Any]) -> dict[str, Any]:
+        """AuthorizeRoaming to the token's home CSP; a card whose home is unknown here goes to
+        the CH (when there is one), which routes it to the home it knows, or answers unknown."""
+        uid, kind = body["token_uid"], body["token_type"]
+        ch = self.cfg.clearing_house
+        homes = self._home_candidates(uid, kind)
+        if ch is not None and not homes:
+            homes = [""]  # no x-ev-to: the CH finds the home
+        answer: dict[str, Any] = {"auth_status": "unknown"}
+        for party in homes:
+            try:
+                answer = await (self.client(ch).call("AuthorizeRoaming", body) if not party and ch else
+                                self.send("AuthorizeRoaming", body, party))  # fmt: skip
+            except (ConnectionError, RoamingError, H3Error):
+                continue  # that CSP (or the CH) is unreachable: try the next, then the token list
+            if answer["auth_status"] != "unknown":
+                break
+        return answer
 
     async def token_presented(self, evse_gid: str, token_uid: str, token_type: str = "rfid") -> dict[str, Any]:
         """R3-1 (RFID at the EVSE), R3-3 (Plug & Charge: token_type iso15118, token_uid the contract
         id), R4-1 (online identification): authorize with the home CSP, then start charging.
         Falls back to the pre-distributed token list (R4-2) when no home CSP answers."""
-        require_gid(evse_gid, "E", "evse_gid")
+        evse_gid = str(require_gid(evse_gid, "E", "evse_gid"))
         if token_type == "iso15118":
-            require_gid(token_uid, "C", "token_uid")
+            token_uid = str(require_gid(token_uid, "C", "token_uid"))
         if await self.operator.evse_status(evse_gid) is None:
             raise Refused(404, "unknown_evse", f"{evse_gid} is not an EVSE of {self.me}", "evse_gid")
         body = {"token_uid": token_uid, "evse_gid": evse_gid, "token_type": token_type}
-        answer: dict[str, Any] = {"auth_status": "unknown"}
-        ch = self.cfg.clearing_house
-        if self.hop("AuthorizeRoaming", "") == ch and ch is not None and not self._cached(token_uid):
-            answer = await self.client(ch).call("AuthorizeRoaming", body)  # the CH finds the home CSP
-        else:
-            for party in self._home_candidates(token_uid, token_type):
-                try:
-                    answer = await self.send("AuthorizeRoaming", body, party)
-                except (ConnectionError, RoamingError):
-                    continue  # that CSP (or the CH) is unreachable: try the next, then the token list
-                if answer["auth_status"] != "unknown":
-                    break
+        answer = await self._ask_home(body)
         if answer["auth_status"] == "unknown":
             answer = self._offline_authorize(token_uid)
         if answer["auth_status"] != "accepted":
             return answer
         sid = answer["roaming_session_id"]
         csp = gid.parse(sid, expect="S").operator if "csp" not in answer else answer.pop("csp")
+        self.note_shared("AuthorizeRoaming", body, csp)  # also when the CH found the home CSP (M10)
         result, reason = await self._start(sid, evse_gid, token_uid, csp, "local")
         return {**answer, "result": result} | ({"reason": reason} if reason else {})
 
@@ -141,21 +165,15 @@ class CsoEndpoint(Endpoint):
         own = await self.operator.token_status(uid)
         if own is not None:
             return {"auth_status": own}
-        answer: dict[str, Any] = {"auth_status": "unknown"}
         ask = {"token_uid": uid, "evse_gid": evse, "token_type": kind}
-        for party in self._home_candidates(uid, kind):
-            try:
-                answer = await self.send("AuthorizeRoaming", ask, party)
-            except (ConnectionError, RoamingError, H3Error):
-                continue
-            if answer["auth_status"] != "unknown":
-                break
+        answer = await self._ask_home(ask)
         if answer["auth_status"] == "unknown":
             answer = self._offline_authorize(uid)
         if answer["auth_status"] != "accepted":
             return answer
         sid = answer["roaming_session_id"]
         csp = gid.parse(sid, expect="S").operator if "csp" not in answer else answer.pop("csp")
+        self.note_shared("AuthorizeRoaming", ask, csp)  # also when the CH found the home CSP (M10)
         tariff = self._tariff()
         self.store.exec(
             "INSERT OR IGNORE INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started, tariff_id)"
@@ -167,7 +185,7 @@ class CsoEndpoint(Endpoint):
             "site",
             "authorized",
             int(self.clock()),
-            None if tariff is None else tariff["tariff_id"],
+            None if tariff is None else tariff.tariff_id,
         )
         return answer
 
@@ -180,6 +198,30 @@ class CsoEndpoint(Endpoint):
             token_uid,
         )
         return None if row is None else str(row[0])
+
+    def adopt_session(self, evse_gid: str, token_uid: str, started: int) -> str | None:
+        """A session the CSO's site authorized by itself — a roaming card it had cached (S2) or
+        from a token list while offline (R4-2) — so no roaming session was opened: one is
+        opened now, issued by the CSO, so that its SDR reaches the home CSP like any other.
+        The home is the card's list, its last roaming session here, or its contract provider;
+        None when it is no known roaming card (then it is the operator's own customer)."""
+        row = self.store.one("SELECT party FROM token_cache WHERE token_uid=?", token_uid)
+        row = row or self.store.one(
+            "SELECT csp FROM sessions WHERE token_uid=? ORDER BY started DESC LIMIT 1", token_uid
+        )
+        home = str(row[0]) if row is not None else home_of_contract(token_uid)
+        party = self.cfg.party(home or "")
+        if home is None or party is None or party.role != "csp":
+            return None
+        sid = self.issue("S", secrets.token_hex(12))
+        tariff = pricing.in_force(self.tariffs().values(), started)
+        self.store.exec(
+            "INSERT INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started, tariff_id)"
+            " VALUES(?,?,?,?,?,?,?,?)",
+            sid, evse_gid, token_uid, home, "cached", "authorized", started, tariff and tariff.tariff_id,
+        )  # fmt: skip
+        self.note_shared("PutSdr", {"token_uid": token_uid}, home)
+        return sid
 
     def _cached(self, token_uid: str) -> bool:
         return self.store.one("SELECT 1 FROM token_cache WHERE token_uid=?", token_uid) is not None
@@ -224,7 +266,7 @@ class CsoEndpoint(Endpoint):
                 db.execute(
                     "INSERT OR IGNORE INTO sessions(session_id, evse_gid, token_uid, csp, how, state, started,"
                     " tariff_id) VALUES(?,?,?,?,?,?,?,?)",
-                    (sid, evse_gid, token_uid, csp, how, "active", now, tariff and tariff["tariff_id"]),
+                    (sid, evse_gid, token_uid, csp, how, "active", now, tariff and tariff.tariff_id),
                 )
                 if held is not None:
                     db.execute("UPDATE reservations SET state='used' WHERE csp=? AND reservation_id=?", (csp, held[0]))
@@ -264,11 +306,20 @@ class CsoEndpoint(Endpoint):
             await self.run_jobs(jobs)
         return out
 
-    def _cost(self, energy_wh: int, tariff_id: int | None) -> tuple[int, str]:
-        t = self._tariff()
-        if t is None:
-            return 0, self.cfg.currency
-        return energy_wh * int(t["price_kwh"]) // 1000 + int(t.get("price_session", 0)), str(t["currency"])
+    def _price(self, lines: list[pricing.Line]) -> tuple[list[int], str]:
+        """Each transaction's cost with the tariff it ran under; a tariff this endpoint was never
+        given (or not yet in force at the line's start) gives way to the one in force then."""
+        tariffs = self.tariffs()
+        usable = []
+        for x in lines:
+            named = tariffs.get(x.tariff_id) if x.tariff_id is not None else None
+            if x.tariff_id is not None and (named is None or named.valid_from > x.started):
+                log.warning("%s: tariff %s unusable from %s: the one in force", self.me, x.tariff_id, x.started)
+                x = pricing.Line(x.started, x.stopped, x.energy_wh)  # noqa: PLW2901 - the line as priced
+            usable.append(x)
+        costs = pricing.price(tariffs, usable)
+        first = pricing.tariff_of(tariffs, usable[0]) if usable else None
+        return costs, self.cfg.currency if first is None else first.currency
 
     def session(self, sid: str) -> dict[str, Any]:
         row = self.store.one("SELECT * FROM sessions WHERE session_id=?", sid)
@@ -279,7 +330,8 @@ class CsoEndpoint(Endpoint):
     async def session_progress(self, sid: str, energy_wh: int, power_w: int) -> dict[str, Any]:
         """R3-6: live energy, power and running cost to the home CSP."""
         s = self.session(sid)
-        cost, _ = self._cost(energy_wh, s["tariff_id"])
+        now = int(self.clock())
+        (cost,), _ = self._price([pricing.Line(s["started"], now, energy_wh, s["tariff_id"])])
         self.store.exec(
             "UPDATE sessions SET energy_wh=?, power_w=?, cost=? WHERE session_id=?", energy_wh, power_w, cost, sid
         )
@@ -289,17 +341,28 @@ class CsoEndpoint(Endpoint):
             "energy_wh": energy_wh,
             "power_w": power_w,
             "cost": cost,
-            "time": int(self.clock()),
+            "time": now,
         }
         return await self.send("SessionUpdate", body, s["csp"])
 
     async def session_ended(
-        self, sid: str, energy_wh: int, *, meter_start_wh: int = 0, signed_meter: str | None = None
+        self,
+        sid: str,
+        energy_wh: int,
+        *,
+        meter_start_wh: int = 0,
+        signed_meter: str | None = None,
+        lines: list[pricing.Line] | None = None,
     ) -> dict[str, Any]:
-        """R3-5 and R3-9: the final SessionUpdate, then the SDR (its id stays the same on a retry)."""
+        """R3-5 and R3-9: the final SessionUpdate, then the SDR (its id stays the same on a retry).
+        `lines`: the session's transactions (times, energy, tariff id), each priced with its own
+        tariff; without them the session is one transaction under the tariff of its start."""
         s = self.session(sid)
-        cost, currency = self._cost(energy_wh, s["tariff_id"])
         now = int(self.clock())
+        if not lines:
+            lines = [pricing.Line(s["started"], s["stopped"] or now, energy_wh, s["tariff_id"])]
+        costs, currency = self._price(lines)
+        cost = sum(costs)
         sdr_id = s["sdr_id"] or self.issue("R", secrets.token_hex(12))
         self.store.exec(
             "UPDATE sessions SET state='ended', stopped=COALESCE(stopped, ?), energy_wh=?, power_w=0, cost=?, sdr_id=?"
@@ -333,10 +396,12 @@ class CsoEndpoint(Endpoint):
             "cost": cost,
             "currency": currency,
         }
-        if s["tariff_id"] is not None:
-            sdr["tariff_id"] = s["tariff_id"]
+        first = lines[0].tariff_id if lines[0].tariff_id is not None else s["tariff_id"]
+        if first is not None:
+            sdr["tariff_id"] = first
         if signed_meter is not None:
             sdr["signed_meter"] = signed_meter
+        sdr["lines"] = [_line_body(x, c) for x, c in zip(lines, costs, strict=True)]
         answer = await self.send("PutSdr", sdr, s["csp"])
         return {**answer, "sdr_id": sdr_id, "cost": cost}
 
@@ -398,12 +463,8 @@ class CsoEndpoint(Endpoint):
         t = self._tariff()
         if t is None:
             return {"status": "unknown"}
-        return {
-            "status": "accepted",
-            "tariff_id": t["tariff_id"],
-            "price_kwh": t["price_kwh"],
-            "currency": t["currency"],
-        }
+        kept = sorted(self.tariffs().values(), key=lambda x: (x.valid_from, x.tariff_id))[-64:]
+        return {"status": "accepted", **t.body(), "tariffs": [x.body() for x in kept]}
 
     @handles("RemoteStart", senders=("csp",), key=lambda b: str(b["roaming_session_id"]))
     async def _on_remote_start(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
@@ -425,7 +486,7 @@ class CsoEndpoint(Endpoint):
     @handles("RemoteStop", senders=("csp",), key=lambda b: str(b["roaming_session_id"]))
     async def _on_remote_stop(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         s = self._own_session(body["roaming_session_id"], ctx)
-        if s["state"] != "active":
+        if s["state"] not in ("active", "authorized"):  # authorized: started at the EVSE with a card
             return {"result": "rejected", "reason": "session already ended"}
         result = await self.operator.stop(s["session_id"])
         if result == "accepted":
@@ -470,39 +531,90 @@ class CsoEndpoint(Endpoint):
         if sid is not None:
             self._own_session(sid, ctx)
         result = await self.operator.unlock(body["evse_gid"], sid)
+        if result == "accepted" and sid is not None:  # R5-2: unlocked, the charge is over
+            self.store.exec(
+                "UPDATE sessions SET state='stopping', stopped=COALESCE(stopped, ?) WHERE session_id=?"
+                " AND state IN ('active', 'authorized')",
+                int(ctx.now),
+                sid,
+            )
         return {"result": result}
 
-    @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}")
+    @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}:{b.get('page', 0)}")
     async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        party = body["party_id"]
+        """R4-2: a page of a CSP's token list; a version is installed, in one transaction, once
+        every page of it is here. A differential list applies to the version before it only."""
+        party, version = body["party_id"], body["list_version"]
+        page, pages = body.get("page", 0), body.get("pages", 1)
         if party != ctx.origin:
             raise Refused(403, "party_mismatch", f"{ctx.origin} may not send the list of {party}", "party_id")
+        if not 0 <= page < pages:
+            raise Refused(400, "out_of_range", f"page {page} of {pages}", "page")
         for i, t in enumerate(body["tokens"]):
             if t.get("party_id", party) != party:
                 raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
         with self.store.tx() as db:
             row = db.execute("SELECT version FROM token_lists WHERE party=?", (party,)).fetchone()
-            if row is not None and row[0] >= body["list_version"]:
+            if row is not None and row[0] >= version:
                 raise Refused(409, "stale_version", f"list version {row[0]} is already installed", "list_version")
+            if body["update_type"] == "differential" and (row is None or row[0] != version - 1):
+                have = "none" if row is None else row[0]
+                raise Refused(409, "version_gap", f"differential {version} needs {version - 1}, have {have}",
+                              "list_version")  # fmt: skip
+            db.execute(
+                "INSERT OR REPLACE INTO token_pages VALUES(?,?,?,?,?,?,?)",
+                (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),
+            )
+            staged = db.execute(
+                "SELECT tokens FROM token_pages WHERE party=? AND version=? AND pages=? ORDER BY page",
+                (party, version, pages),
+            ).fetchall()
+            if len(staged) < pages:
+                return {"status": "accepted"}
             if body["update_type"] == "full":
                 db.execute("DELETE FROM token_cache WHERE party=?", (party,))
-            for t in body["tokens"]:
-                db.execute(
-                    "INSERT OR REPLACE INTO token_cache VALUES(?,?,?,?)",
-                    (t["token_uid"], party, t["auth_status"], t.get("expiry")),
-                )
-            db.execute("INSERT OR REPLACE INTO token_lists VALUES(?,?)", (party, body["list_version"]))
+            for t in (t for (chunk,) in staged for t in json.loads(chunk)):
+                if t["auth_status"] == "invalid":  # gone from the CSP's list
+                    db.execute("DELETE FROM token_cache WHERE token_uid=? AND party=?", (t["token_uid"], party))
+                else:
+                    db.execute(
+                        "INSERT OR REPLACE INTO token_cache VALUES(?,?,?,?)",
+                        (t["token_uid"], party, t["auth_status"], t.get("expiry")),
+                    )
+            db.execute("INSERT OR REPLACE INTO token_lists VALUES(?,?)", (party, version))
+            db.execute("DELETE FROM token_pages WHERE party=? AND version <= ?", (party, version))
         return {"status": "accepted"}
 
     @handles("Settlement", senders=("ch",), key=settlement_key)
     async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         return self.record_settlement(body, ctx)
 
+    @handles("DisputeSdr", senders=("csp",), key=lambda b: str(b["sdr_id"]))
+    async def _on_dispute(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """The home CSP contests one of our SDRs: kept for the operator (a corrected SDR is a
+        new session's business: the disputed one stays as it was billed)."""
+        row = self.store.one("SELECT csp, session_id FROM sessions WHERE sdr_id=?", body["sdr_id"])
+        if row is None or row[0] != ctx.origin:
+            raise Refused(404, "unknown_sdr", f"no SDR {body['sdr_id']} of {ctx.origin} here", "sdr_id")
+        if row[1] != body["roaming_session_id"]:
+            raise Refused(400, "inconsistent", "the SDR is of another session", "roaming_session_id")
+        self.store.exec(
+            "INSERT OR REPLACE INTO disputes VALUES(?,?,?,?,?,?)",
+            body["sdr_id"], ctx.origin, body["reason"], body.get("energy_wh"), body.get("cost"), int(ctx.now),
+        )  # fmt: skip
+        return {"status": "accepted"}
+
     # ---- privacy
     def forget(self, token_uid: str) -> int:
         with self.store.tx() as db:
             n = db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM token_cache WHERE token_uid=?", (token_uid,)).rowcount
+            for party, version, page, tokens in db.execute(
+                "SELECT party, version, page, tokens FROM token_pages"
+            ).fetchall():  # a list still arriving
+                kept = [t for t in json.loads(tokens) if t["token_uid"] != token_uid]
+                db.execute("UPDATE token_pages SET tokens=? WHERE party=? AND version=? AND page=?",
+                           (json.dumps(kept), party, version, page))  # fmt: skip
             n += db.execute("UPDATE reservations SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
         return n
 
@@ -513,4 +625,20 @@ class CsoEndpoint(Endpoint):
         ).rowcount
         n += db.execute("DELETE FROM token_cache WHERE expiry IS NOT NULL AND expiry < ?", (cut,)).rowcount
         n += db.execute("DELETE FROM reservations WHERE expiry < ?", (cut,)).rowcount
+        n += db.execute("DELETE FROM token_pages WHERE at < ?", (cut,)).rowcount  # a list never completed
         return n
+
+
+def _line_body(line: pricing.Line, cost: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"started": line.started, "stopped": line.stopped, "energy_wh": line.energy_wh, "cost": cost}
+    if line.tariff_id is not None:
+        out["tariff_id"] = line.tariff_id
+    return out
+
+
+def home_of_contract(token_uid: str) -> str | None:
+    """The provider (operator id) of a token that is a contract id in any standard spelling."""
+    try:
+        return gid.parse(token_uid, expect="C").operator
+    except gid.GidError:
+        return None

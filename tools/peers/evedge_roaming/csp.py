@@ -14,10 +14,12 @@ import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
+from gateway import schema
 from gateway.protocol import gid
 from gateway.protocol.roaming import json_body
+from gateway.protocol.roaming.client import RoamingError
 
-from . import contract_pki
+from . import contract_pki, pricing
 from .config import EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 
@@ -37,6 +39,8 @@ CREATE TABLE IF NOT EXISTS plans(session_id TEXT PRIMARY KEY, plan TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS sdrs(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, session_id TEXT NOT NULL,
     body TEXT NOT NULL, verdict TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS token_list(version INTEGER NOT NULL);
+-- R4-2: the tokens as the CSOs last received them, the base of a differential list
+CREATE TABLE IF NOT EXISTS token_sent(token_uid TEXT PRIMARY KEY, auth_status TEXT NOT NULL, expiry INTEGER);
 CREATE TABLE IF NOT EXISTS settlements(party TEXT NOT NULL, sdrs TEXT NOT NULL, amount INTEGER NOT NULL,
     currency TEXT NOT NULL, at INTEGER NOT NULL);
 -- R3-8: reservations made at CSOs; state active | expired (the CSO's EvseStatusUpdate said so)
@@ -44,10 +48,25 @@ CREATE TABLE IF NOT EXISTS reservations(reservation_id INTEGER NOT NULL, cso TEX
     token_uid TEXT, expiry INTEGER NOT NULL, state TEXT NOT NULL, PRIMARY KEY(cso, reservation_id));
 CREATE TABLE IF NOT EXISTS contract_certs(serial TEXT PRIMARY KEY, contract_id TEXT NOT NULL, cso TEXT NOT NULL,
     evse_gid TEXT NOT NULL, action TEXT NOT NULL, der BLOB NOT NULL, issued INTEGER NOT NULL);
+-- the CSP's own record of each session: every reading a SessionUpdate brought (R3-6, R3-5)
+CREATE TABLE IF NOT EXISTS readings(session_id TEXT NOT NULL, time INTEGER NOT NULL, energy_wh INTEGER NOT NULL,
+    PRIMARY KEY(session_id, time));
+CREATE TABLE IF NOT EXISTS disputes(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, reason TEXT NOT NULL,
+    status TEXT NOT NULL, at INTEGER NOT NULL);
 """
+
+#: tokens per TokenList page: the schema's limit of one message
+TOKEN_PAGE = schema.FIELD_BY_NAME["tokens"].max_len
 
 #: the reason of the EvseStatusUpdate a CSO sends when a reservation expired unused (R3-8)
 EXPIRED_RESERVATION = re.compile(r"reservation (\d+) expired")
+
+
+def _canonical_or_self(text: str) -> str:
+    try:
+        return gid.canonical(text, expect="C")
+    except gid.GidError:
+        return text
 
 
 def mo_pki_folder(cfg: EndpointConfig) -> Path:
@@ -70,7 +89,7 @@ class CspEndpoint(Endpoint):
         self, token_uid: str, *, contract_id: str | None = None, status: str = "accepted", expiry: int | None = None
     ) -> None:
         if contract_id is not None:
-            require_gid(contract_id, "C", "contract_id")
+            contract_id = str(require_gid(contract_id, "C", "contract_id"))
         self.store.exec("INSERT OR REPLACE INTO customers VALUES(?,?,?,?)", token_uid, contract_id, status, expiry)
 
     def new_session_id(self) -> str:
@@ -148,40 +167,85 @@ class CspEndpoint(Endpoint):
             body["roaming_session_id"] = sid
         if reason is not None:
             body["reason"] = reason
-        return await self.send("UnlockRoaming", body, cso)
+        answer = await self.send("UnlockRoaming", body, cso)
+        if answer["result"] == "accepted" and sid is not None:  # R5-2: the charge is over; its SDR follows
+            self.store.exec("UPDATE sessions SET state='unlocked' WHERE session_id=? AND state='active'", sid)
+        return answer
 
     async def pull_tariffs(self, operator_id: str) -> dict[str, Any]:
         """R2-2: ask the CSO for its current tariff and keep it."""
         require_gid(operator_id, "O", "operator_id")
         answer = await self.send("GetTariffs", {"operator_id": operator_id}, operator_id)
         if answer["status"] == "accepted":
-            t = {k: answer[k] for k in ("tariff_id", "price_kwh", "currency")} | {"operator_id": operator_id}
-            self._store_tariff(t)
+            kept = [pricing.Tariff.from_body(t) for t in answer.get("tariffs", [])]
+            for t in [*kept, pricing.Tariff.from_body(answer)]:
+                self._store_tariff(t.body() | {"operator_id": operator_id})
         return answer
 
     async def distribute_tokens(self, update_type: str = "full") -> dict[str, dict[str, Any]]:
-        """R4-2: send the customers' tokens to every CSO for offline authorization."""
+        """R4-2: send the customers' tokens to every CSO for offline authorization, in pages of
+        at most `TOKEN_PAGE` (a CSO installs a version once it has every page). `differential`
+        sends only what changed since the list the CSOs last received (a token gone: status
+        `invalid`, which removes it); a CSO that missed a version answers `version_gap` and
+        gets the full list instead. The answers of the last page sent."""
         with self.store.tx() as db:
             row = db.execute("SELECT version FROM token_list").fetchone()
             version = (row[0] if row else 0) + 1
             db.execute("DELETE FROM token_list")
             db.execute("INSERT INTO token_list VALUES(?)", (version,))
+        now = {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM customers")}
+        if update_type == "differential":
+            sent = {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM token_sent")}
+            entries = {u: v for u, v in now.items() if sent.get(u) != v}
+            entries |= {u: ("invalid", None) for u in sent.keys() - now.keys()}
+        else:
+            entries = now
         tokens = [
-            {"token_uid": r[0], "auth_status": r[1], "party_id": self.me} | ({"expiry": r[2]} if r[2] else {})
-            for r in self.store.all("SELECT token_uid, auth_status, expiry FROM customers ORDER BY token_uid")
+            {"token_uid": u, "auth_status": st, "party_id": self.me} | ({"expiry": exp} if exp else {})
+            for u, (st, exp) in sorted(entries.items())
         ]
-        body = {"party_id": self.me, "list_version": version, "update_type": update_type, "tokens": tokens}
-        return await self.broadcast("TokenList", body)
+        pages = [tokens[i : i + TOKEN_PAGE] for i in range(0, len(tokens), TOKEN_PAGE)] or [[]]
+        answer: dict[str, dict[str, Any]] = {}
+        try:
+            for n, page in enumerate(pages):
+                body = {"party_id": self.me, "list_version": version, "update_type": update_type, "tokens": page,
+                        "page": n, "pages": len(pages)}  # fmt: skip
+                answer = await self.broadcast("TokenList", body)
+        except RoamingError as exc:
+            if update_type != "differential" or exc.cause != "version_gap":
+                raise
+            return await self.distribute_tokens("full")
+        with self.store.tx() as db:
+            db.execute("DELETE FROM token_sent")
+            db.executemany("INSERT INTO token_sent VALUES(?,?,?)", [(u, st, exp) for u, (st, exp) in now.items()])
+        return answer
 
     def _store_tariff(self, t: dict[str, Any]) -> None:
         self.store.exec("INSERT OR REPLACE INTO tariffs VALUES(?,?,?)", t["operator_id"], t["tariff_id"], json.dumps(t))
 
-    def _cost(self, cso: str, energy_wh: int) -> int | None:
-        row = self.store.one("SELECT body FROM tariffs WHERE operator_id=? ORDER BY tariff_id DESC LIMIT 1", cso)
+    def tariffs(self, cso: str) -> dict[int, pricing.Tariff]:
+        """Our copy of a CSO's tariffs (pushed or pulled), every one kept."""
+        rows = self.store.all("SELECT tariff_id, body FROM tariffs WHERE operator_id=?", cso)
+        return {int(r[0]): pricing.Tariff.from_body(json.loads(r[1])) for r in rows}
+
+    def readings(self, sid: str) -> list[tuple[int, int]]:
+        rows = self.store.all("SELECT time, energy_wh FROM readings WHERE session_id=? ORDER BY time", sid)
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def dispute(self, sdr_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Contest an SDR at its CSO (through the CH in CH and mixed mode, which then holds it out
+        of settlement), with our own figures; the reason defaults to the SDR's verdict."""
+        row = self.store.one("SELECT cso, session_id, body, verdict FROM sdrs WHERE sdr_id=?", sdr_id)
         if row is None:
-            return None
-        t = json.loads(row[0])
-        return energy_wh * int(t["price_kwh"]) // 1000 + int(t.get("price_session", 0))
+            raise Refused(404, "unknown_sdr", f"no SDR {sdr_id} at {self.me}", "sdr_id")
+        audit = pricing.audit_sdr(json.loads(row[2]), self.readings(row[1]), self.tariffs(row[0]))
+        why = (reason or row[3])[:120]
+        body = {"sdr_id": sdr_id, "roaming_session_id": row[1], "reason": why, "energy_wh": audit.energy_wh,
+                "cost": audit.cost}  # fmt: skip
+        answer = await self.send("DisputeSdr", body, row[0])
+        now = int(self.clock())
+        self.store.exec("INSERT OR REPLACE INTO disputes VALUES(?,?,?,?,?)", sdr_id, row[0], why, answer["status"], now)
+        return answer
 
     # ---- incoming (from CSOs, or the CH)
     @handles("PutLocation", senders=("cso",))
@@ -245,7 +309,7 @@ class CspEndpoint(Endpoint):
         if gid.parse(evse).operator != ctx.origin:
             raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
         if body["token_type"] == "iso15118":
-            require_gid(uid, "C", "token_uid")
+            uid = str(require_gid(uid, "C", "token_uid"))
             row = self.store.one(
                 "SELECT token_uid, auth_status, expiry, contract_id FROM customers WHERE contract_id=?", uid
             )
@@ -269,24 +333,39 @@ class CspEndpoint(Endpoint):
 
     @handles("SessionUpdate", senders=("cso",))
     async def _on_session_update(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """R3-6 (live), R3-5 (final): each reading joins our own record of the session; the
+        running cost shown to the customer is our own price of it. An update older than the
+        last one, or for a session already billed, is refused by name (the books stay as
+        they were); the same update again is accepted and changes nothing."""
         sid = body["roaming_session_id"]
-        row = self.store.one("SELECT cso, time FROM sessions WHERE session_id=?", sid)
+        q = "SELECT cso, time, state, energy_wh, created FROM sessions WHERE session_id=?"
+        row = self.store.one(q, sid)
         if row is None:
             if gid.parse(sid).operator != ctx.origin:  # an offline session (R4-2) is issued by the CSO
                 raise Refused(404, "unknown_session", f"no session {sid} here", "roaming_session_id")
             self._record_session(sid, ctx.origin, body["evse_gid"], "")
-        elif row[0] != ctx.origin:
+            row = self.store.get(q, sid)
+        if row[0] != ctx.origin:
             raise Refused(404, "unknown_session", f"no session {sid} of {ctx.origin} here", "roaming_session_id")
-        elif row[1] > body["time"]:
-            return {"status": "accepted"}  # late and older: nothing to change
-        self.store.exec(
-            "UPDATE sessions SET energy_wh=?, power_w=?, cost=?, time=? WHERE session_id=?",
-            body["energy_wh"],
-            body["power_w"],
-            body.get("cost", 0),
-            body["time"],
-            sid,
-        )
+        t, energy = body["time"], body["energy_wh"]
+        if row[2] == "completed":
+            if energy == row[3]:
+                return {"status": "accepted"}  # the final update again (a retry of the CSO)
+            raise Refused(409, "session_completed", f"session {sid} is billed already", "roaming_session_id")
+        if (t, energy) == (row[1], row[3]):
+            return {"status": "accepted"}  # a repeat
+        if t < row[1]:
+            raise Refused(409, "out_of_order", f"update of {t} after one of {row[1]}", "time")
+        if energy < row[3]:
+            raise Refused(400, "energy_decreased", f"{energy} Wh after {row[3]} Wh", "energy_wh")
+        tariff = pricing.in_force(self.tariffs(ctx.origin).values(), int(row[4]))
+        cost = body.get("cost", 0) if tariff is None else tariff.cost(energy, t - int(row[4]))
+        with self.store.tx() as db:
+            db.execute(
+                "UPDATE sessions SET energy_wh=?, power_w=?, cost=?, time=? WHERE session_id=?",
+                (energy, body["power_w"], cost, t, sid),
+            )
+            db.execute("INSERT OR REPLACE INTO readings VALUES(?,?,?)", (sid, t, energy))
         return {"status": "accepted"}
 
     @handles("ChargePlan", senders=("cso",))
@@ -308,11 +387,11 @@ class CspEndpoint(Endpoint):
         s = self.session(sid)
         if s["cso"] != ctx.origin:
             raise Refused(404, "unknown_session", f"no session {sid} of {ctx.origin} here", "roaming_session_id")
-        own_cost = self._cost(ctx.origin, s["energy_wh"])
-        if own_cost is None:
-            own_cost = s["cost"]
-        match = s["energy_wh"] == body["energy_wh"] and own_cost == body["cost"]
-        verdict = "matched" if match else f"mismatch: own energy {s['energy_wh']} Wh cost {own_cost}"
+        other = self.store.one("SELECT sdr_id FROM sdrs WHERE session_id=?", sid)
+        if other is not None:  # one session, one bill
+            raise Refused(409, "duplicate_sdr", f"session {sid} is billed by {other[0]} already", "sdr_id")
+        audit = pricing.audit_sdr(body, self.readings(sid), self.tariffs(ctx.origin))
+        own_cost, verdict = audit.cost, audit.verdict[:500]
         with self.store.tx() as db:
             db.execute(
                 "INSERT INTO sdrs VALUES(?,?,?,?,?,?)",
@@ -324,7 +403,7 @@ class CspEndpoint(Endpoint):
             record = {
                 "roaming_session_id": sid,
                 "evse_gid": s["evse_gid"],
-                "energy_wh": s["energy_wh"],
+                "energy_wh": audit.energy_wh,
                 "power_w": 0,
                 "cost": own_cost,
                 "time": int(ctx.now),
@@ -347,12 +426,13 @@ class CspEndpoint(Endpoint):
         cid = body.get("contract_id") or cn
         if cid is None:
             return {"status": "rejected", "reason": "no contract id: neither contract_id nor a CSR common name"}
-        if cn is not None and cn != cid:
-            return {"status": "rejected", "reason": "the CSR common name is not the contract id"}
         try:
             contract = gid.parse(cid, expect="C")
+            cid = str(contract)
         except gid.GidError:
             return {"status": "rejected", "reason": "the contract id is not a contract global id (C)"}
+        if cn is not None and _canonical_or_self(cn) != cid:  # ISO 15118 CNs spell the eMAID unseparated
+            return {"status": "rejected", "reason": "the CSR common name is not the contract id"}
         if contract.operator != self.me:
             return {"status": "rejected", "reason": f"contract of another provider than {self.me}"}
         row = self.store.one("SELECT auth_status, expiry FROM customers WHERE contract_id=?", cid)
@@ -382,6 +462,7 @@ class CspEndpoint(Endpoint):
     def forget(self, token_uid: str) -> int:
         with self.store.tx() as db:
             n = db.execute("DELETE FROM customers WHERE token_uid=? OR contract_id=?", (token_uid, token_uid)).rowcount
+            n += db.execute("DELETE FROM token_sent WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM contract_certs WHERE contract_id=?", (token_uid,)).rowcount
             n += db.execute("UPDATE reservations SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
