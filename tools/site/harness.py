@@ -99,11 +99,15 @@ async def board_status(b: Board, pred: Callable[[dict[str, Any]], Any] | None = 
 
 
 async def board_step(b: Board, ms: int) -> dict[str, Any]:
-    """`step`s the board's clock (its meter runs on with it) by `ms` and waits until the board
-    shows it (its clock moved on); its status then."""
-    t0 = int((await board_status(b))["time"])
+    """`step`s the board's clock (its meter runs on with it) by `ms`; its status once the step
+    was carried out. The board reads its control channel in order, so the first status asked
+    after the step is answered after it. (Not "until its clock shows the step": the gateway is
+    the board's time source, and a time sync that lands after the step sets the wall clock back
+    to the gateway's, while the meter keeps the energy of the step.)"""
+    m = b.mark()
     b.cmd("step", ms=ms)
-    return await board_status(b, lambda st: st["time"] >= t0 + ms // 1000)
+    b.cmd("status")
+    return await board_wait(b, "status", since=m)
 
 
 class Site:
