@@ -161,6 +161,7 @@ async def roaming_card(s: Site, i: int, uid: str, home: CspEndpoint, minutes: in
     assert s.cso is not None
     problems: list[str] = []
     home.add_customer(uid)
+    await home.distribute_tokens()  # R4-2: the CSO learns the card's home (card numbers go only there)
     b = s.boards[i]
     m = b.mark()
     b.cmd("card", token=uid)
