@@ -159,3 +159,44 @@ def test_ocpp_section_checks(tmp_path: Path) -> None:
         gwconfig.parse({"ocpp": {"url": "ws://x/ocpp", "security_profile": 3}})
     cfg = gwconfig.parse({"ocpp": {"url": "wss://x/ocpp", "security_profile": 3}})
     assert cfg.ocpp.enabled and not gwconfig.parse({}).ocpp.enabled
+
+
+def test_monitors_number_new_ones_and_answer_what_no_board_can_hold() -> None:
+    def d(comp: str, var: str, kind: str = "UpperThreshold", value: float = 7000, **kw: Any) -> dict[str, Any]:
+        return {"component": {"name": comp}, "variable": {"name": var}, "type": kind, "value": value, "severity": 5,
+                **kw}  # fmt: skip
+
+    p = {"setMonitoringData": [d("EVSE", "Power"), d("EVSE", "Power", id=7), d("EVSE", "Colour"), d("Moon", "Phase"),
+                               d("EVSE", "Energy", "Delta", 0), d("EVSE", "Power", transaction=True)]}  # fmt: skip
+    ids = iter([100000])
+    cmd, results = down.monitors(p, lambda: next(ids))
+    assert [r["status"] for r in results] == ["Accepted", "Accepted", "UnknownVariable", "UnknownComponent",
+                                              "Rejected", "Rejected"]  # fmt: skip
+    assert cmd is not None and [m[Key.MONITOR_ID] for m in cmd.body[Key.MONITORS]] == [100000, 7]
+    refused = cmd.answer({Key.STATUS: Status.REJECTED, Key.REASON: "full"})["setMonitoringResult"]
+    assert [r["status"] for r in refused[:2]] == ["Rejected", "Rejected"]  # the board takes all or none
+    assert down.monitors({"setMonitoringData": [d("Moon", "Phase")]}, lambda: 1)[0] is None
+    assert down.clear_monitor(9).answer({Key.STATUS: Status.UNKNOWN}) == {"status": "NotFound", "id": 9}
+
+
+def test_displays_matching_filters_by_id_priority_state_and_end() -> None:
+    now = down.proto_time("2026-01-01T12:00:00Z")
+    infos = [{"id": 1, "priority": "NormalCycle", "message": {"format": "UTF8", "content": "a"}},
+             {"id": 2, "priority": "InFront", "state": "Charging", "message": {"format": "UTF8", "content": "b"}},
+             {"id": 3, "priority": "InFront", "endDateTime": "2026-01-01T11:00:00Z",
+              "message": {"format": "UTF8", "content": "gone"}}]  # fmt: skip
+    assert [m["id"] for m in down.displays_matching(infos, {"requestId": 1}, now)] == [1, 2]
+    assert [m["id"] for m in down.displays_matching(infos, {"requestId": 1, "id": [2, 3]}, now)] == [2]
+    assert [m["id"] for m in down.displays_matching(infos, {"requestId": 1, "priority": "InFront"}, now)] == [2]
+    assert down.displays_matching(infos, {"requestId": 1, "state": "Idle"}, now) == []
+
+
+def test_monitor_ids_are_never_reused_across_restarts(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "ocpp.sqlite")
+    assert led.monitor_ids(2) == [100000, 100001]
+    led.close()
+    led = Ledger(tmp_path / "ocpp.sqlite")
+    assert led.monitor_ids(1) == [100002]
+    led.delivered_many({"ev-1": 5, "ev-2": 9})  # the group commit of several boards' cursors
+    led.close()
+    assert Ledger(tmp_path / "ocpp.sqlite").cursors == {"ev-1": 5, "ev-2": 9}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,13 +29,16 @@ from gateway.boards import BoardRequest, Boards
 from gateway.config import ConfigError, OcppConfig
 from gateway.link import proto_ts
 from gateway.localcsms.auth import Authorizer
-from gateway.ocpp import down
+from gateway.localcsms.fwcache import FirmwareCache
+from gateway.ocpp import certs, down
+from gateway.ocpp.files import LogUpload
+from gateway.ocpp.jobs import Jobs
 from gateway.ocpp.ledger import Ledger, RetireGate
-from gateway.ocpp.link import CallFailed, Socket, basic_auth, connect, tls_context
+from gateway.ocpp.link import CallFailed, Refused, Socket, basic_auth, connect, tls_context
 from gateway.ocpp.station import Station
 from gateway.ocpp.up import AUTH_STATUS, BoardInfo, Payload, board_info, id_token
 from gateway.outbox import Row
-from gateway.schema import MESSAGES, Action, AuthStatus, Key, Registration
+from gateway.schema import MESSAGES, Action, AuthStatus, Key, Registration, Status
 
 log = logging.getLogger("gateway.ocpp")
 
@@ -54,6 +58,9 @@ class OcppSite(Protocol):
 
     @property
     def auth(self) -> Authorizer: ...
+
+    @property
+    def firmware(self) -> FirmwareCache: ...
 
     def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]: ...
 
@@ -107,6 +114,18 @@ class OcppBridge:
         """Rows of boards not yet known as stations (no BootNotification seen): held for theirs."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.started = False
+        self._dirty: dict[str, int] = {}
+        """Cursors moved and not yet durable: device → seq."""
+        self._unflushed: list[int] = []
+        """The rows those cursors cover, retired once written."""
+        self._flusher: asyncio.Task[None] | None = None
+        self.flushes = 0
+        """Cursor transactions written (fewer than the rows delivered under load)."""
+        self.uploads: dict[tuple[str, int], LogUpload] = {
+            (d, r): LogUpload(loc, name) for d, r, loc, name in self.ledger.uploads()
+        }
+        """The CSMS's GetLogs under way, by (device, request id)."""
+        self.jobs = Jobs(self)
 
     # ------------------------------------------------------------ life cycle
 
@@ -120,7 +139,14 @@ class OcppBridge:
             t.cancel()
         for st in self.stations.values():
             await st.stop()
-        await self.site.run_sync(self.ledger.close)
+        if self._flusher is not None:
+            await self._flusher
+        await self.site.run_sync(self._close_ledger)
+
+    def _close_ledger(self) -> None:
+        if self._dirty:  # a flush round that had not started yet
+            self.ledger.delivered_many(self._dirty)
+        self.ledger.close()
 
     async def open_socket(self, station_id: str) -> Socket:
         headers = {"Authorization": basic_auth(station_id, self.password)} if self.cfg.security_profile < 3 else {}
@@ -178,10 +204,25 @@ class OcppBridge:
             tok = got if isinstance(got, str) else None
         return tok
 
-    async def delivered(self, device: str, seq: int) -> None:
+    def delivered(self, device: str, seq: int) -> None:
+        """The CSMS answered `device`'s row `seq`: the station goes on with its next row at once,
+        the cursor is written with those of the other rows answered meanwhile (group commit,
+        docs/ocpp.md "One durable queue"), and the rows retire once it is durable."""
         self.ledger.cursors[device] = seq
-        await self.site.run_sync(lambda: self.ledger.delivered(device, seq))
-        self._retire([seq])
+        self._dirty[device] = seq
+        self._unflushed.append(seq)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_cursors())
+
+    async def _flush_cursors(self) -> None:
+        """One ledger transaction per round, for every cursor that moved since the last one:
+        while a round's fsync runs, the stations go on and the next round takes what they add."""
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            seqs, self._unflushed = self._unflushed, []
+            await self.site.run_sync(functools.partial(self.ledger.delivered_many, dirty))
+            self.flushes += 1
+            self._retire(seqs)
 
     async def registered(self, device: str, info: BoardInfo, registration: int | None) -> None:
         await self.site.run_sync(lambda: self.ledger.save_station(device, info, registration))
@@ -197,19 +238,42 @@ class OcppBridge:
         if action == "SendLocalList":
             return self._local_list(p)
         if action in SITE_CALLS:
-            return await SITE_CALLS[action](self, device, p)
+            try:
+                return await SITE_CALLS[action](self, device, p)
+            except down.Unfit as e:
+                return e.response
+        fn = CARRIED.get(action)
+        if fn is None:
+            raise oe.NotSupportedError(f"{action} is not carried to the boards (docs/ocpp.md)")
         try:
-            cmd = down.command(action, p)
+            cmd = fn(p)
         except down.Unfit as e:
             return e.response
-        except KeyError:
-            raise oe.NotSupportedError(f"{action} is not carried to the boards (docs/ocpp.md)") from None
         out, _ = await self._ask(device, cmd)
         if action == "SetDisplayMessage" and out.get("status") == "Accepted":
             await self.site.run_sync(lambda: self.ledger.save_display(device, dict(p["message"])))
         elif action == "ClearDisplayMessage" and out.get("status") == "Accepted":
             await self.site.run_sync(lambda: self.ledger.drop_display(device, int(p["id"])))
         return out
+
+    @property
+    def firmware(self) -> FirmwareCache:
+        return self.site.firmware
+
+    def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]:
+        return self.site.run_sync(fn)
+
+    def tell(self, device: str, action: str, payload: Payload) -> None:
+        st = self.stations.get(device)
+        if st is not None:
+            st.notify(action, payload)
+
+    def rewrite(self, device: str, action: int, body: dict[int, Any],
+                msg: tuple[str, Payload] | None) -> tuple[str, Payload] | None:  # fmt: skip
+        return self.jobs.rewrite(device, action, body, msg)
+
+    async def ask(self, device: str, cmd: down.ToBoard) -> tuple[Payload, down.Result]:
+        return await self._ask(device, cmd)
 
     async def _ask(self, device: str, cmd: down.ToBoard) -> tuple[Payload, down.Result]:
         spec = MESSAGES[cmd.action]
@@ -279,17 +343,49 @@ class OcppBridge:
         if a == Action.BOOT_NOTIFICATION:
             self._spawn(self._boot(req))
             return True
+        st = self.stations.get(req.device)
+        if st is None or not st.accepted or st.link is None:
+            return False
         if a == Action.AUTHORIZE and req.token is not None and not req.known_here:
-            st = self.stations.get(req.device)
-            if st is not None and st.accepted and st.link is not None:
-                self._spawn(self._authorize(st, req))
-                return True
+            self._spawn(self._authorize(st, req))
+            return True
+        if a in (Action.SIGN_CERTIFICATE, Action.GET15118_EV_CERTIFICATE):
+            self._spawn(self._certificate(st, req))
+            return True
         return False
 
-    def _spawn(self, coro: Any) -> None:
+    async def _certificate(self, st: Station, req: BoardRequest) -> None:
+        """A board's SignCertificate (its CSR, A02/A03) or Get15118EVCertificate (M06) asked of
+        the CSMS; the CSMS away: the rest of the chain answers."""
+        assert st.link is not None
+        body = req.frame.body if isinstance(req.frame.body, dict) else {}
+        sign = req.frame.action == Action.SIGN_CERTIFICATE
+        try:
+            if sign:
+                p = {"csr": certs.pem_csr(bytes(body[Key.CSR])), "certificateType": "ChargingStationCertificate"}
+                res = await st.link.call("SignCertificate", p)
+                out: dict[int, Any] = {
+                    Key.STATUS: int(Status.ACCEPTED if res["status"] == "Accepted" else Status.REJECTED)
+                }
+            else:
+                res = await st.link.call("Get15118EVCertificate", certs.ev_certificate_request(body))
+                out = certs.ev_certificate_answer(res)
+        except (TimeoutError, ConnectionError, CallFailed, Refused) as e:
+            what = "SignCertificate" if sign else "Get15118EVCertificate"
+            log.info("ocpp %s: %s not answered (%s): the site answers", req.device, what, type(e).__name__)
+            self.fallback(req, self.now())
+            return
+        self._answer(req, out)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.spawn(coro)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task of the face (cancelled at close)."""
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     def _station(self, device: str, info: BoardInfo) -> Station:
         st = self.stations.get(device)
@@ -363,5 +459,12 @@ SITE_CALLS: dict[str, SiteCall] = {
     "SetVariableMonitoring": OcppBridge._set_monitoring,
     "ClearVariableMonitoring": OcppBridge._clear_monitoring,
     "GetDisplayMessages": OcppBridge._get_displays,
+    "UpdateFirmware": lambda br, d, p: br.jobs.update_firmware(d, p),
+    "GetLog": lambda br, d, p: br.jobs.get_log(d, p),
+    "InstallCertificate": lambda br, d, p: br.jobs.install_certificate(d, p),
+    "DeleteCertificate": lambda br, d, p: br.jobs.delete_certificate(d, p),
+    "GetInstalledCertificateIds": lambda br, d, p: br.jobs.installed_ids(d, p),
 }
 """CSMS calls the bridge answers itself, asking the board what it needs (none, one or several requests)."""
+CARRIED: dict[str, Callable[[Payload], down.ToBoard]] = {**down.COMMANDS, "CertificateSigned": certs.signed}
+"""The calls one board request answers."""

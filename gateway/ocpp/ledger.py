@@ -39,6 +39,14 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS display (device TEXT, id INTEGER, info TEXT, PRIMARY KEY (device, id))"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS upload (device TEXT, request_id INTEGER, location TEXT, filename TEXT,"
+            " PRIMARY KEY (device, request_id))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS cert (device TEXT, sha256 BLOB, type TEXT, der BLOB,"
+            " PRIMARY KEY (device, sha256))"
+        )
         self.cursors: dict[str, int] = dict(self._db.execute("SELECT device, seq FROM cursor").fetchall())
         """device → the highest outbox seq its station delivered."""
 
@@ -57,9 +65,14 @@ class Ledger:
 
     def delivered(self, device: str, seq: int) -> None:
         """The CSMS acknowledged `device`'s rows up to `seq` (called in the rows' order)."""
+        self.delivered_many({device: seq})
+
+    def delivered_many(self, cursors: dict[str, int]) -> None:
+        """Several boards' cursors in one transaction (one fsync): the group commit of
+        `OcppBridge.delivered`."""
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("INSERT OR REPLACE INTO cursor VALUES (?, ?)", (device, seq))
-        self._db.execute("DELETE FROM token WHERE device = ? AND seq <= ?", (device, seq))
+        self._db.executemany("INSERT OR REPLACE INTO cursor VALUES (?, ?)", cursors.items())
+        self._db.executemany("DELETE FROM token WHERE device = ? AND seq <= ?", cursors.items())
         self._db.execute("COMMIT")
 
     def save_tokens(self, rows: list[tuple[int, str, str]]) -> None:
@@ -95,6 +108,30 @@ class Ledger:
     def displays(self, device: str) -> list[dict[str, object]]:
         rows = self._db.execute("SELECT info FROM display WHERE device = ? ORDER BY id", (device,))
         return [json.loads(r[0]) for r in rows]
+
+    def save_upload(self, device: str, request_id: int, location: str, filename: str) -> None:
+        """A GetLog of the CSMS under way: after a restart its board's Uploaded is not the
+        gateway's to pass on as is (the chunks gathered before are gone: UploadFailure)."""
+        self._db.execute("INSERT OR REPLACE INTO upload VALUES (?, ?, ?, ?)", (device, request_id, location, filename))
+
+    def drop_upload(self, device: str, request_id: int) -> None:
+        self._db.execute("DELETE FROM upload WHERE device = ? AND request_id = ?", (device, request_id))
+
+    def uploads(self) -> list[tuple[str, int, str, str]]:
+        return [(str(r[0]), int(r[1]), str(r[2]), str(r[3])) for r in self._db.execute("SELECT * FROM upload")]
+
+    def save_cert(self, device: str, sha256: bytes, kind: str, der: bytes) -> None:
+        """A CA certificate a board installed through OCPP (its OCPP type): how the board's hash is
+        told as OCPP's CertificateHashData (gateway/ocpp/certs.py)."""
+        self._db.execute("INSERT OR REPLACE INTO cert VALUES (?, ?, ?, ?)", (device, sha256, kind, der))
+
+    def drop_cert(self, device: str, sha256: bytes) -> None:
+        self._db.execute("DELETE FROM cert WHERE device = ? AND sha256 = ?", (device, sha256))
+
+    def certs(self, device: str) -> dict[bytes, tuple[str, bytes]]:
+        """SHA-256 of the DER → (OCPP certificate type, DER)."""
+        rows = self._db.execute("SELECT sha256, type, der FROM cert WHERE device = ?", (device,))
+        return {bytes(r[0]): (str(r[1]), bytes(r[2])) for r in rows}
 
 
 MONITOR_ID_BASE = 100_000

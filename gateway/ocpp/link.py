@@ -31,7 +31,8 @@ from typing import Any, Protocol
 
 import websockets
 from ocpp import exceptions as oe
-from ocpp.messages import Call, CallError, CallResult, MessageType, validate_payload
+from ocpp import messages as ocpp_messages
+from ocpp.messages import Call, CallError, CallResult, MessageType
 
 from gateway.ocpp.up import Payload
 
@@ -151,11 +152,11 @@ class OcppLink:
             try:
                 if msg.action not in SCHEMAS:
                     raise oe.NotImplementedError(f"{msg.action} is not an OCPP {VERSION} action")
-                await _validate(msg)
+                _validate(msg)
                 payload = await self.handler(msg.action, msg.payload)
                 result = msg.create_call_result(payload)
                 try:
-                    await _validate(result)
+                    _validate(result)
                 except oe.OCPPError as e:  # our own answer: a bug here, not the CSMS's fault
                     raise oe.InternalError(f"response does not pass the schema: {e.description}") from e
             except oe.OCPPError as e:
@@ -181,7 +182,7 @@ class OcppLink:
         `uid`: the message id, when the same message must keep its id when sent again."""
         msg = Call(uid or f"{self._nonce}-{next(self._ids)}", action, payload)
         try:
-            await _validate(msg)
+            _validate(msg)
         except oe.OCPPError as e:
             raise Refused(f"{action}: {e.description} {_cause(e)}") from e
         async with self._call_lock:
@@ -196,15 +197,19 @@ class OcppLink:
             raise CallFailed(answer.error_code, answer.error_description)
         answer.action = action
         try:
-            await _validate(answer)
+            _validate(answer)
         except oe.OCPPError as e:
             raise CallFailed(_code(e), f"the CSMS's {action} result: {e.description} {_cause(e)}") from e
         return dict(answer.payload)
 
 
-async def _validate(msg: Call | CallResult) -> None:
+def _validate(msg: Call | CallResult) -> None:
+    """The library's validation, on the event loop: its `validate_payload` hands each message to
+    a thread, which buys no concurrency (jsonschema is pure Python and holds the GIL) and costs
+    two thread switches per message (a third of the face's CPU per message in
+    tools/bench/ocpp_bridge.py, docs/performance.md)."""
     try:
-        await validate_payload(msg, VERSION)
+        ocpp_messages._validate_payload(msg, VERSION)
     except oe.ProtocolError as e:  # the library's name for a required key missing
         raise oe.OccurrenceConstraintViolationError(e.description, _cause(e)) from e
 

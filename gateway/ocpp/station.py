@@ -30,6 +30,8 @@ from gateway.schema import Registration
 log = logging.getLogger("gateway.ocpp")
 
 BACKOFF_MIN_S = 0.1
+STATUS_CALLS = ("FirmwareStatusNotification", "LogStatusNotification")
+"""The notifications a TriggerMessage repeats (`Station.last`)."""
 RETRY_INTERVAL_S = 10
 """Pending or Rejected with an interval of 0: BootNotification again after this."""
 
@@ -47,9 +49,15 @@ class StationSite(Protocol):
 
     async def token_of(self, row: Row) -> str | None: ...
 
-    async def delivered(self, device: str, seq: int) -> None: ...
+    def delivered(self, device: str, seq: int) -> None:
+        """The CSMS answered the row (or refused it): the next may go; the cursor is the site's
+        to make durable."""
 
     async def registered(self, device: str, info: BoardInfo, registration: int | None) -> None: ...
+
+    def rewrite(self, device: str, action: int, body: dict[int, Any],
+                msg: tuple[str, Payload] | None) -> tuple[str, Payload] | None:  # fmt: skip
+        """What the station sends for a board's row (`msg`: its translation; None: nothing)."""
 
 
 class Station:
@@ -159,6 +167,8 @@ class Station:
                 with contextlib.suppress(CallFailed, Refused):
                     await link.call(action, payload)
                 self.calls.popleft()
+                if action in STATUS_CALLS:
+                    self.last[action] = payload
                 continue
             if self.rows:
                 await self._deliver(link, self.rows[0])
@@ -201,17 +211,19 @@ class Station:
         f = _core.decode(row.frame)
         body: dict[int, Any] = f.body if isinstance(f.body, dict) else {}
         token = await self.site.token_of(row)
-        msg = event(f.action, body, f.ts, row.seq in self.offline, token)
+        msg = self.site.rewrite(
+            self.device, f.action, body, event(f.action, body, f.ts, row.seq in self.offline, token)
+        )
         if msg is not None:
             try:
                 await link.call(*msg, uid=f"row-{row.seq}")  # sent again after a kill -9: the same id
-                if msg[0] in ("FirmwareStatusNotification", "LogStatusNotification"):
+                if msg[0] in STATUS_CALLS:
                     self.last[msg[0]] = msg[1]
                 self.sent += 1
             except (CallFailed, Refused) as e:
                 self.dropped += 1
                 log.warning("ocpp %s: %s of row %d not delivered: %s", self.device, msg[0], row.seq, e)
-        await self.site.delivered(self.device, row.seq)
+        self.site.delivered(self.device, row.seq)
         if self.rows and self.rows[0] is row:
             self.rows.popleft()
         self.offline.discard(row.seq)

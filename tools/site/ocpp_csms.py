@@ -114,6 +114,11 @@ class CsmsSide(ChargePoint):  # type: ignore[misc]
     async def displays(self, **_: Any) -> Any:
         return call_result.NotifyDisplayMessages()
 
+    @on("SignCertificate")  # type: ignore[untyped-decorator]
+    async def sign_certificate(self, csr: str, **_: Any) -> Any:
+        """Accepted: the test signs the CSR (recorded in `calls`) and sends CertificateSigned."""
+        return call_result.SignCertificate(status="Accepted")
+
 
 @dataclass
 class OcppCsms:
