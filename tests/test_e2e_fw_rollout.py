@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from gateway.schema import Action, FirmwareStatus, Status
+from tools.board import build
 from tools.site.harness import Site, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(150)
 
-IMAGE = b"CSCFW1" + bytes(range(256)) * 12
 OK = (FirmwareStatus.INSTALLED, FirmwareStatus.ACTIVATED)
 
 
@@ -47,7 +47,7 @@ async def scenario(s: Site) -> None:
     b0.cmd("plug")
     await board_wait(b0, "tx_started", since=m)  # charging: the update waits for the session's end
     devices = [b.device_id for b in s.boards]
-    api.firmware_campaign(site, IMAGE, "2.0.0", devices)
+    api.firmware_campaign(site, build.update_image("2.0.0", b0.march), "2.0.0", devices)  # a real build
     await board_wait(b0, "fw_waiting", since=m, timeout=40)  # downloaded and verified
     gw = s.gw
     await until(lambda: gw.firmware.has(1), 10, "image verified in the site's cache")

@@ -12,6 +12,7 @@ import pytest
 
 from evedge_csms import commands as cmds
 from gateway.schema import FirmwareStatus, Key, Status
+from tools.board import build
 from tools.site.harness import Site, board_status, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(90)
@@ -118,8 +119,8 @@ def test_e2e_e5_dso_limit_reaches_every_board_of_the_zone(tmp_path: Path) -> Non
 def test_e2e_m4_signed_firmware_campaign(tmp_path: Path) -> None:
     async def fn(s: Site) -> None:
         assert s.csms is not None
-        image = b"CSCFW1" + bytes(range(256)) * 12  # 3 KiB: several chunks
         b = s.boards[0]
+        image = build.update_image("1.2.3", b.march)  # a real build (M4: the board installs and runs it)
         m = b.mark()
         s.csms.api.firmware_campaign(s_id(s), image, "1.2.3", ["ev-0000"])
         await board_wait(b, "exit", timeout=40, since=m)  # downloaded by chunks through the CSMS, rebooting

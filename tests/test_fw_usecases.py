@@ -4,14 +4,20 @@ Each test is named after the use-case ID it proves."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fwpeer import Rig, barrier, charging, until_status
 
+from evedge_csms.commands import manifest_bytes
 from gateway.schema import Action, ChargingState, Key, Kind, ResetWhen, StopReason
+from tools.board import build
+from tools.board.runner import dev_signer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -408,24 +414,40 @@ def _fw_statuses(rig: Rig) -> list[int]:
     return [b[Key.FW_STATUS] for b in rig.peer.durable(Action.FIRMWARE_STATUS)]
 
 
-def _update(rig: Rig, image: bytes, sha: bytes | None = None, when: int | None = None) -> tuple[int, dict[int, Any]]:
-    import hashlib
-
-    rig.peer.firmware[3] = image
+def _update(
+    rig: Rig,
+    image: bytes,
+    sha: bytes | None = None,
+    when: int | None = None,
+    version: str = "1.1.0",
+    signer: tuple[str, Ed25519PrivateKey] | None = None,
+    image_id: int = 3,
+) -> tuple[int, dict[int, Any]]:
+    """UpdateFirmware of `image` with its manifest signed (by default by the development signer
+    the emulated board trusts); `sha`: another SHA-256 in the manifest than the image's."""
+    rig.peer.firmware[image_id] = image
+    name, key = signer or dev_signer()
+    digest = sha or hashlib.sha256(image).digest()
     body: dict[int, Any] = {
-        Key.IMAGE_ID: 3,
-        Key.VERSION: "1.1.0",
+        Key.IMAGE_ID: image_id,
+        Key.VERSION: version,
         Key.SIZE: len(image),
-        Key.SHA256: sha or hashlib.sha256(image).digest(),
-        Key.SIGNATURE: bytes(64),
+        Key.SHA256: digest,
+        Key.SIGNATURE: key.sign(manifest_bytes(image_id, version, len(image), digest)),
+        Key.SIGNER: name,
     }
     if when is not None:
         body[Key.WHEN] = when
     return rig.peer.request(Action.UPDATE_FIRMWARE, body)
 
 
+def _image(rig: Rig, version: str = "1.1.0", edit: Callable[[Path], None] | None = None) -> bytes:
+    """A real update: the firmware built with FW_VERSION = `version` for the board's CPU, packed."""
+    return build.update_image(version, rig.board.march, edit=edit)
+
+
 def test_fw_m4_firmware_update_downloaded_verified_installed_activated(rig: Rig) -> None:
-    image = b"CSCFW1" + bytes(range(256)) * 20
+    image = _image(rig)
     _k, b = _update(rig, image)
     assert b[Key.STATUS] == 0
     rig.board.wait("exit", timeout=30)  # reboots into the new slot
@@ -434,25 +456,71 @@ def test_fw_m4_firmware_update_downloaded_verified_installed_activated(rig: Rig)
     assert _fw_statuses(rig) == [1, 2, 4, 5, 8, 9, 11]
     chunks = [r for r in rig.peer.requests if r[1] == Action.FIRMWARE_CHUNK]
     assert len(chunks) == (len(image) + 1023) // 1024
+    st = rig.board.status()
+    assert st["version"] == "1.1.0" and st["slot"] == 0  # the new code runs, from the slot
+    activated = rig.peer.durable(Action.FIRMWARE_STATUS)[-1]
+    assert activated[Key.VERSION] == "1.1.0" and activated[Key.SLOT] == 0
+    m = rig.board.mark()
+    rig.power_cut()  # confirmed: the loader boots the new slot from now on
+    rig.up()
+    assert rig.board.wait("boot", since=m)["version"] == "1.1.0"
+
+
+def test_fw_m4_a_manifest_the_board_cannot_verify_is_refused_by_name(rig: Rig) -> None:
+    image = _image(rig)
+    rogue = ("csms-rogue", Ed25519PrivateKey.generate())
+    k, b = _update(rig, image, signer=rogue)
+    assert k == Kind.ERROR and "csms-rogue is not in the board's trust store" in b[Key.REASON]
+    name, _ = dev_signer()
+    k, b = _update(rig, image, signer=(name, Ed25519PrivateKey.generate()))  # the trusted name, another key
+    assert b[Key.STATUS] == 0
+    rig.peer.wait(lambda: 7 in _fw_statuses(rig), 20)  # signature_invalid, before any download
+    assert not [r for r in rig.peer.requests if r[1] == Action.FIRMWARE_CHUNK]
+    k, b = _update(rig, image, version="0.9.0")
+    assert k == Kind.ERROR and "rollback refused" in b[Key.REASON]
+    events = [e[Key.EVENT_NAME] for e in rig.peer.durable(Action.SECURITY_EVENT)]
+    assert {"UnknownFirmwareSigner", "InvalidFirmwareSignature", "FirmwareRollbackRefused"} <= set(events)
+    assert rig.board.status()["version"] == "1.0.0"
 
 
 def test_fw_m4_bad_image_rejected_and_failed_boot_rolled_back(rig: Rig) -> None:
     k, b = _update(rig, b"CSCFW1" + bytes(3000), sha=bytes(32))
     rig.peer.wait(lambda: 6 in _fw_statuses(rig), 20)  # verification_failed
-    k, b = rig.peer.request(
-        Action.UPDATE_FIRMWARE,
-        {Key.IMAGE_ID: 4, Key.VERSION: "9", Key.SIZE: 10**7, Key.SHA256: bytes(32), Key.SIGNATURE: bytes(64)},
-    )
+    body: dict[int, Any] = {
+        Key.IMAGE_ID: 4,
+        Key.VERSION: "9",
+        Key.SIZE: 10**7,
+        Key.SHA256: bytes(32),
+        Key.SIGNATURE: bytes(64),
+    }
+    k, b = rig.peer.request(Action.UPDATE_FIRMWARE, body)
     assert k == Kind.ERROR and "does not fit" in b[Key.REASON]
-    k, b = _update(rig, b"NOT-BOOTABLE" * 100)
-    rig.board.wait("exit", timeout=30)
-    rig.up()
-    rig.peer.wait(lambda: 12 in _fw_statuses(rig), 20)  # rolled_back
+    k, b = _update(rig, b"NOT-AN-ARCHIVE" * 100, version="1.0.1")
+    rig.peer.wait(lambda: 10 in _fw_statuses(rig), 20)  # install_failed: the slot was never switched
+    assert rig.board.alive() and rig.board.status()["version"] == "1.0.0"
+
+    def crash(src: Path) -> None:  # a build whose code dies at import: it never boots
+        p = src / "csc" / "app.py"
+        p.write_text(p.read_text() + "\nraise RuntimeError('broken build')\n")
+
+    m = rig.board.mark()
+    _update(rig, _image(rig, "1.2.0", crash), version="1.2.0")
+    rig.board.wait("exit", since=m, timeout=60)  # installed: the reboot into the trial
+    for _ in range(3):  # each boot of the trial dies at import; the loader counts them
+        m = rig.board.mark()
+        rig.board.start()
+        assert rig.board.wait("exit", since=m, timeout=30)["rc"] not in (0, 3)
+    m = rig.board.mark()
+    rig.up()  # the fourth boot: the loader went back to the factory firmware
+    assert rig.board.wait("boot", since=m)["version"] == "1.0.0"
+    rig.peer.wait(lambda: 12 in _fw_statuses(rig), 20)  # rolled_back, with the loader's reason
+    rb = next(b for b in rig.peer.durable(Action.FIRMWARE_STATUS) if b[Key.FW_STATUS] == 12)
+    assert "did not confirm itself in 3 boots" in rb[Key.REASON]
 
 
 def test_fw_m4_m5_update_downloaded_during_a_session_installed_only_after_it(rig: Rig) -> None:
     tx = charging(rig)
-    image = b"CSCFW1" + bytes(range(256)) * 12
+    image = _image(rig)
     m = rig.board.mark()
     _k, b = _update(rig, image)
     assert b[Key.STATUS] == 0  # accepted while charging
@@ -481,7 +549,7 @@ def test_fw_m4_m5_update_downloaded_during_a_session_installed_only_after_it(rig
 
 def test_fw_m4_m5_update_now_ends_the_session_and_installs_once_verified(rig: Rig) -> None:
     tx = charging(rig)
-    image = b"CSCFW1" + bytes(range(256)) * 8
+    image = _image(rig)
     _k, b = _update(rig, image, when=ResetWhen.NOW)
     assert b[Key.STATUS] == 0
     rig.board.wait("exit", timeout=30)  # verified, the session ended, installed, rebooted

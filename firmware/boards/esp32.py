@@ -33,6 +33,8 @@ the drivers import on the unix port too.
 # Imports inside functions are deliberate: `machine`, `esp32`, `network` exist on the board only;
 # `a == x or a == y` is two int compares on MicroPython, not a tuple.
 
+import json
+
 from boards.drivers.modbus_meter import Meter
 from boards.drivers.ntc import ntc_dc
 from boards.drivers.pilot import DUTY_F, DUTY_OFF, Pilot, current_ma, duty_u16
@@ -306,10 +308,110 @@ def mount_flash():
     return "/flash"
 
 
+class Ota:
+    """The firmware slots on OTA partitions (M4; docs/firmware.md "Firmware update"): the update
+    service's loader interface (boards/unix.py `Slots` on the emulated board) on ESP-IDF's
+    bootloader built with app rollback (MicroPython's OTA board variant, CONFIG_BOOTLOADER_APP_
+    ROLLBACK_ENABLE): slot n is partition "ota_n", the image is a whole MicroPython app image
+    (the firmware frozen in), written block by block into the slot the board does not run;
+    `set_boot` makes the bootloader start it once, pending verification; the self-test's
+    `mark_app_valid_cancel_rollback` keeps it; a reset before that makes the bootloader go back to
+    the slot that ran before. `otastate.json` on the data flash keeps which slot is on trial and why
+    a trial was given up, for the FirmwareStatus the old code reports."""
+
+    BLOCK = 4096
+
+    def __init__(self, root, signers):
+        import esp32
+
+        self.e = esp32
+        self.root = root
+        self.signers = signers  # signer name -> Ed25519 public key, from NVS (provisioned at the factory)
+        # the stubs type the id as a label only; the port takes RUNNING (and BOOT) too
+        self.run = esp32.Partition(esp32.Partition.RUNNING)  # type: ignore[arg-type]
+        self.running = self._slot(self.run)  # None: the factory app
+        self.max_image = self.run.get_next_update().info()[3]
+        try:
+            with open(root + "/otastate.json") as f:
+                self.d = json.loads(f.read())
+        except (OSError, ValueError):
+            self.d = {}
+
+    @staticmethod
+    def _slot(p):
+        label = p.info()[4]
+        return int(label[4:]) if label.startswith("ota_") else None
+
+    def _part(self, slot):
+        return self.e.Partition.find(self.e.Partition.TYPE_APP, label="ota_%d" % slot)[0]
+
+    def _save(self):
+        import os
+
+        t = self.root + "/otastate.t"
+        with open(t, "w") as f:
+            f.write(json.dumps(self.d))
+        os.rename(t, self.root + "/otastate.json")
+
+    def inactive(self):
+        return self._slot(self.run.get_next_update())
+
+    def install(self, slot, path, size):
+        """The app image at `path` into partition ota_<slot>: whole blocks (writeblocks without
+        an offset erases each first), then its first byte checked (an ESP app image: 0xE9)."""
+        p = self._part(slot)
+        if size > p.info()[3]:
+            raise ValueError("image of %d bytes, partition ota_%d holds %d" % (size, slot, p.info()[3]))
+        buf = bytearray(self.BLOCK)
+        with open(path, "rb") as f:
+            if f.read(1) != b"\xe9":
+                raise ValueError("not an ESP32 app image")
+            f.seek(0)
+            block = 0
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                for i in range(n, self.BLOCK):
+                    buf[i] = 0xFF  # erased flash
+                p.writeblocks(block, buf)
+                block += 1
+
+    def set_trial(self, slot):
+        self.d["trial"] = slot
+        self.d.pop("rb", None)
+        self._save()
+        self._part(slot).set_boot()
+
+    def on_trial(self):
+        return self.running is not None and self.running == self.d.get("trial")
+
+    def confirm(self):
+        self.e.Partition.mark_app_valid_cancel_rollback()
+        self.d["trial"] = None
+        self._save()
+
+    def abort(self, reason):
+        # the bootloader goes back at the next reset: the app is still pending verification
+        self.d["rb"] = reason
+        self._save()
+
+    def rolled_back(self):
+        t = self.d.get("trial")
+        if t is not None and t != self.running:
+            return self.d.get("rb") or "the bootloader went back: the new app did not confirm itself"
+        return self.d.get("rb")
+
+    def forget(self):
+        self.d = {}
+        self._save()
+
+
 def settings():
     """(device id, factory key, (gateway host, port), Wi-Fi ssid, Wi-Fi key) from the NVS
     namespace "evedge", written at provisioning (`id`, `fkey` 32 bytes, `gw` "host:port",
-    `ssid`, `psk`)."""
+    `ssid`, `psk`; the firmware signer's name `fwsn` and Ed25519 public key `fwpk`) and the
+    signers the board trusts."""
     import esp32
 
     nvs = esp32.NVS("evedge")
@@ -323,7 +425,8 @@ def settings():
         return bytes(buf[:n])
 
     host, port = get("gw").decode().split(":")
-    return get("id").decode(), get("fkey"), (host, int(port)), get("ssid").decode(), get("psk").decode()
+    signers = {get("fwsn").decode(): get("fwpk")} if get("fwpk") else {}  # the firmware signer (M4)
+    return get("id").decode(), get("fkey"), (host, int(port)), get("ssid").decode(), get("psk").decode(), signers
 
 
 def network_up(ssid, psk, timeout_ms=20000):
@@ -354,7 +457,7 @@ def main():
 
     store.ROOT = mount_flash()
     hal = Esp32Hal()
-    device_id, fkey, gw, ssid, psk = settings()
+    device_id, fkey, gw, ssid, psk, signers = settings()
     network_up(ssid, psk)
-    app = App(hal, device_id, fkey, gw, note)
+    app = App(hal, device_id, fkey, gw, note, Ota(store.ROOT, signers))
     asyncio.run(app.main((hal.run(),)))

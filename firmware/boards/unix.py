@@ -11,6 +11,12 @@
   and export of EVSE 1, then of EVSE 2, ….
 - Control channel: one JSON object per line on stdin (commands), one per line on stdout
   (what the board did: {"ev": "...", ...}); see tools/board/ and docs/firmware.md.
+- Loader (`Slots`, M4): the firmware the process was started with (frozen in the board image,
+  or the build the runner names) is the factory's; an update lives in slot /flash/s0 or
+  /flash/s1, whose `csc` package shadows the factory's (put first on sys.path before anything
+  imports csc). `otadata.json` is the loader's record, as an ESP32's otadata partition:
+  the confirmed slot, the slot on trial and its boots. `--fw-signers name=hex,...`: the keys
+  the board trusts to sign updates, fixed at the factory as the factory key is.
 """
 
 # ruff: noqa: PLC0415
@@ -59,6 +65,154 @@ class FileBlockDev:
         if op == 6:  # erase: LittleFS never needs the bytes cleared on a file
             return 0
         return None
+
+
+SLOT_TRIES = 3  # boots a slot on trial gets to confirm itself before the loader goes back
+_MAGIC = b"CSCIMG1\n"  # the update archive (tools/board/build.py `pack`)
+
+
+def _exists(p):
+    try:
+        os.stat(p)
+        return True
+    except OSError:
+        return False
+
+
+def _rmtree(p):
+    try:
+        names = [e[0] for e in os.ilistdir(p)]
+    except OSError:
+        return
+    for n in names:
+        q = p + "/" + n
+        try:
+            os.remove(q)
+        except OSError:
+            _rmtree(q)
+    os.rmdir(p)
+
+
+class Slots:
+    """The emulated board's loader: which firmware runs, and the firmware's hands on it
+    (csc/services/firmware_update.py). The choice at power-up (`select`) is made before csc is
+    imported, as a bootloader's; the rest is called by the update service."""
+
+    def __init__(self, root="/flash", signers=None):
+        self.root = root
+        self.signers = signers or {}  # signer name -> Ed25519 public key (32 bytes)
+        self.running = None  # the slot running now; None: the factory firmware
+        try:
+            with open(root + "/otadata.json") as f:
+                self.d = json.loads(f.read())
+        except (OSError, ValueError):  # none yet (a torn write cannot happen: see _save)
+            self.d = {}
+
+    def _save(self):
+        t = self.root + "/otadata.t"
+        with open(t, "w") as f:
+            f.write(json.dumps(self.d))
+        os.rename(t, self.root + "/otadata.json")  # LittleFS: atomic, old or new after a power cut
+
+    def dir(self, slot):
+        return "%s/s%d" % (self.root, slot)
+
+    def _has_code(self, slot):
+        return _exists(self.dir(slot) + "/csc/__init__.mpy")
+
+    def select(self):
+        """Power-up: the slot to run (the one on trial while it has boots left, else the
+        confirmed one); its folder goes first on sys.path."""
+        d = self.d
+        t = d.get("trial")
+        slot = d.get("boot")
+        if t is not None:
+            if d.get("tries", 0) >= SLOT_TRIES:
+                d["trial"] = None
+                d["rb"] = "the new image did not confirm itself in %d boots" % SLOT_TRIES
+            elif not self._has_code(t):
+                d["trial"] = None
+                d["rb"] = "slot %d holds no firmware" % t
+            else:
+                d["tries"] = d.get("tries", 0) + 1  # counted before it runs: a crash uses it up
+                slot = t
+            self._save()
+        if slot is not None and not self._has_code(slot):
+            slot = None  # the factory firmware is always there
+        self.running = slot
+        if slot is not None:
+            sys.path.insert(0, self.dir(slot))
+        return slot
+
+    def inactive(self):
+        """The slot an update is written to: never the one running."""
+        return 1 if self.running == 0 else 0
+
+    def on_trial(self):
+        return self.running is not None and self.running == self.d.get("trial")
+
+    def set_trial(self, slot):
+        self.d["trial"] = slot
+        self.d["tries"] = 0
+        self.d.pop("rb", None)
+        self._save()
+
+    def confirm(self):
+        self.d["boot"] = self.running
+        self.d["trial"] = None
+        self.d["tries"] = 0
+        self._save()
+
+    def abort(self, reason):
+        """The trial failed its self-test: the next boot runs the confirmed slot."""
+        self.d["trial"] = None
+        self.d["rb"] = reason
+        self._save()
+
+    def rolled_back(self):
+        return self.d.get("rb")
+
+    def forget(self):
+        self.d.pop("rb", None)
+        self._save()
+
+    def install(self, slot, path, size):
+        """Unpack the update archive at `path` into the slot's folder (emptied first): a
+        magic, then per file a name (1-byte length, under csc/, .mpy), a 4-byte big-endian
+        size and the bytes; a zero length ends it. ValueError names what is wrong."""
+        d = self.dir(slot)
+        _rmtree(d)
+        os.mkdir(d)
+        buf = bytearray(512)
+        mv = memoryview(buf)
+        with open(path, "rb") as f:
+            if f.read(len(_MAGIC)) != _MAGIC:
+                raise ValueError("not a firmware archive")
+            while True:
+                k = f.read(1)
+                if not k:
+                    raise ValueError("firmware archive truncated")
+                if k[0] == 0:
+                    break
+                name = f.read(k[0]).decode()
+                n = int.from_bytes(f.read(4), "big")
+                if not name.startswith("csc/") or not name.endswith(".mpy") or ".." in name or n > size:
+                    raise ValueError("firmware archive: bad entry %s" % name)
+                parts = name.split("/")
+                q = d
+                for part in parts[:-1]:
+                    q += "/" + part
+                    if not _exists(q):
+                        os.mkdir(q)
+                with open(d + "/" + name, "wb") as o:
+                    while n:
+                        r = f.readinto(mv[: min(512, n)])
+                        if not r:
+                            raise ValueError("firmware archive truncated in %s" % name)
+                        o.write(mv[:r])
+                        n -= r
+        if not self._has_code(slot):
+            raise ValueError("firmware archive without the csc package")
 
 
 def mount(path, blocks=256):
@@ -233,6 +387,8 @@ class Control:
             d["operative"] = app.station.operative
             d["estop"] = app.station.estop
             d["charging_state"] = e.state
+            d["version"] = app.version
+            d["slot"] = app.slots.running
             d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
             d["modules"] = [m for m in sys.modules if m.startswith("csc.")]  # on-demand ones come and go
             gc.collect()
@@ -269,6 +425,12 @@ def main():
     gc.collect()
     m0 = gc.mem_alloc()
     mount(a.get("flash", "board.img"), int(a.get("blocks", "256")))
+    signers = {}
+    for kv in a.get("fw-signers", "").split(","):
+        if "=" in kv:
+            signers[kv.split("=")[0]] = bytes.fromhex(kv.split("=")[1])
+    slots = Slots("/flash", signers)
+    slots.select()  # before the first import of csc: the slot's package shadows the factory's
     import asyncio
 
     from boards.sim import SimHal
@@ -309,13 +471,16 @@ def main():
             data = {"peak": ctl.peak}
         note(kind, data)
 
-    app = App(hal, a.get("id", "evse-1"), fk, (host, int(port)), board_note)
+    app = App(hal, a.get("id", "evse-1"), fk, (host, int(port)), board_note, slots)
     gc.collect()
     m2 = gc.mem_alloc()
     ctl = Control(app, hal, mp)
     ctl.peak = m2
     m = sys.maxsize  # 2**31 - 1 on the 32-bit board image, 2**63 - 1 on the 64-bit unix port
-    note("boot", {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m})
+    d = {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m}
+    d["slot"] = slots.running
+    d["version"] = app.version
+    note("boot", d)
     asyncio.run(app.main((ctl.run(), ctl.meter_task())))
 
 

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,9 +339,12 @@ def mpy_cross() -> str:
         raise BuildError(str(e)) from None
 
 
-def build(out: Path, root: Path = FIRMWARE, extra: tuple[Path, ...] = (), py: bool = False) -> dict[str, int]:
+def build(
+    out: Path, root: Path = FIRMWARE, extra: tuple[Path, ...] = (), py: bool = False, march: str = "host"
+) -> dict[str, int]:
     """Rewrite and compile the firmware into `out`; the size of each .mpy by module path.
-    `py`: write the rewritten sources instead (to freeze with a board's manifest)."""
+    `py`: write the rewritten sources instead (to freeze with a board's manifest). `march`: the
+    CPU of the native code (mpy-cross -march: "host", "x86" for the 32-bit board image …)."""
     mods = load(root, extra)
     sizes: dict[str, int] = {}
     if py:
@@ -364,7 +368,7 @@ def build(out: Path, root: Path = FIRMWARE, extra: tuple[Path, ...] = (), py: bo
                 # name the module (csc.link), a qstr the board interns anyway, not a second one
                 # for its file (csc/link.py): one qstr less per module, and one too many makes
                 # MicroPython allocate its next qstr pool (docs/firmware.md)
-                [exe, "-march=host", "-o", str(dst), "-s", m.name, str(src)],
+                [exe, f"-march={march}", "-o", str(dst), "-s", m.name, str(src)],
                 check=False,
                 capture_output=True,
                 text=True,
@@ -405,6 +409,59 @@ def built(root: Path = FIRMWARE) -> Path:
         if p != out:
             shutil.rmtree(p, ignore_errors=True)
     return out
+
+
+# ---------------------------------------------------------------- the update archive (M4)
+
+ARCHIVE_MAGIC = b"CSCIMG1\n"
+
+
+def pack(built_dir: Path) -> bytes:
+    """The update archive of a build: the `csc` package's .mpy files (a slot's firmware; the
+    board's own module and its loader stay the factory's), read by firmware/boards/unix.py
+    `Slots.install`: the magic, then per file its name (1-byte length), its size (4 bytes,
+    big-endian) and its bytes; a zero length ends it. Files in name order: the same build packs
+    to the same bytes."""
+    out = bytearray(ARCHIVE_MAGIC)
+    for p in sorted((built_dir / "csc").rglob("*.mpy")):
+        name = p.relative_to(built_dir).as_posix().encode()
+        data = p.read_bytes()
+        if len(name) > 255:
+            raise BuildError(f"{name!r}: a name in the archive is at most 255 bytes")
+        out += bytes([len(name)]) + name + len(data).to_bytes(4, "big") + data
+    out += b"\0"
+    return bytes(out)
+
+
+def update_image(version: str, march: str = "host", root: Path = FIRMWARE,
+                 edit: Callable[[Path], None] | None = None) -> bytes:  # fmt: skip
+    """The update archive of the firmware at `root` with `csc.FW_VERSION` = `version`, its native
+    code for `march` (the board's: tools.board.Board.march). `edit(copy)` may change the copied
+    sources first (a test's broken build). Cached per sources, version and CPU when not edited."""
+    key = hashlib.sha256(f"{fingerprint(root)}\0{version}\0{march}".encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "evedge-fw-updates" / f"{key}.bin"
+    if edit is None and cache.is_file():
+        return cache.read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        shutil.copytree(root, src, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        init = src / "csc" / "__init__.py"
+        text = init.read_text()
+        if 'FW_VERSION = "' not in text:
+            raise BuildError(f"{init}: no FW_VERSION to set")
+        head, rest = text.split('FW_VERSION = "', 1)
+        init.write_text(head + f'FW_VERSION = "{version}"' + rest.split('"', 1)[1])
+        if edit is not None:
+            edit(src)
+        out = Path(tmp) / "out"
+        build(out, src, march=march)
+        data = pack(out)
+    if edit is None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        part = cache.with_suffix(f".{os.getpid()}.part")
+        part.write_bytes(data)
+        os.replace(part, cache)
+    return data
 
 
 def main() -> None:

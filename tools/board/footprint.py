@@ -112,7 +112,13 @@ def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int
 
     peer = Peer({"evse-1": {"factory_key": FACTORY_KEY}})
     peer.tokens[b"card-1"] = 0
-    fw_image = b"CSCFW1" + bytes(range(256)) * 64  # 16 KiB image
+    from evedge_csms.commands import manifest_bytes  # noqa: PLC0415
+    from tools.board import build  # noqa: PLC0415
+    from tools.board.runner import dev_signer  # noqa: PLC0415
+
+    kind = "image" if code is None else "source" if code == FIRMWARE else "bytecode"
+    fw_image = build.update_image("1.1", "x86" if kind == "image" else "host")  # a real build, signed below
+    signer, signing_key = dev_signer()
     peer.firmware[1] = fw_image
     with tempfile.TemporaryDirectory() as d:
         kind = "image" if code is None else "source" if code == FIRMWARE else "bytecode"
@@ -136,7 +142,10 @@ def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int
                     Key.VERSION: "1.1",
                     Key.SIZE: len(fw_image),
                     Key.SHA256: hashlib.sha256(fw_image).digest(),
-                    Key.SIGNATURE: bytes(64),
+                    Key.SIGNATURE: signing_key.sign(
+                        manifest_bytes(1, "1.1", len(fw_image), hashlib.sha256(fw_image).digest())
+                    ),
+                    Key.SIGNER: signer,
                 },
                 timeout=5,
             )

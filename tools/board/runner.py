@@ -16,24 +16,34 @@ line-oriented JSON: commands on the process's stdin (`{"cmd": "plug"}`, `{"cmd":
 "04a1"}`, `{"cmd": "freq", "mhz": 49800}`, `{"cmd": "step", "ms": 60000}`, `{"cmd": "status"}`, …) and
 what the board did on its stdout (`{"ev": "tx_started", "tx_id": 65}`). `kill()` is a power cut
 (SIGKILL); `start()` powers up again on the same image.
+
+Firmware slots (M4, firmware/boards/unix.py `Slots`): the firmware a board starts with is its
+factory firmware; an update unpacks a build (tools/board/build.py `update_image`, for the board's
+`march`) into a slot on the flash, whose modules then shadow the factory's. The board image's frozen
+bytecode costs no heap, a slot's is loaded into it: a board image whose loader will run a slot
+gets SLOT_HEAP instead of its default (a microcontroller's OTA partition holds the new bytecode in
+flash as the factory's: it needs no more RAM; docs/firmware.md "Firmware update"). The keys a board
+trusts to sign updates (`fw_signers`) are given at every power-up, as the factory key is: fixed at
+the factory, not writable by the firmware; by default the development signer `dev_signer()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from gateway.protocol import devpki
@@ -53,6 +63,37 @@ DEFAULT_HEAP = {
     "bytecode": "512k",
     "source": "512k",
 }
+SLOT_HEAP = "128k"  # the board image running a slot: the default plus the bytecode it loads (~50k, 32-bit)
+DEV_SIGNER_SEED = hashlib.sha256(b"evedge emulated board: development firmware signer").digest()
+
+
+def dev_signer() -> tuple[str, ed25519.Ed25519PrivateKey]:
+    """The development firmware signer (its seed is public, here): what an emulated board trusts
+    unless it is given the operator's keys. Its name is the CSMS's form (csms-<sha256 prefix>)."""
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(DEV_SIGNER_SEED)
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "csms-" + hashlib.sha256(pub).hexdigest()[:16], key
+
+
+def signer_public(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# the loader's record on the flash, read before a start (the heap depends on it); the flash is
+# mounted read-only by the board's own MicroPython
+_PEEK = """
+import vfs
+class D:
+    def __init__(s, f, n): s.f = open(f, "rb"); s.n = n
+    def readblocks(s, b, buf, off=0): s.f.seek(b * 4096 + off); s.f.readinto(buf)
+    def writeblocks(s, b, buf, off=0): raise OSError(30)
+    def ioctl(s, op, arg): return s.n if op == 4 else 4096 if op == 5 else 0
+try:
+    vfs.mount(vfs.VfsLfs2(D(FLASH, BLOCKS)), "/f", readonly=True)
+    print(open("/f/otadata.json").read())
+except OSError:  # no update yet (or a flash not formatted yet)
+    print("{}")
+"""
 
 
 def micropython() -> str:
@@ -83,13 +124,16 @@ class Board:
         gw_host: str = "127.0.0.1",
         kind: str | None = None,
         evses: int = 1,
+        fw_signers: Mapping[str, bytes] | None = None,
     ) -> None:
         """`kind`: "image", "bytecode" or "source" (see above; default EVEDGE_BOARD, else "image").
         `evses`: the simulated board's EVSEs (each with its EV, contactor and meter; control
         commands `plug`, `unplug`, `ready` and `card` take `evse=n`).
         `code_dir`: a built firmware (tools.board.build) to run on the 64-bit port ("bytecode"); by
         default the current sources are built (once, cached). `source`: run the source instead of a
-        build ("source"; also EVEDGE_FW_SOURCE=1). `heap`: -X heapsize, by default DEFAULT_HEAP[kind]."""
+        build ("source"; also EVEDGE_FW_SOURCE=1). `heap`: -X heapsize, by default DEFAULT_HEAP[kind].
+        `fw_signers`: signer name -> Ed25519 public key the board trusts to sign updates (default:
+        the development signer)."""
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.flash = self.dir / "flash.img"
@@ -110,6 +154,11 @@ class Board:
             self.kind = board_kind(kind)
         self.source = self.kind == "source"
         self.heap = heap or DEFAULT_HEAP[self.kind]
+        self.heap_given = heap is not None
+        if fw_signers is None:
+            name, key = dev_signer()
+            fw_signers = {name: signer_public(key)}
+        self.fw_signers = dict(fw_signers)
         self.code_dir: Path | None  # a folder the board imports the firmware from (None: frozen in the image)
         # (the imports below are local: keeps `python -m tools.board.build` / `.image` free of a runpy warning)
         if self.kind == "image":
@@ -128,6 +177,31 @@ class Board:
         self._cv = threading.Condition()
         self.boots = 0
 
+    @property
+    def march(self) -> str:
+        """The CPU an update's native code is built for (tools/board/build.py `update_image`)."""
+        return "x86" if self.kind == "image" else "host"
+
+    def loader_record(self) -> dict[str, Any]:
+        """The loader's record on the flash (firmware/boards/unix.py `Slots`): {} before any update."""
+        if not self.flash.exists():
+            return {}
+        script = _PEEK.replace("FLASH", repr(str(self.flash))).replace("BLOCKS", str(self.blocks))
+        env = {**os.environ, "MICROPYPATH": ".frozen"}
+        r = subprocess.run([self.exe, "-c", script], capture_output=True, text=True, env=env, timeout=10, check=False)
+        try:
+            d: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise RuntimeError(f"{self.flash}: the loader's record cannot be read: {r.stdout}{r.stderr}") from None
+        return d
+
+    def _heap(self) -> str:
+        if self.kind != "image" or self.heap_given:
+            return self.heap
+        d = self.loader_record()
+        runs_slot = d.get("boot") is not None or d.get("trial") is not None
+        return SLOT_HEAP if runs_slot else self.heap
+
     def describe(self) -> str:
         """What runs: "32-bit frozen board image <hash>" or "64-bit bytecode in heap" (or source)."""
         if self.kind == "image":
@@ -144,7 +218,7 @@ class Board:
         args = [
             self.exe,
             "-X",
-            f"heapsize={self.heap}",
+            f"heapsize={self._heap()}",
             *([str(FIRMWARE / "boards" / "unix.py")] if self.source else ["-m", "boards.unix"]),
             "--flash",
             str(self.flash),
@@ -160,6 +234,8 @@ class Board:
             str(self.blocks),
             "--evses",
             str(self.evses),
+            "--fw-signers",
+            ",".join(f"{n}={k.hex()}" for n, k in self.fw_signers.items()),
         ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
@@ -167,7 +243,8 @@ class Board:
         self.boots += 1
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
         threading.Thread(target=self._err, args=(self.proc,), daemon=True).start()
-        self.cmd("se", csr=self.secure_element_csr().hex())
+        with contextlib.suppress(OSError):  # a firmware that dies at boot (a broken update) has no stdin
+            self.cmd("se", csr=self.secure_element_csr().hex())
         return self
 
     def secure_element_csr(self) -> bytes:

@@ -24,6 +24,7 @@ from evedge_csms import commands as cmds
 from evedge_roaming.csp import CspEndpoint
 from gateway.link import proto_ts
 from gateway.schema import AuthStatus, Status, TokenType
+from tools.board import build
 from tools.site.harness import Site, board_wait, until
 
 
@@ -99,7 +100,7 @@ async def scenario(s: Site, minutes: int) -> list[str]:
     # M4: signed firmware campaign on the last board
     fb = s.boards[-1]
     m = fb.mark()
-    s.csms.api.firmware_campaign(site, b"CSCFW1" + bytes(4000), "2.0.0", [fb.device_id])
+    s.csms.api.firmware_campaign(site, build.update_image("2.0.0", fb.march), "2.0.0", [fb.device_id])
     await board_wait(fb, "exit", timeout=40, since=m)
     fb.start()
     await until(lambda: s.csms is not None and any(r["fw_status"] in (9, 11) for r in s.csms.store.select("fw_status")),

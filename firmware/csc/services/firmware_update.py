@@ -1,31 +1,39 @@
-"""M4 firmware update: announced, downloaded in chunks, verified, installed into the
-inactive A/B slot, activated after a reboot, rolled back when the new image fails to boot.
+"""M4 firmware update: announced by a signed manifest, downloaded in chunks, verified by
+the board itself, installed into the inactive slot, run on trial after a reboot, confirmed by
+its self-test or rolled back.
 
-The Ed25519 signature of the manifest is verified by the gateway's Rust core before the
-UpdateFirmware command reaches the board; the board checks what it can afford: the size
-(refused up front when the slot cannot hold it) and the SHA-256 of the downloaded image.
-Chunks (FirmwareChunk, bulk class, ≤ MAX_CHUNK) are requested one at a time at the
-current offset, written to `fw<slot>` on flash; the progress is saved, so a power cut
-resumes the download where it stopped. The download and the verification run whenever
-the board is online, a charging session included; the install (boot state written, then the
-reboot that activates it) waits until the station is idle: no transaction, and the final
-TransactionEvent delivered (or the board offline), so no session is interrupted (M5) —
-unless UpdateFirmware says `when` = now: then the install follows the verification at once
-and a running session ends first (stop reason reboot, as Reset now does). A
-verified image waiting for the install is kept across a power cut (`ok` in `fwdl`). From
-Installing to the reboot the EVSE is unavailable, so no session starts in between. Boot
-state (`boot`): active slot, trial slot, the version of each (`ver` the active one's, None for
-the firmware the board was built with; `tver` the trial's). The active slot's version is the
-board's (Hello, BootNotification, the FirmwareVersion variable) and FirmwareStatus activated
-carries it, so the CSMS stores the version the board now runs. On the emulated board an
-image "boots" when it starts with BOOT_MAGIC; a trial image that does not is abandoned and the old slot stays active
-(FirmwareStatus rolled_back). Every step is reported as a durable FirmwareStatus.
+- Trust: UpdateFirmware carries the manifest (image id, version, size, SHA-256) and its Ed25519
+  signature by a named signer. The board answers a signer its loader does not trust (the
+  board's update trust store, `app.slots.signers`, provisioned at the factory like the factory
+  key) and a version not newer than the one it runs (rollback) with a refusal naming it, each
+  also a SecurityEvent; then, before a byte is downloaded, it verifies the signature itself
+  (csc/ed25519.py, loaded for that and dropped after): a manifest the gateway let through but the
+  board cannot verify ends in FirmwareStatus signature_invalid. The SHA-256 of the downloaded image
+  against the signed one closes the chain.
+- Download: FirmwareChunk requests (bulk class) one at a time at the current offset, written to
+  `fwimg` on flash; the progress is saved, so a power cut resumes where it stopped. Download
+  and verification run whenever the board is online, a charging session included.
+- Install: when the station is idle (no transaction, its final TransactionEvent delivered), or at
+  once with `when` = now (a running session ends first, stop reason reboot). The board's loader
+  (`app.slots`: boards/unix.py on the emulated board, boards/esp32.py on OTA partitions) writes the
+  image into the slot the board does not run, the service keeps a record of the trial (`fwboot`),
+  the loader is told to boot that slot on trial, and the board reboots. A power cut before that
+  point finds the verified image and installs it again; the running slot is never written.
+- Trial: the new code reports its own version (csc.FW_VERSION of the code that runs). Its
+  self-test: it must run the version its manifest named and get a BootNotification accepted within
+  SELFTEST_MS; then it tells the loader to keep it (FirmwareStatus activated, with the version).
+  A version mismatch ends the trial at once; no acceptance in time reboots, and the loader, after
+  a number of boots without confirmation (a crash at import counts), goes back to the old slot:
+  the old code then reports FirmwareStatus rolled_back with the loader's reason.
+Every step is a durable FirmwareStatus.
 """
 
 import hashlib
+import sys
 
 from .. import store
-from ..msgpack import Map
+from ..link import ticks_diff
+from ..msgpack import Map, Writer
 from ..outbox import SECURITY
 from ..schema import (
     A_FIRMWARE_CHUNK,
@@ -39,6 +47,8 @@ from ..schema import (
     F_OFFSET,
     F_REASON,
     F_SHA256,
+    F_SIGNATURE,
+    F_SIGNER,
     F_SIZE,
     F_SLOT,
     F_VERSION,
@@ -47,9 +57,11 @@ from ..schema import (
     FIRMWARE_STATUS_DOWNLOAD_FAILED,
     FIRMWARE_STATUS_DOWNLOADED,
     FIRMWARE_STATUS_DOWNLOADING,
+    FIRMWARE_STATUS_INSTALL_FAILED,
     FIRMWARE_STATUS_INSTALLED,
     FIRMWARE_STATUS_INSTALLING,
     FIRMWARE_STATUS_ROLLED_BACK,
+    FIRMWARE_STATUS_SIGNATURE_INVALID,
     FIRMWARE_STATUS_VERIFICATION_FAILED,
     FIRMWARE_STATUS_VERIFIED,
     FIRMWARE_STATUS_VERIFYING,
@@ -58,8 +70,36 @@ from ..schema import (
 )
 from . import Refused, Service, status
 
-BOOT_MAGIC = b"CSCFW1"
-MAX_IMAGE = 262144
+MAX_IMAGE = 262144  # a slot of the emulated board (its flash: 1 MiB)
+SELFTEST_MS = 120000  # a new image that is not accepted by the CSMS in this time reboots (a trial lost)
+
+
+def version_key(v):
+    """Version "1.10.2" -> (1, 10, 2): versions compare by their numbers; None when `v` has none."""
+    out = []
+    n = None
+    for c in v:
+        if "0" <= c <= "9":
+            n = (n or 0) * 10 + ord(c) - 48
+        elif c == ".":
+            if n is None:
+                return None
+            out.append(n)
+            n = None
+        else:
+            return None
+    if n is None:
+        return None
+    out.append(n)
+    return tuple(out)
+
+
+def manifest(img, ver, size, sha):
+    """The signed bytes: canonical msgpack of [image_id, version, size, sha256], as the CSMS
+    signs them (evedge_csms.commands.manifest_bytes)."""
+    w = Writer(size=128)
+    w.value([img, ver, size, sha])
+    return bytes(w.mv[: w.pos])
 
 
 class FirmwareUpdate(Service):
@@ -70,17 +110,9 @@ class FirmwareUpdate(Service):
     def __init__(self, app):
         super().__init__(app)
         self.st = store.load(store.path("fwdl"), None)  # the download in progress
-        self.boot_st = store.load(store.path("boot"), None) or {"active": 0, "trial": None, "ver": None}
         self.waiting = False
-        self._version(self.boot_st.get("ver"))
-
-    def _version(self, v):
-        """The board's version is `v`, the active slot's (None: the one it was built with)."""
-        app = self.app
-        if v:
-            app.version = v
-            app.cfg.vals[3] = v  # ChargingStation.FirmwareVersion (config.VARS)
-            app.link.ident = (app.link.ident[0], v)
+        self.trial = None  # the trial's record while the new image tests itself
+        self._deadline = 0
 
     def _status(self, st, reason=None, image=None, version=None):
         b = Map()
@@ -88,53 +120,114 @@ class FirmwareUpdate(Service):
         b[F_FW_STATUS] = st
         if reason:
             b[F_REASON] = reason
-        b[F_SLOT] = self.boot_st["active"]
+        sl = self.app.slots
+        if sl is not None and sl.running is not None:
+            b[F_SLOT] = sl.running
         if version:
             b[F_VERSION] = version
         self.app.emit(A_FIRMWARE_STATUS, b, SECURITY)
         self.app.note("fw_status", {"status": st, "reason": reason})
 
     def boot(self):
-        b = self.boot_st
-        t = b["trial"]
-        if t is None:
+        sl = self.app.slots
+        if sl is None:
             return
-        img = store.read(store.path("fw%d" % t)) or b""
-        image = b.get("img", 0)
-        b["trial"] = None
-        v = b.pop("tver", None)
-        if img[: len(BOOT_MAGIC)] == BOOT_MAGIC:
-            b["active"] = t
-            b["ver"] = v
-            store.save(store.path("boot"), b)
-            self._version(v)
-            self._status(FIRMWARE_STATUS_ACTIVATED, None, image, v)
-        else:
-            store.save(store.path("boot"), b)
-            self._status(FIRMWARE_STATUS_ROLLED_BACK, "new image failed to boot", image)
+        r = store.load(store.path("fwboot"), None)
+        if sl.on_trial():
+            # the install finished before the reboot that brought us here
+            self.st = None
+            store.remove(store.path("fwdl"))
+            store.remove(store.path("fwimg"))
+            self.trial = r or {"img": 0, "ver": None}
+            want = self.trial["ver"]
+            if want != self.app.version:
+                self._abort("the image runs version %s, its manifest says %s" % (self.app.version, want))
+                return
+            self._deadline = self.app.now() + SELFTEST_MS
+            self.app.note("fw_trial", {"version": want})
+            return
+        if self.st is not None or r is None:
+            return  # nothing installed, or an install still to finish (it writes the record again)
+        if sl.running != r["slot"]:  # the loader went back to the slot that ran before
+            self._status(FIRMWARE_STATUS_ROLLED_BACK, sl.rolled_back() or "the new image did not boot",
+                         r["img"], self.app.version)  # fmt: skip
+            sl.forget()
+        store.remove(store.path("fwboot"))  # else: confirmed, and activated reported, before a power cut
+
+    def accepted(self):
+        """A BootNotification accepted: the trial's self-test passed, the loader keeps the slot."""
+        r = self.trial
+        if r is None:
+            return
+        self.trial = None
+        self._status(FIRMWARE_STATUS_ACTIVATED, None, r["img"], self.app.version)
+        self.app.slots.confirm()
+        store.remove(store.path("fwboot"))
+
+    def _abort(self, reason):
+        self.app.note("fw_selftest_failed", {"reason": reason})
+        self.trial = None
+        self.app.slots.abort(reason)
+        self.app.admin.reboot_soon(100, True, "FirmwareUpdate")
 
     def update(self, body, seq):
+        app = self.app
+        sl = app.slots
+        if sl is None:
+            raise Refused("this board has no slot to install an update into")
         size = body[F_SIZE]
-        if size > MAX_IMAGE:
-            raise Refused("image of %d bytes does not fit the slot (%d)" % (size, MAX_IMAGE))
+        room = getattr(sl, "max_image", MAX_IMAGE)  # an OTA partition's size on an ESP32
+        if size > room:
+            raise Refused("image of %d bytes does not fit the slot (%d)" % (size, room))
         if len(body[F_SHA256]) != 32:
             raise Refused("sha256 must be 32 bytes")
+        signer = body.get(F_SIGNER)
+        if signer not in sl.signers:
+            r = "firmware signer %s is not in the board's trust store" % signer
+            app.security_event("UnknownFirmwareSigner", r)
+            raise Refused(r)
+        ver = body[F_VERSION]
+        new, cur = version_key(ver), version_key(app.version)
+        if new is None:
+            raise Refused("version %s is not a dotted number" % ver)
+        if cur is not None and new <= cur:
+            r = "version %s is not newer than the running %s: rollback refused" % (ver, app.version)
+            app.security_event("FirmwareRollbackRefused", r)
+            raise Refused(r)
         # accepted during a transaction: downloaded and verified while charging, installed when idle
-        slot = 1 - self.boot_st["active"]
-        store.remove(store.path("fw%d" % slot))
+        store.remove(store.path("fwimg"))
         self.st = {
             "img": body[F_IMAGE_ID],
-            "ver": body[F_VERSION],
+            "ver": ver,
             "size": size,
             "sha": body[F_SHA256],
-            "slot": slot,
+            "sig": body[F_SIGNATURE],
+            "by": signer,
+            "slot": sl.inactive(),
             "off": 0,
-            "ok": 0,  # 1: verified, waiting to be installed
+            "sv": 0,  # 1: the manifest's signature verified
+            "ok": 0,  # 1: the image verified, waiting to be installed
             "now": 1 if body.get(F_WHEN) == RESET_WHEN_NOW else 0,  # install without waiting for idle
         }
         store.save(store.path("fwdl"), self.st)
         self._status(FIRMWARE_STATUS_DOWNLOADING)
         return status(STATUS_ACCEPTED)
+
+    def _signed(self, st):
+        """The manifest's Ed25519 signature by its signer's key in the trust store."""
+        m = __import__("csc.ed25519", None, None, ("verify",))
+        try:
+            ok = m.verify(self.app.slots.signers[st["by"]], manifest(st["img"], st["ver"], st["size"], st["sha"]),
+                          st["sig"])  # fmt: skip
+        except (ValueError, KeyError):  # BadKey: a trust store entry that verifies nothing
+            ok = False
+        finally:  # cold: its code and tables leave the heap (as services.on_demand does)
+            m = None
+            sys.modules.pop("csc.ed25519", None)
+            pkg = sys.modules["csc"]
+            if hasattr(pkg, "ed25519"):
+                delattr(pkg, "ed25519")
+        return ok
 
     def idle(self):
         """No session to interrupt: no transaction, and its final TransactionEvent
@@ -149,6 +242,10 @@ class FirmwareUpdate(Service):
         return True
 
     def tick(self, now):
+        if self.trial is not None:
+            if ticks_diff(now, self._deadline) > 0:
+                self._abort("no BootNotification accepted within %d s" % (SELFTEST_MS // 1000))
+            return
         st = self.st
         if st is None:
             return
@@ -156,6 +253,15 @@ class FirmwareUpdate(Service):
             if st.get("now") or self.idle():
                 self._install()
             return
+        if not st.get("sv"):
+            if self._signed(st):
+                st["sv"] = 1
+                store.save(store.path("fwdl"), st)
+            else:
+                r = "the signature of %s does not verify" % st["by"]
+                self.app.security_event("InvalidFirmwareSignature", r)
+                self._fail(FIRMWARE_STATUS_SIGNATURE_INVALID, r)
+                return
         if self.waiting or not self.app.online:
             return
         b = Map()
@@ -176,7 +282,7 @@ class FirmwareUpdate(Service):
         if body[F_OFFSET] != st["off"] or body[F_IMAGE_ID] != st["img"]:
             return
         data = body[F_DATA]
-        p = store.path("fw%d" % st["slot"])
+        p = store.path("fwimg")
         try:
             # At the saved offset, not appended: after a power cut between this write and the
             # progress save below, the same chunk comes again and must replace itself.
@@ -219,21 +325,28 @@ class FirmwareUpdate(Service):
     def _install(self):
         st = self.st
         app = self.app
+        sl = app.slots
         app.tx.inoperative = True  # no session starts before the reboot
         self._status(FIRMWARE_STATUS_INSTALLING)
-        b = self.boot_st
-        b["trial"] = st["slot"]
-        b["img"] = st["img"]
-        b["tver"] = st["ver"]
-        store.save(store.path("boot"), b)
+        try:
+            sl.install(st["slot"], store.path("fwimg"), st["size"])
+        except (ValueError, OSError) as e:
+            app.tx.inoperative = False
+            self._fail(FIRMWARE_STATUS_INSTALL_FAILED, str(e) or "flash full")
+            return
+        # the record first, then the loader's switch: a power cut between the two finds the
+        # verified image (fwdl) still there and installs it again
+        store.save(store.path("fwboot"), {"img": st["img"], "ver": st["ver"], "slot": st["slot"]})
+        sl.set_trial(st["slot"])
         self._status(FIRMWARE_STATUS_INSTALLED)
         self.st = None
         store.remove(store.path("fwdl"))
+        store.remove(store.path("fwimg"))
         # activate: boot the new slot (a session, with `now`, ends first)
         app.admin.reboot_soon(500, True, "FirmwareUpdate")
 
     def _fail(self, code, reason):
         self._status(code, reason)
-        store.remove(store.path("fw%d" % self.st["slot"]))
+        store.remove(store.path("fwimg"))
         self.st = None
         store.remove(store.path("fwdl"))
