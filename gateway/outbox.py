@@ -21,6 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
+from gateway.schema import FIELDS, Key
+
+BOARD_IDS = int(FIELDS[Key.ID_FLOOR].max) + 1
+"""A board numbers its messages below this (its counter stays a small int on a 32-bit board)."""
+
 
 class Row(NamedTuple):
     """One frame owed upstream."""
@@ -47,6 +52,10 @@ class Outbox:
             " msg_id INTEGER NOT NULL, prio INTEGER NOT NULL, at_ms INTEGER NOT NULL, frame BLOB,"
             " acked INTEGER NOT NULL DEFAULT 0, UNIQUE (device, msg_id))"
         )
+        # the highest message id of each device whose rows were pruned: the dedup key outlives
+        # its rows here, so that a board given a new key (a replacement with a fresh flash) is
+        # told to number above it (`high_water`)
+        self._db.execute("CREATE TABLE IF NOT EXISTS high_water (device TEXT PRIMARY KEY, msg_id INTEGER NOT NULL)")
         (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM outbox").fetchone()
         self.next_seq: int = last + 1
 
@@ -99,12 +108,38 @@ class Outbox:
         return None if r is None else r[0]
 
     def prune(self, before_ms: int, limit: int = 50_000) -> int:
-        """Forgets retired rows accepted before `before_ms` (their dedup horizon is over)."""
-        cur = self._db.execute(
-            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE acked = 1 AND at_ms < ? LIMIT ?)",
-            (before_ms, limit),
-        )
+        """Forgets retired rows accepted before `before_ms` (their dedup horizon is over),
+        keeping each device's highest message id among them (`high_water`)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (seq INTEGER PRIMARY KEY, device TEXT, msg_id INTEGER)")
+            db.execute("DELETE FROM doomed")
+            db.execute(
+                "INSERT INTO doomed SELECT seq, device, msg_id FROM outbox WHERE acked = 1 AND at_ms < ? LIMIT ?",
+                (before_ms, limit),
+            )
+            db.execute(
+                "INSERT INTO high_water(device, msg_id) SELECT device, max(msg_id) FROM doomed WHERE msg_id < ?"
+                " GROUP BY device ON CONFLICT(device) DO UPDATE SET msg_id = max(msg_id, excluded.msg_id)",
+                (BOARD_IDS,),
+            )
+            cur = db.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM doomed)")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return cur.rowcount
+
+    def high_water(self, device: str) -> int:
+        """The highest message id the site ever accepted from the board `device` (0: none).
+        The gateway's own frames about a device (e.g. its security events) are numbered from
+        the clock, far above any board's counter (`BOARD_IDS`): they are not the board's."""
+        (held,) = self._db.execute(
+            "SELECT coalesce(max(msg_id), 0) FROM outbox WHERE device = ? AND msg_id < ?", (device, BOARD_IDS)
+        ).fetchone()
+        row = self._db.execute("SELECT msg_id FROM high_water WHERE device = ?", (device,)).fetchone()
+        return max(int(held), int(row[0]) if row else 0)
 
 
 def seq_ranges(seqs: Sequence[int]) -> list[tuple[int, int]]:

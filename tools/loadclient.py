@@ -119,6 +119,8 @@ class Board:
         self.receiver.receive(raw)
         self.sender = _core.Sender(k_up)
         self.k_up, self.e_up = k_up, e_up
+        if Key.ID_FLOOR in reply.body:  # a newly keyed board numbers above what the site saw (M13)
+            self.next_id = max(self.next_id, int(reply.body[Key.ID_FLOOR]) - 1)
         if Key.DEVICE_KEY in reply.body:
             return _core.aes_ctr(e_dn, 1, Key.DEVICE_KEY, reply.body[Key.DEVICE_KEY])
         return key

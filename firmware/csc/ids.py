@@ -27,6 +27,12 @@ class Ids:
         store.write_atomic(self._p, str(end).encode())
         self._end = end
 
+    def raise_to(self, floor):
+        """Number from `floor` on (a newly keyed board: the site saw ids below it from this device)."""
+        if floor > self._next:
+            self._next = floor
+            self._reserve()
+
     def next(self):
         if self._next >= self._end:
             self._reserve()
