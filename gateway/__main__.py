@@ -81,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         description="list: every device (number, id, status); provision ID --key HEX: install the 32-byte"
         " device key K_dev given as 64 hex digits (the device is accepted at its next Hello, also by a running"
         " gateway); deregister ID: destroy its key, the device is refused by name (M11); hand-over ID: print"
-        " its key for the new site and stop accepting it here (M12). See docs/gateway.md.",
+        " its key for the new site and stop accepting it here (M12); register ID: the device may onboard with"
+        ' its factory key ([devices] onboarding = "registered", M13); rekey ID: approve one re-key of the'
+        " active device (its next factory Hello gets a new key). See docs/gateway.md.",
     )
-    dv.add_argument("action", choices=["list", "deregister", "hand-over", "provision"])
+    dv.add_argument("action", choices=["list", "deregister", "hand-over", "provision", "register", "rekey"])
     dv.add_argument("device_id", nargs="?")
     dv.add_argument("--key", metavar="HEX", help="provision: the device key K_dev, 64 hex digits (32 bytes)")
     args = p.parse_args(argv)
@@ -129,6 +131,10 @@ def _devices(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             return 2
         if args.action == "deregister":
             devs.deregister(args.device_id)
+        elif args.action == "register":
+            devs.register(args.device_id)
+        elif args.action == "rekey":
+            devs.approve_rekey(args.device_id)
         elif args.action == "hand-over":
             print(devs.hand_over(args.device_id).hex())
         elif args.action == "provision":

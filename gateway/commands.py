@@ -44,6 +44,7 @@ from gateway.localcsms.sharing import PowerControl
 from gateway.localcsms.sitewide import FANNED_OUT, SiteWide
 from gateway.protocol.text import clip_reason
 from gateway.schema import FIELDS, MAX_UP_OBJECTS, MESSAGES, Action, CertType, ErrorCode, Key, Kind, Status
+from gateway.security import SiteSecurity
 
 SIGNED_ACTIONS = frozenset(
     {Action.UPDATE_FIRMWARE, Action.INSTALL_CERTIFICATE, Action.CERTIFICATE_SIGNED, Action.SET_TARIFF}
@@ -91,6 +92,10 @@ class CommandSite(Protocol):
     async def left_site(self, action: int, results: list[Result]) -> None:
         """A Deregister (M11) or Migrate (M12) was delivered to its targets (`results`)."""
 
+    @property
+    def security(self) -> SiteSecurity:
+        """M19: the revocation list, the boards' certificates (gateway/security.py)."""
+
 
 class CommandPath:
     def __init__(self, site: CommandSite, signers: Mapping[str, bytes], fw: FirmwareConfig,
@@ -116,6 +121,9 @@ class CommandPath:
                 if reason:
                     body[Key.REASON] = clip_reason(reason)
                 return Kind.RESPONSE, body
+            if f.action == Action.REVOCATION_LIST:  # M19: bare, like the power requests
+                status, reason = self.site.security.offer_crl(bytes(f.body[Key.CRL]))
+                return Kind.RESPONSE, {Key.STATUS: status, Key.REASON: clip_reason(reason)}
         except (KeyError, ValueError, TypeError) as e:
             return self._err(ErrorCode.REJECTED, f"malformed request: {e}")
         return self._err(ErrorCode.NOT_SUPPORTED, f"{MESSAGES[f.action].name} is not served by this gateway")
@@ -179,6 +187,8 @@ class CommandPath:
         results = list(await asyncio.gather(*(deliver(t, a, b, p, timeout) for t in targets)))
         if a in (Action.DEREGISTER, Action.MIGRATE):
             await site.left_site(a, results)  # M11, M12: the site stops admitting them
+        elif a == Action.CERTIFICATE_SIGNED:
+            site.security.certificates_installed(b, results)  # M19: checked at their Hellos
         return Kind.RESPONSE, {Key.RESULTS: results}
 
     # ---------------------------------------------------------- the site itself

@@ -146,6 +146,9 @@ class DevicesConfig:
     offline_registration: str = "pending"
     """M13: the registration the site gives, while the uplink is down, a board the CSMS has
     never decided on (pending: it charges nothing and asks again; accepted; rejected)."""
+    onboarding: str = "registered"
+    """M13: who may onboard with a factory key: "registered" (the operator registered the device,
+    at the CSMS or with `devices register`) or "any" (every holder of a factory key: development)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +227,19 @@ class OcppConfig:
     backoff_max_s: float = 30.0
     max_frame: int = 65536
     """A bigger frame from the CSMS is answered FormatViolation."""
+    firmware_ca: Path | None = None
+    """UpdateFirmware: the PEM bundle of the firmware signers' roots (OCPP's
+    ManufacturerRootCertificate); unset: every UpdateFirmware is refused (InvalidCertificate)."""
+    firmware_signer_key: Path | None = None
+    """UpdateFirmware: the Ed25519 private key (PEM, mode 0600) the gateway signs a checked image's
+    manifest with for the boards, whose loaders trust only Ed25519 signers; its name at the
+    boards is `csms-<SHA-256 of the public key, 16 hex>`. Unset: UpdateFirmware is refused."""
+    transfer_max_bytes: int = 1 << 20
+    """The largest firmware image fetched, or log uploaded, over HTTP(S)."""
+    transfer_timeout_s: float = 60.0
+    """One firmware download or log upload, from connecting to the last byte."""
+    transfer_ca: Path | None = None
+    """https:// locations: the CAs their servers are verified against (default the system's)."""
 
     @property
     def enabled(self) -> bool:
@@ -350,18 +366,13 @@ def _sync(key: str, v: Any) -> str:
     return s
 
 
-def _policy(key: str, v: Any) -> str:
-    s = _str(key, v)
-    if s not in ("reject", "accept"):
-        raise ConfigError(f"{key}: expected 'reject' or 'accept', got {v!r}")
-    return s
+def _choice(*options: str) -> Conv:
+    def conv(key: str, v: Any) -> str:
+        if v not in options:
+            raise ConfigError(f"{key}: expected {' or '.join(map(repr, options))}, got {v!r}")
+        return str(v)
 
-
-def _registration(key: str, v: Any) -> str:
-    s = _str(key, v)
-    if s not in ("pending", "accepted", "rejected"):
-        raise ConfigError(f"{key}: expected 'pending', 'accepted' or 'rejected', got {v!r}")
-    return s
+    return conv
 
 
 def _signers(key: str, v: Any) -> dict[str, bytes]:
@@ -443,7 +454,8 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "reports_interval_s": _float(0.1, 86400),
     }),
     "devices": (DevicesConfig, {"factory_seed": _hex32, "dev_seed": _hex32, "dev_prefix": _str,
-                                "offline_registration": _registration}),
+                                "offline_registration": _choice("pending", "accepted", "rejected"),
+                                "onboarding": _choice("registered", "any")}),
     "power": (PowerConfig, {"site_limit_w": _int(0, 100_000_000), "min_evse_w": _int(0, 1_000_000), "zone": _zones}),
     "firmware": (FirmwareConfig, {
         "cache": _bool,
@@ -451,7 +463,8 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "wave_timeout_s": _float(1, 86400),
         "cache_max_bytes": _int(1 << 16, 1 << 40),
     }),
-    "auth": (AuthConfig, {"unknown_token_offline": _policy, "online_trust_s": _float(0, 30 * 86400)}),
+    "auth": (AuthConfig, {"unknown_token_offline": _choice("reject", "accept"),
+                          "online_trust_s": _float(0, 30 * 86400)}),
     "roaming": (RoamingConfig, {
         "party_id": _gid("O"),
         "cso_party": _gid("O"),
@@ -474,6 +487,11 @@ SECTIONS: dict[str, tuple[type[Any], dict[str, Conv]]] = {
         "timeout_s": _float(0.5, 300),
         "backoff_max_s": _float(0.05, 3600),
         "max_frame": _int(1024, 1 << 24),
+        "firmware_ca": _path,
+        "firmware_signer_key": _path,
+        "transfer_max_bytes": _int(1024, 1 << 30),
+        "transfer_timeout_s": _float(0.5, 3600),
+        "transfer_ca": _path,
     }),
     "metrics": (MetricsConfig, {"listen": _addr}),
 }  # fmt: skip

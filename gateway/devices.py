@@ -23,6 +23,18 @@ kept in `registration` (NULL: never decided), so that the site answers with it w
 uplink is down. A deregistration revokes the key and refuses every Hello, the factory one
 included, until the CSMS registers the device again (`decided` with accepted): then the
 device may onboard anew with its factory key.
+
+Onboarding is the operator's decision (M13, `[devices] onboarding`): with "registered" (the
+default) a factory Hello is answered only for a device the operator registered, at the CSMS
+(its decision accepted or pending, pushed to the site: `decided`) or here (`register`, the
+`devices register` command); "any" onboards every device holding a factory key (development
+sites). A factory Hello for a device that already holds a key here is a re-key: refused
+unless the operator approved one (`approve_rekey`, `devices rekey`), which the next
+onboarding uses up. Both refusals are raised only once the Hello's tag verified under the
+factory key (`DeviceError.key`), so that they report a real holder of that key.
+
+M19: the certificate a board was given (CertificateSigned, `set_certificate`) is kept; a
+Hello from a board whose certificate the revocation list names is refused.
 """
 
 from __future__ import annotations
@@ -35,13 +47,26 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
 
 ACTIVE, REVOKED, MIGRATED = "active", "revoked", "migrated"
 _ACCEPTED, _REJECTED = 0, 2
 """gateway.schema.Registration's values (not imported: `python -m gateway devices` needs no core)."""
 
 
-_COLS = "device_id, idx, k_dev, status, registration"
+_COLS = "device_id, idx, k_dev, status, registration, enrolled, rekey, cert"
+ONBOARDING = ("registered", "any")
+"""`[devices] onboarding`: who may onboard with a factory key (see above)."""
+_MAY_ONBOARD = (_ACCEPTED, 1)
+"""Registrations (accepted, pending) by which the CSMS's operator registered a device."""
+
+
+class RevocationCheck(Protocol):
+    """The revocation list in force (gateway.protocol.revocation.Revocations is one)."""
+
+    def revoked(self, cert: x509.Certificate) -> str | None: ...
 
 
 def derive(seed: bytes, device_id: str) -> bytes:
@@ -56,15 +81,26 @@ class Device:
     status: str
     registration: int | None = None
     """The CSMS's last registration decision (gateway.schema.Registration), None if never made."""
+    enrolled: int | None = None
+    """1: the operator registered the device here for onboarding (`register`)."""
+    rekey: int | None = None
+    """1: the operator approved one re-key of the active device (`approve_rekey`)."""
+    cert: bytes | None = None
+    """DER of the certificate the board was given (M16, M18), None before one."""
 
 
 class DeviceError(Exception):
-    """Why a device may not connect; `name` is the wire error (UNKNOWN_DEVICE, REJECTED)."""
+    """Why a device may not connect; `name` is the wire error (UNKNOWN_DEVICE, REJECTED).
+    `key`: when set, the refusal stands only for a Hello whose tag verifies under it (the
+    factory key): otherwise the Hello is refused for its tag. `event`: the SecurityEvent
+    name under which such a refusal is reported upstream."""
 
-    def __init__(self, name: str, reason: str) -> None:
+    def __init__(self, name: str, reason: str, key: bytes | None = None, event: str = "") -> None:
         super().__init__(reason)
         self.name = name
         self.reason = reason
+        self.key = key
+        self.event = event
 
 
 class Devices:
@@ -74,8 +110,18 @@ class Devices:
     """Entries of the `idx` → device id cache (a miss reads the table)."""
 
     def __init__(
-        self, path: Path | str, factory_seed: bytes | None, dev_seed: bytes | None = None, dev_prefix: str = ""
+        self,
+        path: Path | str,
+        factory_seed: bytes | None,
+        dev_seed: bytes | None = None,
+        dev_prefix: str = "",
+        onboarding: str = "registered",
+        revocations: RevocationCheck | None = None,
     ) -> None:
+        if onboarding not in ONBOARDING:
+            raise ValueError(f"onboarding must be one of {', '.join(ONBOARDING)}, not {onboarding!r}")
+        self.onboarding = onboarding
+        self.revocations = revocations
         # Another process (`python -m gateway devices`) may write the table: wait for its
         # short write transactions rather than fail with "database is locked".
         self._path = str(path)
@@ -85,8 +131,9 @@ class Devices:
             " k_dev BLOB, status TEXT NOT NULL)"
         )
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
-        if "registration" not in cols:  # a table made before registrations were kept (M13)
-            self._db.execute("ALTER TABLE devices ADD COLUMN registration INTEGER")
+        for col, kind in (("registration", "INTEGER"), ("enrolled", "INTEGER"), ("rekey", "INTEGER"), ("cert", "BLOB")):
+            if col not in cols:  # a table made before these were kept (M13, M19)
+                self._db.execute(f"ALTER TABLE devices ADD COLUMN {col} {kind}")
         self._wdb: sqlite3.Connection | None = None
         """The connection of `onboard` and `admit`, opened by the first of them (the writer thread)."""
         self._factory_seed = factory_seed
@@ -194,10 +241,24 @@ class Devices:
             raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} was deregistered: refused until registered again")
         if d is not None and d.status != ACTIVE:
             raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} is {d.status} at this site")
+        if d is not None and d.cert is not None and self.revocations is not None:
+            why = self.revocations.revoked(x509.load_der_x509_certificate(d.cert))
+            if why is not None:
+                reason = f"device {device_id}: its certificate (serial {_serial(d.cert)}) is {why}"
+                key = derive(self._factory_seed, device_id) if factory and self._factory_seed else d.key
+                raise DeviceError("REJECTED", reason, key, "CertificateRevoked")
         if factory:
             if self._factory_seed is None:
                 raise DeviceError("UNKNOWN_DEVICE", "this site has no factory seed: onboarding is closed")
-            return derive(self._factory_seed, device_id), False
+            key = derive(self._factory_seed, device_id)
+            if d is not None and d.key is not None:
+                if not d.rekey:
+                    reason = f"device {device_id} is active: re-keying needs the operator's approval"
+                    raise DeviceError("REJECTED", reason, key, "RekeyRefused")
+            elif self.onboarding == "registered" and not _registered(d):
+                reason = f"device {device_id} is not registered by the operator: onboarding refused"
+                raise DeviceError("UNKNOWN_DEVICE", reason, key, "OnboardingRefused")
+            return key, False
         if d is not None and d.key is not None:
             return d.key, False
         if self._dev_seed is not None and device_id.startswith(self._dev_prefix):
@@ -209,7 +270,12 @@ class Devices:
         only asks with its factory key when it holds no device key). On the writer thread,
         once the factory Hello's tag verified."""
         key = secrets.token_bytes(32)
-        self._write(self._writer(), device_id, key, ACTIVE)
+        self._writer().execute(
+            "INSERT INTO devices(device_id, idx, k_dev, status)"
+            " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), ?, ?)"
+            " ON CONFLICT(device_id) DO UPDATE SET k_dev=excluded.k_dev, status=excluded.status, rekey=NULL",
+            (device_id, key, ACTIVE),
+        )  # an approved re-key is used up
         return key
 
     def admit(self, device_id: str, key: bytes) -> None:
@@ -229,6 +295,33 @@ class Devices:
         if len(key) != 32:
             raise ValueError(f"a device key is 32 bytes (64 hex digits), got {len(key)} bytes")
         return self._put(device_id, key, ACTIVE)
+
+    def register(self, device_id: str) -> Device:
+        """M13, the operator at the site (`devices register`): the device may onboard with its
+        factory key (`[devices] onboarding = "registered"`); a deregistered one stays refused
+        until the CSMS registers it again."""
+        self._db.execute(
+            "INSERT INTO devices(device_id, idx, k_dev, status, enrolled)"
+            " VALUES (?, (SELECT COALESCE(MAX(idx), 0) + 1 FROM devices), NULL, ?, 1)"
+            " ON CONFLICT(device_id) DO UPDATE SET enrolled=1",
+            (device_id, ACTIVE),
+        )
+        d = self.get(device_id)
+        assert d is not None
+        return d
+
+    def approve_rekey(self, device_id: str) -> None:
+        """The operator approves one re-key of an active device (`devices rekey`): its next
+        factory Hello gets a new key, and the old key stops working."""
+        d = self.get(device_id)
+        if d is None or d.status != ACTIVE or d.key is None:
+            raise DeviceError("UNKNOWN_DEVICE", f"device {device_id} holds no key at this site: nothing to re-key")
+        self._db.execute("UPDATE devices SET rekey=1 WHERE device_id=?", (device_id,))
+
+    def set_certificate(self, device_id: str, cert_der: bytes) -> None:
+        """M16, M18: the certificate the board installed (checked against revocations at its
+        Hellos). On the writer thread."""
+        self._writer().execute("UPDATE devices SET cert=? WHERE device_id=?", (cert_der, device_id))
 
     def deregister(self, device_id: str) -> None:
         """M11: the key is destroyed; the id stays so that the device is refused by name (its
@@ -276,9 +369,23 @@ class Devices:
         self._put(device_id, None, MIGRATED)
         return d.key
 
+    def with_certificates(self) -> list[Device]:
+        """The active devices that hold a certificate (checked when the revocations change)."""
+        q = f"SELECT {_COLS} FROM devices WHERE cert IS NOT NULL AND status = ?"
+        return [Device(*r) for r in self._db.execute(q, (ACTIVE,))]
+
     def idx_of(self, device_id: str) -> int:
         d = self.get(device_id)
         if d is None:
             d = self._put(device_id, None, ACTIVE)
         self._remember(d.idx, device_id)
         return d.idx
+
+
+def _registered(d: Device | None) -> bool:
+    """The operator registered the device: here, or at the CSMS (accepted or pending)."""
+    return d is not None and (bool(d.enrolled) or d.registration in _MAY_ONBOARD)
+
+
+def _serial(cert_der: bytes) -> str:
+    return format(x509.load_der_x509_certificate(cert_der).serial_number, "x")

@@ -60,6 +60,9 @@ class LanSite(Protocol):
 
     def count_name(self, name: str) -> None: ...
 
+    def security_event(self, device_id: str, event: str, reason: str) -> None:
+        """A Hello refused for security (gateway.security.SiteSecurity.event)."""
+
     def dispatch_now(self) -> None:
         """Dispatches the urgent frames queued, in this callback."""
 
@@ -72,6 +75,9 @@ class LanSite(Protocol):
     def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]:
         """Runs `fn` on the writer thread (a Hello's device-table write)."""
 
+    def id_floor(self, device_id: str) -> int:
+        """On the writer thread: above every message id the site accepted from `device_id`."""
+
 
 def _prefixed(frames: list[bytes]) -> bytes:
     return b"".join(len(f).to_bytes(2, "big") + f for f in frames)
@@ -83,7 +89,7 @@ class BoardConnection(asyncio.Protocol):
     def __init__(self, gw: LanSite, host: str = "") -> None:
         self.gw = gw
         self.host = host
-        self.link = Link(gw.devices, gw.flood, interval_s=gw.heartbeat_s, memory=gw.guard.flood)
+        self.link = Link(gw.devices, gw.flood, interval_s=gw.heartbeat_s, memory=gw.guard.flood, id_floor=gw.id_floor)
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -165,6 +171,8 @@ class BoardConnection(asyncio.Protocol):
             self.gw.guard.hello_read(self)
             out = link.receive_hello(frames[0], now)
             self.gw.count_rejections(link)
+            if out.event is not None:  # M13, M19: refused for security: reported upstream
+                self.gw.security_event(out.event[0], out.event[1], link.refusal)
             if out.store is not None:
                 self._store(out, frames[1:])
                 return

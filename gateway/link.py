@@ -152,6 +152,9 @@ class Output:
     store: Callable[[], bytes | None] | None = None
     """A write to the device table to run off the event loop before the Hello is answered
     (a development device's first row, an onboarding key): its result goes to `Link.hello_stored`."""
+    event: tuple[str, str] | None = None
+    """(device id, SecurityEvent name) of a Hello refused for security (M13 onboarding, re-key,
+    M19 revoked certificate) whose tag verified: the site reports it upstream."""
 
 
 def peek(frame: bytes) -> tuple[int, int, int, int]:
@@ -186,8 +189,12 @@ class Link:
         interval_s: int = 60,
         window: int = 64,
         memory: FloodMemory | None = None,
+        id_floor: Callable[[str], int] | None = None,
     ) -> None:
         self.devices = devices
+        self.id_floor = id_floor
+        """The first message id a newly keyed board may use (`LanSite.id_floor`, writer thread)."""
+        self._floor = 0
         self.policy = policy
         self.memory = memory if memory is not None else FloodMemory(policy)
         self.interval_s = interval_s
@@ -229,7 +236,9 @@ class Link:
         try:
             k_dev, new_row = self.devices.hello_key(device_id, factory)
         except DeviceError as e:
-            return self._refuse(e.name, e.reason, hello.msg_id, None, now, Key.DEVICE_ID)
+            if e.key is None:
+                return self._refuse(e.name, e.reason, hello.msg_id, None, now, Key.DEVICE_ID)
+            return self._refuse_verified(e, frame, hello.msg_id, device_id, now)
         k_hello = _core.hello_key(k_dev)
         try:
             _core.decode(frame, k_hello)
@@ -256,13 +265,21 @@ class Link:
         # The tag verified: only now may the Hello write the device table, and off the event
         # loop (`store`); M13: the new key is committed before the response that carries it.
         if factory:
-            store: Callable[[], bytes | None] | None = functools.partial(self.devices.onboard, device_id)
+            store: Callable[[], bytes | None] | None = functools.partial(self._onboard, device_id)
         elif new_row:
             store = functools.partial(self.devices.admit, device_id, k_dev)
         else:
             return self.hello_stored(None, now)
         self.state = State.REGISTERING
         return Output(store=store)
+
+    def _onboard(self, device_id: str) -> bytes:
+        """On the writer thread: the new key, and the id the board is to number its messages
+        from. A board given a new key may be a replacement with a fresh flash, counting from 1
+        again: the site and the CSMS would drop its messages as repeats of the old board's."""
+        key = self.devices.onboard(device_id)
+        self._floor = self.id_floor(device_id) if self.id_floor is not None else 0
+        return key
 
     def hello_stored(self, new_key: bytes | None, now: float) -> Output:
         """The Hello's answer, once what it had to write is committed (`new_key`: the
@@ -288,6 +305,8 @@ class Link:
         out = Output()
         if new_key is not None:
             reply[Key.DEVICE_KEY] = _core.aes_ctr(self.e_dn, self.tx.seq, Key.DEVICE_KEY, new_key)
+            if self._floor:
+                reply[Key.ID_FLOOR] = self._floor
             out.onboarded = True
         out.frames.append(self.tx.seal(Kind.RESPONSE, msg_id, Priority.CONTROL, proto_ts(now), Action.HELLO, reply))
         return out
@@ -298,6 +317,21 @@ class Link:
         msg_id, k_dev, _nonce, _factory = self._hello
         self._hello = None
         return self._refuse("INTERNAL", reason, msg_id, _core.hello_key(k_dev), now)
+
+    def _refuse_verified(self, e: DeviceError, frame: bytes, msg_id: int, device_id: str, now: float) -> Output:
+        """A refusal that stands only for a Hello tagged under `e.key` (a factory key's holder
+        asking to onboard or re-key): reported as a SecurityEvent; any other Hello is refused
+        for its tag."""
+        assert e.key is not None
+        k_hello = _core.hello_key(e.key)
+        try:
+            _core.decode(frame, k_hello)
+        except _core.CoreError as ce:
+            return self._refuse(ce.name, f"Hello tag does not verify under the key of {device_id}", msg_id, None, now)
+        out = self._refuse(e.name, e.reason, msg_id, k_hello, now, Key.DEVICE_ID)
+        if e.event:
+            out.event = (device_id, e.event)
+        return out
 
     def _refuse(
         self,

@@ -172,6 +172,12 @@ def prometheus(s: dict[str, Any], fps: float, oldest_age_s: float | None, trace:
         "# TYPE evedge_rejections_total counter",
     ]
     lines += [f'evedge_rejections_total{{cause="{k}"}} {v}' for k, v in sorted(s["rejections"].items())]
+    sec = s.get("security") or {}
+    lines += ["# HELP evedge_security_events_total Hellos refused for security (M13, M19), reported upstream.",
+              "# TYPE evedge_security_events_total counter"]  # fmt: skip
+    lines += [f'evedge_security_events_total{{event="{k}"}} {v}' for k, v in sorted(sec.get("events", {}).items())]
+    lines += ["# HELP evedge_crl_number The CRL number of the revocation list in force (-1: none yet).",
+              "# TYPE evedge_crl_number gauge", f"evedge_crl_number {sec.get('crl_number', -1)}"]  # fmt: skip
     path = s.get("uplink_path") or {}
     for key, help_ in (
         ("flight_bound_bytes", "Bytes the lower classes may have in flight (gateway/pacing.py)."),

@@ -172,6 +172,7 @@ class Action(enum.IntEnum):
     RELAY = 101
     COMMAND = 102
     BOARDS_REPORT = 103
+    REVOCATION_LIST = 110
     PLATFORM_LOGIN = 200
     PUT_LOCATION = 201
     EVSE_STATUS_UPDATE = 202
@@ -366,10 +367,12 @@ class Key(enum.IntEnum):
     ENERGY_OUT_WH = 170
     METER_START_OUT_WH = 171
     METER_STOP_OUT_WH = 172
+    CRL = 185
     LINES = 190
     TARIFFS = 191
     PAGE = 192
     PAGES = 193
+    ID_FLOOR = 199
 
 
 class TxEvent(enum.IntEnum):
@@ -823,16 +826,18 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     170: FieldSpec(170, 'energy_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
     171: FieldSpec(171, 'meter_start_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
     172: FieldSpec(172, 'meter_stop_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
+    185: FieldSpec(185, 'crl', 'bin', '', 0, 0, 262144, 0, None, ()),
     190: FieldSpec(190, 'lines', 'list', 'struct', 0, 0, 32, 0, None, ((159, True), (160, True), (7, True), (29, True), (123, False), (161, False), (162, False))),
     191: FieldSpec(191, 'tariffs', 'list', 'struct', 0, 0, 64, 0, None, ((123, True), (124, True), (127, True), (125, False), (126, False), (66, False))),
     192: FieldSpec(192, 'page', 'uint', '', 0, 65535, 0, 0, None, ()),
     193: FieldSpec(193, 'pages', 'uint', '', 0, 65535, 0, 0, None, ()),
+    199: FieldSpec(199, 'id_floor', 'uint', '', 0, 1073741823, 0, 0, None, ()),
 }
 
 FIELD_BY_NAME: Final[dict[str, FieldSpec]] = {f.name: f for f in FIELDS.values()}
 
 MESSAGES: Final[dict[int, MessageSpec]] = {
-    1: MessageSpec(1, 'Hello', Kind.REQUEST, 'cs', Priority(1), 5000, False, ((50, True), (51, True), (52, True), (53, True), (54, True), (58, False), (56, False)), ((51, True), (59, True), (20, True), (33, False), (54, False), (37, False), (57, False)), ('B10', 'B15', 'M13', )),
+    1: MessageSpec(1, 'Hello', Kind.REQUEST, 'cs', Priority(1), 5000, False, ((50, True), (51, True), (52, True), (53, True), (54, True), (58, False), (56, False)), ((51, True), (59, True), (20, True), (33, False), (54, False), (37, False), (57, False), (199, False)), ('B10', 'B15', 'M13', )),
     2: MessageSpec(2, 'TimeSync', Kind.REQUEST, 'cs', Priority(1), 5000, False, (), ((20, True), (33, True)), ('B13', )),
     3: MessageSpec(3, 'Heartbeat', Kind.REQUEST, 'cs', Priority(2), 30000, False, (), ((20, True),), ('B13', 'B16', )),
     4: MessageSpec(4, 'Close', Kind.EVENT, 'any', Priority(1), 1000, False, ((13, False),), (), ('B5', )),
@@ -901,10 +906,11 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     84: MessageSpec(84, 'UnlockConnector', Kind.REQUEST, 'csms', Priority(0), 2000, False, ((1, True), (2, False)), ((26, True), (13, False)), ('R5-2', 'R5-3', )),
     85: MessageSpec(85, 'EmergencyStop', Kind.REQUEST, 'any', Priority(0), 1000, False, ((13, True), (1, False)), ((26, True),), ('E5', 'R5-2', )),
     95: MessageSpec(95, 'SessionEvent', Kind.EVENT, 'cs', Priority(1), 30000, True, ((5, True), (27, True), (1, True), (20, True), (28, True), (169, False), (40, False), (38, False)), (), ('S2', 'S3', 'S6', )),
-    100: MessageSpec(100, 'SiteHello', Kind.REQUEST, 'site', Priority(1), 10000, False, ((136, True), (52, True), (53, True), (54, True)), ((59, True), (20, True), (54, False)), ('B10', 'B12', 'B15', 'B25', 'M17', )),
+    100: MessageSpec(100, 'SiteHello', Kind.REQUEST, 'site', Priority(1), 10000, False, ((136, True), (52, True), (53, True), (54, True)), ((59, True), (20, True), (54, False), (185, False)), ('B10', 'B12', 'B15', 'B25', 'M17', 'M19', )),
     101: MessageSpec(101, 'Relay', Kind.EVENT, 'site', Priority(2), 30000, True, ((136, True), (138, True)), (), ('B12', 'B16', 'B17', )),
     102: MessageSpec(102, 'Command', Kind.REQUEST, 'upstream', Priority(1), 30000, False, ((139, True), (137, True), (39, False), (93, False), (94, False)), ((140, True),), ('B11', 'B16', 'B22', )),
     103: MessageSpec(103, 'BoardsReport', Kind.EVENT, 'site', Priority(2), 30000, False, ((136, True), (149, True), (192, False), (193, False)), (), ('R1-2', 'R1-3', 'M1', )),
+    110: MessageSpec(110, 'RevocationList', Kind.REQUEST, 'upstream', Priority(1), 10000, False, ((185, True),), ((26, True), (13, False)), ('M19', )),
     200: MessageSpec(200, 'PlatformLogin', Kind.REQUEST, 're', Priority(1), 10000, False, ((141, True), (142, True), (143, True)), ((144, True), (39, True)), ('R1-1', )),
     201: MessageSpec(201, 'PutLocation', Kind.REQUEST, 're', Priority(2), 30000, False, ((145, True), (163, True), (146, True), (147, True), (148, True), (149, True)), ((26, True),), ('R1-2', )),
     202: MessageSpec(202, 'EvseStatusUpdate', Kind.REQUEST, 're', Priority(2), 30000, False, ((135, True), (151, True), (20, True), (158, False), (13, False)), ((26, True),), ('R1-3', 'R5-1', )),

@@ -50,7 +50,9 @@ from gateway.localcsms.sitewide import SiteWide, SiteWideStore
 from gateway.metrics import UrgentTrace
 from gateway.ocpp.bridge import OcppBridge
 from gateway.outbox import Committer, Outbox, Row
+from gateway.protocol.revocation import Revocations, read_cas
 from gateway.schema import MESSAGES, Action, ErrorCode, Key, Kind, Priority, Status
+from gateway.security import SiteSecurity
 from gateway.uplink.relay import Uplink
 from gateway.uplink.runner import UplinkRunner
 
@@ -80,8 +82,10 @@ class Gateway:
         self.cfg = cfg
         site, lan, ob, up, fw = cfg.site, cfg.lan, cfg.outbox, cfg.upstream, cfg.firmware
         self.site_id = site.id
+        self.revocations = Revocations(site.data_dir / "crl.pem", read_cas(up.ca) if up.ca else [])
+        """M19: the CSMS CA's revocation list in force (gateway/security.py)."""
         self.devices = Devices(site.devices_path, cfg.devices.factory_seed, cfg.devices.dev_seed,
-                               cfg.devices.dev_prefix)  # fmt: skip
+                               cfg.devices.dev_prefix, cfg.devices.onboarding, self.revocations)  # fmt: skip
         self.outbox = Outbox(site.outbox_path, ob.synchronous)
         self.committer = Committer(self.outbox, ob.commit_max_rows, ob.commit_max_bytes)
         self.auth = Authorizer(site.data_dir / "localcsms.sqlite", cfg.auth.unknown_token_offline,
@@ -143,6 +147,8 @@ class Gateway:
         self.sitewide = SiteWide(SiteWideStore(site.data_dir / "sitewide.sqlite"), self.boards, self.auth,
                                  pm.zone_of, self._active_devices, self.clock.now, self.run_sync)  # fmt: skip
         """S5, E2, M10: site-wide commands handed on to the boards (gateway/localcsms/sitewide.py)."""
+        self.security = SiteSecurity(self.devices, self.revocations, self, self._disconnect, self.run_sync)
+        """M13, M19: security events reported upstream, the revocation list (gateway/security.py)."""
         self.command_path = CommandPath(self, up.signers, fw, self.forwarder)
         self.reports = SiteReports(site.id, cfg.power, up.reports_interval_s, self.boards, lambda: pm.shares,
                                    self._active_devices, self.clock.now)  # fmt: skip
@@ -166,6 +172,7 @@ class Gateway:
             self.runner = UplinkRunner(self.uplink, cfg.upstream, self.site_id, self.relayed_acked,
                                        self.command_path.handle)  # fmt: skip
             self.runner.on_up, self.reports.send = self.reports.uplink_up, self.runner.send_event
+            self.runner.revocations, self.runner.on_crl = self.revocations, self.security.offer_crl  # M19
             self._tasks.append(asyncio.create_task(self.runner.run()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_devices()))
@@ -203,6 +210,9 @@ class Gateway:
     def run_sync(self, fn: Callable[[], object]) -> asyncio.Future[object]:
         """Runs `fn` on the outbox's writer thread (the one that touches the site's databases)."""
         return self.committer.run_sync(fn)
+
+    def id_floor(self, device_id: str) -> int:
+        return self.outbox.high_water(device_id) + 1
 
     async def oldest_pending_ms(self) -> int | None:
         """Acceptance time (Unix ms) of the oldest row owed upstream (read on the writer thread)."""
@@ -255,6 +265,23 @@ class Gateway:
 
     def count_name(self, name: str) -> None:
         self.rejections[name] = self.rejections.get(name, 0) + 1
+
+    def security_event(self, device_id: str, event: str, reason: str) -> None:
+        self.security.event(device_id, event, reason)
+
+    def alloc_seq(self, n: int) -> int:
+        return self.committer.alloc(n)
+
+    def owe(self, rows: list[Row]) -> None:
+        """Rows of the site's own (gateway/security.py): stored, then relayed as a board's."""
+        meta: list[tuple[BoardConnection | None, int, int, int]] = [(None, r.prio, r.msg_id, -1) for r in rows]
+        self.committer.submit(rows, lambda res: self._committed(rows, meta, res))
+
+    def _disconnect(self, device_id: str, cause: str, reason: str) -> None:
+        conn = self.online.get(device_id)
+        if conn is not None:
+            log.warning("%s: link closed", reason)
+            conn.close(cause, reason)
 
     def pause(self, conn: BoardConnection) -> None:
         conn.pause()
@@ -548,6 +575,7 @@ class Gateway:
             "firmware_cache": self.firmware.snapshot(),
             "urgent_ingress_to_sent": self.trace.summary(),
             "ocpp": self.ocpp.snapshot() if self.ocpp is not None else {},
+            "security": self.security.snapshot(),
         }
 
 

@@ -233,6 +233,8 @@ def test_csms_m11_m12_deregister_and_migrate(tmp_path: Path) -> None:
             assert inner is not None and inner.action == Action.DEREGISTER
             (cert,) = srv.store.select("certificates", {"device_id": "b1"})
             assert cert["revoked"] and cert["revoke_reason"] == "deregistered"
+            _, env, _ = await gw.command()  # M19: its certificate is in the CA's new revocation list
+            assert env.action == Action.REVOCATION_LIST and env.body[Key.CRL]
             await gw.relay_acked([b.frame(Action.BOOT_NOTIFICATION, BOOT)])
             _, _, inner = await gw.command()
             assert inner is not None and inner.body[Key.REGISTRATION] == Registration.REJECTED
@@ -312,7 +314,9 @@ def test_csms_m14_m15_m17_m18_m19_certificates(tmp_path: Path) -> None:
             issued = cert_hash(inner.body[Key.CERT]).hex()
             await gw.relay_acked([Board("b1").frame(Action.BOOT_NOTIFICATION, BOOT)])  # a station of the site
             await gw.command()
-            (cmd,) = srv.api.revoke(issued, "key compromise")  # M19: to every board of every site
+            # M19: to every board of every site, and the CA's new revocation list to every site
+            cmd, crl_cmd = srv.api.revoke(issued, "key compromise")
+            assert srv.api.command(crl_cmd)["name"] == "RevocationList"
             _, env, inner = await gw.command()
             assert inner is not None and inner.body[Key.CERT_HASH].hex() == issued
             assert env.body[Key.TARGETS] == ["b1"]  # (a site-wide RevokeCertificate is no site command)

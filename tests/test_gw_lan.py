@@ -232,6 +232,7 @@ async def test_unknown_device_and_wrong_key_are_refused_by_name(gw: Gateway) -> 
 @with_gw
 async def test_onboarding_provisions_a_key_then_deregistration_revokes_it(gw: Gateway) -> None:
     assert gw.cfg.devices.factory_seed is not None
+    gw.devices.register("fab-1")  # M13: the operator registered it (`devices register`)
     b = Board("fab-1", None, "127.0.0.1", gw.lan_port, factory_key=derive(gw.cfg.devices.factory_seed, "fab-1"))
     await b.connect()  # M13: factory Hello, key received, reconnect with it
     assert b.key is not None and gw.devices.get("fab-1") is not None
@@ -242,6 +243,75 @@ async def test_onboarding_provisions_a_key_then_deregistration_revokes_it(gw: Ga
     with pytest.raises(HelloRefused) as e:
         await Board("fab-1", b.key, "127.0.0.1", gw.lan_port).connect()
     assert e.value.name == "UNKNOWN_DEVICE"
+
+
+@with_gw
+async def test_m13_onboarding_and_rekeying_are_the_operators_decisions(gw: Gateway) -> None:
+    seed = gw.cfg.devices.factory_seed
+    assert seed is not None
+
+    def fab(did: str, factory: bytes | None = None) -> Board:
+        return Board(did, None, "127.0.0.1", gw.lan_port, factory_key=factory or derive(seed, did))
+
+    with pytest.raises(HelloRefused) as e:  # the default policy: registered devices only
+        await fab("fab-2").connect()
+    assert e.value.name == "UNKNOWN_DEVICE" and "not registered" in str(e.value)
+    with pytest.raises(HelloRefused) as e:  # a forged factory tag is refused for its tag, not reported
+        await fab("fab-2", bytes(32)).connect()
+    assert e.value.name == "BAD_TAG"
+    assert gw.security.events == {"OnboardingRefused": 1}
+    gw.devices.register("fab-2")
+    b = fab("fab-2")
+    await b.connect()
+    assert b.key is not None
+    b.close()
+    with pytest.raises(HelloRefused) as e:  # the key lost, the factory key again: a re-key
+        await fab("fab-2").connect()
+    assert e.value.name == "REJECTED" and "re-keying needs the operator's approval" in str(e.value)
+    assert gw.security.events == {"OnboardingRefused": 1, "RekeyRefused": 1}
+    gw.devices.approve_rekey("fab-2")
+    again = fab("fab-2")
+    await again.connect()
+    assert again.key is not None and again.key != b.key
+    with pytest.raises(HelloRefused) as e:  # the approval is used up; the old key is gone
+        await Board("fab-2", b.key, "127.0.0.1", gw.lan_port).connect()
+    assert e.value.name == "BAD_TAG"
+    with pytest.raises(HelloRefused):
+        await fab("fab-2").connect()
+    again.close()
+    await wait_for(lambda: gw.committer.rows_committed >= 3)  # each event stored in the outbox
+    owed = [r for r in gw.outbox.pending() if r.device == "fab-2"]
+    names = [_core.decode(r.frame).body[Key.EVENT_NAME] for r in owed]
+    assert names == ["OnboardingRefused", "RekeyRefused", "RekeyRefused"]
+
+
+@with_gw
+async def test_m13_a_replacement_board_numbers_above_every_id_the_site_saw(gw: Gateway) -> None:
+    """A board re-keyed with a fresh flash counts its message ids from 1 again: the site would
+    drop its frames as repeats of the old board's (and so would the CSMS). The Hello that gives
+    it its key tells it where to start (`id_floor`), above the ids kept past their rows."""
+    seed = gw.cfg.devices.factory_seed
+    assert seed is not None
+    gw.devices.register("fab-9")
+    old = Board("fab-9", None, "127.0.0.1", gw.lan_port, factory_key=derive(seed, "fab-9"))
+    await old.connect()
+    ids = old.send("meter", 5)
+    await wait_for(lambda: old.acked >= 5)
+    old.close()
+    held = [r.seq for r in gw.outbox.pending() if r.device == "fab-9"]
+    box = gw.outbox  # relayed and acknowledged upstream, then past their dedup horizon: rows gone
+    await gw.run_sync(lambda: box.commit([], held, 0))
+    assert await gw.run_sync(lambda: box.prune(10**15)) == len(held) >= 5
+    gw.devices.approve_rekey("fab-9")
+    new = Board("fab-9", None, "127.0.0.1", gw.lan_port, factory_key=derive(seed, "fab-9"))  # counts from 1
+    await new.connect()
+    assert new.next_id >= max(ids)
+    fresh = new.send("meter", 3)
+    await wait_for(lambda: new.acked >= 3)
+    assert min(fresh) > max(ids)
+    owed = {r.msg_id for r in gw.outbox.pending() if r.device == "fab-9"}
+    assert set(fresh) <= owed  # stored and owed upstream, not dropped as repeats
+    new.close()
 
 
 @with_gw

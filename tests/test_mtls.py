@@ -1,18 +1,24 @@
-"""Mutual TLS over real QUIC on 127.0.0.1: the server asks for and checks the client's certificate."""
+"""Mutual TLS over real QUIC on 127.0.0.1: the server asks for and checks the client's
+certificate; both sides refuse a peer the CA's revocation list names (M19)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
 from aioquic.asyncio.client import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import serve
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import HandshakeCompleted, QuicEvent
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from evedge_csms.pki import Ca, Revoked
 from gateway.protocol.devpki import ensure_ca, issue
 from gateway.protocol.mtls import peer_common_name, require_client_certificates, require_server_usage
+from gateway.protocol.revocation import RevocationError, Revocations
 
 ALPN = ["mtls-test"]
 
@@ -20,10 +26,11 @@ ALPN = ["mtls-test"]
 class Server(QuicConnectionProtocol):
     verdicts: list[str]
     cafile: str
+    revocations: Revocations | None = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        require_client_certificates(self._quic, self.cafile)
+        require_client_certificates(self._quic, self.cafile, self.revocations)
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, HandshakeCompleted):
@@ -33,9 +40,11 @@ class Server(QuicConnectionProtocol):
 class Client(QuicConnectionProtocol):
     """A client that checks the server's extended key usage, as the project's clients do."""
 
+    revocations: Revocations | None = None
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        require_server_usage(self._quic)
+        require_server_usage(self._quic, self.revocations)
 
 
 async def _attempt(
@@ -64,6 +73,7 @@ async def _attempt(
         outcome = f"refused: {type(e).__name__}"
     finally:
         server.close()
+        Server.revocations = Client.revocations = None
     return verdicts, outcome
 
 
@@ -102,3 +112,48 @@ def test_a_server_whose_certificate_is_for_clients_only_is_refused_by_the_client
     gw = issue(tmp_path / "pki", "DE*ABC*L1", ca=ca)
     _, outcome = asyncio.run(_attempt(tmp_path, (gw.cert, gw.key), server_for_clients_only=True))
     assert outcome.startswith("refused")
+
+
+def _revoke(tmp: Path, certs: list[Path], number: int = 1) -> Revocations:
+    """The site CA's CRL naming `certs`, in force for a verifier trusting that CA."""
+    ca_paths = ensure_ca(tmp / "pki", org="site operator")
+    ca = Ca.load(*ca_paths)
+    serials = [x509.load_pem_x509_certificate(c.read_bytes()).serial_number for c in certs]
+    ca.publish([Revoked(s, 0, x509.ReasonFlags.key_compromise) for s in serials], number, 1e9)
+    assert ca.crl_path is not None
+    return Revocations.for_cafile(ca.crl_path, ca_paths[0])
+
+
+def test_m19_a_revoked_client_is_refused_during_the_handshake(tmp_path: Path) -> None:
+    ca = ensure_ca(tmp_path / "pki", org="site operator")
+    gw = issue(tmp_path / "pki", "DE*ABC*L1", ca=ca)
+    Server.revocations = _revoke(tmp_path, [gw.cert])
+    verdicts, outcome = asyncio.run(_attempt(tmp_path, (gw.cert, gw.key)))
+    assert verdicts == [] and outcome.startswith("refused")
+
+
+def test_m19_a_revoked_server_is_refused_by_the_client(tmp_path: Path) -> None:
+    ca = ensure_ca(tmp_path / "pki", org="site operator")
+    gw = issue(tmp_path / "pki", "DE*ABC*L1", ca=ca)
+    srv = issue(tmp_path / "pki", "csms", ca=ca)
+    Client.revocations = _revoke(tmp_path, [srv.cert])
+    _, outcome = asyncio.run(_attempt(tmp_path, (gw.cert, gw.key)))
+    assert outcome.startswith("refused")
+
+
+def test_m19_a_revocation_list_counts_only_signed_by_the_ca_and_never_goes_back(tmp_path: Path) -> None:
+    ca = ensure_ca(tmp_path / "pki", org="site operator")
+    gw = issue(tmp_path / "pki", "DE*ABC*L1", ca=ca)
+    cert = x509.load_pem_x509_certificate(gw.cert.read_bytes())
+    newer = _revoke(tmp_path, [gw.cert], number=2)
+    assert newer.revoked(cert) == "revoked (keyCompromise)"
+    held = Revocations.for_cafile(tmp_path / "site" / "crl.pem", ca[0])
+    assert held.revoked(cert) is None
+    assert held.offer(newer.path.read_bytes()) and held.revoked(cert) is not None
+    older = _revoke(tmp_path, [], number=1)  # an older list that lifts the revocation
+    assert not held.offer(older.path.read_bytes()) and held.revoked(cert) is not None
+    rogue = ensure_ca(tmp_path / "rogue", org="site operator")  # same name, another key
+    rogue_crl = Ca.load(*rogue).crl([], 3, 1e9)
+    with pytest.raises(RevocationError, match="not signed by a trusted CA"):
+        held.offer(rogue_crl.public_bytes(serialization.Encoding.DER))
+    assert held.revoked(cert) is not None

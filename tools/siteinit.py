@@ -181,6 +181,10 @@ signers = {{ {_toml_str(signer.name)} = "{signer.public.hex()}" }}
 # Boards onboard with HMAC-SHA256(factory_seed, device id as UTF-8): the key a board maker
 # puts on each board (`python -m tools.board --factory-seed ...` derives it).
 factory_seed = "{seed.hex()}"
+# M13: who may onboard with a factory key. "registered" (the safe default): only devices the
+# operator registered (at the CSMS, or `python -m gateway devices register ID`); this
+# development site lets any board holding a factory key onboard.
+onboarding = "any"
 {_roaming(root, ca, roaming, roaming_port, f"{site.country}*{site.party}*O", site_party)}""".encode(),
     )
     # the files must be what the parts accept: a wrong one fails here, not at first start

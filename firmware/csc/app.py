@@ -39,6 +39,7 @@ from .schema import (
     EPOCH_UNIX,
     F_EVENT_NAME,
     F_FW_VERSION,
+    F_ID_FLOOR,
     F_INTERVAL_S,
     F_MODEL,
     F_REASON,
@@ -87,8 +88,11 @@ def wait_io(s, write):
 
 
 class App:
-    def __init__(self, hal, device_id, factory_key, gateway, note=None):
+    def __init__(self, hal, device_id, factory_key, gateway, note=None, slots=None):
         self.hal = hal
+        # the board's loader: its firmware slots and the keys that sign updates (the firmware
+        # update service, M4); None on a board that cannot install an update
+        self.slots = slots
         self.factory_key = factory_key
         self.gateway = gateway  # (host, port); a Migrate stores another
         self.note = note or (lambda kind, data=None: None)
@@ -116,7 +120,7 @@ class App:
         self._hb_due = 0
         self._reconnect = False  # set when the link must be dropped and opened again
         self._restart = False  # a soft reset (M5): the services are built again once the link is down
-        self.version = FW_VERSION  # of the active slot (the firmware update service says)
+        self.version = FW_VERSION  # of the code that runs: the factory's or the slot's the loader booted
         # why the board booted (BootNotification, M5): what the reset before wrote, else a power-up
         self.boot_reason = store.load(store.path("bootr"), None) or "PowerUp"
         store.remove(store.path("bootr"))
@@ -292,6 +296,9 @@ class App:
                     self.pump()
             elif t == L.OPENED:
                 self._hold_ms = 0
+                floor = ev[1].get(F_ID_FLOOR)
+                if floor:  # onboarding: a replaced board counts above every id the site saw
+                    self.ids.raise_to(floor)
                 if not self._reconnect:  # not when a device key just came (onboarding)
                     self._opened(ev[1])
             elif t == L.KEY_PROVISIONED:
@@ -359,6 +366,8 @@ class App:
             return
         self.interval_s = body[F_INTERVAL_S] or self.interval_s
         self.registration(body[F_REGISTRATION])
+        if self.registered and self.slots is not None:
+            self.fw.accepted()  # a new image on trial passed its self-test
         self.set_time(body[F_TIME])
         self._hb_due = L.ticks_diff(self.now(), -self.interval_s * 1000)
         self.note("registration", {"status": body[F_REGISTRATION]})

@@ -15,6 +15,12 @@ purpose), so a server certificate could log in as a client and the reverse. Here
 certificate must allow clientAuth (`require_client_certificates`) and a server's serverAuth
 (`require_server_usage`, for the clients: the gateway's uplink, the roaming HTTP/3 client).
 A certificate without the extension is not restricted (RFC 5280, 4.2.1.12).
+
+Revocation (M19): aioquic's chain check takes no CRL (its `verify_certificate` builds an
+OpenSSL store of the CA file only), so both sides check the peer's certificate against the
+revocation list in force (`gateway.protocol.revocation.Revocations`, when one is given)
+right after aioquic's own checks, still inside the handshake: a revoked peer is refused with
+the `certificate_revoked` alert naming the certificate and the reason, before any stream.
 """
 
 from __future__ import annotations
@@ -25,9 +31,22 @@ from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.protocol.revocation import Revocations, describe
+
 
 class AlertCertificateRequired(tls.Alert):
     description = tls.AlertDescription.certificate_required
+
+
+class AlertCertificateRevoked(tls.Alert):
+    description = tls.AlertDescription.certificate_revoked
+
+
+def check_revocation(cert: x509.Certificate, revocations: Revocations | None, role: str) -> None:
+    """Refuse (certificate_revoked) a `role` certificate the revocation list names."""
+    why = revocations.revoked(cert) if revocations is not None else None
+    if why is not None:
+        raise AlertCertificateRevoked(f"the {role}'s certificate {describe(cert)} is {why}")
 
 
 def check_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier, role: str) -> None:
@@ -44,6 +63,7 @@ def check_usage(cert: x509.Certificate, usage: x509.ObjectIdentifier, role: str)
 
 class _ClientCertContext(tls.Context):
     client_cafile: str
+    revocations: Revocations | None
     verified_cn: str | None
 
     def _server_handle_certificate(self, input_buf: Buffer) -> None:
@@ -59,12 +79,14 @@ class _ClientCertContext(tls.Context):
             certificate=self._peer_certificate, chain=self._peer_certificate_chain, cafile=self.client_cafile
         )
         check_usage(self._peer_certificate, ExtendedKeyUsageOID.CLIENT_AUTH, "client")
+        check_revocation(self._peer_certificate, self.revocations, "client")
         cns = self._peer_certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         self.verified_cn = str(cns[0].value) if cns else None
 
 
-def require_client_certificates(quic: QuicConnection, cafile: str) -> None:
-    """Make this (server) connection demand a client certificate chaining to `cafile`."""
+def require_client_certificates(quic: QuicConnection, cafile: str, revocations: Revocations | None = None) -> None:
+    """Make this (server) connection demand a client certificate chaining to `cafile`, for
+    TLS clients, and not revoked (`revocations`, when given)."""
     original = quic._initialize
 
     def initialize(peer_cid: bytes) -> None:
@@ -74,27 +96,41 @@ def require_client_certificates(quic: QuicConnection, cafile: str) -> None:
         ctx._request_client_certificate = True
         assert isinstance(ctx, _ClientCertContext)
         ctx.client_cafile = cafile
+        ctx.revocations = revocations
         ctx.verified_cn = None
 
     setattr(quic, "_initialize", initialize)  # noqa: B010 - no public hook in aioquic
 
 
 class _ServerUsageContext(tls.Context):
+    revocations: Revocations | None
+
     def _client_handle_certificate_verify(self, input_buf: Buffer) -> None:
         super()._client_handle_certificate_verify(input_buf)  # signature, chain, name
         if self._peer_certificate is not None:
             check_usage(self._peer_certificate, ExtendedKeyUsageOID.SERVER_AUTH, "server")
+            check_revocation(self._peer_certificate, self.revocations, "server")
 
 
-def require_server_usage(quic: QuicConnection) -> None:
-    """Make this (client) connection refuse a server certificate not meant for TLS servers."""
+def require_server_usage(quic: QuicConnection, revocations: Revocations | None = None) -> None:
+    """Make this (client) connection refuse a server certificate not meant for TLS servers
+    or revoked (`revocations`, when given)."""
     original = quic._initialize
 
     def initialize(peer_cid: bytes) -> None:
         original(peer_cid)
-        quic.tls.__class__ = _ServerUsageContext
+        ctx = quic.tls
+        ctx.__class__ = _ServerUsageContext
+        assert isinstance(ctx, _ServerUsageContext)
+        ctx.revocations = revocations
 
     setattr(quic, "_initialize", initialize)  # noqa: B010 - no public hook in aioquic
+
+
+def peer_certificate(quic: QuicConnection) -> x509.Certificate | None:
+    """The peer's certificate once the handshake checked it (None before, or without one)."""
+    ctx = getattr(quic, "tls", None)
+    return getattr(ctx, "_peer_certificate", None) if ctx is not None else None
 
 
 def peer_common_name(quic: QuicConnection) -> str | None:

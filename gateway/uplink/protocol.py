@@ -64,6 +64,8 @@ class UpstreamProtocol(QuicConnectionProtocol):
         self.site_events = 0
         """Site events sent on this connection (their message ids)."""
         self.closed = asyncio.Event()
+        self.close_reason = ""
+        """Why the connection ended, as the peer or aioquic said (empty while it lives)."""
         self.hello_answered: asyncio.Future[_core.Frame] = asyncio.get_running_loop().create_future()
         # The runner may have given up waiting (connect timeout) before the link dies: the
         # outcome is then read here, so that asyncio does not report it as never retrieved.
@@ -248,6 +250,7 @@ class UpstreamProtocol(QuicConnectionProtocol):
         elif isinstance(event, ConnectionTerminated):
             why = event.reason_phrase or ("closed by the peer" if event.error_code == 0 else "no reason given")
             log.warning("upstream closed: %s (QUIC error code %s)", why, event.error_code)
+            self.close_reason = f"{why} (QUIC error code {event.error_code})"
             self.ready = False
             self.closed.set()
             if not self.hello_answered.done():

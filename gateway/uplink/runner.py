@@ -24,6 +24,8 @@ from aioquic.quic.connection import QuicConnection
 
 from gateway.config import UpstreamConfig
 from gateway.protocol.mtls import require_server_usage
+from gateway.protocol.revocation import Revocations
+from gateway.schema import Key
 from gateway.uplink.protocol import RequestHandler, UpstreamProtocol
 from gateway.uplink.relay import Uplink
 from gateway.uplink.settings import quic_configuration
@@ -54,6 +56,10 @@ class UplinkRunner:
         self.up_since = 0.0
         self.on_up: Callable[[], None] = lambda: None
         """Called on each connection once SiteHello is answered (the site's reports start it)."""
+        self.revocations: Revocations | None = None
+        """M19: the handshake refuses a CSMS whose certificate this list names."""
+        self.on_crl: Callable[[bytes], object] = lambda crl: None
+        """M19: the revocation list of the SiteHello answer (gateway/security.py)."""
 
     @property
     def ready(self) -> bool:
@@ -89,7 +95,9 @@ class UplinkRunner:
             try:
                 async with self._connect() as proto:
                     async with asyncio.timeout(up.connect_timeout_s):
-                        await proto.hello(self.site_id)
+                        reply = await proto.hello(self.site_id)
+                    if Key.CRL in reply.body:
+                        self.on_crl(reply.body[Key.CRL])
                     self.protocol = proto
                     self.state = "up"
                     self.connects += 1
@@ -129,7 +137,7 @@ class UplinkRunner:
             sock.close()
             raise
         quic = QuicConnection(configuration=quic_configuration(up))
-        require_server_usage(quic)
+        require_server_usage(quic, self.revocations)
         transport, proto = await loop.create_datagram_endpoint(
             lambda: UpstreamProtocol(
                 quic, uplink=self.uplink, up=up, on_acked=self.on_acked, on_request=self.on_request
@@ -139,7 +147,10 @@ class UplinkRunner:
         try:
             proto.connect(addr)
             async with asyncio.timeout(up.connect_timeout_s):
-                await proto.wait_connected()
+                try:
+                    await proto.wait_connected()
+                except ConnectionError:  # refused in the handshake: say why (e.g. a revoked certificate)
+                    raise ConnectionError(proto.close_reason or "the handshake failed") from None
             yield proto
         finally:
             proto.close()

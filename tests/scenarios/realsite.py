@@ -90,15 +90,17 @@ async def check_billing(site: Site, timeout: float = 20.0) -> list[str]:
 
 
 def scenario(tmp: Path, fn: Callable[[Site, Invariants], Awaitable[None]], boards: int = 2,
-             gateway_extra: dict[str, dict[str, Any]] | None = None, roaming: bool = False,
+             gateway_extra: dict[str, dict[str, Any]] | None = None, roaming: bool | str = False,
              registered: bool = True, evses: int | Sequence[int] = 1) -> None:  # fmt: skip
     """Runs `fn` on a real site of `boards` boards under `tmp`, with the invariants sampled;
     fails with every broken invariant. `registered`: wait until every board is accepted by
     the CSMS before `fn` (False: a scenario about onboarding itself). `evses`: the EVSEs of
-    every board, or of each board in order."""
+    every board, or of each board in order. `roaming`: True (mixed mode) or the roaming mode
+    (peer_to_peer, clearing_house, mixed)."""
 
     async def main() -> None:
-        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=roaming, evses=evses)
+        mode = roaming if isinstance(roaming, str) else "mixed"
+        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=bool(roaming), evses=evses, roaming_mode=mode)
         inv = Invariants(site)
         broken: list[str] = []
         try:

@@ -1,7 +1,7 @@
 """The whole chain on loopback, in one asyncio loop: a CSMS server (evedge_csms), the
 site gateway (gateway.service with its command path attached) and emulated boards (real
 MicroPython processes, tools.board). With `roaming=True` also the IEC 63119 roaming
-endpoints in mixed mode — the CSO's (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), two
+endpoints, in `roaming_mode` (mixed by default; peer_to_peer, clearing_house) — the CSO's (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), two
 home CSPs' (service providers A and B, each with its own customers) and a clearing house —
 and the gateway's online identification through the CSO
 endpoint (`gateway.localcsms.roaming`). Shared by `python -m tools.site` and the e2e tests
@@ -114,8 +114,10 @@ class Site:
     """One site: CSMS, gateway, `n` boards (ev-0000 …), under `root`."""
 
     def __init__(self, root: Path, n_boards: int = 2, gateway_extra: dict[str, dict[str, Any]] | None = None,
-                 roaming: bool = False, evses: int | Sequence[int] = 1) -> None:  # fmt: skip
-        """`evses`: the EVSEs of every board, or of each board in order (a twin-socket board: 2)."""
+                 roaming: bool = False, evses: int | Sequence[int] = 1,
+                 roaming_mode: str = "mixed") -> None:  # fmt: skip
+        """`evses`: the EVSEs of every board, or of each board in order (a twin-socket board: 2).
+        `roaming_mode`: the roaming network's mode (peer_to_peer, clearing_house, mixed)."""
         self.root = Path(root)
         self.n = n_boards
         self.evses = [evses] * n_boards if isinstance(evses, int) else list(evses)
@@ -127,6 +129,7 @@ class Site:
         self.gw: Gateway | None = None
         self.boards: list[Board] = []
         self.roaming = roaming
+        self.roaming_mode = roaming_mode
         self.t0 = time.monotonic()
         self.re_cfgs: dict[str, EndpointConfig] = {}
         self.cso: CsoEndpoint | None = None
@@ -145,10 +148,10 @@ class Site:
         return evse_gid(SITE_ID, self.devices[i], evse)
 
     async def start_roaming(self) -> None:
-        """The CSO, two home-CSP (A, B) and CH endpoints in mixed mode; the CSO's operator is the
-        CSMS."""
+        """The CSO, two home-CSP (A, B) and CH endpoints in `roaming_mode`; the CSO's operator is
+        the CSMS."""
         ids = {"cso": CSO_ID, "csp": CSP_ID, "csp2": CSP_B_ID, "ch": CH_ID}
-        self.re_cfgs = testbed.network(self.root / "roaming", "mixed", party_ids=ids, sites=(SITE_PARTY,))
+        self.re_cfgs = testbed.network(self.root / "roaming", self.roaming_mode, party_ids=ids, sites=(SITE_PARTY,))
         op = CsmsOperator(lambda: self.csms)
         self.csp = CspEndpoint(self.re_cfgs["csp"])
         self.csp_b = CspEndpoint(self.re_cfgs["csp2"])
@@ -206,7 +209,7 @@ class Site:
             "site": {"id": SITE_ID, "data_dir": str(self.root / "gw")},
             "lan": {"listen": f"127.0.0.1:{self.lan_port}"},  # 0: ephemeral (a restart: the same)
             "metrics": {"listen": "127.0.0.1:0"},
-            "devices": {"factory_seed": self.seed.hex()},
+            "devices": {"factory_seed": self.seed.hex(), "onboarding": "any"},  # test boards: no registration
             "upstream": {
                 "address": f"127.0.0.1:{self.csms.port}",
                 "server_name": cfg.cert.stem,
@@ -234,10 +237,18 @@ class Site:
         self.lan_port = gw.lan_port
         return gw
 
+    def fw_signers(self) -> dict[str, bytes]:
+        """The firmware signer the boards trust (M4): the CSMS's, provisioned at the factory."""
+        assert self.csms is not None
+        pub = (self.csms.config.signing_key.parent / "signing.pub").read_text().strip()
+        return {"csms-" + hashlib.sha256(bytes.fromhex(pub)).hexdigest()[:16]: bytes.fromhex(pub)}
+
     def start_boards(self) -> list[Board]:
         assert self.gw is not None
+        signers = self.fw_signers()
         for did, n in zip(self.devices, self.evses, strict=True):
-            b = Board(self.root / "boards" / did, self.gw.lan_port, did, factory_key(self.seed, did), evses=n)
+            b = Board(self.root / "boards" / did, self.gw.lan_port, did, factory_key(self.seed, did), evses=n,
+                      fw_signers=signers)  # fmt: skip
             self.boards.append(b.start())
         return self.boards
 

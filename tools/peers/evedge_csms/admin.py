@@ -11,6 +11,9 @@ server). Commands it queues are sent by the running server to the site's gateway
     send-limit --site S --limit-w N [--zone Z] [--deadline-ms MS] [--available]
     firmware-campaign --site S --image FILE --version V --targets D [D ...] [--now]
     set-registration --site S --device D accepted|pending|rejected
+    register-device --site S --device D
+    revoke CERT_HASH [--reason R] | revoke-site --site S [--reason R] | revoke-server-certificate [--reason R]
+    list-certificates | list-security-events
     deregister --site S --device D [--reason TEXT]
     migrate --site S --address HOST:PORT --targets D [D ...]
     add-token TOKEN [--status N] [--tariff ID]
@@ -113,6 +116,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     sr.add_argument("--site", required=True)
     sr.add_argument("--device", required=True)
     sr.add_argument("registration", choices=("accepted", "pending", "rejected"))
+    rg = sub.add_parser("register-device", help="M13: the station may onboard at its site (told at once)")
+    rg.add_argument("--site", required=True)
+    rg.add_argument("--device", required=True)
+    rv = sub.add_parser("revoke", help="M19: revoke a certificate (a board's, a site's or the CSMS's TLS one)")
+    rv.add_argument("cert_hash", help="SHA-256 of the DER, hex (list-certificates)")
+    rv.add_argument("--reason", help="e.g. keyCompromise, cessationOfOperation (RFC 5280 names)")
+    rs = sub.add_parser("revoke-site", help="M19: revoke every TLS certificate of a site's gateway")
+    rs.add_argument("--site", required=True)
+    rs.add_argument("--reason")
+    rc = sub.add_parser("revoke-server-certificate", help="M19: revoke the CSMS's own TLS certificate")
+    rc.add_argument("--reason")
+    sub.add_parser("list-certificates", help="M19: the TLS certificates met (sites', the CSMS's own)")
+    sub.add_parser("list-security-events", help="SecurityEvents of the boards and the sites")
     dr = sub.add_parser("deregister", help="M11: the station is removed (set-registration accepted takes it back)")
     dr.add_argument("--site", required=True)
     dr.add_argument("--device", required=True)
@@ -176,6 +192,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         elif args.cmd == "set-registration":
             sent = api.set_registration(args.site, args.device, args.registration)
             out.write(f"commands {', '.join(map(str, sent))} queued for {args.site}\n" if sent else "recorded\n")
+        elif args.cmd == "register-device":
+            sent = api.register_device(args.site, args.device)
+            out.write(f"commands {', '.join(map(str, sent))} queued for {args.site}\n")
+        elif args.cmd in ("revoke", "revoke-site", "revoke-server-certificate"):
+            if args.cmd == "revoke":
+                sent = api.revoke(args.cert_hash, args.reason)
+            elif args.cmd == "revoke-site":
+                sent = api.revoke_site(args.site, args.reason)
+            else:
+                sent = api.revoke_server_certificate(args.reason)
+            out.write(f"revoked; commands {', '.join(map(str, sent)) or 'none'} queued\n")
+        elif args.cmd == "list-certificates":
+            _table(api.tls_certificates(), ("cert_hash", "serial", "subject", "role", "site_id", "revoked"), out)
+        elif args.cmd == "list-security-events":
+            _table(api.security_events(), ("site_id", "device_id", "event_name", "time", "reason"), out)
         elif args.cmd == "deregister":
             cmd = api.deregister(args.site, args.device, args.reason)
             out.write(f"command {cmd} queued for {args.site}\n")

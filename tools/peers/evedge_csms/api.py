@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from evedge_csms import commands as cmds
+from evedge_csms import revocation
 from evedge_csms.inbound import Ctx, answer_ev_certificate, record_certificate
 from evedge_csms.pki import der
 from evedge_csms.store import Row
 from evedge_csms.wire import proto_time
 from gateway import schema
-from gateway.schema import FIELDS, Action, CertType, Key, Registration, ResetWhen
+from gateway.schema import FIELDS, Action, CertType, Key, Registration, ResetWhen, UpdateType
 
 TARGETS_MAX = FIELDS[Key.TARGETS].max_len
 """Boards one Command may address (the schema's bound)."""
@@ -85,10 +86,32 @@ class Csms:
                 sent.append(self.send(site_id, cmds.trigger_message((device_id,), Action.BOOT_NOTIFICATION), t))
             return sent
 
+    def register_device(self, site_id: str, device_id: str, now: float | None = None) -> list[int]:
+        """M13: the operator registers a station before it is installed: accepted from now on,
+        and the site is told at once (the decision, as a BootNotification answer the gateway
+        keeps), so that its gateway lets the device onboard with its factory key
+        (`[devices] onboarding = "registered"`, the default). Returns the Commands sent."""
+        t = self._now(now)
+        with self.store.transaction():
+            row = self.store.get("stations", site_id=site_id, device_id=device_id)
+            if row is not None and row["first_seen"]:
+                return self.set_registration(site_id, device_id, "accepted", t)
+            self.store.upsert(
+                "stations",
+                {"site_id": site_id, "device_id": device_id, "registration": "accepted", "deregistered": 0},
+            )
+            decision = {
+                Key.REGISTRATION: int(Registration.ACCEPTED),
+                Key.INTERVAL_S: self.ctx.settings.heartbeat_s,
+                Key.TIME: proto_time(t),
+            }
+            return [self.send(site_id, cmds.answer(device_id, 0, Action.BOOT_NOTIFICATION, decision), t)]
+
     def deregister(self, site_id: str, device_id: str, reason: str | None = None, now: float | None = None) -> int:
         """M11: the station is removed: registration rejected, its certificates revoked, its
         data kept (law); the gateway is told to forget the board."""
         t = self._now(now)
+        revoked = False
         with self.store.transaction():
             self.store.upsert(
                 "stations", {"site_id": site_id, "device_id": device_id, "registration": "rejected", "deregistered": 1}
@@ -100,7 +123,11 @@ class Csms:
                         {"revoked": int(t), "revoke_reason": "deregistered"},
                         {"cert_hash": cert["cert_hash"]},
                     )
-            return self.send(site_id, cmds.deregister((device_id,), reason), t)
+                    revoked = revoked or self._issued_here(cert["der"])
+            sent = self.send(site_id, cmds.deregister((device_id,), reason), t)
+            if revoked:
+                self._publish_revocations(t)
+            return sent
 
     def migrate(self, site_id: str, targets: Sequence[str], address: str, cert: bytes | None = None) -> int:
         """M12: move stations to another site of this CSMS: `address` is the LAN address
@@ -194,6 +221,25 @@ class Csms:
     def send_local_list(self, site_id: str, list_version: int, targets: Sequence[str] = ()) -> int:
         tokens = self.store.select("tokens", order="id_token")
         return self.send(site_id, cmds.send_local_list(targets, list_version, tokens))
+
+    def send_site_list(
+        self, site_id: str, list_version: int, extra: Sequence[dict[str, Any]] = (), page: int = 256
+    ) -> list[int]:
+        """R4-2, S2: the site's own local list (the gateway's offline authorization) = the CSMS's
+        tokens and `extra` ones (the roaming token lists its CSO endpoint holds: id_token,
+        auth_status, expiry in protocol seconds), the CSMS's own entry winning for a token in
+        both. Site-level SendLocalLists of at most `page` entries: the first full, the rest
+        differential, one version. It replaces what `send_local_list` sent to the site."""
+        own = self.store.select("tokens", order="id_token")
+        mine = {str(t["id_token"]) for t in own}
+        tokens = own + [t for t in extra if str(t["id_token"]) not in mine]
+        chunks = [tokens[i : i + page] for i in range(0, len(tokens), page)] or [[]]
+        kinds = [UpdateType.FULL] + [UpdateType.DIFFERENTIAL] * (len(chunks) - 1)
+        last = len(chunks) - 1
+        return [
+            self.send(site_id, cmds.send_local_list((), list_version, chunk, kind, last=n == last))
+            for n, (chunk, kind) in enumerate(zip(chunks, kinds, strict=True))
+        ]
 
     def set_tariff(
         self,
@@ -306,18 +352,21 @@ class Csms:
             spec = cmds.certificate_signed((device_id,), der(cert), CertType.CHARGING_STATION, private_key=key_der)
             return self.send(site_id, spec)
 
-    def revoke(self, cert_hash_hex: str, reason: str | None = None) -> list[int]:
-        """M19: mark revoked here and tell every board of every site (each station this CSMS
-        knows there and has not deregistered; a board offline gets it when it comes back
-        before the command expires), so that no board accepts it any more. A Command per site
-        (per `TARGETS_MAX` boards)."""
-        row = self.store.get("certificates", cert_hash=cert_hash_hex)
-        if row is None:
-            raise CsmsError(f"no certificate {cert_hash_hex}")
+    def revoke(self, cert_hash_hex: str, reason: str | None = None, now: float | None = None) -> list[int]:
+        """M19: a certificate is revoked: a board's (every board of every site is told, each
+        station this CSMS knows there and has not deregistered; a board offline gets it when it
+        comes back before the command expires) or a TLS certificate met by the CSMS (a site's,
+        its own). Either way a new revocation list is published (`_publish_revocations`).
+        `reason`: the operator's words (an RFC 5280 reason name, e.g. keyCompromise, is also
+        the CRL's reason code). Returns the Commands sent."""
+        t = self._now(now)
         with self.store.transaction():
-            self.store.update(
-                "certificates", {"revoked": int(time.time()), "revoke_reason": reason}, {"cert_hash": cert_hash_hex}
-            )
+            if revocation.mark(self.store, "tls_certificates", cert_hash_hex, reason, t):
+                return self._publish_revocations(t)
+            row = self.store.get("certificates", cert_hash=cert_hash_hex)
+            if row is None:
+                raise CsmsError(f"no certificate {cert_hash_hex}")
+            revocation.mark(self.store, "certificates", cert_hash_hex, reason, t)
             sent = []
             for s in self.store.select("sites"):
                 boards = [
@@ -327,8 +376,59 @@ class Csms:
                 ]
                 for i in range(0, len(boards), TARGETS_MAX):
                     spec = cmds.revoke_certificate(bytes.fromhex(cert_hash_hex), reason, boards[i : i + TARGETS_MAX])
-                    sent.append(self.send(s["site_id"], spec))
-            return sent
+                    sent.append(self.send(s["site_id"], spec, t))
+            return sent + (self._publish_revocations(t) if self._issued_here(row["der"]) else [])
+
+    def _issued_here(self, cert_der: bytes | None) -> bool:
+        """A certificate of this CSMS's CA (its CRL can name it; another CA's root cannot be)."""
+        ca = self.ctx.ca
+        return ca is not None and cert_der is not None and ca.issued(bytes(cert_der)) is not None
+
+    def revoke_site(self, site_id: str, reason: str | None = None, now: float | None = None) -> list[int]:
+        """M19: every TLS certificate the site's gateway presented is revoked: the CSMS refuses
+        it at the handshake from now on (its open connection is closed), until the operator
+        gives the site a new certificate."""
+        t = self._now(now)
+        with self.store.transaction():
+            rows = self.store.select("tls_certificates", {"site_id": site_id, "role": revocation.SITE})
+            if not rows:
+                raise CsmsError(f"no TLS certificate of site {site_id!r} is known (it never connected)")
+            for r in rows:
+                revocation.mark(self.store, "tls_certificates", r["cert_hash"], reason, t)
+            return self._publish_revocations(t)
+
+    def revoke_server_certificate(self, reason: str | None = None, now: float | None = None) -> list[int]:
+        """M19: the CSMS's own TLS certificate (the one it serves now, and any earlier one) is
+        revoked: every site is told, and its gateway refuses a server presenting it (an
+        impostor with a stolen key, or this CSMS until it gets a new certificate)."""
+        t = self._now(now)
+        with self.store.transaction():
+            for r in self.store.select("tls_certificates", {"role": revocation.CSMS}):
+                if not r["revoked"]:
+                    revocation.mark(self.store, "tls_certificates", r["cert_hash"], reason, t)
+            return self._publish_revocations(t)
+
+    def _publish_revocations(self, t: float) -> list[int]:
+        """A new CRL, written where the CSMS's TLS reads it and sent to every site (in the
+        caller's transaction). Returns the RevocationList Commands."""
+        crl = revocation.publish(self.store, self.ctx.ca, t)
+        if crl is None:
+            return []
+        return [self.send(s["site_id"], cmds.revocation_list(crl), t) for s in self.store.select("sites")]
+
+    def revocation_list(self) -> bytes | None:
+        """The DER of the CRL in force (None before the first revocation)."""
+        return revocation.current(self.store)
+
+    def tls_certificates(self) -> list[Row]:
+        """M19: the TLS certificates met: cert_hash, serial, subject, role (site/csms), site_id,
+        seen, revoked (Unix s, 0: not revoked), revoke_reason."""
+        return self.store.select("tls_certificates", order="seen")
+
+    def security_events(self, site_id: str | None = None) -> list[Row]:
+        """SecurityEvents received (the boards', and those the gateways report about their
+        devices, e.g. a re-key attempt refused): site_id, device_id, event_name, time, reason."""
+        return self.store.select("security_events", {"site_id": site_id} if site_id else None, order="time")
 
     # ---------------------------------------------------------------- M3, M6, M9
     def set_monitors(self, site_id: str, device_id: str, monitors: Sequence[dict[Any, Any]]) -> int:

@@ -156,6 +156,11 @@ def available_power(available_w: int, zone: int | None = None, valid_to: int | N
     )
 
 
+def revocation_list(crl: bytes) -> CommandSpec:
+    """M19: the CA's new revocation list, sent to the site's gateway as a bare request."""
+    return CommandSpec(Action.REVOCATION_LIST, {Key.CRL: crl}, wrap=False)
+
+
 def dso_limit(
     limit_w: int,
     deadline_ms: int,

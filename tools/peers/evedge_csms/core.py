@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Final
 
-from evedge_csms import outcomes
+from evedge_csms import outcomes, revocation
 from evedge_csms.inbound import HANDLERS, Ctx, Relayed
 from evedge_csms.wire import (
     Envelope,
@@ -206,7 +206,10 @@ class SiteConnection:
                     "cert_subject": self.peer_subject,
                 },
             )
-        body = {Key.VER: PROTOCOL_VERSION, Key.TIME: proto_time(now), Key.SCHEMA_REV: _core.SCHEMA_REV}
+        body: dict[int, Any] = {Key.VER: PROTOCOL_VERSION, Key.TIME: proto_time(now), Key.SCHEMA_REV: _core.SCHEMA_REV}
+        crl = revocation.current(store)
+        if crl is not None:  # M19: the site checks certificates against the revocations in force
+            body[Key.CRL] = crl
         self._send(stream_id, Kind.RESPONSE, env.msg_id, env.prio, Action.SITE_HELLO, body, now)
 
     def _relay(self, stream_id: int, env: Envelope, now: float) -> None:

@@ -1,5 +1,6 @@
 """Keys and certificates of the CSMS: the Ed25519 signing key of commands and manifests,
-CSR signing by the CSMS's CA (M16), key pairs made outside the station (M18)."""
+CSR signing by the CSMS's CA (M16), key pairs made outside the station (M18), and the CA's
+certificate revocation list (M19, `Ca.crl`, written beside the CA certificate as `crl.pem`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -16,6 +18,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gateway.protocol import devpki
 
 CERT_VALIDITY = dt.timedelta(days=365)
+CRL_VALIDITY = dt.timedelta(days=7)
+"""A CRL's nextUpdate: the CSMS publishes a new one at each revocation, and at least this often
+is the operator's (a verifier here keeps the newest one it got, whatever its age)."""
+CRL_FILE = "crl.pem"
 
 
 class PkiError(ValueError):
@@ -65,9 +71,30 @@ def cert_hash(der: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class Revoked:
+    """One entry of the CRL: the certificate's serial, when and why it was revoked."""
+
+    serial: int
+    at: float
+    reason: x509.ReasonFlags = x509.ReasonFlags.unspecified
+
+
+REASONS = {r.value: r for r in x509.ReasonFlags}
+"""CRL reason codes by their RFC 5280 names (keyCompromise, cessationOfOperation, …)."""
+
+
+def reason_flag(reason: str | None) -> x509.ReasonFlags:
+    """The CRL reason code of an operator's reason: one of RFC 5280's names, else unspecified
+    (the operator's own words stay in the CSMS's tables)."""
+    return REASONS.get(reason or "", x509.ReasonFlags.unspecified)
+
+
+@dataclass(frozen=True)
 class Ca:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
+    crl_path: Path | None = None
+    """Where the CA's current CRL is published (beside the CA certificate)."""
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> Ca:
@@ -75,7 +102,47 @@ class Ca:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise PkiError(f"{key_path}: the CA key must be an EC key")
-        return cls(cert, key)
+        return cls(cert, key, cert_path.with_name(CRL_FILE))
+
+    def issued(self, cert_der: bytes) -> int | None:
+        """The serial of `cert_der` if this CA issued it (a CRL names only those), else None."""
+        cert = x509.load_der_x509_certificate(cert_der)
+        try:  # the name and the signature: two CAs may bear the same name
+            cert.verify_directly_issued_by(self.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            return None
+        return cert.serial_number
+
+    def crl(self, revoked: list[Revoked], number: int, now: float) -> x509.CertificateRevocationList:
+        """The CA's revocation list: `revoked`, numbered `number` (higher: newer)."""
+        t = dt.datetime.fromtimestamp(now, dt.UTC)
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(t - dt.timedelta(minutes=5))
+            .next_update(t + CRL_VALIDITY)
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+        )
+        for r in revoked:
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(r.serial)
+                .revocation_date(dt.datetime.fromtimestamp(r.at, dt.UTC))
+                .add_extension(x509.CRLReason(r.reason), critical=False)
+                .build()
+            )
+            b = b.add_revoked_certificate(entry)
+        return b.sign(self.key, hashes.SHA256())
+
+    def publish(self, revoked: list[Revoked], number: int, now: float) -> bytes:
+        """Signs the CRL, writes it (PEM) where the CSMS's TLS reads it; returns its DER."""
+        crl = self.crl(revoked, number, now)
+        if self.crl_path is not None:
+            tmp = self.crl_path.with_name(f".{self.crl_path.name}.tmp")
+            tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+            tmp.replace(self.crl_path)
+        return crl.public_bytes(serialization.Encoding.DER)
 
     def _issue(self, subject: x509.Name, public: ec.EllipticCurvePublicKey) -> x509.Certificate:
         now = dt.datetime.now(dt.UTC)

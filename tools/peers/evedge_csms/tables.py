@@ -130,6 +130,12 @@ TABLES: Final[tuple[Table, ...]] = (
         "cert_hash",
         "cert_hash serial subject site_id device_id cert_type:int der:blob issued:int revoked:int revoke_reason",
     ),
+    _t(  # M19: the TLS certificates the CSMS met (its own, each site's), revocable by the operator
+        "tls_certificates",
+        "cert_hash",
+        "cert_hash serial subject role site_id der:blob seen:int revoked:int revoke_reason",
+    ),
+    _t("crls", "number", "number:int der:blob issued:int"),
     _t(
         "display_messages",
         "site_id display_id",
