@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from realsite import Invariants, Site, scenario
+from roaming_books import check_books
 
 from tools.site.harness import board_status, board_step, board_wait, until
 
@@ -60,14 +61,15 @@ def csp_sdrs(site: Site) -> list[dict[str, Any]]:
 
 def test_r3_9_s2_a_second_charge_with_a_cached_roaming_card_is_billed_to_the_home_csp(tmp_path: Path) -> None:
     async def fn(site: Site, inv: Invariants) -> None:
-        assert site.cso is not None and site.ch is not None
-        await customer(site, "04ROAM2X")
+        assert site.cso is not None and site.ch is not None and site.csp is not None
+        card = "DE*HCP*CROAM00002"  # in no list (a listed card is in the site's own list): asked online
+        site.csp.add_customer(card)
         for _ in range(2):  # the second card is answered from the site's cache (S2): no roaming request
-            await charge(site, 0, "04ROAM2X")
+            await charge(site, 0, card)
         assert site.site_roaming is not None and site.site_roaming.asked == 1
 
         def at_csms() -> list[dict[str, Any]] | None:
-            rows = [s for s in api(site).sdrs() if s["id_token"] == "04ROAM2X"]
+            rows = [s for s in api(site).sdrs() if s["id_token"] == card]
             return rows if len(rows) == 2 else None
 
         csms_sdrs = await until(at_csms, 20, "2 SDRs at the CSMS")
@@ -82,6 +84,7 @@ def test_r3_9_s2_a_second_charge_with_a_cached_roaming_card_is_billed_to_the_hom
             return verdicts if len(verdicts) == 2 and "missing" not in verdicts else None
 
         assert await until(books, 10, "the CH's books") == ["matched", "matched"]
+        await check_books(site, "mixed")
 
     # the operator trusts a cached answer for an hour while online (auth.online_trust_s)
     scenario(tmp_path, fn, boards=1, roaming=True, gateway_extra={"auth": {"online_trust_s": 3600.0}})
@@ -100,6 +103,7 @@ def test_r2_1_r3_9_the_csms_tariff_reaches_the_home_csp_and_prices_the_sdr(tmp_p
         (sdr,) = await until(lambda: csp_sdrs(site) or None, 20, "the SDR at the home CSP")
         assert sdr["tariff_id"] == 5 and sdr["energy_wh"] == end["wh"] > 0
         assert sdr["cost"] == sdr["energy_wh"] * 30 // 1000 + 100 and sdr["verdict"] == "matched"
+        await check_books(site, "mixed")
 
     scenario(tmp_path, fn, boards=1, roaming=True)
 
@@ -126,6 +130,7 @@ def test_r1_2_r1_3_locations_and_status_reach_the_home_csp(tmp_path: Path) -> No
         assert await until(status, 10, "occupied at the home CSP") == "occupied"
         b.cmd("unplug")
         await board_wait(b, "tx_ended", since=m)
+        await check_books(site, "mixed")
 
     scenario(tmp_path, fn, boards=2, roaming=True)
 
@@ -142,8 +147,8 @@ def test_r3_4_r3_6_the_home_csp_follows_and_stops_a_card_started_session(tmp_pat
         await board_wait(b, "tx_started", since=m)
         await board_status(b, lambda st: st["power_w"] > 0)
         await board_step(b, 300_000)
-        sid = site.cso.open_session(site.evse(0), "04STOP01")
-        assert sid is not None
+        cso = site.cso
+        sid = await until(lambda: cso.open_session(site.evse(0), "04STOP01"), 10, "the roaming session")
         # R3-6: the home CSP's own record grows with the charge
         await until(lambda: csp.readings(sid) and csp.readings(sid)[-1][1] > 0, 10, "a reading at the home CSP")
         stop = await csp.stop_remote(sid)  # R3-4: a card-started session, stopped by the home CSP
@@ -154,5 +159,6 @@ def test_r3_4_r3_6_the_home_csp_follows_and_stops_a_card_started_session(tmp_pat
         b.cmd("unplug")
         (sdr,) = await until(lambda: csp_sdrs(site) or None, 20, "the SDR at the home CSP")
         assert sdr["roaming_session_id"] == sid and sdr["verdict"] == "matched", sdr
+        await check_books(site, "mixed")
 
     scenario(tmp_path, fn, boards=1, roaming=True)

@@ -44,7 +44,7 @@ from gateway.protocol.gid import evse_gid
 from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 from gateway.protocol.text import clip_reason
-from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status
+from gateway.schema import EPOCH_UNIX, Action15118, AuthStatus, ProfilePurpose, Status, StopReason
 
 from . import publish
 from .cso import CsoEndpoint
@@ -52,7 +52,9 @@ from .cso import CsoEndpoint
 log = logging.getLogger(__name__)
 
 DDL = """CREATE TABLE IF NOT EXISTS csms_sdrs(sdr_id TEXT PRIMARY KEY, session_id TEXT, state TEXT NOT NULL,
-    at INTEGER NOT NULL)"""
+    at INTEGER NOT NULL);
+-- R4-2: the local list each site was last sent (the CSMS's tokens and the roaming lists)
+CREATE TABLE IF NOT EXISTS site_lists(site_id TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL)"""
 
 
 def remote_start_id(session_id: str) -> int:
@@ -108,15 +110,19 @@ class CsmsOperator:
         return sorted(self._evses())
 
     async def locations(self) -> list[dict[str, Any]]:
+        """One location per site; each EVSE with its rating and the board's model and vendor as
+        the site last reported them (BoardsReport, M1), else the configured power."""
         sites: dict[str, list[dict[str, Any]]] = {}
+        reports: dict[str, dict[str, dict[str, Any]]] = {}
         for g, (site, _dev, _e) in self._evses().items():
-            sites.setdefault(site, []).append(
-                {
-                    "evse_gid": g,
-                    "evse_status": await self.evse_status(g) or "unknown",
-                    "max_power_w": self.evse_power_w(g),
-                }
-            )
+            rep = (reports[site] if site in reports else reports.setdefault(site, self.reported(site))).get(g, {})
+            evse: dict[str, Any] = {
+                "evse_gid": g,
+                "evse_status": await self.evse_status(g) or "unknown",
+                "max_power_w": int(rep.get("max_power_w") or self.evse_power_w(g)),
+            }
+            evse |= {k: str(rep[k]) for k in ("model", "vendor") if rep.get(k)}
+            sites.setdefault(site, []).append(evse)
         out = []
         for site, evses in sites.items():
             op = gid.parse(site).operator
@@ -124,14 +130,26 @@ class CsmsOperator:
                         "evses": evses})  # fmt: skip
         return out
 
+    def reported(self, site: str) -> dict[str, dict[str, Any]]:
+        """The site's last BoardsReport (M1) by EVSE id: status, rating, model, firmware."""
+        return {str(e["evse_gid"]): e for e in self._srv().api.boards(site)}
+
     async def evse_status(self, evse: str) -> str | None:
+        """occupied (a transaction runs), else what the site last reported: reserved,
+        out_of_order — also a board the site no longer hears (`unknown`: a power cut, R5-1) —
+        or available."""
         where = self._evses().get(evse)
         if where is None:
             return None
-        site, dev, _ = where
+        site, dev, n = where
         active = [t for t in self._srv().store.select("transactions", {"site_id": site, "device_id": dev})
-                  if t["state"] == "active"]  # fmt: skip
-        return "occupied" if active else "available"
+                  if t["state"] == "active" and (t["evse"] or 1) == n]  # fmt: skip
+        if active:
+            return "occupied"
+        said = self.reported(site).get(evse, {}).get("evse_status")
+        return {"reserved": "reserved", "out_of_order": "out_of_order", "unknown": "out_of_order"}.get(
+            str(said), "available"
+        )
 
     async def _run(self, site: str, spec: cmds.CommandSpec) -> str:
         srv = self._srv()
@@ -332,12 +350,60 @@ class CsmsRoaming:
                 n += 1
         return n
 
+    def site_lists(self, srv: CsmsServer) -> int:
+        """R4-2: the roaming token lists the CSO endpoint holds, with the CSMS's own tokens, to
+        the local list of every site (SendLocalList to the site itself), again whenever they
+        change, so that a roaming card is authorized at a site whose uplink is down; the count
+        of sites sent to."""
+        extra = []
+        for uid, status, expiry in self.cso.store.all(
+            "SELECT token_uid, auth_status, expiry FROM token_cache ORDER BY token_uid"
+        ):
+            code = AuthStatus.__members__.get(str(status).upper(), AuthStatus.INVALID)
+            extra.append({"id_token": uid, "auth_status": int(code),
+                          "expiry": None if expiry is None else max(0, int(expiry) - EPOCH_UNIX)})  # fmt: skip
+        own = [
+            (str(t["id_token"]), t["auth_status"], t["expiry"]) for t in srv.store.select("tokens", order="id_token")
+        ]
+        digest = hashlib.sha256(repr((own, extra)).encode()).hexdigest()
+        n = 0
+        for site in sorted({str(r["site_id"]) for r in srv.store.select("stations")}):
+            row = self.cso.store.one("SELECT version, digest FROM site_lists WHERE site_id=?", site)
+            if (row is not None and row[1] == digest) or (row is None and not extra):
+                continue  # unchanged; or no roaming list yet: the site's list is the operator's alone
+            version = 1 if row is None else int(row[0]) + 1
+            srv.api.send_site_list(site, version, extra)
+            self.cso.store.exec("INSERT OR REPLACE INTO site_lists VALUES(?,?,?)", site, version, digest)
+            n += 1
+        return n
+
+    async def failed_starts(self, srv: CsmsServer) -> int:
+        """A remote start (R3-2) whose EV never came: the board ended the service session on its
+        EV-connection timeout with no transaction; the session ends at the CSO and its home CSP
+        (`CsoEndpoint.session_failed`), not left active. The count ended."""
+        n = 0
+        for (sid,) in self.cso.store.all("SELECT session_id FROM sessions WHERE state='active'"
+                                               " AND how='remote'"):  # fmt: skip
+            rsid = remote_start_id(str(sid))
+            ended = [
+                s for s in srv.store.select("service_sessions", {"remote_start_id": rsid}) if s["state"] == "ended"
+            ]
+            txs = srv.store.select("transactions", {"remote_start_id": rsid})
+            if ended and not txs:
+                code = ended[-1]["stop_reason"]
+                why = StopReason(code).name.lower() if code in StopReason._value2member_map_ else "no EV"
+                await self.cso.session_failed(str(sid), why)
+                n += 1
+        return n
+
     async def step(self) -> int:
         """One pass over the CSMS's SDRs; the count handed over to the CSO endpoint."""
         srv = self.op.csms()
         if srv is None:
             return 0
         await self.ev_certificates()
+        self.site_lists(srv)
+        await self.failed_starts(srv)
         try:
             states = {e: await self.op.evse_status(e) or "unknown" for e in self.op.evses()}
             await self.publisher.step(srv.store, states)

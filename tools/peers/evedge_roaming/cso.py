@@ -116,7 +116,8 @@ class CsoEndpoint(Endpoint):
         """AuthorizeRoaming to the token's home CSP; a card whose home is unknown here goes to
         the CH (when there is one), which routes it to the home it knows, or answers unknown."""
         uid, kind = body["token_uid"], body["token_type"]
-        ch = self.cfg.clearing_house
+        # peer to peer there is no hub to ask, even when a CH is configured (for other uses)
+        ch = self.cfg.clearing_house if self.cfg.mode != "peer_to_peer" else None
         homes = self._home_candidates(uid, kind)
         if ch is not None and not homes:
             homes = [""]  # no x-ev-to: the CH finds the home
@@ -192,7 +193,7 @@ class CsoEndpoint(Endpoint):
     def open_session(self, evse_gid: str, token_uid: str) -> str | None:
         """The roaming session not yet ended at this EVSE for this token (the newest), if any."""
         row = self.store.one(
-            "SELECT session_id FROM sessions WHERE evse_gid=? AND token_uid=? AND state != 'ended'"
+            "SELECT session_id FROM sessions WHERE evse_gid=? AND token_uid=? AND state NOT IN ('ended', 'failed')"
             " ORDER BY started DESC LIMIT 1",
             evse_gid,
             token_uid,
@@ -222,6 +223,24 @@ class CsoEndpoint(Endpoint):
         )  # fmt: skip
         self.note_shared("PutSdr", {"token_uid": token_uid}, home)
         return sid
+
+    async def session_failed(self, sid: str, why: str) -> None:
+        """A session that never charged (a remote start whose EV never came: `why` the board's
+        stop reason, e.g. timeout) ends here, and its home CSP is told so that it does not keep
+        it active: an EvseStatusUpdate to that CSP (the EVSE's status now, reason `session <id>
+        failed: <why>`), a durable job, as for an expired reservation — a SessionUpdate has no
+        state to say it with, and a session without a transaction makes no SDR."""
+        s = self.session(sid)
+        now = int(self.clock())
+        status = await self.operator.evse_status(s["evse_gid"]) or "unknown"
+        note = {"evse_gid": s["evse_gid"], "evse_status": status, "time": now,
+                "reason": clip_reason(f"session {sid} failed: {why}")}  # fmt: skip
+        with self.store.tx() as db:
+            db.execute(
+                "UPDATE sessions SET state='failed', stopped=? WHERE session_id=? AND state='active'", (now, sid)
+            )
+            job = self.enqueue("EvseStatusUpdate", note, s["csp"], f"session:{sid}")
+        await self.run_jobs([job])
 
     def _cached(self, token_uid: str) -> bool:
         return self.store.one("SELECT 1 FROM token_cache WHERE token_uid=?", token_uid) is not None
@@ -388,8 +407,10 @@ class CsoEndpoint(Endpoint):
             "roaming_session_id": sid,
             "evse_gid": s["evse_gid"],
             "token_uid": s["token_uid"] or "",
-            "started": s["started"],
-            "stopped": s["stopped"],
+            # as long as its transactions, by the meter's clock (a session opened late, R4-2,
+            # or a meter clock apart from ours, still gives stopped ≥ started)
+            "started": min(x.started for x in lines),
+            "stopped": max(x for line in lines for x in (line.started, line.stopped)),
             "meter_start_wh": meter_start_wh,
             "meter_stop_wh": meter_start_wh + energy_wh,
             "energy_wh": energy_wh,

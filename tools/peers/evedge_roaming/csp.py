@@ -60,6 +60,8 @@ TOKEN_PAGE = schema.FIELD_BY_NAME["tokens"].max_len
 
 #: the reason of the EvseStatusUpdate a CSO sends when a reservation expired unused (R3-8)
 EXPIRED_RESERVATION = re.compile(r"reservation (\d+) expired")
+#: … and when a session of ours never charged (a remote start whose EV never came, R3-2)
+FAILED_SESSION = re.compile(r"session (\S+) failed: .*")
 
 
 def _canonical_or_self(text: str) -> str:
@@ -286,6 +288,10 @@ class CspEndpoint(Endpoint):
                 body.get("reason"),
                 evse,
             )
+        failed = FAILED_SESSION.fullmatch(body.get("reason") or "")
+        if failed is not None:  # the CSO ended a session of ours that never charged
+            self.store.exec("UPDATE sessions SET state='failed' WHERE session_id=? AND cso=? AND state='active'",
+                            failed[1], ctx.origin)  # fmt: skip
         lapsed = EXPIRED_RESERVATION.fullmatch(body.get("reason") or "")
         if lapsed is not None:  # R3-8: the CSO expired our reservation (a repeat changes nothing)
             self.store.exec(

@@ -15,6 +15,8 @@ is made.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -120,13 +122,39 @@ def sdr_lines(sdr: Mapping[str, Any]) -> list[Line]:
     return [Line(int(x["started"]), int(x["stopped"]), int(x["energy_wh"]), x.get("tariff_id")) for x in raw]
 
 
+#: the emulated eichrecht meter's signed reading (firmware/boards/sim.py): tag, register (Wh, 8
+#: bytes big endian), then its seal
+SIM_METER = b"SIM1"
+
+
+def signed_register(signed_meter: str | None) -> int | None:
+    """The meter register (Wh) a signed reading (base64, as PutSdr carries it) states, for the
+    formats known here; None for another format or none. The reading is the meter's, not the
+    CSO's: an SDR whose meter stop differs from it is wrong whatever its other figures say.
+    (Its seal is the meter maker's: checking it needs the meter's key, which a real meter
+    publishes and the emulated one has not.)"""
+    if not signed_meter:
+        return None
+    try:
+        raw = base64.b64decode(signed_meter, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if raw[:4] == SIM_METER and len(raw) >= 12:
+        return int.from_bytes(raw[4:12], "big")
+    return None
+
+
 def audit_sdr(sdr: Mapping[str, Any], readings: list[tuple[int, int]], tariffs: Mapping[int, Tariff]) -> Audit:
-    """Check an SDR against the readings (time, energy_wh) the CSP received during the session
-    and its own copy of the CSO's tariffs: the energy must be the last reading and no less than
-    any; the lines must add up; each line is priced again with the tariff it names."""
+    """Check an SDR against the readings (time, energy_wh) the CSP received during the session,
+    the signed meter reading it carries and its own copy of the CSO's tariffs: the energy must
+    be the last reading and no less than any; the meter stop the signed register; the lines
+    must add up; each line is priced again with the tariff it names."""
     problems = []
     lines = sdr_lines(sdr)
     energy = int(sdr["energy_wh"])
+    register = signed_register(sdr.get("signed_meter"))
+    if register is not None and register != int(sdr["meter_stop_wh"]):
+        problems.append(f"meter stop {sdr['meter_stop_wh']} Wh, the signed meter reading {register} Wh")
     own_energy = readings[-1][1] if readings else energy
     if not readings:
         problems.append("no meter reading of the session was received")

@@ -4,7 +4,9 @@ what it bills (R3-5, R3-9): the roaming side of the CSMS's own tables, read each
 - tariffs (R2-1): every CSMS tariff (SetTariff) is published once, and again when it changes,
   so that the CSO endpoint and the home CSPs hold the tariff each transaction names;
 - locations (R1-2): all of them again when the set of EVSEs changes (a board registered);
-- EVSE status (R1-3): each EVSE whose status changed since it was last published;
+- EVSE status (R1-3): each EVSE whose status changed since it was last published; out of
+  order (the site reports it so, or no longer hears its board) is an outage, the next other
+  status its restoration (R5-1);
 - session progress (R3-6): the energy so far of each roaming session's transaction;
 - the bill (R3-5, R3-9): `sdr_lines` turns a CSMS SDR into the roaming SDR's transactions
   (times in Unix seconds, energy, tariff id) and its signed meter data.
@@ -118,8 +120,11 @@ class CsmsPublisher:
             self._status = dict(evse_status)
             return
         for evse, status in evse_status.items():
-            if self._status.get(evse) != status:
-                await self.cso.publish_status(evse, status)
+            was = self._status.get(evse)
+            if was != status:
+                # R5-1: an EVSE out of order is an outage; its return to service says so
+                kind = "outage" if status == "out_of_order" else "restored" if was == "out_of_order" else None
+                await self.cso.publish_status(evse, status, outage_kind=kind)
                 self._status[evse] = status
 
     async def progress(self, tables: CsmsTables) -> int:
@@ -129,6 +134,18 @@ class CsmsPublisher:
             (evse_gid(str(t["site_id"]), str(t["device_id"]), int(t["evse"] or 1)), t["id_token"]): t
             for t in tables.select("transactions", {"state": "active"})
         }
+        for (evse, token), started in active.items():
+            # a roaming card the site answered by itself — from the CSO's token lists (R4-2)
+            # or its cache (S2) — has no session yet: opened now, so its progress reaches the
+            # home CSP during the charge, not only with the SDR
+            if started["remote_start_id"] is not None:  # a remote start's: recorded once it is answered
+                continue
+            if (
+                token
+                and self.cso.open_session(evse, str(token)) is None
+                and not tables.select("tokens", {"id_token": token})
+            ):
+                self.cso.adopt_session(evse, str(token), unix(started["started"]) or int(self.cso.clock()))
         for sid, evse, token in self.cso.store.all(
             "SELECT session_id, evse_gid, token_uid FROM sessions WHERE state IN ('active', 'authorized')"
         ):
