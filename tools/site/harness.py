@@ -4,8 +4,8 @@ MicroPython processes, tools.board). With `roaming=True` also the IEC 63119 roam
 endpoints, in `roaming_mode` (mixed by default; peer_to_peer, clearing_house) — the CSO's
 (backed by the CSMS: `CsmsOperator`, `CsmsRoaming`), two home CSPs' (service providers A and
 B, each with its own customers) and a clearing house — and the gateway's online
-identification through the CSO endpoint (`gateway.localcsms.roaming`). Shared by `python -m tools.site` and the e2e tests
-(docs/site.md)."""
+identification through the CSO endpoint (`gateway.localcsms.roaming`). Shared by
+`python -m tools.site` and the e2e tests (docs/site.md)."""
 
 from __future__ import annotations
 
