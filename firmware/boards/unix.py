@@ -477,9 +477,8 @@ def main():
     ctl = Control(app, hal, mp)
     ctl.peak = m2
     m = sys.maxsize  # 2**31 - 1 on the 32-bit board image, 2**63 - 1 on the 64-bit unix port
-    d = {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m}
-    d["slot"] = slots.running
-    d["version"] = app.version
+    d = {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m,
+         "slot": slots.running, "version": app.version}  # fmt: skip
     note("boot", d)
     asyncio.run(app.main((ctl.run(), ctl.meter_task())))
 
