@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gateway.localcsms import hellokey
 from gateway.protocol import devpki, gid
 from gateway.schema import FIELDS, Key
 
@@ -582,9 +583,8 @@ def prepare(cfg: Config) -> Config:
         up = replace(up, ca=up.ca or issued.ca, cert=up.cert or issued.cert, key=up.key or issued.key)
     if site.local_csms_cert is None:
         ca = devpki.ensure_ca(site.pki_dir)
-        site = replace(
-            site, local_csms_cert=devpki.issue(site.pki_dir, f"localcsms.{site.id}", ca=ca, client=False).cert
-        )
+        # an Ed25519 key: the boards check the gateway's Hello signature with it (M14/M17)
+        site = replace(site, local_csms_cert=hellokey.issue(site.pki_dir, f"localcsms.{site.id}", ca=ca))
     if devices.factory_seed is None:
         seed_file = site.data_dir / "factory_seed"
         if not seed_file.exists():

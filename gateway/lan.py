@@ -24,6 +24,7 @@ from gateway import _core
 from gateway.devices import Devices
 from gateway.languard import LanGuard
 from gateway.link import FloodPolicy, Link, Output, State, Verdict, error_body, proto_ts
+from gateway.localcsms.hellokey import HelloSigner
 from gateway.ratelog import AsyncioFilter
 from gateway.schema import Action, ErrorCode, Kind, Priority
 
@@ -43,6 +44,8 @@ class LanSite(Protocol):
     guard: LanGuard
     heartbeat_s: int
     """The heartbeat interval a link's Hello answer gives its board."""
+    hello_signer: HelloSigner | None
+    """Signs the Hello answers with the local-CSMS certificate's key (M14/M17)."""
     queue: _core.PriorityQueue
     """The shared queue `Receiver.ingest` fills."""
     queue_high: int
@@ -89,7 +92,8 @@ class BoardConnection(asyncio.Protocol):
     def __init__(self, gw: LanSite, host: str = "") -> None:
         self.gw = gw
         self.host = host
-        self.link = Link(gw.devices, gw.flood, interval_s=gw.heartbeat_s, memory=gw.guard.flood, id_floor=gw.id_floor)
+        self.link = Link(gw.devices, gw.flood, interval_s=gw.heartbeat_s, memory=gw.guard.flood, id_floor=gw.id_floor,
+                         signer=gw.hello_signer)  # fmt: skip
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.closed = False

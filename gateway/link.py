@@ -15,7 +15,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -34,6 +34,9 @@ from gateway.schema import (
     Kind,
     Priority,
 )
+
+if TYPE_CHECKING:
+    from gateway.localcsms.hellokey import HelloSigner
 
 MAX_ACK_IDS = FIELDS[Key.IDS].max_len
 """The schema's bound of `ids` in one ack frame (besides the frame's own id)."""
@@ -190,8 +193,11 @@ class Link:
         window: int = 64,
         memory: FloodMemory | None = None,
         id_floor: Callable[[str], int] | None = None,
+        signer: HelloSigner | None = None,
     ) -> None:
         self.devices = devices
+        self.signer = signer
+        """Signs the Hello answer: the boards that hold its local-CSMS certificate check it (M14/M17)."""
         self.id_floor = id_floor
         """The first message id a newly keyed board may use (`LanSite.id_floor`, writer thread)."""
         self._floor = 0
@@ -302,6 +308,8 @@ class Link:
             Key.SCHEMA_REV: SCHEMA_REV,
             Key.INTERVAL_S: self.interval_s,
         }
+        if self.signer is not None:
+            reply[Key.SIGNATURE] = self.signer.sign(self.device_id, nonce_b, nonce_g)
         out = Output()
         if new_key is not None:
             reply[Key.DEVICE_KEY] = _core.aes_ctr(self.e_dn, self.tx.seq, Key.DEVICE_KEY, new_key)

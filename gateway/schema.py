@@ -837,7 +837,7 @@ FIELDS: Final[dict[int, FieldSpec]] = {
 FIELD_BY_NAME: Final[dict[str, FieldSpec]] = {f.name: f for f in FIELDS.values()}
 
 MESSAGES: Final[dict[int, MessageSpec]] = {
-    1: MessageSpec(1, 'Hello', Kind.REQUEST, 'cs', Priority(1), 5000, False, ((50, True), (51, True), (52, True), (53, True), (54, True), (58, False), (56, False)), ((51, True), (59, True), (20, True), (33, False), (54, False), (37, False), (57, False), (199, False)), ('B10', 'B15', 'M13', )),
+    1: MessageSpec(1, 'Hello', Kind.REQUEST, 'cs', Priority(1), 5000, False, ((50, True), (51, True), (52, True), (53, True), (54, True), (58, False), (56, False)), ((51, True), (59, True), (20, True), (33, False), (54, False), (37, False), (57, False), (199, False), (93, False)), ('B10', 'B15', 'M13', )),
     2: MessageSpec(2, 'TimeSync', Kind.REQUEST, 'cs', Priority(1), 5000, False, (), ((20, True), (33, True)), ('B13', )),
     3: MessageSpec(3, 'Heartbeat', Kind.REQUEST, 'cs', Priority(2), 30000, False, (), ((20, True),), ('B13', 'B16', )),
     4: MessageSpec(4, 'Close', Kind.EVENT, 'any', Priority(1), 1000, False, ((13, False),), (), ('B5', )),

@@ -37,6 +37,7 @@ from gateway.forward import Forwarder
 from gateway.lan import BoardConnection, LanServer, serve
 from gateway.languard import LanGuard
 from gateway.link import FloodPolicy, Link
+from gateway.localcsms import hellokey
 from gateway.localcsms.answer import LocalCsms
 from gateway.localcsms.auth import Authorizer
 from gateway.localcsms.clock import Clock
@@ -93,6 +94,8 @@ class Gateway:
         self.firmware = FirmwareCache(site.data_dir / "fwcache", fw.cache, fw.cache_max_bytes)
         self.local_csms_cert = local_csms_cert_der(site.local_csms_cert)
         """DER of the gateway's own certificate as local CSMS (M17), b"" when none is configured."""
+        self.hello_signer = hellokey.load(site.local_csms_cert)
+        """Signs the boards' Hello answers with that certificate's key when it is Ed25519 (M14/M17)."""
         self.clock = Clock()
         # What the hot path reads, copied out of the configuration once.
         self.heartbeat_s = lan.heartbeat_s

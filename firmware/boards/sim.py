@@ -65,6 +65,7 @@ class SimHal:
         self.temp = 250
         self.last = self.ticks_ms()
         self.exi = None
+        self.ocsp = None  # the OCSP response the EV was last given (M15)
         self.se_key = None  # a private key delivered from outside (M18), held by the secure element
         self.se_csr = None  # the secure element's certificate request (M16), from its own key pair
 
@@ -200,6 +201,9 @@ class SimHal:
 
     def ev_exi(self, exi):
         self.exi = exi
+
+    def ev_ocsp(self, resp):
+        self.ocsp = resp
 
     def led(self, color):
         pass

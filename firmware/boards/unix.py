@@ -319,6 +319,8 @@ class Control:
             from csc.hal import FLAG_BUTTON
 
             hal.flags |= FLAG_BUTTON
+        elif cmd == "ev_ocsp":  # the EV asks for the OCSP response of a certificate (M15)
+            app.security().ocsp_to_ev(bytes.fromhex(c["hash"]))
         elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
             app.security().ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
         elif cmd == "unplug":
@@ -383,6 +385,7 @@ class Control:
             d["hw_limit"] = app.tx.hw_limit
             d["time"] = app.time()
             d["exi"] = hal.exi.hex() if hal.exi else None
+            d["ev_ocsp"] = hal.ocsp.hex() if hal.ocsp else None
             d["se_key"] = hal.se_key.hex() if hal.se_key else None
             d["operative"] = app.station.operative
             d["estop"] = app.station.estop

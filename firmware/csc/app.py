@@ -101,6 +101,7 @@ class App:
         q = SendQueue(hal.ticks_ms)
         self.link = L.Link(q, device_id, FW_VERSION)
         self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
+        self.link.anchor = store.read(store.path("anchor"))  # M14/M17 (services/security.py)
         # the receive buffer is part of the send queue's: a frame above RX bytes borrows the
         # shared send region (sendq.py), so the board holds no second 4 KiB buffer
         self.split = FrameSplitter(q.w.mv[URGENT:], RX, q.lend)

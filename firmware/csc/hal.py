@@ -112,6 +112,9 @@ class Hal:
     def ev_exi(self, exi):
         """Hand an ISO 15118 EXI message (certificate response) to the EV."""
 
+    def ev_ocsp(self, resp):
+        """Hand the EV the OCSP response it asked for (M15), or None: none fresh to give."""
+
     def reboot(self):
         import sys
 

@@ -39,6 +39,7 @@ from .schema import (
     ACT_INDEX,
     ACT_PRIO,
     ACT_TIMEOUT,
+    E_BAD_SIGNATURE,
     E_BAD_TAG,
     E_RATE_LIMITED,
     E_REJECTED,
@@ -52,6 +53,7 @@ from .schema import (
     F_NONCE,
     F_REASON,
     F_SCHEMA_REV,
+    F_SIGNATURE,
     F_VER_MAX,
     F_VER_MIN,
     FLEN,
@@ -74,6 +76,7 @@ _e: dict = Map()  # empty: the body of the acks this board sends (encoded at onc
 IDLE = const(0)
 HELLO_SENT = const(1)
 OPEN = const(2)
+HELLO_SIGNED = b"evedge hello answer\x00"  # domain of the gateway's Hello signature (M14/M17)
 
 # events
 OPENED = const(1)
@@ -158,6 +161,9 @@ class Link:
         self._mac_dn = None
         self._win = None
         self._e = None  # the AES keys of secret fields, (up, down)
+        # M14/M17: the Ed25519 public key of the local CSMS the board trusts (services.security
+        # sets it from the local-CSMS certificate installed); None: trust on first use
+        self.anchor = None
 
     # ---------------------------------------------------------------- handshake
     def connect(self, now_ms, k_dev, nonce, mid, factory=False):
@@ -205,6 +211,12 @@ class Link:
             self._count(E_BAD_TAG)
             self._closed("hello response tag")
             return
+        if self.anchor is not None and not self._signed(nonce, f.body):
+            # the HMAC key alone proves only a copy of the device table: a gateway that
+            # cannot sign with the anchored key is not the local CSMS this board trusts
+            self._count(E_BAD_SIGNATURE)
+            self._closed("hello answer not signed by the local CSMS anchor")
+            return
         self._mac_up = crypto.Hmac(k_up)
         self._mac_dn = mac_dn
         self._e = (e_up, e_dn)
@@ -220,6 +232,26 @@ class Link:
         # the order they were made (ids grow with time).
         for mid in sorted(self.inflight):
             self._queue(mid, self.inflight[mid])
+
+    def _signed(self, nonce, body):
+        """The Hello answer's Ed25519 signature over both nonces and the device id, by the
+        anchor (gateway/localcsms/hellokey.py signs the same bytes)."""
+        sig = body.get(F_SIGNATURE)
+        if sig is None or len(sig) != 64:
+            return False
+        import sys
+
+        m = __import__("csc.ed25519", None, None, ("verify",))
+        try:
+            return m.verify(self.anchor, HELLO_SIGNED + nonce + bytes(body[F_NONCE]) + self.ident[0].encode(), sig)
+        except ValueError:  # BadKey: an anchor that verifies nothing
+            return False
+        finally:  # cold: once per connection; its code and tables leave the heap
+            m = None
+            sys.modules.pop("csc.ed25519", None)
+            pkg = sys.modules.get("csc")
+            if pkg is not None and hasattr(pkg, "ed25519"):
+                delattr(pkg, "ed25519")
 
     def _closed(self, reason):
         self.state = IDLE

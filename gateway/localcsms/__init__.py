@@ -8,4 +8,5 @@ while upstream is away.
 - `clock` — the site's time source (B13).
 - `roaming` — online identification through the CSO's roaming endpoint (R3-1, R4-1).
 - `fwcache`, `rollout` — the firmware image cache and the staged rollout (M4).
+- `hellokey` — the local-CSMS certificate's Ed25519 key, which signs the Hello answers (M14, M17).
 """

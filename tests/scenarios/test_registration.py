@@ -214,7 +214,8 @@ def test_m12_an_address_no_board_can_use_is_refused_by_name(tmp_path: Path) -> N
         argv = ["--data", str(site.root / "csms"), "migrate", "--site", SITE_ID, "--targets", "ev-0000"]
         assert admin.main([*argv, "--address", "quic://other-csms:4433"], io.StringIO()) == 2
         assert len(site.csms.store.select("commands")) == before
-        cmd = api.migrate(SITE_ID, ["ev-0000"], "gw2.invalid:7700")  # well formed, but no such host
+        anchor = site.gw.local_csms_cert  # an anchor the board can use (no gateway there to use it)
+        cmd = api.migrate(SITE_ID, ["ev-0000"], "gw2.invalid:7700", anchor)  # well formed, but no such host
         row = await site.command_done(cmd)
         res = row["results"][0]
         assert res["status"] == Status.REJECTED and "resolve" in res["reason"], row
@@ -260,10 +261,10 @@ def test_m12_a_board_migrates_to_another_site_and_keeps_its_queued_data(tmp_path
         await board_status(b, lambda st: st["tx_id"] is None)
         gw2 = second_site(site, site2)
         await gw2.start()
-        port = gw2.lan_port
+        port, anchor = gw2.lan_port, gw2.local_csms_cert
         await gw2.stop()  # the new site's gateway is not up yet when the board moves
         m = b.mark()
-        cmd = api.migrate(SITE_ID, ["ev-0000"], f"127.0.0.1:{port}")
+        cmd = api.migrate(SITE_ID, ["ev-0000"], f"127.0.0.1:{port}", anchor)
         row = await site.command_done(cmd)
         assert row["results"][0]["status"] == Status.ACCEPTED, row
         await board_status(b, lambda st: not st["online"])

@@ -7,6 +7,7 @@ from .. import store
 from ..schema import (
     A_CLEAR_CACHE,
     F_ADDRESS,
+    F_CERT,
     F_COMPONENTS,
     F_DEVICE_KEY,
     F_DISPLAY_ID,
@@ -20,6 +21,7 @@ from ..schema import (
     F_REASON,
     F_RESET_TYPE,
     F_SEVERITY,
+    F_STATUS,
     F_TEXT,
     F_VALID_FROM,
     F_VALID_TO,
@@ -120,8 +122,10 @@ def deregister(adm, body, seq):
 def migrate(adm, body, seq):
     """M12: the board moves to another site's gateway (`address`, host:port on the LAN) and
     onboards there with its factory key, unless the command brings a device key for it (the
-    records on its flash go there). Refused by name instead: an address the board cannot
-    connect to, and a move during a transaction (it would be split between two sites)."""
+    records on its flash go there). The command carries that gateway's local-CSMS certificate
+    (`cert`): from then on the board trusts only the holder of its Ed25519 key (M14/M17).
+    Refused by name instead: an address the board cannot connect to, a move during a
+    transaction (it would be split between two sites), and an unknown gateway (no anchor)."""
     app = adm.app
     addr = body[F_ADDRESS]
     host, _, port = addr.rpartition(":")
@@ -133,6 +137,12 @@ def migrate(adm, body, seq):
         __import__("socket").getaddrinfo(host, int(port))
     except OSError:
         raise Refused("address %s does not resolve" % host) from None
+    # the new gateway's local-CSMS certificate: the board will trust only the holder of its key
+    # there (M14/M17); with no anchor it could not tell that gateway from any other
+    cert = body.get(F_CERT)
+    sec = app.security()
+    if cert is None or sec.key_of(cert) is None:
+        raise Refused("unknown gateway: migrate needs its local CSMS certificate (an Ed25519 anchor)")
     k = body.get(F_DEVICE_KEY)
     if k is not None:
         k = app.link.decrypt(seq, F_DEVICE_KEY, k)
@@ -141,6 +151,8 @@ def migrate(adm, body, seq):
         store.write_atomic(store.path("key"), k)
     else:
         store.remove(store.path("key"))  # this site's key means nothing there: factory onboarding
+    if sec.trust_local(cert)[F_STATUS] != STATUS_ACCEPTED:
+        raise Refused("the new gateway's certificate is revoked or the trust store full")
     store.save(store.path("gw"), [host, int(port)])
     app.gateway = (host, int(port))
     adm._close_at = app.now() + 300

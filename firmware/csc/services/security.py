@@ -8,7 +8,9 @@ certificate relayed over ISO 15118.
   the site's local CSMS in a multi-level architecture —, v2g_root, mo_root); the
   station's own certificate comes only by CertificateSigned.
 - OCSP responses (M15) are stored beside the certificate they answer for (`crt/<hash>.o`),
-  ready to be stapled for an EV; one for a certificate not installed is rejected.
+  ready to be stapled for an EV; one for a certificate not installed is rejected, and one past
+  its nextUpdate too. The EV is given it when it asks (`ocsp_to_ev`, `hal.ev_ocsp()`) while it
+  is fresh; past its nextUpdate it is dropped instead (no nextUpdate: no expiry, RFC 6960).
 - Revocation (M19): the certificate leaves the trust store and its hash goes on the
   revoked list (`revoked`, on flash), so installing it again is rejected.
 - Key pair (M16): MicroPython has no RSA/ECDSA key generation, so the board's HAL (its
@@ -38,6 +40,7 @@ from ..schema import (
     A_REVOKE_CERTIFICATE,
     A_SIGN_CERTIFICATE,
     CERT_TYPE_CHARGING_STATION,
+    CERT_TYPE_LOCAL_CSMS,
     CERT_TYPE_MO_ROOT,
     F_ACTION_15118,
     F_CERT,
@@ -58,10 +61,31 @@ from . import Refused, Service, status
 
 MAX_CERTS = const(16)
 _DER_SEQ = const(0x30)  # a DER certificate starts with a SEQUENCE
+# SubjectPublicKeyInfo of an Ed25519 key (RFC 8410), the 32 key bytes follow: the board reads
+# the local CSMS's key out of its certificate without an X.509 parser
+# nextUpdate [0] EXPLICIT GeneralizedTime "YYYYMMDDHHMMSSZ" of a SingleResponse (RFC 6960):
+# the only [0] of that length holding a GeneralizedTime in a response, found without a parser
+_NEXT_UPDATE = b"\xa0\x11\x18\x0f"
+_ED25519_SPKI = b"\x30\x2a\x30\x05\x06\x03\x2b\x65\x70\x03\x21\x00"
 
 
 def _hex(h):
     return "".join("%02x" % x for x in h)
+
+
+def next_update(resp):
+    """The OCSP response's nextUpdate in board time (seconds since 2024-01-01), or None."""
+    i = resp.find(_NEXT_UPDATE)
+    if i < 0 or len(resp) < i + 19:
+        return None
+    s = bytes(resp[i + 4 : i + 18]).decode()
+    y, mo, d = int(s[0:4]), int(s[4:6]), int(s[6:8])
+    y -= mo <= 2  # days from the civil date (H. Hinnant's algorithm), March-based years
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (mo + (-3 if mo > 2 else 9)) + 2) // 5 + d - 1
+    days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468 - 19723  # 1970, then 2024
+    return days * 86400 + int(s[8:10]) * 3600 + int(s[10:12]) * 60 + int(s[12:14])
 
 
 class Security(Service):
@@ -81,6 +105,27 @@ class Security(Service):
         self.certs = store.load(store.path("certs"), []) or []  # [[cert_type, sha256]]
         self.revoked = store.load(store.path("revoked"), []) or []  # sha256 of revoked certificates
         self.csr_pending = False
+        self._anchor()
+
+    @staticmethod
+    def key_of(der):
+        """The Ed25519 public key a certificate carries, or None."""
+        i = der.find(_ED25519_SPKI) if der else -1
+        return bytes(der[i + 12 : i + 44]) if i >= 0 and len(der) >= i + 44 else None
+
+    def _anchor(self):
+        """M14/M17: the link trusts as its gateway only the holder of the Ed25519 key of the
+        local-CSMS certificate installed last (no such certificate: trust on first use)."""
+        key = None
+        for c in self.certs:
+            if c[0] == CERT_TYPE_LOCAL_CSMS:
+                key = self.key_of(store.read(self._file(c[1]))) or key
+        if key != self.app.link.anchor:  # on flash: the app gives it to the link at boot
+            if key is None:
+                store.remove(store.path("anchor"))
+            else:
+                store.write_atomic(store.path("anchor"), key)
+            self.app.link.anchor = key
 
     def _file(self, h):
         return "%s/%s" % (self.dir, _hex(h)[:16])
@@ -108,6 +153,8 @@ class Security(Service):
             store.write_atomic(self._file(h), cert)
             self.certs.append([ctype, h])
             self._save()
+            if ctype == CERT_TYPE_LOCAL_CSMS:
+                self._anchor()
         self.app.note("cert_installed", {"type": ctype, "hash": h})
         return status(STATUS_ACCEPTED)
 
@@ -133,6 +180,14 @@ class Security(Service):
         self._save()
         store.remove(self._file(c[1]))
         store.remove(self._file(c[1]) + ".o")
+        if c[0] == CERT_TYPE_LOCAL_CSMS:
+            self._anchor()
+
+    def trust_local(self, cert):
+        """M12: the new site's gateway becomes the only local CSMS this board trusts."""
+        for c in [c for c in self.certs if c[0] == CERT_TYPE_LOCAL_CSMS]:
+            self._drop(c)
+        return self._add(CERT_TYPE_LOCAL_CSMS, cert)
 
     def installed(self, body, seq):
         t = body.get(F_CERT_TYPE)
@@ -149,12 +204,28 @@ class Security(Service):
         h = body[F_CERT_HASH]
         if self._find(h) is None:
             return status(STATUS_REJECTED, "no such certificate")
+        t = next_update(body[F_OCSP])
+        if t is not None and t <= self.app.time():
+            return status(STATUS_REJECTED, "OCSP response expired (past its nextUpdate)")
         store.write_atomic(self._file(h) + ".o", body[F_OCSP])
         self.app.note("ocsp_stored", {"hash": h})
         return status(STATUS_ACCEPTED)
 
     def ocsp_for(self, h):
         return store.read(self._file(h) + ".o")
+
+    def ocsp_to_ev(self, h):
+        """The EV asked for the OCSP response of certificate `h` (stapled over ISO 15118): it
+        gets it while fresh; past its nextUpdate it is dropped and the EV gets none."""
+        o = self.ocsp_for(h)
+        if o is not None:
+            t = next_update(o)
+            if t is not None and t <= self.app.time():
+                store.remove(self._file(h) + ".o")
+                self.app.note("ocsp_expired", {"hash": h})
+                o = None
+        self.app.hal.ev_ocsp(o)
+        return o is not None
 
     # ---------------------------------------------------------------- M19
     def revoke(self, body, seq):

@@ -15,7 +15,7 @@ server). Commands it queues are sent by the running server to the site's gateway
     revoke CERT_HASH [--reason R] | revoke-site --site S [--reason R] | revoke-server-certificate [--reason R]
     list-certificates | list-security-events
     deregister --site S --device D [--reason TEXT]
-    migrate --site S --address HOST:PORT --targets D [D ...]
+    migrate --site S --address HOST:PORT --cert FILE --targets D [D ...]
     add-token TOKEN [--status N] [--tariff ID]
     set-tariff --site S --id N --price-kwh P --currency EUR [--price-min P] [--price-session P]
     export-sdrs --format csv|json
@@ -30,6 +30,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from evedge_csms.api import Csms, CsmsError
 from evedge_csms.config import load, provision
@@ -136,6 +139,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     mg = sub.add_parser("migrate", help="M12: the boards move to another site's gateway (its LAN host:port)")
     mg.add_argument("--site", required=True)
     mg.add_argument("--address", required=True)
+    mg.add_argument("--cert", type=Path, help="the new gateway's local CSMS certificate (PEM/DER)")
     mg.add_argument("--targets", nargs="+", required=True)
     at = sub.add_parser("add-token")
     at.add_argument("token")
@@ -211,7 +215,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             cmd = api.deregister(args.site, args.device, args.reason)
             out.write(f"command {cmd} queued for {args.site}\n")
         elif args.cmd == "migrate":
-            cmd = api.migrate(args.site, args.targets, args.address)
+            cert = args.cert.read_bytes() if args.cert is not None else None
+            if cert is not None and b"-----BEGIN" in cert:
+                cert = x509.load_pem_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
+            cmd = api.migrate(args.site, args.targets, args.address, cert)
             out.write(f"command {cmd} queued for {args.site}\n")
         elif args.cmd == "add-token":
             api.add_token(args.token, args.status, tariff_id=args.tariff)

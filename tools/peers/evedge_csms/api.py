@@ -132,9 +132,12 @@ class Csms:
     def migrate(self, site_id: str, targets: Sequence[str], address: str, cert: bytes | None = None) -> int:
         """M12: move stations to another site of this CSMS: `address` is the LAN address
         (host:port) of that site's gateway, where the boards onboard anew with their factory
-        keys (the site's keys and trust anchors are not handed over: issue #15). Their data
-        stays here, marked migrated."""
+        keys; `cert` is that gateway's local-CSMS certificate (DER), the trust anchor the boards
+        take along: they accept no other gateway there (M14/M17). Their data stays here, marked
+        migrated."""
         lan_address(address)
+        if not cert:
+            raise CsmsError("unknown gateway: migrate needs its local CSMS certificate (the boards' trust anchor)")
         with self.store.transaction():
             for d in targets:
                 self.store.upsert("stations", {"site_id": site_id, "device_id": d, "migrated_to": address})
