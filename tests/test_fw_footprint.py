@@ -21,9 +21,9 @@ pytestmark = pytest.mark.timeout(120)
 
 # the heap docs/firmware.md states for every command ("Every command on the claimed heap"), per board
 # (EVEDGE_BOARD): on the 32-bit board image 48k (40k passes, 38k fails; the footprint scenario alone
-# passes in 38k), on the 64-bit build with its bytecode in the heap 165k (160k passes, 155k fails since the
-# several-EVSE firmware; the scenario: 130k)
-CLAIMED_HEAP = {"image": "48k", "bytecode": "165k", "source": "512k"}[board_kind()]
+# passes in 38k), on the 64-bit build with its bytecode in the heap 180k (170k passes, 165k fails since the
+# firmware update's slots and the gateway's anchor came in; the scenario: 130k)
+CLAIMED_HEAP = {"image": "48k", "bytecode": "180k", "source": "512k"}[board_kind()]
 CA_CERT = b"\x30\x82\x01\x00" + b"ca-root-certificate" * 4
 
 

@@ -165,7 +165,9 @@ class PowerControl:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        self.store.close()
+        # on the writer thread, after the writes queued before (a cancelled task's save may still
+        # be running there: closing the database under it crashes the interpreter)
+        await self.run_sync(self.store.close)
 
     # ------------------------------------------------------------ commands
 

@@ -130,7 +130,7 @@ class SiteWide:
         for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        self.store.close()
+        await self.run_sync(self.store.close)  # after the writes queued before, on their thread
 
     # ------------------------------------------------------------ commands
 
