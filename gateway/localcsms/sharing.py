@@ -206,8 +206,13 @@ class PowerControl:
             plan = pm.allocate(online)
             fresh = {d for d in self.fresh if d in plan}
             self.fresh -= fresh
-            down = {d: w for d, w in plan.items() if d in fresh or w < pm.shares.get(d, w + 1)}
-            up = {d: w for d, w in plan.items() if d not in down and w > pm.shares.get(d, w)}
+            # A board that (re)connected is sent its share whatever it holds, but never more than
+            # the share it was known to hold in this first phase: a raise waits, as every raise
+            # does, until the lowered boards confirmed (after a gateway restart every board is
+            # fresh; raising one while another has not yet come down broke the site limit).
+            down = {d: min(w, pm.shares.get(d, w)) if d in fresh else w for d, w in plan.items()
+                    if d in fresh or w < pm.shares.get(d, w + 1)}  # fmt: skip
+            up = {d: w for d, w in plan.items() if w > down.get(d, pm.shares.get(d, w))}
             late = await self._send(online, down, deadline_s)
             if late:  # counted at their old share: the others get what is left
                 plan = pm.allocate(d for d in online if d not in late)

@@ -196,9 +196,12 @@ class SmartCharging(Service):
     def _period(self, p, t):
         if (p[5] and t < p[5]) or (p[6] and t >= p[6]):
             return None
+        # p[7] is when the schedule started (when the profile came, for a relative one): a clock
+        # stepped back since (a time sync after a step forward) must not lift the limit in force
+        d = max(t - p[7], 0)
         lim = None
         for s, w in p[4]:
-            if t - p[7] >= s:
+            if d >= s:
                 lim = w
         return lim
 
