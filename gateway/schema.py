@@ -373,6 +373,15 @@ class Key(enum.IntEnum):
     PAGE = 192
     PAGES = 193
     ID_FLOOR = 199
+    STREET = 230
+    CITY = 231
+    POSTAL_CODE = 232
+    COUNTRY = 233
+    CONNECTORS = 234
+    CONNECTOR_STANDARD = 235
+    CONNECTOR_FORMAT = 236
+    POWER_TYPE = 237
+    CAPABILITIES = 238
 
 
 class TxEvent(enum.IntEnum):
@@ -832,6 +841,15 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     192: FieldSpec(192, 'page', 'uint', '', 0, 65535, 0, 0, None, ()),
     193: FieldSpec(193, 'pages', 'uint', '', 0, 65535, 0, 0, None, ()),
     199: FieldSpec(199, 'id_floor', 'uint', '', 0, 1073741823, 0, 0, None, ()),
+    230: FieldSpec(230, 'street', 'str', '', 0, 0, 128, 0, None, ()),
+    231: FieldSpec(231, 'city', 'str', '', 0, 0, 64, 0, None, ()),
+    232: FieldSpec(232, 'postal_code', 'str', '', 0, 0, 16, 0, None, ()),
+    233: FieldSpec(233, 'country', 'str', '', 0, 0, 2, 0, None, ()),
+    234: FieldSpec(234, 'connectors', 'list', 'struct', 0, 0, 128, 0, None, ((135, True), (2, True), (235, True), (236, True), (237, True), (150, True))),
+    235: FieldSpec(235, 'connector_standard', 'str', '', 0, 0, 24, 0, None, ()),
+    236: FieldSpec(236, 'connector_format', 'str', '', 0, 0, 8, 0, None, ()),
+    237: FieldSpec(237, 'power_type', 'str', '', 0, 0, 12, 0, None, ()),
+    238: FieldSpec(238, 'capabilities', 'list', 'str', 0, 0, 16, 32, None, ()),
 }
 
 FIELD_BY_NAME: Final[dict[str, FieldSpec]] = {f.name: f for f in FIELDS.values()}
@@ -912,7 +930,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     103: MessageSpec(103, 'BoardsReport', Kind.EVENT, 'site', Priority(2), 30000, False, ((136, True), (149, True), (192, False), (193, False)), (), ('R1-2', 'R1-3', 'M1', )),
     110: MessageSpec(110, 'RevocationList', Kind.REQUEST, 'upstream', Priority(1), 10000, False, ((185, True),), ((26, True), (13, False)), ('M19', )),
     200: MessageSpec(200, 'PlatformLogin', Kind.REQUEST, 're', Priority(1), 10000, False, ((141, True), (142, True), (143, True)), ((144, True), (39, True)), ('R1-1', )),
-    201: MessageSpec(201, 'PutLocation', Kind.REQUEST, 're', Priority(2), 30000, False, ((145, True), (163, True), (146, True), (147, True), (148, True), (149, True)), ((26, True),), ('R1-2', )),
+    201: MessageSpec(201, 'PutLocation', Kind.REQUEST, 're', Priority(2), 30000, False, ((145, True), (163, True), (146, True), (147, True), (148, True), (149, True), (230, False), (231, False), (232, False), (233, False), (234, False), (238, False)), ((26, True),), ('R1-2', )),
     202: MessageSpec(202, 'EvseStatusUpdate', Kind.REQUEST, 're', Priority(2), 30000, False, ((135, True), (151, True), (20, True), (158, False), (13, False)), ((26, True),), ('R1-3', 'R5-1', )),
     203: MessageSpec(203, 'PushTariff', Kind.REQUEST, 're', Priority(2), 30000, False, ((123, True), (163, True), (124, True), (127, True), (125, False), (126, False), (66, False)), ((26, True),), ('R2-1', )),
     204: MessageSpec(204, 'GetTariffs', Kind.REQUEST, 're', Priority(2), 30000, False, ((163, True),), ((26, True), (123, False), (124, False), (127, False), (125, False), (126, False), (66, False), (191, False)), ('R2-2', )),

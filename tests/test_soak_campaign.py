@@ -1,7 +1,9 @@
 """A short soak and fault campaign (`python -m tools.site.campaign`): board power cuts, kill -9
 of the gateway process, upstream cuts and clock steps while sessions run; no loss, no
 duplicate, order per device, SDRs reconcile (B16, B17, S6); the same with the OCPP 2.0.1
-northbound on (--ocpp, #17). The long run: --minutes 30."""
+northbound on (--ocpp, #17); the same with the IEC 63119 roaming endpoints on and roaming cards
+of two home CSPs (--roaming, #14): every roaming session one SDR at the CSMS, the CSO, its home
+CSP and the CH, priced right and matched (R3-5, R3-9). The long run: --minutes 30."""
 
 from __future__ import annotations
 
@@ -84,6 +86,33 @@ def test_soak_campaign_short_in_ocpp_mode(tmp_path: Path) -> None:
         "none duplicated",
         "order per device kept",
         "every transaction's events continuous (seqNo 0, 1, …), its energy that of the board's meter",
+    ):
+        assert f"PASS {check}" in p.stdout, out[-5000:]
+    assert p.returncode == 0, out[-5000:]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("default_ports_taken")
+def test_soak_campaign_short_with_roaming_keeps_the_roaming_books(tmp_path: Path) -> None:
+    """#14: the faults with roaming on (mixed mode): roaming cards of both home CSPs charge
+    through power cuts, gateway kills and CSMS outages, and the roaming books still hold."""
+    seed, seconds, boards = 20240601, 18, 3
+    p = subprocess.run(
+        [sys.executable, "-m", "tools.site.campaign", "--roaming", "--minutes", str(seconds / 60), "--seed",
+         str(seed), "--boards", str(boards), "--data", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=230,
+    )  # fmt: skip
+    out = p.stdout + p.stderr[-3000:]
+    assert "roaming on, mixed" in p.stdout and "== campaign summary ==" in p.stdout, out[-5000:]
+    faults = p.stdout.split("faults injected: ")[1].splitlines()[0]
+    injected = {x.rsplit(" ", 1)[0]: int(x.split()[-1]) for x in faults.split(", ")}
+    assert injected == {k: Counter(f.kind for f in fault_schedule(seed, seconds, boards))[k] for k in FAULTS}, faults
+    roaming = p.stdout.split("roaming SDRs at the home CSPs ")[1].split(",")[0]
+    assert int(roaming) > 0, out[-5000:]  # roaming sessions were billed, not only the operator's own
+    for check in (
+        "no accepted message lost",
+        "every transaction billed exactly once",
+        "every roaming session one SDR at the CSMS, the CSO, its home CSP and the CH, priced right, matched",
     ):
         assert f"PASS {check}" in p.stdout, out[-5000:]
     assert p.returncode == 0, out[-5000:]

@@ -6,8 +6,10 @@ endpoint, the operator through the CSMS's API; every scenario ends with the bill
 invariants (roaming_books.check_books: one SDR per roaming session at the CSMS, the CSO, the
 home CSP and the CH, priced with the tariff in force, signed meter data end to end, matched).
 
-R1-1 login, R1-2 locations, R1-3 status, R2-1 tariff push, R2-2 tariff pull, R5-1 outage:
+R1-1 login, R1-2 locations (the operator's site record: name, address, coordinates, connectors,
+capabilities), R1-3 status, R2-1 tariff push, R2-2 tariff pull, R5-1 outage:
 test_r1_r2_r5_1_…; R3-1, R4-1, R3-5, R3-6, R3-9 (with a wrong SDR disputed): test_r3_1_…;
+R3-5 and R3-9 with two cards in one service session: test_r3_5_r3_9_two_cards_…;
 R3-2, R3-7, R3-10, R3-4: test_r3_2_…; R3-3: test_r3_3_…; R3-8: test_r3_8_…; R4-2:
 test_r4_2_…; R5-2, R5-3 and a failed remote start: test_r5_2_r5_3_…."""
 
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from realsite import Invariants, Site, scenario
-from roaming_books import MODES, check_books
+from roaming_books import MODES, check_books, roaming_sdrs
 
 from evedge_roaming import pricing, publish
 from evedge_roaming.contract_pki import split_chain, verify_chain
@@ -85,6 +87,45 @@ def test_r1_1_r1_2_r1_3_r2_1_r2_2_r5_1_what_the_csms_publishes_reaches_the_home_
         loc = await until(lambda: csp.store.one("SELECT body FROM locations"), 10, "the location at the home CSP")
         body = json.loads(loc["body"])
         assert sorted(e["evse_gid"] for e in body["evses"]) == sorted([site.evse(0), site.evse(1)])
+        # the operator records the site (name, coordinates): the location is published again
+        rec = api(site).set_site(site_id(site), name="Depot Nord", address="Hafenstr. 1", city="Hamburg",
+                                 postal_code="20457", country="DE", lat=53.54, lon=9.99)  # fmt: skip
+        assert rec["address"] == "Hafenstr. 1"
+
+        def placed() -> Any:
+            got = json.loads(csp.store.get("SELECT body FROM locations")[0])
+            return got if got["name"] == "Depot Nord" else None
+
+        body = await until(placed, 10, "the site's record at the home CSP")
+        assert (body["latitude"], body["longitude"]) == (53.54, 9.99) and len(body["evses"]) == 2
+        place = (body.get("street"), body.get("city"), body.get("postal_code"), body.get("country"))
+        assert place == ("Hafenstr. 1", "Hamburg", "20457", "DE")
+        # each EVSE's connector: the chain's default kind, the rating the board reported
+        conn = {c["evse_gid"]: c for c in body["connectors"]}
+        assert sorted(conn) == sorted([site.evse(0), site.evse(1)])
+        kinds = {(c["connector_standard"], c["connector_format"], c["power_type"]) for c in conn.values()}
+        assert kinds == {("IEC_62196_T2", "SOCKET", "AC_3_PHASE")} and all(c["max_power_w"] > 0 for c in conn.values())
+        rated = {e["evse_gid"]: e["max_power_w"] for e in body["evses"]}
+        assert rated == {g: c["max_power_w"] for g, c in conn.items()}
+        assert "REMOTE_START_STOP" in body["capabilities"]
+        # the operator records the kind of connector and the capabilities
+        api(site).set_site(site_id(site), connector_standard="IEC_62196_T2_COMBO", connector_format="CABLE",
+                           power_type="DC", capabilities=["RFID_READER", "REMOTE_START_STOP"])  # fmt: skip
+
+        def dc() -> Any:
+            got = json.loads(csp.store.get("SELECT body FROM locations")[0])
+            return got if got["connectors"][0]["power_type"] == "DC" else None
+
+        body = await until(dc, 10, "the connectors at the home CSP")
+        assert {(c["connector_standard"], c["connector_format"]) for c in body["connectors"]} == {
+            ("IEC_62196_T2_COMBO", "CABLE")
+        }
+        assert body["capabilities"] == ["RFID_READER", "REMOTE_START_STOP"]
+        with pytest.raises(ValueError, match="power_type"):
+            api(site).set_site(site_id(site), power_type="AC_7_PHASE")
+        with pytest.raises(ValueError, match="latitude"):  # bad input: named, nothing changed
+            api(site).set_site(site_id(site), lat=95.0)
+        assert api(site).site_record(site_id(site))["latitude"] == 53.54
         # R1-1: the CSO logged in where it sends (its home CSP; the CH in CH and mixed modes), with a
         # limited validity
         logins = (site.ch if mode != "peer_to_peer" else csp).store.all(
@@ -193,6 +234,55 @@ def test_r3_1_r4_1_r3_5_r3_6_r3_9_a_card_session_is_billed_once_everywhere_and_a
             assert [x.ch_verdict for x in books if x.session_id == sid2] == ["disputed"]
             assert site.ch is not None
             assert all(sdr_id not in s["sdrs"] for s in await site.ch.settle())  # held out
+
+    scenario(tmp_path, fn, boards=1, roaming=mode)
+
+
+def test_r3_5_r3_9_two_cards_in_one_service_session_are_two_roaming_sessions_each_billed_to_its_home(
+    tmp_path: Path, mode: str
+) -> None:
+    """The EV stays plugged: card A charges and stops, card B charges (campaign --roaming found
+    it): one service session and one SDR at the CSMS, but two roaming sessions, each card's
+    transactions billed to its own home CSP only; the next service session of card B is a new
+    roaming session."""
+
+    async def fn(site: Site, inv: Invariants) -> None:
+        assert site.csp is not None and site.csp_b is not None
+        await tariff(site, 3, 250, price_session=40)
+        card_b = "DE*HCB*CCARD00002"
+        site.csp.add_customer(CARD)
+        site.csp_b.add_customer(card_b)
+        b = site.boards[0]
+        m = b.mark()
+        b.cmd("card", token=CARD)
+        assert (await board_wait(b, "auth", since=m))["status"] == 0
+        b.cmd("plug")
+        await board_wait(b, "tx_started", since=m)
+        await plug_and_charge(site, 0, 300_000)
+        m = b.mark()
+        b.cmd("card", token=CARD)  # A stops; the EV stays plugged
+        await board_wait(b, "tx_ended", since=m)
+        b.cmd("card", token=card_b)
+        await board_wait(b, "tx_started", since=m)
+        await plug_and_charge(site, 0, 120_000)
+        b.cmd("unplug")
+        await board_wait(b, "tx_ended", since=m)
+        await until(lambda: len(roaming_sdrs(site)) == 2, 20, "the service session's SDR at the CSMS")
+        books = await check_books(site, mode)
+        assert sorted((x.csms["id_token"], x.csp) for x in books) == [(card_b, site.csp_b.me), (CARD, site.csp.me)]
+        assert len({x.csms["session_id"] for x in books}) == 1  # one service session at the CSMS
+        # card B again, a new service session: a roaming session of its own
+        m = b.mark()
+        b.cmd("card", token=card_b)
+        assert (await board_wait(b, "auth", since=m))["status"] == 0
+        b.cmd("plug")
+        await board_wait(b, "tx_started", since=m)
+        await plug_and_charge(site, 0, 60_000)
+        b.cmd("unplug")
+        await board_wait(b, "tx_ended", since=m)
+        await until(lambda: len(roaming_sdrs(site)) == 3, 20, "the next SDR at the CSMS")
+        books = await check_books(site, mode)
+        assert len(books) == 3 and len({x.session_id for x in books}) == 3
 
     scenario(tmp_path, fn, boards=1, roaming=mode)
 

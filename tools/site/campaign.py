@@ -28,6 +28,16 @@ counted as such; a value under two message ids is a duplicate), every transactio
 TransactionEvents with seqNo 0, 1, … once each, Started first and Ended last, and its Ended
 event's energy register minus its Started one equal to the board's own figure.
 
+`--roaming [MODE]`: the same campaign with the IEC 63119 roaming endpoints on (docs/roaming.md;
+MODE peer_to_peer, clearing_house or mixed, the default): the CSO endpoint beside the CSMS,
+two home CSPs and the clearing house. Of each board's cards one is the operator's own and one
+a roaming card of each home CSP (a contract id with its provider, on the CSPs' token lists);
+the operator's tariff reaches the home CSPs. The faults are the same (an upstream cut stops the
+CSMS; the roaming endpoints stay up). At the end, beside the checks above, the roaming billing
+invariants (tools/site/roaming_books.py): every roaming session exactly one SDR at the CSMS,
+the CSO endpoint, its home CSP and (not peer to peer) the clearing house, priced with the
+tariff in force, its signed meter data end to end, matched by the home CSP and the CH.
+
 The seed is printed; `--seed S` replays the same fault schedule: the faults come from their
 own `random.Random(seed)` (`fault_schedule`, printed at the start), drawn before the run, so
 the same seed gives the same faults (kind, board, outage and step lengths) in the same order
@@ -57,10 +67,12 @@ from typing import Any
 
 from gateway.protocol import devpki
 from tools.board import Board
-from tools.site.harness import Site, board_status, factory_key, until
+from tools.site.harness import SITE_ID, Site, board_status, factory_key, until
 from tools.site.invariants import Checker, Sampler, billing_faults, configured_limits
 from tools.site.ocpp_csms import PASSWORD as OCPP_PASSWORD
 from tools.site.ocpp_csms import OcppCsms, Seen
+from tools.site.roaming_books import MODES as ROAMING_MODES
+from tools.site.roaming_books import books_faults
 
 ROOT = Path(__file__).resolve().parents[2]
 EMIT_BASE = 10_000_000  # emitted MeterValues carry energy_wh = EMIT_BASE * (board + 1) + k
@@ -68,6 +80,15 @@ SITE_LIMIT_W_PER_BOARD = 6000
 """The campaign's site limit is this times the boards: a session draws up to 11 kW, so two at
 once already need the gateway to share (E1), through every fault."""
 FAULTS = ("board_power_cut", "gateway_kill9", "upstream_cut", "clock_step")
+ROAMING_TARIFF = (7, 250, 40)
+"""(tariff id, price per kWh, session fee), EUR cents: the operator's tariff in a --roaming
+campaign, set before the first session, so that every roaming SDR has a price the home CSPs check."""
+
+
+def roaming_cards(board: int) -> tuple[str, str]:
+    """Board `board`'s roaming cards: a customer of home CSP A, one of B (contract ids whose
+    provider routes them; also on the CSPs' token lists, for the offline site)."""
+    return f"DE*HCP*CSOAK{board:05d}", f"DE*HCB*CSOAK{board:05d}"
 
 
 @dataclass(frozen=True)
@@ -180,13 +201,19 @@ class GatewayProcess:
 
 
 class Campaign:
-    def __init__(self, root: Path, boards: int, seconds: float, seed: int, ocpp: bool = False) -> None:
+    def __init__(self, root: Path, boards: int, seconds: float, seed: int, ocpp: bool = False,
+                 roaming: str | None = None) -> None:  # fmt: skip
         self.root, self.n, self.seconds, self.seed = root, boards, seconds, seed
         self.ocpp = OcppCsms() if ocpp else None
         """The OCPP CSMS (--ocpp): what the checks read."""
+        if roaming is not None and roaming not in ROAMING_MODES:
+            raise ValueError(f"roaming mode {roaming!r}: one of {ROAMING_MODES}")
+        self.roaming = roaming
+        """The roaming network's mode (--roaming), or None: no roaming endpoints."""
         self.schedule = fault_schedule(seed, seconds, boards)
         self.rng = random.Random(f"traffic {seed}")  # the traffic's own: timing-dependent, not replayed
-        self.site = Site(root, boards)
+        self.site = Site(root, boards, roaming=roaming is not None, roaming_mode=roaming or "mixed")
+        self.roaming_sessions = 0
         self.gw: GatewayProcess | None = None
         self.boards: list[Board] = []
         self.faults: Counter[str] = Counter()
@@ -198,6 +225,8 @@ class Campaign:
         self.csms_up = False
         self.problems: list[str] = []
         self.checker = Checker()
+        self.t_faults = 0.0
+        """When the fault phase began (monotonic): the schedule's offsets count from there."""
         self.sampler = Sampler(lambda: self.boards, self._registration, self.checker)
 
     def _registration(self) -> dict[str, str]:
@@ -213,6 +242,8 @@ class Campaign:
         self.csms_up = True
         for i in range(self.n):
             csms.api.add_token(f"SOAK-{i}")  # the CSMS answers online; the site caches (S2)
+        if self.roaming is not None:
+            await self._start_roaming()
         doc = s.gateway_doc()  # LAN and metrics on port 0: the gateway names the ports it bound
         doc.setdefault("auth", {})["unknown_token_offline"] = "accept"  # cards: the site decides
         doc["power"]["site_limit_w"] = SITE_LIMIT_W_PER_BOARD * self.n
@@ -231,7 +262,35 @@ class Campaign:
             self.confirmed[did] = []
             self.issued[did] = 0
         await asyncio.gather(*(asyncio.to_thread(b.wait, "registration", None, 30) for b in self.boards))
+        if self.roaming is not None:
+            await self._roaming_tariff()
         self.sampler.start()
+
+    async def _start_roaming(self) -> None:
+        """The CSO, home CSP A and B and CH endpoints (in this process, beside the CSMS); each
+        board's roaming cards the CSPs' customers, on their token lists."""
+        s = self.site
+        await s.start_roaming()
+        assert s.csp is not None and s.csp_b is not None
+        for i in range(self.n):
+            a, b = roaming_cards(i)
+            s.csp.add_customer(a, contract_id=a)
+            s.csp_b.add_customer(b, contract_id=b)
+        for csp in (s.csp, s.csp_b):
+            await csp.distribute_tokens("full")
+
+    async def _roaming_tariff(self) -> None:
+        """The operator's tariff at the CSMS, to the boards and, published, the home CSPs."""
+        s = self.site
+        csms = s.csms
+        assert csms is not None and s.csp is not None and s.csp_b is not None and s.cso is not None
+        tariff_id, price_kwh, fee = ROAMING_TARIFF
+        cmd = csms.api.set_tariff(SITE_ID, tariff_id, price_kwh, "EUR", price_session=fee, targets=s.devices)
+        row = await s.command_done(cmd, 30)
+        if row["state"] != "done":
+            raise RuntimeError(f"SetTariff: {row}")
+        cso, csps = s.cso.me, (s.csp, s.csp_b)
+        await until(lambda: all(tariff_id in c.tariffs(cso) for c in csps), 20, "the tariff at the home CSPs")
 
     async def close(self) -> None:
         await self.sampler.stop()
@@ -239,6 +298,12 @@ class Campaign:
             b.stop()
         if self.gw is not None:
             await asyncio.to_thread(self.gw.stop)
+        s = self.site
+        if s.bridge is not None:
+            await s.bridge.stop()
+        for ep in (s.cso, s.csp, s.csp_b, s.ch):
+            if ep is not None and ep.server is not None:
+                await ep.stop()
         await self._csms_stop()
         if self.ocpp is not None:
             await self.ocpp.stop()
@@ -274,7 +339,11 @@ class Campaign:
             b.cmd("emit", n=n, **{"from": values[0]})
             await self.confirm(b, values)
         elif roll < 0.7:
-            b.cmd("card", token=f"SOAK-{i}")
+            card = f"SOAK-{i}"
+            if self.roaming is not None:  # the operator's own card, or one of a home CSP's
+                card = self.rng.choice((card, *roaming_cards(i)))
+                self.roaming_sessions += card != f"SOAK-{i}"
+            b.cmd("card", token=card)
             b.cmd("plug")
             self.sessions += 1
         elif roll < 0.9:
@@ -313,7 +382,7 @@ class Campaign:
     async def run(self) -> None:
         """Traffic every 0.2 s; each fault of the schedule at its offset (or right after the one
         before, when that one ran late), every one of them injected; at least `seconds` long."""
-        t0 = time.monotonic()
+        t0 = self.t_faults = time.monotonic()
         pending = list(self.schedule)
         while pending or time.monotonic() < t0 + self.seconds:
             await asyncio.gather(*(self.traffic(i) for i in range(self.n)))
@@ -455,7 +524,19 @@ class Campaign:
             "energy_wh": sum(self.board_wh.get(k, 0) for k in ended),
         }
 
-    def check(self) -> dict[str, Any]:
+    async def check_roaming(self) -> dict[str, Any]:
+        """The roaming billing invariants (tools/site/roaming_books.py), the CSMS up again."""
+        assert self.roaming is not None
+        books, faults = await books_faults(self.site, self.roaming, timeout=60)
+        name = ("every roaming session one SDR at the CSMS, the CSO, its home CSP"
+                + ("" if self.roaming == "peer_to_peer" else " and the CH") + ", priced right, matched")  # fmt: skip
+        if faults:
+            self.problems.append(name)
+            self.problems += faults
+        return {"checks": {name: not faults}, "roaming_sdrs": len(books),
+                "roaming_cost": sum(int(b.csp_sdr.get("cost", 0)) for b in books)}  # fmt: skip
+
+    async def check(self) -> dict[str, Any]:
         if self.ocpp is not None:
             return self.check_ocpp()
         csms = self.site.csms
@@ -507,7 +588,12 @@ class Campaign:
         if bad_sdr or no_sdr:
             self.problems.append(f"SDRs: {bad_sdr} without SDR: {no_sdr}")
         self.problems += billing + inv.violations
+        roaming: dict[str, Any] = {}
+        if self.roaming is not None:
+            roaming = await self.check_roaming()
+            checks.update(roaming.pop("checks"))
         return {
+            **roaming,
             "checks": checks,
             "confirmed": sum(len(v) for v in self.confirmed.values()),
             "stored_frames": len(received),
@@ -546,9 +632,12 @@ def _toml(doc: dict[str, Any]) -> str:
     return "".join(f"[{sec}]\n" + "".join(f"{k} = {v(x)}\n" for k, x in body.items()) for sec, body in doc.items())
 
 
-async def amain(root: Path, boards: int, seconds: float, seed: int, ocpp: bool = False) -> int:
-    c = Campaign(root, boards, seconds, seed, ocpp)
+async def amain(root: Path, boards: int, seconds: float, seed: int, ocpp: bool = False,
+                roaming: str | None = None) -> int:  # fmt: skip
+    c = Campaign(root, boards, seconds, seed, ocpp, roaming)
     mode = " (OCPP 2.0.1 northbound: the checks read the OCPP CSMS)" if ocpp else ""
+    if roaming is not None:
+        mode += f" (roaming on, {roaming}: the roaming books checked)"
     print(f"[campaign] seed {seed}, {boards} boards, {seconds:.0f} s of faults, data {root}{mode}", flush=True)
     print(f"[campaign] fault schedule (seed {seed}): " + "; ".join(map(str, c.schedule)), flush=True)
     t0 = time.monotonic()
@@ -558,7 +647,7 @@ async def amain(root: Path, boards: int, seconds: float, seed: int, ocpp: bool =
         await c.run()
         await c.settle()
         await c.sampler.stop()
-        report = c.check()
+        report = await c.check()
     except Exception as e:  # the summary names what failed
         c.problems.append(f"{type(e).__name__}: {e}")
     finally:
@@ -579,8 +668,15 @@ async def amain(root: Path, boards: int, seconds: float, seed: int, ocpp: bool =
         print(f"SDRs {report.get('sdrs', 0)} billing {report.get('transactions_billed', 0)} transactions "
               f"({report.get('sdrs_compared_with_board', 0)} compared with the board's meter), "
               f"energy {report.get('energy_wh', 0)} Wh; {time.monotonic() - t0:.0f} s")  # fmt: skip
+    if roaming is not None:
+        print(f"roaming sessions started {c.roaming_sessions}; roaming SDRs at the home CSPs "
+              f"{report.get('roaming_sdrs', 0)}, cost {report.get('roaming_cost', 0)}")  # fmt: skip
     for name, ok in report.get("checks", {}).items():
         print(f"  {'PASS' if ok else 'FAIL'} {name}")
+    if c.checker.violations:  # where the invariants broke, on the fault schedule's clock
+        for line in c.checker.excursions[:12]:
+            t = float(line.split()[0][2:])
+            print(f"excursion at {t - c.t_faults:+.2f} s: {line.split(' ', 1)[1]}")
     for p in c.problems:
         print("PROBLEM:", p)
     print("OK" if not c.problems else f"FAILED (replay: python -m tools.site.campaign --seed {seed})")
@@ -595,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--boards", type=int, default=3)
     ap.add_argument("--data", type=Path, default=None, help="an empty or new folder (default: a fresh temporary one)")
     ap.add_argument("--ocpp", action="store_true", help="the gateway's OCPP 2.0.1 northbound on; checked at its CSMS")
+    ap.add_argument("--roaming", nargs="?", const="mixed", default=None, choices=ROAMING_MODES, metavar="MODE",
+                    help="the IEC 63119 roaming endpoints on (mode: peer_to_peer, clearing_house, mixed — the "
+                         "default); roaming cards, the roaming books checked")  # fmt: skip
     a = ap.parse_args(argv)
     if a.data is not None and a.data.exists() and any(a.data.iterdir()):
         # The checks compare what the boards confirmed with everything the CSMS holds: the
@@ -602,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--data {a.data} is not empty: a campaign starts from nothing")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     root = a.data or Path(tempfile.mkdtemp(prefix="evedge-campaign-"))
-    return asyncio.run(amain(root, a.boards, a.minutes * 60, seed, a.ocpp))
+    if a.roaming is not None and a.ocpp:
+        ap.error("--roaming with --ocpp: the roaming endpoints serve the native CSMS only")
+    return asyncio.run(amain(root, a.boards, a.minutes * 60, seed, a.ocpp, a.roaming))
 
 
 if __name__ == "__main__":

@@ -344,6 +344,15 @@ pub mod key {
     pub const PAGE: u16 = 192;
     pub const PAGES: u16 = 193;
     pub const ID_FLOOR: u16 = 199;
+    pub const STREET: u16 = 230;
+    pub const CITY: u16 = 231;
+    pub const POSTAL_CODE: u16 = 232;
+    pub const COUNTRY: u16 = 233;
+    pub const CONNECTORS: u16 = 234;
+    pub const CONNECTOR_STANDARD: u16 = 235;
+    pub const CONNECTOR_FORMAT: u16 = 236;
+    pub const POWER_TYPE: u16 = 237;
+    pub const CAPABILITIES: u16 = 238;
 }
 
 /// (code, name, description) of every error.
@@ -565,10 +574,19 @@ pub static FIELDS: &[FieldDef] = &[
     FieldDef { key: 192, name: "page", ty: Ty::Uint, elem: Ty::Any, imin: 0, imax: 65535, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
     FieldDef { key: 193, name: "pages", ty: Ty::Uint, elem: Ty::Any, imin: 0, imax: 65535, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
     FieldDef { key: 199, name: "id_floor", ty: Ty::Uint, elem: Ty::Any, imin: 0, imax: 1073741823, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
+    FieldDef { key: 230, name: "street", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 128, item_len: 0, members: &[] },
+    FieldDef { key: 231, name: "city", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 64, item_len: 0, members: &[] },
+    FieldDef { key: 232, name: "postal_code", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 16, item_len: 0, members: &[] },
+    FieldDef { key: 233, name: "country", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 2, item_len: 0, members: &[] },
+    FieldDef { key: 234, name: "connectors", ty: Ty::List, elem: Ty::Struct, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 128, item_len: 0, members: &[Member { key: 135, required: true }, Member { key: 2, required: true }, Member { key: 235, required: true }, Member { key: 236, required: true }, Member { key: 237, required: true }, Member { key: 150, required: true }] },
+    FieldDef { key: 235, name: "connector_standard", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 24, item_len: 0, members: &[] },
+    FieldDef { key: 236, name: "connector_format", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 8, item_len: 0, members: &[] },
+    FieldDef { key: 237, name: "power_type", ty: Ty::Str, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 12, item_len: 0, members: &[] },
+    FieldDef { key: 238, name: "capabilities", ty: Ty::List, elem: Ty::Str, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 16, item_len: 32, members: &[] },
 ];
 
 /// key → index into FIELDS (65535: not in the dictionary).
-pub static FIELD_INDEX: [u16; 200] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 138, 139, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 173, 65535, 65535, 65535, 65535, 174, 175, 176, 177, 65535, 65535, 65535, 65535, 65535, 178];
+pub static FIELD_INDEX: [u16; 239] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 138, 139, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 173, 65535, 65535, 65535, 65535, 174, 175, 176, 177, 65535, 65535, 65535, 65535, 65535, 178, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 179, 180, 181, 182, 183, 184, 185, 186, 187];
 
 /// The messages, sorted by action code.
 pub static MESSAGES: &[MessageDef] = &[
@@ -647,7 +665,7 @@ pub static MESSAGES: &[MessageDef] = &[
     MessageDef { code: 103, name: "BoardsReport", kind: kind::EVENT, origin: "site", priority: 2, timeout_ms: 30000, durable: false, fields: &[Member { key: 136, required: true }, Member { key: 149, required: true }, Member { key: 192, required: false }, Member { key: 193, required: false }], response: &[], usecases: &["R1-2", "R1-3", "M1"] },
     MessageDef { code: 110, name: "RevocationList", kind: kind::REQUEST, origin: "upstream", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 185, required: true }], response: &[Member { key: 26, required: true }, Member { key: 13, required: false }], usecases: &["M19"] },
     MessageDef { code: 200, name: "PlatformLogin", kind: kind::REQUEST, origin: "re", priority: 1, timeout_ms: 10000, durable: false, fields: &[Member { key: 141, required: true }, Member { key: 142, required: true }, Member { key: 143, required: true }], response: &[Member { key: 144, required: true }, Member { key: 39, required: true }], usecases: &["R1-1"] },
-    MessageDef { code: 201, name: "PutLocation", kind: kind::REQUEST, origin: "re", priority: 2, timeout_ms: 30000, durable: false, fields: &[Member { key: 145, required: true }, Member { key: 163, required: true }, Member { key: 146, required: true }, Member { key: 147, required: true }, Member { key: 148, required: true }, Member { key: 149, required: true }], response: &[Member { key: 26, required: true }], usecases: &["R1-2"] },
+    MessageDef { code: 201, name: "PutLocation", kind: kind::REQUEST, origin: "re", priority: 2, timeout_ms: 30000, durable: false, fields: &[Member { key: 145, required: true }, Member { key: 163, required: true }, Member { key: 146, required: true }, Member { key: 147, required: true }, Member { key: 148, required: true }, Member { key: 149, required: true }, Member { key: 230, required: false }, Member { key: 231, required: false }, Member { key: 232, required: false }, Member { key: 233, required: false }, Member { key: 234, required: false }, Member { key: 238, required: false }], response: &[Member { key: 26, required: true }], usecases: &["R1-2"] },
     MessageDef { code: 202, name: "EvseStatusUpdate", kind: kind::REQUEST, origin: "re", priority: 2, timeout_ms: 30000, durable: false, fields: &[Member { key: 135, required: true }, Member { key: 151, required: true }, Member { key: 20, required: true }, Member { key: 158, required: false }, Member { key: 13, required: false }], response: &[Member { key: 26, required: true }], usecases: &["R1-3", "R5-1"] },
     MessageDef { code: 203, name: "PushTariff", kind: kind::REQUEST, origin: "re", priority: 2, timeout_ms: 30000, durable: false, fields: &[Member { key: 123, required: true }, Member { key: 163, required: true }, Member { key: 124, required: true }, Member { key: 127, required: true }, Member { key: 125, required: false }, Member { key: 126, required: false }, Member { key: 66, required: false }], response: &[Member { key: 26, required: true }], usecases: &["R2-1"] },
     MessageDef { code: 204, name: "GetTariffs", kind: kind::REQUEST, origin: "re", priority: 2, timeout_ms: 30000, durable: false, fields: &[Member { key: 163, required: true }], response: &[Member { key: 26, required: true }, Member { key: 123, required: false }, Member { key: 124, required: false }, Member { key: 127, required: false }, Member { key: 125, required: false }, Member { key: 126, required: false }, Member { key: 66, required: false }, Member { key: 191, required: false }], usecases: &["R2-2"] },

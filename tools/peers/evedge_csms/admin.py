@@ -19,6 +19,8 @@ server). Commands it queues are sent by the running server to the site's gateway
     add-token TOKEN [--status N] [--tariff ID]
     set-tariff --site S --id N --price-kwh P --currency EUR [--price-min P] [--price-session P]
     export-sdrs --format csv|json
+    set-site --site S [--name N] [--address A] [--city C] [--postal-code P] [--country CC] [--lat X --lon Y]
+             [--connector-standard S] [--connector-format F] [--power-type T] [--capabilities C ...]
 """
 
 from __future__ import annotations
@@ -152,6 +154,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     st.add_argument("--currency", required=True)
     st.add_argument("--price-min", type=int)
     st.add_argument("--price-session", type=int)
+    ss = sub.add_parser("set-site", help="R1-2: the site's record, published to the roaming partners as its location")
+    ss.add_argument("--site", required=True)
+    for opt in ("--name", "--address", "--city", "--postal-code", "--country"):
+        ss.add_argument(opt)
+    ss.add_argument("--lat", type=float)
+    ss.add_argument("--lon", type=float)
+    ss.add_argument("--connector-standard")
+    ss.add_argument("--connector-format")
+    ss.add_argument("--power-type")
+    ss.add_argument("--capabilities", nargs="*")
     ex = sub.add_parser("export-sdrs")
     ex.add_argument("--format", choices=("csv", "json"), default="csv")
     args = ap.parse_args(argv)
@@ -232,6 +244,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
                 price_session=args.price_session,
             )
             out.write(f"command {cmd} queued for {args.site}\n")
+        elif args.cmd == "set-site":
+            place = {"address": args.address, "city": args.city, "postal_code": args.postal_code,
+                     "country": args.country}  # fmt: skip
+            kind = {"connector_standard": args.connector_standard, "connector_format": args.connector_format,
+                    "power_type": args.power_type}  # fmt: skip
+            rec = api.set_site(args.site, name=args.name, lat=args.lat, lon=args.lon, capabilities=args.capabilities,
+                               **place, **kind)  # fmt: skip
+            _table([rec], ("site_id", "name", *place, "latitude", "longitude", *kind, "capabilities"), out)
         elif args.cmd == "export-sdrs":
             export_sdrs(api, args.format, out)
     except (CsmsError, OSError) as e:

@@ -27,6 +27,16 @@ RESERVATION_ENDED = frozenset({"used", "expired", "removed", "cancelled", "rejec
 """States of a reservation that the board no longer holds."""
 
 
+CONNECTOR_STANDARDS = ("IEC_62196_T1", "IEC_62196_T2", "IEC_62196_T2_COMBO", "IEC_62196_T1_COMBO", "CHADEMO",
+                       "DOMESTIC_F", "GBT_AC", "GBT_DC", "TESLA")  # fmt: skip
+"""R1-2: a connector's standard, as the roaming partners name it (`set_site`)."""
+CONNECTOR_FORMATS = ("SOCKET", "CABLE")
+POWER_TYPES = ("AC_1_PHASE", "AC_3_PHASE", "DC")
+CAPABILITIES = ("RFID_READER", "REMOTE_START_STOP", "RESERVABLE", "CHARGING_PROFILE", "PLUG_AND_CHARGE",
+                "UNLOCK", "CREDIT_CARD_PAYABLE")  # fmt: skip
+"""R1-2: what a location offers its roaming customers."""
+
+
 class CsmsError(ValueError):
     """An operation was refused; the message says why (nothing was changed)."""
 
@@ -220,6 +230,63 @@ class Csms:
                 "token_type": token_type,
             },
         )
+
+    def set_site(
+        self,
+        site_id: str,
+        *,
+        name: str | None = None,
+        address: str | None = None,
+        city: str | None = None,
+        postal_code: str | None = None,
+        country: str | None = None,
+        lat: float | None = None,
+        lon: float | None = None,
+        connector_standard: str | None = None,
+        connector_format: str | None = None,
+        power_type: str | None = None,
+        capabilities: Sequence[str] | None = None,
+    ) -> Row:
+        """R1-2: the operator's record of a site, what the roaming partners see of it (its
+        location): name, street address, city, postal code, country (ISO 3166-1 alpha-2),
+        coordinates (WGS 84 degrees), its EVSEs' connector (standard, format, power type: one of
+        `CONNECTOR_STANDARDS`, `CONNECTOR_FORMATS`, `POWER_TYPES`) and its `CAPABILITIES`.
+        Fields not given keep their value; the record."""
+        named = {
+            "connector_standard": (connector_standard, CONNECTOR_STANDARDS),
+            "connector_format": (connector_format, CONNECTOR_FORMATS),
+            "power_type": (power_type, POWER_TYPES),
+        }
+        for k, (v, allowed) in named.items():
+            if v is not None and v not in allowed:
+                raise CsmsError(f"{k} {v!r}: one of {', '.join(allowed)}")
+        for c in capabilities or ():
+            if c not in CAPABILITIES:
+                raise CsmsError(f"capability {c!r}: one of {', '.join(CAPABILITIES)}")
+        if lat is not None and not -90.0 <= lat <= 90.0:
+            raise CsmsError(f"latitude {lat}: not within -90 … 90")
+        if lon is not None and not -180.0 <= lon <= 180.0:
+            raise CsmsError(f"longitude {lon}: not within -180 … 180")
+        if country is not None and not re.fullmatch(r"[A-Z]{2}", country):
+            raise CsmsError(f"country {country!r}: an ISO 3166-1 alpha-2 code (two capital letters)")
+        given = {"name": name, "address": address, "city": city, "postal_code": postal_code}
+        longest = {"name": 128, "address": 128, "city": 64, "postal_code": 16}  # PutLocation's bounds
+        for k, v in given.items():
+            if v is not None and not 0 < len(v) <= longest[k]:
+                raise CsmsError(f"{k}: 1 to {longest[k]} characters")
+        row = dict(self.site_record(site_id) or {"site_id": site_id})
+        new = given | {"country": country, "latitude": lat, "longitude": lon, "connector_standard": connector_standard,
+                       "connector_format": connector_format, "power_type": power_type,
+                       "capabilities": None if capabilities is None else list(capabilities)}  # fmt: skip
+        row.update({k: v for k, v in new.items() if v is not None})
+        if (row.get("latitude") is None) != (row.get("longitude") is None):
+            raise CsmsError("coordinates: latitude and longitude together")
+        self.store.upsert("site_records", row)
+        return row
+
+    def site_record(self, site_id: str) -> Row | None:
+        """R1-2: the operator's record of the site (`set_site`), None before one is set."""
+        return self.store.get("site_records", site_id=site_id)
 
     def send_local_list(self, site_id: str, list_version: int, targets: Sequence[str] = ()) -> int:
         tokens = self.store.select("tokens", order="id_token")

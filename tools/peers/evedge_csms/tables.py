@@ -170,6 +170,13 @@ TABLES: Final[tuple[Table, ...]] = (
         "site_id device_id msg_id:int action_15118:int exi:blob status evse_gid reason at:int answered:int",
     ),
     _t("privacy_requests", "request_id", "request_id:int token_digest at:int deleted:json"),
+    # R1-2: the operator's record of a site, published as its location (coordinates: JSON numbers)
+    _t(
+        "site_records",
+        "site_id",
+        "site_id name address city postal_code country latitude:json longitude:json connector_standard"
+        " connector_format power_type capabilities:json",
+    ),
     _t(
         "commands",
         "cmd_id",

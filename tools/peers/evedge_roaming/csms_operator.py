@@ -57,6 +57,13 @@ DDL = """CREATE TABLE IF NOT EXISTS csms_sdrs(sdr_id TEXT PRIMARY KEY, session_i
 CREATE TABLE IF NOT EXISTS site_lists(site_id TEXT PRIMARY KEY, version INTEGER NOT NULL, digest TEXT NOT NULL)"""
 
 
+DEFAULT_CONNECTOR = {"connector_standard": "IEC_62196_T2", "connector_format": "SOCKET", "power_type": "AC_3_PHASE"}
+"""R1-2: each EVSE's connector until the operator records its sites' (`Csms.set_site`): the
+boards' own, a type 2 socket on three-phase AC (its rating: the boards' report)."""
+DEFAULT_CAPABILITIES = ("RFID_READER", "REMOTE_START_STOP", "RESERVABLE", "CHARGING_PROFILE", "UNLOCK")
+"""R1-2: what every site of this chain offers (R4-1, R3-2/R3-4, R3-8, R3-7, R5-2)."""
+
+
 def remote_start_id(session_id: str) -> int:
     """The integer RequestStartTransaction id of a roaming session (31 bits of its hash)."""
     return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:4], "big") & 0x7FFFFFFF
@@ -126,8 +133,20 @@ class CsmsOperator:
         out = []
         for site, evses in sites.items():
             op = gid.parse(site).operator
-            out.append({"location_id": site, "operator_id": op, "name": site, "latitude": 48.1, "longitude": 11.5,
-                        "evses": evses})  # fmt: skip
+            # the operator's record of the site (`set_site`); before one, the site id and
+            # placeholder coordinates (PutLocation requires them)
+            rec = self._srv().api.site_record(site) or {}
+            lat, lon = rec.get("latitude"), rec.get("longitude")
+            loc = {"location_id": site, "operator_id": op, "name": rec.get("name") or site,
+                   "latitude": 48.1 if lat is None else float(lat),
+                   "longitude": 11.5 if lon is None else float(lon), "evses": evses}  # fmt: skip
+            place = {"street": rec.get("address"), "city": rec.get("city"), "postal_code": rec.get("postal_code"),
+                     "country": rec.get("country")}  # fmt: skip
+            kind = {k: rec.get(k) or v for k, v in DEFAULT_CONNECTOR.items()}
+            loc["connectors"] = [{"evse_gid": e["evse_gid"], "connector": 1, **kind, "max_power_w": e["max_power_w"]}
+                                 for e in evses]  # fmt: skip
+            loc["capabilities"] = list(rec.get("capabilities") or DEFAULT_CAPABILITIES)
+            out.append(loc | {k: str(v) for k, v in place.items() if v})
         return out
 
     def reported(self, site: str) -> dict[str, dict[str, Any]]:
@@ -411,15 +430,20 @@ class CsmsRoaming:
             log.warning("publishing to the home CSPs: %s", e)
         seen = {str(r[0]): (r[1], r[2]) for r in self.cso.store.all("SELECT sdr_id, session_id, state FROM csms_sdrs")}
         n = 0
-        for sdr in srv.api.sdrs():
+        parts = (p for whole in srv.api.sdrs() for p in publish.sdr_parts(whole, publish.sdr_tokens(srv.store, whole)))
+        for sdr in parts:  # each card's part of a service session's SDR: a roaming session of its own
             prev = seen.get(sdr["sdr_id"])
             if (prev is not None and prev[1] != "pending") or not sdr["id_token"]:
                 continue
             evse = evse_gid(str(sdr["site_id"]), str(sdr["device_id"]), int(sdr["evse"] or 1))
             token = str(sdr["id_token"])
-            sid = str(prev[0]) if prev is not None else self.cso.open_session(evse, token)
-            if sid is None and await self.op.token_status(token) is None:  # a roaming card the site knew
-                sid = self.cso.adopt_session(evse, token, publish.unix(sdr["started"]) or int(time.time()))
+            sid = str(prev[0]) if prev is not None else None
+            if sid is None:
+                # a roaming card the site knew (no session opened at the CSO): one is adopted
+                roaming_card = await self.op.token_status(token) is None
+                adopt_at = publish.unix(sdr["started"]) or int(time.time()) if roaming_card else None
+                key = (str(sdr["site_id"]), str(sdr["device_id"]), int(sdr["session_id"] or 0))
+                sid = self.publisher.session_of(key, evse, token, adopt_at)
             if sid is None:
                 self.cso.store.exec("INSERT OR REPLACE INTO csms_sdrs VALUES(?,?,?,?)", sdr["sdr_id"], None, "local",
                                     int(time.time()))  # fmt: skip
