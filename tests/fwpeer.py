@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import _core
+from gateway.localcsms.hellokey import HelloSigner
 from gateway.schema import EPOCH_UNIX, MESSAGES, Action, Key, Kind
 
 Body = dict[int, Any]
@@ -56,6 +57,8 @@ class Peer:
     def __init__(self, devices: dict[str, dict[str, Any]], interval_s: int = 300) -> None:
         self.devices = devices  # device_id -> {"factory_key": bytes, "device_key": bytes | None}
         self.interval_s = interval_s
+        self.signer: HelloSigner | None = None
+        """Signs the Hello answers, as a gateway holding a local-CSMS key does (M17, M12)."""
         self.registration = 0
         self.tokens: dict[bytes, int] = {}  # online Authorize answers
         self.firmware: dict[int, bytes] = {}  # image_id -> image
@@ -221,6 +224,8 @@ class Peer:
             Key.SCHEMA_REV: 1,
             Key.INTERVAL_S: self.interval_s,
         }
+        if self.signer is not None:
+            res[Key.SIGNATURE] = self.signer.sign(c.device_id, body[Key.NONCE], nonce)
         secrets: dict[int, bytes] = {}
         if factory:
             dev["device_key"] = os.urandom(32)

@@ -11,10 +11,14 @@ from typing import Any
 
 import msgpack
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fwpeer import Rig, barrier, charging, until_status
 
 from evedge_csms.commands import manifest_bytes
+from gateway.localcsms import hellokey
+from gateway.protocol import devpki
 from gateway.schema import Action, ChargingState, Key, Kind, ResetWhen, StopReason
 from tools.board import build
 from tools.board.runner import dev_signer
@@ -626,11 +630,17 @@ def test_fw_m12_migration_to_another_gateway_keeps_the_outbox(rig: Rig, tmp_path
 
     old_key = rig.peer.devices["evse-1"]["device_key"]
     other = Peer({"evse-1": {"factory_key": FACTORY_KEY, "device_key": old_key}})
+    # the new gateway's local-CSMS certificate (its Ed25519 key), handed over with the Migrate:
+    # the board trusts only that gateway at the new address
+    pki = tmp_path / "other-pki"
+    cert = hellokey.issue(pki, "localcsms.other", ca=devpki.ensure_ca(pki))
+    other.signer = hellokey.load(cert)
+    der = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
     try:
         rig.peer.auto_ack = False
         rig.board.cmd("emit", n=3, **{"from": 500})
         rig.peer.wait(lambda: len(rig.peer.durable(Action.METER_VALUES)) == 3, 10)  # sent, never acknowledged
-        _k, b = rig.peer.request(Action.MIGRATE, {Key.ADDRESS: f"127.0.0.1:{other.port}"})
+        _k, b = rig.peer.request(Action.MIGRATE, {Key.ADDRESS: f"127.0.0.1:{other.port}", Key.CERT: der})
         assert b[Key.STATUS] == 0
         other.wait(lambda: len(other.durable(Action.METER_VALUES)) == 3, 20)
         rig.power_cut()
