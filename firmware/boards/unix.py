@@ -268,9 +268,13 @@ class Control:
 
     def _meter_save(self):
         if self.meter_path:
-            with open(self.meter_path, "w") as f:
+            # a real meter keeps its register through a power cut: written beside, then renamed
+            # over, so that a kill in the middle leaves the last register, never an empty file
+            tmp = self.meter_path + ".tmp"
+            with open(tmp, "w") as f:
                 for e in self.hal.e:
                     f.write("%f %f " % (e.wh_in, e.wh_out))
+            os.rename(tmp, self.meter_path)
 
     async def run(self):
         from csc.app import wait_io  # asyncio's I/O queue: no asyncio.stream module (heap)
