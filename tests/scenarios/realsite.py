@@ -24,11 +24,24 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from evedge_csms.api import Csms
 from gateway.schema import Registration
 from tools.site.harness import Site, board_wait, until
 from tools.site.invariants import Checker, Limit, Sampler, billing_faults, configured_limits
 
-__all__ = ["Invariants", "Site", "scenario"]
+__all__ = ["Invariants", "Site", "api", "scenario", "site_id"]
+
+
+def site_id(site: Site) -> str:
+    """The site's id (the gateway's configuration names it)."""
+    assert site.gw is not None
+    return site.gw.cfg.site.id
+
+
+def api(site: Site) -> Csms:
+    """The CSMS operator's interface: where most scenarios' actors start."""
+    assert site.csms is not None
+    return site.csms.api
 
 
 class Invariants:

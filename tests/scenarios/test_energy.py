@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario
 
 from evedge_csms import commands as cmds
 from gateway.schema import Key, Status
@@ -30,11 +30,6 @@ MIN_EVSE_W = 1_380
 def site_id(site: Site) -> str:
     assert site.gw is not None
     return str(site.gw.cfg.site.id)
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
 
 
 async def start_session(site: Site, i: int, token: str, **plug: Any) -> int:

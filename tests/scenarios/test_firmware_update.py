@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario, site_id
 
 from gateway.schema import Action, FirmwareStatus, Status
 from tools.board import Board, build
@@ -30,16 +30,6 @@ pytestmark = pytest.mark.timeout(180)
 
 B0 = "ev-0000"
 FACTORY = "1.0.0"
-
-
-def site_id(site: Site) -> str:
-    assert site.gw is not None
-    return site.gw.cfg.site.id
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
 
 
 def rows(site: Site, table: str, **where: Any) -> list[dict[str, Any]]:

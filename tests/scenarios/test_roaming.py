@@ -15,22 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario, site_id
 from roaming_books import check_books
 
 from tools.site.harness import board_status, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
-
-
-def site_id(site: Site) -> str:
-    assert site.gw is not None
-    return site.gw.cfg.site.id
 
 
 async def customer(site: Site, uid: str) -> None:

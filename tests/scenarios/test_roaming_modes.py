@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario, site_id
 from roaming_books import MODES, check_books, roaming_sdrs
 
 from evedge_roaming import pricing, publish
@@ -36,16 +36,6 @@ from tools.site.harness import board_status, board_step, board_wait, until
 pytestmark = [pytest.mark.timeout(150), pytest.mark.parametrize("mode", MODES)]
 CARD = "DE*HCP*CCARD00001"
 """An RFID card of provider A with its contract id printed on it (the CSO routes it by that)."""
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
-
-
-def site_id(site: Site) -> str:
-    assert site.gw is not None
-    return site.gw.cfg.site.id
 
 
 async def tariff(site: Site, tariff_id: int, price_kwh: int, **kw: Any) -> None:
@@ -130,7 +120,8 @@ def test_r1_1_r1_2_r1_3_r2_1_r2_2_r5_1_what_the_csms_publishes_reaches_the_home_
             api(site).set_site(site_id(site), power_type="AC_7_PHASE")
         with pytest.raises(ValueError, match="latitude"):  # bad input: named, nothing changed
             api(site).set_site(site_id(site), lat=95.0)
-        assert api(site).site_record(site_id(site))["latitude"] == 53.54
+        kept = api(site).site_record(site_id(site))
+        assert kept is not None and kept["latitude"] == 53.54
         # R1-1: the CSO logged in where it sends (its home CSP; the CH in CH and mixed modes), with a
         # limited validity
         logins = (site.ch if mode != "peer_to_peer" else csp).store.all(

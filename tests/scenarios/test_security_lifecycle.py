@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario
 
 from gateway.__main__ import main as gateway_cli
 from gateway.protocol import devpki
@@ -23,11 +23,6 @@ from tools.site.harness import SITE_ID, board_status, board_wait, factory_key, u
 pytestmark = pytest.mark.timeout(120)
 
 ACCEPTED = int(Registration.ACCEPTED)
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
 
 
 def uplink(site: Site) -> Any:

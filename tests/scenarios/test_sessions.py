@@ -12,23 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario, site_id
 
 from evedge_csms import commands as cmds
 from gateway.schema import Key, Status, StopReason
 from tools.site.harness import board_status, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def site_id(site: Site) -> str:
-    assert site.gw is not None
-    return site.gw.cfg.site.id
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
 
 
 async def done(site: Site, cmd_id: int) -> None:

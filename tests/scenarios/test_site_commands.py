@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, scenario, site_id
 
 from evedge_csms import commands as cmds
 from gateway.schema import GridEvent, Status
@@ -19,11 +19,6 @@ from tools.board import Board
 from tools.site.harness import board_status, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def site_id(site: Site) -> str:
-    assert site.gw is not None
-    return site.gw.cfg.site.id
 
 
 async def charge(b: Board, token: str) -> int:

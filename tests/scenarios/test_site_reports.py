@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario
 
 from gateway.localcsms.forecast import energy_wh
 from tools.site.harness import board_wait, until
@@ -28,11 +28,6 @@ HOUR = 3_600
 def sid(site: Site) -> str:
     assert site.gw is not None
     return str(site.gw.cfg.site.id)
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
 
 
 async def start_session(site: Site, i: int, token: str, known: bool = False, **plug: Any) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, api, scenario, site_id
 
 from evedge_csms import commands as cmds
 from gateway.schema import (
@@ -35,16 +35,6 @@ pytestmark = pytest.mark.timeout(120)
 B0 = "ev-0000"
 # the keys of a board's response as the CSMS records it (JSON: strings)
 K_VARS, K_VARIABLE, K_VAL, K_STATUS = (str(int(k)) for k in (Key.VARS, Key.VARIABLE, Key.VAL, Key.STATUS))
-
-
-def site_id(site: Site) -> str:
-    assert site.gw is not None
-    return site.gw.cfg.site.id
-
-
-def api(site: Site) -> Any:
-    assert site.csms is not None
-    return site.csms.api
 
 
 def rows(site: Site, table: str, **where: Any) -> list[dict[str, Any]]:
