@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -73,3 +74,21 @@ def test_csms_admin_cli_limit_campaign_lists_and_sdr_export(tmp_path: Path) -> N
     assert [r["energy_wh"] for r in rows] == [900]
     (row,) = csv.DictReader(io.StringIO(admin(data, "export-sdrs", "--format", "csv")))
     assert row["energy_wh"] == "900" and row["sdr_id"] == rows[0]["sdr_id"]
+
+
+def test_csms_admin_cli_r1_2_connector_of_one_evse_over_its_sites(tmp_path: Path) -> None:
+    """`set-connector`: one EVSE's connector kind (a DC charger at an AC site); an unknown board
+    or value is refused by name (exit 2) and nothing is recorded."""
+    data = tmp_path / "csms"
+    err = io.StringIO()
+    kind = ("--connector-standard", "CHADEMO", "--connector-format", "CABLE", "--power-type", "DC")
+    with contextlib.redirect_stderr(err):
+        assert main(["--data", str(data), "set-connector", "--site", "s1", "--device", "b9", *kind]) == 2
+    assert "no station 'b9' at site 's1'" in err.getvalue()
+    admin(data, "register-device", "--site", "s1", "--device", "b1")
+    with contextlib.redirect_stderr(err):
+        bad = ("set-connector", "--site", "s1", "--device", "b1", "--power-type", "DC3")
+        assert main(["--data", str(data), *bad]) == 2
+    assert "power_type 'DC3': one of AC_1_PHASE, AC_3_PHASE, DC" in err.getvalue()
+    out = admin(data, "set-connector", "--site", "s1", "--device", "b1", "--evse", "2", *kind)
+    assert "s1\tb1\t2\tCHADEMO\tCABLE\tDC" in out

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from csmsclient import Board, running_csms, site, until
 
 from evedge_csms import commands as cmds
-from evedge_csms.api import CsmsError
+from evedge_csms.errors import CsmsError
 from evedge_csms.pki import cert_hash
 from gateway import _core
 from gateway.protocol.upstream_wire import K_UP

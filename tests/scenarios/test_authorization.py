@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from realsite import Invariants, Site, scenario, site_id
 
-from evedge_csms.api import CsmsError
+from evedge_csms.errors import CsmsError
 from gateway.link import proto_ts
 from gateway.schema import Action, AuthStatus, ConnectorStatus, ReservationStatus, Status
 from tools.board import Board

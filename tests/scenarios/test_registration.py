@@ -13,7 +13,7 @@ import pytest
 from realsite import Invariants, Site, scenario
 
 from evedge_csms import admin
-from evedge_csms.api import CsmsError
+from evedge_csms.errors import CsmsError
 from gateway import config as gwconfig
 from gateway.devices import MIGRATED, REVOKED
 from gateway.protocol import devpki

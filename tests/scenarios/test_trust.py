@@ -24,7 +24,7 @@ from cryptography.x509 import ocsp
 from realsite import Invariants, Site, scenario
 
 from evedge_csms import commands as cmds
-from evedge_csms.api import CsmsError
+from evedge_csms.errors import CsmsError
 from gateway import config as gwconfig
 from gateway.protocol import devpki
 from gateway.schema import CertType, ErrorCode, Registration, Status

@@ -21,6 +21,7 @@ server). Commands it queues are sent by the running server to the site's gateway
     export-sdrs --format csv|json
     set-site --site S [--name N] [--address A] [--city C] [--postal-code P] [--country CC] [--lat X --lon Y]
              [--connector-standard S] [--connector-format F] [--power-type T] [--capabilities C ...]
+    set-connector --site S --device D [--evse N] [--connector-standard S] [--connector-format F] [--power-type T]
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from typing import Any, TextIO
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from evedge_csms.api import Csms, CsmsError
+from evedge_csms.api import Csms
 from evedge_csms.config import load, provision
+from evedge_csms.errors import CsmsError
 from evedge_csms.inbound import Ctx
 from evedge_csms.pki import Ca, load_or_create_signer
 from evedge_csms.store import SqliteStore
@@ -160,10 +162,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         ss.add_argument(opt)
     ss.add_argument("--lat", type=float)
     ss.add_argument("--lon", type=float)
-    ss.add_argument("--connector-standard")
-    ss.add_argument("--connector-format")
-    ss.add_argument("--power-type")
     ss.add_argument("--capabilities", nargs="*")
+    sc = sub.add_parser("set-connector", help="R1-2: one EVSE's connector, over its site's (a site mixing AC and DC)")
+    sc.add_argument("--site", required=True)
+    sc.add_argument("--device", required=True)
+    sc.add_argument("--evse", type=int, default=1)
+    for opt in ("--connector-standard", "--connector-format", "--power-type"):
+        ss.add_argument(opt)
+        sc.add_argument(opt)
     ex = sub.add_parser("export-sdrs")
     ex.add_argument("--format", choices=("csv", "json"), default="csv")
     args = ap.parse_args(argv)
@@ -252,6 +258,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             rec = api.set_site(args.site, name=args.name, lat=args.lat, lon=args.lon, capabilities=args.capabilities,
                                **place, **kind)  # fmt: skip
             _table([rec], ("site_id", "name", *place, "latitude", "longitude", *kind, "capabilities"), out)
+        elif args.cmd == "set-connector":
+            kind = {"connector_standard": args.connector_standard, "connector_format": args.connector_format,
+                    "power_type": args.power_type}  # fmt: skip
+            rec = api.set_connector(args.site, args.device, args.evse, **kind)
+            _table([rec], ("site_id", "device_id", "evse", *kind), out)
         elif args.cmd == "export-sdrs":
             export_sdrs(api, args.format, out)
     except (CsmsError, OSError) as e:

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from evedge_csms import commands as cmds
-from evedge_csms import revocation
+from evedge_csms import locations, revocation
+from evedge_csms.errors import CsmsError
 from evedge_csms.inbound import Ctx, answer_ev_certificate, record_certificate
 from evedge_csms.pki import der
 from evedge_csms.store import Row
@@ -25,20 +26,6 @@ TARGETS_MAX = FIELDS[Key.TARGETS].max_len
 
 RESERVATION_ENDED = frozenset({"used", "expired", "removed", "cancelled", "rejected"})
 """States of a reservation that the board no longer holds."""
-
-
-CONNECTOR_STANDARDS = ("IEC_62196_T1", "IEC_62196_T2", "IEC_62196_T2_COMBO", "IEC_62196_T1_COMBO", "CHADEMO",
-                       "DOMESTIC_F", "GBT_AC", "GBT_DC", "TESLA")  # fmt: skip
-"""R1-2: a connector's standard, as the roaming partners name it (`set_site`)."""
-CONNECTOR_FORMATS = ("SOCKET", "CABLE")
-POWER_TYPES = ("AC_1_PHASE", "AC_3_PHASE", "DC")
-CAPABILITIES = ("RFID_READER", "REMOTE_START_STOP", "RESERVABLE", "CHARGING_PROFILE", "PLUG_AND_CHARGE",
-                "UNLOCK", "CREDIT_CARD_PAYABLE")  # fmt: skip
-"""R1-2: what a location offers its roaming customers."""
-
-
-class CsmsError(ValueError):
-    """An operation was refused; the message says why (nothing was changed)."""
 
 
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
@@ -252,41 +239,43 @@ class Csms:
         coordinates (WGS 84 degrees), its EVSEs' connector (standard, format, power type: one of
         `CONNECTOR_STANDARDS`, `CONNECTOR_FORMATS`, `POWER_TYPES`) and its `CAPABILITIES`.
         Fields not given keep their value; the record."""
-        named = {
-            "connector_standard": (connector_standard, CONNECTOR_STANDARDS),
-            "connector_format": (connector_format, CONNECTOR_FORMATS),
-            "power_type": (power_type, POWER_TYPES),
-        }
-        for k, (v, allowed) in named.items():
-            if v is not None and v not in allowed:
-                raise CsmsError(f"{k} {v!r}: one of {', '.join(allowed)}")
-        for c in capabilities or ():
-            if c not in CAPABILITIES:
-                raise CsmsError(f"capability {c!r}: one of {', '.join(CAPABILITIES)}")
-        if lat is not None and not -90.0 <= lat <= 90.0:
-            raise CsmsError(f"latitude {lat}: not within -90 … 90")
-        if lon is not None and not -180.0 <= lon <= 180.0:
-            raise CsmsError(f"longitude {lon}: not within -180 … 180")
-        if country is not None and not re.fullmatch(r"[A-Z]{2}", country):
-            raise CsmsError(f"country {country!r}: an ISO 3166-1 alpha-2 code (two capital letters)")
-        given = {"name": name, "address": address, "city": city, "postal_code": postal_code}
-        longest = {"name": 128, "address": 128, "city": 64, "postal_code": 16}  # PutLocation's bounds
-        for k, v in given.items():
-            if v is not None and not 0 < len(v) <= longest[k]:
-                raise CsmsError(f"{k}: 1 to {longest[k]} characters")
-        row = dict(self.site_record(site_id) or {"site_id": site_id})
-        new = given | {"country": country, "latitude": lat, "longitude": lon, "connector_standard": connector_standard,
-                       "connector_format": connector_format, "power_type": power_type,
-                       "capabilities": None if capabilities is None else list(capabilities)}  # fmt: skip
-        row.update({k: v for k, v in new.items() if v is not None})
-        if (row.get("latitude") is None) != (row.get("longitude") is None):
-            raise CsmsError("coordinates: latitude and longitude together")
+        kind = locations.connector_kind(connector_standard, connector_format, power_type)
+        place = {"name": name, "address": address, "city": city, "postal_code": postal_code, "country": country}
+        row = locations.site_row(self.site_record(site_id), site_id, place, lat, lon, kind, capabilities)
         self.store.upsert("site_records", row)
         return row
 
     def site_record(self, site_id: str) -> Row | None:
         """R1-2: the operator's record of the site (`set_site`), None before one is set."""
         return self.store.get("site_records", site_id=site_id)
+
+    def set_connector(
+        self,
+        site_id: str,
+        device_id: str,
+        evse: int = 1,
+        *,
+        connector_standard: str | None = None,
+        connector_format: str | None = None,
+        power_type: str | None = None,
+    ) -> Row:
+        """R1-2: the kind of one EVSE's connector, over its site's (`set_site`): a site may mix
+        AC wallboxes and a DC charger. Fields not given keep their value (or the site's); the
+        record. A board the CSMS does not know, or an EVSE number out of 1…255: `CsmsError`."""
+        if self.store.get("stations", site_id=site_id, device_id=device_id) is None:
+            raise CsmsError(f"set_connector: no station {device_id!r} at site {site_id!r}")
+        if not 0 < evse < 256:
+            raise CsmsError(f"set_connector: evse {evse}: not within 1 … 255")
+        kind = locations.connector_kind(connector_standard, connector_format, power_type)
+        row = dict(self.connector_record(site_id, device_id, evse) or
+                   {"site_id": site_id, "device_id": device_id, "evse": evse})  # fmt: skip
+        row.update(kind)
+        self.store.upsert("evse_records", row)
+        return row
+
+    def connector_record(self, site_id: str, device_id: str, evse: int = 1) -> Row | None:
+        """R1-2: the operator's record of an EVSE's connector (`set_connector`), None before one."""
+        return self.store.get("evse_records", site_id=site_id, device_id=device_id, evse=evse)
 
     def send_local_list(self, site_id: str, list_version: int, targets: Sequence[str] = ()) -> int:
         tokens = self.store.select("tokens", order="id_token")

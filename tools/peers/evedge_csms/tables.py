@@ -177,6 +177,12 @@ TABLES: Final[tuple[Table, ...]] = (
         "site_id name address city postal_code country latitude:json longitude:json connector_standard"
         " connector_format power_type capabilities:json",
     ),
+    # R1-2: the operator's record of one EVSE's connector, over its site's
+    _t(
+        "evse_records",
+        "site_id device_id evse",
+        "site_id device_id evse:int connector_standard connector_format power_type",
+    ),
     _t(
         "commands",
         "cmd_id",

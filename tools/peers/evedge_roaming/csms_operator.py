@@ -37,8 +37,10 @@ from collections.abc import Callable
 from typing import Any
 
 from evedge_csms import commands as cmds
-from evedge_csms.api import CsmsError
+from evedge_csms import locations
+from evedge_csms.errors import CsmsError
 from evedge_csms.server import CsmsServer
+from evedge_csms.store import Row
 from gateway.protocol import gid
 from gateway.protocol.gid import evse_gid
 from gateway.protocol.roaming.client import RoamingError
@@ -121,7 +123,8 @@ class CsmsOperator:
         the site last reported them (BoardsReport, M1), else the configured power."""
         sites: dict[str, list[dict[str, Any]]] = {}
         reports: dict[str, dict[str, dict[str, Any]]] = {}
-        for g, (site, _dev, _e) in self._evses().items():
+        where = self._evses()
+        for g, (site, _dev, _e) in where.items():
             rep = (reports[site] if site in reports else reports.setdefault(site, self.reported(site))).get(g, {})
             evse: dict[str, Any] = {
                 "evse_gid": g,
@@ -142,12 +145,17 @@ class CsmsOperator:
                    "longitude": 11.5 if lon is None else float(lon), "evses": evses}  # fmt: skip
             place = {"street": rec.get("address"), "city": rec.get("city"), "postal_code": rec.get("postal_code"),
                      "country": rec.get("country")}  # fmt: skip
-            kind = {k: rec.get(k) or v for k, v in DEFAULT_CONNECTOR.items()}
-            loc["connectors"] = [{"evse_gid": e["evse_gid"], "connector": 1, **kind, "max_power_w": e["max_power_w"]}
+            loc["connectors"] = [{"evse_gid": e["evse_gid"], "connector": 1,
+                                  **self._connector(where[e["evse_gid"]], rec), "max_power_w": e["max_power_w"]}
                                  for e in evses]  # fmt: skip
             loc["capabilities"] = list(rec.get("capabilities") or DEFAULT_CAPABILITIES)
             out.append(loc | {k: str(v) for k, v in place.items() if v})
         return out
+
+    def _connector(self, evse: tuple[str, str, int], site_record: Row) -> dict[str, str]:
+        """The kind of an EVSE's connector: the operator's record of it (`Csms.set_connector`),
+        else its site's (`Csms.set_site`), else `DEFAULT_CONNECTOR`."""
+        return locations.evse_connector(self._srv().api.connector_record(*evse), site_record, DEFAULT_CONNECTOR)
 
     def reported(self, site: str) -> dict[str, dict[str, Any]]:
         """The site's last BoardsReport (M1) by EVSE id: status, rating, model, firmware."""

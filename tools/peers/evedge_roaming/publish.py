@@ -173,9 +173,12 @@ class CsmsPublisher:
         return n
 
     async def locations(self, evse_status: Mapping[str, str], tables: CsmsTables | None = None) -> None:
-        """All locations again when the EVSEs or the operator's site records (`set_site`)
-        changed; else the status of each EVSE whose status changed."""
-        records = () if tables is None else tables.select("site_records", order="site_id")
+        """All locations again when the EVSEs or the operator's records of the sites and
+        connectors (`set_site`, `set_connector`) changed; else the status of each EVSE whose status changed."""
+        records = () if tables is None else (
+            *tables.select("site_records", order="site_id"),
+            *tables.select("evse_records", order="site_id, device_id, evse"),
+        )
         evses = (*sorted(evse_status), json.dumps(records, sort_keys=True, default=str))
         if evses != self._evses:
             await self.cso.publish_locations()
