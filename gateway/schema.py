@@ -191,6 +191,7 @@ class Action(enum.IntEnum):
     DELETE_USER_DATA = 215
     CONTRACT_CERTIFICATE = 216
     DISPUTE_SDR = 217
+    ISSUE_CREDENTIAL = 218
 
 
 class Key(enum.IntEnum):
@@ -382,6 +383,7 @@ class Key(enum.IntEnum):
     CONNECTOR_FORMAT = 236
     POWER_TYPE = 237
     CAPABILITIES = 238
+    METER_KEY = 245
 
 
 class TxEvent(enum.IntEnum):
@@ -845,11 +847,12 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     231: FieldSpec(231, 'city', 'str', '', 0, 0, 64, 0, None, ()),
     232: FieldSpec(232, 'postal_code', 'str', '', 0, 0, 16, 0, None, ()),
     233: FieldSpec(233, 'country', 'str', '', 0, 0, 2, 0, None, ()),
-    234: FieldSpec(234, 'connectors', 'list', 'struct', 0, 0, 128, 0, None, ((135, True), (2, True), (235, True), (236, True), (237, True), (150, True))),
+    234: FieldSpec(234, 'connectors', 'list', 'struct', 0, 0, 128, 0, None, ((135, True), (2, True), (235, True), (236, True), (237, True), (150, True), (245, False))),
     235: FieldSpec(235, 'connector_standard', 'str', '', 0, 0, 24, 0, None, ()),
     236: FieldSpec(236, 'connector_format', 'str', '', 0, 0, 8, 0, None, ()),
     237: FieldSpec(237, 'power_type', 'str', '', 0, 0, 12, 0, None, ()),
     238: FieldSpec(238, 'capabilities', 'list', 'str', 0, 0, 16, 32, None, ()),
+    245: FieldSpec(245, 'meter_key', 'bin', '', 0, 0, 32, 0, None, ()),
 }
 
 FIELD_BY_NAME: Final[dict[str, FieldSpec]] = {f.name: f for f in FIELDS.values()}
@@ -947,6 +950,7 @@ MESSAGES: Final[dict[int, MessageSpec]] = {
     215: MessageSpec(215, 'DeleteUserData', Kind.REQUEST, 're', Priority(1), 30000, False, ((167, True), (141, False)), ((26, True), (109, True)), ('M10', )),
     216: MessageSpec(216, 'ContractCertificate', Kind.REQUEST, 're', Priority(1), 30000, False, ((135, True), (129, True), (128, True), (152, False)), ((26, True), (128, False), (13, False)), ('S7', 'R3-3', )),
     217: MessageSpec(217, 'DisputeSdr', Kind.REQUEST, 're', Priority(1), 30000, False, ((154, True), (153, True), (13, True), (7, False), (29, False)), ((26, True), (13, False)), ('R3-9', 'R3-5', )),
+    218: MessageSpec(218, 'IssueCredential', Kind.REQUEST, 're', Priority(1), 10000, False, ((47, True), (17, True), (39, False)), ((167, True), (152, False), (39, False)), ('R3-1', 'R3-3', 'R4-1', )),
 }
 
 MESSAGE_BY_NAME: Final[dict[str, MessageSpec]] = {m.name: m for m in MESSAGES.values()}

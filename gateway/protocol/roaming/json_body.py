@@ -45,7 +45,8 @@ GID_FIELDS: Final[dict[str, str]] = {
 #: list fields whose items are global ids
 GID_ITEMS: Final[dict[str, str]] = {"sdrs": "R"}
 
-ROAMING_CODES: Final = range(200, 218)
+#: the messages the schema marks `from = "re"` (codes 200 on): a new one needs no edit here
+ROAMING_CODES: Final = frozenset(m.code for m in schema.MESSAGES.values() if m.origin == "re")
 
 MAX_INT_DIGITS: Final = 20
 """A JSON integer of more digits is refused before Python converts it: no schema integer is
