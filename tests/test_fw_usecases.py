@@ -4,6 +4,7 @@ Each test is named after the use-case ID it proves."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fwpeer import Rig, barrier, charging, until_status
 
 from evedge_csms.commands import manifest_bytes
+from evedge_roaming import meter
 from gateway.localcsms import hellokey
 from gateway.protocol import devpki
 from gateway.schema import Action, ChargingState, Key, Kind, ResetWhen, StopReason
@@ -167,7 +169,11 @@ def test_fw_s6_final_transaction_event_carries_the_sdr_data(rig: Rig) -> None:
     assert end[162] == s1[Key.VALUE] == end[Key.ENERGY_WH] > end[161]  # meter stop
     assert end[Key.METER_START_OUT_WH] == x0[Key.VALUE] == start[Key.ENERGY_OUT_WH]
     assert end[Key.METER_STOP_OUT_WH] == x1[Key.VALUE] == end[Key.ENERGY_OUT_WH]
-    assert end[Key.SIGNED_METER].startswith(b"SIM1") and end[Key.STOP_REASON] == 2
+    assert end[Key.STOP_REASON] == 2
+    # the meter's signed reading of the stop: its register, sealed by the meter's own key
+    reading = meter.parse(base64.b64encode(end[Key.SIGNED_METER]).decode())
+    assert reading is not None and reading.register_wh == end[162] and reading.evse == 1
+    assert reading.sealed_by(rig.board.meter_key(1)) and not reading.sealed_by(bytes(32))
 
 
 def test_fw_s4_tariff_change_splits_transaction_in_one_service_session(rig: Rig) -> None:

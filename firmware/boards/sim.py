@@ -7,8 +7,12 @@ The board has `evses` EVSEs (1 unless the runner says otherwise: `--evses`), eac
 EV, contactor, limit, cable lock and meter (`_Ev`); the inputs and outputs take the EVSE's number
 as `Hal`'s do. Each meter integrates power over the simulated clock: with the contactor closed and
 the EV in state C, the power is the EV's demand clipped by the limit the firmware set (a negative
-limit discharges, when the EV allows it). Signed readings are HMAC-SHA256 over the register,
-standing for an eichrecht meter's signature.
+limit discharges, when the EV allows it). Each meter seals its readings as an eichrecht meter does,
+with its own key: Ed25519 over the register, the EVSE and the meter's clock, in the `EDM1` format
+(docs/roaming.md, "Signed meter readings"). The keys' seeds are the host runner's (the
+`--meter-keys` file, a line per EVSE: the meters' chips, read only to seal, never by the firmware);
+the operator records each public key from the meter's label (`Csms.set_connector(meter_key=…)`), and
+the home CSP checks the seal of the reading an SDR carries with it.
 
 SimHal implements every input and output of `csc.hal.Hal` itself (and the base's `flags`, `card`,
 `plugged`, `take_card`, `reboot`) rather than subclassing it: the base's defaults, all overridden
@@ -19,12 +23,43 @@ real board spends on its own HAL instead. `tests/test_fw_layout.py` checks it ha
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-import hashlib
-
 from csc.hal import FLAG_CARD, FLAG_CP
 from csc.schema import CP_STATE_A, CP_STATE_B, CP_STATE_C
 
-_METER_KEY = b"sim-meter-key"
+METER_TAG = b"EDM1"
+"""A signed reading: tag, register (Wh, 8 bytes big endian), EVSE (1 byte), the meter's clock
+(Unix s, 4 bytes big endian), then the Ed25519 signature (64 bytes) of those 17 bytes."""
+
+
+def _seal(seed, msg):
+    """The Ed25519 signature (RFC 8032, 5.1.6) of `msg` by the key whose 32-byte seed is `seed`:
+    the meter's chip. It borrows the board's curve arithmetic (csc.ed25519, which only verifies:
+    the board itself never signs), loaded for the seal and dropped after, as the firmware does."""
+    import sys
+
+    ed = __import__("csc.ed25519", None, None, ("sha512",))
+    try:
+        h = ed.sha512(seed)
+        a = (int.from_bytes(h[:32], "little") & ((1 << 254) - 8)) | (1 << 254)
+        r = int.from_bytes(ed.sha512(h[32:], msg), "little") % ed._L
+        big_r = ed._encode(_times_base(ed, r))
+        k = int.from_bytes(ed.sha512(big_r, ed._encode(_times_base(ed, a)), msg), "little") % ed._L
+        return big_r + ((r + k * a) % ed._L).to_bytes(32, "little")
+    finally:
+        ed = None
+        sys.modules.pop("csc.ed25519", None)
+        pkg = sys.modules["csc"]
+        if hasattr(pkg, "ed25519"):
+            delattr(pkg, "ed25519")
+
+
+def _times_base(ed, n):
+    q = ed._ZERO
+    for i in range(254, -1, -1):
+        q = ed._double(q)
+        if (n >> i) & 1:
+            q = ed._add(q, ed._B)
+    return q
 
 
 class _Ev:
@@ -68,6 +103,7 @@ class SimHal:
         self.ocsp = None  # the OCSP response the EV was last given (M15)
         self.se_key = None  # a private key delivered from outside (M18), held by the secure element
         self.se_csr = None  # the secure element's certificate request (M16), from its own key pair
+        self.meter_keys = None  # the file of the meters' keys (`--meter-keys`): their chips
 
     def ticks_ms(self):
         return self._t.ticks_add(self._t.ticks_ms(), self.skew_ms)
@@ -156,10 +192,14 @@ class SimHal:
         return (int(e.wh_in), int(e.wh_out), p, p * 10000 // 2300, 2300)
 
     def signed_meter(self, evse=1):
+        try:  # the meter's chip holds its key: read when it seals, never kept in the board's heap
+            with open(self.meter_keys) as f:
+                seed = bytes.fromhex(f.read().split()[evse - 1])
+        except (TypeError, OSError, IndexError, ValueError):
+            return None  # a meter without a key signs nothing
         wh = int(self.e[evse - 1].wh_in)
-        h = hashlib.sha256(_METER_KEY)
-        h.update(str(wh).encode())
-        return b"SIM1" + wh.to_bytes(8, "big") + h.digest()
+        msg = METER_TAG + wh.to_bytes(8, "big") + bytes((evse,)) + (int(self._t.time()) & 0xFFFFFFFF).to_bytes(4, "big")
+        return msg + _seal(seed, msg)
 
     def temperature_dc(self):
         return self.temp

@@ -1,14 +1,15 @@
 """The emulated board: the firmware on the MicroPython unix port.
 
     micropython -X heapsize=96k firmware/boards/unix.py --flash board.img --gw 127.0.0.1:7700 \
-        --id evse-1 --factory-key <64 hex> [--blocks 256] [--meter meter.txt] [--evses 1]
+        --id evse-1 --factory-key <64 hex> [--blocks 256] [--meter meter.txt] [--evses 1] [--meter-keys F]
 
 - Flash: `FileBlockDev` makes the image file a block device (4 KiB blocks) for
   `vfs.VfsLfs2`, mounted at /flash (formatted on first use). Every block write reaches
   the file before the call returns, so `kill -9` of the process is a power cut.
 - HAL: boards.sim.SimHal with `--evses` EVSEs (default 1); the meters' registers live in the
   `--meter` file (a meter keeps its register across a power cut, as a real one does): import
-  and export of EVSE 1, then of EVSE 2, ….
+  and export of EVSE 1, then of EVSE 2, ….  `--meter-keys`: a file with each EVSE's meter key
+  (an Ed25519 seed in hex, a line per EVSE), what seals the meters' signed readings (boards/sim.py).
 - Control channel: one JSON object per line on stdin (commands), one per line on stdout
   (what the board did: {"ev": "...", ...}); see tools/board/ and docs/firmware.md.
 - Loader (`Slots`, M4): the firmware the process was started with (frozen in the board image,
@@ -465,6 +466,7 @@ def main():
                 e.wh_out = float(w[2 * i + 1])
         except (OSError, IndexError, ValueError):
             pass
+    hal.meter_keys = a.get("meter-keys")  # the meters' chips: read when a meter seals a reading
     host, port = a.get("gw", "127.0.0.1:7700").split(":")
     fk = bytes.fromhex(a.get("factory-key", "00" * 32))
     gc.collect()

@@ -15,6 +15,7 @@ import pytest
 from realsite import Invariants, Site, api, scenario, site_id
 
 from evedge_csms import commands as cmds
+from evedge_roaming import meter
 from gateway.schema import Key, Status, StopReason
 from tools.site.harness import board_status, board_step, board_wait, until
 
@@ -212,7 +213,7 @@ def test_clause6_ids_are_unique_across_the_site_and_one_sdr_per_service_session_
             assert s["energy_wh"] == sum(t["energy_wh"] for t in s["transactions"]) > 0
             for t in s["transactions"]:
                 assert t["energy_wh"] == t["meter_stop_wh"] - t["meter_start_wh"]
-            assert s["signed_meter"] and all(x.startswith(b"SIM1") for x in s["signed_meter"])
+            assert s["signed_meter"] and all(x.startswith(meter.TAG) for x in s["signed_meter"])
             assert s["cost"] == 50 + sum(t["energy_wh"] * 25 // 1000 for t in s["transactions"])
 
     scenario(tmp_path, fn, boards=2)

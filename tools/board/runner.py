@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -236,6 +237,8 @@ class Board:
             str(self.evses),
             "--fw-signers",
             ",".join(f"{n}={k.hex()}" for n, k in self.fw_signers.items()),
+            "--meter-keys",
+            str(self._meter_keys()),
         ]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
@@ -246,6 +249,27 @@ class Board:
         with contextlib.suppress(OSError):  # a firmware that dies at boot (a broken update) has no stdin
             self.cmd("se", csr=self.secure_element_csr().hex())
         return self
+
+    def _meter_keys(self) -> Path:
+        """The meters' keys (an Ed25519 seed per EVSE, hex, a line each): made once, kept 0600
+        beside the board (the meters' chips; a meter replaced is a new key); the emulated meter
+        reads its line when it seals a reading (`--meter-keys`)."""
+        path = self.dir / "meter-keys"
+        have = path.read_text().split() if path.exists() else []
+        if len(have) < self.evses:
+            have += [secrets.token_hex(32) for _ in range(self.evses - len(have))]
+            devpki.write_private(path, "\n".join(have).encode() + b"\n")
+        return path
+
+    def _meter_seed(self, evse: int) -> bytes:
+        return bytes.fromhex(self._meter_keys().read_text().split()[evse - 1])
+
+    def meter_key(self, evse: int = 1) -> bytes:
+        """The public key of EVSE `evse`'s meter (32 bytes), as its label shows it: what the
+        operator records at installation (`Csms.set_connector(meter_key=…)`) and the home CSP
+        checks the seal of each signed reading with."""
+        seed = ed25519.Ed25519PrivateKey.from_private_bytes(self._meter_seed(evse))
+        return seed.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     def secure_element_csr(self) -> bytes:
         """The board's secure element (M16), simulated here on the host as an ATECC-class chip

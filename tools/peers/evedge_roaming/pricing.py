@@ -15,11 +15,11 @@ is made.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from . import meter
 
 
 class PricingError(ValueError):
@@ -122,39 +122,34 @@ def sdr_lines(sdr: Mapping[str, Any]) -> list[Line]:
     return [Line(int(x["started"]), int(x["stopped"]), int(x["energy_wh"]), x.get("tariff_id")) for x in raw]
 
 
-#: the emulated eichrecht meter's signed reading (firmware/boards/sim.py): tag, register (Wh, 8
-#: bytes big endian), then its seal
-SIM_METER = b"SIM1"
-
-
 def signed_register(signed_meter: str | None) -> int | None:
     """The meter register (Wh) a signed reading (base64, as PutSdr carries it) states, for the
-    formats known here; None for another format or none. The reading is the meter's, not the
-    CSO's: an SDR whose meter stop differs from it is wrong whatever its other figures say.
-    (Its seal is the meter maker's: checking it needs the meter's key, which a real meter
-    publishes and the emulated one has not.)"""
-    if not signed_meter:
-        return None
-    try:
-        raw = base64.b64decode(signed_meter, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    if raw[:4] == SIM_METER and len(raw) >= 12:
-        return int.from_bytes(raw[4:12], "big")
-    return None
+    formats known here (`meter.parse`); None for another format or none. The reading is the
+    meter's, not the CSO's: an SDR whose meter stop differs from it is wrong whatever its other
+    figures say."""
+    reading = meter.parse(signed_meter)
+    return None if reading is None else reading.register_wh
 
 
-def audit_sdr(sdr: Mapping[str, Any], readings: list[tuple[int, int]], tariffs: Mapping[int, Tariff]) -> Audit:
+def audit_sdr(sdr: Mapping[str, Any], readings: list[tuple[int, int]], tariffs: Mapping[int, Tariff],
+              meter_key: bytes | None = None) -> Audit:  # fmt: skip
     """Check an SDR against the readings (time, energy_wh) the CSP received during the session,
     the signed meter reading it carries and its own copy of the CSO's tariffs: the energy must
     be the last reading and no less than any; the meter stop the signed register; the lines
-    must add up; each line is priced again with the tariff it names."""
+    must add up; each line is priced again with the tariff it names. `meter_key`: the public
+    key of the EVSE's meter, as its location publishes it: the reading must then be there, of
+    that EVSE's meter, and sealed by it."""
     problems = []
     lines = sdr_lines(sdr)
     energy = int(sdr["energy_wh"])
-    register = signed_register(sdr.get("signed_meter"))
-    if register is not None and register != int(sdr["meter_stop_wh"]):
-        problems.append(f"meter stop {sdr['meter_stop_wh']} Wh, the signed meter reading {register} Wh")
+    reading = meter.parse(sdr.get("signed_meter"))
+    if reading is not None and reading.register_wh != int(sdr["meter_stop_wh"]):
+        problems.append(f"meter stop {sdr['meter_stop_wh']} Wh, the signed meter reading {reading.register_wh} Wh")
+    if meter_key is not None:
+        if reading is None:
+            problems.append("no signed meter reading, though the EVSE's meter seals its readings")
+        elif not reading.sealed_by(meter_key):
+            problems.append("the signed meter reading's seal is not the EVSE meter's")
     own_energy = readings[-1][1] if readings else energy
     if not readings:
         problems.append("no meter reading of the session was received")

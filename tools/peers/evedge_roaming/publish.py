@@ -35,7 +35,7 @@ from typing import Any, Protocol
 from gateway.protocol.gid import evse_gid
 from gateway.schema import EPOCH_UNIX
 
-from . import pricing
+from . import meter, pricing
 from .cso import CsoEndpoint
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,12 @@ def sdr_parts(sdr: Mapping[str, Any], token_of: Mapping[int, str]) -> list[dict[
     """A CSMS SDR split by card (`token_of`: tx id → card): one SDR per card, with that card's
     transactions, energy, meter start and stop, cost and times; the SDR unchanged when all its
     transactions are one card's. The part of the SDR's own card keeps its `sdr_id`, another
-    card's is `sdr_id+card`; a part is marked `split`. The signed meter data the CSMS keeps
-    cover the SDR's meter stop: they go with the part holding the last transaction, the others
-    have none. A part's `cost` is its transactions' costs at the CSMS, which charges a session
-    fee once per service session; the roaming session of each card pays its own."""
+    card's is `sdr_id+card`; a part is marked `split`. Each part carries the signed readings
+    whose register is its meter stop (`covering`: the meter's word on that part; the reading
+    that ended one card's transaction, or started the next one's); a reading of an unknown
+    format goes with the part holding the last transaction. A part's `cost` is its transactions'
+    costs at the CSMS, which charges a session fee once per service session; the roaming session
+    of each card pays its own."""
     raw = list(sdr.get("transactions") or [])
     own = str(sdr.get("id_token") or "")
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -117,10 +119,23 @@ def sdr_parts(sdr: Mapping[str, Any], token_of: Mapping[int, str]) -> list[dict[
             energy_wh=sum(int(x["energy_wh"] or 0) for x in xs),
             cost=sum(int(x.get("cost") or 0) for x in xs),
             tariff_id=xs[-1].get("tariff_id"),
-            signed_meter=sdr.get("signed_meter") if raw[-1] in xs else None,
+            signed_meter=covering(sdr.get("signed_meter"), int(xs[-1]["meter_stop_wh"]))
+            or (sdr.get("signed_meter") if raw[-1] in xs else None),
             split=True,
         )
         out.append(part)
+    return out
+
+
+def covering(values: Any, stop_wh: int) -> list[bytes]:
+    """The signed readings among `values` (a CSMS SDR's `signed_meter`) whose register is
+    `stop_wh`, in a format read here (`meter.parse`)."""
+    out = []
+    for v in values or ():
+        raw = v if isinstance(v, bytes) else _decode(str(v))
+        reading = meter.parse(base64.b64encode(raw).decode("ascii")) if raw else None
+        if reading is not None and reading.register_wh == stop_wh:
+            out.append(raw)
     return out
 
 
@@ -175,10 +190,10 @@ class CsmsPublisher:
     async def locations(self, evse_status: Mapping[str, str], tables: CsmsTables | None = None) -> None:
         """All locations again when the EVSEs or the operator's records of the sites and
         connectors (`set_site`, `set_connector`) changed; else the status of each EVSE whose status changed."""
-        records = () if tables is None else (
-            *tables.select("site_records", order="site_id"),
-            *tables.select("evse_records", order="site_id, device_id, evse"),
-        )
+        records: list[Any] = []
+        if tables is not None:
+            records += tables.select("site_records", order="site_id")
+            records += tables.select("evse_records", order="site_id, device_id, evse")
         evses = (*sorted(evse_status), json.dumps(records, sort_keys=True, default=str))
         if evses != self._evses:
             await self.cso.publish_locations()
