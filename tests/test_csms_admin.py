@@ -90,5 +90,9 @@ def test_csms_admin_cli_r1_2_connector_of_one_evse_over_its_sites(tmp_path: Path
         bad = ("set-connector", "--site", "s1", "--device", "b1", "--power-type", "DC3")
         assert main(["--data", str(data), *bad]) == 2
     assert "power_type 'DC3': one of AC_1_PHASE, AC_3_PHASE, DC" in err.getvalue()
-    out = admin(data, "set-connector", "--site", "s1", "--device", "b1", "--evse", "2", *kind)
-    assert "s1\tb1\t2\tCHADEMO\tCABLE\tDC" in out
+    with contextlib.redirect_stderr(err):  # R3-9: a meter key is an Ed25519 public key, 32 bytes
+        assert main(["--data", str(data), "set-connector", "--site", "s1", "--device", "b1", "--meter-key", "ab"]) == 2
+    assert "meter_key: an Ed25519 public key is 32 bytes, not 1" in err.getvalue()
+    key = "5a" * 32
+    out = admin(data, "set-connector", "--site", "s1", "--device", "b1", "--evse", "2", *kind, "--meter-key", key)
+    assert f"s1\tb1\t2\tCHADEMO\tCABLE\tDC\t{key}" in out

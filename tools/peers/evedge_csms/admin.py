@@ -22,6 +22,7 @@ server). Commands it queues are sent by the running server to the site's gateway
     set-site --site S [--name N] [--address A] [--city C] [--postal-code P] [--country CC] [--lat X --lon Y]
              [--connector-standard S] [--connector-format F] [--power-type T] [--capabilities C ...]
     set-connector --site S --device D [--evse N] [--connector-standard S] [--connector-format F] [--power-type T]
+                  [--meter-key HEX]
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     sc.add_argument("--site", required=True)
     sc.add_argument("--device", required=True)
     sc.add_argument("--evse", type=int, default=1)
+    sc.add_argument("--meter-key", type=bytes.fromhex, help="R3-9: the meter's Ed25519 public key (hex, its label)")
     for opt in ("--connector-standard", "--connector-format", "--power-type"):
         ss.add_argument(opt)
         sc.add_argument(opt)
@@ -261,8 +263,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         elif args.cmd == "set-connector":
             kind = {"connector_standard": args.connector_standard, "connector_format": args.connector_format,
                     "power_type": args.power_type}  # fmt: skip
-            rec = api.set_connector(args.site, args.device, args.evse, **kind)
-            _table([rec], ("site_id", "device_id", "evse", *kind), out)
+            rec = api.set_connector(args.site, args.device, args.evse, **kind, meter_key=args.meter_key)
+            _table([{**rec, "meter_key": (rec.get("meter_key") or b"").hex()}],
+                   ("site_id", "device_id", "evse", *kind, "meter_key"), out)  # fmt: skip
         elif args.cmd == "export-sdrs":
             export_sdrs(api, args.format, out)
     except (CsmsError, OSError) as e:

@@ -75,6 +75,14 @@ def site_row(
     return row
 
 
+def meter_key(key: bytes) -> bytes:
+    """An EVSE meter's public key as recorded: the 32 bytes of an Ed25519 key (what the meters'
+    signed readings are sealed with, docs/roaming.md "Signed meter readings")."""
+    if len(key) != 32:
+        raise CsmsError(f"meter_key: an Ed25519 public key is 32 bytes, not {len(key)}")
+    return bytes(key)
+
+
 def evse_connector(evse_record: Mapping[str, Any] | None, site_record: Mapping[str, Any] | None,
                    default: Mapping[str, str]) -> dict[str, str]:  # fmt: skip
     """An EVSE's connector kind: each value from the EVSE's own record, else its site's, else

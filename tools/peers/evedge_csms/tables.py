@@ -181,7 +181,7 @@ TABLES: Final[tuple[Table, ...]] = (
     _t(
         "evse_records",
         "site_id device_id evse",
-        "site_id device_id evse:int connector_standard connector_format power_type",
+        "site_id device_id evse:int connector_standard connector_format power_type meter_key:blob",
     ),
     _t(
         "commands",

@@ -29,6 +29,7 @@ The CSMS may be stopped and started (an outage): the adapter asks `csms()` each 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -145,17 +146,21 @@ class CsmsOperator:
                    "longitude": 11.5 if lon is None else float(lon), "evses": evses}  # fmt: skip
             place = {"street": rec.get("address"), "city": rec.get("city"), "postal_code": rec.get("postal_code"),
                      "country": rec.get("country")}  # fmt: skip
-            loc["connectors"] = [{"evse_gid": e["evse_gid"], "connector": 1,
-                                  **self._connector(where[e["evse_gid"]], rec), "max_power_w": e["max_power_w"]}
-                                 for e in evses]  # fmt: skip
+            loc["connectors"] = [self._connector(e, where[e["evse_gid"]], rec) for e in evses]
             loc["capabilities"] = list(rec.get("capabilities") or DEFAULT_CAPABILITIES)
             out.append(loc | {k: str(v) for k, v in place.items() if v})
         return out
 
-    def _connector(self, evse: tuple[str, str, int], site_record: Row) -> dict[str, str]:
-        """The kind of an EVSE's connector: the operator's record of it (`Csms.set_connector`),
-        else its site's (`Csms.set_site`), else `DEFAULT_CONNECTOR`."""
-        return locations.evse_connector(self._srv().api.connector_record(*evse), site_record, DEFAULT_CONNECTOR)
+    def _connector(self, evse: dict[str, Any], where: tuple[str, str, int], site_record: Row) -> dict[str, Any]:
+        """An EVSE's connector (PutLocation's `connector_info`): its kind from the operator's record
+        of it (`Csms.set_connector`), else its site's (`Csms.set_site`), else `DEFAULT_CONNECTOR`;
+        its meter's key when recorded (base64, as JSON carries `bin`); the EVSE's rating."""
+        own = self._srv().api.connector_record(*where)
+        out = {"evse_gid": evse["evse_gid"], "connector": 1, **locations.evse_connector(own, site_record,
+               DEFAULT_CONNECTOR), "max_power_w": evse["max_power_w"]}  # fmt: skip
+        if own is not None and own.get("meter_key"):
+            out["meter_key"] = base64.b64encode(own["meter_key"]).decode("ascii")
+        return out
 
     def reported(self, site: str) -> dict[str, dict[str, Any]]:
         """The site's last BoardsReport (M1) by EVSE id: status, rating, model, firmware."""
