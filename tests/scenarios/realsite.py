@@ -104,16 +104,18 @@ async def check_billing(site: Site, timeout: float = 20.0) -> list[str]:
 
 def scenario(tmp: Path, fn: Callable[[Site, Invariants], Awaitable[None]], boards: int = 2,
              gateway_extra: dict[str, dict[str, Any]] | None = None, roaming: bool | str = False,
-             registered: bool = True, evses: int | Sequence[int] = 1) -> None:  # fmt: skip
+             registered: bool = True, evses: int | Sequence[int] = 1, visited: bool = False) -> None:  # fmt: skip
     """Runs `fn` on a real site of `boards` boards under `tmp`, with the invariants sampled;
     fails with every broken invariant. `registered`: wait until every board is accepted by
     the CSMS before `fn` (False: a scenario about onboarding itself). `evses`: the EVSEs of
     every board, or of each board in order. `roaming`: True (mixed mode) or the roaming mode
-    (peer_to_peer, clearing_house, mixed)."""
+    (peer_to_peer, clearing_house, mixed). `visited`: a third home CSP `site.csp3` roaming
+    through `site.csp` (CSP↔CSP roaming, peer to peer only)."""
 
     async def main() -> None:
         mode = roaming if isinstance(roaming, str) else "mixed"
-        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=bool(roaming), evses=evses, roaming_mode=mode)
+        site = Site(tmp, boards, gateway_extra=gateway_extra, roaming=bool(roaming), evses=evses, roaming_mode=mode,
+                    visited=visited)  # fmt: skip
         inv = Invariants(site)
         broken: list[str] = []
         try:

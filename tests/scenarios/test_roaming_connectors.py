@@ -1,20 +1,27 @@
-"""R1-2 on the real chain: a site that mixes connector kinds (an AC wallbox beside a DC
-charger). The operator records the site's connector (`Csms.set_site`) and, over it, one EVSE's
-(`Csms.set_connector`, `evedge-csms-admin set-connector`); the home CSP's copy of the location,
-published by the CSMS through its CSO endpoint, names each EVSE's own kind. Real MicroPython
-boards, the real gateway, the real CSMS over QUIC, the endpoints over HTTP/3 (mixed mode)."""
+"""What the operator records of each EVSE, on the real chain (real MicroPython boards, the real
+gateway, the real CSMS over QUIC, the endpoints over HTTP/3, mixed mode):
+- R1-2: a site that mixes connector kinds (an AC wallbox beside a DC charger). The operator
+  records the site's connector (`Csms.set_site`) and, over it, one EVSE's (`Csms.set_connector`,
+  `evedge-csms-admin set-connector`); the home CSP's copy of the location names each EVSE's kind.
+- R3-9: the meter's seal. The installer records each EVSE's meter key (the harness, from the
+  emulated meter's label); the location carries it; the home CSP checks the seal of the signed
+  reading each SDR carries, and a reading whose seal is not the meter's is a mismatch, disputed."""
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from realsite import Invariants, Site, api, scenario, site_id
+from roaming_books import books_faults, check_books
 
 from evedge_csms.errors import CsmsError
-from tools.site.harness import until
+from evedge_roaming import meter, publish
+from tools.site.harness import board_status, board_step, board_wait, until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,6 +65,65 @@ def test_r1_2_a_site_mixing_ac_and_dc_publishes_each_evse_connector(tmp_path: Pa
             api(site).set_connector(site_id(site), "ev-9999", 1, power_type="DC")
         with pytest.raises(CsmsError, match="evse 0"):
             api(site).set_connector(site_id(site), site.devices[0], 0, power_type="DC")
-        assert api(site).connector_record(site_id(site), site.devices[0], 1) is None
+        kept = api(site).connector_record(site_id(site), site.devices[0], 1)  # the meter key the installer recorded
+        assert kept is not None and kept["power_type"] is None and kept["meter_key"] == site.boards[0].meter_key(1)
 
     scenario(tmp_path, body, boards=2, roaming=True)
+
+
+def test_r3_9_the_home_csp_checks_the_meters_seal_of_each_sdr(tmp_path: Path) -> None:
+    card = "DE*HCP*CCARD00001"
+
+    async def body(site: Site, inv: Invariants) -> None:
+        assert site.csp is not None and site.cso is not None and site.bridge is not None
+        csp, cso, b = site.csp, site.cso, site.boards[0]
+        evse = site.evse(0)
+        # R1-2: the meter's key reaches the home CSP with the location
+        await until(lambda: csp.meter_key(evse) == b.meter_key(1), 15, "the meter key at the home CSP")
+        cmd = api(site).set_tariff(site_id(site), 3, 250, "EUR", targets=site.devices)
+        assert (await site.command_done(cmd))["state"] == "done"
+        await until(lambda: 3 in csp.tariffs(cso.me), 10, "the tariff at the home CSP")
+        csp.add_customer(card)
+
+        async def charge(ms: int) -> None:
+            m = b.mark()
+            b.cmd("card", token=card)
+            assert (await board_wait(b, "auth", since=m))["status"] == 0
+            b.cmd("plug")
+            await board_wait(b, "tx_started", since=m)
+            await board_status(b, lambda st: st["power_w"] > 0)
+            await board_step(b, ms)
+            b.cmd("unplug")
+            await board_wait(b, "tx_ended", since=m)
+
+        await charge(300_000)
+        (book,) = await check_books(site, "mixed")  # matched: the seal is the meter's
+        reading = meter.parse(book.csp_sdr["signed_meter"])
+        assert reading is not None and reading.sealed_by(b.meter_key(1))
+        assert reading.register_wh == book.csp_sdr["meter_stop_wh"]
+
+        # a CSO that moves the meter's registers (the energy unchanged, the reading's register made
+        # to match) cannot make the seal: a mismatch that names it, disputed
+        await site.bridge.stop()
+        await charge(120_000)
+        (s2,) = await until(lambda: [s for s in api(site).sdrs() if s["id_token"] == card][1:], 20, "the 2nd SDR")
+        sid2 = cso.open_session(evse, card) or cso.adopt_session(evse, card, publish.unix(s2["started"]))
+        assert sid2 is not None
+        real = meter.parse(publish.signed_meter(s2))
+        assert real is not None
+        shift = 1000
+        forged = real.body[:4] + (real.register_wh + shift).to_bytes(8, "big") + real.body[12:] + real.signature
+        cso.store.exec("INSERT INTO csms_sdrs VALUES(?,?,?,?)", s2["sdr_id"], sid2, "sent", int(time.time()))
+        answer = await cso.session_ended(sid2, int(s2["energy_wh"]), meter_start_wh=int(s2["meter_start_wh"]) + shift,
+                                         signed_meter=base64.b64encode(forged).decode(),
+                                         lines=publish.sdr_lines(s2))  # fmt: skip
+        assert answer["status"] == "accepted"
+        verdict = await until(lambda: csp.store.one("SELECT verdict FROM sdrs WHERE sdr_id=?", answer["sdr_id"]), 10,
+                              "the verdict")  # fmt: skip
+        assert verdict[0] == "mismatch: the signed meter reading's seal is not the EVSE meter's", verdict[0]
+        assert (await csp.dispute(answer["sdr_id"]))["status"] == "accepted"
+        # the books see it too: the CSO's SDR carries another reading than the CSMS's (the meter's)
+        _, faults = await books_faults(site, "mixed", wrong={sid2})
+        assert len(faults) == 1 and faults[0].startswith(f"{sid2}: signed meter data (CSO SDR, CSMS SDR)"), faults
+
+    scenario(tmp_path, body, boards=1, roaming=True)

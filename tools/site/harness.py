@@ -27,6 +27,7 @@ from evedge_roaming.config import EndpointConfig
 from evedge_roaming.csms_operator import CsmsOperator, CsmsRoaming
 from evedge_roaming.cso import CsoEndpoint
 from evedge_roaming.csp import CspEndpoint
+from evedge_roaming.visited import VisitedCspEndpoint
 from gateway import config as gwconfig
 from gateway.localcsms.roaming import SiteRoaming
 from gateway.protocol import devpki
@@ -37,6 +38,8 @@ from tools.board import Board
 SITE_ID = "DE*EVE*LSITE1"
 CSO_ID, CSP_ID, CSP_B_ID, CH_ID = "DE*EVE*O", "DE*HCP*O", "DE*HCB*O", "DE*CHX*O"
 """The site's operator (its EVSE ids are DE*EVE*E…), home CSPs A and B, a clearing house."""
+CSP3_ID = "DE*HC3*O"
+"""With `visited=True`: a third home CSP, roaming through A (its visited CSP) only."""
 SITE_PARTY = "DE*ST1*O"
 """The site gateway's party id at its CSO roaming endpoint (role `site`)."""
 
@@ -115,9 +118,11 @@ class Site:
 
     def __init__(self, root: Path, n_boards: int = 2, gateway_extra: dict[str, dict[str, Any]] | None = None,
                  roaming: bool = False, evses: int | Sequence[int] = 1,
-                 roaming_mode: str = "mixed") -> None:  # fmt: skip
+                 roaming_mode: str = "mixed", visited: bool = False) -> None:  # fmt: skip
         """`evses`: the EVSEs of every board, or of each board in order (a twin-socket board: 2).
-        `roaming_mode`: the roaming network's mode (peer_to_peer, clearing_house, mixed)."""
+        `roaming_mode`: the roaming network's mode (peer_to_peer, clearing_house, mixed).
+        `visited`: CSP↔CSP roaming (peer to peer): provider A is also the visited CSP of a third
+        home CSP `csp3` that has no agreement with the CSO."""
         self.root = Path(root)
         self.n = n_boards
         self.evses = [evses] * n_boards if isinstance(evses, int) else list(evses)
@@ -130,6 +135,7 @@ class Site:
         self.boards: list[Board] = []
         self.roaming = roaming
         self.roaming_mode = roaming_mode
+        self.visited = visited
         self.t0 = time.monotonic()
         self.re_cfgs: dict[str, EndpointConfig] = {}
         self.cso: CsoEndpoint | None = None
@@ -137,6 +143,8 @@ class Site:
         """Service provider A's home-CSP endpoint (`DE*HCP*O`)."""
         self.csp_b: CspEndpoint | None = None
         """Service provider B's (`DE*HCB*O`): its own credentials, HMAC key, certificate, store."""
+        self.csp3: CspEndpoint | None = None
+        """With `visited`: the home CSP (`DE*HC3*O`) that roams through A only."""
         self.ch: ClearingHouse | None = None
         self.bridge: CsmsRoaming | None = None
         self.site_roaming: SiteRoaming | None = None
@@ -151,13 +159,19 @@ class Site:
         """The CSO, two home-CSP (A, B) and CH endpoints in `roaming_mode`; the CSO's operator is
         the CSMS."""
         ids = {"cso": CSO_ID, "csp": CSP_ID, "csp2": CSP_B_ID, "ch": CH_ID}
-        self.re_cfgs = testbed.network(self.root / "roaming", self.roaming_mode, party_ids=ids, sites=(SITE_PARTY,))
+        if self.visited:
+            ids["csp3"] = CSP3_ID
+        pairs = (("csp3", "csp"),) if self.visited else ()
+        self.re_cfgs = testbed.network(self.root / "roaming", self.roaming_mode, party_ids=ids, sites=(SITE_PARTY,),
+                                       visited=pairs)  # fmt: skip
         op = CsmsOperator(lambda: self.csms)
-        self.csp = CspEndpoint(self.re_cfgs["csp"])
+        self.csp = (VisitedCspEndpoint if self.visited else CspEndpoint)(self.re_cfgs["csp"])
         self.csp_b = CspEndpoint(self.re_cfgs["csp2"])
         self.ch = ClearingHouse(self.re_cfgs["ch"])
         self.cso = CsoEndpoint(self.re_cfgs["cso"], op)
         eps = {"csp": self.csp, "csp2": self.csp_b, "ch": self.ch, "cso": self.cso}
+        if self.visited:
+            self.csp3 = eps["csp3"] = CspEndpoint(self.re_cfgs["csp3"])
         self.re_cfgs = await testbed.start_endpoints(eps)  # ephemeral ports, then told to each other
         self.bridge = CsmsRoaming(self.cso, op).start()
 
@@ -264,7 +278,16 @@ class Site:
         if self.roaming:  # the CSO endpoint knows the EVSEs the CSMS knows
             await until(lambda: self.csms is not None and len(CsmsOperator(lambda: self.csms).evses()) >= self.n, 30,
                         "EVSEs at the CSMS")  # fmt: skip
+            self.record_meters()
         return self
+
+    def record_meters(self) -> None:
+        """The installer records each EVSE's meter key from the meter's label (R3-9: the home CSP
+        checks the seal of every signed reading with it, as the location publishes it)."""
+        assert self.csms is not None
+        for b in self.boards:
+            for n in range(1, b.evses + 1):
+                self.csms.api.set_connector(SITE_ID, b.device_id, n, meter_key=b.meter_key(n))
 
     async def close(self) -> None:
         for b in self.boards:
@@ -275,7 +298,7 @@ class Site:
             await self.gw.stop()
         if self.bridge is not None:
             await self.bridge.stop()
-        for ep in (self.cso, self.csp, self.csp_b, self.ch):
+        for ep in (self.cso, self.csp, self.csp_b, self.csp3, self.ch):
             if ep is not None and ep.server is not None:
                 await ep.stop()
         await self.stop_csms()

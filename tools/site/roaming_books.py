@@ -7,6 +7,13 @@ CSMS's signed meter data end to end, and matched by the home CSP against its own
 (and by the CH's reconciliation), unless the scenario sent it wrong on purpose (`wrong`):
 then it is flagged a mismatch at the CSP and the CH.
 
+A session of a card whose home roams through a visited CSP (CSP↔CSP roaming, `Site(visited=True)`)
+is billed twice over: the CSO's SDR at the visited CSP, matched against its record, and the
+visited CSP's own SDR at the home CSP, matched against the home's record; both priced the same
+(the CSO's tariff passed on unchanged) and carrying the same signed meter data. Every CSP holds
+one SDR per session it is the CSO's counterpart of, plus one per session of its customers
+billed through a visited CSP.
+
 A roaming card is one of a home CSP's customers (token uid or contract id); the operator's
 own cards are the CSMS's business (tests/scenarios/realsite.py checks those).
 
@@ -23,6 +30,7 @@ from typing import Any
 
 from evedge_roaming import pricing, publish
 from evedge_roaming.csp import CspEndpoint
+from evedge_roaming.visited import VisitedCspEndpoint
 from tools.site.harness import Site, until
 
 MODES = ("peer_to_peer", "clearing_house", "mixed")
@@ -39,6 +47,11 @@ class Book:
     csp_sdr: dict[str, Any] = field(default_factory=dict)
     verdict: str = ""
     ch_verdict: str | None = None
+    home: str = ""
+    """The card's home CSP: `csp`, or the partner `csp` is the visited CSP of."""
+    home_session: str = ""
+    home_sdr: dict[str, Any] = field(default_factory=dict)
+    home_verdict: str = ""
 
 
 def _customers(csp: CspEndpoint) -> set[str]:
@@ -47,7 +60,7 @@ def _customers(csp: CspEndpoint) -> set[str]:
 
 
 def _csps(site: Site) -> list[CspEndpoint]:
-    return [c for c in (site.csp, site.csp_b) if c is not None]
+    return [c for c in (site.csp, site.csp_b, site.csp3) if c is not None]
 
 
 def roaming_sdrs(site: Site, known: Collection[str] = ()) -> list[dict[str, Any]]:
@@ -77,7 +90,7 @@ def _books(site: Site, known: Collection[str]) -> list[Book] | None:
             got = csp.store.one("SELECT body, verdict FROM sdrs WHERE session_id=?", sid)
             if got is not None and csp.me == book.csp:
                 book.csp_sdr, book.verdict = json.loads(got[0]), str(got[1])
-        if not book.csp_sdr:
+        if not book.csp_sdr or not _home_leg(site, book):
             return None
         out.append(book)
     return out
@@ -93,6 +106,25 @@ async def check_books(site: Site, mode: str, *, known: Collection[str] = (), wro
     return books
 
 
+def _home_leg(site: Site, book: Book) -> bool:
+    """Fills in the home's side of the book: the same CSP, or through a visited CSP the home's
+    SDR (False while it is on its way)."""
+    visited = next((c for c in _csps(site) if c.me == book.csp), None)
+    link = visited.link(book.session_id) if isinstance(visited, VisitedCspEndpoint) else None
+    if link is None:
+        book.home, book.home_session = book.csp, book.session_id
+        book.home_sdr, book.home_verdict = book.csp_sdr, book.verdict
+        return True
+    home = next((c for c in _csps(site) if c.me == link.home), None)
+    q = "SELECT body, verdict FROM sdrs WHERE session_id=?"
+    got = None if home is None else home.store.one(q, link.home_session)
+    if got is None:
+        return False
+    book.home, book.home_session = link.home, link.home_session
+    book.home_sdr, book.home_verdict = json.loads(got[0]), str(got[1])
+    return True
+
+
 def _unsent(site: Site, known: Collection[str]) -> list[str]:
     """The CSMS's roaming SDRs not (yet) at their home CSP: what a timeout names."""
     assert site.cso is not None
@@ -104,6 +136,10 @@ def _unsent(site: Site, known: Collection[str]) -> list[str]:
         )
         if not at_csp:
             out.append(f"{s['sdr_id']} ({s['id_token']}, CSO: {'none' if row is None else row[1]})")
+        for c in _csps(site):  # through a visited CSP: at the visited CSP, not yet at the home
+            link = c.link(str(row[0])) if row is not None and isinstance(c, VisitedCspEndpoint) else None
+            if link is not None and link.state != "forwarded":
+                out.append(f"{s['sdr_id']} ({s['id_token']}, at {c.me}, to {link.home}: {link.state})")
     return out
 
 
@@ -135,9 +171,9 @@ async def books_faults(site: Site, mode: str, *, known: Collection[str] = (), wr
         faults.append(f"CSO: {billed} sessions with an SDR, the CSMS has {len(books)} roaming SDRs")
     for csp in _csps(site):
         n = csp.store.get("SELECT COUNT(*) FROM sdrs")[0]
-        mine = sum(b.csp == csp.me for b in books)
+        mine = sum(b.csp == csp.me for b in books) + sum(b.home == csp.me != b.csp for b in books)
         if n != mine:
-            faults.append(f"{csp.me}: {n} SDRs received, {mine} roaming sessions are its customers'")
+            faults.append(f"{csp.me}: {n} SDRs received, {mine} roaming sessions are its customers' or its partners'")
     ch_rows = {str(r["session_id"]): dict(r) for r in ch.store.all("SELECT * FROM sdrs")}
     if mode == "peer_to_peer":
         if ch_rows or ch.store.get("SELECT COUNT(*) FROM routed")[0]:
@@ -177,6 +213,8 @@ def _one(site: Site, mode: str, b: Book, ch_row: dict[str, Any] | None, wrong: b
     for what, got, want in checks:
         if got != want:
             out.append(f"{sid}: {what}: {got!r} != {want!r}")
+    if b.home != b.csp:
+        out += _through_visited(site, b, wrong)
     if mode != "peer_to_peer":
         if ch_row is None:
             out.append(f"{sid}: no SDR at the clearing house")
@@ -189,4 +227,37 @@ def _one(site: Site, mode: str, b: Book, ch_row: dict[str, Any] | None, wrong: b
             ok = {"mismatch", "disputed"} if wrong else {"matched"}
             if ch_row["verdict"] not in ok:
                 out.append(f"{sid}: the clearing house's verdict {ch_row['verdict']}, wanted one of {ok}")
+    return out
+
+
+def _through_visited(site: Site, b: Book, wrong: bool) -> list[str]:
+    """The home leg of a session billed through a visited CSP: the visited CSP's own SDR at the
+    home, as the CSMS billed it (energy, lines, the CSO's price with the home's copy of the
+    tariffs, signed meter data), issued by the visited CSP, matched by the home's own record."""
+    s, sdr, sid = b.csms, b.home_sdr, b.home_session
+    home = next(c for c in _csps(site) if c.me == b.home)
+    lines = publish.sdr_lines(s)
+    out = []
+    checks: list[tuple[str, object, object]] = [
+        ("signed meter data (home SDR, CSMS SDR)", sdr.get("signed_meter"), publish.signed_meter(s)),
+        ("tariff of each line (home SDR, CSMS)", [x.get("tariff_id") for x in sdr.get("lines", [])],
+         [x.tariff_id for x in lines]),
+        ("issuer of the home's SDR (the visited CSP)", str(sdr["sdr_id"]).rsplit("*", 1)[0], b.csp.rsplit("*", 1)[0]),
+        ("price passed on (home SDR, CSO SDR)", sdr["cost"], b.csp_sdr["cost"]),
+    ]  # fmt: skip
+    if not wrong:
+        want_cost = sum(pricing.price(home.tariffs(site.cso.me if site.cso else ""), lines))
+        checks += [
+            ("energy (home SDR, CSMS SDR)", sdr["energy_wh"], s["energy_wh"]),
+            ("cost (home SDR, priced again with the home CSP's tariffs)", sdr["cost"], want_cost),
+            ("the home CSP's verdict", b.home_verdict, "matched"),
+        ]
+        readings = home.readings(sid)
+        if s["energy_wh"] and (not readings or readings[-1][1] != s["energy_wh"]):
+            out.append(f"{sid}: the home CSP's own record ends at {readings[-1:]} not {s['energy_wh']} Wh")
+    elif not b.home_verdict.startswith("mismatch"):
+        out.append(f"{sid}: a wrong SDR was not flagged by the home CSP: {b.home_verdict}")
+    for what, got, want in checks:
+        if got != want:
+            out.append(f"{b.session_id} (home {sid}): {what}: {got!r} != {want!r}")
     return out

@@ -22,6 +22,7 @@ from .csp import CspEndpoint
 from .endpoint import Endpoint
 from .operator import MemoryOperator
 from .testbed import write_network
+from .visited import VisitedCspEndpoint
 
 
 def build(role: str, cfg: config.EndpointConfig, demo_evses: int = 2) -> Endpoint:
@@ -30,8 +31,8 @@ def build(role: str, cfg: config.EndpointConfig, demo_evses: int = 2) -> Endpoin
         evses = [gid.make(country, party, "E", f"1-{i}") for i in range(1, demo_evses + 1)]
         operator = MemoryOperator.one_site(cfg.party_id, gid.make(country, party, "L", "1"), evses)
         return CsoEndpoint(cfg, operator)
-    if role == "csp":
-        return CspEndpoint(cfg)
+    if role == "csp":  # a CSP with partner CSPs roaming through it is their visited CSP
+        return VisitedCspEndpoint(cfg) if cfg.partners() else CspEndpoint(cfg)
     return ClearingHouse(cfg)
 
 

@@ -4,8 +4,8 @@ reconciliation (the CSO's SDR against the CSP's record of the session: energy an
 match) and settlement (per CSO-CSP pair and currency, a Settlement message to both).
 
 It keeps: the SDRs it routed (for reconciliation and settlement), the CSPs' session records,
-the settlements, which parties it passed a token uid to (M10), and a routing log without
-bodies.
+the settlements, which parties it passed a token uid to (M10), a routing log without
+bodies, and the credentials it issued on the CSPs' behalf (credentials.py: IssueCredential).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from gateway.protocol import gid
 from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 
+from . import credentials
 from .endpoint import COUNTERPART, Ctx, Endpoint, Refused, handles
 from .h3server import Reply
 
@@ -50,7 +51,7 @@ class Reconciled:
 
 class ClearingHouse(Endpoint):
     role: ClassVar[str] = "ch"
-    DDL: ClassVar[str] = DDL
+    DDL: ClassVar[str] = DDL + credentials.DDL
 
     # ---- transaction hub switch
     async def _forward(self, message: str, body: dict[str, Any], ctx: Ctx, dest: str) -> tuple[int, dict[str, Any]]:
@@ -75,6 +76,8 @@ class ClearingHouse(Endpoint):
             raise Refused(404, "unknown_party", f"{ctx.to} is not known to the clearing house")
         if dest.party_id == ctx.origin:
             raise Refused(400, "loop", "a request cannot be routed back to its origin")
+        if message == "IssueCredential":  # the CH issues credentials itself, nobody else does
+            raise Refused(403, "not_allowed", "only the clearing house issues credentials: send it no x-ev-to")
         if message == "PutSdr":
             self._check_sdr(body, ctx, dest.party_id)
         if message == "DeleteUserData":
@@ -114,6 +117,11 @@ class ClearingHouse(Endpoint):
 
     @handles("TokenList", senders=("csp",))
     async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        for i, t in enumerate(body["tokens"]):  # a CSP lists the credentials of ours it was issued only
+            if t["auth_status"] != "invalid" and credentials.claims_foreign(self.store, self.me, t["token_uid"],
+                                                                              ctx.origin):  # fmt: skip
+                raise Refused(403, "party_mismatch", "a credential this CH issued to another CSP",
+                              f"tokens[{i}].token_uid")  # fmt: skip
         answer = await self._fan_out("TokenList", body, ctx)
         with self.store.tx() as db:
             if body["update_type"] == "full" and body.get("page", 0) == 0:
@@ -145,7 +153,10 @@ class ClearingHouse(Endpoint):
             home: str | None = gid.parse(uid, expect="C").operator
         except gid.GidError:
             home = None
-        if home is not None or body["token_type"] == "iso15118":
+        if home == self.me:  # a credential this CH issued: to the CSP it belongs to, no other
+            owner = credentials.owner(self.store, uid)
+            csps = [owner] if owner in csps else []
+        elif home is not None or body["token_type"] == "iso15118":
             csps = [home] if home in csps else []
         else:
             row = self.store.one("SELECT csp FROM token_homes WHERE digest=?", self._digest(uid))
@@ -158,6 +169,24 @@ class ClearingHouse(Endpoint):
             if status == 200 and answer["auth_status"] != "unknown":
                 return answer
         return {"auth_status": "unknown"}
+
+    @handles("ContractCertificate", senders=("cso",))
+    async def _on_contract_certificate(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """S7, R3-3 for a contract this CH issued: the certificate is the business of the CSP
+        it belongs to (its MO PKI), to which the request goes; no other CSP sees it."""
+        owner = credentials.owner(self.store, body.get("contract_id", ""))
+        if owner is None or self.cfg.party(owner) is None:
+            return {"status": "rejected", "reason": "no contract issued by this clearing house"}
+        status, answer = await self._forward("ContractCertificate", body, ctx, owner)
+        if status != 200:
+            raise Refused(status, str(answer["error"]), str(answer.get("detail", "")), answer.get("field"))
+        return answer
+
+    @handles("IssueCredential", senders=("csp",), key=lambda b: str(b["request_id"]))
+    async def _on_issue_credential(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """A CSP asks for a credential for one of its customers (CH and mixed mode): issued under
+        this CH's provider id, kept with the CSP it belongs to (credentials.py)."""
+        return credentials.issue(self.cfg, self.store, body, ctx.origin, ctx.now).answer()
 
     @handles("SessionUpdate", senders=("csp",))
     async def _on_csp_record(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
@@ -273,9 +302,19 @@ class ClearingHouse(Endpoint):
             n = db.execute("UPDATE sdrs SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM shared WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM token_homes WHERE digest=?", (self._digest(token_uid),)).rowcount
+            n += credentials.forget(self.store, token_uid)
         return n
 
+    async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
+        """M10 started here (or sent to the CH itself): a credential the CH issued is deleted at
+        the CSP it belongs to as well, which passes it on to the CSOs that saw it."""
+        owner = credentials.owner(self.store, token_uid)
+        if owner is not None and owner != skip:
+            self.store.exec("INSERT OR REPLACE INTO shared VALUES(?,?,?)", token_uid, owner, int(self.clock()))
+        return await super().delete_user(token_uid, skip=skip)
+
     def purge_personal(self, cut: int) -> int:
-        return self.store.db.execute(
+        n = self.store.db.execute(
             "UPDATE sdrs SET token_uid=NULL WHERE token_uid IS NOT NULL AND at < ?", (cut,)
         ).rowcount
+        return n + credentials.purge(self.store, cut)

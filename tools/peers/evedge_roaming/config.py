@@ -21,6 +21,15 @@
     port = 4434
     password = "..."                  # the pair's login password (both directions)
     secret = "hex..."                 # the pair's HMAC key (both directions)
+    # CSP↔CSP roaming (docs/roaming.md "CSP↔CSP roaming (a visited CSP)"), on a `csp` party:
+    visited = false                   # at a home CSP: this CSP is our visited CSP; toward us it
+                                      # acts as the CSO does (its CSOs' locations, status, tariffs,
+                                      # AuthorizeRoaming, SessionUpdate, PutSdr; we send it our
+                                      # token list and remote commands for its CSOs' EVSEs)
+    partner = false                   # at a visited CSP: this CSP is a home CSP roaming through
+                                      # us (its token list goes into ours; its cards are asked of it)
+    serves = ["DE*HC3*O"]             # at a CSO: the home CSPs (providers) this CSP brings, so a
+                                      # contract id of theirs is asked of this CSP (privacy routing)
 
 Relative paths are relative to the TOML file.
 """
@@ -58,10 +67,21 @@ class PartyConfig:
     secret: str
     host: str = "127.0.0.1"
     port: int = 0
+    visited: bool = False
+    """At a home CSP: this `csp` party is our visited CSP (it acts toward us as a CSO)."""
+    partner: bool = False
+    """At a visited CSP: this `csp` party is a home CSP that roams through us."""
+    serves: tuple[str, ...] = ()
+    """At a CSO: the providers (party ids) whose customers this `csp` party brings as a visited CSP."""
 
     @property
     def secret_bytes(self) -> bytes:
         return bytes.fromhex(self.secret)
+
+    @property
+    def acts_as(self) -> str:
+        """The role this party plays toward us: a visited CSP is the CSO of its partners."""
+        return "cso" if self.role == "csp" and self.visited else self.role
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,16 @@ class EndpointConfig:
             raise ConfigError(f"role must be one of {ROLES} (a party's also 'site')")
         if self.role != "cso" and self.of_role("site"):
             raise ConfigError("only a CSO endpoint has site parties")
+        for p in self.parties:
+            if (p.visited or p.partner) and (p.role != "csp" or self.role != "csp" or p.visited == p.partner):
+                raise ConfigError(f"{p.party_id}: visited/partner are for one CSP party of a CSP, not both")
+            if p.serves and (p.role != "csp" or self.role != "cso"):
+                raise ConfigError(f"{p.party_id}: serves is for a CSP party of a CSO")
+            try:
+                for s in p.serves:
+                    gid.parse(s, expect="O")
+            except gid.GidError as exc:
+                raise ConfigError(f"{p.party_id}: serves: {exc}") from None
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, not {self.mode!r}")
         if self.role != "ch" and self.mode != "peer_to_peer":
@@ -118,6 +148,22 @@ class EndpointConfig:
     def of_role(self, role: str) -> list[PartyConfig]:
         return [p for p in self.parties if p.role == role]
 
+    def counterparts(self, role: str) -> list[PartyConfig]:
+        """The parties that play `role` toward us (a visited CSP plays the CSO)."""
+        return [p for p in self.parties if p.acts_as == role]
+
+    def provider(self, party_id: str) -> PartyConfig | None:
+        """The CSP party that answers for the customers of provider `party_id`: that provider,
+        or (at a CSO) the visited CSP that `serves` it."""
+        p = self.party(party_id)
+        if p is not None:
+            return p if p.role == "csp" else None
+        return next((p for p in self.of_role("csp") if party_id in p.serves), None)
+
+    def partners(self) -> list[PartyConfig]:
+        """The home CSPs that roam through us (we are their visited CSP)."""
+        return [p for p in self.parties if p.partner]
+
     def with_port(self, port: int) -> EndpointConfig:
         return replace(self, port=port)
 
@@ -129,7 +175,7 @@ def load(path: Path) -> EndpointConfig:
     unknown = set(data) - known - {"party"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
-    parties = tuple(PartyConfig(**p) for p in data.pop("party", []))
+    parties = tuple(PartyConfig(**(p | {"serves": tuple(p.get("serves", ()))})) for p in data.pop("party", []))
     for k in ("db", "cert", "key", "ca"):
         if k in data:
             data[k] = base / data[k]
@@ -146,6 +192,10 @@ def dump(cfg: EndpointConfig, relative_to: Path | None = None) -> str:
             v = Path(os.path.relpath(v.absolute(), relative_to.absolute()))
         if isinstance(v, str | Path):
             return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
         return str(v)
 
     lines = []
@@ -155,5 +205,5 @@ def dump(cfg: EndpointConfig, relative_to: Path | None = None) -> str:
             lines.append(f"{f.name} = {value(v)}")
     for p in cfg.parties:
         lines.append("\n[[party]]")
-        lines += [f"{f.name} = {value(getattr(p, f.name))}" for f in fields(p)]
+        lines += [f"{f.name} = {value(getattr(p, f.name))}" for f in fields(p) if getattr(p, f.name) != f.default]
     return "\n".join(lines) + "\n"

@@ -106,8 +106,8 @@ class CsoEndpoint(Endpoint):
             return [str(row[0])]
         home = home_of_contract(token_uid)
         if home is not None or token_type == "iso15118":
-            party = self.cfg.party(home or "")
-            return [home] if home is not None and party is not None and party.role == "csp" else []
+            party = self.cfg.provider(home or "")  # the provider, or the visited CSP that serves it
+            return [party.party_id] if party is not None else []
         if self.cfg.token_discovery == "ask_every_csp":
             return [p.party_id for p in self.cfg.of_role("csp")]
         return []
@@ -211,9 +211,10 @@ class CsoEndpoint(Endpoint):
             "SELECT csp FROM sessions WHERE token_uid=? ORDER BY started DESC LIMIT 1", token_uid
         )
         home = str(row[0]) if row is not None else home_of_contract(token_uid)
-        party = self.cfg.party(home or "")
-        if home is None or party is None or party.role != "csp":
+        party = self.cfg.provider(home or "")  # the provider, or the visited CSP that serves it
+        if party is None:
             return None
+        home = party.party_id
         sid = self.issue("S", secrets.token_hex(12))
         tariff = pricing.in_force(self.tariffs().values(), started)
         self.store.exec(
@@ -443,7 +444,11 @@ class CsoEndpoint(Endpoint):
         except gid.GidError:
             return {"status": "rejected", "reason": "the CSR common name is not a contract id"}
         party = self.cfg.party(home)
-        if party is None or party.role != "csp":
+        if party is None and (served := self.cfg.provider(home)) is not None:  # through its visited CSP
+            party, home = served, served.party_id
+        # a contract the CH issued (credentials.py) goes to the CH, which knows the CSP it belongs to
+        by_ch = home == self.cfg.clearing_house and self.cfg.mode != "peer_to_peer"
+        if not by_ch and (party is None or party.role != "csp"):
             return {"status": "rejected", "reason": f"no roaming agreement with the contract's provider {home}"}
         body = {"evse_gid": evse_gid, "action_15118": action_15118, "exi": base64.b64encode(exi).decode("ascii"),
                 "contract_id": cid}  # fmt: skip

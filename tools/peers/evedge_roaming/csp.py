@@ -19,8 +19,8 @@ from gateway.protocol import gid
 from gateway.protocol.roaming import json_body
 from gateway.protocol.roaming.client import RoamingError
 
-from . import contract_pki, pricing
-from .config import EndpointConfig
+from . import contract_pki, credentials, pricing
+from .config import ConfigError, EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 
 DDL = """
@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS readings(session_id TEXT NOT NULL, time INTEGER NOT N
     PRIMARY KEY(session_id, time));
 CREATE TABLE IF NOT EXISTS disputes(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, reason TEXT NOT NULL,
     status TEXT NOT NULL, at INTEGER NOT NULL);
+-- CSP↔CSP roaming: the visited CSP that passed on a CSO's publications (we reach that CSO through it)
+CREATE TABLE IF NOT EXISTS via_routes(operator_id TEXT PRIMARY KEY, via TEXT NOT NULL);
 """
 
 #: tokens per TokenList page: the schema's limit of one message
@@ -82,6 +84,8 @@ class CspEndpoint(Endpoint):
     DDL: ClassVar[str] = DDL
 
     def __init__(self, cfg: EndpointConfig, **kw: Any) -> None:
+        if cfg.partners() and "TokenList" not in self.routes:  # would ignore its partners silently
+            raise ConfigError("a CSP with partner CSPs runs as visited.VisitedCspEndpoint")
         super().__init__(cfg, **kw)
         self.mo = contract_pki.ContractCa.load_or_create(mo_pki_folder(cfg), cfg.party_id)
         """The contract-certificate PKI (S7, R3-3): MO root + sub-CA, made at first start."""
@@ -97,9 +101,40 @@ class CspEndpoint(Endpoint):
     def new_session_id(self) -> str:
         return self.issue("S", secrets.token_hex(12))
 
+    async def request_credential(self, token_type: str, request_id: int, expiry: int | None = None) -> dict[str, Any]:
+        """CH and mixed mode: a credential for a customer issued by the CH under its provider id,
+        then this CSP's customer like its own (credentials.py); the CH's answer."""
+        return await credentials.request(self, token_type, request_id, expiry)
+
+    def counterpart(self, operator: str) -> str:
+        """Where requests about a CSO's EVSEs go: the CSO, or the visited CSP that passed its
+        publications on (CSP↔CSP roaming) when we have no agreement with the CSO itself."""
+        if self.cfg.party(operator) is not None:
+            return operator
+        row = self.store.one("SELECT via FROM via_routes WHERE operator_id=?", operator)
+        visited = [p.party_id for p in self.cfg.parties if p.visited]
+        return str(row[0]) if row is not None else visited[0] if len(visited) == 1 else operator
+
+    def _answers_for(self, operator: str, origin: str, field: str) -> None:
+        """`origin` may publish and bill for `operator`'s EVSEs: it is that CSO, or our visited
+        CSP passing on a CSO we have no agreement with ourselves."""
+        if operator == origin:
+            return
+        p = self.cfg.party(origin)
+        if p is None or not p.visited or self.cfg.party(operator) is not None:
+            raise Refused(403, "party_mismatch", f"{origin} may not speak for {operator}", field)
+
+    def _note_route(self, operator: str, origin: str) -> None:
+        if operator != origin:  # a visited CSP's publication: we reach that CSO through it
+            self.store.exec("INSERT OR REPLACE INTO via_routes VALUES(?,?)", operator, origin)
+
+    def _operator(self, sid: str) -> str:
+        """The CSO of a session's EVSE (whose tariffs price it, also through a visited CSP)."""
+        return gid.parse(self.session(sid)["evse_gid"]).operator
+
     async def start_remote(self, evse_gid: str, token_uid: str, session_id: str | None = None) -> dict[str, Any]:
         """R3-2: the user starts from the app; the CSP issues the session id."""
-        cso = require_gid(evse_gid, "E", "evse_gid").operator
+        cso = self.counterpart(require_gid(evse_gid, "E", "evse_gid").operator)
         sid = session_id or self.new_session_id()
         self._record_session(sid, cso, evse_gid, token_uid)
         body = {"evse_gid": evse_gid, "token_uid": token_uid, "roaming_session_id": sid}
@@ -147,7 +182,7 @@ class CspEndpoint(Endpoint):
 
     async def reserve(self, evse_gid: str, token_uid: str, expiry: int, reservation_id: int) -> dict[str, Any]:
         """R3-8."""
-        cso = require_gid(evse_gid, "E", "evse_gid").operator
+        cso = self.counterpart(require_gid(evse_gid, "E", "evse_gid").operator)
         body = {"evse_gid": evse_gid, "token_uid": token_uid, "expiry": expiry, "reservation_id": reservation_id}
         answer = await self.send("ReserveRoaming", body, cso)
         if answer["result"] == "accepted":
@@ -163,7 +198,7 @@ class CspEndpoint(Endpoint):
 
     async def unlock(self, evse_gid: str, sid: str | None = None, reason: str | None = None) -> dict[str, Any]:
         """R5-2 (a session is active) / R5-3 (activation failed: no session)."""
-        cso = require_gid(evse_gid, "E", "evse_gid").operator
+        cso = self.counterpart(require_gid(evse_gid, "E", "evse_gid").operator)
         body: dict[str, Any] = {"evse_gid": evse_gid}
         if sid is not None:
             body["roaming_session_id"] = sid
@@ -177,7 +212,7 @@ class CspEndpoint(Endpoint):
     async def pull_tariffs(self, operator_id: str) -> dict[str, Any]:
         """R2-2: ask the CSO for its current tariff and keep it."""
         require_gid(operator_id, "O", "operator_id")
-        answer = await self.send("GetTariffs", {"operator_id": operator_id}, operator_id)
+        answer = await self.send("GetTariffs", {"operator_id": operator_id}, self.counterpart(operator_id))
         if answer["status"] == "accepted":
             kept = [pricing.Tariff.from_body(t) for t in answer.get("tariffs", [])]
             for t in [*kept, pricing.Tariff.from_body(answer)]:
@@ -195,7 +230,7 @@ class CspEndpoint(Endpoint):
             version = (row[0] if row else 0) + 1
             db.execute("DELETE FROM token_list")
             db.execute("INSERT INTO token_list VALUES(?)", (version,))
-        now = {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM customers")}
+        now = self.list_entries()
         if update_type == "differential":
             sent = {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM token_sent")}
             entries = {u: v for u, v in now.items() if sent.get(u) != v}
@@ -222,6 +257,11 @@ class CspEndpoint(Endpoint):
             db.executemany("INSERT INTO token_sent VALUES(?,?,?)", [(u, st, exp) for u, (st, exp) in now.items()])
         return answer
 
+    def list_entries(self) -> dict[str, tuple[str, int | None]]:
+        """What our token list holds (uid → status, expiry): our customers (a visited CSP adds
+        its partners' tokens, visited.py)."""
+        return {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM customers")}
+
     def _store_tariff(self, t: dict[str, Any]) -> None:
         self.store.exec("INSERT OR REPLACE INTO tariffs VALUES(?,?,?)", t["operator_id"], t["tariff_id"], json.dumps(t))
 
@@ -229,6 +269,15 @@ class CspEndpoint(Endpoint):
         """Our copy of a CSO's tariffs (pushed or pulled), every one kept."""
         rows = self.store.all("SELECT tariff_id, body FROM tariffs WHERE operator_id=?", cso)
         return {int(r[0]): pricing.Tariff.from_body(json.loads(r[1])) for r in rows}
+
+    def meter_key(self, evse_gid: str) -> bytes | None:
+        """The public key of the EVSE's meter, as its CSO's location publishes it (R1-2), None
+        when it publishes none: the seal the SDRs' signed readings of that EVSE must bear."""
+        for (body,) in self.store.all("SELECT body FROM locations"):
+            for c in json.loads(body).get("connectors") or ():
+                if c["evse_gid"] == evse_gid and c.get("meter_key"):
+                    return base64.b64decode(c["meter_key"])
+        return None
 
     def readings(self, sid: str) -> list[tuple[int, int]]:
         rows = self.store.all("SELECT time, energy_wh FROM readings WHERE session_id=? ORDER BY time", sid)
@@ -240,7 +289,9 @@ class CspEndpoint(Endpoint):
         row = self.store.one("SELECT cso, session_id, body, verdict FROM sdrs WHERE sdr_id=?", sdr_id)
         if row is None:
             raise Refused(404, "unknown_sdr", f"no SDR {sdr_id} at {self.me}", "sdr_id")
-        audit = pricing.audit_sdr(json.loads(row[2]), self.readings(row[1]), self.tariffs(row[0]))
+        sdr = json.loads(row[2])
+        audit = pricing.audit_sdr(sdr, self.readings(row[1]), self.tariffs(self._operator(row[1])),
+                                  self.meter_key(sdr["evse_gid"]))  # fmt: skip
         why = (reason or row[3])[:120]
         body = {"sdr_id": sdr_id, "roaming_session_id": row[1], "reason": why, "energy_wh": audit.energy_wh,
                 "cost": audit.cost}  # fmt: skip
@@ -252,12 +303,9 @@ class CspEndpoint(Endpoint):
     # ---- incoming (from CSOs, or the CH)
     @handles("PutLocation", senders=("cso",))
     async def _on_location(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        if body["operator_id"] != ctx.origin:
-            raise Refused(
-                403, "party_mismatch", f"{ctx.origin} may not publish for {body['operator_id']}", "operator_id"
-            )
+        self._answers_for(body["operator_id"], ctx.origin, "operator_id")
         for i, e in enumerate(body["evses"]):
-            if gid.parse(e["evse_gid"]).operator != ctx.origin:
+            if gid.parse(e["evse_gid"]).operator != body["operator_id"]:
                 raise Refused(403, "party_mismatch", "EVSE of another operator", f"evses[{i}].evse_gid")
         with self.store.tx() as db:
             db.execute(
@@ -269,13 +317,13 @@ class CspEndpoint(Endpoint):
                     "INSERT OR REPLACE INTO evse_status VALUES(?,?,?,NULL,NULL)",
                     (e["evse_gid"], e["evse_status"], int(ctx.now)),
                 )
+            self._note_route(body["operator_id"], ctx.origin)
         return {"status": "accepted"}
 
     @handles("EvseStatusUpdate", senders=("cso",))
     async def _on_status(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         evse = body["evse_gid"]
-        if gid.parse(evse).operator != ctx.origin:
-            raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
+        self._answers_for(gid.parse(evse).operator, ctx.origin, "evse_gid")
         row = self.store.one("SELECT time FROM evse_status WHERE evse_gid=?", evse)
         if row is None:
             raise Refused(404, "unknown_evse", f"{evse} was never published in a location", "evse_gid")
@@ -304,16 +352,16 @@ class CspEndpoint(Endpoint):
 
     @handles("PushTariff", senders=("cso",))
     async def _on_tariff(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        if body["operator_id"] != ctx.origin:
-            raise Refused(403, "party_mismatch", f"{ctx.origin} may not push for {body['operator_id']}", "operator_id")
-        self._store_tariff(body)
+        self._answers_for(body["operator_id"], ctx.origin, "operator_id")
+        with self.store.tx():
+            self._store_tariff(body)
+            self._note_route(body["operator_id"], ctx.origin)
         return {"status": "accepted"}
 
     @handles("AuthorizeRoaming", senders=("cso",))
     async def _on_authorize(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         uid, evse = body["token_uid"], body["evse_gid"]
-        if gid.parse(evse).operator != ctx.origin:
-            raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
+        self._answers_for(gid.parse(evse).operator, ctx.origin, "evse_gid")
         if body["token_type"] == "iso15118":
             uid = str(require_gid(uid, "C", "token_uid"))
             row = self.store.one(
@@ -344,7 +392,7 @@ class CspEndpoint(Endpoint):
         last one, or for a session already billed, is refused by name (the books stay as
         they were); the same update again is accepted and changes nothing."""
         sid = body["roaming_session_id"]
-        q = "SELECT cso, time, state, energy_wh, created FROM sessions WHERE session_id=?"
+        q = "SELECT cso, time, state, energy_wh, created, evse_gid FROM sessions WHERE session_id=?"
         row = self.store.one(q, sid)
         if row is None:
             if gid.parse(sid).operator != ctx.origin:  # an offline session (R4-2) is issued by the CSO
@@ -364,7 +412,7 @@ class CspEndpoint(Endpoint):
             raise Refused(409, "out_of_order", f"update of {t} after one of {row[1]}", "time")
         if energy < row[3]:
             raise Refused(400, "energy_decreased", f"{energy} Wh after {row[3]} Wh", "energy_wh")
-        tariff = pricing.in_force(self.tariffs(ctx.origin).values(), int(row[4]))
+        tariff = pricing.in_force(self.tariffs(gid.parse(row[5]).operator).values(), int(row[4]))
         cost = body.get("cost", 0) if tariff is None else tariff.cost(energy, t - int(row[4]))
         with self.store.tx() as db:
             db.execute(
@@ -396,7 +444,8 @@ class CspEndpoint(Endpoint):
         other = self.store.one("SELECT sdr_id FROM sdrs WHERE session_id=?", sid)
         if other is not None:  # one session, one bill
             raise Refused(409, "duplicate_sdr", f"session {sid} is billed by {other[0]} already", "sdr_id")
-        audit = pricing.audit_sdr(body, self.readings(sid), self.tariffs(ctx.origin))
+        audit = pricing.audit_sdr(body, self.readings(sid), self.tariffs(gid.parse(s["evse_gid"]).operator),
+                                  self.meter_key(s["evse_gid"]))  # fmt: skip
         own_cost, verdict = audit.cost, audit.verdict[:500]
         with self.store.tx() as db:
             db.execute(
@@ -422,8 +471,7 @@ class CspEndpoint(Endpoint):
         """S7, R3-3: an EV's contract certificate installation or update, relayed by the CSO.
         `exi` in: the DER PKCS#10 CSR; out: the DER chain leaf first (contract_pki.py)."""
         evse = body["evse_gid"]
-        if gid.parse(evse).operator != ctx.origin:
-            raise Refused(403, "party_mismatch", f"{evse} is not operated by {ctx.origin}", "evse_gid")
+        self._answers_for(gid.parse(evse).operator, ctx.origin, "evse_gid")
         try:
             csr = contract_pki.check_csr(base64.b64decode(body["exi"]))
         except contract_pki.CsrError as exc:
@@ -439,7 +487,7 @@ class CspEndpoint(Endpoint):
             return {"status": "rejected", "reason": "the contract id is not a contract global id (C)"}
         if cn is not None and _canonical_or_self(cn) != cid:  # ISO 15118 CNs spell the eMAID unseparated
             return {"status": "rejected", "reason": "the CSR common name is not the contract id"}
-        if contract.operator != self.me:
+        if contract.operator not in (self.me, self.cfg.clearing_house):  # the CH's: one it issued us
             return {"status": "rejected", "reason": f"contract of another provider than {self.me}"}
         row = self.store.one("SELECT auth_status, expiry FROM customers WHERE contract_id=?", cid)
         if row is None:

@@ -349,8 +349,8 @@ class Endpoint:
         route = self.routes.get(message)
         if route is None:
             raise Refused(404, "unknown_message", f"a {self.role} does not handle {message}")
-        if origin.role not in route.senders:
-            raise Refused(403, "not_allowed", f"a {origin.role} may not send {message} to a {self.role}")
+        if origin.acts_as not in route.senders:  # a visited CSP acts as the CSO of its partners
+            raise Refused(403, "not_allowed", f"a {origin.acts_as} may not send {message} to a {self.role}")
         return await self._local(message, body, ctx, route)
 
     async def _local(self, message: str, body: dict[str, Any], ctx: Ctx, route: Route) -> Reply:
@@ -445,7 +445,7 @@ class Endpoint:
                 self.note_shared(message, body, p.party_id)
             return {self.cfg.clearing_house: answer}
         out = {}
-        for p in self.cfg.of_role(COUNTERPART[self.role]):
+        for p in self.cfg.counterparts(COUNTERPART[self.role]):  # with a home CSP's visited CSP
             out[p.party_id] = await self.send(message, body, p.party_id)
         return out
 

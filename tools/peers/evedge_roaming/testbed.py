@@ -60,6 +60,7 @@ def network(
     party_ids: dict[str, str] | None = None,
     sites: tuple[str, ...] = (),
     ca: tuple[Path, Path] | None = None,
+    visited: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, EndpointConfig]:
     """Configurations of the endpoints (key → config), certificates issued in folder/pki.
     `party_ids` overrides the party ids (key → id) and adds endpoints: a key is a role,
@@ -70,11 +71,28 @@ def network(
     configuration's `party(site)`). Every port is 0: `start_endpoints` binds ephemeral ones and
     fills them in (`with_ports` fills in given ones). `ca`: the CA (certificate, key) that
     issues the endpoints' certificates, e.g. a site's (tools.siteinit); by default one of the
-    network's own in folder/pki."""
+    network's own in folder/pki. `visited`: CSP↔CSP agreements, (home key, visited key) pairs
+    such as `("csp3", "csp")`: the home CSP roams through the visited CSP only (no agreement
+    with any CSO or the CH: peer to peer only), its party entry at the visited CSP is a
+    `partner`, the visited CSP's at the home is `visited`, and each CSO's entry of the
+    visited CSP `serves` the home (docs/roaming.md "CSP↔CSP roaming")."""
     pki = devpki.private_dir(folder / "pki")
     ca = ca or devpki.ensure_ca(pki)
     ids = {**PARTIES, **(party_ids or {})}
     roles = list(ids)
+    homes = {h: v for h, v in visited}
+    for h, v in visited:
+        if role_of(h) != "csp" or role_of(v) != "csp" or h not in ids or v not in ids or v in homes:
+            raise ValueError(f"visited pair {(h, v)}: two CSP keys of the network, the visited one no home itself")
+    if visited and mode != "peer_to_peer":
+        raise ValueError("CSP↔CSP roaming is peer to peer (in CH modes a home CSP reaches the CSO through the CH)")
+
+    def agreed(a: str, b: str) -> bool:
+        """Whether keys a and b have a roaming agreement (a pair's credentials)."""
+        if a in homes or b in homes:
+            return homes.get(a) == b or homes.get(b) == a
+        return role_of(a) != role_of(b)
+
     pair = {
         frozenset((a, b)): (secrets.token_urlsafe(12), secrets.token_hex(32))
         for i, a in enumerate(roles)
@@ -85,10 +103,12 @@ def network(
         role = role_of(key)
         issued = devpki.issue(pki, key, ca=ca, subject=party)  # the endpoints bind the CN to the party
         parties = tuple(
-            PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=0)
+            PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=0,
+                        visited=homes.get(key) == r, partner=homes.get(r) == key,
+                        serves=tuple(ids[h] for h, v in visited if v == r) if role == "cso" else ())
             for r in roles
-            if role_of(r) != role
-        )
+            if r != key and agreed(key, r)
+        )  # fmt: skip
         if role == "cso":
             parties += tuple(PartyConfig(s, "site", secrets.token_urlsafe(12), secrets.token_hex(32)) for s in sites)
         out[key] = EndpointConfig(

@@ -1,0 +1,313 @@
+"""Credentials issued by the clearing house (IssueCredential, docs/roaming.md "Credentials issued
+by the clearing house"), against the real endpoints on loopback (`testbed`, with two CSPs): a
+CH-issued RFID card and contract id are authorized by the CSP they belong to only, through the
+CH (R3-1, R3-3, R4-1), the contract's certificate comes from that CSP (S7), the session billed
+to it once (R3-9; an out-of-order update and a second SDR refused by name), authorized offline
+from its token list (R4-2), deleted everywhere (M10) or dropped after its expiry (retention);
+and every refusal of the message is named and changes nothing: peer to peer, wrong role, not a
+CH, relayed, duplicate key with another body, bad fields, another CSP listing the credential."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from evedge_roaming.ch import ClearingHouse
+from evedge_roaming.contract_pki import split_chain, verify_chain
+from evedge_roaming.cso import CsoEndpoint
+from evedge_roaming.csp import CspEndpoint
+from evedge_roaming.endpoint import Endpoint, Refused
+from evedge_roaming.operator import MemoryOperator
+from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, FakeClock, network, start_endpoints
+from gateway.protocol import gid
+from gateway.protocol.roaming import auth
+from gateway.protocol.roaming.client import RoamingError
+
+CSP_B = "DE*CSB*O"
+TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR"}
+pytestmark = pytest.mark.timeout(30)
+WITH_CH = pytest.mark.parametrize("mode", ["clearing_house", "mixed"])
+
+
+@dataclass
+class Net:
+    clock: FakeClock
+    cso: CsoEndpoint
+    csp: CspEndpoint
+    csp_b: CspEndpoint
+    ch: ClearingHouse
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {"cso": self.cso, "csp": self.csp, "csp2": self.csp_b, "ch": self.ch}
+
+    def held(self, uid: str) -> dict[str, bool]:
+        return {k: uid in json.dumps(ep.store.snapshot(), default=repr) for k, ep in self.endpoints().items()}
+
+    def snapshots(self) -> dict[str, Any]:
+        return {k: ep.store.snapshot() for k, ep in self.endpoints().items()}
+
+
+@asynccontextmanager
+async def running(folder: Path, mode: str) -> AsyncIterator[Net]:
+    """A CSO, two CSPs (A, B) and the CH on loopback."""
+    cfgs = network(folder, mode, party_ids={"csp2": CSP_B})
+    clock = FakeClock()
+    op = MemoryOperator.one_site(CSO, LOCATION, list(EVSES))
+    net = Net(clock, CsoEndpoint(cfgs["cso"], op, clock=clock), CspEndpoint(cfgs["csp"], clock=clock),
+              CspEndpoint(cfgs["csp2"], clock=clock), ClearingHouse(cfgs["ch"], clock=clock))  # fmt: skip
+    await start_endpoints(net.endpoints())
+    try:
+        yield net
+    finally:
+        for ep in net.endpoints().values():
+            if ep.server is not None:
+                await ep.stop()
+
+
+def run(tmp_path: Path, mode: str, scenario: Callable[[Net], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with running(tmp_path, mode) as net:
+            await scenario(net)
+
+    asyncio.run(main())
+
+
+async def raw(ep: Endpoint, to: str, body: bytes, *, via: str = "") -> tuple[int, dict[str, Any]]:
+    """An IssueCredential with a hand-made body (the client checks what it sends: bad fields
+    are only sent this way)."""
+    c = ep.client(to)
+    token = await c.login()
+    status, answer = await c._send("IssueCredential", body, auth.Route(ep.me, "", via), token)
+    return status, json.loads(answer)
+
+
+def csr(common_name: str) -> bytes:
+    """An EV's DER PKCS#10 request for its contract certificate (contract_pki.py)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name)
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+
+
+async def refused(call: Awaitable[Any], status: int, cause: str, field: str | None = None) -> None:
+    with pytest.raises((RoamingError, Refused)) as exc:
+        await call
+    e = exc.value
+    assert isinstance(e, RoamingError | Refused)
+    assert (e.status, e.cause) == (status, cause), e
+    if field is not None:
+        assert e.field == field
+
+
+@WITH_CH
+def test_r3_1_r4_1_r3_9_a_ch_issued_card_is_authorized_and_billed_by_its_csp_only_through_the_ch(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        issued = await net.csp.request_credential("rfid", 1)
+        uid = issued["token_uid"]
+        assert gid.parse(uid, expect="C").operator == CH and "contract_id" not in issued
+        assert gid.parse(uid).emaid()[-1] == gid.check_digit(gid.parse(uid).emaid()[:14])  # a standard eMAID
+        assert net.csp.store.get("SELECT token_uid FROM customers")[0] == uid
+        # R3-1, R4-1: no list names it; the CSO sees the CH as its provider, the CH asks its CSP only
+        answer = await net.cso.token_presented(EVSES[0], uid)
+        assert (answer["auth_status"], answer["result"]) == ("accepted", "accepted"), answer
+        sid = answer["roaming_session_id"]
+        assert gid.parse(sid).operator == CSP and net.cso.session(sid)["csp"] == CSP  # the CSO learnt the home
+        assert net.held(uid)["csp2"] is False  # privacy: the other CSP never saw it
+        routed = net.ch.store.all("SELECT origin, dest, message FROM routed WHERE message='AuthorizeRoaming'")
+        assert [tuple(r) for r in routed] == [(CSO, CSP, "AuthorizeRoaming")]
+        # R3-6, R3-5, R3-9: progress and one SDR, to the CSP the credential belongs to, matched
+        await net.cso.session_progress(sid, 2000, 7000)
+        late = {"roaming_session_id": sid, "evse_gid": EVSES[0], "energy_wh": 1000, "power_w": 7000,
+                "time": int(net.clock()) - 60}  # fmt: skip
+        await refused(net.cso.send("SessionUpdate", late, CSP), 409, "out_of_order", "time")
+        done = await net.cso.session_ended(sid, 2000)
+        assert done["status"] == "accepted"
+        # a second bill for the session (another SDR id): refused by name, the books keep the first
+        sdr = json.loads(net.csp.store.get("SELECT body FROM sdrs WHERE session_id=?", sid)[0])
+        again = dict(sdr, sdr_id=f"{CSO[:7]}R2", token_uid=uid)
+        await refused(net.cso.send("PutSdr", again, CSP), 409, "duplicate_sdr", "sdr_id")
+        count = "SELECT COUNT(*) FROM sdrs"
+        assert net.csp.store.get(count)[0] == net.ch.store.get(count)[0] == 1
+        assert net.csp.store.get("SELECT verdict FROM sdrs WHERE session_id=?", sid)[0] == "matched"
+        assert [tuple(r) for r in net.ch.store.all("SELECT csp, token_uid FROM sdrs")] == [(CSP, None)]
+        assert [r.verdict for r in net.ch.reconcile()] == ["matched"]
+        assert net.csp_b.store.get("SELECT COUNT(*) FROM sdrs")[0] == 0
+        # a contract id under the CH's prefix it never issued goes to no CSP
+        stray = await net.cso.token_presented(EVSES[1], f"{CH[:7]}C00000000")
+        assert stray["auth_status"] == "unknown"
+        assert net.ch.store.get("SELECT COUNT(*) FROM routed WHERE message='AuthorizeRoaming'")[0] == 1
+
+    run(tmp_path, mode, scenario)
+
+
+@WITH_CH
+def test_r3_3_s7_a_ch_issued_contract_gets_its_certificate_and_is_authorized_in_its_iso15118_spelling(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        issued = await net.csp.request_credential("iso15118", 2, expiry=int(net.clock()) + 86400)
+        cid = issued["contract_id"]
+        assert issued["token_uid"] == cid and issued["expiry"] == int(net.clock()) + 86400
+        row = net.csp.store.get("SELECT contract_id, expiry FROM customers WHERE token_uid=?", cid)
+        assert tuple(row) == (cid, issued["expiry"])
+        answer = await net.cso.token_presented(EVSES[0], gid.parse(cid).emaid(), "iso15118")  # with check digit
+        assert answer["auth_status"] == "accepted" and answer["contract_id"] == cid
+        assert net.cso.session(answer["roaming_session_id"])["csp"] == CSP
+        # S7: the EV's contract certificate from the CSP's MO PKI, through the CH (which knows the CSP)
+        got = await net.cso.contract_certificate(EVSES[0], "install", csr(gid.parse(cid).emaid()))
+        assert got["status"] == "accepted", got
+        verify_chain(split_chain(got["exi"]), net.csp.mo.root)
+        stray = await net.cso.contract_certificate(EVSES[0], "install", csr(f"{CH[:7]}C00000000"))
+        assert (stray["status"], stray["reason"]) == ("rejected", "no contract issued by this clearing house")
+        assert net.held(cid)["csp2"] is False
+        net.clock.advance(86401)  # the contract expired: the CSP says so, through the CH
+        assert (await net.cso.token_presented(EVSES[1], cid, "iso15118"))["auth_status"] == "expired"
+
+    run(tmp_path, mode, scenario)
+
+
+@WITH_CH
+def test_r4_2_a_listed_ch_issued_card_is_authorized_offline_and_billed_to_its_csp(tmp_path: Path, mode: str) -> None:
+    async def scenario(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        uid = (await net.csp.request_credential("rfid", 3))["token_uid"]
+        await net.csp.distribute_tokens()
+        assert tuple(net.cso.store.get("SELECT party, auth_status FROM token_cache WHERE token_uid=?", uid)) == (
+            CSP,
+            "accepted",
+        )
+        await net.ch.stop()  # neither the CH nor the CSP answers: the list decides
+        await net.csp.stop()
+        answer = await net.cso.token_presented(EVSES[0], uid)
+        assert (answer["auth_status"], answer["result"]) == ("accepted", "accepted")
+        assert net.cso.session(answer["roaming_session_id"])["csp"] == CSP
+
+    run(tmp_path, mode, scenario)
+
+
+@WITH_CH
+def test_m10_a_ch_issued_credential_is_deleted_at_the_ch_its_csp_and_the_csos_that_saw_it(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        a = (await net.csp.request_credential("rfid", 4))["token_uid"]
+        b = (await net.csp.request_credential("iso15118", 5))["token_uid"]
+        await net.csp.distribute_tokens()
+        for uid, evse in ((a, EVSES[0]), (b, EVSES[1])):
+            sid = (await net.cso.token_presented(evse, uid))["roaming_session_id"]
+            await net.cso.session_ended(sid, 1000)
+        assert net.held(a) == net.held(b) == {"cso": True, "csp": True, "csp2": False, "ch": True}
+        # started at the CH (the issuer): its CSP, and through it the CSO, delete it too
+        assert await net.ch.delete_user(a) >= 3
+        assert net.held(a) == {"cso": False, "csp": False, "csp2": False, "ch": False}
+        # started at the CSP: the CH (which issued it) and the CSO
+        assert await net.csp.delete_user(b) >= 3
+        assert net.held(b) == {"cso": False, "csp": False, "csp2": False, "ch": False}
+        assert not net.ch.jobs() and not net.csp.jobs() and not net.cso.jobs()
+        # a deleted credential is no one's any more: unknown
+        assert (await net.cso.token_presented(EVSES[0], a))["auth_status"] == "unknown"
+
+    run(tmp_path, mode, scenario)
+
+
+def test_retention_drops_an_expired_ch_issued_credential(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        uid = (await net.csp.request_credential("rfid", 6, expiry=int(net.clock()) + 60))["token_uid"]
+        assert net.ch.purge() == 0 and net.held(uid)["ch"]
+        net.clock.advance(60 + net.ch.cfg.retention_s + 1)
+        assert net.ch.purge() >= 1 and not net.held(uid)["ch"]
+
+    run(tmp_path, "clearing_house", scenario)
+
+
+def test_a_repeated_request_whose_stored_answer_was_lost_gets_the_same_credential(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        first = await net.csp.request_credential("rfid", 8)
+        net.ch.store.exec("DELETE FROM idempotency")  # the CH stopped before it kept the answer
+        body = {"request_id": 8, "token_type": "rfid"}
+        assert await net.csp.client(CH).call("IssueCredential", body) == first
+        await refused(net.csp.client(CH).call("IssueCredential", dict(body, expiry=int(net.clock()) + 60)), 409,
+                      "conflict")  # fmt: skip
+        assert net.ch.store.get("SELECT COUNT(*) FROM issued_credentials")[0] == 1
+
+    run(tmp_path, "mixed", scenario)
+
+
+def test_peer_to_peer_a_csp_asking_for_a_credential_is_refused_by_name(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        before = net.snapshots()
+        await refused(net.csp.request_credential("rfid", 1), 403, "wrong_mode")
+        # sent anyway (the CH is configured for other uses): the CH refuses it too
+        await refused(net.csp.client(CH).call("IssueCredential", {"request_id": 1, "token_type": "rfid"}), 403,
+                      "wrong_mode")  # fmt: skip
+        assert net.snapshots() == before
+
+    run(tmp_path, "peer_to_peer", scenario)
+
+
+@WITH_CH
+def test_bad_issue_credential_requests_get_a_named_4xx_and_change_nothing(tmp_path: Path, mode: str) -> None:
+    async def scenario(net: Net) -> None:
+        first = await net.csp.request_credential("rfid", 10)
+        before = net.snapshots()
+        body = {"request_id": 10, "token_type": "rfid"}
+        # the same key and body again: the stored answer, nothing new
+        assert await net.csp.client(CH).call("IssueCredential", body) == first
+        # the same key with another body: a conflict
+        await refused(net.csp.client(CH).call("IssueCredential", dict(body, token_type="iso15118")), 409, "conflict")
+        # wrong role: a CSO may not ask; only a CH issues (a CSO or CSP has no such message); not relayed
+        await refused(net.cso.client(CH).call("IssueCredential", {"request_id": 11, "token_type": "rfid"}), 403,
+                      "not_allowed")  # fmt: skip
+        await refused(net.csp.client(CSO).call("IssueCredential", {"request_id": 12, "token_type": "rfid"}), 404,
+                      "unknown_message")  # fmt: skip
+        await refused(net.csp.client(CH).call("IssueCredential", {"request_id": 13, "token_type": "rfid"}, to=CSO),
+                      403, "not_allowed")  # fmt: skip
+        cert = {"evse_gid": EVSES[0], "action_15118": "install", "exi": "AA==", "contract_id": first["token_uid"]}
+        await refused(net.csp.client(CH).call("ContractCertificate", cert), 403, "not_allowed")  # a CSO's request
+        # bad fields
+        await refused(net.csp.client(CH).call("IssueCredential", {"request_id": 14, "token_type": "pin"}), 400,
+                      "unsupported_token_type", "token_type")  # fmt: skip
+        past = {"request_id": 15, "token_type": "rfid", "expiry": int(net.clock()) - 1}
+        await refused(net.csp.client(CH).call("IssueCredential", past), 400, "expired", "expiry")
+        for data, cause, field in (
+            (b'{"request_id": 16, "token_type": "nfc"}', "bad_enum", "token_type"),
+            (b'{"token_type": "rfid"}', "missing_field", "request_id"),
+            (b'{"request_id": "16", "token_type": "rfid"}', "bad_type", "request_id"),
+            (b'{"request_id": -1, "token_type": "rfid"}', "out_of_range", "request_id"),
+            (b'{"request_id": 16, "token_type": "rfid", "expiry": 1.5}', "bad_type", "expiry"),
+        ):
+            status, answer = await raw(net.csp, CH, data)
+            assert (status, answer["error"], answer.get("field")) == (400, cause, field), answer
+        # another CSP's key is its own: B's request 10 is a new credential, not A's
+        other = await net.csp_b.request_credential("rfid", 10)
+        assert other["token_uid"] != first["token_uid"]
+        # B lists A's credential (a partner speaking for a customer it does not serve): refused by
+        # the CH, passed on to no CSO
+        net.csp_b.add_customer(first["token_uid"])
+        await refused(net.csp_b.distribute_tokens(), 403, "party_mismatch")
+        after = net.snapshots()
+        after["csp2"], before["csp2"] = {}, {}
+        after["ch"]["issued_credentials"] = [r for r in after["ch"]["issued_credentials"] if r[1] != CSP_B]
+        after["ch"]["idempotency"] = [r for r in after["ch"]["idempotency"] if r[0] != CSP_B]
+        assert after == before
+
+    run(tmp_path, mode, scenario)

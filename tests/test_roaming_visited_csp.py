@@ -1,0 +1,416 @@
+"""CSP↔CSP roaming (IEC 63119-1, a visited CSP) over real HTTP/3 on loopback, peer to peer: a
+CSO, the visited CSP `csp` (VisitedCspEndpoint) and a home CSP `csp3` that has an agreement
+with `csp` only (testbed.network `visited=(("csp3", "csp"),)`). Unit tests of the endpoints
+against the in-memory operator; the proof on the real chain is
+tests/scenarios/test_roaming_visited.py. R1-2, R1-3, R2-1, R2-2, R3-1, R3-2, R3-3, R3-4, R3-5,
+R3-6, R3-7, R3-8, R3-9 (with a wrong SDR disputed), R3-10, R4-2, R5-2, R5-3, M10 through the
+visited CSP; and the bad input of the new paths: a CSO message at the home directly, a partner
+sending for a party it does not serve or with the wrong role, a duplicate SDR — each a named
+refusal that changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from evedge_roaming import pricing
+from evedge_roaming.__main__ import build
+from evedge_roaming.ch import ClearingHouse
+from evedge_roaming.config import ConfigError, EndpointConfig, dump, load
+from evedge_roaming.contract_pki import split_chain, verify_chain
+from evedge_roaming.cso import CsoEndpoint
+from evedge_roaming.csp import CspEndpoint
+from evedge_roaming.endpoint import Endpoint
+from evedge_roaming.operator import MemoryOperator
+from evedge_roaming.testbed import CSO, CSP, EVSES, LOCATION, FakeClock, network, restart_on_port, start_endpoints
+from evedge_roaming.visited import VisitedCspEndpoint
+from gateway.protocol.roaming import auth
+from gateway.protocol.roaming.client import PREFIX, RoamingError
+from gateway.protocol.roaming.http3 import H3Client, TlsFiles
+
+CSP3 = "DE*HC3*O"
+TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR", "price_session": 50}
+pytestmark = pytest.mark.timeout(30)
+
+
+@dataclass
+class Net:
+    cfgs: dict[str, EndpointConfig]
+    clock: FakeClock
+    cso: CsoEndpoint
+    csp: VisitedCspEndpoint
+    csp3: CspEndpoint
+    ch: ClearingHouse
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {"cso": self.cso, "csp": self.csp, "csp3": self.csp3, "ch": self.ch}
+
+    def snapshots(self) -> dict[str, Any]:
+        return {k: ep.store.snapshot() for k, ep in self.endpoints().items()}
+
+
+@asynccontextmanager
+async def running(folder: Path) -> AsyncIterator[Net]:
+    cfgs = network(folder, "peer_to_peer", party_ids={"csp3": CSP3}, visited=(("csp3", "csp"),))
+    clock = FakeClock()
+    op = MemoryOperator.one_site(CSO, LOCATION, list(EVSES))
+    net = Net(cfgs, clock, CsoEndpoint(cfgs["cso"], op, clock=clock), VisitedCspEndpoint(cfgs["csp"], clock=clock),
+              CspEndpoint(cfgs["csp3"], clock=clock), ClearingHouse(cfgs["ch"], clock=clock))  # fmt: skip
+    net.cfgs = await start_endpoints(net.endpoints())
+    try:
+        yield net
+    finally:
+        for ep in net.endpoints().values():
+            await ep.stop()
+
+
+def run(tmp_path: Path, fn: Callable[[Net], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with running(tmp_path) as net:
+            await fn(net)
+
+    asyncio.run(main())
+
+
+async def listed(net: Net, uid: str) -> None:
+    """A customer of the home CSP whose list reaches the CSO through the visited CSP (R4-2)."""
+    net.csp3.add_customer(uid)
+    await net.csp3.distribute_tokens("differential")
+    await net.csp.tick()  # the visited CSP's next round: its list, with the partner's tokens
+
+
+async def billed(net: Net, sid: str, energy: int = 4000) -> dict[str, Any]:
+    """The CSO reports progress and the end of a session: the SDR at the CSO."""
+    net.clock.advance(60)
+    await net.cso.session_progress(sid, energy // 2, 7000)
+    net.clock.advance(60)
+    return await net.cso.session_ended(sid, energy)
+
+
+def test_the_network_gives_the_home_csp_an_agreement_with_its_visited_csp_only(tmp_path: Path) -> None:
+    cfgs = network(tmp_path, "peer_to_peer", party_ids={"csp3": CSP3}, visited=(("csp3", "csp"),))
+    assert [(p.party_id, p.visited) for p in cfgs["csp3"].parties] == [(CSP, True)]
+    assert [p.party_id for p in cfgs["csp"].partners()] == [CSP3]
+    cso_view = cfgs["cso"].party(CSP)
+    assert cso_view is not None and cso_view.serves == (CSP3,) and cfgs["cso"].party(CSP3) is None
+    assert cfgs["ch"].party(CSP3) is None
+    (tmp_path / "csp.toml").write_text(dump(cfgs["csp"], relative_to=tmp_path))
+    (tmp_path / "cso.toml").write_text(dump(cfgs["cso"], relative_to=tmp_path))
+    assert load(tmp_path / "csp.toml").partners()[0].party_id == CSP3  # the keys survive TOML
+    assert load(tmp_path / "cso.toml").provider(CSP3) == cso_view
+    # `evedge-roaming --role csp` runs a CSP with partners as their visited CSP, the others plain
+    assert type(build("csp", load(tmp_path / "csp.toml"))) is VisitedCspEndpoint
+    assert type(build("csp", cfgs["csp3"])) is CspEndpoint
+    with pytest.raises(ValueError, match="peer to peer"):
+        network(tmp_path, "mixed", party_ids={"csp3": CSP3}, visited=(("csp3", "csp"),))
+    with pytest.raises(ConfigError, match="serves"):
+        EndpointConfig(CSP, "csp", tmp_path, tmp_path, tmp_path, tmp_path,
+                       parties=(cso_view.__class__(CSO, "cso", "x", "00", serves=(CSP3,)),))  # fmt: skip
+
+
+def test_r1_2_r1_3_r2_1_r2_2_the_csos_publications_reach_the_home_through_the_visited_csp(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        loc = json.loads(net.csp3.store.get("SELECT body FROM locations WHERE location_id=?", LOCATION)[0])
+        assert loc["operator_id"] == CSO  # passed on unchanged
+        net.clock.advance(1)
+        await net.cso.publish_status(EVSES[0], "occupied")
+        assert net.csp3.store.get("SELECT status FROM evse_status WHERE evse_gid=?", EVSES[0])[0] == "occupied"
+        await net.cso.publish_tariff(TARIFF)
+        assert net.csp3.tariffs(CSO)[7].price_kwh == 45  # the CSO's price, unchanged
+        assert net.csp3.counterpart(CSO) == CSP
+        net.csp3.store.exec("DELETE FROM tariffs")
+        pulled = await net.csp3.pull_tariffs(CSO)  # R2-2 through the visited CSP
+        assert pulled["status"] == "accepted" and 7 in net.csp3.tariffs(CSO)
+
+    run(tmp_path, fn)
+
+
+def test_r3_1_r3_5_r3_6_r3_9_a_partner_card_is_authorized_by_its_home_and_billed_there(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await net.cso.publish_tariff(TARIFF)
+        card = "DE*HC3*CCARD00003"  # in no list: the CSO routes it by its provider (the visited CSP serves it)
+        net.csp3.add_customer(card)
+        got = await net.cso.token_presented(EVSES[0], card)
+        assert got["auth_status"] == "accepted" and got["result"] == "accepted", got
+        sid = got["roaming_session_id"]
+        link = net.csp.link(sid)
+        assert link is not None and link.home == CSP3 and link.home_session != sid
+        assert net.csp3.session(link.home_session)["cso"] == CSP
+        # privacy: the card went CSO → visited CSP → home, and nowhere else
+        assert net.cso.store.all("SELECT party FROM shared WHERE token_uid=?", card)[0][0] == CSP
+        assert {r[0] for r in net.csp.store.all("SELECT party FROM shared WHERE token_uid=?", card)} == {CSO, CSP3}
+        assert net.ch.store.get("SELECT COUNT(*) FROM routed")[0] == 0
+        sdr = await billed(net, sid)
+        assert sdr["status"] == "accepted"
+        assert net.csp3.readings(link.home_session)[-1][1] == 4000  # R3-6, R3-5: the home's own record
+        (ours,) = net.csp.store.all("SELECT verdict FROM sdrs")
+        assert ours[0] == "matched"
+        (theirs,) = net.csp3.store.all("SELECT sdr_id, body, verdict FROM sdrs")
+        body = json.loads(theirs["body"])
+        assert theirs["verdict"] == "matched" and body["roaming_session_id"] == link.home_session
+        assert theirs["sdr_id"].startswith(CSP[:-1] + "R") and body["cost"] == sdr["cost"] == 50 + 4000 * 45 // 1000
+        done = net.csp.link(sid)
+        assert done is not None and (done.state, done.sdr_id) == ("forwarded", theirs["sdr_id"])
+        # a duplicate: the CSO bills the session again under another SDR id: refused, nothing changes
+        before = net.snapshots()
+        again = json.loads(net.csp.store.get("SELECT body FROM sdrs")[0]) | {"sdr_id": "DE*CSO*RDUP0001"}
+        with pytest.raises(RoamingError) as e:
+            await net.cso.send("PutSdr", again, CSP)
+        assert (e.value.status, e.value.cause) == (409, "duplicate_sdr")
+        # … and the visited CSP forwarding the home's SDR twice under another id
+        twice = json.loads(theirs["body"]) | {"sdr_id": CSP[:-1] + "RDUP0002"}
+        with pytest.raises(RoamingError) as e:
+            await net.csp.send("PutSdr", twice, CSP3)
+        assert (e.value.status, e.value.cause) == (409, "duplicate_sdr")
+        after = net.snapshots()
+        for k in before:
+            assert after[k] == before[k], k
+
+    run(tmp_path, fn)
+
+
+def test_r4_2_the_partners_list_reaches_the_cso_and_an_offline_session_is_billed_to_the_home(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        await listed(net, "04PART01")
+        row = net.cso.store.get("SELECT party, auth_status FROM token_cache WHERE token_uid=?", "04PART01")
+        assert tuple(row) == (CSP, "accepted")  # under the visited CSP's party: the CSO knows no other
+        # the CSO's site authorized it from the list: the CSO opens the session itself
+        sid = net.cso.adopt_session(EVSES[0], "04PART01", int(net.clock()))
+        assert sid is not None and net.cso.session(sid)["csp"] == CSP
+        await billed(net, sid, 3000)
+        link = net.csp.link(sid)
+        assert link is not None and link.home == CSP3 and link.state == "forwarded"
+        (theirs,) = net.csp3.store.all("SELECT body, verdict FROM sdrs")
+        assert theirs["verdict"] == "matched" and json.loads(theirs["body"])["energy_wh"] == 3000
+        assert [e for _, e in net.csp3.readings(link.home_session)] == [1500, 3000]  # every reading, in order
+        # a token gone from the home's list goes from the CSO's too
+        net.csp3.store.exec("DELETE FROM customers")
+        await net.csp3.distribute_tokens("differential")
+        await net.csp.tick()
+        assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04PART01'") is None
+
+    run(tmp_path, fn)
+
+
+def test_r3_2_r3_4_the_home_starts_and_stops_remotely_through_the_visited_csp(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await net.cso.publish_tariff(TARIFF)
+        net.csp3.add_customer("APP-3")
+        start = await net.csp3.start_remote(EVSES[0], "APP-3")
+        assert start["result"] == "accepted", start
+        home_sid = start["roaming_session_id"]
+        row = net.csp.store.get("SELECT session_id FROM partner_sessions WHERE home_session=?", home_sid)
+        sid = str(row[0])
+        assert net.cso.session(sid)["csp"] == CSP
+        stop = await net.csp3.stop_remote(home_sid)
+        assert stop["result"] == "accepted", stop
+        await billed(net, sid, 2000)
+        (theirs,) = net.csp3.store.all("SELECT verdict, session_id FROM sdrs")
+        assert tuple(theirs) == ("matched", home_sid)
+
+    run(tmp_path, fn)
+
+
+def test_m10_a_deletion_at_the_home_reaches_the_visited_csp_and_the_cso_and_back(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await listed(net, "04DEL001")
+        await listed(net, "04DEL002")
+        assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04DEL001'") is not None
+        await net.csp3.delete_user("04DEL001")
+        assert net.csp.store.one("SELECT 1 FROM partner_tokens WHERE token_uid='04DEL001'") is None
+        assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04DEL001'") is None
+        await net.cso.delete_user("04DEL002")  # the reverse: started at the CSO
+        assert net.csp.store.one("SELECT 1 FROM partner_tokens WHERE token_uid='04DEL002'") is None
+        assert net.csp3.store.one("SELECT 1 FROM customers WHERE token_uid='04DEL002'") is None
+        for ep in net.endpoints().values():
+            assert ep.store.one("SELECT 1 FROM shared WHERE token_uid IN ('04DEL001', '04DEL002')") is None
+
+    run(tmp_path, fn)
+
+
+def test_bad_input_of_the_visited_paths_is_refused_by_name_and_changes_nothing(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await listed(net, "04GOOD01")
+        before = net.snapshots()
+
+        async def refused(coro: Awaitable[Any], status: int, cause: str) -> None:
+            with pytest.raises(RoamingError) as e:
+                await coro
+            assert (e.value.status, e.value.cause) == (status, cause), e.value
+            after = net.snapshots()
+            for k in before:
+                assert after[k] == before[k], (cause, k)
+
+        tokens = [{"token_uid": "04EVIL01", "auth_status": "accepted", "party_id": CSP3}]
+        other = {"party_id": "DE*XXX*O", "list_version": 9, "update_type": "full", "tokens": tokens}
+        # a partner sending a list for a party it does not serve, or tokens of another party
+        await refused(net.csp3.send("TokenList", other, CSP), 403, "party_mismatch")
+        foreign = [t | {"party_id": "DE*XXX*O"} for t in tokens]
+        mine = {"party_id": CSP3, "list_version": 9, "update_type": "full", "tokens": foreign}
+        await refused(net.csp3.send("TokenList", mine, CSP), 403, "party_mismatch")
+        # a partner in the CSO's role (wrong role) or stopping a session not its own
+        ask = {"token_uid": "04GOOD01", "evse_gid": EVSES[0], "token_type": "rfid"}
+        await refused(net.csp3.send("AuthorizeRoaming", ask, CSP), 403, "not_allowed")
+        stop = {"roaming_session_id": "DE*HC3*SNOTMINE01"}
+        await refused(net.csp3.send("RemoteStop", stop, CSP), 404, "unknown_session")
+        start = {"evse_gid": EVSES[0], "token_uid": "04GOOD01", "roaming_session_id": "DE*HCP*SNOTYOURS1"}
+        await refused(net.csp3.send("RemoteStart", start, CSP), 403, "not_your_session")
+        start = {"evse_gid": "DE*ZZZ*E1-1", "token_uid": "04GOOD01", "roaming_session_id": "DE*HC3*SMINE0001"}
+        await refused(net.csp3.send("RemoteStart", start, CSP), 404, "unknown_evse")
+        # the visited CSP publishing for a CSO the home has an agreement with itself: none here, so
+        # it may; the home's own card list sent back to it as a CSO's message has no route
+        await refused(net.csp.send("TokenList", mine | {"party_id": CSP, "tokens": []}, CSP3), 404, "unknown_message")
+        # a CSO message at the home directly: the home has no agreement with the CSO
+        status, body = await raw_from_cso(net, CSP3, "EvseStatusUpdate",
+                                          {"evse_gid": EVSES[0], "evse_status": "available", "time": 1})  # fmt: skip
+        assert (status, body["error"]) == (403, "unknown_party")
+        after = net.snapshots()
+        assert after["csp3"] == before["csp3"]
+
+    run(tmp_path, fn)
+
+
+async def raw_from_cso(net: Net, port_of: str, message: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A request from the CSO (its own certificate) to a party it has no agreement with."""
+    cfg = net.cfgs["cso"]
+    port = next(ep.port for ep in net.endpoints().values() if ep.me == port_of)
+    http = H3Client("127.0.0.1", port, TlsFiles(cfg.ca, cfg.cert, cfg.key))
+    data = json.dumps(body).encode()
+    h = auth.sign(secrets.token_bytes(32), "POST", PREFIX + message, auth.Route(CSO), data, now=net.clock())
+    h[auth.H_AUTH] = "Bearer x"
+    try:
+        r = await http.request("POST", PREFIX + message, h, data)
+    finally:
+        await http.close()
+    return r.status, json.loads(r.body)
+
+
+def test_r3_7_r3_10_r5_2_r5_3_plans_and_unlocks_of_the_home_pass_through_the_visited_csp(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        net.csp3.add_customer("APP-3")
+        start = await net.csp3.start_remote(EVSES[0], "APP-3")
+        home_sid = start["roaming_session_id"]
+        sid = str(net.csp.store.get("SELECT session_id FROM partner_sessions WHERE home_session=?", home_sid)[0])
+        plan = await net.csp3.send_plan(home_sid, [{"start_s": 0, "limit_w": 4000}])  # R3-7
+        assert plan["status"] == "accepted" and plan["plan"][0]["limit_w"] == 4000, plan
+        again = await net.cso.update_plan(sid, [{"start_s": 0, "limit_w": 2000}])  # R3-10: the CSO replans
+        assert again["status"] == "accepted"
+        kept = json.loads(net.csp3.store.get("SELECT plan FROM plans WHERE session_id=?", home_sid)[0])
+        assert kept[0]["limit_w"] == 2000
+        assert (await net.csp3.unlock(EVSES[1], None, "cable stuck"))["result"] == "accepted"  # R5-3
+        assert (await net.csp3.unlock(EVSES[0], home_sid, "cable stuck"))["result"] == "accepted"  # R5-2
+        assert net.csp3.session(home_sid)["state"] == "unlocked" and net.cso.session(sid)["state"] == "stopping"
+
+    run(tmp_path, fn)
+
+
+def test_s7_r3_3_a_partners_contract_certificate_is_issued_by_its_home_through_the_visited_csp(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        contract = "DE*HC3*C00012345"
+        net.csp3.add_customer("04PNC003", contract_id=contract)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, contract)])
+        der = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+        answer = await net.cso.contract_certificate(EVSES[0], "install", der.public_bytes(serialization.Encoding.DER))
+        assert answer["status"] == "accepted", answer
+        verify_chain(split_chain(answer["exi"]), net.csp3.mo.root)  # issued by the home's MO sub-CA
+        assert tuple(net.csp3.store.get("SELECT contract_id, cso FROM contract_certs")) == (contract, CSP)
+        assert net.csp.store.one("SELECT 1 FROM contract_certs") is None  # the visited CSP issues none
+
+    run(tmp_path, fn)
+
+
+def test_r3_8_a_partners_reservation_under_an_id_of_the_visited_csp_expires_at_the_home(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        expiry = int(net.clock()) + 600
+        assert (await net.csp.reserve(EVSES[1], "04OWN001", expiry, 41))["result"] == "accepted"
+        net.csp3.add_customer("04RES003")
+        assert (await net.csp3.reserve(EVSES[0], "04RES003", expiry, 41))["result"] == "accepted"  # the same id
+        ids = {r[0] for r in net.cso.store.all("SELECT reservation_id FROM reservations WHERE csp=?", CSP)}
+        assert len(ids) == 2 and 41 in ids  # the partner's under another id of the visited CSP
+        net.clock.advance(601)
+        await net.cso.expire_reservations()
+        q = "SELECT state FROM reservations WHERE reservation_id=41"
+        assert net.csp3.store.get(q)[0] == "expired" and net.csp.store.get(q)[0] == "expired"
+
+    run(tmp_path, fn)
+
+
+def test_r3_9_a_wrong_sdr_is_flagged_at_both_csps_and_the_homes_dispute_reaches_the_cso(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await net.cso.publish_tariff(TARIFF)
+        card = "DE*HC3*CWRONG0001"
+        net.csp3.add_customer(card)
+        sid = (await net.cso.token_presented(EVSES[0], card))["roaming_session_id"]
+        net.clock.advance(120)
+        await net.cso.session_progress(sid, 4000, 7000)
+        started = int(net.cso.session(sid)["started"])
+        wrong = [pricing.Line(started, int(net.clock()), 4500, 7)]  # its transactions add up to more
+        sdr = await net.cso.session_ended(sid, 4000, lines=wrong)
+        link = net.csp.link(sid)
+        assert link is not None and link.state == "forwarded"
+        assert str(net.csp.store.get("SELECT verdict FROM sdrs")[0]).startswith("mismatch")
+        home_sdr, verdict = net.csp3.store.get("SELECT sdr_id, verdict FROM sdrs")
+        assert verdict.startswith("mismatch"), verdict
+        answer = await net.csp3.dispute(home_sdr)
+        assert answer["status"] == "accepted"
+        row = net.cso.store.get("SELECT csp, reason FROM disputes WHERE sdr_id=?", sdr["sdr_id"])
+        assert row[0] == CSP and row[1] == verdict[:120]
+        with pytest.raises(RoamingError) as e:  # a dispute of an SDR the partner never got
+            await net.csp3.send("DisputeSdr", {"sdr_id": CSP[:-1] + "RNONE0001", "roaming_session_id":
+                                               link.home_session, "reason": "x"}, CSP)  # fmt: skip
+        assert (e.value.status, e.value.cause) == (404, "unknown_sdr")
+
+    run(tmp_path, fn)
+
+
+def test_a_csp_with_partners_must_run_as_a_visited_csp(tmp_path: Path) -> None:
+    cfgs = network(tmp_path, "peer_to_peer", party_ids={"csp3": CSP3}, visited=(("csp3", "csp"),))
+    with pytest.raises(ConfigError, match="VisitedCspEndpoint"):
+        CspEndpoint(cfgs["csp"])
+
+
+def test_r3_9_the_sdr_to_a_home_that_is_down_is_delivered_in_order_once_it_is_back(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        card = "DE*HC3*CDOWN00001"
+        net.csp3.add_customer(card)
+        sid = (await net.cso.token_presented(EVSES[0], card))["roaming_session_id"]
+        link = net.csp.link(sid)
+        assert link is not None
+        await net.csp3.stop()  # the home is away while the session is billed
+        await billed(net, sid, 5000)
+        waiting = net.csp.link(sid)
+        assert waiting is not None and waiting.state == "billed"
+        assert str(net.csp.store.get("SELECT verdict FROM sdrs")[0]) == "matched"  # our own audit stands
+        net.csp3 = CspEndpoint(net.cfgs["csp3"], clock=net.clock)
+        await restart_on_port(net.csp3)
+        net.clock.advance(net.csp.RETRY_CAP_S)
+        await net.csp.tick()  # the background loop's round: the readings it missed, then the SDR
+        done = net.csp.link(sid)
+        assert done is not None and done.state == "forwarded"
+        (theirs,) = net.csp3.store.all("SELECT verdict FROM sdrs")
+        assert theirs[0] == "matched"
+        assert net.csp3.readings(link.home_session)[-1][1] == 5000
+
+    run(tmp_path, fn)
