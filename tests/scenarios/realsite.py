@@ -26,10 +26,10 @@ from typing import Any
 
 from evedge_csms.api import Csms
 from gateway.schema import Registration
-from tools.site.harness import Site, board_wait, until
+from tools.site.harness import Site, board_status, board_step, board_wait, until
 from tools.site.invariants import Checker, Limit, Sampler, billing_faults, configured_limits
 
-__all__ = ["Invariants", "Site", "api", "scenario", "site_id"]
+__all__ = ["Invariants", "Site", "api", "charge", "scenario", "site_id"]
 
 
 def site_id(site: Site) -> str:
@@ -42,6 +42,25 @@ def api(site: Site) -> Csms:
     """The CSMS operator's interface: where most scenarios' actors start."""
     assert site.csms is not None
     return site.csms.api
+
+
+async def charge(site: Site, i: int, token: str, ms: int = 600_000, *, token_type: int | None = None,
+                 unplug: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The driver at board i: presents `token` (a card, or with `token_type` the EV's contract),
+    accepted; plugs in; charges `ms` of simulated time; unplugs unless told not to. The
+    transaction's last event: `tx_ended`, or `tx_started` while it stays open."""
+    b = site.boards[i]
+    m = b.mark()
+    b.cmd("card", token=token, **({} if token_type is None else {"type": token_type}))
+    assert (await board_wait(b, "auth", since=m))["status"] == 0
+    b.cmd("plug")
+    started = await board_wait(b, "tx_started", since=m)
+    await board_status(b, lambda st: st["power_w"] > 0)
+    await board_step(b, ms)
+    if not unplug:
+        return dict(started)
+    b.cmd("unplug")
+    return dict(await board_wait(b, "tx_ended", since=m))
 
 
 class Invariants:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, api, scenario, site_id
+from realsite import Invariants, Site, api, charge, scenario, site_id
 from roaming_books import check_books
 
 from tools.site.harness import board_status, board_step, board_wait, until
@@ -28,20 +28,6 @@ async def customer(site: Site, uid: str) -> None:
     assert site.csp is not None
     site.csp.add_customer(uid)
     await site.csp.distribute_tokens("differential")
-
-
-async def charge(site: Site, i: int, uid: str, ms: int = 600_000) -> dict[str, Any]:
-    """The driver: card, plug, charge `ms` of simulated time, unplug; the ended transaction."""
-    b = site.boards[i]
-    m = b.mark()
-    b.cmd("card", token=uid)
-    assert (await board_wait(b, "auth", since=m))["status"] == 0
-    b.cmd("plug")
-    await board_wait(b, "tx_started", since=m)
-    await board_status(b, lambda st: st["power_w"] > 0)
-    await board_step(b, ms)
-    b.cmd("unplug")
-    return dict(await board_wait(b, "tx_ended", since=m))
 
 
 def csp_sdrs(site: Site) -> list[dict[str, Any]]:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from realsite import Invariants, Site, api, scenario, site_id
+from realsite import Invariants, Site, api, charge, scenario, site_id
 from roaming_books import books_faults, check_books
 
 from evedge_csms.errors import CsmsError
 from evedge_roaming import meter, publish
-from tools.site.harness import board_status, board_step, board_wait, until
+from tools.site.harness import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,18 +85,7 @@ def test_r3_9_the_home_csp_checks_the_meters_seal_of_each_sdr(tmp_path: Path) ->
         await until(lambda: 3 in csp.tariffs(cso.me), 10, "the tariff at the home CSP")
         csp.add_customer(card)
 
-        async def charge(ms: int) -> None:
-            m = b.mark()
-            b.cmd("card", token=card)
-            assert (await board_wait(b, "auth", since=m))["status"] == 0
-            b.cmd("plug")
-            await board_wait(b, "tx_started", since=m)
-            await board_status(b, lambda st: st["power_w"] > 0)
-            await board_step(b, ms)
-            b.cmd("unplug")
-            await board_wait(b, "tx_ended", since=m)
-
-        await charge(300_000)
+        await charge(site, 0, card, 300_000)
         (book,) = await check_books(site, "mixed")  # matched: the seal is the meter's
         reading = meter.parse(book.csp_sdr["signed_meter"])
         assert reading is not None and reading.sealed_by(b.meter_key(1))
@@ -105,7 +94,7 @@ def test_r3_9_the_home_csp_checks_the_meters_seal_of_each_sdr(tmp_path: Path) ->
         # a CSO that moves the meter's registers (the energy unchanged, the reading's register made
         # to match) cannot make the seal: a mismatch that names it, disputed
         await site.bridge.stop()
-        await charge(120_000)
+        await charge(site, 0, card, 120_000)
         (s2,) = await until(lambda: [s for s in api(site).sdrs() if s["id_token"] == card][1:], 20, "the 2nd SDR")
         sid2 = cso.open_session(evse, card) or cso.adopt_session(evse, card, publish.unix(s2["started"]))
         assert sid2 is not None

@@ -25,14 +25,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from realsite import Invariants, Site, scenario
+from realsite import Invariants, Site, charge, scenario
 from roaming_books import check_books, roaming_sdrs
 
 from evedge_roaming.contract_pki import split_chain, verify_chain
 from evedge_roaming.endpoint import Refused
 from gateway.protocol import gid
 from gateway.schema import TokenType
-from tools.site.harness import CH_ID, CSP_ID, board_status, board_step, board_wait, until
+from tools.site.harness import CH_ID, CSP_ID, board_status, board_wait, until
 
 pytestmark = pytest.mark.timeout(150)
 WITH_CH = pytest.mark.parametrize("mode", ["clearing_house", "mixed"])
@@ -45,20 +45,6 @@ async def tariff(site: Site) -> None:
     assert (await site.command_done(cmd))["state"] == "done"
     csp, cso = site.csp, site.cso
     await until(lambda: 3 in csp.tariffs(cso.me), 10, "the tariff at the home CSP")
-
-
-async def charge(site: Site, token: str, ms: int, token_type: int | None = None) -> None:
-    """The driver at board 0: the card (or the EV's contract), plug, charge, unplug."""
-    b = site.boards[0]
-    m = b.mark()
-    b.cmd("card", token=token, **({} if token_type is None else {"type": token_type}))
-    assert (await board_wait(b, "auth", since=m))["status"] == 0
-    b.cmd("plug")
-    await board_wait(b, "tx_started", since=m)
-    await board_status(b, lambda st: st["power_w"] > 0)
-    await board_step(b, ms)
-    b.cmd("unplug")
-    await board_wait(b, "tx_ended", since=m)
 
 
 def held(site: Site, uid: str) -> dict[str, bool]:
@@ -83,7 +69,7 @@ def test_r3_1_r4_1_r3_3_r3_9_ch_issued_card_and_contract_are_authorized_via_the_
         await tariff(site)
         card = (await csp.request_credential("rfid", 1))["token_uid"]
         assert gid.parse(card).operator == CH_ID  # issued under the CH's provider id, on no list
-        await charge(site, card, 300_000)  # R3-1, R4-1: asked online, the CH finds A
+        await charge(site, 0, card, 300_000)  # R3-1, R4-1: asked online, the CH finds A
         assert routed_to(site) == [(cso.me, CSP_ID)]
         assert held(site, card)["csp_b"] is False  # privacy: the other CSP never saw the card
         (book,) = await check_books(site, mode)  # R3-5, R3-9: one SDR everywhere, billed to A, matched
@@ -101,7 +87,7 @@ def test_r3_1_r4_1_r3_3_r3_9_ch_issued_card_and_contract_are_authorized_via_the_
         chain = split_chain(bytes.fromhex((await board_status(b, lambda st: st["exi"]))["exi"]))
         verify_chain(chain, csp.mo.root)
         assert chain[0].public_key() == key.public_key()
-        await charge(site, contract, 120_000, int(TokenType.ISO15118))
+        await charge(site, 0, contract, 120_000, token_type=int(TokenType.ISO15118))
         assert routed_to(site)[1:] == [(cso.me, CSP_ID)]
         await until(lambda: len(roaming_sdrs(site)) == 2, 20, "the second SDR at the CSMS")
         books = await check_books(site, mode)
@@ -128,7 +114,7 @@ def test_r4_2_m10_a_listed_ch_issued_card_charges_offline_is_billed_to_its_csp_a
 
         await until(listed, 20, "the CH-issued card in the site's local list")
         await site.stop_csms()  # the site is offline: its list decides
-        await charge(site, card, 300_000)
+        await charge(site, 0, card, 300_000)
         await site.start_csms()  # back: the transaction reaches the CSMS and its SDR home CSP A
         (book,) = await check_books(site, mode, timeout=30)
         assert (book.csms["id_token"], book.csp) == (card, CSP_ID)

@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from realsite import Invariants, Site, api, scenario, site_id
+from realsite import Invariants, Site, api, charge, scenario, site_id
 from roaming_books import check_books
 
 from evedge_roaming.contract_pki import split_chain, verify_chain
@@ -47,18 +47,6 @@ def parties(site: Site) -> tuple[VisitedCspEndpoint, CspEndpoint]:
     """The visited CSP (provider A) and the home CSP that roams through it."""
     assert isinstance(site.csp, VisitedCspEndpoint) and site.csp3 is not None
     return site.csp, site.csp3
-
-
-async def charge(site: Site, i: int, uid: str, ms: int = 300_000) -> None:
-    """The driver: card, plug, charge `ms` of simulated time (the transaction stays open)."""
-    b = site.boards[i]
-    m = b.mark()
-    b.cmd("card", token=uid)
-    assert (await board_wait(b, "auth", since=m))["status"] == 0
-    b.cmd("plug")
-    await board_wait(b, "tx_started", since=m)
-    await board_status(b, lambda st: st["power_w"] > 0)
-    await board_step(b, ms)
 
 
 async def unplug(site: Site, i: int) -> None:
@@ -90,7 +78,7 @@ def test_r1_2_r1_3_r2_1_r3_1_r4_1_r3_6_r3_5_r3_9_a_card_of_a_csp_roaming_through
         assert home.tariffs(cso.me)[4] == visited.tariffs(cso.me)[4]  # passed on unchanged
         card = "DE*HC3*CCARD00003"  # in no list: the CSO asks the visited CSP that serves its provider
         home.add_customer(card)
-        await charge(site, 0, card)  # R3-1, R4-1: identified online by csp3, through csp
+        await charge(site, 0, card, 300_000, unplug=False)  # R3-1, R4-1: identified online by csp3, through csp
 
         def status() -> Any:  # R1-3
             row = home.store.one("SELECT status FROM evse_status WHERE evse_gid=?", site.evse(0))
@@ -140,7 +128,7 @@ def test_r4_2_m10_a_listed_card_of_a_csp_roaming_through_a_visited_csp_charges_o
         await until(lambda: listed("04HC3OFF"), 20, "csp3's card in the site's list")
         assert cso.store.get("SELECT party FROM token_cache WHERE token_uid='04HC3OFF'")[0] == visited.me
         await site.stop_csms()  # the site is offline
-        await charge(site, 0, "04HC3OFF")
+        await charge(site, 0, "04HC3OFF", 300_000, unplug=False)
         await unplug(site, 0)
         await site.start_csms()  # back: the transaction reaches the CSMS, its SDR csp3 via csp
         (book,) = await check_books(site, MODE, timeout=30)
@@ -238,7 +226,7 @@ def test_r3_8_r5_2_a_reservation_and_an_unlock_of_a_csp_roaming_through_a_visite
         ok = await home.reserve(site.evse(0), card, int(time.time()) + 600, 41)  # R3-8, through csp
         assert ok["result"] == "accepted", ok
         m = b.mark()
-        await charge(site, 0, card)  # the reserving card charges at the EVSE held for it
+        await charge(site, 0, card, 300_000, unplug=False)  # the reserving card charges at the EVSE held for it
         assert cso.store.get("SELECT reservation_id FROM reservations WHERE csp=?", visited.me)[0] == 41
         sid = await until(lambda: cso.open_session(site.evse(0), card), 10, "the roaming session")
         link = visited.link(sid)
