@@ -14,6 +14,11 @@ import pytest
 from csmsclient import Board, running_csms, site
 
 from evedge_csms.admin import main
+from evedge_csms.api import Csms
+from evedge_csms.config import load
+from evedge_csms.inbound import Ctx
+from evedge_csms.pki import load_or_create_signer
+from evedge_csms.store import Row, SqliteStore
 from gateway import _core
 from gateway.schema import Action, Key, Priority, TxEvent
 
@@ -93,6 +98,29 @@ def test_csms_admin_cli_r1_2_connector_of_one_evse_over_its_sites(tmp_path: Path
     with contextlib.redirect_stderr(err):  # R3-9: a meter key is an Ed25519 public key, 32 bytes
         assert main(["--data", str(data), "set-connector", "--site", "s1", "--device", "b1", "--meter-key", "ab"]) == 2
     assert "meter_key: an Ed25519 public key is 32 bytes, not 1" in err.getvalue()
+    assert connector_record(data, "s1", "b1", 1) is None and connector_record(data, "s1", "b1", 2) is None
     key = "5a" * 32
     out = admin(data, "set-connector", "--site", "s1", "--device", "b1", "--evse", "2", *kind, "--meter-key", key)
     assert f"s1\tb1\t2\tCHADEMO\tCABLE\tDC\t{key}" in out
+    with contextlib.redirect_stderr(err):  # refused over a record: the record unchanged
+        assert main(["--data", str(data), "set-connector", "--site", "s1", "--device", "b1", "--evse", "2",
+                     "--meter-key", "ab"]) == 2  # fmt: skip
+    rec = connector_record(data, "s1", "b1", 2)
+    assert rec is not None and rec["meter_key"] == bytes.fromhex(key)
+    # R3-9: an empty key clears it (a meter that seals nothing); the connector's kind stays
+    out = admin(data, "set-connector", "--site", "s1", "--device", "b1", "--evse", "2", "--meter-key", "")
+    assert "s1\tb1\t2\tCHADEMO\tCABLE\tDC\t\n" in out
+    rec = connector_record(data, "s1", "b1", 2)
+    assert rec is not None and rec["meter_key"] is None and rec["power_type"] == "DC"
+
+
+def connector_record(data: Path, site_id: str, device_id: str, evse: int) -> Row | None:
+    """What the CSMS holds of an EVSE's connector (`Csms.connector_record`), read from its data folder."""
+    cfg = load(None, data_dir=data)
+    store = SqliteStore(cfg.db_path)
+    try:
+        return Csms(Ctx(store, load_or_create_signer(cfg.signing_key), None, cfg.settings)).connector_record(
+            site_id, device_id, evse
+        )
+    finally:
+        store.close()

@@ -12,7 +12,7 @@ with its own key: Ed25519 over the register, the EVSE and the meter's clock, in 
 (docs/roaming.md, "Signed meter readings"). The keys' seeds are the host runner's (the
 `--meter-keys` file, a line per EVSE: the meters' chips, read only to seal, never by the firmware);
 the operator records each public key from the meter's label (`Csms.set_connector(meter_key=…)`), and
-the home CSP checks the seal of the reading an SDR carries with it.
+the home CSP checks the seals of the readings an SDR carries (its meter start's and stop's) with it.
 
 SimHal implements every input and output of `csc.hal.Hal` itself (and the base's `flags`, `card`,
 `plugged`, `take_card`, `reboot`) rather than subclassing it: the base's defaults, all overridden

@@ -5,11 +5,14 @@ gateway, the real CSMS over QUIC, the endpoints over HTTP/3, mixed mode):
   `evedge-csms-admin set-connector`); the home CSP's copy of the location names each EVSE's kind.
 - R3-9: the meter's seal. The installer records each EVSE's meter key (the harness, from the
   emulated meter's label); the location carries it; the home CSP checks the seal of the signed
-  reading each SDR carries, and a reading whose seal is not the meter's is a mismatch, disputed."""
+  readings each SDR carries (its meter start's and stop's), and a reading whose seal is not the
+  meter's is a mismatch, disputed; so is an SDR whose meter start was lowered (its sealed start
+  reading says otherwise)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -86,10 +89,11 @@ def test_r3_9_the_home_csp_checks_the_meters_seal_of_each_sdr(tmp_path: Path) ->
         csp.add_customer(card)
 
         await charge(site, 0, card, 300_000)
-        (book,) = await check_books(site, "mixed")  # matched: the seal is the meter's
-        reading = meter.parse(book.csp_sdr["signed_meter"])
-        assert reading is not None and reading.sealed_by(b.meter_key(1))
-        assert reading.register_wh == book.csp_sdr["meter_stop_wh"]
+        (book,) = await check_books(site, "mixed")  # matched: the seals are the meter's
+        start, stop = meter.readings(book.csp_sdr["signed_meter"])  # the meter start's and stop's
+        assert start.sealed_by(b.meter_key(1)) and stop.sealed_by(b.meter_key(1))
+        assert (start.register_wh, stop.register_wh) == (book.csp_sdr["meter_start_wh"], book.csp_sdr["meter_stop_wh"])
+        assert start.evse == stop.evse == 1 and start.time <= stop.time
 
         # a CSO that moves the meter's registers (the energy unchanged, the reading's register made
         # to match) cannot make the seal: a mismatch that names it, disputed
@@ -98,10 +102,10 @@ def test_r3_9_the_home_csp_checks_the_meters_seal_of_each_sdr(tmp_path: Path) ->
         (s2,) = await until(lambda: [s for s in api(site).sdrs() if s["id_token"] == card][1:], 20, "the 2nd SDR")
         sid2 = cso.open_session(evse, card) or cso.adopt_session(evse, card, publish.unix(s2["started"]))
         assert sid2 is not None
-        real = meter.parse(publish.signed_meter(s2))
-        assert real is not None
         shift = 1000
-        forged = real.body[:4] + (real.register_wh + shift).to_bytes(8, "big") + real.body[12:] + real.signature
+        forged = b"".join(r.body[:4] + (r.register_wh + shift).to_bytes(8, "big") + r.body[12:] + r.signature
+                          for r in meter.readings(publish.signed_meter(s2)))  # fmt: skip
+        assert len(forged) == 2 * meter.SIZE
         cso.store.exec("INSERT INTO csms_sdrs VALUES(?,?,?,?)", s2["sdr_id"], sid2, "sent", int(time.time()))
         answer = await cso.session_ended(sid2, int(s2["energy_wh"]), meter_start_wh=int(s2["meter_start_wh"]) + shift,
                                          signed_meter=base64.b64encode(forged).decode(),
@@ -111,8 +115,31 @@ def test_r3_9_the_home_csp_checks_the_meters_seal_of_each_sdr(tmp_path: Path) ->
                               "the verdict")  # fmt: skip
         assert verdict[0] == "mismatch: the signed meter reading's seal is not the EVSE meter's", verdict[0]
         assert (await csp.dispute(answer["sdr_id"]))["status"] == "accepted"
-        # the books see it too: the CSO's SDR carries another reading than the CSMS's (the meter's)
-        _, faults = await books_faults(site, "mixed", wrong={sid2})
+
+        # a CSO that lowers the meter start (the meter's own sealed readings, the energy and its
+        # SessionUpdates made bigger to match): the sealed start reading is not the SDR's start
+        await charge(site, 0, card, 120_000)
+        (s3,) = await until(lambda: [s for s in api(site).sdrs() if s["id_token"] == card][2:], 20, "the 3rd SDR")
+        sid3 = cso.open_session(evse, card) or cso.adopt_session(evse, card, publish.unix(s3["started"]))
+        assert sid3 is not None
+        cso.store.exec("INSERT INTO csms_sdrs VALUES(?,?,?,?)", s3["sdr_id"], sid3, "sent", int(time.time()))
+        lower = int(s3["meter_start_wh"]) // 2  # the energy of the charges before, in part
+        assert lower > 0
+        lines = [dataclasses.replace(x, energy_wh=x.energy_wh + lower) for x in publish.sdr_lines(s3)]
+        await cso.session_progress(sid3, int(s3["energy_wh"]) + lower, 0)
+        answer = await cso.session_ended(sid3, int(s3["energy_wh"]) + lower,
+                                         meter_start_wh=int(s3["meter_start_wh"]) - lower,
+                                         signed_meter=publish.signed_meter(s3), lines=lines)  # fmt: skip
+        assert answer["status"] == "accepted"
+        verdict = await until(lambda: csp.store.one("SELECT verdict FROM sdrs WHERE sdr_id=?", answer["sdr_id"]), 10,
+                              "the verdict")  # fmt: skip
+        lowered = int(s3["meter_start_wh"]) - lower
+        assert verdict[0] == f"mismatch: meter start {lowered} Wh, the signed meter reading {s3['meter_start_wh']} Wh"
+        assert (await csp.dispute(answer["sdr_id"]))["status"] == "accepted"
+
+        # the books see the first too: the CSO's SDR carries other readings than the CSMS's (the
+        # meter's); the second carries the meter's own, its figures are what is wrong
+        _, faults = await books_faults(site, "mixed", wrong={sid2, sid3})
         assert len(faults) == 1 and faults[0].startswith(f"{sid2}: signed meter data (CSO SDR, CSMS SDR)"), faults
 
     scenario(tmp_path, body, boards=1, roaming=True)

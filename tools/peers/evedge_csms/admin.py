@@ -168,7 +168,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     sc.add_argument("--site", required=True)
     sc.add_argument("--device", required=True)
     sc.add_argument("--evse", type=int, default=1)
-    sc.add_argument("--meter-key", type=bytes.fromhex, help="R3-9: the meter's Ed25519 public key (hex, its label)")
+    sc.add_argument("--meter-key", type=bytes.fromhex,
+                    help="R3-9: the meter's Ed25519 public key (hex, its label); \"\" clears it")  # fmt: skip
     for opt in ("--connector-standard", "--connector-format", "--power-type"):
         ss.add_argument(opt)
         sc.add_argument(opt)

@@ -263,15 +263,17 @@ class Csms:
         """R1-2: the kind of one EVSE's connector, over its site's (`set_site`): a site may mix
         AC wallboxes and a DC charger; R3-9: `meter_key`, the Ed25519 public key of its meter (32
         bytes, from the meter's label), with which the home CSP checks the seal of each signed
-        reading. Fields not given keep their value (or the site's); the record. A board the CSMS
-        does not know, an EVSE number out of 1…255 or a key not of 32 bytes: `CsmsError`."""
+        reading; `meter_key=b""` clears it (a meter replaced by one that seals nothing: the
+        location then states no key, the home CSP's books keep the change). Fields not given keep
+        their value (or the site's); the record. A board the CSMS does not know, an EVSE number
+        out of 1…255 or a key neither empty nor of 32 bytes: `CsmsError`, nothing recorded."""
         if self.store.get("stations", site_id=site_id, device_id=device_id) is None:
             raise CsmsError(f"set_connector: no station {device_id!r} at site {site_id!r}")
         if not 0 < evse < 256:
             raise CsmsError(f"set_connector: evse {evse}: not within 1 … 255")
         kind: dict[str, Any] = locations.connector_kind(connector_standard, connector_format, power_type)
         if meter_key is not None:
-            kind["meter_key"] = locations.meter_key(meter_key)
+            kind["meter_key"] = locations.meter_key(meter_key) if meter_key else None
         row = dict(self.connector_record(site_id, device_id, evse) or
                    {"site_id": site_id, "device_id": device_id, "evse": evse})  # fmt: skip
         row.update(kind)

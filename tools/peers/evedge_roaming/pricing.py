@@ -101,6 +101,38 @@ def tariff_of(tariffs: Mapping[int, Tariff], line: Line) -> Tariff | None:
     return t
 
 
+def signed_problems(sdr: Mapping[str, Any], meter_key: bytes | None, evse: int | None = None) -> list[str]:
+    """What is wrong with an SDR's signed readings (`EDM1`: the meter start's, then the meter
+    stop's, `publish.signed_meter`). Always: the last one's register must be `meter_stop_wh`,
+    and the first one's, when there are two or more, `meter_start_wh`. With the EVSE's meter key
+    (a CSO could otherwise lower the start and bill the difference): a reading of the start and
+    one of the stop, each sealed by the key, of the EVSE `evse` (when known), the start's clock
+    not after the stop's. The readings carry no session id: a sealed reading of the same register
+    from an earlier session is not told apart here (docs/roaming.md, "Signed meter readings")."""
+    found = meter.readings(sdr.get("signed_meter"))
+    start_wh, stop_wh = int(sdr["meter_start_wh"]), int(sdr["meter_stop_wh"])
+    out = []
+    if found and found[-1].register_wh != stop_wh:
+        out.append(f"meter stop {stop_wh} Wh, the signed meter reading {found[-1].register_wh} Wh")
+    if len(found) > 1 and found[0].register_wh != start_wh:
+        out.append(f"meter start {start_wh} Wh, the signed meter reading {found[0].register_wh} Wh")
+    if meter_key is None:
+        return out
+    if not found:
+        return [*out, "no signed meter reading, though the EVSE's meter seals its readings"]
+    if not all(r.sealed_by(meter_key) for r in found):
+        out.append("the signed meter reading's seal is not the EVSE meter's")
+    if len(found) < 2:
+        out.append("no signed reading of the meter start, though the EVSE's meter seals its readings")
+    want = found[-1].evse if evse is None else evse  # unknown: at least all of one EVSE
+    others = sorted({r.evse for r in found} - {want})
+    if others:
+        out.append(f"a signed meter reading of EVSE {others[0]}, the SDR's EVSE is {want}")
+    if found[0].time > found[-1].time:
+        out.append("the signed meter readings' clock runs backwards (start after stop)")
+    return out
+
+
 @dataclass(frozen=True)
 class Audit:
     """The home CSP's check of an SDR against its own record of the session."""
@@ -123,33 +155,23 @@ def sdr_lines(sdr: Mapping[str, Any]) -> list[Line]:
 
 
 def signed_register(signed_meter: str | None) -> int | None:
-    """The meter register (Wh) a signed reading (base64, as PutSdr carries it) states, for the
-    formats known here (`meter.parse`); None for another format or none. The reading is the
-    meter's, not the CSO's: an SDR whose meter stop differs from it is wrong whatever its other
-    figures say."""
-    reading = meter.parse(signed_meter)
-    return None if reading is None else reading.register_wh
+    """The meter register (Wh) the last signed reading (base64, as PutSdr carries it) states, for
+    the formats known here (`meter.readings`): the meter stop's; None for another format or none."""
+    found = meter.readings(signed_meter)
+    return found[-1].register_wh if found else None
 
 
 def audit_sdr(sdr: Mapping[str, Any], readings: list[tuple[int, int]], tariffs: Mapping[int, Tariff],
-              meter_key: bytes | None = None) -> Audit:  # fmt: skip
+              meter_key: bytes | None = None, evse: int | None = None) -> Audit:  # fmt: skip
     """Check an SDR against the readings (time, energy_wh) the CSP received during the session,
-    the signed meter reading it carries and its own copy of the CSO's tariffs: the energy must
-    be the last reading and no less than any; the meter stop the signed register; the lines
-    must add up; each line is priced again with the tariff it names. `meter_key`: the public
-    key of the EVSE's meter, as its location publishes it: the reading must then be there, of
-    that EVSE's meter, and sealed by it."""
-    problems = []
+    the signed meter readings it carries and its own copy of the CSO's tariffs: the energy must
+    be the last reading and no less than any; the signed readings' registers the meter start and
+    stop (`signed_problems`); the lines must add up; each line is priced again with the tariff it
+    names. `meter_key`: the public key of the EVSE's meter, as its CSO states it (its location),
+    `evse` its number on the board when known: the readings must then be there, sealed by it."""
+    problems = signed_problems(sdr, meter_key, evse)
     lines = sdr_lines(sdr)
     energy = int(sdr["energy_wh"])
-    reading = meter.parse(sdr.get("signed_meter"))
-    if reading is not None and reading.register_wh != int(sdr["meter_stop_wh"]):
-        problems.append(f"meter stop {sdr['meter_stop_wh']} Wh, the signed meter reading {reading.register_wh} Wh")
-    if meter_key is not None:
-        if reading is None:
-            problems.append("no signed meter reading, though the EVSE's meter seals its readings")
-        elif not reading.sealed_by(meter_key):
-            problems.append("the signed meter reading's seal is not the EVSE meter's")
     own_energy = readings[-1][1] if readings else energy
     if not readings:
         problems.append("no meter reading of the session was received")

@@ -13,7 +13,8 @@ what it bills (R3-5, R3-9): the roaming side of the CSMS's own tables, read each
 - the bill (R3-5, R3-9): `sdr_parts` splits a CSMS SDR by card (a service session — plug-in to
   unplug — may hold transactions of several cards: each card's are one roaming session, billed
   to its own home), `sdr_lines` turns one into the roaming SDR's transactions (times in Unix
-  seconds, energy, tariff id), `signed_meter` gives its signed meter data.
+  seconds, energy, tariff id), `signed_meter` gives its signed meter data (the readings of its
+  meter start and stop).
 
 A roaming session is bound to the CSMS service session and card it bills (`service_links`):
 the next service session of the same card at the same EVSE is another roaming session, even
@@ -92,8 +93,8 @@ def sdr_parts(sdr: Mapping[str, Any], token_of: Mapping[int, str]) -> list[dict[
     transactions, energy, meter start and stop, cost and times; the SDR unchanged when all its
     transactions are one card's. The part of the SDR's own card keeps its `sdr_id`, another
     card's is `sdr_id+card`; a part is marked `split`. Each part carries the signed readings
-    whose register is its meter stop (`covering`: the meter's word on that part; the reading
-    that ended one card's transaction, or started the next one's); a reading of an unknown
+    whose register is its meter start or stop (`covering`: the meter's word on that part; the
+    reading that ended one card's transaction, or started the next one's); a reading of an unknown
     format goes with the part holding the last transaction. A part's `cost` is its transactions'
     costs at the CSMS, which charges a session fee once per service session; the roaming session
     of each card pays its own."""
@@ -119,7 +120,7 @@ def sdr_parts(sdr: Mapping[str, Any], token_of: Mapping[int, str]) -> list[dict[
             energy_wh=sum(int(x["energy_wh"] or 0) for x in xs),
             cost=sum(int(x.get("cost") or 0) for x in xs),
             tariff_id=xs[-1].get("tariff_id"),
-            signed_meter=covering(sdr.get("signed_meter"), int(xs[-1]["meter_stop_wh"]))
+            signed_meter=covering(sdr.get("signed_meter"), int(xs[0]["meter_start_wh"]), int(xs[-1]["meter_stop_wh"]))
             or (sdr.get("signed_meter") if raw[-1] in xs else None),
             split=True,
         )
@@ -127,29 +128,51 @@ def sdr_parts(sdr: Mapping[str, Any], token_of: Mapping[int, str]) -> list[dict[
     return out
 
 
-def covering(values: Any, stop_wh: int) -> list[bytes]:
-    """The signed readings among `values` (a CSMS SDR's `signed_meter`) whose register is
-    `stop_wh`, in a format read here (`meter.parse`)."""
+def covering(values: Any, start_wh: int, stop_wh: int) -> list[bytes]:
+    """The signed readings among `values` (a CSMS SDR's `signed_meter`: a list, or one value)
+    whose register is `start_wh` or `stop_wh` (a part's meter start and stop), in a format read
+    here (`meter.readings`)."""
     out = []
-    for v in values or ():
-        raw = v if isinstance(v, bytes) else _decode(str(v))
-        reading = meter.parse(base64.b64encode(raw).decode("ascii")) if raw else None
-        if reading is not None and reading.register_wh == stop_wh:
+    for raw in _raw_values(values):
+        found = meter.readings(base64.b64encode(raw).decode("ascii"))
+        if len(found) == 1 and found[0].register_wh in (start_wh, stop_wh):
             out.append(raw)
     return out
 
 
 def signed_meter(sdr: Mapping[str, Any], limit: int = 512) -> str | None:
-    """The SDR's signed meter data for PutSdr (base64): the last signed reading, the one that
-    covers the meter stop (PutSdr holds one value of at most `limit` bytes)."""
-    values = sdr.get("signed_meter") or []
-    if isinstance(values, bytes | str):
-        values = [values]
-    for v in reversed(list(values)):
-        raw = v if isinstance(v, bytes) else _decode(str(v))
-        if raw and len(raw) <= limit:
+    """The SDR's signed meter data for PutSdr (base64; one value of at most `limit` bytes): its
+    `EDM1` readings of the meter start and of the meter stop, concatenated (the home CSP checks
+    both: a seal on the stop alone lets a CSO lower the start); else — another format — the last
+    value, the one that covers the meter stop."""
+    values = _raw_values(sdr.get("signed_meter"))
+    pair = _start_and_stop(values, sdr.get("meter_start_wh"), sdr.get("meter_stop_wh"))
+    if pair and len(pair) <= limit:
+        return base64.b64encode(pair).decode("ascii")
+    for raw in reversed(values):
+        if len(raw) <= limit:
             return base64.b64encode(raw).decode("ascii")
     return None
+
+
+def _start_and_stop(values: list[bytes], start_wh: Any, stop_wh: Any) -> bytes:
+    """The first `EDM1` reading whose register is `start_wh` (missing: without it) and the last
+    one whose register is `stop_wh`, concatenated; b"" without the stop's (the last value then)."""
+    found = [(raw, meter.readings(base64.b64encode(raw).decode("ascii"))) for raw in values]
+    edm1 = [(raw, r[0]) for raw, r in found if len(r) == 1]
+    start = next((raw for raw, r in edm1 if start_wh is not None and r.register_wh == int(start_wh)), b"")
+    stop = next((raw for raw, r in reversed(edm1) if stop_wh is not None and r.register_wh == int(stop_wh)), b"")
+    return start + stop if stop else b""
+
+
+def _raw_values(values: Any) -> list[bytes]:
+    """A CSMS SDR's `signed_meter` as a list of raw values: a list of them (bytes, or text in hex
+    or base64), or one such value alone (not iterated byte by byte); empty ones dropped."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, bytes | str) else list(values)
+    raws = (v if isinstance(v, bytes) else _decode(str(v)) for v in items)
+    return [bytes(r) for r in raws if r]
 
 
 def _decode(text: str) -> bytes:
