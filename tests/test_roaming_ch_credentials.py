@@ -5,7 +5,10 @@ CH (R3-1, R3-3, R4-1), the contract's certificate comes from that CSP (S7), the 
 to it once (R3-9; an out-of-order update and a second SDR refused by name), authorized offline
 from its token list (R4-2), deleted everywhere (M10) or dropped after its expiry (retention);
 and every refusal of the message is named and changes nothing: peer to peer, wrong role, not a
-CH, relayed, duplicate key with another body, bad fields, another CSP listing the credential."""
+CH, relayed, duplicate key with another body, bad fields, beyond the quota or the longest expiry,
+another CSP listing the credential (broadcast, relayed to one CSO, or sent to the CSO directly),
+a deletion by a party that never held it. M10 reaches the CH from the CSP also after the
+retention, and the owner from a deletion relayed to anyone."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +62,10 @@ class Net:
 
 
 @asynccontextmanager
-async def running(folder: Path, mode: str) -> AsyncIterator[Net]:
-    """A CSO, two CSPs (A, B) and the CH on loopback."""
+async def running(folder: Path, mode: str, **ch: Any) -> AsyncIterator[Net]:
+    """A CSO, two CSPs (A, B) and the CH on loopback (`ch`: CH configuration keys)."""
     cfgs = network(folder, mode, party_ids={"csp2": CSP_B})
+    cfgs["ch"] = replace(cfgs["ch"], **ch)
     clock = FakeClock()
     op = MemoryOperator.one_site(CSO, LOCATION, list(EVSES))
     net = Net(clock, CsoEndpoint(cfgs["cso"], op, clock=clock), CspEndpoint(cfgs["csp"], clock=clock),
@@ -75,9 +79,9 @@ async def running(folder: Path, mode: str) -> AsyncIterator[Net]:
                 await ep.stop()
 
 
-def run(tmp_path: Path, mode: str, scenario: Callable[[Net], Awaitable[None]]) -> None:
+def run(tmp_path: Path, mode: str, scenario: Callable[[Net], Awaitable[None]], **ch: Any) -> None:
     async def main() -> None:
-        async with running(tmp_path, mode) as net:
+        async with running(tmp_path, mode, **ch) as net:
             await scenario(net)
 
     asyncio.run(main())
@@ -311,3 +315,155 @@ def test_bad_issue_credential_requests_get_a_named_4xx_and_change_nothing(tmp_pa
         assert after == before
 
     run(tmp_path, mode, scenario)
+
+
+async def until_no_jobs(net: Net) -> None:
+    """Until every endpoint delivered its durable jobs (hand-ons tried in the background)."""
+    for _ in range(100):
+        if not any(ep.jobs() for ep in net.endpoints().values()):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError({k: ep.jobs() for k, ep in net.endpoints().items()})
+
+
+def listed(net: Net, uid: str) -> list[tuple[str, str]]:
+    """The CSO's token lists naming `uid`: (party, status)."""
+    return [(str(r[0]), str(r[1])) for r in net.cso.store.all("SELECT party, auth_status FROM token_cache WHERE"
+                                                              " token_uid=?", uid)]  # fmt: skip
+
+
+@WITH_CH
+def test_another_csps_list_of_a_ch_issued_credential_is_refused_to_one_cso_and_sent_directly(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        uid = (await net.csp.request_credential("rfid", 20))["token_uid"]
+        net.csp_b.add_customer(uid)  # B speaks for A's customer
+        entry = {"token_uid": uid, "auth_status": "blocked", "party_id": CSP_B}
+        body: dict[str, Any] = {"party_id": CSP_B, "list_version": 1, "update_type": "full", "page": 0, "pages": 1,
+                                "tokens": [entry]}  # fmt: skip
+        before = net.snapshots()
+        # through the CH to one CSO (x-ev-to): checked like a broadcast
+        await refused(net.csp_b.client(CH).call("TokenList", body, to=CSO), 403, "party_mismatch",
+                      "tokens[0].token_uid")  # fmt: skip
+        # straight to the CSO (which the CH cannot check): a credential of the CH comes through the CH only
+        await refused(net.csp_b.client(CSO).call("TokenList", body), 403, "not_via_clearing_house",
+                      "tokens[0].token_uid")  # fmt: skip
+        # another spelling of it, and a removal (which touches B's own list only) passes
+        emaid = dict(body, tokens=[dict(entry, token_uid=gid.parse(uid).emaid())])
+        await refused(net.csp_b.client(CSO).call("TokenList", emaid), 403, "not_via_clearing_house")
+        assert net.snapshots() == before and listed(net, uid) == []
+        gone = dict(body, tokens=[dict(entry, auth_status="invalid")])
+        assert (await net.csp_b.client(CSO).call("TokenList", gone))["status"] == "accepted"
+        assert listed(net, uid) == []
+        # the card is still asked of A only, and A's own list of it reaches the CSO
+        answer = await net.cso.token_presented(EVSES[0], uid)
+        assert answer["auth_status"] == "accepted" and net.cso.session(answer["roaming_session_id"])["csp"] == CSP
+        await net.csp.distribute_tokens()
+        assert listed(net, uid) == [(CSP, "accepted")]
+
+    run(tmp_path, mode, scenario)
+
+
+@WITH_CH
+def test_m10_started_at_the_csp_reaches_the_ch_after_the_retention_purged_where_it_went(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        a = (await net.csp.request_credential("rfid", 21))["token_uid"]
+        b = (await net.csp.request_credential("iso15118", 22))["token_uid"]
+        net.clock.advance(net.csp.cfg.retention_s + 1)  # a customer for longer than the retention
+        net.csp.purge()
+        assert net.held(a)["ch"] and net.held(b)["ch"]
+        assert await net.csp.delete_user(a) >= 2
+        assert await net.csp.delete_user(gid.parse(b).emaid()) >= 2  # asked in another spelling
+        for uid in (a, b):
+            assert net.held(uid) == {"cso": False, "csp": False, "csp2": False, "ch": False}
+        assert net.ch.store.get("SELECT COUNT(*) FROM issued_credentials")[0] == 0
+        assert not net.csp.jobs() and not net.ch.jobs()
+        # asked by the CH itself: the CSP does not send it back
+        c = (await net.csp.request_credential("rfid", 23))["token_uid"]
+        assert await net.ch.delete_user(gid.parse(c).emaid()) >= 2  # in another spelling too
+        assert not net.csp.jobs() and not net.ch.jobs() and not net.held(c)["csp"]
+
+    run(tmp_path, mode, scenario)
+
+
+@WITH_CH
+def test_m10_a_cso_that_holds_a_ch_issued_credential_deletes_it_everywhere_relayed_to_any_party(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        a = (await net.csp.request_credential("rfid", 24))["token_uid"]
+        b = (await net.csp.request_credential("rfid", 25))["token_uid"]
+        await net.csp.distribute_tokens()  # both on A's list, through the CH, at the CSO
+        sid = (await net.cso.token_presented(EVSES[0], a))["roaming_session_id"]
+        await net.cso.session_ended(sid, 1000)
+        # the CSO's own deletion (a driver asked it): through the CH to A, which passes it on
+        assert await net.cso.delete_user(a) >= 2
+        assert net.held(a) == {"cso": False, "csp": False, "csp2": False, "ch": False}
+        # a deletion the CSO addresses to another party (B): the CH tells the owner A as well
+        count = await net.cso.send("DeleteUserData", {"token_uid": b, "party_id": CSO}, CSP_B)
+        assert count["status"] == "accepted"
+        await until_no_jobs(net)
+        assert net.held(b) == {"cso": False, "csp": False, "csp2": False, "ch": False}
+
+    run(tmp_path, mode, scenario)
+
+
+@WITH_CH
+def test_m10_of_a_ch_issued_credential_by_a_party_that_never_held_it_is_refused_by_name(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(net: Net) -> None:
+        uid = (await net.csp.request_credential("rfid", 26))["token_uid"]
+        b_own = (await net.csp_b.request_credential("rfid", 1))["token_uid"]
+        before = net.snapshots()
+        body = {"token_uid": uid, "party_id": CSP_B}
+        for call in (
+            net.csp_b.client(CH).call("DeleteUserData", body),  # B, at the CH
+            net.csp_b.client(CH).call("DeleteUserData", body, to=CSO),  # B, relayed to a CSO
+            net.csp_b.client(CH).call("DeleteUserData", {**body, "token_uid": gid.parse(uid).emaid()}),
+            # a CSO the CH never passed it to (not listed, never presented there), at A and at the CH
+            net.cso.client(CH).call("DeleteUserData", {"token_uid": uid, "party_id": CSO}, to=CSP),
+            net.cso.client(CH).call("DeleteUserData", {"token_uid": uid, "party_id": CSO}),
+        ):
+            await refused(call, 403, "not_your_credential", "token_uid")
+        assert net.snapshots() == before
+        # a CSO that asked the owner of an unknown card earns nothing either
+        await net.cso.token_presented(EVSES[0], f"{CH[:7]}C00000000")
+        await refused(net.cso.client(CH).call("DeleteUserData", {"token_uid": uid, "party_id": CSO}), 403,
+                      "not_your_credential")  # fmt: skip
+        # the owners themselves may: A its credential, B its own
+        assert (await net.csp_b.client(CH).call("DeleteUserData", {"token_uid": b_own, "party_id": CSP_B}))[
+            "status"] == "accepted"  # fmt: skip
+        assert (await net.csp.client(CH).call("DeleteUserData", {"token_uid": uid, "party_id": CSP}))[
+            "status"] == "accepted"  # fmt: skip
+        assert net.ch.store.get("SELECT COUNT(*) FROM issued_credentials")[0] == 0
+
+    run(tmp_path, mode, scenario)
+
+
+def test_issue_credential_is_bounded_per_csp_and_in_lifetime(tmp_path: Path) -> None:
+    async def scenario(net: Net) -> None:
+        now = int(net.clock())
+        first = await net.csp.request_credential("rfid", 30)
+        assert first["expiry"] == now + 86400  # none asked: the longest
+        await net.csp.request_credential("iso15118", 31, expiry=now + 86400)  # the longest is allowed
+        before = net.snapshots()
+        await refused(net.csp.request_credential("rfid", 32), 403, "quota_exceeded")
+        await refused(net.csp.request_credential("rfid", 33, expiry=now + 86401), 400, "expiry_too_far", "expiry")
+        assert net.snapshots() == before
+        assert await net.csp.client(CH).call("IssueCredential", {"request_id": 30, "token_type": "rfid"}) == first
+        net.ch.store.exec("DELETE FROM idempotency")  # a repeat whose stored answer was lost: the same, at quota
+        assert await net.csp.client(CH).call("IssueCredential", {"request_id": 30, "token_type": "rfid"}) == first
+        assert (await net.csp_b.request_credential("rfid", 30))["token_uid"]  # B's quota is its own
+        await net.csp.delete_user(first["token_uid"])  # a deletion frees a place
+        assert (await net.csp.request_credential("rfid", 32))["token_uid"]
+        # expired and purged (retention after its expiry) frees one too
+        net.clock.advance(86400 + net.ch.cfg.retention_s + 1)
+        assert net.ch.purge() >= 2
+        assert (await net.csp.request_credential("rfid", 34))["expiry"] == int(net.clock()) + 86400
+
+    run(tmp_path, "clearing_house", scenario, credential_quota=2, credential_max_lifetime_s=86400)

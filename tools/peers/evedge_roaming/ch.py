@@ -5,7 +5,8 @@ match) and settlement (per CSO-CSP pair and currency, a Settlement message to bo
 
 It keeps: the SDRs it routed (for reconciliation and settlement), the CSPs' session records,
 the settlements, which parties it passed a token uid to (M10), a routing log without
-bodies, and the credentials it issued on the CSPs' behalf (credentials.py: IssueCredential).
+bodies, and the credentials it issued on the CSPs' behalf (credentials.py: IssueCredential)
+with the CSOs each was passed to (by a keyed digest: they may delete it, M10).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 
 from . import credentials
-from .endpoint import COUNTERPART, Ctx, Endpoint, Refused, handles
+from .config import EndpointConfig
+from .endpoint import COUNTERPART, PERSONAL, Ctx, Endpoint, Refused, handles
 from .h3server import Reply
 
 DDL = """
@@ -53,6 +55,11 @@ class ClearingHouse(Endpoint):
     role: ClassVar[str] = "ch"
     DDL: ClassVar[str] = DDL + credentials.DDL
 
+    def __init__(self, cfg: EndpointConfig, **kw: Any) -> None:
+        super().__init__(cfg, **kw)
+        if self.store.one("SELECT 1 FROM ch_key") is None:  # made now: a refused request writes no key
+            self.store.exec("INSERT INTO ch_key VALUES(?)", secrets.token_hex(32))
+
     # ---- transaction hub switch
     async def _forward(self, message: str, body: dict[str, Any], ctx: Ctx, dest: str) -> tuple[int, dict[str, Any]]:
         try:
@@ -68,7 +75,20 @@ class ClearingHouse(Endpoint):
             db.execute("INSERT INTO routed VALUES(?,?,?,?,?)", (int(ctx.now), ctx.origin, dest, message, status))
         if status == 200:
             self.note_shared(message, body, dest)
+            self._note_credential_routes(message, body, ctx, dest, answer)
         return status, answer
+
+    def _note_credential_routes(self, message: str, body: dict[str, Any], ctx: Ctx, dest: str,
+                                answer: dict[str, Any]) -> None:  # fmt: skip
+        """A credential this CH issued, passed between its owner and a CSO (either way): that CSO
+        holds it and may delete it (M10). An AuthorizeRoaming its owner does not know gives no
+        such right (a CSO cannot earn it by guessing numbers)."""
+        if message not in PERSONAL or (message == "AuthorizeRoaming" and answer.get("auth_status") == "unknown"):
+            return
+        pair = (ctx.origin, dest)
+        cso = next((p for p in pair if (c := self.cfg.party(p)) is not None and c.role == "cso"), None)
+        if cso is not None:
+            credentials.note_routes(self.store, self._digest, pair, cso, credentials.carried(message, body), ctx.now)
 
     async def _relay(self, message: str, body: dict[str, Any], ctx: Ctx) -> Reply:
         dest = self.cfg.party(ctx.to)
@@ -80,8 +100,10 @@ class ClearingHouse(Endpoint):
             raise Refused(403, "not_allowed", "only the clearing house issues credentials: send it no x-ev-to")
         if message == "PutSdr":
             self._check_sdr(body, ctx, dest.party_id)
+        if message == "TokenList":  # to one CSO (x-ev-to) as to all: a CSP lists its own credentials only
+            self._check_token_list(body, ctx)
         if message == "DeleteUserData":
-            self.forget(body["token_uid"])
+            await self._relayed_deletion(body["token_uid"], ctx, dest.party_id)
         if message == "DisputeSdr":
             self._check_dispute(body, ctx, dest.party_id)
         status, answer = await self._forward(message, body, ctx, dest.party_id)
@@ -115,13 +137,18 @@ class ClearingHouse(Endpoint):
     async def _on_tariff(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         return await self._fan_out("PushTariff", body, ctx)
 
-    @handles("TokenList", senders=("csp",))
-    async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        for i, t in enumerate(body["tokens"]):  # a CSP lists the credentials of ours it was issued only
+    def _check_token_list(self, body: dict[str, Any], ctx: Ctx) -> None:
+        """A CSP lists the credentials of ours it was issued only: another CSP's would make the
+        CSOs ask it about that card (privacy) and let it block the card."""
+        for i, t in enumerate(body["tokens"]):
             if t["auth_status"] != "invalid" and credentials.claims_foreign(self.store, self.me, t["token_uid"],
                                                                               ctx.origin):  # fmt: skip
                 raise Refused(403, "party_mismatch", "a credential this CH issued to another CSP",
                               f"tokens[{i}].token_uid")  # fmt: skip
+
+    @handles("TokenList", senders=("csp",))
+    async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        self._check_token_list(body, ctx)
         answer = await self._fan_out("TokenList", body, ctx)
         with self.store.tx() as db:
             if body["update_type"] == "full" and body.get("page", 0) == 0:
@@ -302,8 +329,29 @@ class ClearingHouse(Endpoint):
             n = db.execute("UPDATE sdrs SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM shared WHERE token_uid=?", (token_uid,)).rowcount
             n += db.execute("DELETE FROM token_homes WHERE digest=?", (self._digest(token_uid),)).rowcount
-            n += credentials.forget(self.store, token_uid)
+            n += credentials.forget(self.store, self._digest, token_uid)
         return n
+
+    def _check_deletion(self, token_uid: str, origin: str) -> None:
+        """M10 of a credential this CH issued: by its owner CSP, or by a CSO it was passed to
+        (it holds it); another party may not delete a customer of a CSP."""
+        if not credentials.may_delete(self.store, self._digest, token_uid, origin):
+            raise Refused(403, "not_your_credential", f"{origin} never held this credential of the clearing house",
+                          "token_uid")  # fmt: skip
+
+    async def _relayed_deletion(self, token_uid: str, ctx: Ctx, dest: str) -> None:
+        """A DeleteUserData passing through: deleted here too, and the owner of a credential this
+        CH issued gets it as well (a job) unless it is the sender or the destination."""
+        self._check_deletion(token_uid, ctx.origin)
+        if credentials.owner(self.store, token_uid) == dest:
+            self.forget(token_uid)  # the forward itself reaches the owner
+        else:
+            await self.delete_user(token_uid, skip=ctx.origin)
+
+    @handles("DeleteUserData", senders=("cso", "csp", "ch"))
+    async def _on_delete_user(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        self._check_deletion(body["token_uid"], ctx.origin)
+        return await super()._on_delete_user(body, ctx)
 
     async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
         """M10 started here (or sent to the CH itself): a credential the CH issued is deleted at
@@ -317,4 +365,4 @@ class ClearingHouse(Endpoint):
         n = self.store.db.execute(
             "UPDATE sdrs SET token_uid=NULL WHERE token_uid IS NOT NULL AND at < ?", (cut,)
         ).rowcount
-        return n + credentials.purge(self.store, cut)
+        return n + credentials.purge(self.store, self._digest, cut)

@@ -12,6 +12,8 @@
     ca = "data/pki/ca.pem"
     retention_s = 2592000             # personal data (token uids, contract ids) kept 30 days
     token_lifetime_s = 1200           # PlatformLogin tokens: 20 minutes
+    credential_quota = 100000         # CH: credentials held per CSP (IssueCredential)
+    credential_max_lifetime_s = 63072000  # CH: longest credential validity, 2 years (also the default)
     currency = "EUR"
 
     [[party]]                         # every party this endpoint talks to or accepts
@@ -105,6 +107,13 @@ class EndpointConfig:
     #: answer is `unknown` otherwise. `ask_every_csp` asks each CSP in turn (every one of them
     #: then sees the card number: only for a network whose CSPs all agreed to it).
     token_discovery: str = "private"
+    #: CH only (docs/roaming.md "Credentials issued by the clearing house"): at most this many
+    #: credentials issued to one CSP held at once (deleted ones free a place; expired ones once
+    #: purged, `retention_s` after their expiry), so that no CSP fills the CH's store
+    credential_quota: int = 100_000
+    #: CH only: the longest validity of a credential it issues (default 2 years, as a contract
+    #: certificate's); a request without `expiry` gets this one, a later expiry is refused
+    credential_max_lifetime_s: int = 2 * 365 * 86400
     parties: tuple[PartyConfig, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -138,6 +147,8 @@ class EndpointConfig:
             raise ConfigError(f"token_discovery must be one of {TOKEN_DISCOVERY}, not {self.token_discovery!r}")
         if self.token_lifetime_s <= 0 or self.retention_s <= 0:
             raise ConfigError("token_lifetime_s and retention_s must be positive")
+        if self.credential_quota <= 0 or self.credential_max_lifetime_s <= 0:
+            raise ConfigError("credential_quota and credential_max_lifetime_s must be positive")
 
     def party(self, party_id: str) -> PartyConfig | None:
         for p in self.parties:
