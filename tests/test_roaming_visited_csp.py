@@ -5,8 +5,11 @@ against the in-memory operator; the proof on the real chain is
 tests/scenarios/test_roaming_visited.py. R1-2, R1-3, R2-1, R2-2, R3-1, R3-2, R3-3, R3-4, R3-5,
 R3-6, R3-7, R3-8, R3-9 (with a wrong SDR disputed), R3-10, R4-2, R5-2, R5-3, M10 through the
 visited CSP; and the bad input of the new paths: a CSO message at the home directly, a partner
-sending for a party it does not serve or with the wrong role, a duplicate SDR — each a named
-refusal that changes nothing."""
+sending for a party it does not serve or with the wrong role, a CSP that is not a partner, a
+duplicate SDR, a partner listing another party's card, a second visited CSP speaking for a CSO
+the home reaches through the first, a list of too many pages — each a named refusal that
+changes nothing. Wider networks (`run_wide`: two partners, two visited CSPs, two CSOs) for the
+cases that need them."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +31,17 @@ from cryptography.x509.oid import NameOID
 from evedge_roaming import pricing
 from evedge_roaming.__main__ import build
 from evedge_roaming.ch import ClearingHouse
-from evedge_roaming.config import ConfigError, EndpointConfig, dump, load
+from evedge_roaming.config import ConfigError, EndpointConfig, PartyConfig, dump, load
 from evedge_roaming.contract_pki import split_chain, verify_chain
 from evedge_roaming.cso import CsoEndpoint
 from evedge_roaming.csp import CspEndpoint
 from evedge_roaming.endpoint import Endpoint
 from evedge_roaming.operator import MemoryOperator
 from evedge_roaming.testbed import CSO, CSP, EVSES, LOCATION, FakeClock, network, restart_on_port, start_endpoints
-from evedge_roaming.visited import VisitedCspEndpoint
+from evedge_roaming.visited import MAX_LIST_PAGES, VisitedCspEndpoint
 from gateway.protocol.roaming import auth
 from gateway.protocol.roaming.client import PREFIX, RoamingError
-from gateway.protocol.roaming.http3 import H3Client, TlsFiles
+from gateway.protocol.roaming.http3 import H3Client, H3Error, TlsFiles
 
 CSP3 = "DE*HC3*O"
 TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR", "price_session": 50}
@@ -274,9 +277,23 @@ def test_bad_input_of_the_visited_paths_is_refused_by_name_and_changes_nothing(t
         await refused(net.csp3.send("RemoteStart", start, CSP), 403, "not_your_session")
         start = {"evse_gid": "DE*ZZZ*E1-1", "token_uid": "04GOOD01", "roaming_session_id": "DE*HC3*SMINE0001"}
         await refused(net.csp3.send("RemoteStart", start, CSP), 404, "unknown_evse")
-        # the visited CSP publishing for a CSO the home has an agreement with itself: none here, so
-        # it may; the home's own card list sent back to it as a CSO's message has no route
+        # the home's own card list sent back to it as a CSO's message has no route
         await refused(net.csp.send("TokenList", mine | {"party_id": CSP, "tokens": []}, CSP3), 404, "unknown_message")
+        # a CSP with an agreement that is not a partner may not roam through us
+        cfg = net.csp.cfg
+        net.csp.cfg = replace(cfg, parties=tuple(replace(p, partner=False) for p in cfg.parties))
+        start = {"evse_gid": EVSES[0], "token_uid": "04GOOD01", "roaming_session_id": "DE*HC3*SMINE0002"}
+        await refused(net.csp3.send("RemoteStart", start, CSP), 403, "not_partner")
+        net.csp.cfg = cfg
+        # the visited CSP publishing for a CSO the home has an agreement with itself
+        home = net.csp3.cfg
+        net.csp3.cfg = replace(home, parties=(*home.parties, PartyConfig(CSO, "cso", "x", "00")))
+        loc = json.loads(net.csp.store.get("SELECT body FROM locations")[0])
+        await refused(net.csp.send("PutLocation", loc, CSP3), 403, "party_mismatch")
+        net.csp3.cfg = home
+        # a partner's contract certificate asked for at an EVSE that is not the asking CSO's
+        cert = {"evse_gid": "DE*ZZZ*E1-1", "action_15118": "install", "exi": "eA==", "contract_id": "DE*HC3*C00000007"}
+        await refused(net.cso.send("ContractCertificate", cert, CSP), 403, "party_mismatch")
         # a CSO message at the home directly: the home has no agreement with the CSO
         status, body = await raw_from_cso(net, CSP3, "EvseStatusUpdate",
                                           {"evse_gid": EVSES[0], "evse_status": "available", "time": 1})  # fmt: skip
@@ -412,5 +429,276 @@ def test_r3_9_the_sdr_to_a_home_that_is_down_is_delivered_in_order_once_it_is_ba
         (theirs,) = net.csp3.store.all("SELECT verdict FROM sdrs")
         assert theirs[0] == "matched"
         assert net.csp3.readings(link.home_session)[-1][1] == 5000
+
+    run(tmp_path, fn)
+
+
+# ---- wider networks: two partners, two visited CSPs, two CSOs
+CSO2, CSP2, CSP4 = "DE*CS2*O", "DE*CP2*O", "DE*HC4*O"
+
+
+@dataclass
+class Wide:
+    eps: dict[str, Endpoint]
+    clock: FakeClock
+
+    def __getitem__(self, key: str) -> Any:  # the endpoint of a network key (Any: each test knows its type)
+        return self.eps[key]
+
+    def snapshots(self) -> dict[str, Any]:
+        return {k: ep.store.snapshot() for k, ep in self.eps.items()}
+
+
+def evse_of(operator: str) -> str:
+    return operator[:-1] + "E1-1"
+
+
+def run_wide(tmp_path: Path, visited: tuple[tuple[str, str], ...], fn: Callable[[Wide], Awaitable[None]]) -> None:
+    """A peer-to-peer network of the keys in `visited` and a second CSO `cso2`: each CSO
+    with one location of one EVSE (`evse_of`), a CSP with partners as a visited CSP."""
+    ids = {"csp3": CSP3, "csp4": CSP4, "csp2": CSP2, "cso2": CSO2}
+    keys = {k for pair in visited for k in pair} | {"cso2"}
+
+    async def main() -> None:
+        cfgs = network(tmp_path, "peer_to_peer", party_ids={k: v for k, v in ids.items() if k in keys},
+                       visited=visited)  # fmt: skip
+        clock = FakeClock()
+        eps: dict[str, Endpoint] = {}
+        for key, cfg in cfgs.items():
+            if cfg.role == "cso":
+                op = MemoryOperator.one_site(cfg.party_id, cfg.party_id[:-1] + "L1", [evse_of(cfg.party_id)])
+                eps[key] = CsoEndpoint(cfg, op, clock=clock)
+            elif cfg.role == "ch":
+                eps[key] = ClearingHouse(cfg, clock=clock)
+            else:
+                eps[key] = (VisitedCspEndpoint if cfg.partners() else CspEndpoint)(cfg, clock=clock)
+        await start_endpoints(eps)
+        try:
+            await fn(Wide(eps, clock))
+        finally:
+            for ep in eps.values():
+                await ep.stop()
+
+    asyncio.run(main())
+
+
+def same(before: dict[str, Any], after: dict[str, Any], why: str) -> None:
+    for k, v in before.items():
+        assert after[k] == v, (why, k)
+
+
+def test_a_partner_may_not_take_over_another_partys_card_and_our_own_customers_come_first(tmp_path: Path) -> None:
+    async def fn(w: Wide) -> None:
+        visited, csp3, csp4 = w["csp"], w["csp3"], w["csp4"]
+        visited.add_customer("04OURS01")
+        csp3.add_customer("04THEIR1")
+        await csp3.distribute_tokens("full")
+        before = w.snapshots()
+        for uid, why in [("04THEIR1", "another partner's card"), ("04OURS01", "the visited CSP's customer"),
+                         ("DE*HC3*C00000001", "a contract of another provider")]:  # fmt: skip
+            page = {"party_id": CSP4, "list_version": 1, "update_type": "full",
+                    "tokens": [{"token_uid": uid, "auth_status": "accepted", "party_id": CSP4}]}  # fmt: skip
+            with pytest.raises(RoamingError) as e:
+                await csp4.send("TokenList", page, CSP)
+            assert (e.value.status, e.value.cause, e.value.field) == (403, "party_mismatch", "tokens[0].token_uid")
+            same(before, w.snapshots(), why)
+        assert visited.store.get("SELECT party FROM partner_tokens WHERE token_uid='04THEIR1'")[0] == CSP3
+        # … its own cards, and its own contracts, are taken
+        mine = [{"token_uid": u, "auth_status": "accepted"} for u in ("04HC4001", "DE*HC4*C00000001")]
+        ok = {"party_id": CSP4, "list_version": 1, "update_type": "full", "tokens": mine}
+        assert (await csp4.send("TokenList", ok, CSP))["status"] == "accepted"
+
+    run_wide(tmp_path, (("csp3", "csp"), ("csp4", "csp")), fn)
+
+
+def test_an_offline_session_of_our_own_customer_listed_by_a_partner_too_is_billed_as_ours(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        await listed(net, "04BOTH01")  # the partner listed it first; then it became our customer too
+        net.csp.add_customer("04BOTH01")
+        sid = net.cso.adopt_session(EVSES[0], "04BOTH01", int(net.clock()))
+        assert sid is not None
+        await billed(net, sid, 3000)
+        assert net.csp.link(sid) is None  # ours: no partner session, nothing sent to the partner
+        assert net.csp3.store.one("SELECT 1 FROM sdrs") is None
+        assert net.csp3.store.one("SELECT 1 FROM sessions") is None
+
+    run(tmp_path, fn)
+
+
+def test_a_second_visited_csp_may_not_take_over_a_cso_the_home_reaches_through_the_first(tmp_path: Path) -> None:
+    async def fn(w: Wide) -> None:
+        home, cso = w["csp3"], w["cso"]
+        await cso.publish_locations()  # to both visited CSPs: the first to pass it on is the CSO's route
+        route = home.counterpart(CSO)
+        assert route in (CSP, CSP2)
+        other = w["csp2" if route == CSP else "csp"]
+        loc = json.loads(home.store.get("SELECT body FROM locations WHERE operator_id=?", CSO)[0])
+        before = w.snapshots()
+        asks: list[tuple[str, dict[str, Any]]] = [
+            ("PutLocation", loc),
+            ("PushTariff", TARIFF),
+            ("EvseStatusUpdate", {"evse_gid": evse_of(CSO), "evse_status": "occupied", "time": int(w.clock())}),
+            ("AuthorizeRoaming", {"token_uid": "DE*HC3*C00000009", "evse_gid": evse_of(CSO), "token_type": "rfid"}),
+        ]
+        for message, body in asks:
+            with pytest.raises(RoamingError) as e:
+                await other.send(message, body, CSP3)
+            assert (e.value.status, e.value.cause) == (403, "party_mismatch"), message
+            same(before, w.snapshots(), message)
+        assert home.counterpart(CSO) == route  # remote starts, reservations and cards still go there
+
+    run_wide(tmp_path, (("csp3", "csp"), ("csp3", "csp2")), fn)
+
+
+def test_a_failed_session_notice_is_passed_on_only_for_the_senders_own_session_and_the_status_to_all(
+    tmp_path: Path,
+) -> None:
+    async def fn(w: Wide) -> None:
+        cso, cso2, visited, csp3, csp4 = w["cso"], w["cso2"], w["csp"], w["csp3"], w["csp4"]
+        await cso.publish_locations()
+        await cso2.publish_locations()
+        card = "DE*HC3*CFAIL0001"
+        csp3.add_customer(card)
+        sid = (await cso.token_presented(evse_of(CSO), card))["roaming_session_id"]
+        link = visited.link(sid)
+        assert link is not None
+        # another CSO names that session failed at an EVSE of its own: nothing reaches the home
+        w.clock.advance(1)
+        forged = {"evse_gid": evse_of(CSO2), "evse_status": "available", "time": int(w.clock()),
+                  "reason": f"session {sid} failed: forged"}  # fmt: skip
+        await cso2.send("EvseStatusUpdate", forged, CSP)
+        assert csp3.session(link.home_session)["state"] == "active"
+        assert all(sid not in str(r[0]) and link.home_session not in str(r[0])
+                   for r in csp3.store.all("SELECT reason FROM evse_status WHERE reason IS NOT NULL"))  # fmt: skip
+        # its own CSO's notice: the home hears of its session by its own id, the other partner the status only
+        w.clock.advance(1)
+        real = forged | {"evse_gid": evse_of(CSO), "time": int(w.clock()), "reason": f"session {sid} failed: no EV"}
+        await cso.send("EvseStatusUpdate", real, CSP)
+        assert csp3.session(link.home_session)["state"] == "failed"
+        q = "SELECT status, reason FROM evse_status WHERE evse_gid=?"
+        assert tuple(csp3.store.get(q, evse_of(CSO))) == ("available", f"session {link.home_session} failed: no EV")
+        assert tuple(csp4.store.get(q, evse_of(CSO))) == ("available", None)  # R1-3: its view is current
+
+    run_wide(tmp_path, (("csp3", "csp"), ("csp4", "csp")), fn)
+
+
+def test_r3_9_the_visited_csps_sdr_ids_are_its_own_and_two_csos_cannot_make_them_collide(tmp_path: Path) -> None:
+    async def fn(w: Wide) -> None:
+        cso, cso2, visited, csp3 = w["cso"], w["cso2"], w["csp"], w["csp3"]
+        for c in (cso, cso2):
+            await c.publish_locations()
+        sids = []
+        for i, c in enumerate((cso, cso2)):
+            card = f"DE*HC3*CCOLL000{i}"
+            csp3.add_customer(card)
+            sids.append((await c.token_presented(evse_of(c.me), card))["roaming_session_id"])
+        w.clock.advance(60)
+        first = await cso.session_ended(sids[0], 1000)
+        # the second CSO's SDR id has the same local part as the first's (by chance, or on purpose)
+        cso2.store.exec("UPDATE sessions SET sdr_id=? WHERE session_id=?",
+                        CSO2[:-1] + first["sdr_id"].rsplit("*", 1)[-1], sids[1])  # fmt: skip
+        await cso2.session_ended(sids[1], 1000)
+        links = [visited.link(s) for s in sids]
+        assert [x.state if x else None for x in links] == ["forwarded", "forwarded"]
+        ours = [x.sdr_id for x in links if x is not None]
+        assert len(set(ours)) == 2 and csp3.store.get("SELECT COUNT(*) FROM sdrs")[0] == 2
+        assert all(o is not None and o.rsplit("*", 1)[-1] != first["sdr_id"].rsplit("*", 1)[-1] for o in ours)
+
+    run_wide(tmp_path, (("csp3", "csp"),), fn)
+
+
+def lose_answer(ep: Endpoint, lost: str) -> None:
+    """`ep`'s next `lost` message is delivered, but its answer is lost (the peer took longer
+    than the message's timeout): the sender cannot know whether it was carried out."""
+    real = ep.send
+
+    async def send(message: str, body: dict[str, Any], to: str, *, origin: str = "") -> dict[str, Any]:
+        answer = await real(message, body, to, origin=origin)
+        if message == lost:
+            ep.send = real  # type: ignore[method-assign]
+            raise H3Error(f"no response to {message} within its timeout")
+        return answer
+
+    ep.send = send  # type: ignore[method-assign]
+
+
+def test_r3_2_a_remote_start_whose_answer_was_lost_is_kept_and_billed(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await net.cso.publish_tariff(TARIFF)
+        net.csp3.add_customer("APP-3")
+        lose_answer(net.csp, "RemoteStart")  # the CSO started it; the visited CSP never heard so
+        start = await net.csp3.start_remote(EVSES[0], "APP-3")
+        assert start["result"] == "timeout", start
+        home_sid = start["roaming_session_id"]
+        assert net.csp3.session(home_sid)["state"] == "active"  # kept: it may have started (it did)
+        sid = str(net.csp.store.get("SELECT session_id FROM partner_sessions WHERE home_session=?", home_sid)[0])
+        assert net.cso.session(sid)["csp"] == CSP
+        await billed(net, sid, 2000)
+        link = net.csp.link(sid)
+        assert link is not None and link.state == "forwarded"
+        assert tuple(net.csp3.store.get("SELECT verdict, session_id FROM sdrs")) == ("matched", home_sid)
+        # … and the home's own RemoteStart whose answer it lost: kept, billed like any
+        lose_answer(net.csp3, "RemoteStart")
+        with pytest.raises(H3Error):
+            await net.csp3.start_remote(EVSES[1], "APP-3", session_id="DE*HC3*SLOST0001")
+        assert net.csp3.session("DE*HC3*SLOST0001")["state"] == "active"
+        # a start surely refused (the CSO answered 4xx) keeps nothing
+        with pytest.raises(RoamingError) as e:
+            await net.csp3.start_remote("DE*ZZZ*E1-1", "APP-3", session_id="DE*HC3*SNONE0001")
+        assert e.value.status == 404
+        assert net.csp3.store.one("SELECT 1 FROM sessions WHERE session_id='DE*HC3*SNONE0001'") is None
+
+    run(tmp_path, fn)
+
+
+def test_a_partners_token_list_is_bounded_and_compared_only_when_it_changed(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        tokens = [{"token_uid": "04PAGE01", "auth_status": "accepted"}]
+        base = {"party_id": CSP3, "update_type": "full", "tokens": tokens}
+        before = net.snapshots()
+        with pytest.raises(RoamingError) as e:
+            await net.csp3.send("TokenList", base | {"list_version": 5, "page": 0, "pages": MAX_LIST_PAGES + 1}, CSP)
+        assert (e.value.status, e.value.cause, e.value.field) == (413, "too_large", "pages")
+        same(before, net.snapshots(), "too_large")
+        # an unfinished version is dropped when a newer one arrives
+        await net.csp3.send("TokenList", base | {"list_version": 5, "page": 0, "pages": 2}, CSP)
+        await net.csp3.send("TokenList", base | {"list_version": 6, "page": 0, "pages": 3}, CSP)
+        assert [tuple(r) for r in net.csp.store.all("SELECT version, page FROM partner_pages")] == [(6, 0)]
+        # the background loop compares our list with the CSOs' only after a change
+        await listed(net, "04DIRTY1")
+        calls = 0
+        real = net.csp.list_entries
+
+        def counted() -> dict[str, tuple[str, int | None]]:
+            nonlocal calls
+            calls += 1
+            return real()
+
+        net.csp.list_entries = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            await net.csp.tick()
+        assert calls == 0
+        net.csp.add_customer("04OWNNEW")
+        await net.csp.tick()
+        assert calls >= 1 and net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04OWNNEW'") is not None
+
+    run(tmp_path, fn)
+
+
+def test_a_partner_removed_from_the_configuration_is_no_longer_listed_under_our_id(tmp_path: Path) -> None:
+    async def fn(net: Net) -> None:
+        await listed(net, "04GONE01")
+        assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04GONE01'") is not None
+        cfg = net.cfgs["csp"]
+        cfg = replace(cfg, parties=tuple(p for p in cfg.parties if p.party_id != CSP3))
+        await net.csp.stop()
+        net.csp = VisitedCspEndpoint(cfg, clock=net.clock)  # restarted without that agreement
+        await restart_on_port(net.csp)
+        await net.csp.tick()
+        assert "04GONE01" not in net.csp.list_entries()
+        assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04GONE01'") is None
+        assert net.csp._home_of("04GONE01") is None  # its card is asked of nobody
 
     run(tmp_path, fn)

@@ -188,6 +188,10 @@ class CsoEndpoint(Endpoint):
             int(self.clock()),
             None if tariff is None else tariff.tariff_id,
         )
+        # R3-8: the reserving card at the EVSE held for it: its site lets it start, so its
+        # reservation is used (not expired later and reported to the CSP as unused)
+        self.store.exec("UPDATE reservations SET state='used' WHERE evse_gid=? AND csp=? AND token_uid=? AND"
+                        " state='active'", evse, csp, uid)  # fmt: skip
         return answer
 
     def open_session(self, evse_gid: str, token_uid: str) -> str | None:
@@ -579,6 +583,7 @@ class CsoEndpoint(Endpoint):
         for i, t in enumerate(body["tokens"]):
             if t.get("party_id", party) != party:
                 raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
+            self._check_ch_credential(t, ctx, f"tokens[{i}].token_uid")
         with self.store.tx() as db:
             row = db.execute("SELECT version FROM token_lists WHERE party=?", (party,)).fetchone()
             if row is not None and row[0] >= version:
@@ -610,6 +615,15 @@ class CsoEndpoint(Endpoint):
             db.execute("INSERT OR REPLACE INTO token_lists VALUES(?,?)", (party, version))
             db.execute("DELETE FROM token_pages WHERE party=? AND version <= ?", (party, version))
         return {"status": "accepted"}
+
+    def _check_ch_credential(self, token: dict[str, Any], ctx: Ctx, field: str) -> None:
+        """A credential the CH issued is listed through the CH only, which checks that the CSP
+        listing it is the one it was issued to; sent here directly, another CSP could have this
+        CSO ask it about that card (privacy) and block it."""
+        ch = self.cfg.clearing_house
+        listed = token["auth_status"] != "invalid"  # a removal concerns the sender's own list only
+        if listed and ch is not None and ctx.hop != ch and home_of_contract(token["token_uid"]) == ch:
+            raise Refused(403, "not_via_clearing_house", f"a credential of {ch} is listed through {ch} only", field)
 
     @handles("Settlement", senders=("ch",), key=settlement_key)
     async def _on_settlement(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from gateway import schema
 from gateway.protocol import gid
 from gateway.protocol.roaming import json_body
 from gateway.protocol.roaming.client import RoamingError
+from gateway.protocol.roaming.http3 import ConnectFailed
 
 from . import contract_pki, credentials, pricing
 from .config import ConfigError, EndpointConfig
@@ -55,10 +56,20 @@ CREATE TABLE IF NOT EXISTS disputes(sdr_id TEXT PRIMARY KEY, cso TEXT NOT NULL, 
     status TEXT NOT NULL, at INTEGER NOT NULL);
 -- CSP↔CSP roaming: the visited CSP that passed on a CSO's publications (we reach that CSO through it)
 CREATE TABLE IF NOT EXISTS via_routes(operator_id TEXT PRIMARY KEY, via TEXT NOT NULL);
+-- R3-9: each EVSE's meter key as its CSO's locations stated it, a row per change (key NULL: none
+-- stated any more): the key in force when a session started checks its SDR's seals
+CREATE TABLE IF NOT EXISTS meter_keys(evse_gid TEXT NOT NULL, operator_id TEXT NOT NULL, key BLOB,
+    since INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS meter_keys_by_evse ON meter_keys(evse_gid, since);
 """
 
 #: tokens per TokenList page: the schema's limit of one message
 TOKEN_PAGE = schema.FIELD_BY_NAME["tokens"].max_len
+#: meter-key changes kept per EVSE (the oldest dropped: its sessions' SDRs long billed)
+METER_KEY_HISTORY = 16
+#: an EVSE id as `gateway.protocol.gid.evse_gid` makes it: `<site>-<device>-<EVSE number>` (a
+#: hashed id ends in a 7-character tag instead, which this never matches)
+EVSE_NUMBER = re.compile(r".*-([0-9]{1,3})")
 
 #: the reason of the EvseStatusUpdate a CSO sends when a reservation expired unused (R3-8)
 EXPIRED_RESERVATION = re.compile(r"reservation (\d+) expired")
@@ -71,6 +82,16 @@ def _canonical_or_self(text: str) -> str:
         return gid.canonical(text, expect="C")
     except gid.GidError:
         return text
+
+
+def start_surely_failed(exc: BaseException) -> bool:
+    """Whether a RemoteStart that raised `exc` surely started nothing: no connection was made,
+    or the CSO (or the visited CSP, 502 `unreachable`: it could not reach the CSO) refused it.
+    Otherwise (no answer in time, a 5xx) the CSO may have started it: the session is kept, so
+    that its updates and SDR are taken and billed."""
+    if isinstance(exc, RoamingError):
+        return exc.status < 500 or exc.cause == "unreachable"
+    return isinstance(exc, ConnectFailed)
 
 
 def mo_pki_folder(cfg: EndpointConfig) -> Path:
@@ -111,21 +132,32 @@ class CspEndpoint(Endpoint):
         publications on (CSP↔CSP roaming) when we have no agreement with the CSO itself."""
         if self.cfg.party(operator) is not None:
             return operator
-        row = self.store.one("SELECT via FROM via_routes WHERE operator_id=?", operator)
+        route = self._route(operator)
         visited = [p.party_id for p in self.cfg.parties if p.visited]
-        return str(row[0]) if row is not None else visited[0] if len(visited) == 1 else operator
+        return route if route is not None else visited[0] if len(visited) == 1 else operator
+
+    def _route(self, operator: str) -> str | None:
+        """The visited CSP a CSO is pinned to (the first that published for it), if it is still
+        one of our visited CSPs."""
+        row = self.store.one("SELECT via FROM via_routes WHERE operator_id=?", operator)
+        p = self.cfg.party(str(row[0])) if row is not None else None
+        return p.party_id if p is not None and p.visited else None
 
     def _answers_for(self, operator: str, origin: str, field: str) -> None:
         """`origin` may publish and bill for `operator`'s EVSEs: it is that CSO, or our visited
-        CSP passing on a CSO we have no agreement with ourselves."""
+        CSP passing on a CSO we have no agreement with ourselves — the first visited CSP that
+        published for it (pinned: another one would take over its sessions, cards, commands)."""
         if operator == origin:
             return
         p = self.cfg.party(origin)
         if p is None or not p.visited or self.cfg.party(operator) is not None:
             raise Refused(403, "party_mismatch", f"{origin} may not speak for {operator}", field)
+        route = self._route(operator)
+        if route not in (None, origin):
+            raise Refused(403, "party_mismatch", f"{operator} is reached through {route}, not {origin}", field)
 
     def _note_route(self, operator: str, origin: str) -> None:
-        if operator != origin:  # a visited CSP's publication: we reach that CSO through it
+        if operator != origin:  # a visited CSP's publication (checked: the route's or the first)
             self.store.exec("INSERT OR REPLACE INTO via_routes VALUES(?,?)", operator, origin)
 
     def _operator(self, sid: str) -> str:
@@ -140,10 +172,11 @@ class CspEndpoint(Endpoint):
         body = {"evse_gid": evse_gid, "token_uid": token_uid, "roaming_session_id": sid}
         try:
             answer = await self.send("RemoteStart", body, cso)
-        except Exception:
-            self.store.exec("DELETE FROM sessions WHERE session_id=? AND energy_wh=0", sid)
+        except Exception as exc:
+            if start_surely_failed(exc):  # else the CSO may have started it: kept, as `active`
+                self.store.exec("DELETE FROM sessions WHERE session_id=? AND energy_wh=0", sid)
             raise
-        if answer["result"] != "accepted":
+        if answer["result"] not in ("accepted", "timeout"):  # timeout: it may have started
             self.store.exec("UPDATE sessions SET state='failed' WHERE session_id=?", sid)
         return {**answer, "roaming_session_id": sid}
 
@@ -270,14 +303,38 @@ class CspEndpoint(Endpoint):
         rows = self.store.all("SELECT tariff_id, body FROM tariffs WHERE operator_id=?", cso)
         return {int(r[0]): pricing.Tariff.from_body(json.loads(r[1])) for r in rows}
 
-    def meter_key(self, evse_gid: str) -> bytes | None:
-        """The public key of the EVSE's meter, as its CSO's location publishes it (R1-2), None
-        when it publishes none: the seal the SDRs' signed readings of that EVSE must bear."""
-        for (body,) in self.store.all("SELECT body FROM locations"):
-            for c in json.loads(body).get("connectors") or ():
-                if c["evse_gid"] == evse_gid and c.get("meter_key"):
-                    return base64.b64decode(c["meter_key"])
-        return None
+    def meter_key(self, evse_gid: str, at: int | None = None) -> bytes | None:
+        """The public key of the EVSE's meter as its own CSO's locations state it (R1-2, R3-9) —
+        at `at` (the start of a session; None: now) —, None when it states none: the seal the
+        SDRs' signed readings of that EVSE must bear. Another CSO's location never counts."""
+        q = ("SELECT key FROM meter_keys WHERE evse_gid=? AND operator_id=? AND since<=?"
+             " ORDER BY since DESC, rowid DESC LIMIT 1")  # fmt: skip
+        row = self.store.one(q, evse_gid, gid.parse(evse_gid).operator, 2**62 if at is None else at)
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def _record_meter_keys(self, db: Any, body: dict[str, Any], now: int) -> None:
+        """The meter key each connector of a location states, kept where it changed (a new row,
+        the old one stays: the books show when an operator changed a meter's key)."""
+        for c in body.get("connectors") or ():
+            key = base64.b64decode(c["meter_key"]) if c.get("meter_key") else None
+            q = "SELECT key FROM meter_keys WHERE evse_gid=? ORDER BY since DESC, rowid DESC LIMIT 1"
+            last = db.execute(q, (c["evse_gid"],)).fetchone()
+            if (None if last is None else last[0]) == key:
+                continue  # no change (a first row only for a key stated)
+            db.execute("INSERT INTO meter_keys VALUES(?,?,?,?)", (c["evse_gid"], body["operator_id"], key, now))
+            db.execute("DELETE FROM meter_keys WHERE evse_gid=? AND rowid NOT IN (SELECT rowid FROM meter_keys"
+                       " WHERE evse_gid=? ORDER BY since DESC, rowid DESC LIMIT ?)",
+                       (c["evse_gid"], c["evse_gid"], METER_KEY_HISTORY))  # fmt: skip
+
+    def audit(self, sdr: dict[str, Any], sid: str) -> pricing.Audit:
+        """Our audit of an SDR of session `sid`: our readings of it, our copy of its CSO's tariffs,
+        the meter key in force at its start and the EVSE's number when its id names it."""
+        s = self.session(sid)
+        evse = str(s["evse_gid"])
+        number = EVSE_NUMBER.fullmatch(gid.parse(evse).local)
+        n = int(number[1]) if number and 0 < int(number[1]) < 256 else None
+        key = self.meter_key(evse, int(s["created"]))
+        return pricing.audit_sdr(sdr, self.readings(sid), self.tariffs(gid.parse(evse).operator), key, n)
 
     def readings(self, sid: str) -> list[tuple[int, int]]:
         rows = self.store.all("SELECT time, energy_wh FROM readings WHERE session_id=? ORDER BY time", sid)
@@ -290,8 +347,7 @@ class CspEndpoint(Endpoint):
         if row is None:
             raise Refused(404, "unknown_sdr", f"no SDR {sdr_id} at {self.me}", "sdr_id")
         sdr = json.loads(row[2])
-        audit = pricing.audit_sdr(sdr, self.readings(row[1]), self.tariffs(self._operator(row[1])),
-                                  self.meter_key(sdr["evse_gid"]))  # fmt: skip
+        audit = self.audit(sdr, row[1])
         why = (reason or row[3])[:120]
         body = {"sdr_id": sdr_id, "roaming_session_id": row[1], "reason": why, "energy_wh": audit.energy_wh,
                 "cost": audit.cost}  # fmt: skip
@@ -303,15 +359,26 @@ class CspEndpoint(Endpoint):
     # ---- incoming (from CSOs, or the CH)
     @handles("PutLocation", senders=("cso",))
     async def _on_location(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        self._answers_for(body["operator_id"], ctx.origin, "operator_id")
+        op = body["operator_id"]
+        self._answers_for(op, ctx.origin, "operator_id")
+        if require_gid(body["location_id"], "L", "location_id").operator != op:  # else one CSO overwrites another's
+            raise Refused(403, "party_mismatch", f"location of another operator than {op}", "location_id")
         for i, e in enumerate(body["evses"]):
-            if gid.parse(e["evse_gid"]).operator != body["operator_id"]:
+            if gid.parse(e["evse_gid"]).operator != op:
                 raise Refused(403, "party_mismatch", "EVSE of another operator", f"evses[{i}].evse_gid")
+        own = {e["evse_gid"] for e in body["evses"]}
+        for i, c in enumerate(body.get("connectors") or ()):  # a connector (its meter key) of this location's EVSEs
+            if c["evse_gid"] not in own:
+                raise Refused(403, "party_mismatch", "connector of an EVSE not in this location",
+                              f"connectors[{i}].evse_gid")  # fmt: skip
+            if c.get("meter_key") and len(base64.b64decode(c["meter_key"])) != 32:
+                raise Refused(400, "out_of_range", "an Ed25519 public key is 32 bytes", f"connectors[{i}].meter_key")
         with self.store.tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO locations VALUES(?,?,?,?)",
                 (body["location_id"], body["operator_id"], json.dumps(body), int(ctx.now)),
             )
+            self._record_meter_keys(db, body, int(ctx.now))
             for e in body["evses"]:
                 db.execute(
                     "INSERT OR REPLACE INTO evse_status VALUES(?,?,?,NULL,NULL)",
@@ -444,8 +511,7 @@ class CspEndpoint(Endpoint):
         other = self.store.one("SELECT sdr_id FROM sdrs WHERE session_id=?", sid)
         if other is not None:  # one session, one bill
             raise Refused(409, "duplicate_sdr", f"session {sid} is billed by {other[0]} already", "sdr_id")
-        audit = pricing.audit_sdr(body, self.readings(sid), self.tariffs(gid.parse(s["evse_gid"]).operator),
-                                  self.meter_key(s["evse_gid"]))  # fmt: skip
+        audit = self.audit(body, sid)
         own_cost, verdict = audit.cost, audit.verdict[:500]
         with self.store.tx() as db:
             db.execute(
@@ -513,6 +579,15 @@ class CspEndpoint(Endpoint):
         return self.record_settlement(body, ctx)
 
     # ---- privacy
+    async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
+        """M10: a credential the CH issued (its prefix) is deleted at the CH as well, always —
+        not only while `shared` still names the CH (the retention purges that)."""
+        token_uid = credentials.canonical_if_issued(self, token_uid)  # the spelling every party stores
+        ch = credentials.issuer(self, token_uid, skip)
+        if ch is not None:
+            self.store.exec("INSERT OR REPLACE INTO shared VALUES(?,?,?)", token_uid, ch, int(self.clock()))
+        return await super().delete_user(token_uid, skip=skip)
+
     def forget(self, token_uid: str) -> int:
         with self.store.tx() as db:
             n = db.execute("DELETE FROM customers WHERE token_uid=? OR contract_id=?", (token_uid, token_uid)).rowcount

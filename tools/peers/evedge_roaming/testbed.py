@@ -75,12 +75,15 @@ def network(
     such as `("csp3", "csp")`: the home CSP roams through the visited CSP only (no agreement
     with any CSO or the CH: peer to peer only), its party entry at the visited CSP is a
     `partner`, the visited CSP's at the home is `visited`, and each CSO's entry of the
-    visited CSP `serves` the home (docs/roaming.md "CSP↔CSP roaming")."""
+    visited CSP `serves` the home (docs/roaming.md "CSP↔CSP roaming"). A home may have
+    several visited CSPs (one pair each)."""
     pki = devpki.private_dir(folder / "pki")
     ca = ca or devpki.ensure_ca(pki)
     ids = {**PARTIES, **(party_ids or {})}
     roles = list(ids)
-    homes = {h: v for h, v in visited}
+    homes: dict[str, set[str]] = {}  # home key → its visited CSPs' keys
+    for h, v in visited:
+        homes.setdefault(h, set()).add(v)
     for h, v in visited:
         if role_of(h) != "csp" or role_of(v) != "csp" or h not in ids or v not in ids or v in homes:
             raise ValueError(f"visited pair {(h, v)}: two CSP keys of the network, the visited one no home itself")
@@ -90,7 +93,7 @@ def network(
     def agreed(a: str, b: str) -> bool:
         """Whether keys a and b have a roaming agreement (a pair's credentials)."""
         if a in homes or b in homes:
-            return homes.get(a) == b or homes.get(b) == a
+            return b in homes.get(a, ()) or a in homes.get(b, ())
         return role_of(a) != role_of(b)
 
     pair = {
@@ -104,7 +107,7 @@ def network(
         issued = devpki.issue(pki, key, ca=ca, subject=party)  # the endpoints bind the CN to the party
         parties = tuple(
             PartyConfig(ids[r], role_of(r), *pair[frozenset((key, r))], host="127.0.0.1", port=0,
-                        visited=homes.get(key) == r, partner=homes.get(r) == key,
+                        visited=r in homes.get(key, ()), partner=key in homes.get(r, ()),
                         serves=tuple(ids[h] for h, v in visited if v == r) if role == "cso" else ())
             for r in roles
             if r != key and agreed(key, r)

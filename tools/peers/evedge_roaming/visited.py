@@ -50,7 +50,10 @@ CREATE TABLE IF NOT EXISTS partner_sessions(session_id TEXT PRIMARY KEY, home TE
     home_session TEXT NOT NULL, cso TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'open', sdr_id TEXT,
     sent_time INTEGER NOT NULL DEFAULT -1, due REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT, created INTEGER NOT NULL, UNIQUE(home, home_session));
--- the partners' token lists as installed (P) and pages of a version still arriving
+-- our SDR ids are random, one per session: unique (an index, so that older stores get it too)
+CREATE UNIQUE INDEX IF NOT EXISTS partner_sessions_sdr ON partner_sessions(sdr_id);
+-- the partners' token lists as installed (P) and pages of a version still arriving; a uid has one
+-- owner (a partner may not list another's card or one of our customers: 403 party_mismatch)
 CREATE TABLE IF NOT EXISTS partner_tokens(token_uid TEXT PRIMARY KEY, party TEXT NOT NULL,
     auth_status TEXT NOT NULL, expiry INTEGER);
 CREATE TABLE IF NOT EXISTS partner_lists(party TEXT PRIMARY KEY, version INTEGER NOT NULL);
@@ -64,6 +67,8 @@ CREATE TABLE IF NOT EXISTS partner_pages(party TEXT NOT NULL, version INTEGER NO
 )
 
 UNREACHABLE = (ConnectionError, OSError, TimeoutError, H3Error)
+#: pages of one partner's token list version (TOKEN_PAGE tokens each): more is 413 `too_large`
+MAX_LIST_PAGES = 256
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class VisitedCspEndpoint(CspEndpoint):
         self._down_until: dict[str, float] = {}  # partners found unreachable: best effort skips them
         self._forwarding = asyncio.Lock()  # the PutSdr handler and the background loop
         self._list_retry_at = 0.0
+        self._list_dirty = True  # our list may differ from what the CSOs have: compare at the next round
 
     # ---- helpers
     def link(self, sid: str) -> Link | None:
@@ -108,12 +114,18 @@ class VisitedCspEndpoint(CspEndpoint):
         return p.party_id
 
     def _home_of(self, token_uid: str) -> str | None:
-        """The partner whose customer a card is: its token list, or a contract id's provider."""
+        """The partner whose customer a card is: its token list, or a contract id's provider
+        (a partner removed from the configuration has none)."""
         row = self.store.one("SELECT party FROM partner_tokens WHERE token_uid=?", token_uid)
         if row is not None:
-            return str(row[0])
+            return str(row[0]) if str(row[0]) in self._partners() else None
         p = self.cfg.party(home_of_contract(token_uid) or "")
         return p.party_id if p is not None and p.partner else None
+
+    def _is_customer(self, token_uid: str) -> bool:
+        """Our own customer's card (by uid or contract id): ours, whoever else lists it."""
+        q = "SELECT 1 FROM customers WHERE token_uid=? OR contract_id=?"
+        return self.store.one(q, token_uid, token_uid) is not None
 
     def _cso_of(self, evse_gid: str) -> str:
         op = gid.parse(evse_gid).operator
@@ -123,11 +135,18 @@ class VisitedCspEndpoint(CspEndpoint):
         return op
 
     def list_entries(self) -> dict[str, tuple[str, int | None]]:
-        """Our token list: the partners' tokens, then our customers' (ours win a uid in both)."""
-        theirs = {
-            r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM partner_tokens")
-        }
+        """Our token list: the partners' tokens (of the partners configured now: one removed
+        is no longer listed under our id), then our customers' (ours win a uid in both)."""
+        partners = set(self._partners())
+        q = "SELECT token_uid, auth_status, expiry, party FROM partner_tokens"
+        theirs = {r[0]: (r[1], r[2]) for r in self.store.all(q) if r[3] in partners}
         return theirs | super().list_entries()
+
+    def add_customer(
+        self, token_uid: str, *, contract_id: str | None = None, status: str = "accepted", expiry: int | None = None
+    ) -> None:
+        super().add_customer(token_uid, contract_id=contract_id, status=status, expiry=expiry)
+        self._list_dirty = True  # our list changed: the background loop compares it again
 
     async def distribute_tokens(self, update_type: str = "full") -> dict[str, dict[str, Any]]:
         me = asyncio.current_task()
@@ -179,21 +198,30 @@ class VisitedCspEndpoint(CspEndpoint):
 
     @handles("EvseStatusUpdate", senders=("cso",))
     async def _v_status(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
+        """The EVSE's status goes to every partner (R1-3); a reason naming a session or a
+        reservation goes only to the partner whose it is, by that partner's own id (the others
+        get the status without it: the ids are ours and that partner's business)."""
+        reason = body.get("reason") or ""
+        failed = csp.FAILED_SESSION.fullmatch(reason)
+        lapsed = csp.EXPIRED_RESERVATION.fullmatch(reason)
+        # before the base handler marks it: a notice that changes no session of that CSO is not passed on
+        live = failed is not None and self.store.one(
+            "SELECT 1 FROM sessions WHERE session_id=? AND cso=? AND state='active'", failed[1], ctx.origin
+        )
         answer = await CspEndpoint._on_status(self, body, ctx)
-        failed = csp.FAILED_SESSION.fullmatch(body.get("reason") or "")
-        if failed is not None:  # a session of ours that never charged: its home hears of its own
-            link = self.link(failed[1])
-            if link is not None:
-                reason = str(body["reason"]).replace(link.session_id, link.home_session, 1)
-                await self._pass_on("EvseStatusUpdate", body | {"reason": reason[:120]}, [link.home])
-        elif (lapsed := csp.EXPIRED_RESERVATION.fullmatch(body.get("reason") or "")) is not None:
+        notes: dict[str, dict[str, Any]] = {}  # partner → the notice of its own session / reservation
+        link = self.link(failed[1]) if failed is not None and live else None
+        if link is not None and link.cso == ctx.origin:  # a partner's session that never charged
+            note = reason.replace(link.session_id, link.home_session, 1)
+            notes[link.home] = body | {"reason": note[:120]}
+        elif lapsed is not None:
             q = "SELECT home, home_reservation FROM partner_reservations WHERE cso=? AND reservation_id=?"
             row = self.store.one(q, ctx.origin, int(lapsed[1]))
-            if row is not None:  # a partner's reservation: its home hears of it by its own id
-                note = body | {"reason": f"reservation {row[1]} expired"}
-                await self._pass_on("EvseStatusUpdate", note, [str(row[0])])
-        else:
-            await self._pass_on("EvseStatusUpdate", body, self._partners())
+            if row is not None:
+                notes[str(row[0])] = body | {"reason": f"reservation {row[1]} expired"}
+        plain = {k: v for k, v in body.items() if k != "reason"} if failed or lapsed else body
+        for home in self._partners():
+            await self._pass_on("EvseStatusUpdate", notes.get(home, plain), [home])
         return answer
 
     @handles("AuthorizeRoaming", senders=("cso",))
@@ -249,17 +277,19 @@ class VisitedCspEndpoint(CspEndpoint):
         """The CSO's SDR, audited against our record (CspEndpoint); a partner's session is then
         billed to its home with our own SDR. A session the CSO opened itself (a card of our
         list its site authorized offline, R4-2) is linked now, by the card, with a home-leg
-        session id of ours."""
+        session id of ours (our own customers' cards first: theirs never go to a partner)."""
         answer = await CspEndpoint._on_sdr(self, body, ctx)
-        sid = body["roaming_session_id"]
+        sid, uid = body["roaming_session_id"], body.get("token_uid") or ""
         link = self.link(sid)
         if link is None:
-            home = self._home_of(body["token_uid"]) if body.get("token_uid") else None
+            home = self._home_of(uid) if uid and not self._is_customer(uid) else None
             if home is None:
                 return answer  # our own customer's
             self._link(sid, home, self.new_session_id(), ctx.origin)
-        self.store.exec("UPDATE partner_sessions SET state='billed', sdr_id=?, due=0 WHERE session_id=?",
-                        self.issue("R", body["sdr_id"].rsplit("*", 1)[-1][1:]), sid)  # fmt: skip
+        # our own SDR id, random (one derived from the CSO's could collide between CSOs, and the
+        # home would refuse the second for good); issued once, kept for the retries
+        self.store.exec("UPDATE partner_sessions SET state='billed', sdr_id=COALESCE(sdr_id, ?), due=0"
+                        " WHERE session_id=?", self.issue("R", secrets.token_hex(12)), sid)  # fmt: skip
         try:
             await self.forward_sdr(sid)
         except Exception:  # kept as billed: the background loop sends it again
@@ -317,13 +347,16 @@ class VisitedCspEndpoint(CspEndpoint):
         due = self.store.all("SELECT session_id FROM partner_sessions WHERE state='billed' AND due <= ?", self.clock())
         for (sid,) in due:
             await self.forward_sdr(str(sid))
+        if not self._list_dirty or self.clock() < self._list_retry_at:
+            return  # nothing changed since the CSOs got our list: no comparison every round
+        self._list_dirty = False  # a change during the distribution sets it again
         sent = {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM token_sent")}
-        if self.clock() >= self._list_retry_at and self.list_entries() != sent:  # a partner's list changed
+        if self.list_entries() != sent:  # a partner's list (or our customers) changed
             try:
                 await self.distribute_tokens("differential")
             except (RoamingError, *UNREACHABLE) as exc:
                 log.warning("%s: token list with the partners' tokens: %s", self.me, exc)
-                self._list_retry_at = self.clock() + self.RETRY_BASE_S
+                self._list_retry_at, self._list_dirty = self.clock() + self.RETRY_BASE_S, True
 
     # ---- from a partner: its token list, remote commands and tariff pulls for the CSOs' EVSEs
     @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}:{b.get('page', 0)}")
@@ -336,15 +369,21 @@ class VisitedCspEndpoint(CspEndpoint):
             raise Refused(403, "party_mismatch", f"{party} may not send the list of {body['party_id']}", "party_id")
         if not 0 <= page < pages:
             raise Refused(400, "out_of_range", f"page {page} of {pages}", "page")
+        if pages > MAX_LIST_PAGES:  # staged pages are kept until the version is complete: bounded
+            raise Refused(413, "too_large", f"{pages} pages, at most {MAX_LIST_PAGES}", "pages")
         for i, t in enumerate(body["tokens"]):
             if t.get("party_id", party) != party:
                 raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
+            self._check_owner(t, party, f"tokens[{i}].token_uid")
         with self.store.tx() as db:
             row = db.execute("SELECT version FROM partner_lists WHERE party=?", (party,)).fetchone()
             if row is not None and row[0] >= version:
                 raise Refused(409, "stale_version", f"list version {row[0]} is already installed", "list_version")
             if body["update_type"] == "differential" and (row is None or row[0] != version - 1):
                 raise Refused(409, "version_gap", f"differential {version} needs {version - 1}", "list_version")
+            # one version of a party's list arrives at a time: an older one left unfinished goes
+            db.execute("DELETE FROM partner_pages WHERE party=? AND (version < ? OR (version=? AND pages != ?))",
+                       (party, version, version, pages))  # fmt: skip
             db.execute(
                 "INSERT OR REPLACE INTO partner_pages VALUES(?,?,?,?,?,?,?)",
                 (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),
@@ -358,13 +397,27 @@ class VisitedCspEndpoint(CspEndpoint):
             for t in (t for (chunk,) in staged for t in json.loads(chunk)):
                 if t["auth_status"] == "invalid":
                     db.execute("DELETE FROM partner_tokens WHERE token_uid=? AND party=?", (t["token_uid"], party))
-                else:
-                    db.execute("INSERT OR REPLACE INTO partner_tokens VALUES(?,?,?,?)",
+                else:  # never re-owned: a uid another party took since this page was staged stays its
+                    db.execute("INSERT INTO partner_tokens VALUES(?,?,?,?) ON CONFLICT(token_uid) DO UPDATE SET"
+                               " auth_status=excluded.auth_status, expiry=excluded.expiry WHERE party=excluded.party",
                                (t["token_uid"], party, t["auth_status"], t.get("expiry")))  # fmt: skip
             db.execute("INSERT OR REPLACE INTO partner_lists VALUES(?,?)", (party, version))
             db.execute("DELETE FROM partner_pages WHERE party=? AND version <= ?", (party, version))
-        self._list_retry_at = 0.0
+        self._list_retry_at, self._list_dirty = 0.0, True
         return {"status": "accepted"}
+
+    def _check_owner(self, token: dict[str, Any], party: str, field: str) -> None:
+        """A partner lists only its own customers' cards: not a uid another partner holds, not
+        one of our customers', not a contract id of another provider (it would be re-owned, and
+        the card number and its sessions sent to the wrong CSP). Removing one (`invalid`) is
+        harmless: it removes only the partner's own."""
+        uid = token["token_uid"]
+        if token["auth_status"] == "invalid":
+            return
+        held = self.store.one("SELECT party FROM partner_tokens WHERE token_uid=?", uid)
+        provider = home_of_contract(uid)
+        if (held is not None and held[0] != party) or self._is_customer(uid) or provider not in (None, party):
+            raise Refused(403, "party_mismatch", f"{uid!r} is not a card of {party}", field)
 
     @handles("RemoteStart", senders=("csp",), key=lambda b: str(b["roaming_session_id"]))
     async def _v_remote_start(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
@@ -381,14 +434,17 @@ class VisitedCspEndpoint(CspEndpoint):
             self._link(sid, home, home_sid, cso)
         try:
             answer = await self.send("RemoteStart", body | {"roaming_session_id": sid}, cso)
-        except (RoamingError, *UNREACHABLE) as exc:  # no session was started: none is kept
-            with self.store.tx() as db:
+        except (RoamingError, *UNREACHABLE) as exc:
+            if not csp.start_surely_failed(exc):  # no answer: the CSO may have started it; kept
+                log.warning("%s: RemoteStart %s at %s, outcome unknown: %s", self.me, sid, cso, exc)
+                return {"result": "timeout", "reason": clip_reason(f"no answer from {cso}: it may have started")}
+            with self.store.tx() as db:  # surely not started: none is kept
                 db.execute("DELETE FROM partner_sessions WHERE session_id=?", (sid,))
                 db.execute("DELETE FROM sessions WHERE session_id=?", (sid,))
             if isinstance(exc, RoamingError):
                 raise Refused(exc.status, exc.cause, exc.detail, exc.field) from None
             raise Refused(502, "unreachable", f"{cso}: {type(exc).__name__}") from None
-        if answer["result"] != "accepted":
+        if answer["result"] not in ("accepted", "timeout"):
             self.store.exec("UPDATE sessions SET state='failed' WHERE session_id=?", sid)
         return answer
 
@@ -487,6 +543,7 @@ class VisitedCspEndpoint(CspEndpoint):
         home = self.cfg.party(home_of_contract(body.get("contract_id") or "") or "")
         if home is None or not home.partner:
             return await CspEndpoint._on_contract_certificate(self, body, ctx)
+        self._answers_for(gid.parse(body["evse_gid"]).operator, ctx.origin, "evse_gid")  # its own EVSE only
         try:
             return await self.send("ContractCertificate", body, home.party_id)
         except (RoamingError, *UNREACHABLE) as exc:
@@ -507,6 +564,7 @@ class VisitedCspEndpoint(CspEndpoint):
         n = super().forget(token_uid)
         with self.store.tx() as db:
             n += db.execute("DELETE FROM partner_tokens WHERE token_uid=?", (token_uid,)).rowcount
+            self._list_dirty = True
             for party, version, page, tokens in db.execute(
                 "SELECT party, version, page, tokens FROM partner_pages"
             ).fetchall():  # a list still arriving
@@ -519,6 +577,7 @@ class VisitedCspEndpoint(CspEndpoint):
         n = super().purge_personal(cut)
         db = self.store.db
         n += db.execute("DELETE FROM partner_tokens WHERE expiry IS NOT NULL AND expiry < ?", (cut,)).rowcount
+        self._list_dirty = True
         n += db.execute("DELETE FROM partner_pages WHERE at < ?", (cut,)).rowcount
         db.execute(
             "DELETE FROM partner_reservations WHERE NOT EXISTS (SELECT 1 FROM reservations r WHERE"
