@@ -77,6 +77,24 @@ def test_r4_2_a_version_is_installed_only_when_every_page_is_there(tmp_path: Pat
     run(tmp_path, mode, scenario)
 
 
+def test_r4_2_a_csp_cannot_pile_up_lists_it_never_completes(tmp_path: Path, mode: str) -> None:
+    """Bounds: the CSO keeps the pages of one list in the making per CSP; the pages of an older
+    version never completed, or of the same version cut otherwise, are dropped."""
+
+    async def scenario(net: Net) -> None:
+        one = [{"token_uid": "04HALF", "auth_status": "accepted"}]
+        for version in range(2, 12):  # ten versions, each with its first page only
+            body = {"party_id": CSP, "list_version": version, "update_type": "full", "pages": 65535, "page": 0}
+            await net.csp.broadcast("TokenList", body | {"tokens": one})
+        body = {"party_id": CSP, "list_version": 11, "update_type": "full", "pages": 3, "page": 1}
+        await net.csp.broadcast("TokenList", body | {"tokens": one})
+        rows = net.cso.store.all("SELECT version, page, pages FROM token_pages WHERE party=?", CSP)
+        assert [tuple(r) for r in rows] == [(11, 1, 3)]
+        assert cached(net) == {}  # nothing installed from a list never completed
+
+    run(tmp_path, mode, scenario)
+
+
 def test_r4_2_a_differential_list_carries_only_the_changes(tmp_path: Path, mode: str) -> None:
     async def scenario(net: Net) -> None:
         for i in range(10):

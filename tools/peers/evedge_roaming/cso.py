@@ -592,6 +592,11 @@ class CsoEndpoint(Endpoint):
                 have = "none" if row is None else row[0]
                 raise Refused(409, "version_gap", f"differential {version} needs {version - 1}, have {have}",
                               "list_version")  # fmt: skip
+            # one list in the making per CSP: the pages of an older version never completed, or of
+            # this version cut into another number of pages, are dropped (a sender cannot pile up
+            # versions until the retention purge)
+            db.execute("DELETE FROM token_pages WHERE party=? AND (version < ? OR (version = ? AND pages != ?))",
+                       (party, version, version, pages))  # fmt: skip
             db.execute(
                 "INSERT OR REPLACE INTO token_pages VALUES(?,?,?,?,?,?,?)",
                 (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),
