@@ -1,20 +1,31 @@
 """Privacy routing (M10, R3-1, R4-1) in each mode: a card number goes only to its home CSP —
 known from its token list, or the provider prefix of a contract id — never to every CSP; the
 clearing house routes without keeping card numbers; a deletion started at any party reaches
-every party that held the data."""
+every party that held the data, also late (after the retention purged where the card went), and
+only a party the card went to or from, or its home, may have another party delete it: any other
+(another CSP, a CSO it never reached, the CH), directly or through the CH, is refused by name and
+changes nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from evedge_roaming.testbed import CSP, EVSES, Net, running
+from evedge_roaming.ch import ClearingHouse
+from evedge_roaming.cso import CsoEndpoint
+from evedge_roaming.csp import CspEndpoint
+from evedge_roaming.endpoint import Endpoint
+from evedge_roaming.operator import MemoryOperator
+from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, FakeClock, Net, network, running, start_endpoints
 from gateway.protocol import gid
+from gateway.protocol.roaming.client import RoamingError
 
 MODES = ["peer_to_peer", "clearing_house", "mixed"]
 TARIFF = {"tariff_id": 7, "operator_id": "DE*CSO*O", "price_kwh": 45, "currency": "EUR"}
@@ -108,3 +119,143 @@ def test_m10_a_deleted_card_is_no_longer_routed_by_the_clearing_house(tmp_path: 
         assert CSP not in [r[0] for r in net.ch.store.all("SELECT csp FROM token_homes")]
 
     run(tmp_path, mode, scenario)
+
+
+CSO2, CSP2 = "DE*CS2*O", "DE*CSB*O"
+
+
+@dataclass
+class Wide:
+    """Two CSOs, two CSPs and the CH: a party the card never went to is at hand."""
+
+    clock: FakeClock
+    cso: CsoEndpoint
+    cso2: CsoEndpoint
+    csp: CspEndpoint
+    csp2: CspEndpoint
+    ch: ClearingHouse
+
+    def endpoints(self) -> dict[str, Endpoint]:
+        return {"cso": self.cso, "cso2": self.cso2, "csp": self.csp, "csp2": self.csp2, "ch": self.ch}
+
+    def held(self, uid: str) -> dict[str, bool]:
+        return {k: uid in json.dumps(ep.store.snapshot(), default=repr) for k, ep in self.endpoints().items()}
+
+    def snapshots(self) -> dict[str, Any]:
+        """Every store's domain tables, but the CH's routing log (it logs a refused relay too)."""
+        out = {k: ep.store.snapshot() for k, ep in self.endpoints().items()}
+        del out["ch"]["routed"]
+        return out
+
+
+def run_wide(tmp_path: Path, mode: str, scenario: Callable[[Wide], Awaitable[None]]) -> None:
+    @asynccontextmanager
+    async def up() -> AsyncIterator[Wide]:
+        cfgs = network(tmp_path, mode, party_ids={"cso2": CSO2, "csp2": CSP2})
+        clock = FakeClock()
+        op = MemoryOperator.one_site(CSO, LOCATION, list(EVSES))
+        op2 = MemoryOperator.one_site(CSO2, "DE*CS2*L1", ["DE*CS2*E1-1"])
+        w = Wide(clock, CsoEndpoint(cfgs["cso"], op, clock=clock), CsoEndpoint(cfgs["cso2"], op2, clock=clock),
+                 CspEndpoint(cfgs["csp"], clock=clock), CspEndpoint(cfgs["csp2"], clock=clock),
+                 ClearingHouse(cfgs["ch"], clock=clock))  # fmt: skip
+        await start_endpoints(w.endpoints())
+        try:
+            yield w
+        finally:
+            for ep in w.endpoints().values():
+                if ep.server is not None:
+                    await ep.stop()
+
+    async def main() -> None:
+        async with up() as w:
+            await scenario(w)
+
+    asyncio.run(main())
+
+
+async def not_shared(call: Awaitable[Any]) -> None:
+    with pytest.raises(RoamingError) as exc:
+        await call
+    assert (exc.value.status, exc.value.cause, exc.value.field) == (403, "not_shared", "token_uid"), exc.value
+
+
+def deletion(uid: str, by: str) -> dict[str, Any]:
+    return {"token_uid": uid, "party_id": by}
+
+
+def test_m10_a_party_the_card_never_went_to_may_not_delete_it_directly_or_through_the_ch(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(w: Wide) -> None:
+        await w.cso.publish_tariff(TARIFF)
+        w.csp.add_customer("04LISTED")
+        await w.csp.distribute_tokens()  # at both CSOs (and, in CH modes, its home at the CH)
+        w.csp.add_customer("04UNSEEN")  # a customer no CSO ever saw
+        sid = (await w.cso.token_presented(EVSES[0], "04LISTED"))["roaming_session_id"]
+        await w.cso.session_ended(sid, 1000)
+        before = w.snapshots()
+        for call in (
+            # another CSP wipes CSP's list entry (and session) at a CSO: directly, through the CH
+            w.csp2.client(CSO).call("DeleteUserData", deletion("04LISTED", CSP2)),
+            w.csp2.client(CH).call("DeleteUserData", deletion("04LISTED", CSP2), to=CSO),
+            # a CSO the customer never reached deletes them at their CSP: directly, through the CH
+            w.cso.client(CSP).call("DeleteUserData", deletion("04UNSEEN", CSO)),
+            w.cso2.client(CH).call("DeleteUserData", deletion("04UNSEEN", CSO2), to=CSP),
+            # the CH, which never held a card of CSP's (it issued none), at the CSP and the CSO
+            w.ch.client(CSP).call("DeleteUserData", deletion("04LISTED", CH)),
+            w.ch.client(CSO).call("DeleteUserData", deletion("04LISTED", CH)),
+        ):
+            await not_shared(call)
+        if mode != "peer_to_peer":  # the CH's route of the card (token_homes) is its home's to drop
+            await not_shared(w.csp2.client(CH).call("DeleteUserData", deletion("04LISTED", CSP2)))
+        # relayed to a party that holds nothing of it: nothing there to guard (count 0), and the
+        # CH keeps the card's route (neither the sender nor the destination is its home)
+        answer = await w.cso2.client(CH).call("DeleteUserData", deletion("04LISTED", CSO2), to=CSP2)
+        assert answer == {"status": "accepted", "count": 0}
+        assert w.snapshots() == before
+        assert not any(ep.jobs() or ep.jobs("refused") for ep in w.endpoints().values())
+        # the legitimate ones still reach every party: the home, and a CSO its list went to
+        assert await w.csp.delete_user("04UNSEEN") >= 1
+        assert await w.cso2.delete_user("04LISTED") >= 2  # cso2 holds it from the list only
+        assert not any(w.held("04LISTED").values()) and not any(w.held("04UNSEEN").values())
+        if mode != "peer_to_peer":
+            assert w.ch.store.get("SELECT COUNT(*) FROM token_homes")[0] == 0
+
+    run_wide(tmp_path, mode, scenario)
+
+
+def test_m10_a_late_deletion_reaches_the_list_and_the_home_after_the_retention_purged_shared(
+    tmp_path: Path, mode: str
+) -> None:
+    async def scenario(w: Wide) -> None:
+        await w.cso.publish_tariff(TARIFF)
+        for uid in ("04LATE01", "04LATE02"):
+            w.csp.add_customer(uid)
+        w.csp.add_customer("04AUTH01", contract_id="DE*CSP*CAUTH0001")  # on no list: asked by its contract
+        await w.csp.distribute_tokens()
+        w.csp.store.exec("DELETE FROM token_sent WHERE token_uid='04AUTH01'")  # as if listed never
+        w.cso.store.exec("DELETE FROM token_cache WHERE token_uid='04AUTH01'")
+        w.cso2.store.exec("DELETE FROM token_cache WHERE token_uid='04AUTH01'")
+        for evse, uid, kind in ((EVSES[0], "04LATE01", "rfid"), (EVSES[1], "DE*CSP*CAUTH0001", "iso15118")):
+            sid = (await w.cso.token_presented(evse, uid, kind))["roaming_session_id"]
+            await w.cso.session_ended(sid, 1000)
+        w.clock.advance(w.csp.cfg.retention_s + 1)
+        for ep in w.endpoints().values():
+            ep.purge()
+        assert not any(ep.store.all("SELECT 1 FROM shared") for ep in w.endpoints().values())
+        # the home deletes late: its list went to every CSO (not the purged `shared`) and each
+        # CSO takes it from the card's home
+        assert await w.csp.delete_user("04LATE01") >= 3
+        # a CSO deletes late: its list entry names the home, which takes it from a CSO its list went to
+        assert await w.cso.delete_user("04LATE02") >= 2
+        for uid in ("04LATE01", "04LATE02"):
+            assert not any(w.held(uid).values()), uid
+        assert not any(ep.jobs() or ep.jobs("refused") for ep in w.endpoints().values())
+        # a CSO that had a card only through an AuthorizeRoaming (a purged `shared` row) holds
+        # nothing of it any more, and can no longer ask its home to delete the contract
+        assert not w.held("DE*CSP*CAUTH0001")["cso"]
+        before = w.snapshots()
+        await not_shared(w.cso.client(CSP).call("DeleteUserData", deletion("DE*CSP*CAUTH0001", CSO)))
+        assert w.snapshots() == before
+
+    run_wide(tmp_path, mode, scenario)

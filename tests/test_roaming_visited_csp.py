@@ -6,7 +6,8 @@ tests/scenarios/test_roaming_visited.py. R1-2, R1-3, R2-1, R2-2, R3-1, R3-2, R3-
 R3-6, R3-7, R3-8, R3-9 (with a wrong SDR disputed), R3-10, R4-2, R5-2, R5-3, M10 through the
 visited CSP; and the bad input of the new paths: a CSO message at the home directly, a partner
 sending for a party it does not serve or with the wrong role, a CSP that is not a partner, a
-duplicate SDR, a partner listing another party's card, a second visited CSP speaking for a CSO
+duplicate SDR, a partner listing another party's card, a partner deleting a customer of the visited
+CSP (M10), a second visited CSP speaking for a CSO
 the home reaches through the first, a list of too many pages — each a named refusal that
 changes nothing. Wider networks (`run_wide`: two partners, two visited CSPs, two CSOs) for the
 cases that need them."""
@@ -251,6 +252,8 @@ def test_bad_input_of_the_visited_paths_is_refused_by_name_and_changes_nothing(t
     async def fn(net: Net) -> None:
         await net.cso.publish_locations()
         await listed(net, "04GOOD01")
+        net.csp.add_customer("04OWN001")  # one of the visited CSP's own customers, on its list
+        await net.csp.tick()
         before = net.snapshots()
 
         async def refused(coro: Awaitable[Any], status: int, cause: str) -> None:
@@ -277,6 +280,9 @@ def test_bad_input_of_the_visited_paths_is_refused_by_name_and_changes_nothing(t
         await refused(net.csp3.send("RemoteStart", start, CSP), 403, "not_your_session")
         start = {"evse_gid": "DE*ZZZ*E1-1", "token_uid": "04GOOD01", "roaming_session_id": "DE*HC3*SMINE0001"}
         await refused(net.csp3.send("RemoteStart", start, CSP), 404, "unknown_evse")
+        # a partner deleting a customer of the visited CSP's own (M10: never its card)
+        await refused(net.csp3.send("DeleteUserData", {"token_uid": "04OWN001", "party_id": CSP3}, CSP), 403,
+                      "not_shared")  # fmt: skip
         # the home's own card list sent back to it as a CSO's message has no route
         await refused(net.csp.send("TokenList", mine | {"party_id": CSP, "tokens": []}, CSP3), 404, "unknown_message")
         # a CSP with an agreement that is not a partner may not roam through us

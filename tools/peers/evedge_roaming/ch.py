@@ -102,11 +102,13 @@ class ClearingHouse(Endpoint):
             self._check_sdr(body, ctx, dest.party_id)
         if message == "TokenList":  # to one CSO (x-ev-to) as to all: a CSP lists its own credentials only
             self._check_token_list(body, ctx)
-        if message == "DeleteUserData":
-            await self._relayed_deletion(body["token_uid"], ctx, dest.party_id)
+        if message == "DeleteUserData":  # the CH's own rule for its credentials, before passing it on
+            self._check_deletion(body["token_uid"], ctx.origin)
         if message == "DisputeSdr":
             self._check_dispute(body, ctx, dest.party_id)
         status, answer = await self._forward(message, body, ctx, dest.party_id)
+        if status == 200 and message == "DeleteUserData":  # refused there: nothing changes here either
+            await self._relayed_deletion(body["token_uid"], ctx, dest.party_id)
         if status == 200 and message == "PutSdr":
             self._keep_sdr(body, ctx, dest.party_id)
         if status == 200 and message == "DisputeSdr":  # held out of settlement until resolved
@@ -339,10 +341,21 @@ class ClearingHouse(Endpoint):
             raise Refused(403, "not_your_credential", f"{origin} never held this credential of the clearing house",
                           "token_uid")  # fmt: skip
 
+    def may_delete(self, token_uid: str, origin: str) -> bool:
+        """M10 here: a credential this CH issued by its own rule (`_check_deletion`); a listed
+        card's `token_homes` row by its home CSP only (another party would unroute the card)."""
+        if credentials.owner(self.store, token_uid) is not None:
+            return credentials.may_delete(self.store, self._digest, token_uid, origin)
+        row = self.store.one("SELECT csp FROM token_homes WHERE digest=?", self._digest(token_uid))
+        return row is None or str(row[0]) == origin
+
     async def _relayed_deletion(self, token_uid: str, ctx: Ctx, dest: str) -> None:
-        """A DeleteUserData passing through: deleted here too, and the owner of a credential this
-        CH issued gets it as well (a job) unless it is the sender or the destination."""
-        self._check_deletion(token_uid, ctx.origin)
+        """A DeleteUserData the destination accepted: deleted here too when the sender or the
+        destination is entitled here (a card's home; a credential's owner or holder: checked
+        before passing it on), and the owner of a credential this CH issued gets it as well (a
+        job) unless it is the sender or the destination."""
+        if not (self.may_delete(token_uid, ctx.origin) or self.may_delete(token_uid, dest)):
+            return  # another party's card: the destination's business, not this CH's routing
         if credentials.owner(self.store, token_uid) == dest:
             self.forget(token_uid)  # the forward itself reaches the owner
         else:

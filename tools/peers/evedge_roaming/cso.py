@@ -650,6 +650,30 @@ class CsoEndpoint(Endpoint):
         return {"status": "accepted"}
 
     # ---- privacy
+    def may_delete(self, token_uid: str, origin: str) -> bool:
+        """M10: a party the token travelled to or from, or its home — the CSP of its list entry,
+        of a session or a reservation of it here, the provider of a contract id (or the visited
+        CSP serving that provider; the CH for a credential it issued): entitled by the list or
+        the contract, also after the retention purged `shared`."""
+        if super().may_delete(token_uid, origin):
+            return True
+        provider = home_of_contract(token_uid)
+        served = self.cfg.provider(provider or "")
+        if provider is not None and origin in (provider, served.party_id if served else None):
+            return True
+        q = ("SELECT 1 FROM token_cache WHERE token_uid=? AND party=?"
+             " UNION ALL SELECT 1 FROM sessions WHERE token_uid=? AND csp=?"
+             " UNION ALL SELECT 1 FROM reservations WHERE token_uid=? AND csp=?")  # fmt: skip
+        return self.store.one(q, *(token_uid, origin) * 3) is not None
+
+    async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
+        """M10 as everywhere, and the card's home by its list entry always — also when the
+        retention purged the `shared` row that named it."""
+        row = self.store.one("SELECT party FROM token_cache WHERE token_uid=?", token_uid)
+        if row is not None and row[0] != skip:
+            self.store.exec("INSERT OR IGNORE INTO shared VALUES(?,?,?)", token_uid, row[0], int(self.clock()))
+        return await super().delete_user(token_uid, skip=skip)
+
     def forget(self, token_uid: str) -> int:
         with self.store.tx() as db:
             n = db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount
@@ -658,6 +682,9 @@ class CsoEndpoint(Endpoint):
                 "SELECT party, version, page, tokens FROM token_pages"
             ).fetchall():  # a list still arriving
                 kept = [t for t in json.loads(tokens) if t["token_uid"] != token_uid]
+                if len(kept) == len(json.loads(tokens)):
+                    continue
+                n += 1  # counted: `holds` tells by the count whether anything of the token is here
                 db.execute("UPDATE token_pages SET tokens=? WHERE party=? AND version=? AND page=?",
                            (json.dumps(kept), party, version, page))  # fmt: skip
             n += db.execute("UPDATE reservations SET token_uid=NULL WHERE token_uid=?", (token_uid,)).rowcount

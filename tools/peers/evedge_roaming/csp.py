@@ -581,12 +581,38 @@ class CspEndpoint(Endpoint):
     # ---- privacy
     async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
         """M10: a credential the CH issued (its prefix) is deleted at the CH as well, always —
-        not only while `shared` still names the CH (the retention purges that)."""
+        not only while `shared` still names the CH (the retention purges that); a card on our
+        list at every CSO it went to, however long ago."""
         token_uid = credentials.canonical_if_issued(self, token_uid)  # the spelling every party stores
         ch = credentials.issuer(self, token_uid, skip)
-        if ch is not None:
-            self.store.exec("INSERT OR REPLACE INTO shared VALUES(?,?,?)", token_uid, ch, int(self.clock()))
+        now = int(self.clock())
+        with self.store.tx() as db:
+            if ch is not None:
+                db.execute("INSERT OR REPLACE INTO shared VALUES(?,?,?)", (token_uid, ch, now))
+            if db.execute("SELECT 1 FROM token_sent WHERE token_uid=?", (token_uid,)).fetchone() is not None:
+                for p in self.cfg.counterparts("cso"):  # our list went to each: also when `shared` is purged
+                    db.execute("INSERT OR IGNORE INTO shared VALUES(?,?,?)", (token_uid, p.party_id, now))
         return await super().delete_user(token_uid, skip=skip)
+
+    def may_delete(self, token_uid: str, origin: str) -> bool:
+        """M10: a party the token travelled to or from — also any CSO while it is on our list
+        (`token_sent`: the list goes to every CSO), the CSO of a session, reservation or contract
+        certificate of it, the CH that issued a credential (its prefix) — all also after the
+        retention purged `shared`. Another CSO or CSP may not delete our customer."""
+        token_uid = credentials.canonical_if_issued(self, token_uid)  # the spelling we store
+        if super().may_delete(token_uid, origin) or origin == credentials.issuer(self, token_uid, ""):
+            return True
+        p = self.cfg.party(origin)
+        if p is None or p.acts_as != "cso":
+            return False
+        q = ("SELECT 1 FROM token_sent WHERE token_uid=? UNION ALL SELECT 1 FROM sessions WHERE token_uid=? AND cso=?"
+             " UNION ALL SELECT 1 FROM reservations WHERE token_uid=? AND cso=?"
+             " UNION ALL SELECT 1 FROM contract_certs WHERE contract_id=? AND cso=?")  # fmt: skip
+        return self.store.one(q, token_uid, *(token_uid, origin) * 3) is not None
+
+    def holds(self, token_uid: str) -> bool:
+        """As everywhere, a credential of our CH in the spelling we store it in."""
+        return super().holds(credentials.canonical_if_issued(self, token_uid))
 
     def forget(self, token_uid: str) -> int:
         with self.store.tx() as db:

@@ -507,9 +507,34 @@ class Endpoint:
             )
         return {"status": "accepted"}
 
+    def may_delete(self, token_uid: str, origin: str) -> bool:
+        """M10: whether `origin` may have this endpoint delete a token's data — a party the token
+        travelled to or from (`shared`); the roles add the token's home (its list, its contract),
+        which stays entitled after the retention purged `shared`, and the CH its own rule."""
+        return self.store.one("SELECT 1 FROM shared WHERE token_uid=? AND party=?", token_uid, origin) is not None
+
+    def holds(self, token_uid: str) -> bool:
+        """Whether this endpoint keeps anything of a token: a dry run of `forget`, rolled back."""
+        with self.store.tx() as db:
+            db.execute("SAVEPOINT dry_run")
+            try:
+                return self.forget(token_uid) > 0
+            finally:
+                db.execute("ROLLBACK TO dry_run")
+                db.execute("RELEASE dry_run")
+
     @handles("DeleteUserData", senders=("cso", "csp", "ch"))
     async def _on_delete_user(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        count = await self.delete_user(body["token_uid"], skip=ctx.origin)
+        """M10 asked by another party: only one entitled to the token (`may_delete`) has us delete
+        it and pass it on; else 403 `not_shared`, nothing changed — unless we hold nothing of it,
+        then there is nothing to guard: `count: 0` (a repeat of a delivered deletion, whose
+        sender's entitlement went with the data, must not end as a refused job)."""
+        uid = body["token_uid"]
+        if not self.may_delete(uid, ctx.origin):
+            if self.holds(uid):
+                raise Refused(403, "not_shared", f"{ctx.origin} never held this token with {self.me}", "token_uid")
+            return {"status": "accepted", "count": 0}
+        count = await self.delete_user(uid, skip=ctx.origin)
         return {"status": "accepted", "count": count}
 
 

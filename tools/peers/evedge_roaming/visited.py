@@ -560,6 +560,11 @@ class VisitedCspEndpoint(CspEndpoint):
         return await self._to_cso("GetTariffs", body, op)
 
     # ---- privacy
+    def may_delete(self, token_uid: str, origin: str) -> bool:
+        """M10: as a CSP's, and the partner whose customer the card is (its list, its contract
+        id's provider): entitled by the list or the contract, also after the retention."""
+        return super().may_delete(token_uid, origin) or self._home_of(token_uid) == origin
+
     def forget(self, token_uid: str) -> int:
         n = super().forget(token_uid)
         with self.store.tx() as db:
@@ -569,6 +574,9 @@ class VisitedCspEndpoint(CspEndpoint):
                 "SELECT party, version, page, tokens FROM partner_pages"
             ).fetchall():  # a list still arriving
                 kept = [t for t in json.loads(tokens) if t["token_uid"] != token_uid]
+                if len(kept) == len(json.loads(tokens)):
+                    continue
+                n += 1  # counted: `holds` tells by the count whether anything of the token is here
                 db.execute("UPDATE partner_pages SET tokens=? WHERE party=? AND version=? AND page=?",
                            (json.dumps(kept), party, version, page))  # fmt: skip
         return n
