@@ -390,24 +390,41 @@ def test_m10_started_at_the_csp_reaches_the_ch_after_the_retention_purged_where_
 
 
 @WITH_CH
-def test_m10_a_cso_that_holds_a_ch_issued_credential_deletes_it_everywhere_relayed_to_any_party(
+def test_m10_a_cso_that_holds_a_ch_issued_credential_ends_only_its_own_part_relayed_or_at_the_ch(
     tmp_path: Path, mode: str
 ) -> None:
+    """A CSO's deletion cannot end a credential (the owner's customer's): the owner blanks that
+    CSO's sessions, the CH drops that CSO's route only; the owner's own deletion still ends it."""
+
     async def scenario(net: Net) -> None:
         await net.cso.publish_tariff(TARIFF)
-        a = (await net.csp.request_credential("rfid", 24))["token_uid"]
-        b = (await net.csp.request_credential("rfid", 25))["token_uid"]
-        await net.csp.distribute_tokens()  # both on A's list, through the CH, at the CSO
+        a, b, c = [(await net.csp.request_credential("rfid", n))["token_uid"] for n in (24, 25, 27)]
+        await net.csp.distribute_tokens()  # all on A's list, through the CH, at the CSO
         sid = (await net.cso.token_presented(EVSES[0], a))["roaming_session_id"]
         await net.cso.session_ended(sid, 1000)
-        # the CSO's own deletion (a driver asked it): through the CH to A, which passes it on
+
+        def routed(uid: str) -> bool:
+            q = "SELECT 1 FROM credential_routes WHERE digest=? AND cso=?"
+            return net.ch.store.one(q, net.ch._digest(uid), CSO) is not None
+
+        assert routed(a) and routed(b) and routed(c)
+        issued = net.ch.store.all("SELECT * FROM issued_credentials ORDER BY token_uid")
+        customers = net.csp.store.all("SELECT * FROM customers ORDER BY token_uid")
+        # the CSO's own deletion (a driver asked it): through the CH to A, which blanks the CSO's session
         assert await net.cso.delete_user(a) >= 2
-        assert net.held(a) == {"cso": False, "csp": False, "csp2": False, "ch": False}
-        # a deletion the CSO addresses to another party (B): the CH tells the owner A as well
-        count = await net.cso.send("DeleteUserData", {"token_uid": b, "party_id": CSO}, CSP_B)
-        assert count["status"] == "accepted"
+        assert net.held(a) == {"cso": False, "csp": True, "csp2": False, "ch": True}
+        assert net.csp.session(sid)["token_uid"] is None
+        # a deletion the CSO addresses to another party (B), and one to the CH itself: its route goes
+        assert (await net.cso.send("DeleteUserData", {"token_uid": b, "party_id": CSO}, CSP_B))["status"] == "accepted"
+        assert (await net.cso.client(CH).call("DeleteUserData", {"token_uid": c, "party_id": CSO}))["count"] == 1
         await until_no_jobs(net)
-        assert net.held(b) == {"cso": False, "csp": False, "csp2": False, "ch": False}
+        assert not routed(a) and not routed(b) and not routed(c)
+        assert net.ch.store.all("SELECT * FROM issued_credentials ORDER BY token_uid") == issued
+        assert net.csp.store.all("SELECT * FROM customers ORDER BY token_uid") == customers
+        assert not any(ep.jobs("refused") for ep in net.endpoints().values())
+        # the owner's own deletion (the user leaving A) still ends the credential everywhere
+        assert await net.csp.delete_user(a) >= 2
+        assert net.held(a) == {"cso": False, "csp": False, "csp2": False, "ch": False}
 
     run(tmp_path, mode, scenario)
 
@@ -467,3 +484,42 @@ def test_issue_credential_is_bounded_per_csp_and_in_lifetime(tmp_path: Path) -> 
         assert (await net.csp.request_credential("rfid", 34))["expiry"] == int(net.clock()) + 86400
 
     run(tmp_path, "clearing_house", scenario, credential_quota=2, credential_max_lifetime_s=86400)
+
+
+def test_a_repeat_whose_stored_answer_was_lost_is_told_by_its_body_also_after_its_expiry(tmp_path: Path) -> None:
+    """A request whose stored answer was lost: repeated without the `expiry` it had is 409
+    `conflict` (before: the credential), repeated as it was after that expiry passed gets the
+    same credential (before: 400 `expired`); a request that had none, repeated without, the same."""
+
+    async def scenario(net: Net) -> None:
+        expiry = int(net.clock()) + 60
+        first = await net.csp.request_credential("rfid", 40, expiry=expiry)
+        plain = await net.csp.request_credential("rfid", 41)
+        net.ch.store.exec("DELETE FROM idempotency")  # the CH stopped before it kept the answers
+        before = net.snapshots()
+        ch = net.csp.client(CH)
+        await refused(ch.call("IssueCredential", {"request_id": 40, "token_type": "rfid"}), 409, "conflict")
+        assert net.snapshots() == before
+        net.ch.store.exec("DELETE FROM idempotency")
+        net.clock.advance(120)  # the asked expiry has passed
+        body = {"request_id": 40, "token_type": "rfid", "expiry": expiry}
+        assert await ch.call("IssueCredential", body) == first
+        assert await ch.call("IssueCredential", {"request_id": 41, "token_type": "rfid"}) == plain
+        assert net.ch.store.get("SELECT COUNT(*) FROM issued_credentials")[0] == 2
+
+    run(tmp_path, "clearing_house", scenario)
+
+
+def test_a_credential_issued_before_every_one_got_an_expiry_is_purged_in_the_end(tmp_path: Path) -> None:
+    """A row of before the lifetime bound (no expiry) lives the longest lifetime at most: it is
+    purged `retention_s` after, and frees its place in its CSP's quota (before: never)."""
+
+    async def scenario(net: Net) -> None:
+        old = await net.csp.request_credential("rfid", 50)
+        net.ch.store.exec("UPDATE issued_credentials SET expiry=NULL")  # as a store of before kept it
+        await refused(net.csp.request_credential("rfid", 51), 403, "quota_exceeded")
+        net.clock.advance(86400 + net.ch.cfg.retention_s + 1)
+        assert net.ch.purge() >= 1 and not net.held(old["token_uid"])["ch"]
+        assert (await net.csp.request_credential("rfid", 51))["token_uid"]
+
+    run(tmp_path, "clearing_house", scenario, credential_quota=1, credential_max_lifetime_s=86400)

@@ -269,3 +269,78 @@ def test_r3_9_a_lowered_meter_start_in_a_put_sdr_is_a_mismatch(tmp_path: Path) -
         assert json.loads(net.csp.store.get("SELECT body FROM sdrs")[0])["signed_meter"] == signed
 
     run(tmp_path, scenario)
+
+
+def verdict_of(net: Net, sdr_id: str) -> str:
+    return str(net.csp.store.get("SELECT verdict FROM sdrs WHERE sdr_id=?", sdr_id)[0])
+
+
+def test_r3_9_key_changes_during_a_session_cannot_push_its_key_out_of_the_books(tmp_path: Path) -> None:
+    """The history is pruned by age, not count: a CSO stating many keys while a session is open
+    still has that session checked with the key in force at its start (before: the last 16 rows
+    were kept, the start's key went, and the SDR was checked on its registers only). Key changes
+    are bounded per EVSE and day instead: 429 `too_frequent`, changing nothing."""
+
+    async def scenario(net: Net) -> None:
+        key = Ed25519PrivateKey.generate()
+        t0 = int(net.clock())
+        await net.cso.send("PutLocation", location(pub(key)), CSP)
+        net.csp.add_customer("CARD1")
+        await net.csp.distribute_tokens()
+        sid = str((await net.cso.token_presented(EVSES[0], "CARD1", "rfid"))["roaming_session_id"])
+        await net.cso.session_progress(sid, 1000, 0)
+        for day in range(3):  # 15 changes a day for 3 days: 45 rows after the start's
+            for _ in range(15):
+                net.clock.advance(60)
+                await net.cso.send("PutLocation", location(pub(Ed25519PrivateKey.generate())), CSP)
+            if day == 0:  # the 17th row within a day
+                await refused(net, location(pub(Ed25519PrivateKey.generate())), 429, "too_frequent",
+                              "connectors[0].meter_key")  # fmt: skip
+            net.clock.advance(86400)
+        assert net.csp.meter_key(EVSES[0], t0) == pub(key)
+        forged = Ed25519PrivateKey.generate()
+        signed = b64(reading(forged, 500, t=t0) + reading(forged, 1500, t=t0 + 60))
+        done = await net.cso.session_ended(sid, 1000, meter_start_wh=500, signed_meter=signed)
+        assert verdict_of(net, done["sdr_id"]) == "mismatch: the signed meter reading's seal is not the EVSE meter's"
+        # once every session is billed and the rows are older than the retention, they go: the
+        # one in force at the cut stays
+        net.clock.advance(net.csp.cfg.retention_s + 86400)
+        last = Ed25519PrivateKey.generate()
+        await net.cso.send("PutLocation", location(pub(last)), CSP)
+        assert len(net.csp.store.all("SELECT 1 FROM meter_keys")) == 2
+        # a start before every row the books still hold: no key on record (a mismatch, not a
+        # check on the registers only), after the last row's: the last key
+        assert not net.csp.meter_key_known(EVSES[0], t0) and net.csp.meter_key_known(EVSES[0], int(net.clock()))
+
+    run(tmp_path, scenario)
+
+
+def test_r3_9_an_adopted_session_is_checked_with_the_key_in_force_at_its_start(tmp_path: Path) -> None:
+    """R4-2: a session the CSO's site authorized offline reaches the home CSP hours after it
+    started; a key change in between does not flag its SDR (the key of the SDR's start counts,
+    not of when the CSP heard of it)."""
+
+    async def scenario(net: Net) -> None:
+        old, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        t0 = int(net.clock())
+        await net.cso.send("PutLocation", location(pub(old)), CSP)
+        net.csp.add_customer("CARD1")
+        await net.csp.distribute_tokens()
+        sid = net.cso.adopt_session(EVSES[0], "CARD1", t0)  # offline: the CSP hears nothing yet
+        assert sid is not None
+        net.clock.advance(3 * 3600)
+        await net.cso.send("PutLocation", location(pub(new)), CSP)  # the meter replaced meanwhile
+        net.clock.advance(60)
+        await net.cso.session_progress(sid, 1000, 0)  # the CSP hears of it now
+        signed = b64(reading(old, 500, t=t0) + reading(old, 1500, t=t0 + 60))
+        done = await net.cso.session_ended(sid, 1000, meter_start_wh=500, signed_meter=signed)
+        assert verdict_of(net, done["sdr_id"]) == "matched"
+        # an SDR whose start is before every key statement the books hold: no key to check it
+        # with, a mismatch (not a check on the registers only)
+        early = net.cso.adopt_session(EVSES[0], "CARD1", t0 - 3600)
+        assert early is not None
+        await net.cso.session_progress(early, 1000, 0)
+        done = await net.cso.session_ended(early, 1000, meter_start_wh=500, signed_meter=signed)
+        assert verdict_of(net, done["sdr_id"]) == "mismatch: no meter key on record at the session's start"
+
+    run(tmp_path, scenario)

@@ -4,7 +4,8 @@ clearing house routes without keeping card numbers; a deletion started at any pa
 every party that held the data, also late (after the retention purged where the card went), and
 only a party the card went to or from, or its home, may have another party delete it: any other
 (another CSP, a CSO it never reached, the CH), directly or through the CH, is refused by name and
-changes nothing."""
+changes nothing. A CSO ends no contract: its deletion at a CSP blanks only that CSO's records
+there (the customer, list entry and contract certificates stay; nothing is passed on)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from evedge_roaming.ch import ClearingHouse
 from evedge_roaming.cso import CsoEndpoint
@@ -42,6 +47,12 @@ def run(tmp_path: Path, mode: str, scenario: Callable[[Net], Awaitable[None]]) -
 
 def held(net: Net, uid: str) -> dict[str, bool]:
     return {role: uid in json.dumps(ep.store.snapshot()) for role, ep in net.endpoints().items()}
+
+
+def contract_rows(csp: CspEndpoint) -> list[Any]:
+    """A CSP's contracts with its customers: what only the CSP (or the user through it) may end."""
+    return [[tuple(r) for r in csp.store.all(f"SELECT * FROM {t} ORDER BY 1")]
+            for t in ("customers", "token_sent", "contract_certs")]  # fmt: skip
 
 
 def test_r3_1_a_card_whose_home_is_unknown_goes_to_no_csp(tmp_path: Path, mode: str) -> None:
@@ -93,7 +104,9 @@ def test_r4_1_the_clearing_house_routes_a_card_without_keeping_it(tmp_path: Path
     run(tmp_path, mode, scenario)
 
 
-def test_m10_a_deletion_started_at_the_cso_reaches_every_party(tmp_path: Path, mode: str) -> None:
+def test_m10_a_deletion_started_at_the_cso_blanks_its_sessions_at_the_home_but_ends_no_contract(
+    tmp_path: Path, mode: str
+) -> None:
     async def scenario(net: Net) -> None:
         await net.cso.publish_tariff(TARIFF)
         net.csp.add_customer("04GONE01")
@@ -102,10 +115,21 @@ def test_m10_a_deletion_started_at_the_cso_reaches_every_party(tmp_path: Path, m
         await net.cso.session_progress(sid, 1000, 7000)
         await net.cso.session_ended(sid, 1000)
         assert held(net, "04GONE01") == {"cso": True, "csp": True, "ch": False}
+        contract = contract_rows(net.csp)
         assert await net.cso.delete_user("04GONE01") >= 2
         assert net.cso.jobs() == []  # every hand-on acknowledged
-        assert held(net, "04GONE01") == {"cso": False, "csp": False, "ch": False}
+        assert held(net, "04GONE01")["cso"] is False
+        # at the home: that CSO's session and SDR blanked, its `shared` row gone; the customer,
+        # the list entry and the certificates are the CSP's own relation with the user: kept
         assert net.csp.session(sid)["token_uid"] is None
+        assert "04GONE01" not in json.dumps([r[0] for r in net.csp.store.all("SELECT body FROM sdrs")])
+        assert net.csp.store.one("SELECT 1 FROM shared WHERE token_uid='04GONE01' AND party=?", CSO) is None
+        assert contract_rows(net.csp) == contract and net.csp.store.one(
+            "SELECT 1 FROM customers WHERE token_uid='04GONE01'") is not None  # fmt: skip
+        assert not net.csp.jobs()  # not passed on: the CSO's own hand-on reached whom it shared with
+        # the home's own deletion (the user leaving it) still removes everything
+        assert await net.csp.delete_user("04GONE01") >= 2
+        assert held(net, "04GONE01") == {"cso": False, "csp": False, "ch": False}
 
     run(tmp_path, mode, scenario)
 
@@ -183,6 +207,14 @@ def deletion(uid: str, by: str) -> dict[str, Any]:
     return {"token_uid": uid, "party_id": by}
 
 
+def csr(common_name: str) -> bytes:
+    """An EV's DER PKCS#10 request for its contract certificate (contract_pki.py)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.DER)  # fmt: skip
+
+
 def test_m10_a_party_the_card_never_went_to_may_not_delete_it_directly_or_through_the_ch(
     tmp_path: Path, mode: str
 ) -> None:
@@ -216,10 +248,47 @@ def test_m10_a_party_the_card_never_went_to_may_not_delete_it_directly_or_throug
         assert not any(ep.jobs() or ep.jobs("refused") for ep in w.endpoints().values())
         # the legitimate ones still reach every party: the home, and a CSO its list went to
         assert await w.csp.delete_user("04UNSEEN") >= 1
-        assert await w.cso2.delete_user("04LISTED") >= 2  # cso2 holds it from the list only
+        assert await w.cso2.delete_user("04LISTED") >= 1  # cso2 holds it from the list only
+        assert not w.held("04LISTED")["cso2"] and w.held("04LISTED")["csp"]  # a CSO ends no contract
+        assert await w.csp.delete_user("04LISTED") >= 2  # the home's own: every party
         assert not any(w.held("04LISTED").values()) and not any(w.held("04UNSEEN").values())
         if mode != "peer_to_peer":
             assert w.ch.store.get("SELECT COUNT(*) FROM token_homes")[0] == 0
+
+    run_wide(tmp_path, mode, scenario)
+
+
+def test_m10_a_cso_holding_a_csps_list_cannot_wipe_its_customers_directly_or_through_the_ch(
+    tmp_path: Path, mode: str
+) -> None:
+    """Hostile: a CSO entitled by the list (it went to every CSO) asks the home to delete every
+    listed customer. It may have only its own part blanked: the customers, the list and the
+    contract certificates stay, the other CSO's session keeps its card, and nothing is passed on."""
+
+    async def scenario(w: Wide) -> None:
+        await w.cso.publish_tariff(TARIFF)
+        uids = [f"04VICT{i:02d}" for i in range(4)]
+        for uid in uids:
+            w.csp.add_customer(uid, contract_id="DE*CSP*CVICT0003" if uid == uids[3] else None)
+        await w.csp.distribute_tokens()
+        sid = (await w.cso.token_presented(EVSES[0], uids[0]))["roaming_session_id"]  # another CSO's session
+        await w.cso.session_ended(sid, 1000)
+        # the hostile CSO had a contract certificate installed at one of its own EVSEs (S7)
+        got = await w.cso2.contract_certificate("DE*CS2*E1-1", "install", csr("DE*CSP*CVICT0003"))
+        assert got["status"] == "accepted", got
+        contract, cso_before = contract_rows(w.csp), w.cso.store.snapshot()
+        assert contract[2]  # a certificate to keep
+        for i, uid in enumerate([*uids, "DE*CSP*CVICT0003"]):  # directly and, where there is one, through the CH
+            client = w.cso2.client(CH if mode != "peer_to_peer" and i % 2 else CSP)
+            answer = await client.call("DeleteUserData", deletion(uid, CSO2), to=CSP)
+            assert answer["status"] == "accepted"
+        assert contract_rows(w.csp) == contract
+        assert w.csp.session(sid)["token_uid"] == uids[0]  # cso's session: not cso2's to blank
+        assert w.cso.store.snapshot() == cso_before  # not passed on to the other CSO
+        if mode != "peer_to_peer":  # the CH still routes the cards to their home
+            assert w.ch.store.get("SELECT COUNT(*) FROM token_homes")[0] == len(uids)
+        assert not any(ep.jobs() or ep.jobs("refused") for ep in w.endpoints().values())
+        assert (await w.cso.token_presented(EVSES[1], uids[1]))["auth_status"] == "accepted"  # still a customer
 
     run_wide(tmp_path, mode, scenario)
 
@@ -246,10 +315,12 @@ def test_m10_a_late_deletion_reaches_the_list_and_the_home_after_the_retention_p
         # the home deletes late: its list went to every CSO (not the purged `shared`) and each
         # CSO takes it from the card's home
         assert await w.csp.delete_user("04LATE01") >= 3
-        # a CSO deletes late: its list entry names the home, which takes it from a CSO its list went to
-        assert await w.cso.delete_user("04LATE02") >= 2
-        for uid in ("04LATE01", "04LATE02"):
-            assert not any(w.held(uid).values()), uid
+        # a CSO deletes late: its list entry names the home, which takes it from a CSO its list
+        # went to — its own part only (no session of it there): the customer stays at the home
+        # and on the list at the other CSO
+        assert await w.cso.delete_user("04LATE02") >= 1
+        assert not any(w.held("04LATE01").values())
+        assert w.held("04LATE02") == {"cso": False, "cso2": True, "csp": True, "csp2": False, "ch": False}
         assert not any(ep.jobs() or ep.jobs("refused") for ep in w.endpoints().values())
         # a CSO that had a card only through an AuthorizeRoaming (a purged `shared` row) holds
         # nothing of it any more, and can no longer ask its home to delete the contract

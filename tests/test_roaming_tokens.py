@@ -84,7 +84,7 @@ def test_r4_2_a_csp_cannot_pile_up_lists_it_never_completes(tmp_path: Path, mode
     async def scenario(net: Net) -> None:
         one = [{"token_uid": "04HALF", "auth_status": "accepted"}]
         for version in range(2, 12):  # ten versions, each with its first page only
-            body = {"party_id": CSP, "list_version": version, "update_type": "full", "pages": 65535, "page": 0}
+            body = {"party_id": CSP, "list_version": version, "update_type": "full", "pages": 4096, "page": 0}
             await net.csp.broadcast("TokenList", body | {"tokens": one})
         body = {"party_id": CSP, "list_version": 11, "update_type": "full", "pages": 3, "page": 1}
         await net.csp.broadcast("TokenList", body | {"tokens": one})
@@ -136,5 +136,29 @@ def test_r4_2_a_cso_that_missed_a_version_gets_the_full_list(tmp_path: Path, mod
         await net.csp.distribute_tokens("differential")
         assert [b["update_type"] for b in sent] == ["differential", "full"]
         assert cached(net) == {"04AAAA": "accepted", "04BBBB": "accepted"}
+
+    run(tmp_path, mode, scenario)
+
+
+def test_r4_2_versions_sent_downwards_pile_up_nothing_and_the_page_count_is_bounded(tmp_path: Path, mode: str) -> None:
+    """Bounds: the latest page a CSP sends is all the CSO stages of its lists in the making: a
+    version lower than one arriving replaces it (before, versions sent downwards — V, V−1, V−2 …
+    — each kept their pages until the retention purge); more pages than `max_list_pages` is 413
+    `too_large`, changing nothing."""
+
+    async def scenario(net: Net) -> None:
+        one = [{"token_uid": "04DOWN", "auth_status": "accepted"}]
+        body = {"party_id": CSP, "update_type": "full", "page": 0, "tokens": one}
+        for version in (50, 49, 48, 47):
+            await net.csp.broadcast("TokenList", body | {"list_version": version, "pages": 4})
+        rows = net.cso.store.all("SELECT version, page, pages FROM token_pages WHERE party=?", CSP)
+        assert [tuple(r) for r in rows] == [(47, 0, 4)]
+        before = net.cso.store.snapshot()
+        too_many = net.cso.cfg.max_list_pages + 1
+        with pytest.raises(RoamingError) as exc:
+            await net.csp.broadcast("TokenList", body | {"list_version": 51, "pages": too_many})
+        assert (exc.value.status, exc.value.cause, exc.value.field) == (413, "too_large", "pages")
+        assert net.cso.store.snapshot() == before
+        assert cached(net) == {}
 
     run(tmp_path, mode, scenario)

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from evedge_roaming.endpoint import Endpoint
 from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, Net, running
+from gateway.protocol.roaming.client import MaybeDelivered, RoamingError
+from gateway.protocol.roaming.http3 import ConnectFailed, H3Error, Response
+from gateway.protocol.roaming.json_body import BodyError
 
 MODES = ["peer_to_peer", "clearing_house", "mixed"]
 TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR", "price_session": 50}
@@ -146,6 +150,101 @@ def test_r3_2_remote_start_from_the_home_csp(tmp_path: Path, mode: str) -> None:
         assert busy["result"] == "evse_occupied"
         expect_route(net, "RemoteStart", CSP, CSO, direct_in_mixed=True)
         await _charge(net, sid)
+
+    run(tmp_path, mode, scenario)
+
+
+def lose_answer(ep: Endpoint, peer: str, lost: str) -> None:
+    """`ep`'s next `lost` request to `peer` is carried out there, but the answer is lost with the
+    connection and the RoamingClient's automatic retry cannot connect (below the client, so
+    that the client's retry runs)."""
+    http = ep.client(peer).http
+    real, calls = http.request, 0
+
+    async def request(method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
+                      timeout: float | None = None) -> Response:  # fmt: skip
+        nonlocal calls
+        if not path.endswith("/" + lost):
+            return await real(method, path, headers, body, timeout=timeout)
+        calls += 1
+        if calls == 1:
+            await real(method, path, headers, body, timeout=timeout)
+            raise H3Error(f"connection lost before the answer to {lost}")
+        http.request = real  # type: ignore[method-assign]
+        raise ConnectFailed(f"cannot connect to {peer} again")
+
+    http.request = request  # type: ignore[method-assign]
+
+
+def test_r3_2_a_remote_start_whose_answer_was_lost_on_the_last_hop_is_kept_and_billed(
+    tmp_path: Path, mode: str
+) -> None:
+    """The CSO started it, but the answer was lost on the way back to the hop that sent it there
+    (the home CSP directly, or the CH in clearing_house mode, which answers 504 `no_answer`,
+    not 502 `unreachable`): the home keeps the session, its SDR is billed."""
+
+    async def scenario(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        via_ch = net.cfgs["csp"].mode == "clearing_house"
+        lose_answer(net.ch if via_ch else net.csp, CSO, "RemoteStart")
+        with pytest.raises((RoamingError, MaybeDelivered)) as e:
+            await net.csp.start_remote(EVSES[0], "APP-LOST-1", "DE*CSP*SLOST0001")
+        if via_ch:
+            assert isinstance(e.value, RoamingError) and (e.value.status, e.value.cause) == (504, "no_answer")
+        assert net.csp.session("DE*CSP*SLOST0001")["state"] == "active"
+        assert net.cso.session("DE*CSP*SLOST0001")["how"] == "remote"
+        net.clock.advance(60)
+        done = await net.cso.session_ended("DE*CSP*SLOST0001", 3000)
+        assert net.csp.store.get("SELECT verdict FROM sdrs WHERE sdr_id=?", done["sdr_id"])[0] == "matched"
+
+    run(tmp_path, mode, scenario)
+
+
+def test_r3_2_a_start_the_operator_did_not_confirm_in_time_is_kept_at_both_ends_and_billed(
+    tmp_path: Path, mode: str
+) -> None:
+    """The operator's command timed out (CommandResult `timeout`) but the charge began: the CSO
+    records the session like an accepted one, so the home's `active` session is one the CSO
+    knows, and its SDR is billed."""
+
+    async def scenario(net: Net) -> None:
+        await net.cso.publish_tariff(TARIFF)
+        real = net.operator.start
+
+        async def late(evse_gid: str, token_uid: str, session_id: str) -> str:
+            await real(evse_gid, token_uid, session_id)  # the EVSE starts after the operator stopped waiting
+            return "timeout"
+
+        net.operator.start = late  # type: ignore[method-assign]
+        answer = await net.csp.start_remote(EVSES[0], "APP-LATE-1")
+        assert answer["result"] == "timeout"
+        sid = answer["roaming_session_id"]
+        assert net.csp.session(sid)["state"] == "active" and net.cso.session(sid)["state"] == "active"
+        net.clock.advance(60)
+        done = await net.cso.session_ended(sid, 2000)
+        assert net.csp.store.get("SELECT verdict FROM sdrs WHERE sdr_id=?", done["sdr_id"])[0] == "matched"
+
+    run(tmp_path, mode, scenario)
+
+
+def test_r3_2_a_remote_start_that_failed_before_anything_was_sent_keeps_no_session(tmp_path: Path, mode: str) -> None:
+    """A body the schema refuses, or a login that gets no answer: nothing reached the CSO, so
+    the home keeps no `active` session that no CSO knows."""
+
+    async def scenario(net: Net) -> None:
+        before = net.csp.store.snapshot()
+        with pytest.raises(BodyError):
+            await net.csp.start_remote(EVSES[0], "X" * 65, "DE*CSP*SBODY0001")
+        assert net.csp.store.snapshot() == before
+        client = net.csp.client(net.csp.hop("RemoteStart", CSO))
+
+        async def no_login() -> str:
+            raise H3Error("no answer to PlatformLogin within its timeout")
+
+        client.login = no_login  # type: ignore[method-assign]
+        with pytest.raises(H3Error):
+            await net.csp.start_remote(EVSES[0], "APP-NOLOGIN", "DE*CSP*SLOGIN001")
+        assert net.csp.store.snapshot() == before
 
     run(tmp_path, mode, scenario)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -39,10 +40,11 @@ from evedge_roaming.csp import CspEndpoint
 from evedge_roaming.endpoint import Endpoint
 from evedge_roaming.operator import MemoryOperator
 from evedge_roaming.testbed import CSO, CSP, EVSES, LOCATION, FakeClock, network, restart_on_port, start_endpoints
-from evedge_roaming.visited import MAX_LIST_PAGES, VisitedCspEndpoint
+from evedge_roaming.visited import VisitedCspEndpoint
+from gateway import schema
 from gateway.protocol.roaming import auth
-from gateway.protocol.roaming.client import PREFIX, RoamingError
-from gateway.protocol.roaming.http3 import H3Client, H3Error, TlsFiles
+from gateway.protocol.roaming.client import PREFIX, MaybeDelivered, RoamingError
+from gateway.protocol.roaming.http3 import ConnectFailed, H3Client, H3Error, Response, TlsFiles
 
 CSP3 = "DE*HC3*O"
 TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR", "price_session": 50}
@@ -239,11 +241,37 @@ def test_m10_a_deletion_at_the_home_reaches_the_visited_csp_and_the_cso_and_back
         await net.csp3.delete_user("04DEL001")
         assert net.csp.store.one("SELECT 1 FROM partner_tokens WHERE token_uid='04DEL001'") is None
         assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04DEL001'") is None
-        await net.cso.delete_user("04DEL002")  # the reverse: started at the CSO
-        assert net.csp.store.one("SELECT 1 FROM partner_tokens WHERE token_uid='04DEL002'") is None
-        assert net.csp3.store.one("SELECT 1 FROM customers WHERE token_uid='04DEL002'") is None
         for ep in net.endpoints().values():
-            assert ep.store.one("SELECT 1 FROM shared WHERE token_uid IN ('04DEL001', '04DEL002')") is None
+            assert ep.store.one("SELECT 1 FROM shared WHERE token_uid='04DEL001'") is None
+
+    run(tmp_path, fn)
+
+
+def test_m10_a_csos_deletion_blanks_its_sessions_at_both_csps_but_ends_no_contract(tmp_path: Path) -> None:
+    """Started at the CSO: the visited CSP blanks that CSO's records and keeps the partner's list
+    entry; the home is told only of a card that had a session of that CSO through us, and blanks
+    what it holds through the visited CSP — it keeps the customer (a CSO ends no contract)."""
+
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await net.cso.publish_tariff(TARIFF)
+        await listed(net, "04DEL002")  # charged at the CSO
+        await listed(net, "04DEL003")  # only listed
+        sid = (await net.cso.token_presented(EVSES[0], "04DEL002"))["roaming_session_id"]
+        await billed(net, sid)
+        link = net.csp.link(sid)
+        assert link is not None
+        home_before = net.csp3.store.all("SELECT * FROM customers ORDER BY token_uid")
+        partner_before = net.csp.store.all("SELECT * FROM partner_tokens ORDER BY token_uid")
+        assert await net.cso.delete_user("04DEL002") >= 3  # the CSO, the visited CSP, the home
+        assert await net.cso.delete_user("04DEL003") >= 1
+        assert net.csp.session(sid)["token_uid"] is None and net.csp3.session(link.home_session)["token_uid"] is None
+        for ep in (net.csp, net.csp3):
+            assert "04DEL002" not in json.dumps([r[0] for r in ep.store.all("SELECT body FROM sdrs")])
+        assert net.csp.store.all("SELECT * FROM partner_tokens ORDER BY token_uid") == partner_before
+        assert net.csp3.store.all("SELECT * FROM customers ORDER BY token_uid") == home_before
+        assert net.csp3.store.one("SELECT 1 FROM shared WHERE token_uid='04DEL003'") is not None  # never told
+        assert not any(ep.jobs() or ep.jobs("refused") for ep in net.endpoints().values())
 
     run(tmp_path, fn)
 
@@ -614,19 +642,27 @@ def test_r3_9_the_visited_csps_sdr_ids_are_its_own_and_two_csos_cannot_make_them
     run_wide(tmp_path, (("csp3", "csp"),), fn)
 
 
-def lose_answer(ep: Endpoint, lost: str) -> None:
-    """`ep`'s next `lost` message is delivered, but its answer is lost (the peer took longer
-    than the message's timeout): the sender cannot know whether it was carried out."""
-    real = ep.send
+def lose_answer(ep: Endpoint, peer: str, lost: str) -> None:
+    """`ep`'s next `lost` request to `peer` is delivered, but its answer is lost with the
+    connection, and the RoamingClient's automatic retry cannot connect any more: below the
+    client, so that its retry runs as it would (the sender cannot know what was carried out)."""
+    http = ep.client(peer).http
+    real = http.request
+    calls = 0
 
-    async def send(message: str, body: dict[str, Any], to: str, *, origin: str = "") -> dict[str, Any]:
-        answer = await real(message, body, to, origin=origin)
-        if message == lost:
-            ep.send = real  # type: ignore[method-assign]
-            raise H3Error(f"no response to {message} within its timeout")
-        return answer
+    async def request(method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
+                      timeout: float | None = None) -> Response:  # fmt: skip
+        nonlocal calls
+        if not path.endswith("/" + lost):
+            return await real(method, path, headers, body, timeout=timeout)
+        calls += 1
+        if calls == 1:
+            await real(method, path, headers, body, timeout=timeout)  # carried out there
+            raise H3Error(f"connection lost before the answer to {lost}")
+        http.request = real  # type: ignore[method-assign]
+        raise ConnectFailed(f"cannot connect to {peer} again")
 
-    ep.send = send  # type: ignore[method-assign]
+    http.request = request  # type: ignore[method-assign]
 
 
 def test_r3_2_a_remote_start_whose_answer_was_lost_is_kept_and_billed(tmp_path: Path) -> None:
@@ -634,7 +670,7 @@ def test_r3_2_a_remote_start_whose_answer_was_lost_is_kept_and_billed(tmp_path: 
         await net.cso.publish_locations()
         await net.cso.publish_tariff(TARIFF)
         net.csp3.add_customer("APP-3")
-        lose_answer(net.csp, "RemoteStart")  # the CSO started it; the visited CSP never heard so
+        lose_answer(net.csp, CSO, "RemoteStart")  # the CSO started it; the visited CSP never heard so
         start = await net.csp3.start_remote(EVSES[0], "APP-3")
         assert start["result"] == "timeout", start
         home_sid = start["roaming_session_id"]
@@ -646,15 +682,84 @@ def test_r3_2_a_remote_start_whose_answer_was_lost_is_kept_and_billed(tmp_path: 
         assert link is not None and link.state == "forwarded"
         assert tuple(net.csp3.store.get("SELECT verdict, session_id FROM sdrs")) == ("matched", home_sid)
         # … and the home's own RemoteStart whose answer it lost: kept, billed like any
-        lose_answer(net.csp3, "RemoteStart")
-        with pytest.raises(H3Error):
+        lose_answer(net.csp3, CSP, "RemoteStart")
+        with pytest.raises(MaybeDelivered):  # the retry could not connect: still maybe started
             await net.csp3.start_remote(EVSES[1], "APP-3", session_id="DE*HC3*SLOST0001")
         assert net.csp3.session("DE*HC3*SLOST0001")["state"] == "active"
-        # a start surely refused (the CSO answered 4xx) keeps nothing
+        sid = str(net.csp.store.get("SELECT session_id FROM partner_sessions WHERE home_session=?",
+                                    "DE*HC3*SLOST0001")[0])  # fmt: skip
+        await billed(net, sid, 1000)
+        assert net.csp3.store.get("SELECT verdict FROM sdrs WHERE session_id='DE*HC3*SLOST0001'")[0] == "matched"
+        # a start surely refused keeps nothing: the visited CSP knows no such EVSE (its own
+        # 404 unknown_evse), and the CSO refuses an EVSE it does not have (404 unknown_evse)
+        for evse, session in (("DE*ZZZ*E1-1", "DE*HC3*SNONE0001"), (CSO[:-1] + "E9-9", "DE*HC3*SNONE0002")):
+            with pytest.raises(RoamingError) as e:
+                await net.csp3.start_remote(evse, "APP-3", session_id=session)
+            assert (e.value.status, e.value.cause) == (404, "unknown_evse"), evse
+            assert net.csp3.store.one("SELECT 1 FROM sessions WHERE session_id=?", session) is None
+
+    run(tmp_path, fn)
+
+
+def test_r3_2_a_start_the_visited_csp_could_not_send_keeps_nothing_at_either_csp(tmp_path: Path) -> None:
+    """The visited CSP's login at the CSO gets no answer: no RemoteStart left it, so it keeps no
+    link and answers 502 `unreachable`; the home keeps no `active` session either."""
+
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        net.csp3.add_customer("APP-3")
+        await net.csp3.client(CSP).login()  # the home's own login is not what fails here
+        before = net.snapshots()
+
+        async def no_login() -> str:
+            raise H3Error("no answer to PlatformLogin within its timeout")
+
+        net.csp.client(CSO).login = no_login  # type: ignore[method-assign]
         with pytest.raises(RoamingError) as e:
-            await net.csp3.start_remote("DE*ZZZ*E1-1", "APP-3", session_id="DE*HC3*SNONE0001")
-        assert e.value.status == 404
-        assert net.csp3.store.one("SELECT 1 FROM sessions WHERE session_id='DE*HC3*SNONE0001'") is None
+            await net.csp3.start_remote(EVSES[0], "APP-3", session_id="DE*HC3*SNOLOGIN1")
+        assert (e.value.status, e.value.cause) == (502, "unreachable")
+        same(before, net.snapshots(), "login failed")
+
+    run(tmp_path, fn)
+
+
+def test_r3_2_a_retried_remote_start_waits_for_the_first_and_is_never_taken_as_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The home's RemoteStart times out while the visited CSP still waits for the CSO; the
+    client's automatic retry arrives during the first: it waits for it (one lock per idempotency
+    key) and gets its answer — not 409, which the home would take for "nothing started" and drop
+    the session the CSO then bills. A repeat after a first that left no answer (the visited CSP
+    stopped mid-start) is answered `timeout`: outcome unknown, the session kept."""
+    spec = schema.MESSAGE_BY_NAME["RemoteStart"]
+    monkeypatch.setitem(schema.MESSAGE_BY_NAME, "RemoteStart", spec._replace(timeout_ms=400))
+
+    async def fn(net: Net) -> None:
+        await net.cso.publish_locations()
+        await net.cso.publish_tariff(TARIFF)
+        net.csp3.add_customer("APP-3")
+        real = net.csp.send
+
+        async def slow(message: str, body: dict[str, Any], to: str, *, origin: str = "") -> dict[str, Any]:
+            if message == "RemoteStart":
+                await asyncio.sleep(0.6)  # longer than the home waits: its client retries
+            return await real(message, body, to, origin=origin)
+
+        net.csp.send = slow  # type: ignore[method-assign]
+        start = await net.csp3.start_remote(EVSES[0], "APP-3", session_id="DE*HC3*SRETRY001")
+        assert start["result"] == "accepted", start  # the first's answer, to the retry
+        assert net.csp.store.get("SELECT COUNT(*) FROM partner_sessions")[0] == 1
+        assert net.csp._keyed == {}  # no lock left behind
+        sid = str(net.csp.store.get("SELECT session_id FROM partner_sessions")[0])
+        await billed(net, sid, 1500)
+        assert net.csp3.store.get("SELECT verdict FROM sdrs WHERE session_id='DE*HC3*SRETRY001'")[0] == "matched"
+        # the link is there, the stored answer is not (lost with a restart mid-start)
+        net.csp.send = real  # type: ignore[method-assign]
+        net.csp.store.exec("DELETE FROM idempotency WHERE key='DE*HC3*SRETRY001'")
+        again = await net.csp3.send("RemoteStart", {"evse_gid": EVSES[0], "token_uid": "APP-3",
+                                                   "roaming_session_id": "DE*HC3*SRETRY001"}, CSP)  # fmt: skip
+        assert again["result"] == "timeout", again
+        assert net.csp.store.get("SELECT COUNT(*) FROM partner_sessions")[0] == 1
 
     run(tmp_path, fn)
 
@@ -664,8 +769,9 @@ def test_a_partners_token_list_is_bounded_and_compared_only_when_it_changed(tmp_
         tokens = [{"token_uid": "04PAGE01", "auth_status": "accepted"}]
         base = {"party_id": CSP3, "update_type": "full", "tokens": tokens}
         before = net.snapshots()
+        too_many = net.csp.cfg.max_list_pages + 1  # the configured bound (max_list_pages), as at a CSO
         with pytest.raises(RoamingError) as e:
-            await net.csp3.send("TokenList", base | {"list_version": 5, "page": 0, "pages": MAX_LIST_PAGES + 1}, CSP)
+            await net.csp3.send("TokenList", base | {"list_version": 5, "page": 0, "pages": too_many}, CSP)
         assert (e.value.status, e.value.cause, e.value.field) == (413, "too_large", "pages")
         same(before, net.snapshots(), "too_large")
         # an unfinished version is dropped when a newer one arrives
@@ -706,5 +812,69 @@ def test_a_partner_removed_from_the_configuration_is_no_longer_listed_under_our_
         assert "04GONE01" not in net.csp.list_entries()
         assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04GONE01'") is None
         assert net.csp._home_of("04GONE01") is None  # its card is asked of nobody
+
+    run(tmp_path, fn)
+
+
+def test_r4_2_a_partners_versions_sent_downwards_pile_up_nothing(tmp_path: Path) -> None:
+    """Bounds, as at a CSO: the latest page a partner sends is all we stage of its lists in
+    the making (before, versions sent downwards, V, V−1, V−2 …, each kept their pages until
+    the retention purge)."""
+
+    async def fn(net: Net) -> None:
+        one = [{"token_uid": "04DOWN01", "auth_status": "accepted"}]
+        base = {"party_id": CSP3, "update_type": "full", "tokens": one, "page": 0, "pages": 3}
+        for version in (30, 29, 28, 27):
+            await net.csp3.send("TokenList", base | {"list_version": version}, CSP)
+        assert [tuple(r) for r in net.csp.store.all("SELECT version, page FROM partner_pages")] == [(27, 0)]
+        assert net.csp.store.one("SELECT 1 FROM partner_tokens WHERE token_uid='04DOWN01'") is None
+
+    run(tmp_path, fn)
+
+
+def test_an_older_store_with_colliding_sdr_ids_is_upgraded_and_the_endpoint_starts(tmp_path: Path) -> None:
+    """Upgrade: SDR ids derived from the CSOs' could collide in a store of before; the unique
+    index is made once the duplicates have fresh ids (the one the home has keeps its own)."""
+
+    async def fn(net: Net) -> None:
+        cfg = net.csp.cfg
+        await net.csp.stop()
+        db = sqlite3.connect(cfg.db)
+        db.execute("DROP INDEX partner_sessions_sdr")  # the store as it was before the index
+        rows = [("S1", "forwarded"), ("S2", "billed"), ("S3", "refused")]
+        for sid, state in rows:
+            db.execute("INSERT INTO partner_sessions(session_id, home, home_session, cso, state, sdr_id, created)"
+                       " VALUES(?,?,?,?,?,?,0)", (sid, CSP3, "H" + sid, CSO, state, "DE*CSP*RSAME"))  # fmt: skip
+        db.commit()
+        db.close()
+        net.csp = VisitedCspEndpoint(cfg, clock=net.clock)  # started on that store: no IntegrityError
+        await restart_on_port(net.csp)
+        ids = {str(r[0]): str(r[1]) for r in net.csp.store.all("SELECT session_id, sdr_id FROM partner_sessions")}
+        assert ids["S1"] == "DE*CSP*RSAME" and len(set(ids.values())) == 3
+        assert net.csp.store.one("SELECT 1 FROM sqlite_master WHERE name='partner_sessions_sdr'") is not None
+
+    run(tmp_path, fn)
+
+
+def test_a_failed_distribution_of_the_partners_tokens_is_tried_again(tmp_path: Path) -> None:
+    """The list is marked changed again on any failure of the distribution, not only a
+    partner's refusal or absence: the change is not left unsent until the next one."""
+
+    async def fn(net: Net) -> None:
+        await listed(net, "04FAIL01")
+        net.csp3.add_customer("04FAIL02")
+        await net.csp3.distribute_tokens("differential")
+        real = net.csp.distribute_tokens
+
+        async def broken(update_type: str = "full") -> dict[str, Any]:
+            raise ValueError("a bug in the distribution")
+
+        net.csp.distribute_tokens = broken  # type: ignore[method-assign]
+        with pytest.raises(ValueError):
+            await net.csp.tick()
+        net.csp.distribute_tokens = real  # type: ignore[method-assign]
+        net.clock.advance(net.csp.RETRY_BASE_S + 1)
+        await net.csp.tick()
+        assert net.cso.store.one("SELECT 1 FROM token_cache WHERE token_uid='04FAIL02'") is not None
 
     run(tmp_path, fn)

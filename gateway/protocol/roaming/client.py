@@ -6,7 +6,9 @@
 
 Every body is checked against the schema before it leaves and every answer when it
 arrives (`json_body`). A refused request raises `RoamingError` with the HTTP status and the
-peer's JSON error (cause, field, detail).
+peer's JSON error (cause, field, detail). A request that got no answer is sent once more on a
+new connection; `ConnectFailed` means nothing was sent, `MaybeDelivered` that the retry failed
+after an attempt that may have been carried out.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ class RoamingError(Exception):
         )
 
 
+class MaybeDelivered(H3Error):
+    """The request was sent but no answer came, and the automatic retry failed too (even without
+    connecting): the peer may have carried it out. Never "nothing sent" like `ConnectFailed`."""
+
+
 class RoamingClient:
     def __init__(
         self, me: str, peer: Peer, *, clock: Callable[[], float] = time.time, http: H3Client | None = None
@@ -88,7 +95,9 @@ class RoamingClient:
             try:
                 r = await self.http.request("POST", path, headers, body, timeout=timeout)
             except H3Error as exc:
-                if attempt or isinstance(exc, ConnectFailed):
+                if attempt:  # the first attempt may have been delivered: so may this request
+                    raise MaybeDelivered(f"{exc} (after an earlier attempt that got no answer)") from exc
+                if isinstance(exc, ConnectFailed):
                     raise
                 continue  # the connection went away (peer restarted): once more on a new one
             return r.status, r.body
@@ -119,6 +128,12 @@ class RoamingClient:
         self.logins += 1
         return self._token
 
+    async def ensure_login(self) -> None:
+        """Log in unless the token is good for a while yet: a caller that must tell "nothing
+        sent" apart calls this first (a failed login sends no request)."""
+        if self._token is None or self.clock() >= self._expiry - RELOGIN_MARGIN:
+            await self.login()
+
     @property
     def expiry(self) -> int:
         return self._expiry
@@ -129,8 +144,7 @@ class RoamingClient:
         data = json_body.dump(body)
         route = auth.Route(self.me, origin if origin != self.me else "", to)
         for attempt in range(2):
-            if self._token is None or self.clock() >= self._expiry - RELOGIN_MARGIN:
-                await self.login()
+            await self.ensure_login()
             status, answer = await self._send(message, data, route, self._token)
             if status == 401 and attempt == 0:
                 try:

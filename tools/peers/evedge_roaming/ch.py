@@ -6,7 +6,7 @@ match) and settlement (per CSO-CSP pair and currency, a Settlement message to bo
 It keeps: the SDRs it routed (for reconciliation and settlement), the CSPs' session records,
 the settlements, which parties it passed a token uid to (M10), a routing log without
 bodies, and the credentials it issued on the CSPs' behalf (credentials.py: IssueCredential)
-with the CSOs each was passed to (by a keyed digest: they may delete it, M10).
+with the CSOs each was passed to (by a keyed digest: each may end its own part of it, M10).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from gateway.protocol import gid
 from gateway.protocol.roaming.client import RoamingError
-from gateway.protocol.roaming.http3 import H3Error
+from gateway.protocol.roaming.http3 import ConnectFailed, H3Error
 
 from . import credentials
 from .config import EndpointConfig
@@ -69,8 +69,10 @@ class ClearingHouse(Endpoint):
             status, answer = exc.status, {"error": exc.cause, "detail": f"{dest}: {exc.detail}"}
             if exc.field:
                 answer["field"] = exc.field
-        except H3Error as exc:
+        except ConnectFailed as exc:  # nothing was sent: the sender may take it as not done
             status, answer = 502, {"error": "unreachable", "detail": f"{dest}: {exc}"}
+        except H3Error as exc:  # sent, no answer in time: it may have been carried out
+            status, answer = 504, {"error": "no_answer", "detail": f"{dest}: {exc}"}
         with self.store.tx() as db:
             db.execute("INSERT INTO routed VALUES(?,?,?,?,?)", (int(ctx.now), ctx.origin, dest, message, status))
         if status == 200:
@@ -336,7 +338,7 @@ class ClearingHouse(Endpoint):
 
     def _check_deletion(self, token_uid: str, origin: str) -> None:
         """M10 of a credential this CH issued: by its owner CSP, or by a CSO it was passed to
-        (it holds it); another party may not delete a customer of a CSP."""
+        (it holds it: its own part only, `deletion_asked`); any other party is refused."""
         if not credentials.may_delete(self.store, self._digest, token_uid, origin):
             raise Refused(403, "not_your_credential", f"{origin} never held this credential of the clearing house",
                           "token_uid")  # fmt: skip
@@ -350,10 +352,15 @@ class ClearingHouse(Endpoint):
         return row is None or str(row[0]) == origin
 
     async def _relayed_deletion(self, token_uid: str, ctx: Ctx, dest: str) -> None:
-        """A DeleteUserData the destination accepted: deleted here too when the sender or the
-        destination is entitled here (a card's home; a credential's owner or holder: checked
-        before passing it on), and the owner of a credential this CH issued gets it as well (a
-        job) unless it is the sender or the destination."""
+        """A DeleteUserData the destination accepted: a CSO's ends only its own route of a
+        credential here (the destination kept the customer: a CSO ends no contract, so the card
+        stays routed and the credential issued); a CSP's is deleted here too when the sender or
+        the destination is entitled here (a card's home; a credential's owner), and the owner of
+        a credential this CH issued gets it as well (a job) unless it is the sender or the
+        destination."""
+        if self._is_cso(ctx.origin):
+            credentials.drop_route(self.store, self._digest, token_uid, ctx.origin)
+            return
         if not (self.may_delete(token_uid, ctx.origin) or self.may_delete(token_uid, dest)):
             return  # another party's card: the destination's business, not this CH's routing
         if credentials.owner(self.store, token_uid) == dest:
@@ -365,6 +372,17 @@ class ClearingHouse(Endpoint):
     async def _on_delete_user(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         self._check_deletion(body["token_uid"], ctx.origin)
         return await super()._on_delete_user(body, ctx)
+
+    def _is_cso(self, party: str) -> bool:
+        p = self.cfg.party(party)
+        return p is not None and p.role == "cso"
+
+    async def deletion_asked(self, token_uid: str, origin: str) -> int:
+        """A CSO's deletion sent to the CH itself ends only its route of a credential (a CSO
+        cannot end a CSP's customer); the owner's, or another entitled party's, deletes it all."""
+        if self._is_cso(origin):
+            return credentials.drop_route(self.store, self._digest, token_uid, origin)
+        return await super().deletion_asked(token_uid, origin)
 
     async def delete_user(self, token_uid: str, *, skip: str = "") -> int:
         """M10 started here (or sent to the CH itself): a credential the CH issued is deleted at
@@ -378,4 +396,4 @@ class ClearingHouse(Endpoint):
         n = self.store.db.execute(
             "UPDATE sdrs SET token_uid=NULL WHERE token_uid IS NOT NULL AND at < ?", (cut,)
         ).rowcount
-        return n + credentials.purge(self.store, self._digest, cut)
+        return n + credentials.purge(self.store, self._digest, cut, self.cfg.credential_max_lifetime_s)

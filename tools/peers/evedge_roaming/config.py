@@ -14,6 +14,8 @@
     token_lifetime_s = 1200           # PlatformLogin tokens: 20 minutes
     credential_quota = 100000         # CH: credentials held per CSP (IssueCredential)
     credential_max_lifetime_s = 63072000  # CH: longest credential validity, 2 years (also the default)
+    max_list_pages = 4096             # CSO, visited CSP: pages of one token list version (256 tokens
+                                      # each: ~1 M tokens); more is 413 too_large
     currency = "EUR"
 
     [[party]]                         # every party this endpoint talks to or accepts
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from gateway import schema
 from gateway.protocol import gid
 from gateway.protocol.roaming.auth import DEFAULT_TOKEN_LIFETIME
 
@@ -53,6 +56,8 @@ PARTY_ROLES = (*ROLES, "site")
 authorize unknown tokens online, docs/roaming.md "Sites behind the CSO endpoint")."""
 MODES = ("peer_to_peer", "clearing_house", "mixed")
 TOKEN_DISCOVERY = ("private", "ask_every_csp")
+#: the largest `pages` a TokenList can state (the schema's field)
+MAX_PAGES = int(schema.FIELD_BY_NAME["pages"].max)
 
 
 class ConfigError(ValueError):
@@ -114,6 +119,12 @@ class EndpointConfig:
     #: CH only: the longest validity of a credential it issues (default 2 years, as a contract
     #: certificate's); a request without `expiry` gets this one, a later expiry is refused
     credential_max_lifetime_s: int = 2 * 365 * 86400
+    #: CSO and visited CSP: the pages (`TOKEN_PAGE` tokens each) of one version of a token list
+    #: received (R4-2); more is 413 `too_large`. Pages are staged until a version is complete, so
+    #: this bounds what one sender can make us hold; no fixed cap on a list, a configured one
+    #: (default ~1 M tokens; a visited CSP's own list holds its partners' too: a CSO's bound
+    #: must hold it)
+    max_list_pages: int = 4096
     parties: tuple[PartyConfig, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -149,6 +160,8 @@ class EndpointConfig:
             raise ConfigError("token_lifetime_s and retention_s must be positive")
         if self.credential_quota <= 0 or self.credential_max_lifetime_s <= 0:
             raise ConfigError("credential_quota and credential_max_lifetime_s must be positive")
+        if not 0 < self.max_list_pages <= MAX_PAGES:
+            raise ConfigError(f"max_list_pages must be 1…{MAX_PAGES} (a TokenList's page count field)")
 
     def party(self, party_id: str) -> PartyConfig | None:
         for p in self.parties:

@@ -14,9 +14,10 @@ credential to its customers and lists, authorizes and bills it like one of its o
 Bounds (CH configuration): at most `credential_quota` credentials held per CSP, each valid
 `credential_max_lifetime_s` at most (none asked: that long), so every one is purged in the end.
 Only the CH's check tells which CSP a credential is, so a list naming one reaches the CSOs
-through the CH only (the CSO refuses it sent directly). Deletion (M10): the owner CSP, or a CSO
-the CH passed the credential to (`credential_routes`, a keyed digest), may delete it; the owner
-is told of every deletion; the CSP tells the CH of its own by the credential's prefix.
+through the CH only (the CSO refuses it sent directly). Deletion (M10): the owner CSP deletes
+it (the CSP tells the CH of its own by the credential's prefix; one started at the CH reaches the
+owner); a CSO the CH passed it to (`credential_routes`, a keyed digest) may ask only for its own
+part: its route row goes, the credential stays (its relayed deletion reaches the owner as a CSO's).
 
 Sans I/O but for the CSP's request (`request`): the CH's side is a function of its store and
 configuration, called by the CH's handler inside the request's transaction.
@@ -91,18 +92,15 @@ def issue(cfg: EndpointConfig, store: Store, body: dict[str, Any], csp: str, now
         raise Refused(400, "unsupported_token_type", f"a CH issues {' or '.join(TOKEN_TYPES)} credentials",
                       "token_type")  # fmt: skip
     asked = body.get("expiry")
+    repeated = _repeat(cfg, store, body, csp)  # before the checks of time: a repeat gets the same
+    if repeated is not None:
+        return repeated
     longest = int(now) + cfg.credential_max_lifetime_s
     if asked is not None and asked <= now:
         raise Refused(400, "expired", "the credential's expiry is in the past", "expiry")
     if asked is not None and asked > longest:
         raise Refused(400, "expiry_too_far", f"a credential is valid {cfg.credential_max_lifetime_s} s at most",
                       "expiry")  # fmt: skip
-    q = "SELECT token_uid, token_type, expiry FROM issued_credentials WHERE csp=? AND request_id=?"
-    row = store.one(q, csp, body["request_id"])
-    if row is not None:  # issued, but its stored answer was lost (a crash before it was kept)
-        if row[1] != kind or (asked is not None and row[2] != asked):  # none asked: the CH chose it
-            raise Refused(409, "conflict", f"request {body['request_id']} was already received with another body")
-        return Issued(str(row[0]), csp, kind, row[2])
     held = int(store.get("SELECT COUNT(*) FROM issued_credentials WHERE csp=?", csp)[0])
     if held >= cfg.credential_quota:  # bounded: no CSP fills the CH's store
         raise Refused(403, "quota_exceeded", f"{csp} holds {held} credentials of this CH, the most it may")
@@ -113,6 +111,23 @@ def issue(cfg: EndpointConfig, store: Store, body: dict[str, Any], csp: str, now
         out.expiry, int(now),
     )  # fmt: skip
     return out
+
+
+def _repeat(cfg: EndpointConfig, store: Store, body: dict[str, Any], csp: str) -> Issued | None:
+    """The credential a request issued already, its stored answer lost (a crash before it was
+    kept): the same one, also once the asked expiry has passed; None for a new request. Another
+    body under the same key is 409 `conflict` — an expiry the CH chose (none was asked: the
+    longest from the issue) tells a request without one from one that asked for it."""
+    q = "SELECT token_uid, token_type, expiry, issued FROM issued_credentials WHERE csp=? AND request_id=?"
+    row = store.one(q, csp, body["request_id"])
+    if row is None:
+        return None
+    asked = body.get("expiry")
+    chosen = row[2] is None or row[2] == row[3] + cfg.credential_max_lifetime_s
+    same_expiry = row[2] == asked if asked is not None else chosen
+    if row[1] != body["token_type"] or not same_expiry:
+        raise Refused(409, "conflict", f"request {body['request_id']} was already received with another body")
+    return Issued(str(row[0]), csp, str(row[1]), row[2])
 
 
 def canonical(token_uid: str) -> str | None:
@@ -187,10 +202,24 @@ def forget(store: Store, digest: Callable[[str], str], token_uid: str) -> int:
         return int(db.execute("DELETE FROM issued_credentials WHERE token_uid=?", (cid,)).rowcount)
 
 
-def purge(store: Store, digest: Callable[[str], str], cut: int) -> int:
-    """Retention: a credential expired before `cut` (now − retention_s) is dropped."""
+def drop_route(store: Store, digest: Callable[[str], str], token_uid: str, cso: str) -> int:
+    """M10 asked by a CSO that held a credential: only its route row goes (it no longer holds
+    it); the credential is its owner CSP's customer's, which a CSO cannot end. The rows dropped."""
+    cid = canonical(token_uid)
+    if cid is None:
+        return 0
+    q = "DELETE FROM credential_routes WHERE digest=? AND cso=?"
+    with store.tx() as db:
+        return int(db.execute(q, (digest(cid), cso)).rowcount)
+
+
+def purge(store: Store, digest: Callable[[str], str], cut: int, max_lifetime_s: int) -> int:
+    """Retention: a credential expired before `cut` (now − retention_s) is dropped; one issued
+    before every credential got an expiry lives `max_lifetime_s` at most (else it would never
+    go, and count against its CSP's quota for good)."""
     n = 0
-    for (uid,) in store.all("SELECT token_uid FROM issued_credentials WHERE expiry IS NOT NULL AND expiry < ?", cut):
+    q = "SELECT token_uid FROM issued_credentials WHERE expiry < ? OR (expiry IS NULL AND issued + ? < ?)"
+    for (uid,) in store.all(q, cut, max_lifetime_s, cut):
         n += forget(store, digest, str(uid))
     return n
 

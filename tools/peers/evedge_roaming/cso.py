@@ -284,7 +284,10 @@ class CsoEndpoint(Endpoint):
             if lapsed is not None:
                 return "rejected", f"reservation {lapsed[0]} expired at {lapsed[1]} (Unix s) unused"
         result = await self.operator.start(evse_gid, token_uid, sid)
-        if result == "accepted":
+        # a remote start the operator did not confirm in time (`timeout`) may still take effect:
+        # recorded like an accepted one, so that its charge is billed to the home CSP (which
+        # keeps it too); one whose EV never comes ends as `failed` (`session_failed`)
+        if result == "accepted" or (result == "timeout" and how == "remote"):
             tariff = self._tariff()
             with self.store.tx() as db:
                 db.execute(
@@ -580,6 +583,8 @@ class CsoEndpoint(Endpoint):
             raise Refused(403, "party_mismatch", f"{ctx.origin} may not send the list of {party}", "party_id")
         if not 0 <= page < pages:
             raise Refused(400, "out_of_range", f"page {page} of {pages}", "page")
+        if pages > self.cfg.max_list_pages:  # staged pages are held until the version is complete
+            raise Refused(413, "too_large", f"{pages} pages, at most {self.cfg.max_list_pages}", "pages")
         for i, t in enumerate(body["tokens"]):
             if t.get("party_id", party) != party:
                 raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
@@ -592,11 +597,11 @@ class CsoEndpoint(Endpoint):
                 have = "none" if row is None else row[0]
                 raise Refused(409, "version_gap", f"differential {version} needs {version - 1}, have {have}",
                               "list_version")  # fmt: skip
-            # one list in the making per CSP: the pages of an older version never completed, or of
-            # this version cut into another number of pages, are dropped (a sender cannot pile up
-            # versions until the retention purge)
-            db.execute("DELETE FROM token_pages WHERE party=? AND (version < ? OR (version = ? AND pages != ?))",
-                       (party, version, version, pages))  # fmt: skip
+            # one list in the making per CSP, of its latest page: every other version's pages go,
+            # a higher one's too (versions sent downwards, V, V−1 …, would each be kept until the
+            # retention purge), and this version's cut into another number of pages
+            db.execute("DELETE FROM token_pages WHERE party=? AND NOT (version = ? AND pages = ?)",
+                       (party, version, pages))  # fmt: skip
             db.execute(
                 "INSERT OR REPLACE INTO token_pages VALUES(?,?,?,?,?,?,?)",
                 (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import re
 import secrets
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -65,8 +66,10 @@ CREATE INDEX IF NOT EXISTS meter_keys_by_evse ON meter_keys(evse_gid, since);
 
 #: tokens per TokenList page: the schema's limit of one message
 TOKEN_PAGE = schema.FIELD_BY_NAME["tokens"].max_len
-#: meter-key changes kept per EVSE (the oldest dropped: its sessions' SDRs long billed)
-METER_KEY_HISTORY = 16
+#: meter-key changes one EVSE's location may state within a day: more is 429 `too_frequent`.
+#: The history is pruned by age, never by count (a count let a CSO push the key in force at an
+#: open session's start out of the books with key changes): this bounds its rows instead.
+METER_KEY_CHANGES_PER_DAY = 16
 #: an EVSE id as `gateway.protocol.gid.evse_gid` makes it: `<site>-<device>-<EVSE number>` (a
 #: hashed id ends in a 7-character tag instead, which this never matches)
 EVSE_NUMBER = re.compile(r".*-([0-9]{1,3})")
@@ -84,13 +87,21 @@ def _canonical_or_self(text: str) -> str:
         return text
 
 
+#: refusals that do not say the start was not carried out: a timeout (408), a conflict (409: the
+#: same start already in flight or done there) or throttling (429) of a request that may have
+#: been delivered before
+MAYBE_STARTED = frozenset({408, 409, 429})
+
+
 def start_surely_failed(exc: BaseException) -> bool:
-    """Whether a RemoteStart that raised `exc` surely started nothing: no connection was made,
-    or the CSO (or the visited CSP, 502 `unreachable`: it could not reach the CSO) refused it.
-    Otherwise (no answer in time, a 5xx) the CSO may have started it: the session is kept, so
-    that its updates and SDR are taken and billed."""
+    """Whether a RemoteStart that raised `exc` surely started nothing: no connection was made
+    (`ConnectFailed`; after an earlier attempt without answer the client raises `MaybeDelivered`
+    instead), or the CSO (or the visited CSP or CH, 502 `unreachable`: it could not connect to
+    the CSO) refused it with a 4xx that is not in MAYBE_STARTED. Otherwise (no answer in time, a
+    504 `no_answer`, another 5xx) the CSO may have started it: the session is kept, so that its
+    updates and SDR are taken and billed."""
     if isinstance(exc, RoamingError):
-        return exc.status < 500 or exc.cause == "unreachable"
+        return (exc.status < 500 and exc.status not in MAYBE_STARTED) or exc.cause == "unreachable"
     return isinstance(exc, ConnectFailed)
 
 
@@ -168,8 +179,11 @@ class CspEndpoint(Endpoint):
         """R3-2: the user starts from the app; the CSP issues the session id."""
         cso = self.counterpart(require_gid(evse_gid, "E", "evse_gid").operator)
         sid = session_id or self.new_session_id()
-        self._record_session(sid, cso, evse_gid, token_uid)
         body = {"evse_gid": evse_gid, "token_uid": token_uid, "roaming_session_id": sid}
+        # what fails before anything is sent (a bad body, the login) records no session
+        json_body.check("RemoteStart", body)
+        await self.client(self.hop("RemoteStart", cso)).ensure_login()
+        self._record_session(sid, cso, evse_gid, token_uid)
         try:
             answer = await self.send("RemoteStart", body, cso)
         except Exception as exc:
@@ -312,19 +326,57 @@ class CspEndpoint(Endpoint):
         row = self.store.one(q, evse_gid, gid.parse(evse_gid).operator, 2**62 if at is None else at)
         return None if row is None or row[0] is None else bytes(row[0])
 
+    def meter_key_known(self, evse_gid: str, at: int) -> bool:
+        """Whether the books say which key (or none) was in force at `at`: they do when the
+        operator never stated the EVSE's connector (no rows: registers only) or a row is at or
+        before `at`; rows that all start later mean a start before what the books hold."""
+        rows = self.store.one("SELECT MIN(since) FROM meter_keys WHERE evse_gid=? AND operator_id=?",
+                              evse_gid, gid.parse(evse_gid).operator)  # fmt: skip
+        return rows is None or rows[0] is None or int(rows[0]) <= at
+
+    @staticmethod
+    def _last_meter_key(db: Any, evse: str) -> tuple[bytes | None] | None:
+        """The EVSE's latest row (its key, None: withdrawn), None when it has none."""
+        q = "SELECT key FROM meter_keys WHERE evse_gid=? ORDER BY since DESC, rowid DESC LIMIT 1"
+        row = db.execute(q, (evse,)).fetchone()
+        return None if row is None else (None if row[0] is None else bytes(row[0]),)
+
+    def _check_meter_key_rate(self, body: dict[str, Any], now: int) -> None:
+        """A location changing an EVSE's key more often than `METER_KEY_CHANGES_PER_DAY` is
+        refused (429: the CSO's job retries it later), so that the history, kept by age, stays
+        bounded."""
+        for i, c in enumerate(body.get("connectors") or ()):
+            key = base64.b64decode(c["meter_key"]) if c.get("meter_key") else None
+            if self._last_meter_key(self.store.db, c["evse_gid"]) in ((key,), None):
+                continue  # no change, or the first statement
+            n = self.store.get("SELECT COUNT(*) FROM meter_keys WHERE evse_gid=? AND since > ?",
+                               c["evse_gid"], now - 86400)[0]  # fmt: skip
+            if n >= METER_KEY_CHANGES_PER_DAY:
+                raise Refused(429, "too_frequent", f"{n} meter key changes of {c['evse_gid']} within a day",
+                              f"connectors[{i}].meter_key")  # fmt: skip
+
     def _record_meter_keys(self, db: Any, body: dict[str, Any], now: int) -> None:
         """The meter key each connector of a location states, kept where it changed (a new row,
-        the old one stays: the books show when an operator changed a meter's key)."""
+        the old one stays: the books show when an operator changed a meter's key). The first
+        statement is a row even without a key: a session that started before it is then told
+        apart from one whose key the books no longer hold."""
         for c in body.get("connectors") or ():
             key = base64.b64decode(c["meter_key"]) if c.get("meter_key") else None
-            q = "SELECT key FROM meter_keys WHERE evse_gid=? ORDER BY since DESC, rowid DESC LIMIT 1"
-            last = db.execute(q, (c["evse_gid"],)).fetchone()
-            if (None if last is None else last[0]) == key:
-                continue  # no change (a first row only for a key stated)
+            if self._last_meter_key(db, c["evse_gid"]) == (key,):
+                continue  # no change
             db.execute("INSERT INTO meter_keys VALUES(?,?,?,?)", (c["evse_gid"], body["operator_id"], key, now))
-            db.execute("DELETE FROM meter_keys WHERE evse_gid=? AND rowid NOT IN (SELECT rowid FROM meter_keys"
-                       " WHERE evse_gid=? ORDER BY since DESC, rowid DESC LIMIT ?)",
-                       (c["evse_gid"], c["evse_gid"], METER_KEY_HISTORY))  # fmt: skip
+            self._prune_meter_keys(db, c["evse_gid"], now)
+
+    def _prune_meter_keys(self, db: Any, evse: str, now: int) -> None:
+        """By age only: rows before the one in force at the cut go — the cut is `retention_s`
+        before now and before the oldest session at the EVSE still without its SDR (an adopted
+        session may have started before we heard of it), so the key in force at the start of
+        any session still to be billed stays."""
+        oldest = db.execute("SELECT MIN(created) FROM sessions WHERE evse_gid=? AND state NOT IN"
+                            " ('completed', 'failed')", (evse,)).fetchone()[0]  # fmt: skip
+        cut = (now if oldest is None else min(now, int(oldest))) - self.cfg.retention_s
+        db.execute("DELETE FROM meter_keys WHERE evse_gid=? AND since < (SELECT MAX(since) FROM meter_keys"
+                   " WHERE evse_gid=? AND since <= ?)", (evse, evse, cut))  # fmt: skip
 
     def audit(self, sdr: dict[str, Any], sid: str) -> pricing.Audit:
         """Our audit of an SDR of session `sid`: our readings of it, our copy of its CSO's tariffs,
@@ -333,8 +385,13 @@ class CspEndpoint(Endpoint):
         evse = str(s["evse_gid"])
         number = EVSE_NUMBER.fullmatch(gid.parse(evse).local)
         n = int(number[1]) if number and 0 < int(number[1]) < 256 else None
-        key = self.meter_key(evse, int(s["created"]))
-        return pricing.audit_sdr(sdr, self.readings(sid), self.tariffs(gid.parse(evse).operator), key, n)
+        # the start: an adopted or offline session (R4-2) was created when we heard of it, later
+        start = min(int(s["created"]), int(sdr.get("started", s["created"])))
+        key = self.meter_key(evse, start)
+        audit = pricing.audit_sdr(sdr, self.readings(sid), self.tariffs(gid.parse(evse).operator), key, n)
+        if self.meter_key_known(evse, start):
+            return audit
+        return replace(audit, problems=(*audit.problems, "no meter key on record at the session's start"))
 
     def readings(self, sid: str) -> list[tuple[int, int]]:
         rows = self.store.all("SELECT time, energy_wh FROM readings WHERE session_id=? ORDER BY time", sid)
@@ -373,6 +430,7 @@ class CspEndpoint(Endpoint):
                               f"connectors[{i}].evse_gid")  # fmt: skip
             if c.get("meter_key") and len(base64.b64decode(c["meter_key"])) != 32:
                 raise Refused(400, "out_of_range", "an Ed25519 public key is 32 bytes", f"connectors[{i}].meter_key")
+        self._check_meter_key_rate(body, int(ctx.now))
         with self.store.tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO locations VALUES(?,?,?,?)",
@@ -598,7 +656,8 @@ class CspEndpoint(Endpoint):
         """M10: a party the token travelled to or from — also any CSO while it is on our list
         (`token_sent`: the list goes to every CSO), the CSO of a session, reservation or contract
         certificate of it, the CH that issued a credential (its prefix) — all also after the
-        retention purged `shared`. Another CSO or CSP may not delete our customer."""
+        retention purged `shared`. Another CSO or CSP may not delete our customer; an entitled
+        CSO deletes only what we hold of it (`deletion_asked`)."""
         token_uid = credentials.canonical_if_issued(self, token_uid)  # the spelling we store
         if super().may_delete(token_uid, origin) or origin == credentials.issuer(self, token_uid, ""):
             return True
@@ -609,6 +668,41 @@ class CspEndpoint(Endpoint):
              " UNION ALL SELECT 1 FROM reservations WHERE token_uid=? AND cso=?"
              " UNION ALL SELECT 1 FROM contract_certs WHERE contract_id=? AND cso=?")  # fmt: skip
         return self.store.one(q, token_uid, *(token_uid, origin) * 3) is not None
+
+    def _asked_by_cso(self, origin: str) -> bool:
+        """A CSO, or our visited CSP (toward us a CSO): its deletion is scoped (`forget_of`)."""
+        p = self.cfg.party(origin)
+        return p is not None and p.acts_as == "cso"
+
+    async def deletion_asked(self, token_uid: str, origin: str) -> int:
+        """M10 asked of us: by a CSO (directly or relayed by the CH) only what we hold of that
+        CSO — the contract is our own relation with the customer, which a CSO cannot end, and
+        the CSO's own hand-on reaches the parties it shared with; by the CH that issued a
+        credential (or, at a visited CSP, the card's home) all of it, passed on."""
+        if not self._asked_by_cso(origin):
+            return await self.delete_user(token_uid, skip=origin)
+        return self.forget_of(credentials.canonical_if_issued(self, token_uid), origin)
+
+    def forget_of(self, token_uid: str, cso: str) -> int:
+        """Blank a token in what came from `cso` (its sessions, SDRs, reservations; a contract
+        id also under its customer's uid, as sessions hold it) and drop its `shared` row; the
+        customer, list entry and contract certificates stay. The records touched."""
+        with self.store.tx() as db:
+            q = "SELECT token_uid FROM customers WHERE contract_id=?"
+            uids = {token_uid} | {str(r[0]) for r in db.execute(q, (token_uid,))}
+            db.execute("DELETE FROM shared WHERE token_uid=? AND party=?", (token_uid, cso))
+            n = 0
+            for uid in uids:
+                n += db.execute("UPDATE sessions SET token_uid=NULL WHERE token_uid=? AND cso=?", (uid, cso)).rowcount
+                q = "UPDATE reservations SET token_uid=NULL WHERE token_uid=? AND cso=?"
+                n += db.execute(q, (uid, cso)).rowcount
+            for sdr_id, body in db.execute("SELECT sdr_id, body FROM sdrs WHERE cso=?", (cso,)).fetchall():
+                b = json.loads(body)
+                if b.get("token_uid") in uids:
+                    b["token_uid"] = ""
+                    db.execute("UPDATE sdrs SET body=? WHERE sdr_id=?", (json.dumps(b), sdr_id))
+                    n += 1
+        return n
 
     def holds(self, token_uid: str) -> bool:
         """As everywhere, a credential of our CH in the spelling we store it in."""

@@ -11,7 +11,8 @@ Request pipeline, in order (the first failure answers; nothing is written but th
  6. JSON body valid for the message (types, bounds, enums, global ids)           400 / 413
  7. sender allowed: relays only by a CH, message sent by the right role          403
  8. destination: this endpoint, or (CH) another party it routes to               404
- 9. idempotency: same key → the stored answer; same key, other body             409
+ 9. idempotency: same key → the stored answer (a repeat of one in flight waits
+    for it); same key, other body                                               409
 10. the handler (domain checks → 404 unknown ids, 409 conflicts), one transaction
 
 Durable jobs (`jobs` table): what must reach a peer even when it is down — a DeleteUserData
@@ -153,6 +154,11 @@ class Endpoint:
         self._worker: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._inflight: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+        #: one lock per (origin, message, idempotency key) being handled, and how many hold or
+        #: wait for it: a repeat that arrives while the first is in flight waits for its answer
+        #: (a retry after a lost answer must not be taken for a second request); bounded by the
+        #: requests in flight, each dropped when its last one is done
+        self._keyed: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
 
     # ---- life cycle
     @property
@@ -355,6 +361,22 @@ class Endpoint:
 
     async def _local(self, message: str, body: dict[str, Any], ctx: Ctx, route: Route) -> Reply:
         key = route.key(body) if route.key else None
+        if key is None:
+            return await self._local_once(message, body, ctx, route, None)
+        slot = (ctx.origin, message, key)
+        lock, users = self._keyed.get(slot, (asyncio.Lock(), 0))
+        self._keyed[slot] = (lock, users + 1)
+        try:
+            async with lock:  # a repeat in flight: it waits, then gets the stored answer below
+                return await self._local_once(message, body, ctx, route, key)
+        finally:
+            lock, users = self._keyed[slot]
+            if users > 1:
+                self._keyed[slot] = (lock, users - 1)
+            else:
+                del self._keyed[slot]
+
+    async def _local_once(self, message: str, body: dict[str, Any], ctx: Ctx, route: Route, key: str | None) -> Reply:
         if key is not None:
             row = self.store.one(
                 "SELECT body_sha256, response FROM idempotency WHERE origin=? AND message=? AND key=?",
@@ -534,8 +556,13 @@ class Endpoint:
             if self.holds(uid):
                 raise Refused(403, "not_shared", f"{ctx.origin} never held this token with {self.me}", "token_uid")
             return {"status": "accepted", "count": 0}
-        count = await self.delete_user(uid, skip=ctx.origin)
+        count = await self.deletion_asked(uid, ctx.origin)
         return {"status": "accepted", "count": count}
+
+    async def deletion_asked(self, token_uid: str, origin: str) -> int:
+        """M10 asked by an entitled `origin`: here all of it, passed on to every other party;
+        a CSP narrows a CSO's to what it holds of that CSO (it cannot end the contract)."""
+        return await self.delete_user(token_uid, skip=origin)
 
 
 def retry_delay(attempts: int, base: float, cap: float) -> float:

@@ -50,8 +50,8 @@ CREATE TABLE IF NOT EXISTS partner_sessions(session_id TEXT PRIMARY KEY, home TE
     home_session TEXT NOT NULL, cso TEXT NOT NULL, state TEXT NOT NULL DEFAULT 'open', sdr_id TEXT,
     sent_time INTEGER NOT NULL DEFAULT -1, due REAL NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT, created INTEGER NOT NULL, UNIQUE(home, home_session));
--- our SDR ids are random, one per session: unique (an index, so that older stores get it too)
-CREATE UNIQUE INDEX IF NOT EXISTS partner_sessions_sdr ON partner_sessions(sdr_id);
+-- our SDR ids are random, one per session: unique (an index, made at start by
+-- VisitedCspEndpoint._unique_sdr_ids once an older store's colliding ids are issued anew)
 -- the partners' token lists as installed (P) and pages of a version still arriving; a uid has one
 -- owner (a partner may not list another's card or one of our customers: 403 party_mismatch)
 CREATE TABLE IF NOT EXISTS partner_tokens(token_uid TEXT PRIMARY KEY, party TEXT NOT NULL,
@@ -67,8 +67,6 @@ CREATE TABLE IF NOT EXISTS partner_pages(party TEXT NOT NULL, version INTEGER NO
 )
 
 UNREACHABLE = (ConnectionError, OSError, TimeoutError, H3Error)
-#: pages of one partner's token list version (TOKEN_PAGE tokens each): more is 413 `too_large`
-MAX_LIST_PAGES = 256
 
 
 @dataclass(frozen=True)
@@ -97,6 +95,22 @@ class VisitedCspEndpoint(CspEndpoint):
         self._forwarding = asyncio.Lock()  # the PutSdr handler and the background loop
         self._list_retry_at = 0.0
         self._list_dirty = True  # our list may differ from what the CSOs have: compare at the next round
+        self._unique_sdr_ids()
+
+    def _unique_sdr_ids(self) -> None:
+        """Upgrade: our SDR ids were once derived from the CSOs', so two CSOs could make them
+        collide; an older store may hold such duplicates, on which the unique index would fail
+        (the endpoint would not start). Each duplicate gets a fresh random id first, but the one
+        the home has (forwarded) keeps its own."""
+        q = ("SELECT session_id FROM (SELECT session_id, ROW_NUMBER() OVER (PARTITION BY sdr_id"
+             " ORDER BY state='forwarded' DESC, rowid) AS n FROM partner_sessions WHERE sdr_id IS NOT NULL)"
+             " WHERE n > 1")  # fmt: skip
+        with self.store.tx() as db:
+            for (sid,) in db.execute(q).fetchall():
+                fresh = self.issue("R", secrets.token_hex(12))
+                db.execute("UPDATE partner_sessions SET sdr_id=? WHERE session_id=?", (fresh, sid))
+                log.warning("%s: SDR id of %s issued anew (it collided with another's)", self.me, sid)
+            db.execute("CREATE UNIQUE INDEX IF NOT EXISTS partner_sessions_sdr ON partner_sessions(sdr_id)")
 
     # ---- helpers
     def link(self, sid: str) -> Link | None:
@@ -349,14 +363,21 @@ class VisitedCspEndpoint(CspEndpoint):
             await self.forward_sdr(str(sid))
         if not self._list_dirty or self.clock() < self._list_retry_at:
             return  # nothing changed since the CSOs got our list: no comparison every round
-        self._list_dirty = False  # a change during the distribution sets it again
+        # cleared first, so that a change during the distribution sets it again; set back on
+        # any failure (not only a partner's refusal or its absence), so that a change is never
+        # left unsent until the next one
+        self._list_dirty = False
         sent = {r[0]: (r[1], r[2]) for r in self.store.all("SELECT token_uid, auth_status, expiry FROM token_sent")}
         if self.list_entries() != sent:  # a partner's list (or our customers) changed
+            sent_ok = False
             try:
                 await self.distribute_tokens("differential")
+                sent_ok = True
             except (RoamingError, *UNREACHABLE) as exc:
                 log.warning("%s: token list with the partners' tokens: %s", self.me, exc)
-                self._list_retry_at, self._list_dirty = self.clock() + self.RETRY_BASE_S, True
+            finally:
+                if not sent_ok:
+                    self._list_retry_at, self._list_dirty = self.clock() + self.RETRY_BASE_S, True
 
     # ---- from a partner: its token list, remote commands and tariff pulls for the CSOs' EVSEs
     @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}:{b.get('page', 0)}")
@@ -369,8 +390,8 @@ class VisitedCspEndpoint(CspEndpoint):
             raise Refused(403, "party_mismatch", f"{party} may not send the list of {body['party_id']}", "party_id")
         if not 0 <= page < pages:
             raise Refused(400, "out_of_range", f"page {page} of {pages}", "page")
-        if pages > MAX_LIST_PAGES:  # staged pages are kept until the version is complete: bounded
-            raise Refused(413, "too_large", f"{pages} pages, at most {MAX_LIST_PAGES}", "pages")
+        if pages > self.cfg.max_list_pages:  # staged pages are kept until the version is complete: bounded
+            raise Refused(413, "too_large", f"{pages} pages, at most {self.cfg.max_list_pages}", "pages")
         for i, t in enumerate(body["tokens"]):
             if t.get("party_id", party) != party:
                 raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
@@ -381,9 +402,10 @@ class VisitedCspEndpoint(CspEndpoint):
                 raise Refused(409, "stale_version", f"list version {row[0]} is already installed", "list_version")
             if body["update_type"] == "differential" and (row is None or row[0] != version - 1):
                 raise Refused(409, "version_gap", f"differential {version} needs {version - 1}", "list_version")
-            # one version of a party's list arrives at a time: an older one left unfinished goes
-            db.execute("DELETE FROM partner_pages WHERE party=? AND (version < ? OR (version=? AND pages != ?))",
-                       (party, version, version, pages))  # fmt: skip
+            # one version of a party's list arrives at a time, of its latest page: every other
+            # page goes (a higher version's too: versions sent downwards would pile up)
+            db.execute("DELETE FROM partner_pages WHERE party=? AND NOT (version=? AND pages=?)",
+                       (party, version, pages))  # fmt: skip
             db.execute(
                 "INSERT OR REPLACE INTO partner_pages VALUES(?,?,?,?,?,?,?)",
                 (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),
@@ -427,7 +449,13 @@ class VisitedCspEndpoint(CspEndpoint):
             raise Refused(403, "not_your_session", f"{home_sid} was not issued by {home}", "roaming_session_id")
         cso = self._cso_of(body["evse_gid"])
         if self.store.one("SELECT 1 FROM partner_sessions WHERE home=? AND home_session=?", home, home_sid):
-            raise Refused(409, "conflict", f"session {home_sid} exists already", "roaming_session_id")
+            # a repeat of a start that got no stored answer (the idempotency lock let the first
+            # finish): its outcome at the CSO is unknown, never "nothing started" (a 409 would be)
+            return {"result": "timeout", "reason": clip_reason(f"{home_sid} started already: outcome unknown")}
+        try:  # a login that fails sends no RemoteStart: nothing is started, none is kept
+            await self.client(self.hop("RemoteStart", cso)).ensure_login()
+        except (RoamingError, *UNREACHABLE) as exc:
+            raise Refused(502, "unreachable", f"{cso}: login failed: {type(exc).__name__}") from None
         sid = self.new_session_id()
         with self.store.tx():
             self._record_session(sid, cso, body["evse_gid"], body["token_uid"])
@@ -564,6 +592,22 @@ class VisitedCspEndpoint(CspEndpoint):
         """M10: as a CSP's, and the partner whose customer the card is (its list, its contract
         id's provider): entitled by the list or the contract, also after the retention."""
         return super().may_delete(token_uid, origin) or self._home_of(token_uid) == origin
+
+    async def deletion_asked(self, token_uid: str, origin: str) -> int:
+        """A CSO's deletion of a partner's card: that CSO's records here are blanked (as a
+        CSP's), the partner's list entry stays (its contract, not the CSO's to end), and the
+        partner is told only when it got a session of that CSO from us for the card — it then
+        blanks what it holds through us (it cannot tell our CSOs apart: the session's party is us)."""
+        home = self._home_of(token_uid) if self._asked_by_cso(origin) else None
+        q = ("SELECT 1 FROM partner_sessions p JOIN sessions s ON s.session_id=p.session_id"
+             " WHERE p.cso=? AND p.home=? AND s.token_uid=?")  # fmt: skip
+        linked = home is not None and self.store.one(q, origin, home, token_uid) is not None
+        count = await super().deletion_asked(token_uid, origin)
+        if home is not None and linked:
+            job = self.enqueue("DeleteUserData", {"token_uid": token_uid, "party_id": self.me}, home, token_uid)
+            for answer in (await self.run_jobs([job])).values():
+                count += int(answer["count"])
+        return count
 
     def forget(self, token_uid: str) -> int:
         n = super().forget(token_uid)
