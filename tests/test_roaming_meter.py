@@ -308,9 +308,10 @@ def test_r3_9_key_changes_during_a_session_cannot_push_its_key_out_of_the_books(
         last = Ed25519PrivateKey.generate()
         await net.cso.send("PutLocation", location(pub(last)), CSP)
         assert len(net.csp.store.all("SELECT 1 FROM meter_keys")) == 2
-        # a start before every row the books still hold: no key on record (a mismatch, not a
-        # check on the registers only), after the last row's: the last key
-        assert not net.csp.meter_key_known(EVSES[0], t0) and net.csp.meter_key_known(EVSES[0], int(net.clock()))
+        # a start before every row the books still hold: the keys stated since count (the one in
+        # force at the cut and the last), never none
+        since_t0 = net.csp.meter_keys_during(EVSES[0], t0, int(net.clock()))
+        assert len(since_t0) == 2 and since_t0[-1] == pub(last)
 
     run(tmp_path, scenario)
 
@@ -335,12 +336,49 @@ def test_r3_9_an_adopted_session_is_checked_with_the_key_in_force_at_its_start(t
         signed = b64(reading(old, 500, t=t0) + reading(old, 1500, t=t0 + 60))
         done = await net.cso.session_ended(sid, 1000, meter_start_wh=500, signed_meter=signed)
         assert verdict_of(net, done["sdr_id"]) == "matched"
-        # an SDR whose start is before every key statement the books hold: no key to check it
-        # with, a mismatch (not a check on the registers only)
+        # an SDR whose start is before every key statement the books hold (a session started
+        # before the location reached us: the real chain's first minute): the keys stated until we
+        # heard of it count — sealed by one of them it is matched, by none a mismatch
         early = net.cso.adopt_session(EVSES[0], "CARD1", t0 - 3600)
         assert early is not None
         await net.cso.session_progress(early, 1000, 0)
         done = await net.cso.session_ended(early, 1000, meter_start_wh=500, signed_meter=signed)
-        assert verdict_of(net, done["sdr_id"]) == "mismatch: no meter key on record at the session's start"
+        assert verdict_of(net, done["sdr_id"]) == "matched"
+        forged = Ed25519PrivateKey.generate()
+        late = net.cso.adopt_session(EVSES[0], "CARD1", t0 - 3600)
+        assert late is not None
+        await net.cso.session_progress(late, 1000, 0)
+        bad = b64(reading(forged, 500, t=t0) + reading(forged, 1500, t=t0 + 60))
+        done = await net.cso.session_ended(late, 1000, meter_start_wh=500, signed_meter=bad)
+        assert verdict_of(net, done["sdr_id"]) == "mismatch: the signed meter reading's seal is not the EVSE meter's"
+
+    run(tmp_path, scenario)
+
+
+def test_r3_9_a_start_claimed_before_the_key_was_stated_does_not_evade_the_seal(tmp_path: Path) -> None:
+    """The CSO's first statement of a connector had no key (the real chain: the location goes out
+    before the installer records the meter's key); an SDR claiming a start in that keyless time
+    is still checked with the key stated before the CSP heard of the session."""
+
+    async def scenario(net: Net) -> None:
+        key, forged = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+        t0 = int(net.clock())
+        await net.cso.send("PutLocation", location(None), CSP)
+        net.clock.advance(60)
+        await net.cso.send("PutLocation", location(pub(key)), CSP)
+        net.csp.add_customer("CARD1")
+        await net.csp.distribute_tokens()
+        net.clock.advance(60)
+        sid = str((await net.cso.token_presented(EVSES[0], "CARD1", "rfid"))["roaming_session_id"])
+        await net.cso.session_progress(sid, 1000, 0)
+        sdrs = []
+        for signer in (forged, key):
+            signed = b64(reading(signer, 500, t=t0) + reading(signer, 1500, t=t0 + 130))
+            sdr_id = f"DE*CSO*R{'F' if signer is forged else 'K'}0001"
+            body = {"sdr_id": sdr_id, "roaming_session_id": sid, "evse_gid": EVSES[0], "token_uid": "CARD1",
+                    "started": t0 + 10, "stopped": t0 + 130, "meter_start_wh": 500, "meter_stop_wh": 1500,
+                    "energy_wh": 1000, "cost": 0, "currency": "EUR", "signed_meter": signed}  # fmt: skip
+            sdrs.append(net.csp.audit(body, sid).verdict)
+        assert sdrs == ["mismatch: the signed meter reading's seal is not the EVSE meter's", "matched"]
 
     run(tmp_path, scenario)

@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import re
 import secrets
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,7 +20,7 @@ from gateway.protocol.roaming import json_body
 from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import ConnectFailed
 
-from . import contract_pki, credentials, pricing
+from . import contract_pki, credentials, meter, pricing
 from .config import ConfigError, EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 
@@ -326,13 +325,16 @@ class CspEndpoint(Endpoint):
         row = self.store.one(q, evse_gid, gid.parse(evse_gid).operator, 2**62 if at is None else at)
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def meter_key_known(self, evse_gid: str, at: int) -> bool:
-        """Whether the books say which key (or none) was in force at `at`: they do when the
-        operator never stated the EVSE's connector (no rows: registers only) or a row is at or
-        before `at`; rows that all start later mean a start before what the books hold."""
-        rows = self.store.one("SELECT MIN(since) FROM meter_keys WHERE evse_gid=? AND operator_id=?",
-                              evse_gid, gid.parse(evse_gid).operator)  # fmt: skip
-        return rows is None or rows[0] is None or int(rows[0]) <= at
+    def meter_keys_during(self, evse_gid: str, start: int, end: int) -> list[bytes]:
+        """The keys the EVSE's own CSO stated for its meter from `start` to `end`: the one in
+        force at `start` and every one stated after it until `end` (a withdrawn key is none)."""
+        op = gid.parse(evse_gid).operator
+        q = ("SELECT key FROM meter_keys WHERE evse_gid=? AND operator_id=? AND (since > ? AND since <= ? OR"
+             " rowid = (SELECT rowid FROM meter_keys WHERE evse_gid=? AND operator_id=? AND since <= ?"
+             " ORDER BY since DESC, rowid DESC LIMIT 1)) ORDER BY since, rowid")  # fmt: skip
+        rows = self.store.all(q, evse_gid, op, start, end, evse_gid, op, start)
+        keys = [bytes(r[0]) for r in rows if r[0] is not None]
+        return list(dict.fromkeys(keys))
 
     @staticmethod
     def _last_meter_key(db: Any, evse: str) -> tuple[bytes | None] | None:
@@ -385,13 +387,14 @@ class CspEndpoint(Endpoint):
         evse = str(s["evse_gid"])
         number = EVSE_NUMBER.fullmatch(gid.parse(evse).local)
         n = int(number[1]) if number and 0 < int(number[1]) < 256 else None
-        # the start: an adopted or offline session (R4-2) was created when we heard of it, later
-        start = min(int(s["created"]), int(sdr.get("started", s["created"])))
-        key = self.meter_key(evse, start)
-        audit = pricing.audit_sdr(sdr, self.readings(sid), self.tariffs(gid.parse(evse).operator), key, n)
-        if self.meter_key_known(evse, start):
-            return audit
-        return replace(audit, problems=(*audit.problems, "no meter key on record at the session's start"))
+        # the keys from the session's start to when we heard of it (an adopted or offline session,
+        # R4-2, reaches us later; the SDR's `started` is the CSO's word): the readings must bear one
+        # of them, so neither a key change meanwhile nor an earlier claimed start evades the seal
+        created = int(s["created"])
+        keys = self.meter_keys_during(evse, min(created, int(sdr.get("started", created))), created)
+        found = meter.readings(sdr.get("signed_meter"))
+        key = next((k for k in keys if found and all(r.sealed_by(k) for r in found)), keys[0] if keys else None)
+        return pricing.audit_sdr(sdr, self.readings(sid), self.tariffs(gid.parse(evse).operator), key, n)
 
     def readings(self, sid: str) -> list[tuple[int, int]]:
         rows = self.store.all("SELECT time, energy_wh FROM readings WHERE session_id=? ORDER BY time", sid)
