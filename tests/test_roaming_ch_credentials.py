@@ -36,6 +36,7 @@ from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, FakeClock, net
 from gateway.protocol import gid
 from gateway.protocol.roaming import auth
 from gateway.protocol.roaming.client import RoamingError
+from tools.site.harness import until
 
 CSP_B = "DE*CSB*O"
 TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR"}
@@ -319,11 +320,10 @@ def test_bad_issue_credential_requests_get_a_named_4xx_and_change_nothing(tmp_pa
 
 async def until_no_jobs(net: Net) -> None:
     """Until every endpoint delivered its durable jobs (hand-ons tried in the background)."""
-    for _ in range(100):
-        if not any(ep.jobs() for ep in net.endpoints().values()):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError({k: ep.jobs() for k, ep in net.endpoints().items()})
+    try:
+        await until(lambda: not any(ep.jobs() for ep in net.endpoints().values()), 5, "every job delivered")
+    except TimeoutError:
+        raise AssertionError({k: ep.jobs() for k, ep in net.endpoints().items()}) from None
 
 
 def listed(net: Net, uid: str) -> list[tuple[str, str]]:

@@ -45,6 +45,7 @@ from gateway import schema
 from gateway.protocol.roaming import auth
 from gateway.protocol.roaming.client import PREFIX, MaybeDelivered, RoamingError
 from gateway.protocol.roaming.http3 import ConnectFailed, H3Client, H3Error, Response, TlsFiles
+from tools.site.harness import until
 
 CSP3 = "DE*HC3*O"
 TARIFF = {"tariff_id": 7, "operator_id": CSO, "price_kwh": 45, "currency": "EUR", "price_session": 50}
@@ -741,8 +742,9 @@ def test_r3_2_a_retried_remote_start_waits_for_the_first_and_is_never_taken_as_r
         real = net.csp.send
 
         async def slow(message: str, body: dict[str, Any], to: str, *, origin: str = "") -> dict[str, Any]:
-            if message == "RemoteStart":
-                await asyncio.sleep(0.6)  # longer than the home waits: its client retries
+            if message == "RemoteStart":  # held until the home's client, timed out, retried: the
+                # retry waits on the first's idempotency lock
+                await until(lambda: any(n >= 2 for _, n in net.csp._keyed.values()), 10, "the home's retry")
             return await real(message, body, to, origin=origin)
 
         net.csp.send = slow  # type: ignore[method-assign]
