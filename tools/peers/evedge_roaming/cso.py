@@ -18,7 +18,7 @@ from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 from gateway.protocol.text import clip_reason
 
-from . import contract_pki, pricing
+from . import contract_pki, pricing, token_pages
 from .config import EndpointConfig
 from .endpoint import Ctx, Endpoint, Refused, handles, require_gid, settlement_key
 from .operator import OperatorBackend
@@ -576,45 +576,20 @@ class CsoEndpoint(Endpoint):
     @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}:{b.get('page', 0)}")
     async def _on_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
         """R4-2: a page of a CSP's token list; a version is installed, in one transaction, once
-        every page of it is here. A differential list applies to the version before it only."""
-        party, version = body["party_id"], body["list_version"]
-        page, pages = body.get("page", 0), body.get("pages", 1)
+        every page of it is here (`token_pages`: the rule of the pages and versions)."""
+        party = body["party_id"]
         if party != ctx.origin:
             raise Refused(403, "party_mismatch", f"{ctx.origin} may not send the list of {party}", "party_id")
-        if not 0 <= page < pages:
-            raise Refused(400, "out_of_range", f"page {page} of {pages}", "page")
-        if pages > self.cfg.max_list_pages:  # staged pages are held until the version is complete
-            raise Refused(413, "too_large", f"{pages} pages, at most {self.cfg.max_list_pages}", "pages")
+        token_pages.check_page(body, party, self.cfg.max_list_pages)
         for i, t in enumerate(body["tokens"]):
-            if t.get("party_id", party) != party:
-                raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
             self._check_ch_credential(t, ctx, f"tokens[{i}].token_uid")
         with self.store.tx() as db:
-            row = db.execute("SELECT version FROM token_lists WHERE party=?", (party,)).fetchone()
-            if row is not None and row[0] >= version:
-                raise Refused(409, "stale_version", f"list version {row[0]} is already installed", "list_version")
-            if body["update_type"] == "differential" and (row is None or row[0] != version - 1):
-                have = "none" if row is None else row[0]
-                raise Refused(409, "version_gap", f"differential {version} needs {version - 1}, have {have}",
-                              "list_version")  # fmt: skip
-            # one list in the making per CSP, of its latest page: every other version's pages go,
-            # a higher one's too (versions sent downwards, V, V−1 …, would each be kept until the
-            # retention purge), and this version's cut into another number of pages
-            db.execute("DELETE FROM token_pages WHERE party=? AND NOT (version = ? AND pages = ?)",
-                       (party, version, pages))  # fmt: skip
-            db.execute(
-                "INSERT OR REPLACE INTO token_pages VALUES(?,?,?,?,?,?,?)",
-                (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),
-            )
-            staged = db.execute(
-                "SELECT tokens FROM token_pages WHERE party=? AND version=? AND pages=? ORDER BY page",
-                (party, version, pages),
-            ).fetchall()
-            if len(staged) < pages:
+            tokens = token_pages.stage(db, "token", party, body, int(ctx.now))
+            if tokens is None:
                 return {"status": "accepted"}
             if body["update_type"] == "full":
                 db.execute("DELETE FROM token_cache WHERE party=?", (party,))
-            for t in (t for (chunk,) in staged for t in json.loads(chunk)):
+            for t in tokens:
                 if t["auth_status"] == "invalid":  # gone from the CSP's list
                     db.execute("DELETE FROM token_cache WHERE token_uid=? AND party=?", (t["token_uid"], party))
                 else:
@@ -622,8 +597,6 @@ class CsoEndpoint(Endpoint):
                         "INSERT OR REPLACE INTO token_cache VALUES(?,?,?,?)",
                         (t["token_uid"], party, t["auth_status"], t.get("expiry")),
                     )
-            db.execute("INSERT OR REPLACE INTO token_lists VALUES(?,?)", (party, version))
-            db.execute("DELETE FROM token_pages WHERE party=? AND version <= ?", (party, version))
         return {"status": "accepted"}
 
     def _check_ch_credential(self, token: dict[str, Any], ctx: Ctx, field: str) -> None:

@@ -33,7 +33,7 @@ from gateway.protocol.roaming.client import RoamingError
 from gateway.protocol.roaming.http3 import H3Error
 from gateway.protocol.text import clip_reason
 
-from . import csp
+from . import csp, token_pages
 from .config import EndpointConfig
 from .cso import home_of_contract
 from .csp import CspEndpoint
@@ -382,49 +382,27 @@ class VisitedCspEndpoint(CspEndpoint):
     # ---- from a partner: its token list, remote commands and tariff pulls for the CSOs' EVSEs
     @handles("TokenList", senders=("csp",), key=lambda b: f"{b['party_id']}:{b['list_version']}:{b.get('page', 0)}")
     async def _v_token_list(self, body: dict[str, Any], ctx: Ctx) -> dict[str, Any]:
-        """A partner's token list (R4-2), installed once every page is here; its tokens join
-        ours toward the CSOs at the background loop's next round."""
-        party, version = self._partner(ctx), body["list_version"]
-        page, pages = body.get("page", 0), body.get("pages", 1)
+        """A partner's token list (R4-2), installed once every page is here (`token_pages`); its
+        tokens join ours toward the CSOs at the background loop's next round."""
+        party = self._partner(ctx)
         if body["party_id"] != party:
             raise Refused(403, "party_mismatch", f"{party} may not send the list of {body['party_id']}", "party_id")
-        if not 0 <= page < pages:
-            raise Refused(400, "out_of_range", f"page {page} of {pages}", "page")
-        if pages > self.cfg.max_list_pages:  # staged pages are kept until the version is complete: bounded
-            raise Refused(413, "too_large", f"{pages} pages, at most {self.cfg.max_list_pages}", "pages")
+        token_pages.check_page(body, party, self.cfg.max_list_pages)
         for i, t in enumerate(body["tokens"]):
-            if t.get("party_id", party) != party:
-                raise Refused(403, "party_mismatch", "token of another party", f"tokens[{i}].party_id")
             self._check_owner(t, party, f"tokens[{i}].token_uid")
         with self.store.tx() as db:
-            row = db.execute("SELECT version FROM partner_lists WHERE party=?", (party,)).fetchone()
-            if row is not None and row[0] >= version:
-                raise Refused(409, "stale_version", f"list version {row[0]} is already installed", "list_version")
-            if body["update_type"] == "differential" and (row is None or row[0] != version - 1):
-                raise Refused(409, "version_gap", f"differential {version} needs {version - 1}", "list_version")
-            # one version of a party's list arrives at a time, of its latest page: every other
-            # page goes (a higher version's too: versions sent downwards would pile up)
-            db.execute("DELETE FROM partner_pages WHERE party=? AND NOT (version=? AND pages=?)",
-                       (party, version, pages))  # fmt: skip
-            db.execute(
-                "INSERT OR REPLACE INTO partner_pages VALUES(?,?,?,?,?,?,?)",
-                (party, version, page, pages, body["update_type"], json.dumps(body["tokens"]), int(ctx.now)),
-            )
-            staged = db.execute("SELECT tokens FROM partner_pages WHERE party=? AND version=? AND pages=?",
-                                (party, version, pages)).fetchall()  # fmt: skip
-            if len(staged) < pages:
+            tokens = token_pages.stage(db, "partner", party, body, int(ctx.now))
+            if tokens is None:
                 return {"status": "accepted"}
             if body["update_type"] == "full":
                 db.execute("DELETE FROM partner_tokens WHERE party=?", (party,))
-            for t in (t for (chunk,) in staged for t in json.loads(chunk)):
+            for t in tokens:
                 if t["auth_status"] == "invalid":
                     db.execute("DELETE FROM partner_tokens WHERE token_uid=? AND party=?", (t["token_uid"], party))
                 else:  # never re-owned: a uid another party took since this page was staged stays its
                     db.execute("INSERT INTO partner_tokens VALUES(?,?,?,?) ON CONFLICT(token_uid) DO UPDATE SET"
                                " auth_status=excluded.auth_status, expiry=excluded.expiry WHERE party=excluded.party",
                                (t["token_uid"], party, t["auth_status"], t.get("expiry")))  # fmt: skip
-            db.execute("INSERT OR REPLACE INTO partner_lists VALUES(?,?)", (party, version))
-            db.execute("DELETE FROM partner_pages WHERE party=? AND version <= ?", (party, version))
         self._list_retry_at, self._list_dirty = 0.0, True
         return {"status": "accepted"}
 
