@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from evedge_roaming.endpoint import Endpoint
-from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, Net, running
+from evedge_roaming.testbed import CH, CSO, CSP, EVSES, LOCATION, Net, lose_answer, running
 from gateway.protocol.roaming.client import MaybeDelivered, RoamingError
-from gateway.protocol.roaming.http3 import ConnectFailed, H3Error, Response
+from gateway.protocol.roaming.http3 import H3Error
 from gateway.protocol.roaming.json_body import BodyError
 
 MODES = ["peer_to_peer", "clearing_house", "mixed"]
@@ -152,28 +151,6 @@ def test_r3_2_remote_start_from_the_home_csp(tmp_path: Path, mode: str) -> None:
         await _charge(net, sid)
 
     run(tmp_path, mode, scenario)
-
-
-def lose_answer(ep: Endpoint, peer: str, lost: str) -> None:
-    """`ep`'s next `lost` request to `peer` is carried out there, but the answer is lost with the
-    connection and the RoamingClient's automatic retry cannot connect (below the client, so
-    that the client's retry runs)."""
-    http = ep.client(peer).http
-    real, calls = http.request, 0
-
-    async def request(method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
-                      timeout: float | None = None) -> Response:  # fmt: skip
-        nonlocal calls
-        if not path.endswith("/" + lost):
-            return await real(method, path, headers, body, timeout=timeout)
-        calls += 1
-        if calls == 1:
-            await real(method, path, headers, body, timeout=timeout)
-            raise H3Error(f"connection lost before the answer to {lost}")
-        http.request = real  # type: ignore[method-assign]
-        raise ConnectFailed(f"cannot connect to {peer} again")
-
-    http.request = request  # type: ignore[method-assign]
 
 
 def test_r3_2_a_remote_start_whose_answer_was_lost_on_the_last_hop_is_kept_and_billed(

@@ -39,12 +39,22 @@ from evedge_roaming.cso import CsoEndpoint
 from evedge_roaming.csp import CspEndpoint
 from evedge_roaming.endpoint import Endpoint
 from evedge_roaming.operator import MemoryOperator
-from evedge_roaming.testbed import CSO, CSP, EVSES, LOCATION, FakeClock, network, restart_on_port, start_endpoints
+from evedge_roaming.testbed import (
+    CSO,
+    CSP,
+    EVSES,
+    LOCATION,
+    FakeClock,
+    lose_answer,
+    network,
+    restart_on_port,
+    start_endpoints,
+)
 from evedge_roaming.visited import VisitedCspEndpoint
 from gateway import schema
 from gateway.protocol.roaming import auth
 from gateway.protocol.roaming.client import PREFIX, MaybeDelivered, RoamingError
-from gateway.protocol.roaming.http3 import ConnectFailed, H3Client, H3Error, Response, TlsFiles
+from gateway.protocol.roaming.http3 import H3Client, H3Error, TlsFiles
 from tools.site.harness import until
 
 CSP3 = "DE*HC3*O"
@@ -641,29 +651,6 @@ def test_r3_9_the_visited_csps_sdr_ids_are_its_own_and_two_csos_cannot_make_them
         assert all(o is not None and o.rsplit("*", 1)[-1] != first["sdr_id"].rsplit("*", 1)[-1] for o in ours)
 
     run_wide(tmp_path, (("csp3", "csp"),), fn)
-
-
-def lose_answer(ep: Endpoint, peer: str, lost: str) -> None:
-    """`ep`'s next `lost` request to `peer` is delivered, but its answer is lost with the
-    connection, and the RoamingClient's automatic retry cannot connect any more: below the
-    client, so that its retry runs as it would (the sender cannot know what was carried out)."""
-    http = ep.client(peer).http
-    real = http.request
-    calls = 0
-
-    async def request(method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
-                      timeout: float | None = None) -> Response:  # fmt: skip
-        nonlocal calls
-        if not path.endswith("/" + lost):
-            return await real(method, path, headers, body, timeout=timeout)
-        calls += 1
-        if calls == 1:
-            await real(method, path, headers, body, timeout=timeout)  # carried out there
-            raise H3Error(f"connection lost before the answer to {lost}")
-        http.request = real  # type: ignore[method-assign]
-        raise ConnectFailed(f"cannot connect to {peer} again")
-
-    http.request = request  # type: ignore[method-assign]
 
 
 def test_r3_2_a_remote_start_whose_answer_was_lost_is_kept_and_billed(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from gateway.protocol import devpki
 from gateway.protocol.roaming import auth
 from gateway.protocol.roaming.client import PREFIX, Peer, RoamingClient
-from gateway.protocol.roaming.http3 import H3Client, Response, TlsFiles
+from gateway.protocol.roaming.http3 import ConnectFailed, H3Client, H3Error, Response, TlsFiles
 
 from .ch import ClearingHouse
 from .config import ROLES, EndpointConfig, PartyConfig, dump
@@ -312,3 +312,26 @@ class Raw:
             del h[drop]
         r = await self.http.request("POST", path, h, data)
         return r, json.loads(r.body)
+
+
+def lose_answer(ep: Endpoint, peer: str, lost: str) -> None:
+    """Fault injection: `ep`'s next `lost` request to `peer` is delivered and carried out there,
+    but its answer is lost with the connection, and the RoamingClient's automatic retry cannot
+    connect any more: below the client, so that its retry runs as it would (the sender cannot
+    know what was carried out)."""
+    http = ep.client(peer).http
+    real, calls = http.request, 0
+
+    async def request(method: str, path: str, headers: dict[str, str], body: bytes = b"", *,
+                      timeout: float | None = None) -> Response:  # fmt: skip
+        nonlocal calls
+        if not path.endswith("/" + lost):
+            return await real(method, path, headers, body, timeout=timeout)
+        calls += 1
+        if calls == 1:
+            await real(method, path, headers, body, timeout=timeout)  # carried out there
+            raise H3Error(f"connection lost before the answer to {lost}")
+        http.request = real  # type: ignore[method-assign]
+        raise ConnectFailed(f"cannot connect to {peer} again")
+
+    http.request = request  # type: ignore[method-assign]
