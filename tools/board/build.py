@@ -9,6 +9,8 @@ does across modules what `const()` does within one:
 - every module-level `NAME = const(<int>)` of the firmware is collected;
 - each use of an imported one (`from .schema import NAME`, `from . import link as L` …
   `L.NAME`) is replaced by its value, and the name is dropped from the import;
+- `from micropython import const` is dropped where `const` only wraps such definitions (the
+  compiler folds them without it; the import would cost a global);
 - the public definitions are dropped (the private `_NAME` ones cost nothing already), so
   `csc/schema` keeps only its tables (FTYPE…, KEYS, ACT_*: bytes and tuples), and of those
   only the ones a firmware module imports (ACT_REQ… are for the host tools).
@@ -154,8 +156,19 @@ class _Plan:
             for n in m.tree.body:
                 if isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id not in used for t in n.targets):
                     self.drop_defs.add(id(n))
+        # `const` itself: MicroPython's compiler folds `NAME = const(…)` at module level whether or not
+        # the name is imported (the import is for CPython), so where that is its only use the import
+        # goes, and with it a global (8 B of heap a module on a board)
+        folded = {id(n.value.func) for n in m.tree.body if _is_const_assign(n)}  # type: ignore[attr-defined]
+        const_only_folded = all(
+            id(n) in folded for n in ast.walk(m.tree) if isinstance(n, ast.Name) and n.id == "const"
+        )
         for node in ast.walk(m.tree):
-            if isinstance(node, ast.ImportFrom) and node.module != "micropython":
+            if isinstance(node, ast.ImportFrom) and node.module == "micropython" and node.level == 0:
+                kept = [a for a in node.names if not (a.name == "const" and not a.asname and const_only_folded)]
+                if len(kept) != len(node.names):
+                    self.imports[id(node)] = kept
+            elif isinstance(node, ast.ImportFrom):
                 src = _absolute(m, node)
                 keep = []
                 for a in node.names:
