@@ -14,7 +14,7 @@ import pytest
 from fwpeer import Rig
 from test_fw_layout import frozen
 
-from tools.board import image
+from tools.board import heapprof, image
 from tools.board.runner import DEFAULT_HEAP, Board
 
 pytestmark = pytest.mark.timeout(600)  # the first use builds the image (about a minute on 2 cores)
@@ -80,3 +80,35 @@ def test_a_failed_build_leaves_no_image(tmp_path: Path, monkeypatch: pytest.Monk
         image.built(quiet=True)
     assert image.cached() is None
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]  # the leftovers removed, no image
+
+
+PROFILED = """
+import gc, heapprof
+class Meter:
+    def __init__(self):
+        self.wh = 0
+        self.buf = bytearray(1000)
+    def read(self):
+        return self.wh
+m = Meter()
+gc.collect()
+print("alloc", gc.mem_alloc())
+heapprof.dump()
+"""
+
+
+def test_the_heap_profiler_accounts_for_every_byte_and_names_its_holders(exe: Path) -> None:
+    # the image's heap profiler (tools/board/heapprof.py): every allocation of the heap is in its dump,
+    # and a class, its instance, its buffer and its methods are attributed to them
+    r = subprocess.run([str(exe), "-c", PROFILED], check=True, capture_output=True, text=True, cwd="/")
+    lines = r.stdout.splitlines()
+    alloc = int(lines[0].split()[1])
+    p = heapprof.parse(lines)
+    assert p.total == alloc  # gc.mem_alloc() counts the same blocks
+    cats = p.by_category()
+    assert cats["instances (object and attribute table)"]["Meter"] >= 32  # the object and its 2 attributes
+    assert cats["classes (type, method dict and table)"]["Meter"] >= 64 + 16 + 16
+    funs = {a.name for a in p.allocs if a.kind == "fun" and a.module == "__main__"}
+    assert {"__init__", "read"} <= funs and cats["function objects"]["__main__"] == 16 * len(funs)
+    assert cats["buffers, lists and arrays (their items)"]["bytearray"] >= 1000
+    assert any(a.kind == "module" and a.name == "heapprof" for a in p.allocs) is False  # a C module: no heap

@@ -421,6 +421,13 @@ class Control:
         elif cmd == "reset_peak":
             gc.collect()
             self.peak = gc.mem_alloc()
+        elif cmd == "heapprof":  # where the heap goes (tools/board/heapprof.py): the image's C module
+            try:
+                import heapprof  # type: ignore[import-not-found]  # a C module of the image (tools/board/cmodules)
+            except ImportError:
+                note("control_error", {"what": "no heapprof: the board image has it, not this build"})
+            else:
+                heapprof.dump()
         elif cmd == "quit":
             sys.exit(0)
         else:

@@ -1,4 +1,4 @@
-"""Footprint of the firmware: `python -m tools.board.footprint [--quick] [--bytecode | --source]`.
+"""Footprint of the firmware: `python -m tools.board.footprint [--quick] [--profile] [--bytecode | --source]`.
 
 Measures the board image by default (tools/board/image.py: the 32-bit unix port with the firmware
 frozen in, as a microcontroller runs it); `--bytecode` the 64-bit unix port with the build's .mpy
@@ -17,6 +17,9 @@ loaded into the heap, `--source` the source compiled on that board. The first li
   session while a firmware download (16 chunks, verified) and a log upload (8 KiB) run —
   both checked to have progressed during the session —, up to the install and the reboot
   that follow the session's end; the working set = peak − heap after imports (and after boot);
+- with `--profile` (the image only): where the heap goes at the measuring point, by the heap
+  profiler built into the image (tools/board/heapprof.py): function objects by module, classes,
+  modules' globals, instances, coroutine frames, buffers, qstrs;
 - the smallest `-X heapsize` with which that scenario passes (searched down to 16k, in 1 KiB steps
   on the image, 4 KiB on the 64-bit build; a board that ran out of heap on the way, MemoryError or a
   service's error, fails).
@@ -35,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import image
+from . import heapprof, image
 from .build import FIRMWARE, build
 from .runner import micropython
 
@@ -100,11 +103,15 @@ class ScenarioError(Exception):
     """The scenario did not run what it measures."""
 
 
-def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int] | None:
+def scenario(
+    code: Path | None, heap: str, strict: bool = True, profile: list[str] | None = None
+) -> dict[str, int] | None:
     """The full session; its figures, or None when the board failed (out of memory). `code`: a
     build to run on the 64-bit port, FIRMWARE for the source, None for the board image. `strict`:
     a scenario that did not run what it measures raises ScenarioError; else (the heap search: a
-    board short of heap drops log lines) it fails."""
+    board short of heap drops log lines) it fails. `profile` (the image only): filled with the heap
+    profiler's dump (tools/board/heapprof.py) taken at the measuring point, while the session, the
+    download and the upload are all under way."""
     from fwpeer import FACTORY_KEY, Peer  # noqa: PLC0415 — on the path set above
 
     from gateway.schema import Action, Key  # noqa: PLC0415
@@ -176,6 +183,11 @@ def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int
             if b.all("tx_ended") or any(fw[1](e) for e in b.all("fw_status")):
                 raise ScenarioError("the session ended or the image was installed before the measurement")
             time.sleep(0.6)
+            if profile is not None:
+                m = b.mark()
+                b.cmd("heapprof")
+                b.wait("text", pred=lambda e: e["text"] == "heapprof end", since=m, timeout=30)
+                profile += [e["text"] for e in b.events[m:] if e["ev"] == "text"]
             m = b.mark()
             b.cmd("unplug")
             b.wait("tx_ended", since=m)
@@ -184,6 +196,7 @@ def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int
             if any("MemoryError" in line for line in b.stderr) or b.all("error"):
                 return None
             return {
+                "heap_start": boot["heap_start"],
                 "heap_imports": boot["heap_imports"] - boot["heap_start"],
                 "heap_boot": boot["heap_boot"] - boot["heap_start"],
                 "peak": st["peak"] - boot["heap_start"],
@@ -203,6 +216,7 @@ def scenario(code: Path | None, heap: str, strict: bool = True) -> dict[str, int
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    profiled = "--profile" in sys.argv
     kind = "source" if "--source" in sys.argv else "bytecode" if "--bytecode" in sys.argv else "image"
     out = Path(tempfile.mkdtemp(prefix="csc-mpy-"))
     try:
@@ -231,7 +245,8 @@ def main() -> None:
             if name == ON_DEMAND[0]:
                 print("rare commands, imported for the command and dropped again (each alone; what stays: its qstrs):")
             print(f"  {name:32} {n:7}" + (f"  (stays {left})" if name in ON_DEMAND else ""))
-        r = scenario(code, "512k")
+        lines: list[str] | None = [] if profiled and kind == "image" else None
+        r = scenario(code, "512k", profile=lines)
         if r is None:
             print("scenario failed with a 512 KiB heap")
             sys.exit(1)
@@ -240,6 +255,13 @@ def main() -> None:
         print(f"peak heap in the full scenario: {r['peak']} bytes")
         print(f"working set (peak - heap after boot): {r['peak'] - r['heap_boot']} bytes")
         print(f"working set (peak - heap after imports): {r['peak'] - r['heap_imports']} bytes")
+        if lines is not None:
+            p = heapprof.parse(lines)
+            print("\n".join(heapprof.report(p)))
+            print(
+                f"  (the whole heap at the measuring point, after gc: also what the emulated board allocated "
+                f"before heap_start, its own module boards.unix, {r['heap_start']} B)"
+            )
         if quick:
             return
         print(f"smallest -X heapsize that passes: {smallest_heap(code, 1 if kind == 'image' else 4)}")

@@ -54,6 +54,8 @@ DOWNLOADS = {  # what the download fetches: GitHub's archives of the pinned comm
     "lib/axtls": f"https://codeload.github.com/micropython/axtls/tar.gz/{AXTLS_COMMIT}",
 }
 MANIFEST = Path(__file__).with_name("manifest_unix.py")
+# C modules built into the emulated board's image only: the heap profiler (tools/board/heapprof.py)
+CMODULES = Path(__file__).with_name("cmodules")
 FW_MANIFEST = build.FIRMWARE / "manifest.py"
 CC = "gcc -m32"
 MAKE_FLAGS = (
@@ -169,8 +171,17 @@ def inputs() -> dict[str, str]:
         "firmware": firmware_identity(),
         "manifests": hashlib.sha256(MANIFEST.read_bytes() + b"\0" + FW_MANIFEST.read_bytes()).hexdigest(),
         "make": " ".join(MAKE_FLAGS),
+        "cmodules": _tree_hash(CMODULES),
         "compiler": compiler(),
     }
+
+
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
 
 
 def image_hash(ins: dict[str, str] | None = None) -> str:
@@ -405,7 +416,7 @@ def _build(tmp: Path, ins: dict[str, str], h: str, quiet: bool) -> Path:
     _make(["-C", str(mp / "mpy-cross"), JOBS, f"PYTHON={sys.executable}"], quiet, env, log)
     _make(
         ["-C", str(mp / "ports" / "unix"), JOBS, f"PYTHON={sys.executable}", *MAKE_FLAGS,
-         f"FROZEN_MANIFEST={MANIFEST}"],
+         f"FROZEN_MANIFEST={MANIFEST}", f"USER_C_MODULES={CMODULES}"],
         quiet, env, log,
     )  # fmt: skip
     exe = mp / "ports" / "unix" / "build-standard" / "micropython"
