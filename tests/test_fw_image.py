@@ -111,4 +111,5 @@ def test_the_heap_profiler_accounts_for_every_byte_and_names_its_holders(exe: Pa
     funs = {a.name for a in p.allocs if a.kind == "fun" and a.module == "__main__"}
     assert {"__init__", "read"} <= funs and cats["function objects"]["__main__"] == 16 * len(funs)
     assert cats["buffers, lists and arrays (their items)"]["bytearray"] >= 1000
+    assert [a.module for a in p.allocs if a.kind in ("type", "inst") and a.name == "Meter"] == ["__main__"] * 2
     assert any(a.kind == "module" and a.name == "heapprof" for a in p.allocs) is False  # a C module: no heap

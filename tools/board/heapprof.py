@@ -87,6 +87,66 @@ class Profile:
         return out
 
 
+GROUPS = (
+    ("csc", "the firmware (csc)"),
+    ("boards.esp32", "the firmware (csc)"),
+    ("asyncio", "MicroPython's asyncio"),
+    ("__main__", "the emulated board (boards.unix, boards.sim)"),
+    ("boards", "the emulated board (boards.unix, boards.sim)"),
+)
+_C_TYPES = {  # objects of C types, by whose they are
+    "Task": "MicroPython's asyncio",
+    "TaskQueue": "MicroPython's asyncio",
+    "poll": "MicroPython's asyncio",  # the I/O queue's poller
+    "VfsLfs2": "the file system (the flash's mount)",
+    "VfsPosix": "the file system (the flash's mount)",
+    "FileIO": "the file system (the flash's mount)",
+}
+DATA = "data the objects above hold (buffers, lists, strings, numbers, dicts)"
+
+
+def _group(module: str) -> str:
+    for prefix, g in GROUPS:
+        if module == prefix or module.startswith(prefix + "."):
+            return g
+    return f"module {module}"
+
+
+def groups(p: Profile) -> dict[str, int]:
+    """Bytes by whose they are: the firmware's modules, asyncio, the emulated board's harness (its
+    functions, classes, instances, coroutines and modules, by the module that defines them; C
+    objects by their type), qstrs, and the data those objects hold (a buffer or a list does not
+    say whose it is: the largest are listed by `largest`)."""
+    class_module = {a.name: a.module for a in p.allocs if a.kind == "type"}
+    out: dict[str, int] = defaultdict(int)
+    for a in p.allocs:
+        g: str
+        if a.owner is not None and a.owner[0] in ("classdict", "classtable", "members"):
+            g = _group(class_module.get(a.owner[1], "?"))
+        elif a.owner is not None and a.owner[0] in ("globdict", "globtable"):
+            g = _group(a.owner[1])
+        elif a.kind == "module":
+            g = _group(a.name)
+        elif a.kind in ("fun", "type", "inst", "gen"):
+            g = _group(a.module)
+        elif a.kind in ("qstrpool", "qstrdata"):
+            g = "MicroPython's qstrs made at run time (module names …)"
+        else:
+            g = _C_TYPES.get(a.kind, DATA)
+        out[g] += a.size
+    return dict(out)
+
+
+def largest(p: Profile, n: int = 6) -> list[Alloc]:
+    """The largest allocations that do not say whose they are (buffers, tables, lists)."""
+    data = [
+        a
+        for a in p.allocs
+        if a.kind not in ("fun", "type", "inst", "gen", "module") and (a.owner is None or a.owner[0] == "items")
+    ]
+    return sorted(data, key=lambda a: -a.size)[:n]
+
+
 def parse(lines: list[str]) -> Profile:
     """The profile from the dump's lines (those between `heapprof begin` and `heapprof end`)."""
     allocs: dict[int, Alloc] = {}
@@ -124,7 +184,12 @@ def parse(lines: list[str]) -> Profile:
 
 def report(p: Profile, top: int = 8) -> list[str]:
     """The profile as text: each category's total, and its largest holders."""
-    out = [f"heap profile: {p.total} B in {len(p.allocs)} allocations"]
+    out = [f"heap profile: {p.total} B in {len(p.allocs)} allocations; whose:"]
+    for g, b in sorted(groups(p).items(), key=lambda kv: -kv[1]):
+        out.append(f"  {g:70} {b:6} B")
+    big = ", ".join(f"{a.size} B ({a.owner[1] + ' items' if a.owner else a.kind})" for a in largest(p))
+    out.append(f"    the largest data allocations: {big}")
+    out.append("by kind:")
     cats = p.by_category()
     for cat, holders in sorted(cats.items(), key=lambda kv: -sum(kv[1].values())):
         total = sum(holders.values())

@@ -7,7 +7,8 @@
 // instance's hash table, a list's items, a bytearray's bytes) are allocations of their own without a
 // header, so their owner prints an `O` line naming them, and the Python side attributes them.
 //
-//   H <offset> <bytes> <kind> [<name> [<module>]]     an allocation (offset from the heap's start, hex)
+//   H <offset> <bytes> <kind> [<name> [<module>]]     an allocation (offset from the heap's start, hex);
+//                                                     <module>: a function's, a class's, an instance's
 //   O <offset> <kind> [<name>]                         the allocation at <offset> is <name>'s <kind>
 //
 // Nothing is allocated while printing (the figures are those of the heap as it was).
@@ -55,6 +56,16 @@ static const char *hp_module_name(const mp_obj_dict_t *globals) {
     return e != NULL && mp_obj_is_str(e->value) ? mp_obj_str_get_str(e->value) : "?";
 }
 
+// the module a class was defined in: the compiler stores `__module__` in every class body
+static const char *hp_class_module(const mp_obj_type_t *ty) {
+    if (!MP_OBJ_TYPE_HAS_SLOT(ty, locals_dict)) {
+        return "?";
+    }
+    const mp_obj_dict_t *d = MP_OBJ_TYPE_GET_SLOT(ty, locals_dict);
+    mp_map_elem_t *e = mp_map_lookup((mp_map_t *)&d->map, MP_OBJ_NEW_QSTR(MP_QSTR___module__), MP_MAP_LOOKUP);
+    return e != NULL && mp_obj_is_str(e->value) ? mp_obj_str_get_str(e->value) : "?";
+}
+
 static void hp_owned(const void *table, const char *kind, qstr name, const char *sname) {
     if (table != NULL && hp_in_heap(table)) {
         if (sname != NULL) {
@@ -88,7 +99,7 @@ static void hp_one(void *p, size_t n) {
         mp_printf(pr, "H %x %u fun %q %s\n", (uint)off, (uint)n, mp_obj_fun_bc_get_name(f), hp_module_name(f->context->module.globals));
     } else if (t == &mp_type_type) {
         const mp_obj_type_t *ty = p;
-        mp_printf(pr, "H %x %u type %q\n", (uint)off, (uint)n, ty->name);
+        mp_printf(pr, "H %x %u type %q %s\n", (uint)off, (uint)n, ty->name, hp_class_module(ty));
         if (MP_OBJ_TYPE_HAS_SLOT(ty, locals_dict)) {
             const mp_obj_dict_t *d = MP_OBJ_TYPE_GET_SLOT(ty, locals_dict);
             hp_owned(d, "classdict", ty->name, NULL);
@@ -106,7 +117,7 @@ static void hp_one(void *p, size_t n) {
         hp_owned(d->map.table, "dicttable", 0, "");
     } else if (hp_in_heap(t) && t->base.type == &mp_type_type) {
         const mp_obj_instance_t *o = p;
-        mp_printf(pr, "H %x %u inst %q\n", (uint)off, (uint)n, t->name);
+        mp_printf(pr, "H %x %u inst %q %s\n", (uint)off, (uint)n, t->name, hp_class_module(t));
         hp_owned(o->members.table, "members", t->name, NULL);
     } else if (t == &mp_type_gen_instance) {
         const hp_gen_t *g = p;
