@@ -93,7 +93,7 @@ class Meter:
 m = Meter()
 gc.collect()
 print("alloc", gc.mem_alloc())
-heapprof.dump()
+heapprof.dump(True)
 """
 
 
@@ -112,4 +112,5 @@ def test_the_heap_profiler_accounts_for_every_byte_and_names_its_holders(exe: Pa
     assert {"__init__", "read"} <= funs and cats["function objects"]["__main__"] == 16 * len(funs)
     assert cats["buffers, lists and arrays (their items)"]["bytearray"] >= 1000
     assert [a.module for a in p.allocs if a.kind in ("type", "inst") and a.name == "Meter"] == ["__main__"] * 2
+    assert heapprof.held(p)["Meter (__main__)"] >= 1000  # its buffer, found through the pointers
     assert any(a.kind == "module" and a.name == "heapprof" for a in p.allocs) is False  # a C module: no heap

@@ -427,7 +427,7 @@ class Control:
             except ImportError:
                 note("control_error", {"what": "no heapprof: the board image has it, not this build"})
             else:
-                heapprof.dump()
+                heapprof.dump(True)  # with the words: who holds what
         elif cmd == "quit":
             sys.exit(0)
         else:

@@ -35,11 +35,13 @@ class Alloc:
     name: str = ""
     module: str = ""
     owner: tuple[str, str] | None = None  # (what it is for, whose): ("classtable", "Link") …
+    words: list[int] = field(default_factory=list)  # its content, when dumped with the words
 
 
 @dataclass
 class Profile:
     allocs: list[Alloc] = field(default_factory=list)
+    base: int = 0  # the heap's address: a word equal to base + an allocation's offset points to it
 
     @property
     def total(self) -> int:
@@ -103,6 +105,7 @@ _C_TYPES = {  # objects of C types, by whose they are
     "FileIO": "the file system (the flash's mount)",
 }
 DATA = "data the objects above hold (buffers, lists, strings, numbers, dicts)"
+INTERPRETER = "the interpreter's own (no heap object holds it: sys.modules, sys.path, the C stack)"
 
 
 def _group(module: str) -> str:
@@ -137,6 +140,70 @@ def groups(p: Profile) -> dict[str, int]:
     return dict(out)
 
 
+_NAMED = ("fun", "type", "inst", "gen", "module")
+_NO_POINTERS = ("str", "bytes", "qstrdata", "float")  # their words are data, not pointers
+
+
+def holder(a: Alloc, class_module: dict[str, str]) -> str | None:
+    """`Class (module)` or `module` for an allocation that names itself or is owned by one that does."""
+    if a.owner is not None and a.owner[0] in ("classdict", "classtable", "members"):
+        cls = a.owner[1]
+        return f"{cls} ({class_module.get(cls, '?')})" if a.owner[0] == "members" else f"class {cls}"
+    if a.owner is not None and a.owner[0] in ("globdict", "globtable"):
+        return f"module {a.owner[1]}"
+    if a.kind == "inst":
+        return f"{a.name} ({a.module})"
+    if a.kind == "type":
+        return f"class {a.name}"
+    if a.kind in ("module", "fun", "gen"):
+        return f"module {a.name if a.kind == 'module' else a.module}"
+    if a.kind in _C_TYPES:
+        return a.kind
+    return None
+
+
+def held(p: Profile) -> dict[str, int]:
+    """The data (what names no holder: buffers, lists, tables, strings) by the nearest object that
+    does, through the pointers in the dump's words (as the GC follows them): an instance (`Link
+    (csc.link)`), a class or a module. What no object of the heap reaches is the interpreter's own
+    (`INTERPRETER`: sys.modules' table, sys.path, what only the C stack holds); qstrs are left out
+    (`groups` counts them)."""
+    by_off = {a.off: a for a in p.allocs}
+    class_module = {a.name: a.module for a in p.allocs if a.kind == "type"}
+    items = {a.off for a in p.allocs if a.owner is not None and a.owner[0] == "items" and a.owner[1] != "list"}
+
+    def targets(a: Alloc) -> list[Alloc]:
+        if a.kind in _NO_POINTERS or a.off in items:  # a buffer's bytes are not pointers
+            return []
+        out = []
+        for w in a.words:
+            t = by_off.get(w - p.base)
+            if t is not None and t is not a:
+                out.append(t)
+        return out
+
+    whose: dict[int, str] = {}
+    frontier = []
+    for a in p.allocs:
+        h = holder(a, class_module)
+        if h is not None:
+            whose[a.off] = h
+            frontier.append(a)
+    while frontier:  # breadth first: each data allocation goes to the nearest named holder
+        nxt = []
+        for a in frontier:
+            for t in targets(a):
+                if t.off not in whose:
+                    whose[t.off] = whose[a.off]
+                    nxt.append(t)
+        frontier = nxt
+    out: dict[str, int] = defaultdict(int)
+    for a in p.allocs:
+        if holder(a, class_module) is None and a.kind not in ("qstrpool", "qstrdata"):
+            out[whose.get(a.off, INTERPRETER)] += a.size
+    return dict(out)
+
+
 def largest(p: Profile, n: int = 6) -> list[Alloc]:
     """The largest allocations that do not say whose they are (buffers, tables, lists)."""
     data = [
@@ -152,22 +219,29 @@ def parse(lines: list[str]) -> Profile:
     allocs: dict[int, Alloc] = {}
     owned: dict[int, tuple[str, str]] = {}
     inside = False
+    base = 0
+    last: Alloc | None = None
     for raw in lines:
         line = raw.strip()
         if line.startswith("heapprof begin"):
             inside = True
             allocs.clear()
             owned.clear()
+            w = line.split()
+            base = int(w[3], 16) if len(w) > 3 else 0
             continue
         if line == "heapprof end":
             inside = False
             continue
         if not inside:
             continue
+        if line.startswith("W") and last is not None:
+            last.words = [int(x, 16) for x in line.split()[1:]]
+            continue
         m = _H.match(line)
         if m:
             off = int(m.group(1), 16)
-            allocs[off] = Alloc(off, int(m.group(2)), m.group(3), m.group(4) or "", m.group(5) or "")
+            last = allocs[off] = Alloc(off, int(m.group(2)), m.group(3), m.group(4) or "", m.group(5) or "")
             continue
         m = _O.match(line)
         if m:
@@ -179,7 +253,7 @@ def parse(lines: list[str]) -> Profile:
     for off, a in allocs.items():
         if off in owned and (a.kind in ("raw", "dict") or owned[off][0] in ("classdict", "globdict")):
             a.owner = owned[off]
-    return Profile(sorted(allocs.values(), key=lambda a: a.off))
+    return Profile(sorted(allocs.values(), key=lambda a: a.off), base)
 
 
 def report(p: Profile, top: int = 8) -> list[str]:
@@ -189,6 +263,9 @@ def report(p: Profile, top: int = 8) -> list[str]:
         out.append(f"  {g:70} {b:6} B")
     big = ", ".join(f"{a.size} B ({a.owner[1] + ' items' if a.owner else a.kind})" for a in largest(p))
     out.append(f"    the largest data allocations: {big}")
+    if any(a.words for a in p.allocs):
+        h = sorted(held(p).items(), key=lambda kv: -kv[1])
+        out.append("  the data, by the nearest object that holds it: " + ", ".join(f"{n} {b}" for n, b in h[: top * 2]))
     out.append("by kind:")
     cats = p.by_category()
     for cat, holders in sorted(cats.items(), key=lambda kv: -sum(kv[1].values())):

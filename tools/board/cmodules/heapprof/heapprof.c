@@ -10,6 +10,7 @@
 //   H <offset> <bytes> <kind> [<name> [<module>]]     an allocation (offset from the heap's start, hex);
 //                                                     <module>: a function's, a class's, an instance's
 //   O <offset> <kind> [<name>]                         the allocation at <offset> is <name>'s <kind>
+//   W <word> <word> …                                  (dump(True)) the words of the H line above
 //
 // Nothing is allocated while printing (the figures are those of the heap as it was).
 
@@ -136,10 +137,14 @@ static void hp_one(void *p, size_t n) {
     }
 }
 
-// heapprof.dump(): a line per allocation of the heap (see above), between "heapprof begin" and "end"
-static mp_obj_t heapprof_dump(void) {
+// heapprof.dump(words=False): a line per allocation of the heap (see above), between "heapprof begin
+// <block size> <heap address>" and "heapprof end"; with `words`, each H line is followed by a W line: the
+// allocation's words in hex (the pointers among them say what holds what)
+static mp_obj_t heapprof_dump(size_t n_args, const mp_obj_t *args) {
+    bool words = n_args > 0 && mp_obj_is_true(args[0]);
     gc_collect();
-    mp_printf(&mp_plat_print, "heapprof begin %u\n", (uint)MICROPY_BYTES_PER_GC_BLOCK);
+    mp_printf(&mp_plat_print, "heapprof begin %u %x\n", (uint)MICROPY_BYTES_PER_GC_BLOCK,
+        (uint)(uintptr_t)MP_STATE_MEM(area).gc_pool_start);
     for (hp_area = &MP_STATE_MEM(area); hp_area != NULL;) {
         size_t blocks = hp_area->gc_alloc_table_byte_len * 4;
         for (size_t b = 0; b < blocks; b++) {
@@ -150,7 +155,15 @@ static mp_obj_t heapprof_dump(void) {
             while (b + n < blocks && HP_KIND(hp_area, b + n) == HP_AT_TAIL) {
                 n++;
             }
-            hp_one(hp_area->gc_pool_start + b * MICROPY_BYTES_PER_GC_BLOCK, n * MICROPY_BYTES_PER_GC_BLOCK);
+            void *p = hp_area->gc_pool_start + b * MICROPY_BYTES_PER_GC_BLOCK;
+            hp_one(p, n * MICROPY_BYTES_PER_GC_BLOCK);
+            if (words) {  // what it points to is found from these, as the GC finds it (tools/board/heapprof.py)
+                mp_printf(&mp_plat_print, "W");
+                for (size_t i = 0; i < n * MICROPY_BYTES_PER_GC_BLOCK / sizeof(uintptr_t); i++) {
+                    mp_printf(&mp_plat_print, " %x", (uint)((uintptr_t *)p)[i]);
+                }
+                mp_printf(&mp_plat_print, "\n");
+            }
         }
         #if MICROPY_GC_SPLIT_HEAP
         hp_area = hp_area->next;
@@ -161,7 +174,7 @@ static mp_obj_t heapprof_dump(void) {
     mp_printf(&mp_plat_print, "heapprof end\n");
     return mp_const_none;
 }
-static MP_DEFINE_CONST_FUN_OBJ_0(heapprof_dump_obj, heapprof_dump);
+static MP_DEFINE_CONST_FUN_OBJ_VAR_BETWEEN(heapprof_dump_obj, 0, 1, heapprof_dump);
 
 static const mp_rom_map_elem_t heapprof_globals_table[] = {
     { MP_ROM_QSTR(MP_QSTR___name__), MP_ROM_QSTR(MP_QSTR_heapprof) },
