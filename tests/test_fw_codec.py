@@ -9,6 +9,7 @@ same checks (tests/fw_vectors.py); hypothesis compares the codec with the `msgpa
 # mypy: disable-error-code="import-not-found,import-untyped,no-untyped-call"
 from __future__ import annotations
 
+import ast
 import hashlib
 import hmac
 import json
@@ -758,6 +759,31 @@ def test_the_board_hmac_matches_the_standard_library_under_micropython() -> None
     for (k, m, _a), line in zip(cases, lines[1:], strict=True):
         want = hmac.new(bytes.fromhex(k), bytes.fromhex(m), hashlib.sha256).hexdigest()
         assert line == f"{want} {want[:32]} True False", (len(m) // 2, len(k) // 2)
+
+
+def _root_bits(n: int, k: int) -> int:
+    """The first 32 bits of the fractional part of n ** (1 / k), in integers: floor((n << 32k) ** (1/k))."""
+    x = n << (32 * k)
+    lo, hi = 0, 1 << (32 + 8)
+    while lo < hi:  # the largest r with r ** k <= x
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if mid**k <= x else (lo, mid - 1)
+    return lo & 0xFFFFFFFF
+
+
+def test_the_board_sha256_constants_are_fips_180_4s() -> None:
+    # csc/sha256.py keeps the round constants and the initial state as a bytes literal (in flash on a
+    # board): little-endian words, checked here against their definition, computed again
+    src = (Path(__file__).parents[1] / "firmware" / "csc" / "sha256.py").read_text()
+    k = next(
+        ast.literal_eval(n.value)
+        for n in ast.parse(src).body
+        if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id == "_K"
+    )
+    primes = [p for p in range(2, 312) if all(p % d for d in range(2, int(p**0.5) + 1))][:64]
+    want = [_root_bits(p, 3) for p in primes] + [_root_bits(p, 2) for p in primes[:8]]
+    assert list(struct.unpack("<72I", k)) == want
+    assert want[0] == 0x428A2F98 and want[64] == 0x6A09E667  # FIPS 180-4's first K and H(0)
 
 
 @given(st.binary(min_size=32, max_size=32), st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16))
