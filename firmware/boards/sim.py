@@ -1,7 +1,7 @@
 """The simulated board's hardware: the `Hal` interface, whose inputs a test or the demo drives (plug in an
-EV, present a card, change the grid frequency, step the clock) and whose outputs it records.
-The emulated board (boards/unix.py) runs the firmware on it; a real board never freezes it
-(firmware/manifest.py freezes `csc` and its own board's modules only).
+EV, present a card, change the grid frequency, step the clock: boards/unix.py's control channel sets
+them here) and whose outputs it records. The emulated board (boards/unix.py) runs the firmware on it;
+a real board never freezes it (firmware/manifest.py freezes `csc` and its own board's modules only).
 
 The board has `evses` EVSEs (1 unless the runner says otherwise: `--evses`), each with its own
 EV, contactor, limit, cable lock and meter (`_Ev`); the inputs and outputs take the EVSE's number
@@ -23,43 +23,8 @@ real board spends on its own HAL instead. `tests/test_fw_layout.py` checks it ha
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-from csc.hal import FLAG_CARD, FLAG_CP
+from csc.hal import FLAG_CARD
 from csc.schema import CP_STATE_A, CP_STATE_B, CP_STATE_C
-
-METER_TAG = b"EDM1"
-"""A signed reading: tag, register (Wh, 8 bytes big endian), EVSE (1 byte), the meter's clock
-(Unix s, 4 bytes big endian), then the Ed25519 signature (64 bytes) of those 17 bytes."""
-
-
-def _seal(seed, msg):
-    """The Ed25519 signature (RFC 8032, 5.1.6) of `msg` by the key whose 32-byte seed is `seed`:
-    the meter's chip. It borrows the board's curve arithmetic (csc.ed25519, which only verifies:
-    the board itself never signs), loaded for the seal and dropped after, as the firmware does."""
-    import sys
-
-    ed = __import__("csc.ed25519", None, None, ("sha512",))
-    try:
-        h = ed.sha512(seed)
-        a = (int.from_bytes(h[:32], "little") & ((1 << 254) - 8)) | (1 << 254)
-        r = int.from_bytes(ed.sha512(h[32:], msg), "little") % ed._L
-        big_r = ed._encode(_times_base(ed, r))
-        k = int.from_bytes(ed.sha512(big_r, ed._encode(_times_base(ed, a)), msg), "little") % ed._L
-        return big_r + ((r + k * a) % ed._L).to_bytes(32, "little")
-    finally:
-        ed = None
-        sys.modules.pop("csc.ed25519", None)
-        pkg = sys.modules["csc"]
-        if hasattr(pkg, "ed25519"):
-            delattr(pkg, "ed25519")
-
-
-def _times_base(ed, n):
-    q = ed._ZERO
-    for i in range(254, -1, -1):
-        q = ed._double(q)
-        if (n >> i) & 1:
-            q = ed._add(q, ed._B)
-    return q
 
 
 class _Ev:
@@ -85,13 +50,18 @@ class SimHal:
     model = "SIM-1"
     vendor = "evedge"
     serial = "SIM0001"
+    # What the rarer features hand the board, None until they do: read from the class until then,
+    # so that an instance that never sees them has no slot for them (its attribute table: heap).
+    exi: bytes | None = None  # the EXI message last handed to the EV (ISO 15118)
+    ocsp: bytes | None = None  # the OCSP response the EV was last given (M15)
+    se_key: bytes | None = None  # a private key delivered from outside (M18), held by the secure element
+    se_csr: bytes | None = None  # the secure element's certificate request (M16), from its own key pair
 
-    def __init__(self, evses=1):
+    def __init__(self, evses):
+        # The control channel (boards/unix.py `Control`) is the test's hands on this hardware: it
+        # plugs the EVs in, presents the cards and steps the clock by setting these directly.
         self.flags = 0  # Hal.flags: FLAG_* set by the interrupt-like inputs
         self.card = None
-        import time
-
-        self._t = time
         self.skew_ms = 0  # clock steps from the control channel
         self.evses = evses
         self.e = [_Ev() for _ in range(evses)]  # EVSE n is e[n - 1]
@@ -99,47 +69,15 @@ class SimHal:
         self.freq = 50000
         self.temp = 250
         self.last = self.ticks_ms()
-        self.exi = None
-        self.ocsp = None  # the OCSP response the EV was last given (M15)
-        self.se_key = None  # a private key delivered from outside (M18), held by the secure element
-        self.se_csr = None  # the secure element's certificate request (M16), from its own key pair
         self.meter_keys = None  # the file of the meters' keys (`--meter-keys`): their chips
 
     def ticks_ms(self):
-        return self._t.ticks_add(self._t.ticks_ms(), self.skew_ms)
+        import time
 
-    def step(self, ms):
-        self.skew_ms += ms
-        self.update()
-
-    # ---- what the control channel does
-    def plug(self, ready=True, max_w=11000, v2g=False, needs=None, evse=1):
-        self.update()
-        e = self.e[evse - 1]
-        e.plugged = True
-        e.ready = ready
-        e.max_w = max_w
-        e.v2g = v2g
-        e.needs = needs
-        self.flags |= FLAG_CP
-
-    def unplug(self, evse=1):
-        self.update()
-        self.e[evse - 1].plugged = False
-        self.flags |= FLAG_CP
-
-    def ready(self, on, evse=1):
-        self.update()
-        self.e[evse - 1].ready = on
-        self.flags |= FLAG_CP
-
-    def present(self, token, token_type=0, evse=0):
-        # evse 0: the board's one card reader, shared by its EVSEs; n: the reader of EVSE n
-        self.card = (token, token_type, evse) if evse else (token, token_type)
-        self.flags |= FLAG_CARD
+        return time.ticks_add(time.ticks_ms(), self.skew_ms)
 
     # ---- physics
-    def power(self, evse=0):
+    def power(self, evse):
         """The power (W) EVSE `evse` transfers now; 0: the board's total."""
         if not evse:
             p = 0
@@ -155,8 +93,11 @@ class SimHal:
         return min(lim, e.max_w, self.rating_w)
 
     def update(self):
+        """The meters integrate the power up to now: before anything that changes it."""
+        import time
+
         now = self.ticks_ms()
-        dt = self._t.ticks_diff(now, self.last)
+        dt = time.ticks_diff(now, self.last)
         self.last = now
         if dt > 0:
             for n in range(1, self.evses + 1):
@@ -197,9 +138,40 @@ class SimHal:
                 seed = bytes.fromhex(f.read().split()[evse - 1])
         except (TypeError, OSError, IndexError, ValueError):
             return None  # a meter without a key signs nothing
+        import sys
+        import time
+
+        # `EDM1`: the tag, the register (Wh, 8 bytes big endian), the EVSE (1 byte), the meter's
+        # clock (Unix s, 4 bytes big endian), then the Ed25519 signature (64 bytes) of those 17 bytes.
         wh = int(self.e[evse - 1].wh_in)
-        msg = METER_TAG + wh.to_bytes(8, "big") + bytes((evse,)) + (int(self._t.time()) & 0xFFFFFFFF).to_bytes(4, "big")
-        return msg + _seal(seed, msg)
+        msg = b"EDM1" + wh.to_bytes(8, "big") + bytes((evse,)) + (int(time.time()) & 0xFFFFFFFF).to_bytes(4, "big")
+        # The signature (RFC 8032, 5.1.6) by the key whose 32-byte seed is `seed`: the meter's chip.
+        # It borrows the board's curve arithmetic (csc.ed25519, which only verifies: the board itself
+        # never signs), loaded for the seal and dropped after, as the firmware does; the code of the
+        # seal is here, in the one method that seals, so that it takes no heap between seals.
+        ed = __import__("csc.ed25519", None, None, ("sha512",))
+
+        def times_base(n):  # n·B
+            q = ed._ZERO
+            for i in range(254, -1, -1):
+                q = ed._double(q)
+                if (n >> i) & 1:
+                    q = ed._add(q, ed._B)
+            return q
+
+        try:
+            h = ed.sha512(seed)
+            a = (int.from_bytes(h[:32], "little") & ((1 << 254) - 8)) | (1 << 254)
+            r = int.from_bytes(ed.sha512(h[32:], msg), "little") % ed._L
+            big_r = ed._encode(times_base(r))
+            k = int.from_bytes(ed.sha512(big_r, ed._encode(times_base(a)), msg), "little") % ed._L
+            return msg + big_r + ((r + k * a) % ed._L).to_bytes(32, "little")
+        finally:
+            ed = None
+            sys.modules.pop("csc.ed25519", None)
+            pkg = sys.modules["csc"]
+            if hasattr(pkg, "ed25519"):
+                delattr(pkg, "ed25519")
 
     def temperature_dc(self):
         return self.temp
@@ -252,18 +224,3 @@ class SimHal:
         import sys
 
         sys.exit(3)
-
-    def evse_status(self, evse):
-        e = self.e[evse - 1]
-        e_in, e_out, p, _, _ = self.meter(evse)
-        return {"cp": self.cp_state(evse), "contactor": e.contactor, "limit_w": e.limit_w, "power_w": p,
-                "wh_in": e_in, "wh_out": e_out, "locked": e.locked}  # fmt: skip
-
-    def status(self):
-        """EVSE 1's figures at the top level (as for a board with one EVSE), every EVSE's
-        under `evses`."""
-        d = self.evse_status(1)
-        d["text"] = self.text
-        d["freq"] = self.freq
-        d["evses"] = [self.evse_status(n) for n in range(1, self.evses + 1)]
-        return d

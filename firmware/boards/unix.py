@@ -29,32 +29,35 @@ import os
 import sys
 
 import vfs
+from micropython import const
 
 if "" not in sys.path:
     sys.path.append("")
 
 
+_BLOCK = const(4096)  # the flash's erase block, as an ESP32's (a constant: no attribute for it)
+
+
 class FileBlockDev:
     """A file standing for the board's flash: LittleFS2 block device, extended interface."""
 
-    def __init__(self, path, block_size=4096, blocks=256):
-        self.bs = block_size
+    def __init__(self, path, blocks=256):
         self.n = blocks
         try:
             self.f = open(path, "r+b")  # noqa: SIM115 — open for the board's life
         except OSError:
             self.f = open(path, "w+b")  # noqa: SIM115
-            z = bytes(block_size)
+            z = bytes(_BLOCK)
             for _ in range(blocks):
                 self.f.write(z)
             self.f.flush()
 
     def readblocks(self, block, buf, off=0):
-        self.f.seek(block * self.bs + off)
+        self.f.seek(block * _BLOCK + off)
         self.f.readinto(buf)
 
     def writeblocks(self, block, buf, off=None):
-        self.f.seek(block * self.bs + (off or 0))
+        self.f.seek(block * _BLOCK + (off or 0))
         self.f.write(buf)
         self.f.flush()
 
@@ -62,7 +65,7 @@ class FileBlockDev:
         if op == 4:
             return self.n
         if op == 5:
-            return self.bs
+            return _BLOCK
         if op == 6:  # erase: LittleFS never needs the bytes cleared on a file
             return 0
         return None
@@ -280,17 +283,21 @@ class Control:
     async def run(self):
         from csc.app import wait_io  # asyncio's I/O queue: no asyncio.stream module (heap)
 
-        i = sys.stdin
         while True:
-            await wait_io(i, 0)
-            line = i.readline()  # a whole line (stdin blocks), as asyncio's StreamReader reads it
+            await wait_io(sys.stdin, 0)
+            line = sys.stdin.readline()  # a whole line (stdin blocks), as asyncio's StreamReader reads it
             if not line:
                 return
-            try:
-                c = json.loads(line)
-                self.do(c)
-            except Exception as e:
-                note("control_error", {"what": repr(e)})
+            self.take(line)
+
+    def take(self, line):
+        """One command: one that fails is reported and the channel goes on. (Not in `run`: a
+        try block in a coroutine keeps room for its handler in the coroutine's frame, 48 B of
+        heap for the board's life; here it takes stack only while a line is handled.)"""
+        try:
+            self.do(json.loads(line))
+        except Exception as e:
+            note("control_error", {"what": repr(e)})
 
     async def meter_task(self):
         import asyncio
@@ -299,9 +306,7 @@ class Control:
         while True:
             await asyncio.sleep_ms(250)
             self.hal.update()
-            wh = 0.0
-            for e in self.hal.e:
-                wh += e.wh_in
+            wh = sum(e.wh_in for e in self.hal.e)  # not a loop: its variables would widen this frame
             if wh != last:
                 last = wh
                 self._meter_save()
@@ -310,35 +315,49 @@ class Control:
             self.peak = max(self.peak, m)
 
     def do(self, c):
+        # constants, inlined by the build; imported here, not above: csc only after Slots.select()
+        from csc.hal import FLAG_BUTTON, FLAG_CARD, FLAG_CP
+
         cmd = c.get("cmd")
         hal = self.hal
         app = self.app
         n = c.get("evse", 1)  # the EVSE the EV (or the card, when given) is at
         if cmd in ("plug", "unplug", "ready") and not 1 <= n <= hal.evses:
             note("control_error", {"what": "no evse %s on this board" % n})
-        elif cmd == "plug":
-            hal.plug(c.get("ready", True), c.get("max_w", 11000), c.get("v2g", False), c.get("needs"), n)
-        elif cmd == "ready":
-            hal.ready(c.get("on", True), n)
+        elif cmd in ("plug", "unplug", "ready"):  # the EV at EVSE n: a control-pilot edge
+            # straight on the simulated hardware (boards/sim.py), as an EV would change it
+            hal.update()  # the meters integrate up to the change
+            e = hal.e[n - 1]
+            if cmd == "plug":
+                e.plugged = True
+                e.ready = c.get("ready", True)
+                e.max_w = c.get("max_w", 11000)
+                e.v2g = c.get("v2g", False)
+                e.needs = c.get("needs")
+            elif cmd == "unplug":
+                e.plugged = False
+            else:
+                e.ready = c.get("on", True)
+            hal.flags |= FLAG_CP
         elif cmd == "button":  # the emergency stop button
-            from csc.hal import FLAG_BUTTON
-
             hal.flags |= FLAG_BUTTON
         elif cmd == "ev_ocsp":  # the EV asks for the OCSP response of a certificate (M15)
             app.security().ocsp_to_ev(bytes.fromhex(c["hash"]))
         elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
             app.security().ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
-        elif cmd == "unplug":
-            hal.unplug(n)
         elif cmd == "card":  # at the reader of EVSE `evse`; without it at the board's shared reader
             tok = c["token"]
-            hal.present(tok.encode() if isinstance(tok, str) else bytes(tok), c.get("type", 0), c.get("evse", 0))
+            tok = tok.encode() if isinstance(tok, str) else bytes(tok)
+            r = c.get("evse", 0)  # 0: the board's one card reader, shared by its EVSEs; n: EVSE n's
+            hal.card = (tok, c.get("type", 0), r) if r else (tok, c.get("type", 0))
+            hal.flags |= FLAG_CARD
         elif cmd == "freq":
             hal.freq = c["mhz"]
         elif cmd == "temp":
             hal.temp = c["dc"]
         elif cmd == "step":
-            hal.step(c["ms"])
+            hal.skew_ms += c["ms"]
+            hal.update()
             app._t_s += c["ms"] // 1000
             self._meter_save()  # the registers jumped: kept at once, as a real meter keeps each Wh
         elif cmd == "tick":
@@ -369,17 +388,30 @@ class Control:
         elif cmd == "log":
             app.log(c.get("text", "x") * c.get("n", 1))
         elif cmd == "status":
-            d = hal.status()
-            for i, e in enumerate(app.tx.e):  # EVSE 1's at the top level too (hal.status())
-                x = d["evses"][i]
-                x["tx_id"] = e.tx.id if e.tx else None
-                x["svc"] = e.svc
-                x["hw_limit"] = e.hw_limit
-                x["charging_state"] = e.state
-                x["status"] = e.status
+            # every EVSE's figures under `evses`: the simulated hardware's (boards/sim.py), then
+            # the firmware's; EVSE 1's at the top level too (as for a board with one EVSE)
+            d = {}
+            evses: list = []
+            for e in app.tx.e:
+                h = hal.e[e.n - 1]
+                e_in, e_out, p, _, _ = hal.meter(e.n)
+                y = {"cp": hal.cp_state(e.n), "contactor": h.contactor, "limit_w": h.limit_w, "power_w": p,
+                     "wh_in": e_in, "wh_out": e_out, "locked": h.locked}  # fmt: skip
+                if not evses:
+                    d.update(y)
+                y["tx_id"] = e.tx.id if e.tx else None
+                y["svc"] = e.svc
+                y["hw_limit"] = e.hw_limit
+                y["charging_state"] = e.state
+                y["status"] = e.status
+                evses.append(y)
             e = app.tx.e[0]
             d["tx_id"] = e.tx.id if e.tx else None
             d["svc"] = e.svc
+            d["charging_state"] = e.state
+            d["evses"] = evses
+            d["text"] = hal.text
+            d["freq"] = hal.freq
             d["online"] = app.online
             d["registered"] = app.registered
             d["outbox"] = len(app.outbox)
@@ -394,7 +426,6 @@ class Control:
             d["se_key"] = hal.se_key.hex() if hal.se_key else None
             d["operative"] = app.station.operative
             d["estop"] = app.station.estop
-            d["charging_state"] = e.state
             d["version"] = app.version
             d["slot"] = app.slots.running
             d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
@@ -414,7 +445,7 @@ class Control:
             for e in app.tx.e:
                 tx = tx or (e.tx.id if e.tx else None)
                 on = on or hal.e[e.n - 1].contactor
-            d = {"p": hal.power(), "tx": tx, "c": on, "r": app.registered}
+            d = {"p": hal.power(0), "tx": tx, "c": on, "r": app.registered}
             if hal.evses > 1:
                 d["e"] = [[hal.power(e.n), e.tx.id if e.tx else None] for e in app.tx.e]
             note("probe", d)
@@ -475,7 +506,11 @@ def main():
             pass
     hal.meter_keys = a.get("meter-keys")  # the meters' chips: read when a meter seals a reading
     host, port = a.get("gw", "127.0.0.1:7700").split(":")
+    gateway = (host, int(port))
     fk = bytes.fromhex(a.get("factory-key", "00" * 32))
+    # main's frame lasts as long as the board runs: what only the boot needed (the strings split
+    # from the arguments, the meter file's words) is let go rather than kept in the heap for good
+    kv = port = w = f = None
     gc.collect()
     m1 = gc.mem_alloc()
     ctl = None
@@ -487,15 +522,14 @@ def main():
             data = {"peak": ctl.peak}
         note(kind, data)
 
-    app = App(hal, a.get("id", "evse-1"), fk, (host, int(port)), board_note, slots)
+    app = App(hal, a.get("id", "evse-1"), fk, gateway, board_note, slots)
     gc.collect()
     m2 = gc.mem_alloc()
     ctl = Control(app, hal, mp)
     ctl.peak = m2
     m = sys.maxsize  # 2**31 - 1 on the 32-bit board image, 2**63 - 1 on the 64-bit unix port
-    d = {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m,
-         "slot": slots.running, "version": app.version}  # fmt: skip
-    note("boot", d)
+    note("boot", {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m,
+                  "slot": slots.running, "version": app.version})  # fmt: skip
     asyncio.run(app.main((ctl.run(), ctl.meter_task())))
 
 
