@@ -56,14 +56,12 @@ class Service:
             return getattr(self, name)(body, seq)
         return on_demand(type(self).__module__ + "_cmds", name[1:], self, body, seq)
 
-    def boot(self):
+    # boot(), online() and tick(now): nothing unless the service says otherwise; one function
+    # for the three (a function object each would cost heap on the board)
+    def boot(self, *_):
         pass
 
-    def online(self):
-        pass
-
-    def tick(self, now):
-        pass
+    online = tick = boot
 
 
 def on_demand(module, fn, service, body, seq):

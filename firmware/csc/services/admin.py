@@ -63,8 +63,6 @@ from ..schema import (
     F_REASON,
     F_REQUEST_ID,
     F_TIME,
-    FLEN,
-    LIMITS,
     LOG_STATUS_ACCEPTED,
     LOG_STATUS_UPLOADED,
     LOG_STATUS_UPLOADING,
@@ -79,8 +77,6 @@ CHUNKS_IN_FLIGHT = const(1)  # one LogChunk held for retransmission (its body ~1
 FAULT_OVERTEMP = const(2001)
 DISPLAY_MS = const(1000)
 LOGS = ("log", "slog")  # the files of each log, by log type: diagnostics, security
-# the criteria when the CSMS has set none: [highest level kept, components kept (None: all)] per log
-_CRIT = ([5, None], [9, None])
 
 
 def _read(path, at, n):
@@ -90,6 +86,31 @@ def _read(path, at, n):
             return f.read(n)
     except OSError:
         return b""
+
+
+def write(log_type, line):
+    """Append `line` to the log `log_type`, the older file giving way when the newer is full."""
+    import os
+
+    name = LOGS[log_type]
+    p = store.path(name + "0")
+    try:
+        if os.stat(p)[6] > LOG_MAX:
+            os.rename(p, store.path(name + "1"))
+    except OSError:
+        pass
+    try:
+        with open(p, "a") as f:
+            f.write(line)
+    except OSError:
+        pass
+
+
+def _log_status(app, request_id, st):
+    b = Map()
+    b[F_REQUEST_ID] = request_id
+    b[F_LOG_STATUS] = st
+    app.emit(A_LOG_STATUS, b, SECURITY)
 
 
 def _chunk_body(request_id, offset, data, last):
@@ -117,7 +138,9 @@ class Admin(Service):
     def __init__(self, app):
         super().__init__(app)
         c = store.load(store.path("logcrit"), None)
-        self.crit = c if c and len(c) == 2 else [list(_CRIT[0]), list(_CRIT[1])]
+        # per log: [highest level kept, components kept (None: all)]; when the CSMS has set none,
+        # information for diagnostics and everything for security (a constant: in flash on a board)
+        self.crit = c if c and len(c) == 2 else ((5, None), (9, None))
         self.faults = store.load(store.path("faults"), {}) or {}
         self.messages = store.load(store.path("disp"), {}) or {}  # id -> [prio, text, lang, from, to]
         self._shown = None  # the id of the message on the display
@@ -132,46 +155,24 @@ class Admin(Service):
         self.show()
 
     # ---------------------------------------------------------------- M7/M8 log
-    def log(self, text, level=5, component="ChargingStation", log_type=0):
+    def log(self, text, level, component, log_type):
+        """A line from `component` at `level` for the log `log_type`, if its criteria keep it
+        (App.log, which has the usual defaults)."""
         c = self.crit[log_type]
         if level > c[0] or (c[1] and component not in c[1]):
             return
-        self.write(log_type, "%d %d %s %s\n" % (self.app.time(), level, component, text))
-
-    def write(self, log_type, line):
-        """Append `line` to the log `log_type`, the older file giving way when the newer is full."""
-        import os
-
-        name = LOGS[log_type]
-        p = store.path(name + "0")
-        try:
-            if os.stat(p)[6] > LOG_MAX:
-                os.rename(p, store.path(name + "1"))
-        except OSError:
-            pass
-        try:
-            with open(p, "a") as f:
-                f.write(line)
-        except OSError:
-            pass
+        write(log_type, "%d %d %s %s\n" % (self.app.time(), level, component, text))
 
     def get_log(self, body, seq):
         t = body[F_LOG_TYPE]
-        self.upload = [body[F_REQUEST_ID], 1, 0, 0, [], t if t < len(LOGS) else 0]
-        self._save_upload(self.upload)
-        self._log_status(LOG_STATUS_UPLOADING)
+        rid = body[F_REQUEST_ID]
+        t = t if t < len(LOGS) else 0
+        self.upload = [rid, 1, 0, 0, [], t]
+        store.save(store.path("logup"), [rid, 1, 0, 0, t])  # [request id, file, offset, total, log type]
+        _log_status(self.app, rid, LOG_STATUS_UPLOADING)
         b = Map()
         b[F_LOG_STATUS] = LOG_STATUS_ACCEPTED
         return b
-
-    def _save_upload(self, pos):
-        store.save(store.path("logup"), [pos[0], pos[1], pos[2], pos[3], self.upload[5]])
-
-    def _log_status(self, st):
-        b = Map()
-        b[F_REQUEST_ID] = self.upload[0]
-        b[F_LOG_STATUS] = st
-        self.app.emit(A_LOG_STATUS, b, SECURITY)
 
     def _upload_step(self):
         u = self.upload
@@ -182,8 +183,8 @@ class Admin(Service):
         acked = None
         while pend and pend[0][0] not in app.link.inflight:
             acked = pend.pop(0)
-        if acked is not None:  # resume here after a power cut
-            self._save_upload(acked[1:5])
+        if acked is not None:  # resume here after a power cut (as get_log saves it)
+            store.save(store.path("logup"), [acked[1], acked[2], acked[3], acked[4], u[5]])
         while len(pend) < CHUNKS_IN_FLIGHT and u[1] >= 0 and app.online:
             p = store.path(LOGS[u[5]] + "%d" % u[1])
             at = u[2]
@@ -205,7 +206,7 @@ class Admin(Service):
             app.link.event(mid, A_LOG_CHUNK, b, app.now(), None, self._resend)
             app.kick()
         if u[1] < 0 and not pend:
-            self._log_status(LOG_STATUS_UPLOADED)
+            _log_status(app, u[0], LOG_STATUS_UPLOADED)
             app.note("log_uploaded", {"bytes": u[3]})
             self.upload = None
             store.remove(store.path("logup"))
@@ -249,26 +250,10 @@ class Admin(Service):
             self._shown = best
             app.hal.display(ms[best][1] if best is not None else "")
             if best is not None:
-                self.log("showing message %d" % best, 7, "DisplayCtrlr")
-
-    # ---------------------------------------------------------------- M9 faults
-    def fault(self, code, active, detail=None):
-        """Report fault `code` (set or cleared): its text is the provisioned table's, followed by
-        what the board measured (`detail`); the board's own text when the table has none."""
-        b = Map()
-        b[F_FAULT_CODE] = code
-        b[F_ACTIVE] = active
-        b[F_TIME] = self.app.time()
-        b[F_EVSE] = 1
-        t = self.faults.get(code)
-        r = "%s (%s)" % (t[1], detail) if t and t[1] and detail else (t[1] if t and t[1] else detail)
-        if r:
-            b[F_REASON] = r[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
-        self.app.emit(A_FAULT_REPORT, b, SECURITY)
-        self.log("fault %d %s %s" % (code, "on" if active else "off", r or ""), 1 if active else 5)
+                self.log("showing message %d" % best, 7, "DisplayCtrlr", 0)
 
     # ---------------------------------------------------------------- M5 reset
-    def reboot_soon(self, delay_ms, hard=True, reason="HardReset"):
+    def reboot_soon(self, delay_ms, hard, reason):
         """Reset in `delay_ms` (the answer and the last events leave first), ending a running
         transaction now (stop reason reboot): Reset `now` and UpdateFirmware `now`. `hard`: the
         board resets (Hal.reboot); else the application restarts (App.restart). `reason`: the
@@ -276,19 +261,7 @@ class Admin(Service):
         app = self.app
         if app.tx.active():
             app.tx.stop(STOP_REASON_REBOOT, TX_TRIGGER_ABNORMAL_CONDITION)
-        self._reboot_at = app.now() + delay_ms
-        self._reboot = (hard, reason)
-
-    def _reset(self):
-        app = self.app
-        hard, reason = self._reboot
-        self._reboot_at = None
-        app.note("reboot", {"reason": reason})
-        if not hard:
-            app.restart(reason)
-            return
-        store.save(store.path("bootr"), reason)  # what App.boot_reason reads after the reset
-        app.hal.reboot()
+        self._reboot = (app.now() + delay_ms, hard, reason)  # (when, hard, reason): tick() resets
 
     # ---------------------------------------------------------------- tick
     def tick(self, now):
@@ -299,9 +272,26 @@ class Admin(Service):
             self._upload_step()
         t = app.hal.temperature_dc()
         hot = t > 800
-        if hot != self.overtemp:
+        if hot != self.overtemp:  # M9: the fault is reported set or cleared
             self.overtemp = hot
-            self.fault(FAULT_OVERTEMP, hot, "temperature %d.%d C" % (t // 10, t % 10))
+            b = Map()
+            b[F_FAULT_CODE] = FAULT_OVERTEMP
+            b[F_ACTIVE] = hot
+            b[F_TIME] = app.time()
+            b[F_EVSE] = 1
+            # the provisioned table's text, followed by what the board measured; the board's own
+            # text when the table has none
+            why = "temperature %d.%d C" % (t // 10, t % 10)
+            f = self.faults.get(FAULT_OVERTEMP)
+            if f and f[1]:
+                why = "%s (%s)" % (f[1], why)
+            from ..schema import FLEN, LIMITS  # (here: names imported at the top would be globals)
+
+            b[F_REASON] = why[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
+            app.emit(A_FAULT_REPORT, b, SECURITY)
+            self.log(
+                "fault %d %s %s" % (FAULT_OVERTEMP, "on" if hot else "off", why), 1 if hot else 5, "ChargingStation", 0
+            )
         if (self.messages or self._shown is not None) and ticks_diff(now, self._disp_due) >= 0:
             self._disp_due = now + DISPLAY_MS
             self.show()
@@ -309,9 +299,15 @@ class Admin(Service):
             hard = self.reset_when_idle
             self.reset_when_idle = None
             self.reboot_soon(300, hard, "HardReset" if hard else "SoftReset")
-        r = getattr(self, "_reboot_at", None)
-        if r is not None and ticks_diff(now, r) >= 0:
-            self._reset()
+        r = getattr(self, "_reboot", None)
+        if r is not None and ticks_diff(now, r[0]) >= 0:
+            self._reboot = None
+            app.note("reboot", {"reason": r[2]})
+            if not r[1]:
+                app.restart(r[2])
+            else:
+                store.save(store.path("bootr"), r[2])  # what App.boot_reason reads after the reset
+                app.hal.reboot()
         c = getattr(self, "_close_at", None)
         if c is not None and ticks_diff(now, c) >= 0:
             self._close_at = None

@@ -83,10 +83,14 @@ def set_log_criteria(adm, body, seq):
         raise Refused("unknown log type %d" % t)
     level = body[F_LOG_LEVEL]
     comps = body.get(F_COMPONENTS) or None
-    adm.crit[t] = [level, comps]
-    store.save(store.path("logcrit"), adm.crit)
+    crit = list(adm.crit)  # (the defaults are a constant tuple)
+    crit[t] = [level, comps]
+    adm.crit = crit
+    store.save(store.path("logcrit"), crit)
+    from .admin import write  # noqa: PLC0415 — here: a global would grow this module's table while loaded
+
     # written whatever the criteria: where the new ones begin to hold
-    adm.write(
+    write(
         t,
         "%d 0 LogCtrlr criteria: level %d, components %s\n"
         % (adm.app.time(), level, ",".join(comps) if comps else "all"),

@@ -49,10 +49,8 @@ class Auth(Service):
         self.cache = store.load(store.path("ac"), {}) or {}
         self._staging = None
 
-    def _ok(self, e):
-        return e[0] == AUTH_STATUS_ACCEPTED and (not e[1] or e[1] > self.app.time())
-
     def _status(self, e):
+        """The status of a local list or cache entry [status, expiry] now."""
         if e[0] == AUTH_STATUS_ACCEPTED and e[1] and e[1] <= self.app.time():
             return AUTH_STATUS_EXPIRED
         return e[0]
@@ -62,7 +60,7 @@ class Auth(Service):
         tok = bytes(tok)
         cfg = self.app.cfg
         e = self.local.get(tok)
-        if e is not None and cfg.get("AuthCtrlr", "LocalPreAuthorize") and self._ok(e):
+        if e is not None and cfg.get("AuthCtrlr", "LocalPreAuthorize") and self._status(e) == AUTH_STATUS_ACCEPTED:
             cb(AUTH_STATUS_ACCEPTED, "local")
             return
 

@@ -28,12 +28,14 @@ its self-test or rolled back.
 Every step is a durable FirmwareStatus.
 """
 
-import hashlib
-import sys
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: a name imported at the top is a global of the module (heap
+# on a board: its globals table holds 12 names in 96 bytes, 13 take 144).
+
+from micropython import const
 
 from .. import store
-from ..link import ticks_diff
-from ..msgpack import Map, Writer
+from ..msgpack import Map
 from ..outbox import SECURITY
 from ..schema import (
     A_FIRMWARE_CHUNK,
@@ -70,8 +72,8 @@ from ..schema import (
 )
 from . import Refused, Service, status
 
-MAX_IMAGE = 262144  # a slot of the emulated board (its flash: 1 MiB)
-SELFTEST_MS = 120000  # a new image that is not accepted by the CSMS in this time reboots (a trial lost)
+MAX_IMAGE = const(262144)  # a slot of the emulated board (its flash: 1 MiB)
+SELFTEST_MS = const(120000)  # a new image that is not accepted by the CSMS in this time reboots (a trial lost)
 
 
 def version_key(v):
@@ -94,12 +96,40 @@ def version_key(v):
     return tuple(out)
 
 
-def manifest(img, ver, size, sha):
-    """The signed bytes: canonical msgpack of [image_id, version, size, sha256], as the CSMS
-    signs them (evedge_csms.commands.manifest_bytes)."""
+def _idle(app):
+    """No session to interrupt: no transaction, and its final TransactionEvent delivered when
+    online (stored on flash otherwise: it is sent after the reboot)."""
+    if app.tx.active():
+        return False
+    if app.online:
+        for r in app.outbox.index:
+            if r[1] == A_TRANSACTION_EVENT:
+                return False
+    return True
+
+
+def _signed(signers, st):
+    """The manifest's Ed25519 signature by its signer's key in the trust store `signers`. The
+    signed bytes: canonical msgpack of [image_id, version, size, sha256], as the CSMS signs them
+    (evedge_csms.commands.manifest_bytes)."""
+    import sys
+
+    from ..msgpack import Writer
+
     w = Writer(size=128)
-    w.value([img, ver, size, sha])
-    return bytes(w.mv[: w.pos])
+    w.value([st["img"], st["ver"], st["size"], st["sha"]])
+    m = __import__("csc.ed25519", None, None, ("verify",))
+    try:
+        ok = m.verify(signers[st["by"]], bytes(w.mv[: w.pos]), st["sig"])
+    except (ValueError, KeyError):  # BadKey: a trust store entry that verifies nothing
+        ok = False
+    finally:  # cold: its code and tables leave the heap (as services.on_demand does)
+        m = None
+        sys.modules.pop("csc.ed25519", None)
+        pkg = sys.modules["csc"]
+        if hasattr(pkg, "ed25519"):
+            delattr(pkg, "ed25519")
+    return ok
 
 
 class FirmwareUpdate(Service):
@@ -213,48 +243,42 @@ class FirmwareUpdate(Service):
         self._status(FIRMWARE_STATUS_DOWNLOADING)
         return status(STATUS_ACCEPTED)
 
-    def _signed(self, st):
-        """The manifest's Ed25519 signature by its signer's key in the trust store."""
-        m = __import__("csc.ed25519", None, None, ("verify",))
-        try:
-            ok = m.verify(self.app.slots.signers[st["by"]], manifest(st["img"], st["ver"], st["size"], st["sha"]),
-                          st["sig"])  # fmt: skip
-        except (ValueError, KeyError):  # BadKey: a trust store entry that verifies nothing
-            ok = False
-        finally:  # cold: its code and tables leave the heap (as services.on_demand does)
-            m = None
-            sys.modules.pop("csc.ed25519", None)
-            pkg = sys.modules["csc"]
-            if hasattr(pkg, "ed25519"):
-                delattr(pkg, "ed25519")
-        return ok
-
-    def idle(self):
-        """No session to interrupt: no transaction, and its final TransactionEvent
-        delivered when online (stored on flash otherwise: it is sent after the reboot)."""
-        app = self.app
-        if app.tx.active():
-            return False
-        if app.online:
-            for r in app.outbox.index:
-                if r[1] == A_TRANSACTION_EVENT:
-                    return False
-        return True
-
     def tick(self, now):
         if self.trial is not None:
+            from ..link import ticks_diff
+
             if ticks_diff(now, self._deadline) > 0:
                 self._abort("no BootNotification accepted within %d s" % (SELFTEST_MS // 1000))
             return
         st = self.st
         if st is None:
             return
-        if st.get("ok"):
-            if st.get("now") or self.idle():
-                self._install()
+        app = self.app
+        if st.get("ok"):  # verified: installed here, once the station is idle (or at once: `now`)
+            if not (st.get("now") or _idle(app)):
+                return
+            sl = app.slots
+            app.tx.inoperative = True  # no session starts before the reboot
+            self._status(FIRMWARE_STATUS_INSTALLING)
+            try:
+                sl.install(st["slot"], store.path("fwimg"), st["size"])
+            except (ValueError, OSError) as e:
+                app.tx.inoperative = False
+                self._fail(FIRMWARE_STATUS_INSTALL_FAILED, str(e) or "flash full")
+                return
+            # the record first, then the loader's switch: a power cut between the two finds the
+            # verified image (fwdl) still there and installs it again
+            store.save(store.path("fwboot"), {"img": st["img"], "ver": st["ver"], "slot": st["slot"]})
+            sl.set_trial(st["slot"])
+            self._status(FIRMWARE_STATUS_INSTALLED)
+            self.st = None
+            store.remove(store.path("fwdl"))
+            store.remove(store.path("fwimg"))
+            # activate: boot the new slot (a session, with `now`, ends first)
+            app.admin.reboot_soon(500, True, "FirmwareUpdate")
             return
         if not st.get("sv"):
-            if self._signed(st):
+            if _signed(app.slots.signers, st):
                 st["sv"] = 1
                 store.save(store.path("fwdl"), st)
             else:
@@ -301,6 +325,8 @@ class FirmwareUpdate(Service):
             return
         self._status(FIRMWARE_STATUS_DOWNLOADED)
         self._status(FIRMWARE_STATUS_VERIFYING)
+        import hashlib
+
         h = hashlib.sha256()
         n = 0
         with open(p, "rb") as f:
@@ -316,34 +342,9 @@ class FirmwareUpdate(Service):
             return
         self._status(FIRMWARE_STATUS_VERIFIED)
         st["ok"] = 1
-        store.save(store.path("fwdl"), st)
-        if st.get("now") or self.idle():
-            self._install()
-        else:
+        store.save(store.path("fwdl"), st)  # the next tick installs it
+        if not (st.get("now") or _idle(self.app)):
             self.app.note("fw_waiting", {"img": st["img"]})  # installed when the session ends
-
-    def _install(self):
-        st = self.st
-        app = self.app
-        sl = app.slots
-        app.tx.inoperative = True  # no session starts before the reboot
-        self._status(FIRMWARE_STATUS_INSTALLING)
-        try:
-            sl.install(st["slot"], store.path("fwimg"), st["size"])
-        except (ValueError, OSError) as e:
-            app.tx.inoperative = False
-            self._fail(FIRMWARE_STATUS_INSTALL_FAILED, str(e) or "flash full")
-            return
-        # the record first, then the loader's switch: a power cut between the two finds the
-        # verified image (fwdl) still there and installs it again
-        store.save(store.path("fwboot"), {"img": st["img"], "ver": st["ver"], "slot": st["slot"]})
-        sl.set_trial(st["slot"])
-        self._status(FIRMWARE_STATUS_INSTALLED)
-        self.st = None
-        store.remove(store.path("fwdl"))
-        store.remove(store.path("fwimg"))
-        # activate: boot the new slot (a session, with `now`, ends first)
-        app.admin.reboot_soon(500, True, "FirmwareUpdate")
 
     def _fail(self, code, reason):
         self._status(code, reason)

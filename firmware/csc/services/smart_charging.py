@@ -26,10 +26,13 @@ Commands beyond the hardware (a limit above the rating, an unknown EVSE) are ref
 with a reason.
 """
 
+# ruff: noqa: PLC0415
+# The import inside tick() is deliberate: a name imported at the top is a global of the module (heap
+# on a board: its globals table holds 12 names in 96 bytes, 13 take 144).
+
 from micropython import const
 
 from .. import store
-from ..link import ticks_diff
 from ..msgpack import Map
 from ..outbox import TELEMETRY
 from ..schema import (
@@ -85,6 +88,30 @@ def _part(w, k):
     return w // k if w >= 0 else -(-w // k)
 
 
+def check_watts(hal, w, k):
+    """Refused beyond the rating of the `k` EVSEs the power `w` is for (the rating is an EVSE's)."""
+    if w > hal.rating_w * k:
+        raise Refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w * k))
+    if w < -hal.rating_discharge_w * k:
+        raise Refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w * k))
+
+
+def _droop(d, f):
+    """The power of the droop curve `d` (E8) at the frequency `f` (mHz); None inside its dead
+    band, or without a curve."""
+    if d is None or abs(f - _NOMINAL) <= d[1]:
+        return None
+    pts = d[0]
+    if f <= pts[0][0]:
+        return pts[0][1]
+    for i in range(1, len(pts)):
+        f1, p1 = pts[i]
+        if f <= f1:
+            f0, p0 = pts[i - 1]
+            return p0 + (p1 - p0) * (f - f0) // (f1 - f0)
+    return pts[-1][1]
+
+
 class SmartCharging(Service):
     # ".name": a rare command, name() of smart_charging_cmds.py, imported for the command and dropped again
     COMMANDS = (
@@ -100,7 +127,8 @@ class SmartCharging(Service):
 
     def __init__(self, app):
         super().__init__(app)
-        self.profiles = store.load(store.path("sc"), []) or []  # [pid, evse, level, purpose, periods, from, to, t0]
+        # [[pid, evse, level, purpose, periods, from, to, t0]]; none: the empty tuple (a constant, no heap)
+        self.profiles = store.load(store.path("sc"), None) or ()
         d = store.load(store.path("droop"), None)
         self.droop = d  # [points [[f, p]...], deadband, rate]
         d = store.load(store.path("dso"), None)  # [limit, valid_to]: the last DSO limit, over a reboot
@@ -112,19 +140,12 @@ class SmartCharging(Service):
         self.dr = None  # [grid_event, limit_w, valid_to]
         self.needs_sent = 0  # bit n-1: the EV at EVSE n had its needs sent
 
-    def _evse(self, body, need=False):
-        e = body.get(F_EVSE, 0 if not need else None)
+    def _evse(self, body, need):
+        """The EVSE a command names (`need`: it must name one; else 0 when absent)."""
+        e = body.get(F_EVSE, None if need else 0)
         if e is None or e > self.app.hal.evses:
             raise Refused("unknown evse %s" % e)
         return e
-
-    def _watts(self, w, k=1):
-        """Refused beyond the rating of the `k` EVSEs the power is for (the rating is an EVSE's)."""
-        hal = self.app.hal
-        if w > hal.rating_w * k:
-            raise Refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w * k))
-        if w < -hal.rating_discharge_w * k:
-            raise Refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w * k))
 
     # ---------------------------------------------------------------- commands
     def set_profile(self, body, seq):
@@ -140,7 +161,7 @@ class SmartCharging(Service):
             w = p[F_LIMIT_W]
             if top is not None and w > top:
                 w = top
-            self._watts(w, k)
+            check_watts(self.app.hal, w, k)
             periods.append([p[F_START_S], w])
         if purpose == PROFILE_PURPOSE_TX and not self.app.tx.active(evse):
             return status(STATUS_REJECTED, "no transaction on this evse")
@@ -167,7 +188,7 @@ class SmartCharging(Service):
         lim = body[F_LIMIT_W]
         if lim < 0:
             raise Refused("a DSO limit cannot be negative")
-        self._evse(body)
+        self._evse(body, False)
         now = self.app.now()
         vt = body.get(F_VALID_TO, 0)
         self.dso = [lim, vt, now + body[F_DEADLINE_MS], False]
@@ -185,27 +206,8 @@ class SmartCharging(Service):
         if self.loop is None:  # an event has no answer: what the board did is reported (the loop does it at its rate)
             self._measured(self.app.hal)
 
-    def needs_w(self, evse):
-        """The power the EV needs to get its energy by its departure (0: no needs known)."""
-        n = self.app.hal.ev_needs(evse)
-        if not n or n[1] <= 0:
-            return 0
-        return n[0] * 3600 // n[1]
-
     # ---------------------------------------------------------------- computing
-    def _period(self, p, t):
-        if (p[5] and t < p[5]) or (p[6] and t >= p[6]):
-            return None
-        # p[7] is when the schedule started (when the profile came, for a relative one): a clock
-        # stepped back since (a time sync after a step forward) must not lift the limit in force
-        d = max(t - p[7], 0)
-        lim = None
-        for s, w in p[4]:
-            if d >= s:
-                lim = w
-        return lim
-
-    def limit(self, evse, tx, share=1):
+    def limit(self, evse, tx, share):
         """The signed power allowed now on `evse` (before setpoints and droop), the board's own
         limits split in `share` parts."""
         hal = self.app.hal
@@ -217,7 +219,16 @@ class SmartCharging(Service):
             pur = p[3]
             if pur in (PROFILE_PURPOSE_TX, PROFILE_PURPOSE_TX_DEFAULT) and not tx:
                 continue
-            w = self._period(p, t)
+            if (p[5] and t < p[5]) or (p[6] and t >= p[6]):
+                continue  # not valid now
+            # its period in force: p[7] is when the schedule started (when the profile came, for a
+            # relative one): a clock stepped back since (a time sync after a step forward) must
+            # not lift the limit in force
+            d = max(t - p[7], 0)
+            w = None
+            for s, x in p[4]:
+                if d >= s:
+                    w = x
             if w is None:
                 continue
             if not p[1]:
@@ -249,13 +260,16 @@ class SmartCharging(Service):
             if r[2] and t >= r[2]:
                 self.dr = None
             else:
-                floor = 0 if r[0] == GRID_EVENT_EMERGENCY else self.needs_w(evse)
+                # not below the power the EV needs to get its energy by its departure (E3; 0: no
+                # needs known), except for an emergency
+                n = None if r[0] == GRID_EVENT_EMERGENCY else hal.ev_needs(evse)
+                floor = n[0] * 3600 // n[1] if n and n[1] > 0 else 0
                 lim = min(lim, max(r[1] // share, floor))
         if neg is not None:
             return neg
         return lim
 
-    def target(self, evse, tx, share=1):
+    def target(self, evse, tx, share):
         hal = self.app.hal
         lim = self.limit(evse, tx, share)
         w = lim
@@ -263,7 +277,7 @@ class SmartCharging(Service):
         if sp is not None:
             sp = _part(sp, share)
             w = min(sp, lim) if lim >= 0 else sp
-        dw = self._droop(hal.freq_mhz())
+        dw = _droop(self.droop, hal.freq_mhz())
         if dw is not None:
             dw = _part(dw, share)
             w = min(dw, lim) if lim >= 0 else dw
@@ -276,22 +290,10 @@ class SmartCharging(Service):
                 w = -(d[0] // share)
         return w
 
-    def _droop(self, f):
-        d = self.droop
-        if d is None or abs(f - _NOMINAL) <= d[1]:
-            return None
-        pts = d[0]
-        if f <= pts[0][0]:
-            return pts[0][1]
-        for i in range(1, len(pts)):
-            f1, p1 = pts[i]
-            if f <= f1:
-                f0, p0 = pts[i - 1]
-                return p0 + (p1 - p0) * (f - f0) // (f1 - f0)
-        return pts[-1][1]
-
     # ---------------------------------------------------------------- tick
     def tick(self, now):
+        from ..link import ticks_diff
+
         app = self.app
         hal = app.hal
         d = self.dso
@@ -309,7 +311,7 @@ class SmartCharging(Service):
                 app.emit(A_FAULT_REPORT, b, TELEMETRY)
         if self.droop is not None and app.tx.active():
             f = hal.freq_mhz()
-            dw = self._droop(f)
+            dw = _droop(self.droop, f)
             if dw != self.droop_w:
                 self.droop_w = dw
                 app.tx.apply()
@@ -319,8 +321,23 @@ class SmartCharging(Service):
                 b[F_POWER_W] = app.tx.hw_limit
                 b[F_TIME] = app.time()
                 app.emit(A_FREQUENCY_RESPONSE, b, TELEMETRY)
-        for e in app.tx.e:
-            self._needs(e)
+        for e in app.tx.e:  # E3: the needs of the EV at each EVSE, once per plug-in
+            n = hal.ev_needs(e.n)
+            bit = 1 << (e.n - 1)
+            if n is None:
+                self.needs_sent &= ~bit
+            elif not self.needs_sent & bit:
+                self.needs_sent |= bit
+                b = Map()
+                b[F_EVSE] = e.n
+                b[F_ENERGY_NEEDED_WH] = n[0]
+                b[F_DEPARTURE] = app.time() + n[1]
+                if n[2] is not None:
+                    b[F_SOC] = n[2]
+                tx = e.tx
+                if tx is not None:
+                    b[F_TX_ID] = tx.id
+                app.emit(A_NOTIFY_EV_NEEDS, b, TELEMETRY)
         lp = self.loop
         if lp is not None and ticks_diff(now, lp[2]) >= 0:
             if lp[1] is not None and ticks_diff(now, lp[1]) >= 0:
@@ -329,26 +346,6 @@ class SmartCharging(Service):
                 return
             lp[2] = now + lp[0]
             self._measured(hal)
-
-    def _needs(self, e):
-        """E3: the needs of the EV at EVSE `e`, once per plug-in."""
-        app = self.app
-        n = app.hal.ev_needs(e.n)
-        bit = 1 << (e.n - 1)
-        if n is None:
-            self.needs_sent &= ~bit
-        elif not self.needs_sent & bit:
-            self.needs_sent |= bit
-            b = Map()
-            b[F_EVSE] = e.n
-            b[F_ENERGY_NEEDED_WH] = n[0]
-            b[F_DEPARTURE] = app.time() + n[1]
-            if n[2] is not None:
-                b[F_SOC] = n[2]
-            tx = e.tx
-            if tx is not None:
-                b[F_TX_ID] = tx.id
-            app.emit(A_NOTIFY_EV_NEEDS, b, TELEMETRY)
 
     def _measured(self, hal):
         b = Map()

@@ -28,6 +28,7 @@ from ..schema import (
     STATUS_UNKNOWN,
 )
 from . import Refused, status
+from .smart_charging import check_watts
 
 
 def clear_profile(sc, body, seq):
@@ -57,7 +58,7 @@ def composite(sc, body, seq):
     b = status(STATUS_ACCEPTED)
     p = Map()
     p[F_START_S] = 0
-    p[F_LIMIT_W] = sc.limit(evse or 1, sc.app.tx.active(evse or 1))
+    p[F_LIMIT_W] = sc.limit(evse or 1, sc.app.tx.active(evse or 1), 1)
     b[F_PERIODS] = [p]
     return b
 
@@ -71,10 +72,10 @@ def start_loop(sc, body, seq):
 
 
 def set_droop(sc, body, seq):
-    sc._evse(body)
+    sc._evse(body, False)
     pts = []
     for p in body[F_DROOP]:
-        sc._watts(p[F_POWER_W])
+        check_watts(sc.app.hal, p[F_POWER_W], 1)
         pts.append([p[F_FREQ_MHZ], p[F_POWER_W]])
     if len(pts) < 2:
         raise Refused("a droop curve needs at least two points")

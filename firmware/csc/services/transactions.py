@@ -18,8 +18,8 @@ the CSMS make them global with the device's id. All three ids travel in every Tr
 Each TransactionEvent is durable (outbox class TX) and numbered by `seq_no` from 0 within
 its transaction; the EVSE state (`tx<evse>` on flash) is saved right after the event is
 stored, with no await in between, so at boot the outbox tells what a power cut may have
-cut short: `recover()` replays the stored events of the transaction onto the saved state.
-A transaction found running at boot is ended with stop_reason power_loss.
+cut short: `Transactions.boot()` replays the stored events of the transaction onto the saved
+state. A transaction found running at boot is ended with stop_reason power_loss.
 
 Every event carries both registers, energy_wh (imported) and energy_out_wh (exported, E6);
 the final one carries the SDR data: samples [import at start, at stop, export at start, at stop],
@@ -71,7 +71,6 @@ from ..schema import (
     F_METER_STOP_WH,
     F_OFFLINE,
     F_POWER_W,
-    F_REASON,
     F_REMOTE_START_ID,
     F_RES_STATUS,
     F_RESERVATION_ID,
@@ -80,7 +79,6 @@ from ..schema import (
     F_SESSION_ID,
     F_SIGNED_METER,
     F_STATE,
-    F_STATUS,
     F_STOP_REASON,
     F_TARIFF_ID,
     F_TIME,
@@ -116,6 +114,15 @@ from ..schema import (
 from . import Refused, Service, status
 
 
+def _sample(measurand, v, t):
+    """One of the meter samples of a TransactionEvent (`samples`: the registers at its start and stop)."""
+    s = Map()
+    s[F_MEASURAND] = measurand
+    s[F_VALUE] = v
+    s[F_TIME] = t
+    return s
+
+
 class Tx:
     """The running transaction of an EVSE (saved on flash with the EVSE state)."""
 
@@ -143,8 +150,7 @@ class Evse:
 
     def __init__(self, app, n):
         self.app = app
-        self.n = n
-        self.p = store.path("tx%d" % n)
+        self.n = n  # its state file: tx<n> (the path is made when saved: not kept in RAM)
         self.svc = 0  # service session id
         self.chg = 0  # charging session id
         self.tx = None  # the running Tx
@@ -155,7 +161,7 @@ class Evse:
         self.last = 0  # id of the last transaction ended
         self.wait = 0  # time (s) until which the authorization waits for the EV (S3), 0: none
         self.fee_due = False  # the service session's session fee is still to be charged
-        s = store.load(self.p, None)
+        s = store.load(store.path("tx%d" % n), None)
         if isinstance(s, list) and len(s) in (8, 10):
             self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last = s[:8]
             if len(s) == 10:
@@ -170,31 +176,27 @@ class Evse:
     def save(self):
         tx = self.tx
         t = tx.dump() if tx is not None else None
-        store.save(self.p, [self.svc, self.chg, t, self.auth, self.res, self.res_used, self.tariff, self.last,
-                            self.wait, self.fee_due])  # fmt: skip
+        store.save(store.path("tx%d" % self.n), [self.svc, self.chg, t, self.auth, self.res, self.res_used,
+                                                 self.tariff, self.last, self.wait, self.fee_due])  # fmt: skip
 
-    def free(self, tok=None):
+    def free(self, tok):
         """No transaction and no authorization waiting here, and not reserved for another token."""
         r = self.res
         return self.tx is None and self.auth is None and not (r and r[2] != tok)
 
     # ---------------------------------------------------------------- boot recovery
     def recovered(self, b):
-        """One stored TransactionEvent of this EVSE replayed onto the saved state (see recover());
-        True when it changed it."""
+        """One stored TransactionEvent of this EVSE replayed onto the saved state (see
+        Transactions.boot)."""
         tx = self.tx
         tid = b[F_TX_ID]
         if tx is not None and tid == tx.id:
-            changed = False
             if b[F_SEQ_NO] >= tx.seq:
                 tx.seq = b[F_SEQ_NO] + 1
-                changed = True
             if b[F_EVENT] == TX_EVENT_ENDED:
                 self.tx = None
                 self.last = tid
-                changed = True
-            return changed
-        if tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.last:
+        elif tx is None and b[F_EVENT] == TX_EVENT_STARTED and tid > self.last:
             # stored, but the power went before the state was saved
             self.tx = Tx(
                 tid,
@@ -209,18 +211,9 @@ class Evse:
                 b.get(F_METER_START_OUT_WH, 0),
             )
             self.svc = b.get(F_SESSION_ID, 0)
-            return True
-        return False
-
-    def boot(self):
-        if self.tx is not None:  # the power went while charging
-            self.stop(STOP_REASON_POWER_LOSS, TX_TRIGGER_ABNORMAL_CONDITION)
-        if self.svc:
-            self.svc_end(STOP_REASON_POWER_LOSS)
-        self.save()
 
     # ---------------------------------------------------------------- events
-    def _event(self, ev, trigger, extra=None):
+    def _event(self, ev, trigger, extra):
         app = self.app
         tx = self.tx
         hal = app.hal
@@ -262,7 +255,7 @@ class Evse:
                 b[k] = extra[k]
         tx.seq += 1
         ok = app.emit(A_TRANSACTION_EVENT, b, TX)
-        self.save()  # no await between the outbox write and this one (see recover())
+        self.save()  # no await between the outbox write and this one (see Transactions.boot())
         return ok
 
     def _charging_state(self):
@@ -310,20 +303,8 @@ class Evse:
         self.fee_due = False
         self.save()
 
-    def await_ev(self):
-        """An authorization was given with no EV plugged: it waits TxCtrlr.EVConnectionTimeOut."""
-        app = self.app
-        self.wait = 0 if app.hal.plugged(self.n) else app.time() + app.cfg.get("TxCtrlr", "EVConnectionTimeOut")
-
-    @staticmethod
-    def _sample(measurand, v, t):
-        s = Map()
-        s[F_MEASURAND] = measurand
-        s[F_VALUE] = v
-        s[F_TIME] = t
-        return s
-
-    def start(self, trigger, m=None):
+    def start(self, trigger, m):
+        """A transaction starts here (at the meter reading `m`, None: now) on the authorization."""
         a = self.auth
         app = self.app
         self.svc_open()
@@ -342,7 +323,7 @@ class Evse:
             tx.tok, tx.tt, tx.rsid = a[0], a[1], a[2]
         self.tx = tx
         self.res_used = None
-        smp = [self._sample(MEASURAND_ENERGY_IMPORT_WH, wh, t), self._sample(MEASURAND_ENERGY_EXPORT_WH, out, t)]
+        smp = [_sample(MEASURAND_ENERGY_IMPORT_WH, wh, t), _sample(MEASURAND_ENERGY_EXPORT_WH, out, t)]
         ok = self._event(TX_EVENT_STARTED, trigger, {F_SAMPLES: smp, F_METER_START_WH: wh, F_METER_START_OUT_WH: out})
         app.note("tx_started", {"tx_id": tx.id, "ok": ok, "evse": self.n})
         self._next_update = app.now() + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
@@ -359,24 +340,15 @@ class Evse:
         self._on = False
         self.end(reason, trigger, hal.meter(self.n))
 
-    def split(self, reason, trigger):
-        """S4: the running transaction ends and the next starts at the same meter reading; the
-        power path is not touched, so the EV charges on without a gap."""
-        tx = self.tx
-        m = self.app.hal.meter(self.n)
-        self.auth = [tx.tok, tx.tt, tx.rsid]
-        self.end(reason, trigger, m)
-        self.start(trigger, m)
-
     def end(self, reason, trigger, m):
         tx = self.tx
         app = self.app
         wh, out, t = m[0], m[1], app.time()
         smp = [
-            self._sample(MEASURAND_ENERGY_IMPORT_WH, tx.wh0, tx.t0),
-            self._sample(MEASURAND_ENERGY_IMPORT_WH, wh, t),
-            self._sample(MEASURAND_ENERGY_EXPORT_WH, tx.out0, tx.t0),
-            self._sample(MEASURAND_ENERGY_EXPORT_WH, out, t),
+            _sample(MEASURAND_ENERGY_IMPORT_WH, tx.wh0, tx.t0),
+            _sample(MEASURAND_ENERGY_IMPORT_WH, wh, t),
+            _sample(MEASURAND_ENERGY_EXPORT_WH, tx.out0, tx.t0),
+            _sample(MEASURAND_ENERGY_EXPORT_WH, out, t),
         ]
         extra = {F_STOP_REASON: reason, F_SAMPLES: smp, F_METER_START_WH: tx.wh0, F_METER_STOP_WH: wh,
                  F_METER_START_OUT_WH: tx.out0, F_METER_STOP_OUT_WH: out}  # fmt: skip
@@ -386,27 +358,6 @@ class Evse:
         self.last = tid
         self.save()
         app.note("tx_ended", {"tx_id": tid, "reason": reason, "wh": wh - tx.wh0, "evse": self.n})
-
-    # ---------------------------------------------------------------- power
-    def offer(self):
-        """The pilot's PWM (the offer, from the limit) comes with the transaction while an EV is
-        plugged (B or C): a real EV closes S2 (B → C) only once offered current."""
-        return self.tx is not None and self.app.hal.cp_state(self.n) != CP_STATE_A and not self.app.tx.inoperative
-
-    def apply(self, share, lower):
-        """Give the hardware this EVSE's power target (its part of the board's limits: 1/`share`);
-        `lower`: only if it is lower than the one it has (Transactions.apply)."""
-        hal = self.app.hal
-        n = self.n
-        offer = self.offer()
-        w = self.app.sc.target(n, True, share) if offer else 0
-        if w != self.hw_limit and (not lower or w < self.hw_limit):
-            hal.set_limit_w(w, n)
-            self.hw_limit = w
-        on = offer and hal.cp_state(n) == CP_STATE_C  # the contactor closes only in C
-        if on != self._on:
-            hal.set_contactor(on, n)
-            self._on = on
 
     # ---------------------------------------------------------------- tick
     def tick(self, now):
@@ -424,7 +375,7 @@ class Evse:
             self.svc_open()
             self.save()
             if self.auth and tx is None:
-                self.start(TX_TRIGGER_CABLE_PLUGGED_IN)
+                self.start(TX_TRIGGER_CABLE_PLUGGED_IN, None)
                 tx = self.tx
         if not plugged and self.chg:
             self.svc_end(STOP_REASON_EV_DISCONNECTED)  # the customer is done: the EV has left
@@ -438,10 +389,10 @@ class Evse:
         app.tx.apply()  # (every EVSE's: a session that began or ended here changes their shares)
         if tx is not None:
             if self._charging_state() != self.state:
-                self._event(TX_EVENT_UPDATED, TX_TRIGGER_CHARGING_STATE_CHANGED)
+                self._event(TX_EVENT_UPDATED, TX_TRIGGER_CHARGING_STATE_CHANGED, None)
             if ticks_diff(now, self._next_update) >= 0:
                 self._next_update = now + app.cfg.get("SampledDataCtrlr", "TxUpdatedInterval") * 1000
-                self._event(TX_EVENT_UPDATED, TX_TRIGGER_METER_VALUE_PERIODIC)
+                self._event(TX_EVENT_UPDATED, TX_TRIGGER_METER_VALUE_PERIODIC, None)
             t = self.tariff
             if t:
                 c = self.cost(hal.meter(n)[0])
@@ -489,24 +440,21 @@ class Evse:
                 self.res = None
                 self.res_used = r[0]
                 app.tx._res_update(r[0], RESERVATION_STATUS_USED)
-            self.auth = [tok, tt, None]
-            self.svc_open()
-            self.await_ev()
-            self.save()
-            if app.hal.plugged(self.n):
-                self.start(TX_TRIGGER_AUTHORIZED)
+            self.authorize(tok, tt, None, TX_TRIGGER_AUTHORIZED)
 
         app.auth.check(tok, tt, done)
 
-    def remote_start(self, tok, tt, rsid):
+    def authorize(self, tok, tt, rsid, trigger):
+        """`tok` authorized here (a card accepted, a remote start `rsid`): the service session
+        opens, and the transaction starts at once with an EV plugged, else when one comes within
+        TxCtrlr.EVConnectionTimeOut (S3). The id of the transaction started, or None."""
+        app = self.app
         self.auth = [tok, tt, rsid]
         self.svc_open()
-        self.await_ev()
+        plugged = app.hal.plugged(self.n)
+        self.wait = 0 if plugged else app.time() + app.cfg.get("TxCtrlr", "EVConnectionTimeOut")
         self.save()
-        b = status(STATUS_ACCEPTED)
-        if self.app.hal.plugged(self.n):
-            b[F_TX_ID] = self.start(TX_TRIGGER_REMOTE_START)
-        return b
+        return self.start(trigger, None) if plugged else None
 
     # ---------------------------------------------------------------- S4/S5 tariffs
     def cost(self, wh):
@@ -560,46 +508,27 @@ class Transactions(Service):
             p += self.app.hal.meter(e.n)[2]
         return p
 
-    def forget(self, tok):
-        """M10: the token's authorization waiting for an EV and its reservations are dropped
-        (a running transaction keeps its token: it is billed with it). The number dropped."""
-        k = 0
-        for e in self.e:
-            n = k
-            a = e.auth
-            if a and a[0] == tok and e.tx is None:
-                e.auth = None
-                k += 1
-            r = e.res
-            if r and r[2] == tok:
-                e.res = None
-                k += 1
-            if k > n:
-                e.save()
-        return k
-
     # ---------------------------------------------------------------- boot recovery
     def boot(self):
-        self.recover()
-        for e in self.e:
-            e.boot()
-
-    def recover(self):
-        """At boot, the stored TransactionEvents of each EVSE replayed onto its saved state: the
-        state file is saved right after each event is stored, so a power cut in between left
-        the event and not the state (see the module's doc)."""
+        """The stored TransactionEvents of each EVSE replayed onto its saved state (the state
+        file is saved right after each event is stored, so a power cut in between left the event
+        and not the state: see the module's doc); then a transaction still running is ended, the
+        power went while charging, and so is its service session. Every EVSE is saved after."""
         ob = self.app.outbox
-        changed = 0  # bit n-1: EVSE n
+        es = self.e
         for r in ob.records(A_TRANSACTION_EVENT):
             b = ob.load(r[0])
             if b is None:
                 continue
             n = b.get(F_EVSE, 1)
-            if 1 <= n <= len(self.e) and self.e[n - 1].recovered(b):
-                changed |= 1 << (n - 1)
-        for e in self.e:
-            if changed & (1 << (e.n - 1)):
-                e.save()
+            if 1 <= n <= len(es):
+                es[n - 1].recovered(b)
+        for e in es:
+            if e.tx is not None:
+                e.stop(STOP_REASON_POWER_LOSS, TX_TRIGGER_ABNORMAL_CONDITION)
+            if e.svc:
+                e.svc_end(STOP_REASON_POWER_LOSS)
+            e.save()
 
     # ---------------------------------------------------------------- power
     def apply(self):
@@ -607,15 +536,30 @@ class Transactions(Service):
         limits (its share of the site, DSO, demand response, setpoint, profiles for EVSE 0) are
         split equally among the EVSEs offering power (a transaction and an EV plugged), so their
         sum holds it whatever each EV does; lowered ones first, so the sum never exceeds it."""
+        hal = self.app.hal
+        es = self.e
+        # an EVSE offers power (the pilot's PWM, from its target) with a transaction while an EV
+        # is plugged (B or C): a real EV closes S2 (B → C) only once offered current
+        offer = 0  # bit n-1: EVSE n offers
         k = 0
-        for e in self.e:
-            if e.offer():
+        for e in es:
+            if e.tx is not None and hal.cp_state(e.n) != CP_STATE_A and not self.inoperative:
+                offer |= 1 << (e.n - 1)
                 k += 1
-        for e in self.e:
-            e.apply(k or 1, True)
+        for lower in (True, False):  # first only the targets that go down
+            for e in es:
+                n = e.n
+                on = offer & (1 << (n - 1)) != 0
+                w = self.app.sc.target(n, True, k or 1) if on else 0
+                if w != e.hw_limit and (not lower or w < e.hw_limit):
+                    hal.set_limit_w(w, n)
+                    e.hw_limit = w
+                on = on and hal.cp_state(n) == CP_STATE_C  # the contactor closes only in C
+                if on != e._on:
+                    hal.set_contactor(on, n)
+                    e._on = on
         w = 0
-        for e in self.e:
-            e.apply(k or 1, False)
+        for e in es:
             w += e.hw_limit
         self.hw_limit = w
 
@@ -682,7 +626,12 @@ class Transactions(Service):
         r = e.res
         if r and r[2] != tok:
             return status(STATUS_REJECTED, "evse reserved for another token")
-        return e.remote_start(tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID])
+        b = status(STATUS_ACCEPTED)
+        tid = e.authorize(tok, body.get(F_TOKEN_TYPE, TOKEN_TYPE_CENTRAL), body[F_REMOTE_START_ID],
+                          TX_TRIGGER_REMOTE_START)  # fmt: skip
+        if tid is not None:
+            b[F_TX_ID] = tid
+        return b
 
     def by_tx(self, tid):
         """The EVSE running transaction `tid`, or None."""
@@ -705,6 +654,3 @@ class Transactions(Service):
         b[F_RESERVATION_ID] = rid
         b[F_RES_STATUS] = st
         self.app.emit(A_RESERVATION_UPDATE, b, BILLING)
-
-
-_unused = (CHARGING_STATE_EV_CONNECTED, F_REASON, F_STATUS)

@@ -90,8 +90,18 @@ def set_tariff(txs, body, seq):
         e.save()
         if e.tx is not None and (old is None or old[0] != t[0]):
             # a tariff change splits the transaction inside the same service session
-            e.split(STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
+            _split(e, STOP_REASON_OTHER, TX_TRIGGER_TARIFF_CHANGED)
     return status(STATUS_ACCEPTED)
+
+
+def _split(e, reason, trigger):
+    """S4: the running transaction of EVSE `e` ends and the next starts at the same meter
+    reading; the power path is not touched, so the EV charges on without a gap."""
+    tx = e.tx
+    m = e.app.hal.meter(e.n)
+    e.auth = [tx.tok, tx.tt, tx.rsid]
+    e.end(reason, trigger, m)
+    e.start(trigger, m)
 
 
 def cost_update(txs, body, seq):
