@@ -337,3 +337,13 @@ def test_fw_b13_time_sync_periodic_and_clock_step_keeps_event_order(rig: Rig) ->
     assert [b[Key.SEQ_NO] for _, b in evs] == list(range(len(evs)))  # … the order did not
     ids = [mid for mid, _ in evs]
     assert ids == sorted(ids)
+
+
+def test_fw_a_clock_step_moves_the_boards_wall_clock_by_the_step_once(rig: Rig) -> None:
+    # the emulated board's `step` (the test's way to let time pass) moves its ticks and, with them, the
+    # wall clock of App.time(): once, so a timeout of N seconds expires after a step of N seconds and
+    # not half of it (it moved the wall clock twice: a 120 s step ran out a 180 s EV-connection timeout)
+    b = rig.board
+    t0 = b.status()["time"]
+    b.cmd("step", ms=120_000)
+    assert 120 <= b.status()["time"] - t0 <= 125

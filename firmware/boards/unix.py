@@ -356,9 +356,10 @@ class Control:
         elif cmd == "temp":
             hal.temp = c["dc"]
         elif cmd == "step":
+            # the board's clock steps: its monotonic ticks, and with them its wall clock (App.time()
+            # counts from the ticks since the last time sync), by `ms` once
             hal.skew_ms += c["ms"]
             hal.update()
-            app._t_s += c["ms"] // 1000
             self._meter_save()  # the registers jumped: kept at once, as a real meter keeps each Wh
         elif cmd == "tick":
             app.tick()
