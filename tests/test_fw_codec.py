@@ -773,7 +773,7 @@ def _root_bits(n: int, k: int) -> int:
 
 def test_the_board_sha256_constants_are_fips_180_4s() -> None:
     # csc/sha256.py keeps the round constants and the initial state as a bytes literal (in flash on a
-    # board): little-endian words, checked here against their definition, computed again
+    # board): big-endian words, checked here against their definition, computed again
     src = (Path(__file__).parents[1] / "firmware" / "csc" / "sha256.py").read_text()
     k = next(
         ast.literal_eval(n.value)
@@ -782,7 +782,7 @@ def test_the_board_sha256_constants_are_fips_180_4s() -> None:
     )
     primes = [p for p in range(2, 312) if all(p % d for d in range(2, int(p**0.5) + 1))][:64]
     want = [_root_bits(p, 3) for p in primes] + [_root_bits(p, 2) for p in primes[:8]]
-    assert list(struct.unpack("<72I", k)) == want
+    assert list(struct.unpack(">72I", k)) == want
     assert want[0] == 0x428A2F98 and want[64] == 0x6A09E667  # FIPS 180-4's first K and H(0)
 
 
