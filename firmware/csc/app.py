@@ -17,11 +17,12 @@ from errno import EINPROGRESS
 
 from micropython import const
 
-from . import FW_VERSION, store
+# Every name here is an entry of this module's globals (heap on a board): what only a rare
+# method or the constructor uses is imported there (the schema's tables, Map, FW_VERSION, …)
 from . import link as L  # noqa: N812
-from .frame import FrameSplitter
+from . import store
 from .ids import Ids
-from .msgpack import FrameError, Map
+from .msgpack import FrameError
 from .outbox import SECURITY, Outbox
 from .schema import (
     A_BOOT_NOTIFICATION,
@@ -48,8 +49,6 @@ from .schema import (
     F_TIME,
     F_TIME_MS,
     F_VENDOR,
-    FLEN,
-    LIMITS,
     REGISTRATION_ACCEPTED,
     STOP_REASON_OTHER,
     TX_TRIGGER_ABNORMAL_CONDITION,
@@ -61,16 +60,6 @@ TICK_MS = const(50)
 _BOOT_RETRY_MS = const(30000)  # a BootNotification left unanswered is sent again after this
 _HOLD_MAX_MS = const(8000)  # the longest wait before a Hello again after the gateway refused one
 WINDOW = const(8)  # durable records in flight
-# the certificate commands (services/security.py): rarely used, so the service is built on the first
-# of them (or the first security()) and its code costs no heap before
-_CERT_ACTIONS = (
-    A_INSTALL_CERTIFICATE,
-    A_DELETE_CERTIFICATE,
-    A_GET_INSTALLED_CERTIFICATES,
-    A_OCSP_RESPONSE,
-    A_CERTIFICATE_SIGNED,
-    A_REVOKE_CERTIFICATE,
-)
 # MicroPython's asyncio core, which `import asyncio` loads: the board waits on its socket through the
 # core's I/O queue and parks the sender as a task, as asyncio's own Stream and Event do, without
 # their modules (stream 928 B and event 560 B of heap on the board image; CPython, for tooling: None)
@@ -87,8 +76,18 @@ def wait_io(s, write):
     yield
 
 
+def park(app):
+    """Awaited by the sender: until the next `app.kick()` (asyncio's Event.wait, without its module;
+    a function of the module rather than a method: one entry fewer in App's method table)."""
+    app._parked = _core.cur_task
+    yield
+
+
 class App:
-    def __init__(self, hal, device_id, factory_key, gateway, note=None, slots=None):
+    def __init__(self, hal, device_id, factory_key, gateway, note, slots):
+        from . import FW_VERSION
+        from .frame import FrameSplitter  # (its module is loaded already: the link's)
+
         self.hal = hal
         # the board's loader: its firmware slots and the keys that sign updates (the firmware
         # update service, M4); None on a board that cannot install an update
@@ -125,7 +124,7 @@ class App:
         # why the board booted (BootNotification, M5): what the reset before wrote, else a power-up
         self.boot_reason = store.load(store.path("bootr"), None) or "PowerUp"
         store.remove(store.path("bootr"))
-        g = store.load(store.path("gw"))
+        g = store.load(store.path("gw"), None)
         if g:
             self.gateway = (g[0], g[1])
         self.services = []
@@ -186,7 +185,9 @@ class App:
         """Seconds since 2024-01-01 (the gateway's time once synchronized, B13)."""
         return self._t_s + L.ticks_diff(self.hal.ticks_ms(), self._t_ticks) // 1000
 
-    def set_time(self, t, ms=0):
+    def set_time(self, t, ms):
+        # t: seconds since 2024-01-01, ms: the milliseconds past it (no defaults: a function
+        # with defaults costs twice the heap on a board, and every caller says)
         self._t_s = t
         self._t_ticks = L.ticks_diff(self.hal.ticks_ms(), ms)
 
@@ -197,11 +198,6 @@ class App:
         if t is not None:
             self._parked = None
             _core._task_queue.push(t)
-
-    def _park(self):
-        """Awaited by the sender: until the next kick() (asyncio's Event.wait, without its module)."""
-        self._parked = _core.cur_task
-        yield
 
     # ---------------------------------------------------------------- sending
     def emit(self, action, body, cls=None):
@@ -223,7 +219,11 @@ class App:
         self.pump()
         return ok
 
-    def security_event(self, name, reason=None):
+    def security_event(self, name, reason):
+        # (`reason` None: none; no default, a function with defaults costs twice the heap)
+        from .msgpack import Map
+        from .schema import FLEN, LIMITS
+
         self.log("%s %s" % (name, reason or ""), 3, "SecurityCtrlr", 1)  # the security log
         b = Map()
         b[F_EVENT_NAME] = name
@@ -232,14 +232,15 @@ class App:
             b[F_REASON] = reason[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
         self.emit(A_SECURITY_EVENT, b, SECURITY)
 
-    def request(self, action, body, cb, prio=None):
-        """Send a request of ours; cb(body, 0) on the response, cb(None, code) on failure."""
+    def request(self, action, body, cb):
+        """Send a request of ours (in its action's default class); cb(body, 0) on the response,
+        cb(None, code) on failure."""
         if not self.online:
             cb(None, -1)
             return
         mid = self.ids.next()
         self.pending[mid] = cb
-        self.link.request(mid, action, body, self.now(), prio)
+        self.link.request(mid, action, body, self.now(), None)
         self.kick()
 
     def pump(self):
@@ -274,14 +275,26 @@ class App:
             if ev is None:
                 return
             t = ev[0]
-            if t == L.REQUEST_RECEIVED:
-                self._command(ev[1], ev[2], ev[3], ev[4], ev[5])
+            if t == L.REQUEST_RECEIVED:  # a command: answered (or refused) at once
+                mid = ev[1]
+                action = ev[2]
+                prio = ev[3]
+                try:
+                    s = self._service(action, True)
+                    if s is None:
+                        link.refuse(mid, action, prio, "not supported by this board", E_NOT_SUPPORTED)
+                    else:
+                        link.respond(mid, action, prio, s.command(action, ev[4], ev[5]))
+                except Refused as e:
+                    link.refuse(mid, action, prio, e.reason)
+                self.note("command", {"action": action, "id": mid})
+                self.kick()
             elif t == L.RESPONSE_RECEIVED:
                 cb = self.pending.pop(ev[1], None)
                 if cb:
                     cb(ev[3], 0)
             elif t == L.EVENT_RECEIVED:
-                s = self._service(ev[2])  # an event of the gateway's: no answer
+                s = self._service(ev[2], False)  # an event of the gateway's: no answer
                 if s is not None:
                     s.command(ev[2], ev[3], 0)
             elif t == L.FAILED:
@@ -301,7 +314,16 @@ class App:
                 if floor:  # onboarding: a replaced board counts above every id the site saw
                     self.ids.raise_to(floor)
                 if not self._reconnect:  # not when a device key just came (onboarding)
-                    self._opened(ev[1])
+                    body = ev[1]
+                    self.online = True
+                    self.set_time(body[F_TIME], body.get(F_TIME_MS, 0))
+                    self.interval_s = body.get(F_INTERVAL_S, self.interval_s) or self.interval_s
+                    self.note("online", {"time": body[F_TIME]})
+                    self.log("online", 5, "NetworkCtrlr")
+                    self.boot_notification()
+                    self.pump()
+                    for s in self.services:
+                        s.online()
             elif t == L.KEY_PROVISIONED:
                 store.write_atomic(store.path("key"), ev[1])
                 self.note("key_provisioned")
@@ -313,9 +335,10 @@ class App:
                     self._hold_ms = min(self._hold_ms * 2 or 500, _HOLD_MAX_MS)
         # done
 
-    def _service(self, action, build=False):
+    def _service(self, action, build):
         """The service that answers `action` (a command, or an event of the gateway's), or None;
-        with `build`, one built on its first command (security, monitoring) is built now. The
+        with `build`, one built on its first command (security, monitoring) is built now (no
+        default: a function with defaults costs twice the heap, and both callers say). The
         services' COMMANDS tables are searched (a few dozen entries) rather than a table per
         action kept in RAM."""
         for s in self.services:
@@ -323,36 +346,24 @@ class App:
                 return s
         if not build or not hasattr(self, "sec"):  # (a build without them: _build_services)
             return None
-        if action in _CERT_ACTIONS:
+        # the certificate commands (services/security.py): rarely used, so the service is built on
+        # the first of them (or the first security()) and its code costs no heap before
+        if action in (
+            A_INSTALL_CERTIFICATE,
+            A_DELETE_CERTIFICATE,
+            A_GET_INSTALLED_CERTIFICATES,
+            A_OCSP_RESPONSE,
+            A_CERTIFICATE_SIGNED,
+            A_REVOKE_CERTIFICATE,
+        ):  # constants: a tuple in flash
             return self.security()
         if action == A_SET_MONITORS or action == A_CLEAR_MONITORS:  # noqa: PLR1714, SIM109 — two int compares
             return self.monitoring()
         return None
 
-    def _command(self, mid, action, prio, body, seq):
-        try:
-            s = self._service(action, True)
-            if s is None:
-                self.link.refuse(mid, action, prio, "not supported by this board", E_NOT_SUPPORTED)
-            else:
-                self.link.respond(mid, action, prio, s.command(action, body, seq))
-        except Refused as e:
-            self.link.refuse(mid, action, prio, e.reason)
-        self.note("command", {"action": action, "id": mid})
-        self.kick()
-
-    def _opened(self, body):
-        self.online = True
-        self.set_time(body[F_TIME], body.get(F_TIME_MS, 0))
-        self.interval_s = body.get(F_INTERVAL_S, self.interval_s) or self.interval_s
-        self.note("online", {"time": body[F_TIME]})
-        self.log("online", 5, "NetworkCtrlr")
-        self.boot_notification()
-        self.pump()
-        for s in self.services:
-            s.online()
-
     def boot_notification(self):
+        from .msgpack import Map
+
         b = Map()
         b[F_MODEL] = self.hal.model
         b[F_VENDOR] = self.hal.vendor
@@ -369,7 +380,7 @@ class App:
         self.registration(body[F_REGISTRATION])
         if self.registered and self.slots is not None:
             self.fw.accepted()  # a new image on trial passed its self-test
-        self.set_time(body[F_TIME])
+        self.set_time(body[F_TIME], 0)
         self._hb_due = L.ticks_diff(self.now(), -self.interval_s * 1000)
         self.note("registration", {"status": body[F_REGISTRATION]})
         self.log("registration %d" % body[F_REGISTRATION], 5, "NetworkCtrlr")
@@ -431,15 +442,9 @@ class App:
 
     def _heartbeat(self, body, err):
         if body is not None:
-            self.set_time(body[F_TIME])
+            self.set_time(body[F_TIME], 0)
 
     # ---------------------------------------------------------------- tasks
-    def key(self):
-        k = store.read(store.path("key"))
-        if k and len(k) == 32:
-            return k, False
-        return self.factory_key, True
-
     async def _rx(self, s):
         split = self.split
         link = self.link
@@ -486,6 +491,7 @@ class App:
                 except OSError as e:
                     if e.errno != EINPROGRESS:
                         raise
+                a = None  # its address is not kept in this task's frame for the connection's life (heap)
                 await wait_io(s, 1)
             except OSError:
                 if s is not None:
@@ -494,8 +500,9 @@ class App:
                 backoff = min(backoff * 2, 5000)
                 continue
             backoff = 200
-            k, factory = self.key()
-            link.connect(self.now(), k, os.urandom(16), self.ids.next(), factory)
+            k = store.read(store.path("key"))  # the device key onboarding gave, else the factory's
+            factory = not (k and len(k) == 32)
+            link.connect(self.now(), self.factory_key if factory else k, os.urandom(16), self.ids.next(), factory)
             rx = asyncio.create_task(self._rx(s))
             try:
                 while not rx.done():
@@ -515,7 +522,7 @@ class App:
                         continue
                     if self._reconnect:
                         break
-                    await self._park()
+                    await park(self)
             except OSError:  # connection refused or reset
                 pass
             rx.cancel()
@@ -557,11 +564,17 @@ class App:
             self.kick()  # the sender looks for retransmissions and a closed link
             await asyncio.sleep_ms(TICK_MS)
 
-    async def main(self, extra=()):
+    def main(self, extra):
+        """Boot the services and start the tasks: `asyncio.run(app.main(extra))`, `extra` the
+        board's own coroutines, run as tasks too (no default: every board passes them). Returns the
+        connecting coroutine (run_link), which asyncio.run runs as its task: no coroutine of
+        main's own waits on it for the board's life (its frame: 80 B of heap on a board). Called
+        before the loop runs: MicroPython's create_task queues a task then (CPython's would not, and
+        never runs this: the firmware's loop is the board's)."""
         for s in self.services:
             s.boot()
         # MicroPython's scheduler holds its tasks: no list of them is kept here
         asyncio.create_task(self.run_ticks())  # noqa: RUF006
         for c in extra:
             asyncio.create_task(c)  # noqa: RUF006
-        await self.run_link()  # in this task: one task fewer
+        return self.run_link()  # the main task: one task fewer

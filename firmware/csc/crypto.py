@@ -7,9 +7,13 @@
 - `hello_key` and `derive`: the per-device and per-connection keys.
 - `ctr`: AES-128-CTR for `secret` fields, built on AES-ECB (`cryptolib.aes(key, 1)`);
   under CPython the `cryptography` package provides the ECB block (tooling and tests).
+
+`hashlib` is imported where it is used (CPython, or a key above 64 bytes), so that on a board
+it takes no entry in this module's globals (heap).
 """
 
-import hashlib
+# ruff: noqa: PLC0415
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
 from .schema import TAG_LEN
 
@@ -21,23 +25,16 @@ except (ImportError, AttributeError, NameError, SyntaxError, ValueError):
     sha256 = None
 
 try:
-    from cryptolib import aes as _aes
-
-    def _ecb(key):
-        return _aes(key, 1)
-
+    from cryptolib import aes as _aes  # _aes(key, 1): AES-ECB
 except ImportError:  # CPython: tooling and tests only
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    class _Ecb:
-        def __init__(self, key):
+    class _aes:  # type: ignore[no-redef]  # noqa: N801 — cryptolib.aes's stand-in, ECB (mode 1) only
+        def __init__(self, key, mode):
             self._e = Cipher(algorithms.AES(bytes(key)), modes.ECB()).encryptor()
 
         def encrypt(self, block, out):
             out[:] = self._e.update(bytes(block))
-
-    def _ecb(key):
-        return _Ecb(key)
 
 
 class Hmac:
@@ -47,6 +44,8 @@ class Hmac:
 
     def __init__(self, key):
         if len(key) > 64:
+            import hashlib
+
             key = hashlib.sha256(key).digest()
         if sha256 is not None:
             self._p = bytearray(64)  # the hash states after the key's pads
@@ -75,6 +74,8 @@ class Hmac:
             sha256.digest(self._p, data, start, end)
             return sha256.tag(out, pos, n or -TAG_LEN) == 1
         # MicroPython's sha256 objects cannot be copied: two new hashes from the pads
+        import hashlib
+
         h = hashlib.sha256(self._p[0])
         h.update(memoryview(data)[start:end])
         o = hashlib.sha256(self._p[1])
@@ -118,7 +119,7 @@ def ctr(key, seq, field, data):
     """AES-128-CTR of `data` (encrypts and decrypts alike) for the secret field `field`
     of the frame with counter `seq`. Counter block: seq (8 bytes BE) || field key
     (4 bytes BE) || block counter (4 bytes BE, from 0)."""
-    ecb = _ecb(key)
+    ecb = _aes(key, 1)
     block = bytearray(16)
     for i in range(8):
         block[7 - i] = (seq >> (8 * i)) & 0xFF

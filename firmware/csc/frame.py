@@ -28,13 +28,13 @@ precedence and raises the first error as a `FrameError`:
 # The envelope is positional, so encode/Frame take its fields positionally; `a == x or a == y`
 # compiles to two int compares on MicroPython; `v != v` is the NaN test.
 
+# the schema's tables are read through the module (`schema.FTYPE`): each name imported from it
+# would be an entry of this module's globals (heap on a board; its int constants cost nothing)
+from . import schema
 from .msgpack import ARRAY, BIN, BOOL, FLOAT, INT, MAP, STR, FrameError, Map, Reader, check
 from .schema import (
     ACK_KEYS,
-    ACT_INDEX,
     ACT_KEYS,
-    ACT_KIND,
-    ACT_PRIO,
     E_BAD_ENVELOPE,
     E_BAD_KEY,
     E_BAD_KIND,
@@ -53,21 +53,11 @@ from .schema import (
     F_FIELD,
     F_IDS,
     F_REASON,
-    FELEM,
-    FITEM,
-    FLEN,
-    FMAX,
-    FMIN,
-    FSUB,
-    FTYPE,
     K_ACK,
     K_ERROR,
     K_EVENT,
     K_REQUEST,
     K_RESPONSE,
-    KEYS,
-    KEYS_AT,
-    LIMITS,
     MAX_FRAME,
     PROTOCOL_VERSION,
     T_ANY,
@@ -99,8 +89,8 @@ _R = Reader(None)  # decode's reader, reused for the same reason
 
 
 def _at(j):
-    # where the schema's key list j starts in KEYS (it ends where list j + 1 starts)
-    return KEYS_AT[2 * j] << 8 | KEYS_AT[2 * j + 1]
+    # where the schema's key list j starts in schema.KEYS (it ends where list j + 1 starts)
+    return schema.KEYS_AT[2 * j] << 8 | schema.KEYS_AT[2 * j + 1]
 
 
 class Frame:
@@ -183,14 +173,14 @@ def _scalar(r, cls, ft, k, maxlen):
         if cls != INT:
             raise FrameError(E_BAD_TYPE, "integer expected", k)
         v = r.v
-        if v < LIMITS[FMIN[k]] or v > LIMITS[FMAX[k]]:
+        if v < schema.LIMITS[schema.FMIN[k]] or v > schema.LIMITS[schema.FMAX[k]]:
             raise FrameError(E_OUT_OF_RANGE, "integer out of bounds", k)
         return v
     if ft == T_FLOAT:
         if cls != FLOAT and cls != INT:
             raise FrameError(E_BAD_TYPE, "number expected", k)
         v = r.v
-        if v != v or v < LIMITS[FMIN[k]] or v > LIMITS[FMAX[k]]:
+        if v != v or v < schema.LIMITS[schema.FMIN[k]] or v > schema.LIMITS[schema.FMAX[k]]:
             raise FrameError(E_OUT_OF_RANGE, "number out of bounds", k)
         return v
     if ft == T_BOOL:
@@ -202,33 +192,35 @@ def _scalar(r, cls, ft, k, maxlen):
             raise FrameError(E_BAD_TYPE, "str expected", k)
         if r.n > maxlen:
             raise FrameError(E_OUT_OF_RANGE, "str too long", k)
-        return r.text()
+        return r.finish(cls)
     if ft == T_BIN or ft == T_SECRET:
         if cls != BIN:
             raise FrameError(E_BAD_TYPE, "bin expected", k)
         if r.n > maxlen:
             raise FrameError(E_OUT_OF_RANGE, "bin too long", k)
-        return r.binary()
+        return r.finish(cls)
     if ft == T_STRUCT:
         if cls != MAP:
             raise FrameError(E_BAD_TYPE, "map expected", k)
-        return _entries(r, r.n, FSUB[k])
+        return _entries(r, r.n, schema.FSUB[k])
     if ft == T_ANY:
         return r.finish(cls)
     raise FrameError(E_BAD_TYPE, "type not allowed here", k)
 
 
-def _field(r, k, a, c, check=False):
-    # the value of key k in a body or struct whose member keys are KEYS[a:c]; a list field is
-    # only checked with `check` (its items are then read again in place: ack_ids)
+def _field(r, k, a, c, check):
+    # the value of key k in a body or struct whose member keys are schema.KEYS[a:c]; a list field is
+    # only checked with `check` (its items are then read again in place: ack_ids; no default:
+    # a function with defaults costs twice the heap)
     cls = r.head()
     known = False
     if k < 256:
+        keys = schema.KEYS
         for i in range(a, c):
-            if KEYS[i] == k:
+            if keys[i] == k:
                 known = True
                 break
-    ft = FTYPE[k] if known else T_ANY  # a key this message does not know: kept as it is
+    ft = schema.FTYPE[k] if known else T_ANY  # a key this message does not know: kept as it is
     if ft == _NONE or ft == T_ANY:
         try:
             return r.finish(cls)
@@ -236,14 +228,14 @@ def _field(r, k, a, c, check=False):
             e.field = k if k <= 0xFFFF else None
             raise
     if ft != T_LIST:
-        return _scalar(r, cls, ft, k, LIMITS[FLEN[k]])
+        return _scalar(r, cls, ft, k, schema.LIMITS[schema.FLEN[k]])
     if cls != ARRAY:
         raise FrameError(E_BAD_TYPE, "list expected", k)
     n = r.n
-    if n > LIMITS[FLEN[k]]:
+    if n > schema.LIMITS[schema.FLEN[k]]:
         raise FrameError(E_OUT_OF_RANGE, "list too long", k)
-    et = FELEM[k]
-    item = LIMITS[FITEM[k]] or MAX_FRAME
+    et = schema.FELEM[k]
+    item = schema.LIMITS[schema.FITEM[k]] or MAX_FRAME
     out: list | None = None if check else []
     try:
         for _ in range(n):
@@ -269,10 +261,10 @@ def _entries(r, n, j):
         k = r.v
         if k in d:
             raise FrameError(E_DUPLICATE_KEY, "key appears twice", k if k <= 0xFFFF else None)
-        d[k] = _field(r, k, a, c)
+        d[k] = _field(r, k, a, c, False)
     for i in range(a, b):
-        if KEYS[i] not in d:
-            raise FrameError(E_MISSING_FIELD, "required field missing", KEYS[i])
+        if schema.KEYS[i] not in d:
+            raise FrameError(E_MISSING_FIELD, "required field missing", schema.KEYS[i])
     return d
 
 
@@ -332,17 +324,17 @@ def decode(frame, mac=None, window=None, out=None, start=0, end=-1):
 
         if kind > K_ACK:
             raise FrameError(E_BAD_KIND, "kind above 4")
-        ai = ACT_INDEX[action] if action < len(ACT_INDEX) else _NONE
+        ai = schema.ACT_INDEX[action] if action < len(schema.ACT_INDEX) else _NONE
         if ai == _NONE:
             raise FrameError(E_UNKNOWN_ACTION, "action not known to this board")
-        if ACT_KIND[ai] == K_EVENT:
+        if schema.ACT_KIND[ai] == K_EVENT:
             if kind == K_REQUEST or kind == K_RESPONSE:
                 raise FrameError(E_BAD_KIND, "kind not valid for an event")
         elif kind == K_EVENT or kind == K_ACK:
             raise FrameError(E_BAD_KIND, "kind not valid for a request")
         if prio > 3:
             raise FrameError(E_BAD_PRIORITY, "priority above 3")
-        if (kind == K_REQUEST or kind == K_EVENT) and prio > ACT_PRIO[ai]:
+        if (kind == K_REQUEST or kind == K_EVENT) and prio > schema.ACT_PRIO[ai]:
             raise FrameError(E_BAD_PRIORITY, "priority below the action's default")
 
         if kind == K_RESPONSE:

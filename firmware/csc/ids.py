@@ -14,8 +14,8 @@ BLOCK = const(64)
 
 
 class Ids:
-    def __init__(self, name="ids"):
-        self._p = store.path(name)
+    def __init__(self):
+        self._p = store.path("ids")
         b = store.read(self._p)
         start = int(b) if b else 1
         self._next = start

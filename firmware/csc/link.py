@@ -30,15 +30,13 @@ are never given up, other requests fail with TIMEOUT after 3 tries.
 
 from micropython import const
 
-from . import crypto, frame
+# the schema's tables through the module (`schema.ACT_INDEX`): a name imported from it would be
+# an entry of this module's globals (heap on a board; its int constants cost nothing)
+from . import crypto, frame, schema
 from .msgpack import FrameError, Map
 from .schema import (
     A_CLOSE,
     A_HELLO,
-    ACT_DURABLE,
-    ACT_INDEX,
-    ACT_PRIO,
-    ACT_TIMEOUT,
     E_BAD_SIGNATURE,
     E_BAD_TAG,
     E_RATE_LIMITED,
@@ -56,13 +54,11 @@ from .schema import (
     F_SIGNATURE,
     F_VER_MAX,
     F_VER_MIN,
-    FLEN,
     K_ACK,
     K_ERROR,
     K_EVENT,
     K_REQUEST,
     K_RESPONSE,
-    LIMITS,
     P_CONTROL,
     PROTOCOL_VERSION,
     SCHEMA_REV,
@@ -108,11 +104,11 @@ _DURABLE = const(7)
 
 
 def _known(action):
-    return action < len(ACT_INDEX) and ACT_INDEX[action] != 255
+    return action < len(schema.ACT_INDEX) and schema.ACT_INDEX[action] != 255
 
 
 def default_prio(action):
-    return ACT_PRIO[ACT_INDEX[action]] if _known(action) else P_CONTROL
+    return schema.ACT_PRIO[schema.ACT_INDEX[action]] if _known(action) else P_CONTROL
 
 
 def _ilen(v):
@@ -124,6 +120,21 @@ def _ilen(v):
     if -0x8000 <= v < 0x10000:
         return 3
     return 5 if -0x80000000 <= v < 0x100000000 else 9
+
+
+# The link's small helpers are functions of the module rather than methods: a method takes an
+# entry of Link's method table too (heap on a board).
+def _count(link, code):
+    # a bad frame received (its error code counted)
+    link.bad += 1
+    link.errors[code] = link.errors.get(code, 0) + 1
+
+
+def _remember(link, x):
+    # the next entry of link.recent, the last commands received (the oldest one goes)
+    i = link.recent_i
+    link.recent[i] = x
+    link.recent_i = (i + 1) % _RECENT
 
 
 def ticks_diff(a, b):
@@ -173,7 +184,7 @@ class Link:
         self.seq = 0
         nonce = bytes(nonce)
         # until the Hello's answer: the session keys are made from it, and its deadline
-        self._hs = (k_dev, nonce, mid, now_ms + ACT_TIMEOUT[ACT_INDEX[A_HELLO]])
+        self._hs = (k_dev, nonce, mid, now_ms + schema.ACT_TIMEOUT[schema.ACT_INDEX[A_HELLO]])
         self._mac_up = crypto.Hmac(crypto.hello_key(k_dev))
         body = Map()
         body[F_DEVICE_ID] = self.ident[0]
@@ -187,35 +198,39 @@ class Link:
             body[F_FACTORY] = True
         self.q.put(K_REQUEST, P_CONTROL, mid, A_HELLO, body)
 
-    def close(self):
+    def close(self, reason=None):
+        """The link is down: the app closed it (its socket is gone), or with a `reason` the link
+        itself did (refused, flood, framing), which a CLOSED event tells the app."""
         self.state = IDLE
         self.q.clear()
+        if reason is not None:
+            self.events.append((CLOSED, reason))
 
     def _hello_response(self, data, start, end):
         try:
             f = frame.decode(data, None, None, None, start, end)
         except FrameError as e:
-            self._closed("bad hello response: " + e.reason)
+            self.close("bad hello response: " + e.reason)
             return
         if f.kind == K_ERROR:
-            self._closed("hello refused: %s" % f.body.get(F_REASON, ""))
+            self.close("hello refused: %s" % f.body.get(F_REASON, ""))
             return
         k, nonce, mid, _ = self._hs
         if f.kind != K_RESPONSE or f.action != A_HELLO or f.seq != 1 or f.id != mid:
-            self._closed("unexpected frame before hello")
+            self.close("unexpected frame before hello")
             return
         k_up, k_dn, e_up, e_dn = crypto.derive(k, nonce, f.body[F_NONCE])
         self._hs = None  # only the session keys from here
         mac_dn = crypto.Hmac(k_dn)
         if not mac_dn.verify(data, start, end - TAG_LEN - 2, data, end - TAG_LEN):
-            self._count(E_BAD_TAG)
-            self._closed("hello response tag")
+            _count(self, E_BAD_TAG)
+            self.close("hello response tag")
             return
         if self.anchor is not None and not self._signed(nonce, f.body):
             # the HMAC key alone proves only a copy of the device table: a gateway that
             # cannot sign with the anchored key is not the local CSMS this board trusts
-            self._count(E_BAD_SIGNATURE)
-            self._closed("hello answer not signed by the local CSMS anchor")
+            _count(self, E_BAD_SIGNATURE)
+            self.close("hello answer not signed by the local CSMS anchor")
             return
         self._mac_up = crypto.Hmac(k_up)
         self._mac_dn = mac_dn
@@ -252,11 +267,6 @@ class Link:
             pkg = sys.modules.get("csc")
             if pkg is not None and hasattr(pkg, "ed25519"):
                 delattr(pkg, "ed25519")
-
-    def _closed(self, reason):
-        self.state = IDLE
-        self.q.clear()
-        self.events.append((CLOSED, reason))
 
     # ---------------------------------------------------------------- receiving
     def decrypt(self, seq, key, value):
@@ -312,9 +322,9 @@ class Link:
                     self.q.put(a[1], a[3], mid, a[2], a[4])
                 return
             self.events.append((REQUEST_RECEIVED, mid, f.action, f.prio, body, f.seq))
-            self._remember(mid)
+            _remember(self, mid)
         else:
-            if ACT_DURABLE[ACT_INDEX[f.action]]:
+            if schema.ACT_DURABLE[schema.ACT_INDEX[f.action]]:
                 self.q.put(K_ACK, f.prio, mid, f.action, _e)
             self.events.append((EVENT_RECEIVED, mid, f.action, body))
 
@@ -335,12 +345,8 @@ class Link:
         a[0] = n - 1
         return a[n]
 
-    def _count(self, code):
-        self.bad += 1
-        self.errors[code] = self.errors.get(code, 0) + 1
-
     def _reject(self, e, now_ms):
-        self._count(e.code)
+        _count(self, e.code)
         if ticks_diff(now_ms, self._flood_t) > FLOOD_MS:
             self._flood_t = now_ms
             self._flood = 0
@@ -348,13 +354,8 @@ class Link:
         a = e.action if _known(e.action) else A_CLOSE
         self.q.put(K_ERROR, default_prio(a), e.id, a, frame.error_body(e))
         if self._flood > FLOOD_MAX:
-            self._count(E_RATE_LIMITED)
-            self._closed("flood of bad frames")
-
-    def _remember(self, x):
-        i = self.recent_i
-        self.recent[i] = x
-        self.recent_i = (i + 1) % _RECENT
+            _count(self, E_RATE_LIMITED)
+            self.close("flood of bad frames")
 
     def _recent(self, mid):
         """Where command `mid` is remembered (self.recent), or -1."""
@@ -382,7 +383,7 @@ class Link:
         """Answer command `mid` with an error frame (REJECTED and a reason by default)."""
         b = Map()
         b[F_ERROR_CODE] = code
-        b[F_REASON] = reason[: LIMITS[FLEN[F_REASON]]]  # the schema's bound
+        b[F_REASON] = reason[: schema.LIMITS[schema.FLEN[F_REASON]]]  # the schema's bound
         self._answer(mid, K_ERROR, action, prio, b)
 
     def _answer(self, mid, kind, action, prio, body):
@@ -394,36 +395,34 @@ class Link:
                 a = mid.to_bytes(8, "big") + bytes((kind, prio, action >> 8, action & 0xFF)) + b
         i = self._recent(mid)
         if i < 0:
-            self._remember(a)
+            _remember(self, a)
         else:
             self.recent[i] = a
 
-    def request(self, mid, action, body, now_ms, prio=None):
-        """Send a request; its answer comes as RESPONSE_RECEIVED or FAILED."""
-        self._send(mid, action, body, now_ms, prio, K_REQUEST, False)
+    def request(self, mid, action, body, now_ms, prio=None, kind=K_REQUEST):
+        """Send a request; its answer comes as RESPONSE_RECEIVED or FAILED. (event() sends a
+        durable event through here too, `kind` K_EVENT: kept in flight until acked.)"""
+        t = schema.ACT_TIMEOUT[schema.ACT_INDEX[action]]
+        e = [action, default_prio(action) if prio is None else prio, kind, body, now_ms + t, t, 1, kind == K_EVENT]
+        self.inflight[mid] = e
+        if self.state == OPEN:
+            self._queue(mid, e)
 
     def event(self, mid, action, body, now_ms, prio=None, stored=False):
         """Publish an event; a durable one is resent until ACKED. `stored`: its body can be
         read again, so it is not kept in RAM while awaiting the ack: True when it is on flash
         in the outbox (self.load reads it), or a function of `mid` that makes it again."""
-        d = ACT_DURABLE[ACT_INDEX[action]]
+        d = schema.ACT_DURABLE[schema.ACT_INDEX[action]]
         if not d:
             if self.state == OPEN:
                 return self.q.put(K_EVENT, default_prio(action) if prio is None else prio, mid, action, body)
             return False
-        self._send(mid, action, body, now_ms, prio, K_EVENT, True)
+        self.request(mid, action, body, now_ms, prio, K_EVENT)
         if stored is True:
             stored = self.load
         if stored:
             self.inflight[mid][_BODY] = stored
         return True
-
-    def _send(self, mid, action, body, now_ms, prio, kind, durable):
-        t = ACT_TIMEOUT[ACT_INDEX[action]]
-        e = [action, default_prio(action) if prio is None else prio, kind, body, now_ms + t, t, 1, durable]
-        self.inflight[mid] = e
-        if self.state == OPEN:
-            self._queue(mid, e)
 
     def _queue(self, mid, e):
         """Queue an in-flight message for sending; False when the send queue refused it
@@ -500,7 +499,7 @@ class Link:
 
     def handle_timer(self, now_ms):
         if self.state == HELLO_SENT and ticks_diff(now_ms, self._hs[3]) >= 0:
-            self._closed("hello timeout")
+            self.close("hello timeout")
             return
         if self.state != OPEN:
             return

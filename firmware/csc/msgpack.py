@@ -87,14 +87,15 @@ class FrameError(Exception):
     `action` to the rejected frame's once its envelope could be read (else they stay 0),
     so that the error frame can answer it."""
 
-    id = 0
-    action = 0
-
     def __init__(self, code, reason, field=None):
         super().__init__(code, reason)
         self.code = code
         self.reason = reason
         self.field = field
+        # set here rather than as class attributes: entries of the class's table are heap for
+        # the board's life, an error's attributes only while it is handled
+        self.id = 0
+        self.action = 0
 
 
 class Pairs(list):
@@ -206,20 +207,9 @@ class Writer:
         else:
             raise FrameError(E_OVERSIZE, "length above 2**32-1")
 
-    def binary(self, data):
-        n = len(data)
-        if n < 0x100:
-            self._head(0xC4, n, 1)
-        else:
-            self._len(n, 0, -1, 0, 0xC5, 0xC6)
-        self.raw(data)
-
-    def map(self, n):
-        self._len(n, 0x80, 15, 0, 0xDE, 0xDF)
-
     def value(self, v, depth=0):
-        # one method for every type (MicroPython: each method costs heap of its own);
-        # `depth` counts the containers around v, as check() does
+        # one method for every type (MicroPython: each method costs heap of its own, so bin and
+        # map heads are written here too); `depth` counts the containers around v, as check() does
         if v is None:
             self.byte(0xC0)
         elif v is True or v is False:
@@ -233,18 +223,19 @@ class Writer:
             self._len(len(e), 0xA0, 31, 0xD9, 0xDA, 0xDB)
             self.raw(e)
         elif isinstance(v, (bytes, bytearray, memoryview)):
-            self.binary(v)
+            self._len(len(v), 0, -1, 0xC4, 0xC5, 0xC6)  # bin 8/16/32 (no fix form)
+            self.raw(v)
         elif isinstance(v, (dict, list, tuple)):
             if depth >= MAX_DEPTH:
                 raise FrameError(E_TOO_DEEP, "value nested deeper than MAX_DEPTH")
             depth += 1
             if isinstance(v, dict):
-                self.map(len(v))
+                self._len(len(v), 0x80, 15, 0, 0xDE, 0xDF)
                 for k in v:  # v.items() would allocate a tuple per entry under MicroPython
                     self.value(k, depth)
                     self.value(v[k], depth)
             elif isinstance(v, Pairs):
-                self.map(len(v))
+                self._len(len(v), 0x80, 15, 0, 0xDE, 0xDF)
                 for k, x in v:
                     self.value(k, depth)
                     self.value(x, depth)
@@ -409,12 +400,13 @@ class Reader:
 
     `head()` consumes one marker and its length field and returns the value class
     (NIL … MAP); scalars land in `v`, lengths and item counts in `n`. `finish(cls)`
-    builds the value whose head was just read; `value()` does both.
+    builds the value whose head was just read (a str or bytes too: no method of their own,
+    each would cost heap on a board); `value()` does both.
     """
 
-    def __init__(self, b, p=0):
+    def __init__(self, b):
         self.b = b
-        self.p = p
+        self.p = 0  # (set by the caller to read from elsewhere: frame.decode)
         self.v = None
         self.n = 0
 
@@ -487,26 +479,14 @@ class Reader:
             return ARRAY
         return MAP
 
-    def text(self):
-        p = self.p
-        e = p + self.n
-        self.p = e
-        return str(self.b[p:e], "utf-8")
-
-    def binary(self):
-        p = self.p
-        e = p + self.n
-        self.p = e
-        return bytes(self.b[p:e])
-
     def finish(self, cls):
         if cls <= FLOAT:
             return self.v
-        if cls == STR:
-            return self.text()
-        if cls == BIN:
-            return self.binary()
         n = self.n
+        if cls == STR or cls == BIN:
+            p = self.p
+            self.p = p + n
+            return str(self.b[p : p + n], "utf-8") if cls == STR else bytes(self.b[p : p + n])
         if cls == ARRAY:
             a = []
             for _ in range(n):

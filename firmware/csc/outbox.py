@@ -22,8 +22,6 @@ them with a SecurityEvent "OutboxShed").
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-import os
-
 from micropython import const
 
 from . import store
@@ -39,8 +37,10 @@ MAX_BYTES = const(24576)
 
 
 class Outbox:
-    def __init__(self, name="ob"):
-        self._dir = store.path(name)
+    def __init__(self):
+        import os  # only here: no entry in this module's globals (heap on a board)
+
+        self._dir = store.path("ob")
         store.mkdir(self._dir)
         self.index = []  # (mid, action, prio, cls, size), ascending mid: tuples, 32 bytes fewer than lists
         self.bytes = 0
@@ -69,28 +69,24 @@ class Outbox:
     def _file(self, mid):
         return "%s/%x" % (self._dir, mid)
 
-    def _victim(self, cls):
-        # the oldest telemetry record: the only class that may be shed
+    def _shed(self):
+        # drop the oldest telemetry record, the only class that may be shed; False: none left
         for r in self.index:
             if r[3] == TELEMETRY:
-                return r
-        return None
-
-    def _drop(self, r):
-        store.remove(self._file(r[0]))
-        self.index.remove(r)
-        self.bytes -= r[4]
-        self.shed += 1
+                store.remove(self._file(r[0]))
+                self.index.remove(r)
+                self.bytes -= r[4]
+                self.shed += 1
+                return True
+        return False
 
     def put(self, mid, action, prio, cls, body):
         """Persist a message; True once it is on flash, False when refused (counted)."""
         data = store.encode(body, bytes((action >> 8, action & 0xFF, prio, cls)))
         n = len(data)
         while len(self.index) >= MAX_RECORDS or self.bytes + n > MAX_BYTES:
-            v = self._victim(cls)
-            if v is None:
+            if not self._shed():
                 break
-            self._drop(v)
         full = len(self.index) >= MAX_RECORDS or self.bytes + n > MAX_BYTES
         # nothing more to shed: only the valuable classes may go beyond the bounds
         if full and (cls == TELEMETRY or (cls == BILLING and len(self.index) >= MAX_RECORDS + RESERVE)):
@@ -101,11 +97,9 @@ class Outbox:
                 store.write_atomic(self._file(mid), data)
                 break
             except OSError:  # flash full: shed what may be shed, try again
-                v = self._victim(cls)
-                if v is None:
+                if not self._shed():
                     self.refused += 1
                     return False
-                self._drop(v)
         else:
             self.refused += 1
             return False
@@ -132,6 +126,6 @@ class Outbox:
                 return True
         return False
 
-    def records(self, action=None):
-        """(mid, action, prio, cls) of stored records in id order, optionally one action."""
+    def records(self, action):
+        """(mid, action, prio, cls) of stored records in id order, of one action (None: all)."""
         return [r for r in self.index if action is None or r[1] == action]

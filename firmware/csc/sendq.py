@@ -45,12 +45,14 @@ the length), so a retransmission with a new `seq` re-encrypts correctly.
 # ruff: noqa: PLR1714
 # `a == x or a == y` compiles to two int compares on MicroPython (a tuple or set would be built)
 
-from array import array
+# ruff: noqa: PLC0415
+# Every module-level name is an entry of this module's globals (heap on a board): what only the
+# constructor uses is imported there, the regions' bounds and quanta are written where used.
 
 from micropython import const
 
 from .crypto import ctr
-from .msgpack import FrameError, Writer, check
+from .msgpack import FrameError, check
 from .schema import FTYPE, T_SECRET
 
 SLOTS = (3, 6, 6, 3)  # messages per class
@@ -59,11 +61,8 @@ RX = const(1282)  # the receiver's own part: buf[URGENT:URGENT + RX]
 SHARED = const(2816)  # control, telemetry and bulk: buf[URGENT + RX:]; RX + SHARED = MAX_FRAME + 2
 CAP = (URGENT, 1280, 1152, 1152)  # bytes a class may hold (urgent: its region)
 _SIZE = const(URGENT + RX + SHARED)  # the whole buffer: 4 482 bytes
-_LO = (0, URGENT + RX, URGENT + RX, URGENT + RX)  # each class's region: start …
-_HI = (URGENT, _SIZE, _SIZE, _SIZE)  # … and end in the buffer
 _BASE = (0, 3, 9, 15)  # each class's first slot
 _NSLOT = const(18)
-_QUANTUM = (0, 4096, 2048, 512)
 # Room kept around each body, so that the link seals the frame where the body lies (no buffer of
 # its own): before it the length prefix (2) and the envelope (array head 1, ver 1, kind 1, seq ≤ 9,
 # id ≤ 9, prio 1, ts ≤ 9, action ≤ 3), after it the tag (c4 10 + 16 bytes).
@@ -73,8 +72,62 @@ MAX_BODY = const(1098)  # one body: with HEAD and TAIL a frame of 1152 bytes
 _FRAME = const(1152)  # HEAD + MAX_BODY + TAIL
 
 
+# The queue's helpers are functions of the module rather than methods: a method takes an entry
+# of SendQueue's method table too (heap on a board).
+def _gap(q, c):
+    # the largest free gap of class c's region, as start << 16 | end; frames are not in
+    # offset order (classes leave out of order), so from each gap's start the nearest frame
+    # after it is looked for (at most 15 frames: a few hundred steps when the region is full)
+    lo = 0 if c == 0 else URGENT + RX  # class c's region: urgent's own, or the shared one
+    hi = URGENT if c == 0 else _SIZE
+    n = q.n
+    off = q.off
+    cs = (0,) if c == 0 else (1, 2, 3)
+    best = lo << 16 | lo
+    a = lo
+    while True:
+        e = hi  # where the nearest frame at or after a starts …
+        f = hi  # … and ends
+        for d in cs:
+            b0 = _BASE[d]
+            for i in range(n[d]):
+                s = b0 + (q.head[d] + i) % SLOTS[d]
+                st = off[s] - HEAD
+                if a <= st < e:
+                    e = st
+                    f = off[s] + q.ln[s] + TAIL
+        if e - a > (best & 0xFFFF) - (best >> 16):
+            best = a << 16 | e
+        if e == hi:
+            return best
+        a = f
+
+
+def _wait(sq, c, ok):
+    # sq.waiting: the classes refused for room in the shared region, in the order they
+    # were, two bits each; the first keeps a frame's room (put()) until it is served
+    q = sq.waiting
+    if ok and q & 3 == c:
+        sq.need = 0  # the first one was served: what the next one needs is learnt at its next try
+    r = 0
+    k = 0
+    while q:  # the list without c
+        if q & 3 == c:
+            if not ok:
+                return  # refused again: it keeps its place
+        else:
+            r |= (q & 3) << k
+            k += 2
+        q >>= 2
+    sq.waiting = r if ok else r | c << k
+
+
 class SendQueue:
     def __init__(self, ticks=None):
+        from array import array
+
+        from .msgpack import Writer
+
         self.head = [0, 0, 0, 0]
         self.n = [0, 0, 0, 0]
         self.deficit = [0, 0, 0, 0]
@@ -111,34 +164,6 @@ class SendQueue:
         self.lent = on
         return on and not (self.n[1] or self.n[2] or self.n[3])
 
-    def _gap(self, c):
-        # the largest free gap of class c's region, as start << 16 | end; frames are not in
-        # offset order (classes leave out of order), so from each gap's start the nearest frame
-        # after it is looked for (at most 15 frames: a few hundred steps when the region is full)
-        lo = _LO[c]
-        hi = _HI[c]
-        n = self.n
-        off = self.off
-        cs = (0,) if c == 0 else (1, 2, 3)
-        best = lo << 16 | lo
-        a = lo
-        while True:
-            e = hi  # where the nearest frame at or after a starts …
-            f = hi  # … and ends
-            for d in cs:
-                b0 = _BASE[d]
-                for i in range(n[d]):
-                    s = b0 + (self.head[d] + i) % SLOTS[d]
-                    st = off[s] - HEAD
-                    if a <= st < e:
-                        e = st
-                        f = off[s] + self.ln[s] + TAIL
-            if e - a > (best & 0xFFFF) - (best >> 16):
-                best = a << 16 | e
-            if e == hi:
-                return best
-            a = f
-
     def put(self, kind, prio, mid, action, body):
         """Queue a message in class `prio`; False when the class is full (its slots, its cap,
         its region's room) or the body is too big."""
@@ -154,24 +179,31 @@ class SendQueue:
             room -= self.ln[b0 + (self.head[c] + i) % SLOTS[c]] + HEAD + TAIL
         if c and not (n[1] or n[2] or n[3]):
             self.waiting = self.need = 0  # an empty region: nobody waits (one that never comes back blocks nobody)
-        g = self._gap(c)
+        g = _gap(self, c)
         at = g >> 16
         gap = (g & 0xFFFF) - at
         s = b0 + (self.head[c] + k) % SLOTS[c]
         w = self.w
         h = self.waiting & 3  # the class waiting first
-        if not self._encode(w, at + HEAD, at + min(gap, room, _FRAME) - TAIL, body):
+        w.pos = at + HEAD
+        w.end = at + min(gap, room, _FRAME) - TAIL
+        try:
+            if isinstance(body, bytes):  # already encoded (a remembered answer, no secret field)
+                w.raw(body)
+            else:
+                w.value(body, 1)  # inside the envelope: depth as a receiver counts it
+        except FrameError:
             if c and gap < room and gap < _FRAME:  # refused for the region's room: it waits
                 if h == 0 or h == c:
                     self.need = max(self.need, gap + 1)  # its frame is larger than this gap
-                self._wait(c, False)
+                _wait(self, c, False)
             self.full += 1
             return False
         if c and h and h != c and (k or at + gap - w.pos - TAIL < self.need):
             self.full += 1  # class h waits for room: the others queue one frame at most, and leave
             return False  # it the room it needs, so that it gets in at one of its next tries
         if c:
-            self._wait(c, True)
+            _wait(self, c, True)
         self.off[s] = at + HEAD
         self.ln[s] = w.pos - at - HEAD
         self.kind[s] = kind
@@ -183,38 +215,8 @@ class SendQueue:
         self.last = s
         return True
 
-    def _wait(self, c, ok):
-        # self.waiting: the classes refused for room in the shared region, in the order they
-        # were, two bits each; the first keeps a frame's room (put()) until it is served
-        q = self.waiting
-        if ok and q & 3 == c:
-            self.need = 0  # the first one was served: what the next one needs is learnt at its next try
-        r = 0
-        k = 0
-        while q:  # the list without c
-            if q & 3 == c:
-                if not ok:
-                    return  # refused again: it keeps its place
-            else:
-                r |= (q & 3) << k
-                k += 2
-            q >>= 2
-        self.waiting = r if ok else r | c << k
-
-    def _encode(self, w, at, end, body):
-        w.pos = at
-        w.end = end
-        try:
-            if isinstance(body, bytes):  # already encoded (a remembered answer, no secret field)
-                w.raw(body)
-            else:
-                w.value(body, 1)  # inside the envelope: depth as a receiver counts it
-        except FrameError:
-            return False
-        return True
-
-    def secrets(self, s, key=None, seq=0):
-        """The number of secret fields in the body of slot s; with `key`, each is encrypted in
+    def secrets(self, s, key, seq):
+        """The number of secret fields in the body of slot s; with `key` (not None), each is encrypted in
         place (AES-CTR under `key` and the frame's `seq`, same length), as the link does when it
         seals the frame. They lie at the body's top level (docs/protocol.md), so they are found
         by walking its keys rather than recorded per slot."""
@@ -250,9 +252,6 @@ class SendQueue:
                 x = check(mv, x, end)
         return found
 
-    def _len(self, c):
-        return self.ln[_BASE[c] + self.head[c]]
-
     def next(self):
         """The class whose head goes next (urgent first, then deficit round robin), or -1."""
         n = self.n
@@ -263,25 +262,22 @@ class SendQueue:
         d = self.deficit
         while True:
             for c in (1, 2, 3):
-                if n[c] and d[c] >= self._len(c):
-                    d[c] -= self._len(c)
-                    return c
+                if n[c]:
+                    k = self.ln[_BASE[c] + self.head[c]]  # the length of its head
+                    if d[c] >= k:
+                        d[c] -= k
+                        return c
             for c in (1, 2, 3):
-                d[c] = d[c] + _QUANTUM[c] if n[c] else 0
+                d[c] = d[c] + (0, 4096, 2048, 512)[c] if n[c] else 0  # the classes' quanta
 
     def slot(self, c):
         """Global slot index of class c's head (its fields: kind[s], mid[s], …)."""
         return _BASE[c] + self.head[c]
 
-    def body(self, c):
-        s = _BASE[c] + self.head[c]
-        o = self.off[s]
-        return self.w.mv[o : o + self.ln[s]]
-
     def encoded(self, s):
         """The body of slot s as bytes (to keep), or None when it has secret fields: those
         are encrypted per frame, so it must be encoded again from its fields."""
-        if self.secrets(s):
+        if self.secrets(s, None, 0):
             return None
         o = self.off[s]
         return bytes(self.w.mv[o : o + self.ln[s]])

@@ -59,7 +59,7 @@ def read(p):
         return None
 
 
-def encode(value, head=b""):
+def encode(value, head):
     """`head` then `value` in msgpack: a memoryview of a buffer sized for it. Most records
     fit 512 bytes; only a larger one takes a 4 KiB buffer (a 4 KiB block is the hardest to
     find in a fragmented heap), and the bytes are written from it without a copy."""
@@ -77,11 +77,12 @@ def encode(value, head=b""):
 
 
 def save(p, value):
-    write_atomic(p, encode(value))
+    write_atomic(p, encode(value, b""))
 
 
-def load(p, default=None):
-    """The msgpack value in file p; `default` when it is missing or unreadable."""
+def load(p, default):
+    """The msgpack value in file p; `default` when it is missing or unreadable (no default
+    for it: every caller says, and a function with defaults costs twice the heap on a board)."""
     b = read(p)
     if not b:
         return default

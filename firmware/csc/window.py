@@ -15,10 +15,12 @@ decoder checks at its step (6), after the tag, and accepts only once the whole f
 valid, so neither a forged nor a rejected frame moves the window.
 """
 
+from micropython import const
+
 from .msgpack import FrameError
 from .schema import E_REPLAY
 
-_BITS = 64
+_BITS = const(64)  # the bitmap's width (a constant: no entry in the module's globals)
 
 
 class ReplayWindow:
