@@ -836,3 +836,22 @@ def test_heap_use_per_frame_under_micropython() -> None:
         # allocate nothing: tests/fw_alloc_link.py)
         assert int(enc) <= 1200, (name, enc)
         assert int(dec) <= 1800, (name, dec)
+
+
+def test_the_services_tick_allocates_nothing_on_an_idle_board(tmp_path: Path) -> None:
+    # App.tick() runs every 50 ms: a service's tick that allocates (a `from … import` in it, a call
+    # through `*args`) makes garbage twenty times a second (tests/fw_alloc_tick.py)
+    env = _mp_env()
+    env["MICROPYPATH"] += ":.frozen"  # the port's frozen asyncio, which csc.app imports
+    r = subprocess.run(
+        [_micropython(), str(ROOT / "tests" / "fw_alloc_tick.py"), str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    per_tick = dict(line.split() for line in r.stdout.splitlines())
+    assert {"Config", "Auth", "SmartCharging", "Transactions", "FirmwareUpdate", "Admin", "Station"} <= set(per_tick)
+    assert {name: int(n) for name, n in per_tick.items() if int(n)} == {}

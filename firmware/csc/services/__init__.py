@@ -56,12 +56,16 @@ class Service:
             return getattr(self, name)(body, seq)
         return on_demand(type(self).__module__ + "_cmds", name[1:], self, body, seq)
 
-    # boot(), online() and tick(now): nothing unless the service says otherwise; one function
-    # for the three (a function object each would cost heap on the board)
-    def boot(self, *_):
+    # boot(), online() and tick(now): nothing unless the service says otherwise; one function for
+    # the first two (a function object each costs heap on the board); tick() its own, without
+    # `*args` (a call through `*args` makes a tuple, and tick() runs every 50 ms)
+    def boot(self):
         pass
 
-    online = tick = boot
+    online = boot
+
+    def tick(self, now):
+        pass
 
 
 def on_demand(module, fn, service, body, seq):

@@ -33,11 +33,13 @@ written only when the choice changes (the tariff and the cost use it too).
 """
 
 # ruff: noqa: PLC0415
-# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
+# Imports inside functions are deliberate: on a board a module costs RAM only once it is needed (never in
+# what a tick runs: a `from … import` statement makes a tuple each time it runs).
 
 from micropython import const
 
 from .. import store
+from ..link import ticks_diff
 from ..msgpack import Map
 from ..outbox import SECURITY
 from ..schema import (
@@ -266,8 +268,6 @@ class Admin(Service):
     # ---------------------------------------------------------------- tick
     def tick(self, now):
         app = self.app
-        from ..link import ticks_diff
-
         if self.upload is not None:
             self._upload_step()
         t = app.hal.temperature_dc()

@@ -26,13 +26,10 @@ Commands beyond the hardware (a limit above the rating, an unknown EVSE) are ref
 with a reason.
 """
 
-# ruff: noqa: PLC0415
-# The import inside tick() is deliberate: a name imported at the top is a global of the module (heap
-# on a board: its globals table holds 12 names in 96 bytes, 13 take 144).
-
 from micropython import const
 
 from .. import store
+from ..link import ticks_diff
 from ..msgpack import Map
 from ..outbox import TELEMETRY
 from ..schema import (
@@ -292,7 +289,6 @@ class SmartCharging(Service):
 
     # ---------------------------------------------------------------- tick
     def tick(self, now):
-        from ..link import ticks_diff
 
         app = self.app
         hal = app.hal

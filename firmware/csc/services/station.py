@@ -14,14 +14,11 @@ EmergencyStop (urgent; from the gateway or from the board's emergency button), a
   message ids and transaction seq_no, which only grow, never `time`.
 """
 
-# ruff: noqa: PLC0415
-# The import inside tick() is deliberate: a name imported at the top is a global of the module (heap
-# on a board: its globals table holds 8 names in 64 bytes, 9 take 80).
-
 from micropython import const
 
 from .. import store
 from ..hal import FLAG_BUTTON
+from ..link import ticks_diff
 from ..schema import (
     A_CHANGE_AVAILABILITY,
     A_EMERGENCY_STOP,
@@ -124,10 +121,7 @@ class Station(Service):
             self.pending_inop = False
             self.operative = False
             self._save()
-        if app.online and not self._syncing:
-            from ..link import ticks_diff
-
-            if ticks_diff(now, self._sync_due) >= 0:
-                self._syncing = True
-                self._sync_due = now + TIME_SYNC_S * 1000
-                app.request(A_TIME_SYNC, {}, self._synced)
+        if app.online and not self._syncing and ticks_diff(now, self._sync_due) >= 0:
+            self._syncing = True
+            self._sync_due = now + TIME_SYNC_S * 1000
+            app.request(A_TIME_SYNC, {}, self._synced)
