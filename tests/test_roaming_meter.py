@@ -34,6 +34,13 @@ def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+async def card_session(net: Net) -> str:
+    """The CSP's customer CARD1 starts a session at the first EVSE: its roaming session id."""
+    net.csp.add_customer("CARD1")
+    await net.csp.distribute_tokens()
+    return str((await net.cso.token_presented(EVSES[0], "CARD1", "rfid"))["roaming_session_id"])
+
+
 def test_r3_9_a_signed_reading_states_its_register_evse_and_time_and_its_seal_is_the_meters() -> None:
     key = Ed25519PrivateKey.generate()
     got = meter.parse(b64(reading(key, 12_345, evse=2)))
@@ -224,9 +231,7 @@ def test_r3_9_a_changed_meter_key_is_recorded_and_each_session_checked_with_the_
         t0 = int(net.clock())
         await net.cso.send("PutLocation", location(pub(old)), CSP)
         await net.cso.send("PutLocation", location(pub(old)), CSP)  # the same again: no new row
-        net.csp.add_customer("CARD1")
-        await net.csp.distribute_tokens()
-        sid = str((await net.cso.token_presented(EVSES[0], "CARD1", "rfid"))["roaming_session_id"])
+        sid = await card_session(net)
         net.clock.advance(60)
         await net.cso.send("PutLocation", location(pub(new)), CSP)  # the meter's key changed mid-session
         rows = net.csp.store.all("SELECT evse_gid, operator_id, key, since FROM meter_keys ORDER BY rowid")
@@ -258,9 +263,7 @@ def test_r3_9_a_lowered_meter_start_in_a_put_sdr_is_a_mismatch(tmp_path: Path) -
         key = Ed25519PrivateKey.generate()
         t0 = int(net.clock())
         await net.cso.send("PutLocation", location(pub(key)), CSP)
-        net.csp.add_customer("CARD1")
-        await net.csp.distribute_tokens()
-        sid = str((await net.cso.token_presented(EVSES[0], "CARD1", "rfid"))["roaming_session_id"])
+        sid = await card_session(net)
         await net.cso.session_progress(sid, 1300, 0)  # the bigger energy, in the updates too
         signed = b64(reading(key, 500, t=t0) + reading(key, 1500, t=t0 + 60))
         done = await net.cso.session_ended(sid, 1300, meter_start_wh=200, signed_meter=signed)
@@ -285,9 +288,7 @@ def test_r3_9_key_changes_during_a_session_cannot_push_its_key_out_of_the_books(
         key = Ed25519PrivateKey.generate()
         t0 = int(net.clock())
         await net.cso.send("PutLocation", location(pub(key)), CSP)
-        net.csp.add_customer("CARD1")
-        await net.csp.distribute_tokens()
-        sid = str((await net.cso.token_presented(EVSES[0], "CARD1", "rfid"))["roaming_session_id"])
+        sid = await card_session(net)
         await net.cso.session_progress(sid, 1000, 0)
         for day in range(3):  # 15 changes a day for 3 days: 45 rows after the start's
             for _ in range(15):
