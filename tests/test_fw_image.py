@@ -32,7 +32,8 @@ def test_the_image_is_built_once_and_cached_by_its_inputs(exe: Path) -> None:
     info = image.info(exe)
     assert info["hash"] == h and info["inputs"] == image.inputs()
     fw = info["frozen"]["firmware"]  # what goes to a real board's flash
-    assert fw["modules"] == len(frozen()) and 0 < fw["bytecode_bytes"] < fw["total_bytes"]
+    # and the build's csc/_names, frozen for its qstrs (tools/board/build.py, names_module)
+    assert fw["modules"] == len(frozen()) + 1 and 0 < fw["bytecode_bytes"] < fw["total_bytes"]
     assert info["frozen"]["image"]["total_bytes"] > fw["total_bytes"]  # asyncio, boards.unix and boards.sim too
 
 
@@ -114,3 +115,20 @@ def test_the_heap_profiler_accounts_for_every_byte_and_names_its_holders(exe: Pa
     assert [a.module for a in p.allocs if a.kind in ("type", "inst") and a.name == "Meter"] == ["__main__"] * 2
     assert heapprof.held(p)["Meter (__main__)"] >= 1000  # its buffer, found through the pointers
     assert any(a.kind == "module" and a.name == "heapprof" for a in p.allocs) is False  # a C module: no heap
+
+
+def test_importing_the_firmware_makes_no_qstr_of_its_module_names(exe: Path) -> None:
+    # a module imports under its dotted name, a qstr: the frozen build's csc/_names.py holds them all
+    # (tools/board/build.py, names_module), so importing the firmware finds them in flash and makes
+    # none in the heap (before it, the boot made a qstr pool and ~0.5 KiB of strings of them)
+    names = [*sorted(n for n in frozen() if n.startswith("csc.")), "asyncio"]
+    probe = "import gc, heapprof\n" + "".join(f"import {n}\n" for n in names) + "gc.collect()\nheapprof.dump(True)\n"
+    env = {**os.environ, "MICROPYPATH": ".frozen"}
+    r = subprocess.run([str(exe), "-c", probe], check=True, capture_output=True, text=True, env=env, cwd="/")
+    made = b"".join(
+        b"".join(w.to_bytes(4, "little") for w in a.words)
+        for a in heapprof.parse(r.stdout.splitlines()).allocs
+        if a.kind == "qstrdata"
+    )
+    leaked = sorted(n for n in [*names, "asyncio.core"] if n.encode() + b"\0" in made)
+    assert not leaked, f"module names made in the heap at import: {leaked}"
