@@ -24,9 +24,12 @@ unix port one name too many makes MicroPython allocate its next qstr pool (docs/
 import micropython
 
 # The work area (one per firmware: the link is single-threaded and IRQ handlers never hash), in
-# 32-bit words: 0..63 the message schedule, 64..71 the running state, 72..103 the padded last
-# block(s) (bytes 288..415; after digest() its first 32 bytes hold the MAC).
-_scratch = bytearray(416)
+# 32-bit words: 0..15 the message schedule, 16..23 the running state, 24..55 the padded last
+# block(s) (bytes 96..223; after digest() its first 32 bytes hold the MAC). The schedule is a
+# window of 16 words, not FIPS 180-4's W[0..63]: round t reads only W[t], which depends on
+# W[t-2], W[t-7], W[t-15] and W[t-16], so W[t] can take W[t-16]'s slot (t & 15). That keeps
+# 192 B of heap free for the board's life, for one `& 15` per index in the rounds.
+_scratch = bytearray(224)
 # The round constants (FIPS 180-4, 4.2.2; words 0..63) and the initial state (5.3.3; 64..71), big-endian:
 # a bytes literal stays in flash on a board (an array would copy its 288 bytes into the heap). Read a
 # byte at a time, as the message is: viper's 32-bit loads need a 4-byte aligned address on Xtensa and
@@ -66,29 +69,28 @@ def block(data, pos: int):
         j = pos + 4 * i
         w[i] = (d[j] << 24) | (d[j + 1] << 16) | (d[j + 2] << 8) | d[j + 3]
         i += 1
-    while i < 64:
-        x = uint(w[i - 15])
-        y = uint(w[i - 2])
-        s0 = ((x >> 7) | (x << 25)) ^ ((x >> 18) | (x << 14)) ^ (x >> 3)
-        s1 = ((y >> 17) | (y << 15)) ^ ((y >> 19) | (y << 13)) ^ (y >> 10)
-        w[i] = uint(w[i - 16]) + s0 + uint(w[i - 7]) + s1
-        i += 1
-    a = uint(w[64])
-    b = uint(w[65])
-    c = uint(w[66])
-    dd = uint(w[67])
-    e = uint(w[68])
-    f = uint(w[69])
-    g = uint(w[70])
-    h = uint(w[71])
+    a = uint(w[16])
+    b = uint(w[17])
+    c = uint(w[18])
+    dd = uint(w[19])
+    e = uint(w[20])
+    f = uint(w[21])
+    g = uint(w[22])
+    h = uint(w[23])
     i = 0
     while i < 64:
+        if i >= 16:  # W[i] into the slot of W[i - 16], the one word of the window no later round reads
+            x = uint(w[(i - 15) & 15])
+            y = uint(w[(i - 2) & 15])
+            s0 = ((x >> 7) | (x << 25)) ^ ((x >> 18) | (x << 14)) ^ (x >> 3)
+            s1 = ((y >> 17) | (y << 15)) ^ ((y >> 19) | (y << 13)) ^ (y >> 10)
+            w[i & 15] = uint(w[i & 15]) + s0 + uint(w[(i - 7) & 15]) + s1
         t1 = (
             h
             + (((e >> 6) | (e << 26)) ^ ((e >> 11) | (e << 21)) ^ ((e >> 25) | (e << 7)))
             + (g ^ (e & (f ^ g)))
             + uint((k[4 * i] << 24) | (k[4 * i + 1] << 16) | (k[4 * i + 2] << 8) | k[4 * i + 3])
-            + uint(w[i])
+            + uint(w[i & 15])
         )
         t2 = (((a >> 2) | (a << 30)) ^ ((a >> 13) | (a << 19)) ^ ((a >> 22) | (a << 10))) + ((a & b) | (c & (a | b)))
         h = g
@@ -100,20 +102,20 @@ def block(data, pos: int):
         b = a
         a = (t1 + t2) & m
         i += 1
-    w[64] = uint(w[64]) + a
-    w[65] = uint(w[65]) + b
-    w[66] = uint(w[66]) + c
-    w[67] = uint(w[67]) + dd
-    w[68] = uint(w[68]) + e
-    w[69] = uint(w[69]) + f
-    w[70] = uint(w[70]) + g
-    w[71] = uint(w[71]) + h
+    w[16] = uint(w[16]) + a
+    w[17] = uint(w[17]) + b
+    w[18] = uint(w[18]) + c
+    w[19] = uint(w[19]) + dd
+    w[20] = uint(w[20]) + e
+    w[21] = uint(w[21]) + f
+    w[22] = uint(w[22]) + g
+    w[23] = uint(w[23]) + h
 
 
 @micropython.viper
 def digest(key, data, start: int, end: int):
     """HMAC-SHA256 of data[start:end] from the states of `init` (`key`); the 32-byte MAC
-    is left at the work area's bytes 288..319, for `tag`. Allocates nothing."""
+    is left at the work area's bytes 96..127, for `tag`. Allocates nothing."""
     w = ptr32(_scratch)
     b = ptr8(_scratch)
     s = ptr32(key)
@@ -126,7 +128,7 @@ def digest(key, data, start: int, end: int):
         j = 0
         if phase == 0:  # the inner hash: the ipad state, then the message
             while j < 8:
-                w[64 + j] = s[j]
+                w[16 + j] = s[j]
                 j += 1
             while end - o >= 64:
                 block(data, o)
@@ -134,36 +136,36 @@ def digest(key, data, start: int, end: int):
             n = end - o
             j = 0
             while j < n:
-                b[288 + j] = d[o + j]
+                b[96 + j] = d[o + j]
                 j += 1
             total = 64 + end - start
-        else:  # the outer hash: the opad state, then the inner digest (already at 288)
+        else:  # the outer hash: the opad state, then the inner digest (already at 96)
             while j < 8:
-                w[64 + j] = s[8 + j]
+                w[16 + j] = s[8 + j]
                 j += 1
             n = 32
             total = 96
-        b[288 + n] = 0x80
+        b[96 + n] = 0x80
         last = 64 if n < 56 else 128  # one or two padded blocks
         j = n + 1
         while j < last - 4:
-            b[288 + j] = 0
+            b[96 + j] = 0
             j += 1
         bits = total << 3  # below 2**32: frames and keys are small
-        b[288 + last - 4] = bits >> 24
-        b[288 + last - 3] = bits >> 16
-        b[288 + last - 2] = bits >> 8
-        b[288 + last - 1] = bits
-        block(_scratch, 288)
+        b[96 + last - 4] = bits >> 24
+        b[96 + last - 3] = bits >> 16
+        b[96 + last - 2] = bits >> 8
+        b[96 + last - 1] = bits
+        block(_scratch, 96)
         if last == 128:
-            block(_scratch, 352)
+            block(_scratch, 160)
         j = 0
         while j < 8:  # the digest, big-endian, where the outer hash reads it
-            x = uint(w[64 + j])
-            b[288 + 4 * j] = x >> 24
-            b[289 + 4 * j] = x >> 16
-            b[290 + 4 * j] = x >> 8
-            b[291 + 4 * j] = x
+            x = uint(w[16 + j])
+            b[96 + 4 * j] = x >> 24
+            b[97 + 4 * j] = x >> 16
+            b[98 + 4 * j] = x >> 8
+            b[99 + 4 * j] = x
             j += 1
         phase += 1
 
@@ -183,9 +185,9 @@ def tag(out, pos: int, n: int) -> int:
     i = 0
     while i < n:
         if cmp:
-            r |= b[288 + i] ^ o[pos + i]
+            r |= b[96 + i] ^ o[pos + i]
         else:
-            o[pos + i] = b[288 + i]
+            o[pos + i] = b[96 + i]
         i += 1
     return 1 if r == 0 else 0
 
@@ -207,18 +209,18 @@ def init(key, n: int, out):
         j = 0
         while j < 64:
             if j < n:
-                b[288 + j] = k[j] ^ x
+                b[96 + j] = k[j] ^ x
             else:
-                b[288 + j] = x
+                b[96 + j] = x
             j += 1
         j = 0
         while j < 8:
             q = 256 + 4 * j
-            w[64 + j] = (iv[q] << 24) | (iv[q + 1] << 16) | (iv[q + 2] << 8) | iv[q + 3]
+            w[16 + j] = (iv[q] << 24) | (iv[q + 1] << 16) | (iv[q + 2] << 8) | iv[q + 3]
             j += 1
-        block(_scratch, 288)
+        block(_scratch, 96)
         j = 0
         while j < 8:
-            o[8 * half + j] = w[64 + j]
+            o[8 * half + j] = w[16 + j]
             j += 1
         half += 1
