@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from gateway import _core
-from gateway.link import Link, State, proto_ts
+from gateway.link import FrameTooLarge, Link, State, proto_ts
 from gateway.localcsms.auth import Authorizer, Decision
 from gateway.protocol.text import clip_reason
 from gateway.schema import FIELDS, MESSAGES, Action, Key, Kind, Status
@@ -155,8 +155,8 @@ class Boards(Generic[C]):
     async def request(self, conn: C, action: int, body: dict[int, Any], timeout: float,
                       prio: int | None = None) -> bytes:  # fmt: skip
         """Seals a request for the board, sends it and waits for its response or error frame.
-        `LinkNotOpen`: nothing sent; `ConnectionError`: the link closed before the answer;
-        `TimeoutError`."""
+        `LinkNotOpen`, `FrameTooLarge` (above the board's rx_max): nothing sent; `ConnectionError`:
+        the link closed before the answer; `TimeoutError`."""
         link = conn.link
         if link.state is not State.OPEN or link.tx is None:
             raise LinkNotOpen("link not open")
@@ -192,11 +192,15 @@ class Boards(Generic[C]):
                 self.notify(conn, action, body, prio)
             except LinkNotOpen:
                 return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link not open"}
+            except FrameTooLarge as e:
+                return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: str(e)}
             return {Key.DEVICE_ID: device_id, Key.STATUS: Status.ACCEPTED, Key.REASON: "sent (an event: no answer)"}
         try:
             raw = await self.request(conn, action, body, max(0.0, deadline - time.monotonic()), prio)
         except LinkNotOpen:
             return {Key.DEVICE_ID: device_id, Key.STATUS: Status.FAILED, Key.REASON: "link not open"}
+        except FrameTooLarge as e:  # not sent: the sender splits it (docs/protocol.md, "Frame size")
+            return {Key.DEVICE_ID: device_id, Key.STATUS: Status.REJECTED, Key.REASON: str(e)}
         except TimeoutError:
             return {
                 Key.DEVICE_ID: device_id,

@@ -25,6 +25,7 @@ from gateway.protocol.text import clip_reason
 from gateway.schema import (
     EPOCH_UNIX,
     FIELDS,
+    MAX_FRAME,
     MESSAGES,
     PROTOCOL_VERSION,
     SCHEMA_REV,
@@ -47,6 +48,11 @@ version 1 the schema only grows, so every revision from this one up to the gatew
 (`SCHEMA_REV`, generated) is a subset of what the gateway understands: a Hello with one of
 them is accepted, any other `schema_rev` (0, or newer than the gateway) is refused with
 BAD_VERSION naming the field (docs/protocol.md, "Versioning")."""
+
+
+class FrameTooLarge(ValueError):
+    """A request for the board would make a frame above the largest the board receives (the
+    `rx_max` of its Hello): it was not sent. The text names the message, the sizes and the board."""
 
 
 def proto_ts(now: float) -> int:
@@ -212,6 +218,9 @@ class Link:
         self.tx: _core.Sender | None = None
         self.e_up = b""
         self.e_dn = b""
+        self.rx_max = MAX_FRAME
+        """The largest frame the board receives: its Hello's `rx_max`, or the protocol's MAX_FRAME
+        when it states none (boards of schema_rev < 7). Nothing larger is sent to it."""
         self.rejected: dict[str, int] = {}
         self.refusal = ""
         """The error name and reason of a Hello refused (for the log)."""
@@ -267,6 +276,7 @@ class Link:
             reason = f"{device_id} sent {p.close_at} bad frames within {p.window_s:g} s: refused for up to that long"
             return self._refuse("RATE_LIMITED", reason, hello.msg_id, k_hello, now, cause="flood")
         self.device_id = device_id
+        self.rx_max = body.get(Key.RX_MAX, MAX_FRAME)  # in range: the schema check above
         self._hello = (hello.msg_id, k_dev, nonce_b, factory)
         # The tag verified: only now may the Hello write the device table, and off the event
         # loop (`store`); M13: the new key is committed before the response that carries it.
@@ -430,15 +440,30 @@ class Link:
         return out
 
     def respond(self, msg_id: int, prio: int, action: int, body: dict[int, Any], now: float) -> bytes:
+        """The sealed response; an OVERSIZE error frame instead when it would not fit the board's
+        receive buffer (`rx_max`), so that the board's request still gets an answer naming why."""
         assert self.tx is not None
-        return self.tx.seal(Kind.RESPONSE, msg_id, prio, proto_ts(now), action, body)
+        frame = self.tx.seal(Kind.RESPONSE, msg_id, prio, proto_ts(now), action, body)
+        if len(frame) > self.rx_max:
+            why = self._too_large(action, len(frame), "response")
+            return self.error(ErrorCode.OVERSIZE, why, msg_id, prio, action, now)
+        return frame
 
     def request(self, action: int, body: dict[int, Any], now: float, prio: int | None = None) -> tuple[int, bytes]:
-        """Seals a gateway request (a command for the board); returns its id and frame."""
+        """Seals a gateway request (a command for the board); returns its id and frame.
+        `FrameTooLarge` when the frame is above the board's `rx_max` (nothing is sent: the
+        counter it took leaves a gap, which the board's replay window accepts)."""
         assert self.tx is not None
         self._next_id += 1
         p = MESSAGES[action].priority if prio is None else prio
-        return self._next_id, self.tx.seal(MESSAGES[action].kind, self._next_id, p, proto_ts(now), action, body)
+        frame = self.tx.seal(MESSAGES[action].kind, self._next_id, p, proto_ts(now), action, body)
+        if len(frame) > self.rx_max:
+            raise FrameTooLarge(self._too_large(action, len(frame), "request"))
+        return self._next_id, frame
+
+    def _too_large(self, action: int, size: int, what: str) -> str:
+        name = MESSAGES[action].name if action in MESSAGES else str(action)
+        return clip_reason(f"OVERSIZE: {name} {what} of {size} B; {self.device_id} receives at most {self.rx_max} B")
 
     def decrypt(self, seq: int, key: int, value: bytes) -> bytes:
         """A `secret` field of an uplink frame in clear."""

@@ -6,7 +6,7 @@ import enum
 from typing import Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
-SCHEMA_REV: Final = 6
+SCHEMA_REV: Final = 7
 MAX_FRAME: Final = 4096
 MAX_UP_FRAME: Final = 1048576
 MAX_CHUNK: Final = 1024
@@ -368,6 +368,7 @@ class Key(enum.IntEnum):
     ENERGY_OUT_WH = 170
     METER_START_OUT_WH = 171
     METER_STOP_OUT_WH = 172
+    RX_MAX = 173
     CRL = 185
     LINES = 190
     TARIFFS = 191
@@ -837,6 +838,7 @@ FIELDS: Final[dict[int, FieldSpec]] = {
     170: FieldSpec(170, 'energy_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
     171: FieldSpec(171, 'meter_start_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
     172: FieldSpec(172, 'meter_stop_out_wh', 'uint', '', 0, 9007199254740991, 0, 0, None, ()),
+    173: FieldSpec(173, 'rx_max', 'uint', '', 1280, 4096, 0, 0, None, ()),
     185: FieldSpec(185, 'crl', 'bin', '', 0, 0, 262144, 0, None, ()),
     190: FieldSpec(190, 'lines', 'list', 'struct', 0, 0, 32, 0, None, ((159, True), (160, True), (7, True), (29, True), (123, False), (161, False), (162, False))),
     191: FieldSpec(191, 'tariffs', 'list', 'struct', 0, 0, 64, 0, None, ((123, True), (124, True), (127, True), (125, False), (126, False), (66, False))),
@@ -858,7 +860,7 @@ FIELDS: Final[dict[int, FieldSpec]] = {
 FIELD_BY_NAME: Final[dict[str, FieldSpec]] = {f.name: f for f in FIELDS.values()}
 
 MESSAGES: Final[dict[int, MessageSpec]] = {
-    1: MessageSpec(1, 'Hello', Kind.REQUEST, 'cs', Priority(1), 5000, False, ((50, True), (51, True), (52, True), (53, True), (54, True), (58, False), (56, False)), ((51, True), (59, True), (20, True), (33, False), (54, False), (37, False), (57, False), (199, False), (93, False)), ('B10', 'B15', 'M13', )),
+    1: MessageSpec(1, 'Hello', Kind.REQUEST, 'cs', Priority(1), 5000, False, ((50, True), (51, True), (52, True), (53, True), (54, True), (58, False), (56, False), (173, False)), ((51, True), (59, True), (20, True), (33, False), (54, False), (37, False), (57, False), (199, False), (93, False)), ('B10', 'B15', 'M13', )),
     2: MessageSpec(2, 'TimeSync', Kind.REQUEST, 'cs', Priority(1), 5000, False, (), ((20, True), (33, True)), ('B13', )),
     3: MessageSpec(3, 'Heartbeat', Kind.REQUEST, 'cs', Priority(2), 30000, False, (), ((20, True),), ('B13', 'B16', )),
     4: MessageSpec(4, 'Close', Kind.EVENT, 'any', Priority(1), 1000, False, ((13, False),), (), ('B5', )),

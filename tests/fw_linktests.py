@@ -221,6 +221,8 @@ def test_hello_is_tagged_under_k_hello_and_opens_the_session_keys():
     assert f.body[S.F_DEVICE_ID] == "evse-1" and f.body[S.F_NONCE] == nonce
     assert f.body[S.F_FW_VERSION] == "1.0" and S.F_FACTORY not in f.body
     assert f.body[S.F_VER_MIN] == f.body[S.F_VER_MAX] == S.PROTOCOL_VERSION
+    # the largest frame the board receives: the send queue's buffer after the urgent region
+    assert f.body[S.F_RX_MAX] == Q.RX_MAX == Q.RX + Q.SHARED - 2 < S.MAX_FRAME
     link.receive(resp, 0)
     ev = events(link)
     assert len(ev) == 1 and ev[0][0] == L.OPENED and ev[0][1][S.F_TIME] == 1000
@@ -661,13 +663,13 @@ def test_a_frame_above_the_receive_part_borrows_the_drained_shared_region():
     link, gw = opened(q)
     mv = q.w.mv[Q.URGENT :]
     s = FrameSplitter(mv, Q.RX, q.lend)
-    assert len(mv) == 4096 + 2 and Q.RX < 2048  # one whole MAX_FRAME frame, two thirds of it lent
-    # a command of ~4 KiB (vendor data makes it the protocol's largest frame) while a control
-    # frame is queued
+    assert len(mv) == Q.RX_MAX + 2 and Q.RX < Q.RX_MAX  # one whole RX_MAX frame, its part above RX lent
+    # a command just below the largest frame the board receives (vendor data makes it so) while a
+    # control frame is queued
     body = {S.F_LIST_VERSION: 1, S.F_UPDATE_TYPE: 0, S.F_ENTRIES: bytes(16), S.F_LAST: True}
-    body[S.F_EXT] = bytes(3960)
+    body[S.F_EXT] = bytes(Q.RX_MAX - 136)
     big = gw.seal(S.K_REQUEST, 50, S.P_CONTROL, S.A_SEND_LOCAL_LIST, body)
-    assert 4000 < len(big) <= 4096
+    assert Q.RX_MAX - 100 < len(big) <= Q.RX_MAX
     data = bytes([len(big) >> 8, len(big) & 0xFF]) + big
     assert q.put(S.K_EVENT, S.P_CONTROL, 7, S.A_TRANSACTION_EVENT, _tx_event(7))
     at = 0
@@ -688,7 +690,7 @@ def test_a_frame_above_the_receive_part_borrows_the_drained_shared_region():
     f = s.next()
     link.receive(f, 0)
     (e,) = events(link)
-    assert e[1] == 50 and e[4][S.F_EXT] == bytes(3960)
+    assert e[1] == 50 and e[4][S.F_EXT] == bytes(Q.RX_MAX - 136)
     # decoded, the region is the queue's again (for an ack, a repeated answer or an error frame):
     # the same frame once more is a replay, answered at once
     link.receive(f, 0)
@@ -705,6 +707,17 @@ def test_a_frame_above_the_receive_part_borrows_the_drained_shared_region():
     link.receive(s.next(), 0)
     s.release()
     assert [e[1] for e in events(link)] == [51]
+
+
+def test_a_length_prefix_above_the_boards_rx_max_fails_the_stream():
+    # the gateway sends no frame above the Hello's rx_max: a prefix above it is a broken stream
+    q = SendQueue()
+    s = FrameSplitter(q.w.mv[Q.URGENT :], Q.RX, q.lend)
+    room = s.space()
+    room[0:2] = bytes([(Q.RX_MAX + 1) >> 8, (Q.RX_MAX + 1) & 0xFF])
+    s.wrote(2)
+    _raises(S.E_OVERSIZE, s.next)
+    _raises(S.E_OVERSIZE, s.next)  # and stays failed: the stream cannot be re-synchronised
 
 
 # ---------------------------------------------------------------- secret fields (B3)

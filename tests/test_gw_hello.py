@@ -94,6 +94,9 @@ async def test_other_hello_refusals_name_their_field(gw: Gateway) -> None:
     assert (name, field, f.msg_id) == ("BAD_VERSION", Key.VER_MIN, HELLO_ID)
     name, field, f = error_of(await raw_hello(gw, hello_body("ev-0003", nonce=bytes(8)), key))
     assert (name, field, f.msg_id) == ("OUT_OF_RANGE", Key.NONCE, HELLO_ID)
+    for rx_max in (1279, 4097):  # below a firmware chunk's frame, above the protocol's MAX_FRAME
+        name, field, f = error_of(await raw_hello(gw, hello_body("ev-0003", rx_max=rx_max), key))
+        assert (name, field, f.msg_id) == ("OUT_OF_RANGE", Key.RX_MAX, HELLO_ID), rx_max
     name, field, f = error_of(await raw_hello(gw, hello_body("stranger"), key))
     assert (name, field, f.msg_id) == ("UNKNOWN_DEVICE", Key.DEVICE_ID, HELLO_ID)
     name, field, f = error_of(await raw_hello(gw, hello_body("ev-0003"), bytes(32)), key)

@@ -80,6 +80,8 @@ class Board:
     responses: dict[int, _core.Frame] = field(default_factory=dict)
     requests_in: list[_core.Frame] = field(default_factory=list)
     answer: Callable[[_core.Frame], Body | None] | None = None
+    rx_max: int | None = None
+    """The largest frame this board receives, stated in its Hello (None: not stated, MAX_FRAME)."""
 
     async def connect(self) -> None:
         """Opens the link and runs the Hello; onboards first when only a factory key is held (M13)."""
@@ -105,6 +107,8 @@ class Board:
         }
         if factory:
             body[Key.FACTORY] = True
+        if self.rx_max is not None:
+            body[Key.RX_MAX] = self.rx_max
         hello_id = self._new_id()
         f = _core.encode(Kind.REQUEST, 0, hello_id, Priority.CONTROL, _ts(), Action.HELLO, body, _core.hello_key(key))
         self._write([f])

@@ -399,11 +399,12 @@ class FrameSplitter:
     the splitter with `sock.readinto(s.space())`, `s.wrote(n)` and `next()` until None (or
     `take()` until 0, which makes no view).
     A yielded frame is a memoryview into the splitter's buffer, valid until more bytes
-    are added. A prefix of 0 or above MAX_FRAME raises FrameError(E_OVERSIZE), and so
-    does every later call: the stream cannot be re-synchronised.
+    are added. A prefix of 0 or above the buffer's room (MAX_FRAME without `buf`; on a board
+    sendq.RX_MAX, which its Hello states) raises FrameError(E_OVERSIZE), and so does every later
+    call: the stream cannot be re-synchronised.
 
     On the board the buffer is part of the send queue's (sendq.py: `buf` = its buffer after URGENT,
-    MAX_FRAME + 2 bytes, `own` = sendq.RX, `lend` = SendQueue.lend): the splitter uses
+    RX_MAX + 2 bytes, `own` = sendq.RX, `lend` = SendQueue.lend): the splitter uses
     buf[:own] and, for a frame longer than that, the rest once `lend(True)` says it is free
     (space() returns None until then: ask again a little later); it reads no further than
     that frame's end and gives the room back (`lend(False)`) in release(), which the caller
@@ -430,9 +431,9 @@ class FrameSplitter:
             return 0
         b = self.mv
         n = (b[s] << 8) | b[s + 1]
-        if n == 0 or n > MAX_FRAME:
+        if n == 0 or n + 2 > len(b):
             self.failed = True
-            raise FrameError(E_OVERSIZE, "length prefix 0 or above MAX_FRAME")
+            raise FrameError(E_OVERSIZE, "length prefix 0 or above the frames this board receives")
         if self.end - s < n + 2:
             return 0
         self.at = s + 2

@@ -50,6 +50,7 @@ from .schema import (
     F_IDS,
     F_NONCE,
     F_REASON,
+    F_RX_MAX,
     F_SCHEMA_REV,
     F_SIGNATURE,
     F_VER_MAX,
@@ -64,6 +65,7 @@ from .schema import (
     SCHEMA_REV,
     TAG_LEN,
 )
+from .sendq import RX_MAX
 from .window import ReplayWindow
 
 _e: dict = Map()  # empty: the body of the acks this board sends (encoded at once by the queue, never changed)
@@ -192,6 +194,7 @@ class Link:
         body[F_VER_MIN] = PROTOCOL_VERSION
         body[F_VER_MAX] = PROTOCOL_VERSION
         body[F_SCHEMA_REV] = SCHEMA_REV
+        body[F_RX_MAX] = RX_MAX  # the gateway sends no larger frame (sendq.py: the receive buffer)
         if self.ident[1]:
             body[F_FW_VERSION] = self.ident[1]
         if factory:

@@ -7,7 +7,7 @@ plus (offset, length) in the buffer, so queueing, taking a message out and seali
 the link seals the frame there, in place (envelope before the body, tag after it), and
 needs no buffer of its own.
 
-One buffer of 4 482 bytes (`w.buf`) holds
+One buffer of 3 458 bytes (`w.buf`) holds
     [urgent: URGENT bytes][receive: RX bytes][shared: SHARED bytes]
 - urgent frames have a region of their own, so they never wait for room behind the others
   (two worst-case answers: status + 120-byte reason, ~190 bytes a frame);
@@ -22,11 +22,16 @@ One buffer of 4 482 bytes (`w.buf`) holds
   needs (learnt from its refusals), so the room the sender frees goes to it and every class
   still has a frame queued for the round robin; a region found empty has nobody waiting (a
   class that never comes back blocks nobody);
-- the receive part is the frame splitter's (app.py, frame.FrameSplitter): a received frame
-  longer than RX (up to MAX_FRAME) also takes the shared region, lent to it once drained
-  (`lend()`: classes 1–3 refuse puts from the request until the frame is decoded, link.py).
-  The two are MAX_FRAME + 2 bytes: the protocol's largest frame is still received whole,
-  without a buffer of 4 KiB of its own for the few frames above 1 280 bytes.
+- the receive part is the frame splitter's (app.py, frame.FrameSplitter): the frames the
+  gateway sends most (acks, answers, limits, most commands) fit its RX bytes; a longer one (a
+  firmware chunk, a certificate, a tariff …, up to RX_MAX) also takes the shared region, lent to
+  it once drained (`lend()`: classes 1–3 refuse puts from the request until the frame is
+  decoded, link.py), which the bytes of that frame wait for in the socket meanwhile.
+  The two are RX_MAX + 2 bytes. RX_MAX (3 072) is the largest frame this board receives: its
+  Hello states it (`rx_max`) and the gateway sends nothing larger, as OCPP 2.0.1's
+  BytesPerMessage… settings make a CSMS split its requests (docs/protocol.md, "Frame size").
+  The protocol's MAX_FRAME (4 096) would cost the board 1 KiB more heap for frames it is never
+  sent: the largest it is (a 2 KiB certificate or local list) make frames of ~2 100 bytes.
 Regions are sized from the bodies measured (high-water marks of the test suite and the
 footprint scenario: 35 / 382 / 515 / 1 044 bytes). A refused message is not lost: the link's
 timer queues a refused request or durable event again 50 ms later, a refused answer is sent
@@ -57,10 +62,11 @@ from .schema import FTYPE, T_SECRET
 
 SLOTS = (3, 6, 6, 3)  # messages per class
 URGENT = const(384)  # the urgent region: buf[0:URGENT]
-RX = const(1282)  # the receiver's own part: buf[URGENT:URGENT + RX]
-SHARED = const(2816)  # control, telemetry and bulk: buf[URGENT + RX:]; RX + SHARED = MAX_FRAME + 2
+RX = const(258)  # the receiver's own part: buf[URGENT:URGENT + RX]
+SHARED = const(2816)  # control, telemetry and bulk: buf[URGENT + RX:]; RX + SHARED = RX_MAX + 2
+RX_MAX = const(3072)  # the largest frame this board receives (its Hello's rx_max)
 CAP = (URGENT, 1280, 1152, 1152)  # bytes a class may hold (urgent: its region)
-_SIZE = const(URGENT + RX + SHARED)  # the whole buffer: 4 482 bytes
+_SIZE = const(URGENT + RX + SHARED)  # the whole buffer: 3 458 bytes
 _BASE = (0, 3, 9, 15)  # each class's first slot
 _NSLOT = const(18)
 # Room kept around each body, so that the link seals the frame where the body lies (no buffer of

@@ -6,7 +6,7 @@
 use crate::schema_types::{FieldDef, MessageDef, Member, Ty};
 
 pub const PROTOCOL_VERSION: u64 = 1;
-pub const SCHEMA_REV: u64 = 6;
+pub const SCHEMA_REV: u64 = 7;
 pub const MAX_FRAME: usize = 4096;
 pub const MAX_UP_FRAME: usize = 1048576;
 pub const MAX_CHUNK: usize = 1024;
@@ -339,6 +339,7 @@ pub mod key {
     pub const ENERGY_OUT_WH: u16 = 170;
     pub const METER_START_OUT_WH: u16 = 171;
     pub const METER_STOP_OUT_WH: u16 = 172;
+    pub const RX_MAX: u16 = 173;
     pub const CRL: u16 = 185;
     pub const LINES: u16 = 190;
     pub const TARIFFS: u16 = 191;
@@ -570,6 +571,7 @@ pub static FIELDS: &[FieldDef] = &[
     FieldDef { key: 170, name: "energy_out_wh", ty: Ty::Uint, elem: Ty::Any, imin: 0, imax: 9007199254740991, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
     FieldDef { key: 171, name: "meter_start_out_wh", ty: Ty::Uint, elem: Ty::Any, imin: 0, imax: 9007199254740991, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
     FieldDef { key: 172, name: "meter_stop_out_wh", ty: Ty::Uint, elem: Ty::Any, imin: 0, imax: 9007199254740991, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
+    FieldDef { key: 173, name: "rx_max", ty: Ty::Uint, elem: Ty::Any, imin: 1280, imax: 4096, fmin: 0.0, fmax: 0.0, max_len: 0, item_len: 0, members: &[] },
     FieldDef { key: 185, name: "crl", ty: Ty::Bin, elem: Ty::Any, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 262144, item_len: 0, members: &[] },
     FieldDef { key: 190, name: "lines", ty: Ty::List, elem: Ty::Struct, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 32, item_len: 0, members: &[Member { key: 159, required: true }, Member { key: 160, required: true }, Member { key: 7, required: true }, Member { key: 29, required: true }, Member { key: 123, required: false }, Member { key: 161, required: false }, Member { key: 162, required: false }] },
     FieldDef { key: 191, name: "tariffs", ty: Ty::List, elem: Ty::Struct, imin: 0, imax: 0, fmin: 0.0, fmax: 0.0, max_len: 64, item_len: 0, members: &[Member { key: 123, required: true }, Member { key: 124, required: true }, Member { key: 127, required: true }, Member { key: 125, required: false }, Member { key: 126, required: false }, Member { key: 66, required: false }] },
@@ -589,11 +591,11 @@ pub static FIELDS: &[FieldDef] = &[
 ];
 
 /// key → index into FIELDS (65535: not in the dictionary).
-pub static FIELD_INDEX: [u16; 246] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 138, 139, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 173, 65535, 65535, 65535, 65535, 174, 175, 176, 177, 65535, 65535, 65535, 65535, 65535, 178, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 179, 180, 181, 182, 183, 184, 185, 186, 187, 65535, 65535, 65535, 65535, 65535, 65535, 188];
+pub static FIELD_INDEX: [u16; 246] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130, 131, 132, 133, 134, 135, 136, 137, 138, 139, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149, 150, 151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168, 169, 170, 171, 172, 173, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 174, 65535, 65535, 65535, 65535, 175, 176, 177, 178, 65535, 65535, 65535, 65535, 65535, 179, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 65535, 180, 181, 182, 183, 184, 185, 186, 187, 188, 65535, 65535, 65535, 65535, 65535, 65535, 189];
 
 /// The messages, sorted by action code.
 pub static MESSAGES: &[MessageDef] = &[
-    MessageDef { code: 1, name: "Hello", kind: kind::REQUEST, origin: "cs", priority: 1, timeout_ms: 5000, durable: false, fields: &[Member { key: 50, required: true }, Member { key: 51, required: true }, Member { key: 52, required: true }, Member { key: 53, required: true }, Member { key: 54, required: true }, Member { key: 58, required: false }, Member { key: 56, required: false }], response: &[Member { key: 51, required: true }, Member { key: 59, required: true }, Member { key: 20, required: true }, Member { key: 33, required: false }, Member { key: 54, required: false }, Member { key: 37, required: false }, Member { key: 57, required: false }, Member { key: 199, required: false }, Member { key: 93, required: false }], usecases: &["B10", "B15", "M13"] },
+    MessageDef { code: 1, name: "Hello", kind: kind::REQUEST, origin: "cs", priority: 1, timeout_ms: 5000, durable: false, fields: &[Member { key: 50, required: true }, Member { key: 51, required: true }, Member { key: 52, required: true }, Member { key: 53, required: true }, Member { key: 54, required: true }, Member { key: 58, required: false }, Member { key: 56, required: false }, Member { key: 173, required: false }], response: &[Member { key: 51, required: true }, Member { key: 59, required: true }, Member { key: 20, required: true }, Member { key: 33, required: false }, Member { key: 54, required: false }, Member { key: 37, required: false }, Member { key: 57, required: false }, Member { key: 199, required: false }, Member { key: 93, required: false }], usecases: &["B10", "B15", "M13"] },
     MessageDef { code: 2, name: "TimeSync", kind: kind::REQUEST, origin: "cs", priority: 1, timeout_ms: 5000, durable: false, fields: &[], response: &[Member { key: 20, required: true }, Member { key: 33, required: true }], usecases: &["B13"] },
     MessageDef { code: 3, name: "Heartbeat", kind: kind::REQUEST, origin: "cs", priority: 2, timeout_ms: 30000, durable: false, fields: &[], response: &[Member { key: 20, required: true }], usecases: &["B13", "B16"] },
     MessageDef { code: 4, name: "Close", kind: kind::EVENT, origin: "any", priority: 1, timeout_ms: 1000, durable: false, fields: &[Member { key: 13, required: false }], response: &[], usecases: &["B5"] },

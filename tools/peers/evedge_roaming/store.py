@@ -89,8 +89,16 @@ class Store:
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every domain table's rows (tests assert that a refused request changed nothing)."""
         return {
-            t: sorted(tuple(r) for r in self.all(f"SELECT * FROM {t}")) for t in self.tables() if t not in BOOKKEEPING
+            t: sorted((tuple(r) for r in self.all(f"SELECT * FROM {t}")), key=_row_order)
+            for t in self.tables()
+            if t not in BOOKKEEPING
         }
 
     def close(self) -> None:
         self.db.close()
+
+
+def _row_order(row: tuple[Any, ...]) -> tuple[tuple[bool, Any], ...]:
+    """A sort key for rows whose columns may hold NULL: NULL first, the values of a column (one SQLite
+    type each here) in their own order; plain tuples fail when two rows tie up to a NULL and a value."""
+    return tuple((v is not None, v if v is not None else 0) for v in row)
