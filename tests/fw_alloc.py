@@ -11,7 +11,7 @@ import sys
 _here = __file__.rsplit("/", 1)[0] if "/" in __file__ else "."
 sys.path.insert(0, _here + "/../firmware")
 
-from csc import crypto, frame, window  # noqa: E402
+from csc import crypto, frame, link  # noqa: E402
 from csc.msgpack import Map, Writer  # noqa: E402
 from csc.schema import (  # noqa: E402
     A_HEARTBEAT,
@@ -50,7 +50,7 @@ def measure(name, kind, prio, action, body, w, mac):
     enc = gc.mem_alloc() - a
     gc.enable()
     data = bytes(w.mv[2:end])
-    win = window.ReplayWindow()
+    win = link.Link(None, "")  # a replay window: the link's (Link.check/accept)
     frame.decode(data, mac, win)  # warm up (seq 2 recorded)
     end = frame.encode(w, kind, 3, 102, prio, 30000000, action, body, mac)
     data = bytes(w.mv[2:end])

@@ -1,7 +1,7 @@
 """The link core's unit tests (csc/link.py, csc/sendq.py), shared by CPython and MicroPython.
 
 The board's sans-I/O `Link` is driven in memory against a gateway end played by the
-firmware's own codec (csc/frame.py, csc/crypto.py, csc/msgpack.py, csc/window.py), whose
+firmware's own codec (csc/frame.py, csc/crypto.py, csc/msgpack.py, the link's replay window), whose
 byte-for-byte parity with the Rust core the golden vectors prove (tests/fw_vectors.py), so
 the same tests run under both interpreters: tests/test_fw_linkcore.py runs every `test_*`
 here as a pytest test and spawns `micropython tests/fw_linktests_runner.py`, on the source
@@ -21,7 +21,6 @@ from csc import sendq as _sendq
 from csc.frame import FrameSplitter
 from csc.msgpack import FrameError, Writer
 from csc.sendq import SendQueue
-from csc.window import ReplayWindow
 
 
 class _Names:
@@ -88,7 +87,7 @@ class Gw:
         k_up, k_dn, self.e_up, self.e_dn = crypto.derive(self.key, f.body[S.F_NONCE], self.nonce)
         self.mac_up = crypto.Hmac(k_up)
         self.mac_dn = crypto.Hmac(k_dn)
-        self.win = ReplayWindow()
+        self.win = _link.Link(None, "gw")  # its replay window: the firmware's is the link's (check/accept)
         body = {S.F_NONCE: self.nonce, S.F_VER: 1, S.F_TIME: 1000}
         if device_key is not None:
             body[S.F_DEVICE_KEY] = crypto.ctr(self.e_dn, 1, S.F_DEVICE_KEY, device_key)

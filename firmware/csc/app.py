@@ -21,7 +21,6 @@ from micropython import const
 # method or the constructor uses is imported there (the schema's tables, Map, FW_VERSION, …)
 from . import link as L  # noqa: N812
 from . import store
-from .ids import Ids
 from .msgpack import FrameError
 from .outbox import SECURITY, Outbox
 from .schema import (
@@ -54,7 +53,6 @@ from .schema import (
     TX_TRIGGER_ABNORMAL_CONDITION,
 )
 from .sendq import RX, URGENT, SendQueue
-from .services import Refused
 
 TICK_MS = const(50)
 _BOOT_RETRY_MS = const(30000)  # a BootNotification left unanswered is sent again after this
@@ -95,8 +93,8 @@ class App:
         self.factory_key = factory_key
         self.gateway = gateway  # (host, port); a Migrate stores another
         self.note = note or (lambda kind, data=None: None)
-        self.ids = Ids()
         self.outbox = Outbox()
+        self.ids = self.outbox  # the message ids: the outbox hands them out (outbox.py)
         q = SendQueue(hal.ticks_ms)
         self.link = L.Link(q, device_id, FW_VERSION)
         self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
@@ -285,8 +283,8 @@ class App:
                         link.refuse(mid, action, prio, "not supported by this board", E_NOT_SUPPORTED)
                     else:
                         link.respond(mid, action, prio, s.command(action, ev[4], ev[5]))
-                except Refused as e:
-                    link.refuse(mid, action, prio, e.reason)
+                except FrameError as e:  # refused (services.refused), or a value the codec rejected
+                    link.refuse(mid, action, prio, e.reason, e.code)
                 self.note("command", {"action": action, "id": mid})
                 self.kick()
             elif t == L.RESPONSE_RECEIVED:

@@ -279,8 +279,8 @@ def decode(frame, mac=None, window=None, out=None, start=0, end=-1):
     """Check and decode one frame: frame[start:end] (bytes/bytearray/memoryview, no length
     prefix; end -1: to the end).
 
-    `mac` (a crypto.Hmac) verifies the tag; None skips the check. `window` (a
-    window.ReplayWindow) rejects replays and records `seq` once the frame is valid.
+    `mac` (a crypto.Hmac) verifies the tag; None skips the check. `window` (the link's
+    replay window: a link.Link) rejects replays and records `seq` once the frame is valid.
     Returns a Frame, or fills `out` (then its `tag` is None: checked in place): with
     `out`, an ack whose body is {} or {ids: [...]} (the acks a gateway sends) is checked
     without building the body, so that the link's receive loop allocates nothing for it

@@ -41,6 +41,7 @@ from .schema import (
     E_BAD_TAG,
     E_RATE_LIMITED,
     E_REJECTED,
+    E_REPLAY,
     E_TIMEOUT,
     F_DEVICE_ID,
     F_DEVICE_KEY,
@@ -66,7 +67,6 @@ from .schema import (
     TAG_LEN,
 )
 from .sendq import RX_MAX
-from .window import ReplayWindow
 
 _e: dict = Map()  # empty: the body of the acks this board sends (encoded at once by the queue, never changed)
 
@@ -93,6 +93,7 @@ _RECENT = const(32)
 # acked ids waiting for next_acked(): above the app's window of durable records in flight; an
 # ack that finds them full is not taken (the event stays in flight, is resent, and acked again)
 _ACKS = const(10)
+_BITS = const(64)  # the replay window's width (a constant: no entry in the module's globals)
 
 # inflight entry fields
 _ACT = const(0)
@@ -172,7 +173,11 @@ class Link:
         self.urgent_max_ms = 0  # enqueue → sealed, of the urgent frames
         self._mac_up = None
         self._mac_dn = None
-        self._win = None
+        # the replay window of the downlink counters (check, accept): the highest seq accepted and
+        # a bitmap below it; a new one with each session's keys (_hello_response)
+        self.highest = 0
+        self.bits = bytearray(8)
+        self.bits[0] = 1
         self._e = None  # the AES keys of secret fields, (up, down)
         # M14/M17: the Ed25519 public key of the local CSMS the board trusts (services.security
         # sets it from the local-CSMS certificate installed); None: trust on first use
@@ -238,8 +243,12 @@ class Link:
         self._mac_up = crypto.Hmac(k_up)
         self._mac_dn = mac_dn
         self._e = (e_up, e_dn)
-        self._win = ReplayWindow()
-        self._win.accept(1)
+        self.highest = 0  # the session's replay window: seq 0 seen, then the answer's seq 1
+        b = self.bits
+        for i in range(8):
+            b[i] = 0
+        b[0] = 1
+        self.accept(1)
         self.state = OPEN
         key = f.body.get(F_DEVICE_KEY)
         if key is not None:
@@ -286,7 +295,7 @@ class Link:
         if self.state != OPEN:
             return
         try:
-            f = frame.decode(data, self._mac_dn, self._win, self._rx, start, end)
+            f = frame.decode(data, self._mac_dn, self, self._rx, start, end)  # (the link is the window)
         except FrameError as e:
             self.q.lend(False)
             self._reject(e, now_ms)
@@ -330,6 +339,54 @@ class Link:
             if schema.ACT_DURABLE[schema.ACT_INDEX[f.action]]:
                 self.q.put(K_ACK, f.prio, mid, f.action, _e)
             self.events.append((EVENT_RECEIVED, mid, f.action, body))
+
+    # ---------------------------------------------------------------- replay window
+    # docs/protocol.md, "Counters and the replay window": `highest`, the highest seq accepted, and
+    # a 64-bit bitmap, `bits`: bit d set means `highest - d` was seen (bit 0 is `highest` itself).
+    # A seq above `highest` slides the window; a seq 64 or more below it, or one whose bit is set,
+    # is a replay. The link keeps it itself (no object of its own: a class and an instance of heap
+    # on a board) and is the `window` frame.decode takes: decode calls check at its step (6),
+    # after the tag, and accept only once the whole frame is valid, so neither a forged nor a
+    # rejected frame moves the window.
+    #
+    # The bitmap is a bytearray of 8 bytes (byte 0 holds bits 0-7) rather than a 64-bit int: on a
+    # 32-bit board a small int has 30 bits, so an int bitmap would allocate a long int on every
+    # update, while the bytearray is shifted in place. `seq` itself is up to 2**32-1 and becomes a
+    # long int above 2**30 on such a board; that is the protocol's range.
+    def check(self, seq):
+        """Raise FrameError(E_REPLAY) when `seq` is a replay; change nothing."""
+        if seq > self.highest:
+            return
+        d = self.highest - seq
+        if d >= _BITS or self.bits[d >> 3] & (1 << (d & 7)):
+            raise FrameError(E_REPLAY, "counter already seen or below the window")
+
+    def accept(self, seq):
+        """Record `seq` (which `check` passed)."""
+        b = self.bits
+        if seq > self.highest:
+            s = seq - self.highest
+            self.highest = seq
+            if s >= _BITS:
+                for i in range(8):
+                    b[i] = 0
+            else:
+                q = s >> 3
+                r = s & 7
+                i = 7
+                while i >= 0:
+                    j = i - q
+                    v = 0
+                    if j >= 0:
+                        v = (b[j] << r) & 0xFF
+                        if r and j > 0:
+                            v |= b[j - 1] >> (8 - r)
+                    b[i] = v
+                    i -= 1
+            b[0] |= 1
+        else:
+            d = self.highest - seq
+            b[d >> 3] |= 1 << (d & 7)
 
     def _acked(self, mid):
         a = self.acked

@@ -5,7 +5,7 @@ is written to flash before it is sent and removed only when the gateway acknowle
 One small file per message, `ob/<id in hex>`: 4 header bytes (action u16 BE, priority,
 value class) then the msgpack body. Files are written to a temporary name and renamed, so
 a power cut at any instant leaves the record whole or absent; a record is only "accepted"
-(put() returned True) once renamed, and its id is never reused (ids.py), so a resend after
+(put() returned True) once renamed, and its id is never reused (below), so a resend after
 a power cut carries the same id and the receiver deduplicates it.
 
 Bounded: at most MAX_RECORDS records and MAX_BYTES bytes. When full, the policy is
@@ -17,6 +17,14 @@ Bounded: at most MAX_RECORDS records and MAX_BYTES bytes. When full, the policy 
   stored is ever touched by a failed write (flash full included).
 `shed` counts the records dropped since the owner last reported them (the app reports
 them with a SecurityEvent "OutboxShed").
+
+The outbox also hands out the message ids (`next()`; the app's `ids`), unique for the device's
+life (docs/protocol.md, link behaviour 3), which key its records and every other message, session
+and transaction. The counter lives on flash (`ids`) as the start of the next unreserved block: at
+boot the board reserves a block of `BLOCK` ids with one write, hands them out from RAM, and
+reserves the next block when it runs out. A power cut skips the rest of a block but never
+repeats an id, because an id is only handed out after its block was written. (Here rather than
+in a class and module of their own: each costs heap on a board.)
 """
 
 # ruff: noqa: PLC0415
@@ -34,12 +42,17 @@ TELEMETRY = const(3)
 MAX_RECORDS = const(48)
 RESERVE = const(16)
 MAX_BYTES = const(24576)
+BLOCK = const(64)  # message ids reserved on flash at a time
 
 
 class Outbox:
     def __init__(self):
         import os  # only here: no entry in this module's globals (heap on a board)
 
+        self._ids = store.path("ids")
+        b = store.read(self._ids)
+        self._next = self._end = int(b) if b else 1  # the next message id, the end of its block
+        _reserve(self)
         self._dir = store.path("ob")
         store.mkdir(self._dir)
         self.index = []  # (mid, action, prio, cls, size), ascending mid: tuples, 32 bytes fewer than lists
@@ -62,6 +75,20 @@ class Outbox:
             self.index.append((mid, (b[0] << 8) | b[1], b[2], b[3], len(b)))
             self.bytes += len(b)
         self.index.sort(key=lambda r: r[0])
+
+    def next(self):
+        """A new message id."""
+        if self._next >= self._end:
+            _reserve(self)
+        n = self._next
+        self._next = n + 1
+        return n
+
+    def raise_to(self, floor):
+        """Number ids from `floor` on (a newly keyed board: the site saw ids below it from this device)."""
+        if floor > self._next:
+            self._next = floor
+            _reserve(self)
 
     def __len__(self):
         return len(self.index)
@@ -129,3 +156,10 @@ class Outbox:
     def records(self, action):
         """(mid, action, prio, cls) of stored records in id order, of one action (None: all)."""
         return [r for r in self.index if action is None or r[1] == action]
+
+
+def _reserve(ob):
+    # the next block of ids, from ob._next, on flash before any of them is handed out
+    end = ob._next + BLOCK
+    store.write_atomic(ob._ids, str(end).encode())
+    ob._end = end

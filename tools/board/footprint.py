@@ -70,7 +70,7 @@ for name in %r:  # each alone, then dropped again (as services.on_demand does)
     m0 = m2
 """
 ORDER = [
-    "csc.schema", "csc.msgpack", "csc.crypto", "csc.window", "csc.frame", "csc.store", "csc.ids",
+    "csc.schema", "csc.msgpack", "csc.crypto", "csc.frame", "csc.store",
     "csc.outbox", "csc.sendq", "csc.link", "csc.hal", "boards.sim", "csc.app", "csc.services",
     "csc.services.config", "csc.services.auth", "csc.services.smart_charging", "csc.services.transactions",
     "csc.services.admin", "csc.services.firmware_update", "csc.services.station",

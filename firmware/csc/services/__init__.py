@@ -1,5 +1,5 @@
 """One service per feature (MicroOcpp's Model/ layer), and here what every service is made of:
-the `Service` base class, the `Refused` exception a command handler raises and the `status()`
+the `Service` base class, `refused()`, what a command handler raises, and the `status()`
 answer most commands give.
 
 Each feature is a module `<feature>.py` (the service: its state, what a tick runs, its urgent and
@@ -17,16 +17,15 @@ This module imports no service and not the app: the services import it, the app 
 # ruff: noqa: PLC0415
 # Imports inside functions are deliberate: on a board a module costs RAM only once it is needed.
 
-from ..msgpack import Map
-from ..schema import F_REASON, F_STATUS
+from ..msgpack import FrameError, Map
+from ..schema import E_REJECTED, F_REASON, F_STATUS
 
 
-class Refused(Exception):
-    """Raised by a command handler: the command is impossible; `reason` says why."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
+def refused(reason):
+    """What a command handler raises when the command is impossible, `reason` saying why: the
+    codec's FrameError with the code REJECTED, which the app answers with an error frame as the
+    link answers a bad frame (an exception class of its own costs heap on a board)."""
+    return FrameError(E_REJECTED, reason)
 
 
 def status(code, reason=None):
@@ -39,7 +38,7 @@ def status(code, reason=None):
 
 class Service:
     # the commands this service answers, flat: (action, name of the method, …); each method
-    # takes (body, seq) and returns the response body or raises Refused; a name ".fn" is the
+    # takes (body, seq) and returns the response body or raises refused(); a name ".fn" is the
     # function fn(service, body, seq) of the feature's cold half (<feature>_cmds.py). The app
     # searches these tables (constants: in flash on a board) for an action's service: no table
     # in RAM.

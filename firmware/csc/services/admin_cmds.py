@@ -33,7 +33,7 @@ from ..schema import (
     STATUS_SCHEDULED,
     STATUS_UNKNOWN,
 )
-from . import Refused, status
+from . import refused, status
 
 
 # ---------------------------------------------------------------- M5 reset
@@ -54,11 +54,11 @@ def reset(adm, body, seq):
 # ---------------------------------------------------------------- M6 display
 def set_display(adm, body, seq):
     if body.get(F_EVSE, 1) > adm.app.hal.evses:
-        raise Refused("unknown evse")
+        raise refused("unknown evse")
     f = body.get(F_VALID_FROM)
     t = body.get(F_VALID_TO)
     if f is not None and t is not None and t <= f:
-        raise Refused("valid_to must be after valid_from")
+        raise refused("valid_to must be after valid_from")
     i = body[F_DISPLAY_ID]
     adm.messages[i] = [body[F_DISPLAY_PRIORITY], body[F_TEXT], body.get(F_LANGUAGE), f, t]
     store.save(store.path("disp"), adm.messages)
@@ -80,7 +80,7 @@ def clear_display(adm, body, seq):
 def set_log_criteria(adm, body, seq):
     t = body.get(F_LOG_TYPE, 0)
     if t >= len(adm.crit):  # diagnostics, security
-        raise Refused("unknown log type %d" % t)
+        raise refused("unknown log type %d" % t)
     level = body[F_LOG_LEVEL]
     comps = body.get(F_COMPONENTS) or None
     crit = list(adm.crit)  # (the defaults are a constant tuple)
@@ -134,29 +134,29 @@ def migrate(adm, body, seq):
     addr = body[F_ADDRESS]
     host, _, port = addr.rpartition(":")
     if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise Refused("address must be host:port of a gateway, not %s" % addr)
+        raise refused("address must be host:port of a gateway, not %s" % addr)
     if app.tx.active():
-        raise Refused("a transaction is running: migrate once it has ended")
+        raise refused("a transaction is running: migrate once it has ended")
     try:
         __import__("socket").getaddrinfo(host, int(port))
     except OSError:
-        raise Refused("address %s does not resolve" % host) from None
+        raise refused("address %s does not resolve" % host) from None
     # the new gateway's local-CSMS certificate: the board will trust only the holder of its key
     # there (M14/M17); with no anchor it could not tell that gateway from any other
     cert = body.get(F_CERT)
     sec = app.security()
     if cert is None or sec.key_of(cert) is None:
-        raise Refused("unknown gateway: migrate needs its local CSMS certificate (an Ed25519 anchor)")
+        raise refused("unknown gateway: migrate needs its local CSMS certificate (an Ed25519 anchor)")
     k = body.get(F_DEVICE_KEY)
     if k is not None:
         k = app.link.decrypt(seq, F_DEVICE_KEY, k)
         if len(k) != 32:
-            raise Refused("device key must be 32 bytes")
+            raise refused("device key must be 32 bytes")
         store.write_atomic(store.path("key"), k)
     else:
         store.remove(store.path("key"))  # this site's key means nothing there: factory onboarding
     if sec.trust_local(cert)[F_STATUS] != STATUS_ACCEPTED:
-        raise Refused("the new gateway's certificate is revoked or the trust store full")
+        raise refused("the new gateway's certificate is revoked or the trust store full")
     store.save(store.path("gw"), [host, int(port)])
     app.gateway = (host, int(port))
     adm._close_at = app.now() + 300

@@ -72,7 +72,7 @@ from ..schema import (
     RESET_WHEN_NOW,
     STATUS_ACCEPTED,
 )
-from . import Refused, Service, status
+from . import Service, refused, status
 
 MAX_IMAGE = const(262144)  # a slot of the emulated board (its flash: 1 MiB)
 SELFTEST_MS = const(120000)  # a new image that is not accepted by the CSMS in this time reboots (a trial lost)
@@ -206,26 +206,26 @@ class FirmwareUpdate(Service):
         app = self.app
         sl = app.slots
         if sl is None:
-            raise Refused("this board has no slot to install an update into")
+            raise refused("this board has no slot to install an update into")
         size = body[F_SIZE]
         room = getattr(sl, "max_image", MAX_IMAGE)  # an OTA partition's size on an ESP32
         if size > room:
-            raise Refused("image of %d bytes does not fit the slot (%d)" % (size, room))
+            raise refused("image of %d bytes does not fit the slot (%d)" % (size, room))
         if len(body[F_SHA256]) != 32:
-            raise Refused("sha256 must be 32 bytes")
+            raise refused("sha256 must be 32 bytes")
         signer = body.get(F_SIGNER)
         if signer not in sl.signers:
             r = "firmware signer %s is not in the board's trust store" % signer
             app.security_event("UnknownFirmwareSigner", r)
-            raise Refused(r)
+            raise refused(r)
         ver = body[F_VERSION]
         new, cur = version_key(ver), version_key(app.version)
         if new is None:
-            raise Refused("version %s is not a dotted number" % ver)
+            raise refused("version %s is not a dotted number" % ver)
         if cur is not None and new <= cur:
             r = "version %s is not newer than the running %s: rollback refused" % (ver, app.version)
             app.security_event("FirmwareRollbackRefused", r)
-            raise Refused(r)
+            raise refused(r)
         # accepted during a transaction: downloaded and verified while charging, installed when idle
         store.remove(store.path("fwimg"))
         self.st = {

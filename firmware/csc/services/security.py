@@ -59,7 +59,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
-from . import Refused, Service, status
+from . import Service, refused, status
 
 MAX_CERTS = const(16)
 _DER_SEQ = const(0x30)  # a DER certificate starts with a SEQUENCE
@@ -139,7 +139,7 @@ class Security(Service):
 
     def _check_der(self, cert):
         if len(cert) < 16 or cert[0] != _DER_SEQ:
-            raise Refused("certificate is not DER")
+            raise refused("certificate is not DER")
 
     def _add(self, ctype, cert):
         import hashlib
@@ -162,7 +162,7 @@ class Security(Service):
     def install(self, body, seq):
         ctype = body[F_CERT_TYPE]
         if ctype == CERT_TYPE_CHARGING_STATION or ctype > CERT_TYPE_MO_ROOT:
-            raise Refused("not a CA certificate type (the station's own comes by CertificateSigned)")
+            raise refused("not a CA certificate type (the station's own comes by CertificateSigned)")
         cert = body[F_CERT]
         self._check_der(cert)
         return self._add(ctype, cert)
@@ -257,12 +257,12 @@ class Security(Service):
         cert = body[F_CERT]
         self._check_der(cert)
         if body[F_CERT_TYPE] != CERT_TYPE_CHARGING_STATION:
-            raise Refused("CertificateSigned carries the station's certificate only")
+            raise refused("CertificateSigned carries the station's certificate only")
         key = body.get(F_PRIVATE_KEY)
         if key is not None:  # M18: key pair made outside, encrypted on the link
             key = self.app.link.decrypt(seq, F_PRIVATE_KEY, key)
             if len(key) < 16:
-                raise Refused("private key too short")
+                raise refused("private key too short")
         elif not self.csr_pending:
             return status(STATUS_REJECTED, "no CSR pending for this certificate")
         import hashlib

@@ -74,7 +74,7 @@ from ..schema import (
     STATUS_ACCEPTED,
     STATUS_REJECTED,
 )
-from . import Refused, Service, status
+from . import Service, refused, status
 
 FAULT_DSO_MISSED = const(1001)
 _NOMINAL = const(50000)
@@ -88,9 +88,9 @@ def _part(w, k):
 def check_watts(hal, w, k):
     """Refused beyond the rating of the `k` EVSEs the power `w` is for (the rating is an EVSE's)."""
     if w > hal.rating_w * k:
-        raise Refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w * k))
+        raise refused("limit %d W above the hardware rating %d W" % (w, hal.rating_w * k))
     if w < -hal.rating_discharge_w * k:
-        raise Refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w * k))
+        raise refused("discharge %d W beyond the hardware rating %d W" % (-w, hal.rating_discharge_w * k))
 
 
 def _droop(d, f):
@@ -141,7 +141,7 @@ class SmartCharging(Service):
         """The EVSE a command names (`need`: it must name one; else 0 when absent)."""
         e = body.get(F_EVSE, None if need else 0)
         if e is None or e > self.app.hal.evses:
-            raise Refused("unknown evse %s" % e)
+            raise refused("unknown evse %s" % e)
         return e
 
     # ---------------------------------------------------------------- commands
@@ -184,7 +184,7 @@ class SmartCharging(Service):
     def dso_limit(self, body, seq):
         lim = body[F_LIMIT_W]
         if lim < 0:
-            raise Refused("a DSO limit cannot be negative")
+            raise refused("a DSO limit cannot be negative")
         self._evse(body, False)
         now = self.app.now()
         vt = body.get(F_VALID_TO, 0)

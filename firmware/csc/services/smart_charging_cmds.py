@@ -27,7 +27,7 @@ from ..schema import (
     STATUS_REJECTED,
     STATUS_UNKNOWN,
 )
-from . import Refused, status
+from . import refused, status
 from .smart_charging import check_watts
 
 
@@ -78,7 +78,7 @@ def set_droop(sc, body, seq):
         check_watts(sc.app.hal, p[F_POWER_W], 1)
         pts.append([p[F_FREQ_MHZ], p[F_POWER_W]])
     if len(pts) < 2:
-        raise Refused("a droop curve needs at least two points")
+        raise refused("a droop curve needs at least two points")
     pts.sort(key=lambda x: x[0])
     sc.droop = [pts, body[F_DEADBAND_MHZ], body.get(F_RATE_MS, 1000)]
     store.save(store.path("droop"), sc.droop)
@@ -94,7 +94,7 @@ def demand_response(sc, body, seq):
         if lim is None:
             return status(STATUS_REJECTED, "a grid event other than normal needs limit_w")
         if lim < 0:
-            raise Refused("a demand-response limit cannot be negative")
+            raise refused("a demand-response limit cannot be negative")
         sc.dr = [ge, lim, body.get(F_VALID_TO, 0)]
     sc.app.tx.apply()
     sc.app.note("dr_applied", {"hw_limit_w": sc.app.tx.hw_limit})

@@ -35,7 +35,7 @@ from ..schema import (
     TX_TRIGGER_ABNORMAL_CONDITION,
     TX_TRIGGER_REMOTE_STOP,
 )
-from . import Refused, Service, status
+from . import Service, refused, status
 
 TIME_SYNC_S = const(3600)
 
@@ -67,7 +67,7 @@ class Station(Service):
     def _evse(self, body):
         e = body.get(F_EVSE, 1)
         if e < 0 or e > self.app.hal.evses:
-            raise Refused("unknown evse %d" % e)
+            raise refused("unknown evse %d" % e)
         return e
 
     # ---------------------------------------------------------------- urgent

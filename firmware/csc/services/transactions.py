@@ -12,7 +12,7 @@ splits the running transaction (ended + started, trigger tariff_changed, at one 
 the contactor untouched), a stop by card with the EV still plugged and a new start by card make
 a second one. The flat session fee goes with the service session's first transaction only. The
 end of a service session is a durable SessionEvent (why: ev_disconnected, timeout, power_loss).
-Every id comes from the device's id counter (ids.py), unique for the device's life; the site and
+Every id comes from the device's id counter (outbox.py), unique for the device's life; the site and
 the CSMS make them global with the device's id. All three ids travel in every TransactionEvent.
 
 Each TransactionEvent is durable (outbox class TX) and numbered by `seq_no` from 0 within
@@ -111,7 +111,7 @@ from ..schema import (
     TX_TRIGGER_REMOTE_STOP,
     TX_TRIGGER_STOP_AUTHORIZED,
 )
-from . import Refused, Service, status
+from . import Service, refused, status
 
 
 def _sample(measurand, v, t):
@@ -610,7 +610,7 @@ class Transactions(Service):
         n = body.get(F_EVSE, 0)
         es = self.e
         if n > len(es):
-            raise Refused("unknown evse %d" % n)
+            raise refused("unknown evse %d" % n)
         tok = self.app.link.decrypt(seq, F_ID_TOKEN, body[F_ID_TOKEN])
         if not n:  # any EVSE: the first free one
             for e in es:

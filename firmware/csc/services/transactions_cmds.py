@@ -26,7 +26,7 @@ from ..schema import (
     STOP_REASON_OTHER,
     TX_TRIGGER_TARIFF_CHANGED,
 )
-from . import Refused, status
+from . import refused, status
 
 
 # ---------------------------------------------------------------- S1 reservations
@@ -34,7 +34,7 @@ def reserve(txs, body, seq):
     n = body.get(F_EVSE, 0)
     es = txs.e
     if n > len(es):
-        raise Refused("unknown evse %d" % n)
+        raise refused("unknown evse %d" % n)
     rid = body[F_RESERVATION_ID]
     plugged = txs.app.hal.plugged
     for e in es:
@@ -72,7 +72,7 @@ def cancel_reservation(txs, body, seq):
 def set_tariff(txs, body, seq):
     n = body.get(F_EVSE, 0)
     if n > len(txs.e):
-        raise Refused("unknown evse")
+        raise refused("unknown evse")
     # [id, price_kwh, currency, price_session, price_min]
     t = [
         body[F_TARIFF_ID],
