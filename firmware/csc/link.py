@@ -33,7 +33,7 @@ from micropython import const
 # the schema's tables through the module (`schema.ACT_INDEX`): a name imported from it would be
 # an entry of this module's globals (heap on a board; its int constants cost nothing)
 from . import crypto, frame, schema
-from .msgpack import FrameError, Map
+from .msgpack import Map
 from .schema import (
     A_CLOSE,
     A_HELLO,
@@ -74,7 +74,6 @@ _e: dict = Map()  # empty: the body of the acks this board sends (encoded at onc
 IDLE = const(0)
 HELLO_SENT = const(1)
 OPEN = const(2)
-HELLO_SIGNED = b"evedge hello answer\x00"  # domain of the gateway's Hello signature (M14/M17)
 
 # events
 OPENED = const(1)
@@ -131,6 +130,45 @@ def _count(link, code):
     # a bad frame received (its error code counted)
     link.bad += 1
     link.errors[code] = link.errors.get(code, 0) + 1
+
+
+def _acked(link, mid):
+    a = link.acked
+    n = a[0]
+    if n < _ACKS and link.inflight.pop(mid, None) is not None:
+        a[n + 1] = mid
+        a[0] = n + 1
+
+
+def _reject(link, e, now_ms):
+    _count(link, e.code)
+    if ticks_diff(now_ms, link._flood_t) > FLOOD_MS:
+        link._flood_t = now_ms
+        link._flood = 0
+    link._flood += 1
+    a = e.action if _known(e.action) else A_CLOSE
+    link.q.put(K_ERROR, default_prio(a), e.id, a, frame.error_body(e))
+    if link._flood > FLOOD_MAX:
+        _count(link, E_RATE_LIMITED)
+        link.close("flood of bad frames")
+
+
+def _recent(link, mid):
+    """Where command `mid` is remembered (link.recent), or -1."""
+    m = None
+    for i in range(_RECENT):
+        a = link.recent[i]
+        if isinstance(a, bytes):
+            if m is None:
+                m = mid.to_bytes(8, "big")
+            if a.startswith(m):
+                return i
+        elif isinstance(a, tuple):
+            if a[0] == mid:
+                return i
+        elif a == mid:
+            return i
+    return -1
 
 
 def _remember(link, x):
@@ -217,7 +255,7 @@ class Link:
     def _hello_response(self, data, start, end):
         try:
             f = frame.decode(data, None, None, None, start, end)
-        except FrameError as e:
+        except frame.FrameError as e:
             self.close("bad hello response: " + e.reason)
             return
         if f.kind == K_ERROR:
@@ -270,7 +308,9 @@ class Link:
 
         m = __import__("csc.ed25519", None, None, ("verify",))
         try:
-            return m.verify(self.anchor, HELLO_SIGNED + nonce + bytes(body[F_NONCE]) + self.ident[0].encode(), sig)
+            # the signature's domain first (hellokey.DOMAIN); a literal here: a global would cost heap
+            signed = b"evedge hello answer\x00" + nonce + bytes(body[F_NONCE]) + self.ident[0].encode()
+            return m.verify(self.anchor, signed, sig)
         except ValueError:  # BadKey: an anchor that verifies nothing
             return False
         finally:  # cold: once per connection; its code and tables leave the heap
@@ -296,9 +336,9 @@ class Link:
             return
         try:
             f = frame.decode(data, self._mac_dn, self, self._rx, start, end)  # (the link is the window)
-        except FrameError as e:
+        except frame.FrameError as e:
             self.q.lend(False)
-            self._reject(e, now_ms)
+            _reject(self, e, now_ms)
             return
         # decoded (the values are copies): a frame that borrowed the queue's shared region
         # (sendq.lend) gives it back before the ack, answer or error frame below is queued there
@@ -315,17 +355,17 @@ class Link:
             else:
                 self.events.append((FAILED, mid, body.get(F_ERROR_CODE, 0), body.get(F_REASON, "")))
         elif k == K_ACK:
-            self._acked(mid)
+            _acked(self, mid)
             if body is not None:  # an ack the gateway does not send (other keys): decoded
                 for i in body.get(F_IDS, ()):
-                    self._acked(i)
+                    _acked(self, i)
             elif f.ids >= 0:  # its id list, read in place
                 r = frame.ack_ids(f, data)
                 for _ in range(r.n):
                     r.head()
-                    self._acked(r.v)
+                    _acked(self, r.v)
         elif k == K_REQUEST:
-            i = self._recent(mid)
+            i = _recent(self, mid)
             if i >= 0:  # a repeat: the same answer (once there is one), not acted on twice
                 a = self.recent[i]
                 if isinstance(a, bytes):
@@ -359,7 +399,7 @@ class Link:
             return
         d = self.highest - seq
         if d >= _BITS or self.bits[d >> 3] & (1 << (d & 7)):
-            raise FrameError(E_REPLAY, "counter already seen or below the window")
+            raise frame.FrameError(E_REPLAY, "counter already seen or below the window")
 
     def accept(self, seq):
         """Record `seq` (which `check` passed)."""
@@ -388,13 +428,6 @@ class Link:
             d = self.highest - seq
             b[d >> 3] |= 1 << (d & 7)
 
-    def _acked(self, mid):
-        a = self.acked
-        n = a[0]
-        if n < _ACKS and self.inflight.pop(mid, None) is not None:
-            a[n + 1] = mid
-            a[0] = n + 1
-
     def next_acked(self):
         """The id of a durable event of ours that the gateway acknowledged, or -1 (any order:
         each ack is handled alone)."""
@@ -404,35 +437,6 @@ class Link:
             return -1
         a[0] = n - 1
         return a[n]
-
-    def _reject(self, e, now_ms):
-        _count(self, e.code)
-        if ticks_diff(now_ms, self._flood_t) > FLOOD_MS:
-            self._flood_t = now_ms
-            self._flood = 0
-        self._flood += 1
-        a = e.action if _known(e.action) else A_CLOSE
-        self.q.put(K_ERROR, default_prio(a), e.id, a, frame.error_body(e))
-        if self._flood > FLOOD_MAX:
-            _count(self, E_RATE_LIMITED)
-            self.close("flood of bad frames")
-
-    def _recent(self, mid):
-        """Where command `mid` is remembered (self.recent), or -1."""
-        m = None
-        for i in range(_RECENT):
-            a = self.recent[i]
-            if isinstance(a, bytes):
-                if m is None:
-                    m = mid.to_bytes(8, "big")
-                if a.startswith(m):
-                    return i
-            elif isinstance(a, tuple):
-                if a[0] == mid:
-                    return i
-            elif a == mid:
-                return i
-        return -1
 
     # ---------------------------------------------------------------- sending
     def respond(self, mid, action, prio, body):
@@ -453,7 +457,7 @@ class Link:
             b = q.encoded(q.last)
             if b is not None:  # kept encoded: a few bytes rather than the body's dict
                 a = mid.to_bytes(8, "big") + bytes((kind, prio, action >> 8, action & 0xFF)) + b
-        i = self._recent(mid)
+        i = _recent(self, mid)
         if i < 0:
             _remember(self, a)
         else:
