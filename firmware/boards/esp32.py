@@ -90,7 +90,7 @@ class Esp32Hal(Hal):
     rating_w = RATED_A * PHASES * VOLTS
 
     def __init__(self):
-        super().__init__()
+        Hal.__init__(self)  # not super(): a closure and a cell of heap on a board
         import time
 
         import machine

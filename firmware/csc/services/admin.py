@@ -138,7 +138,7 @@ class Admin(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         c = store.load(store.path("logcrit"), None)
         # per log: [highest level kept, components kept (None: all)]; when the CSMS has set none,
         # information for diagnostics and everything for security (a constant: in flash on a board)

@@ -42,7 +42,7 @@ class Auth(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         d = store.load(store.path("ll"), None) or [0, {}]
         self.version = d[0]
         self.local = d[1]

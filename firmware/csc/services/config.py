@@ -52,7 +52,7 @@ class Config(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         hal = app.hal
         self.vals = [
             hal.model,

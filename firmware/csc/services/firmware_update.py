@@ -140,7 +140,7 @@ class FirmwareUpdate(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         self.st = store.load(store.path("fwdl"), None)  # the download in progress
         self.waiting = False
         self.trial = None  # the trial's record while the new image tests itself

@@ -69,7 +69,7 @@ class Monitoring(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         self.mons = store.load(store.path("mon"), []) or []
         self._next = 0
 

@@ -97,7 +97,7 @@ class Security(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         self.dir = store.path("crt")
         store.mkdir(self.dir)
         self.certs = store.load(store.path("certs"), []) or []  # [[cert_type, sha256]]

@@ -123,7 +123,7 @@ class SmartCharging(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         # [[pid, evse, level, purpose, periods, from, to, t0]]; none: the empty tuple (a constant, no heap)
         self.profiles = store.load(store.path("sc"), None) or ()
         d = store.load(store.path("droop"), None)

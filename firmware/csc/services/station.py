@@ -51,7 +51,7 @@ class Station(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         a = store.load(store.path("avail"), None) or [True, False]
         self.operative = a[0]
         self.estop = a[1]

@@ -482,7 +482,7 @@ class Transactions(Service):
     )  # fmt: skip
 
     def __init__(self, app):
-        super().__init__(app)
+        Service.__init__(self, app)  # not super(): a closure and a cell of heap per class on a board
         self.e = [Evse(app, n) for n in range(1, app.hal.evses + 1)]
         self.hw_limit = 0  # the board's: the sum of its EVSEs' power targets
         self.inoperative = False  # unavailable or emergency-stopped (services/station.py)
