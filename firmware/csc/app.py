@@ -93,8 +93,7 @@ class App:
         self.factory_key = factory_key
         self.gateway = gateway  # (host, port); a Migrate stores another
         self.note = note or (lambda kind, data=None: None)
-        self.outbox = Outbox()
-        self.ids = self.outbox  # the message ids: the outbox hands them out (outbox.py)
+        self.outbox = Outbox()  # and the message ids: self.outbox.next() (outbox.py)
         q = SendQueue(hal.ticks_ms)
         self.link = L.Link(q, device_id, FW_VERSION)
         self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
@@ -201,7 +200,7 @@ class App:
     def emit(self, action, body, cls=None):
         """Publish an event. With a value class (outbox.TX …) it is durable: on flash
         first, then sent, removed when acked; returns False when the outbox refused it."""
-        mid = self.ids.next()
+        mid = self.outbox.next()
         if cls is None:
             ok = self.link.event(mid, action, body, self.now())
             self.kick()
@@ -236,7 +235,7 @@ class App:
         if not self.online:
             cb(None, -1)
             return
-        mid = self.ids.next()
+        mid = self.outbox.next()
         self.pending[mid] = cb
         self.link.request(mid, action, body, self.now(), None)
         self.kick()
@@ -310,7 +309,7 @@ class App:
                 self._hold_ms = 0
                 floor = ev[1].get(F_ID_FLOOR)
                 if floor:  # onboarding: a replaced board counts above every id the site saw
-                    self.ids.raise_to(floor)
+                    self.outbox.raise_to(floor)
                 if not self._reconnect:  # not when a device key just came (onboarding)
                     body = ev[1]
                     self.online = True
@@ -500,7 +499,7 @@ class App:
             backoff = 200
             k = store.read(store.path("key"))  # the device key onboarding gave, else the factory's
             factory = not (k and len(k) == 32)
-            link.connect(self.now(), self.factory_key if factory else k, os.urandom(16), self.ids.next(), factory)
+            link.connect(self.now(), self.factory_key if factory else k, os.urandom(16), self.outbox.next(), factory)
             rx = asyncio.create_task(self._rx(s))
             try:
                 while not rx.done():

@@ -202,7 +202,7 @@ class Admin(Service):
                 continue
             b = _chunk_body(u[0], u[3], data, last)
             u[3] += len(data)
-            mid = app.ids.next()
+            mid = app.outbox.next()
             pend.append([mid, u[0], u[1], u[2], u[3], p, at, len(data), last])
             # resent until acked; meanwhile the link keeps `_resend`, not the 1 KiB body
             app.link.event(mid, A_LOG_CHUNK, b, app.now(), None, self._resend)

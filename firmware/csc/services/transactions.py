@@ -278,7 +278,7 @@ class Evse:
 
     def svc_open(self):
         if not self.svc:
-            self.svc = self.app.ids.next()
+            self.svc = self.app.outbox.next()
             self.fee_due = True
 
     def svc_end(self, reason):
@@ -309,14 +309,14 @@ class Evse:
         app = self.app
         self.svc_open()
         if not self.chg and app.hal.plugged(self.n):
-            self.chg = app.ids.next()
+            self.chg = app.outbox.next()
         self.wait = 0
         if m is None:
             m = app.hal.meter(self.n)
         wh, out, t = m[0], m[1], app.time()
         tariff = self.tariff
         tx = Tx(
-            app.ids.next(), 0, None, 0, None, self.res_used, wh, t, tariff[0] if tariff else None, out, self.fee_due
+            app.outbox.next(), 0, None, 0, None, self.res_used, wh, t, tariff[0] if tariff else None, out, self.fee_due
         )
         self.fee_due = False
         if a:
@@ -371,7 +371,7 @@ class Evse:
             self.stop(STOP_REASON_EV_DISCONNECTED, TX_TRIGGER_EV_DEPARTED)
             tx = None
         if plugged and not self.chg:
-            self.chg = app.ids.next()
+            self.chg = app.outbox.next()
             self.svc_open()
             self.save()
             if self.auth and tx is None:
