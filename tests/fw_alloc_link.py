@@ -99,4 +99,4 @@ for round in range(6):
     assert (got1, got2) == (1, 2), (got1, got2)
     assert len(link.inflight) == 0
     print(f"transmit={tx_bytes} receive_ack={rx1} receive_ack_of_2={rx2} (heap locked)")
-print(f"bad={link.bad}")
+print(f"bad={sum(link.errors.values())}")

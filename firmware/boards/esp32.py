@@ -42,6 +42,7 @@ from boards.drivers.pn532 import PN532
 from boards.drivers.zero_cross import ZeroCross
 from csc.hal import FLAG_BUTTON, FLAG_CARD, FLAG_CP, FLAG_FAULT, Hal
 from csc.schema import CP_STATE_A, CP_STATE_B, CP_STATE_C, CP_STATE_E, CP_STATE_F
+from csc.store import LFS_IO
 from micropython import const
 
 # ---------------------------------------------------------------- the board's wiring (one table)
@@ -296,10 +297,10 @@ def mount_flash():
     if parts:
         p = parts[0]
         try:
-            vfs.mount(vfs.VfsLfs2(p), "/flash")
+            vfs.mount(vfs.VfsLfs2(p, readsize=LFS_IO, progsize=LFS_IO), "/flash")
         except OSError:
-            vfs.VfsLfs2.mkfs(p)
-            vfs.mount(vfs.VfsLfs2(p), "/flash")
+            vfs.VfsLfs2.mkfs(p, readsize=LFS_IO, progsize=LFS_IO)
+            vfs.mount(vfs.VfsLfs2(p, readsize=LFS_IO, progsize=LFS_IO), "/flash")
         return "/flash"
     try:
         os.mkdir("/flash")

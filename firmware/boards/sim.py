@@ -18,6 +18,13 @@ SimHal implements every input and output of `csc.hal.Hal` itself (and the base's
 `plugged`, `take_card`, `reboot`) rather than subclassing it: the base's defaults, all overridden
 here, would cost the emulated board 0.9 KiB of heap (the class and its 20 function objects) that a
 real board spends on its own HAL instead. `tests/test_fw_layout.py` checks it has all of Hal's names.
+Its class holds those names and nothing else (29 with `__init__`, `__module__` and `__qualname__`:
+a method table of 29 slots, where one more name takes 37, +64 B): the meters' integration is the
+module's `update()`, an EVSE's power its `_Ev.power()`, and what the rarer features hand the board
+(`exi`, `ocsp`, `se_key`; `se`, the host file in which the secure element keeps its certificate
+request, as the meters' keys are kept) an attribute of the instance that has seen them. The EVSE's
+number has no default here (Hal's is 1): the firmware always names it, and a function object with
+a default takes 32 B, not 16.
 """
 
 # ruff: noqa: PLC0415
@@ -42,6 +49,33 @@ class _Ev:
         self.wh_in = 0.0  # energy registers, Wh (float: sub-Wh steps accumulate)
         self.wh_out = 0.0
 
+    def power(self):
+        """The power (W) this EVSE transfers now: with the contactor closed and the EV in state C
+        (SimHal.cp_state), the EV's demand clipped by the limit the firmware set and the rating."""
+        lim = self.limit_w
+        if not (self.contactor and self.plugged and self.ready and lim):
+            return 0
+        if lim < 0:
+            return max(lim, -SimHal.rating_discharge_w) if self.v2g else 0
+        return min(lim, self.max_w, SimHal.rating_w)
+
+
+def update(hal):
+    """The meters integrate the power up to now: before anything that changes it. (A function
+    of the module, not a method: SimHal's method table is full; see above.)"""
+    import time
+
+    now = hal.ticks_ms()
+    dt = time.ticks_diff(now, hal.last)
+    hal.last = now
+    if dt > 0:
+        for e in hal.e:
+            p = e.power()
+            if p >= 0:
+                e.wh_in += p * dt / 3600000
+            else:
+                e.wh_out -= p * dt / 3600000
+
 
 class SimHal:
     rating_w = 11000  # per EVSE
@@ -50,20 +84,15 @@ class SimHal:
     model = "SIM-1"
     vendor = "evedge"
     serial = "SIM0001"
-    # What the rarer features hand the board, None until they do: read from the class until then,
-    # so that an instance that never sees them has no slot for them (its attribute table: heap).
-    exi: bytes | None = None  # the EXI message last handed to the EV (ISO 15118)
-    ocsp: bytes | None = None  # the OCSP response the EV was last given (M15)
-    se_key: bytes | None = None  # a private key delivered from outside (M18), held by the secure element
-    se_csr: bytes | None = None  # the secure element's certificate request (M16), from its own key pair
 
     def __init__(self, evses):
-        # The control channel (boards/unix.py `Control`) is the test's hands on this hardware: it
+        # The control channel (boards/unix.py `do`) is the test's hands on this hardware: it
         # plugs the EVs in, presents the cards and steps the clock by setting these directly.
         self.flags = 0  # Hal.flags: FLAG_* set by the interrupt-like inputs
         self.card = None
         self.skew_ms = 0  # clock steps from the control channel
-        self.evses = evses
+        if evses != 1:  # else the class's 1: an attribute less (the instance's table: 80 B, not 96)
+            self.evses = evses
         self.e = [_Ev() for _ in range(evses)]  # EVSE n is e[n - 1]
         self.text = ""
         self.freq = 50000
@@ -76,40 +105,8 @@ class SimHal:
 
         return time.ticks_add(time.ticks_ms(), self.skew_ms)
 
-    # ---- physics
-    def power(self, evse):
-        """The power (W) EVSE `evse` transfers now; 0: the board's total."""
-        if not evse:
-            p = 0
-            for n in range(1, self.evses + 1):
-                p += self.power(n)
-            return p
-        e = self.e[evse - 1]
-        if not e.contactor or self.cp_state(evse) != CP_STATE_C:
-            return 0
-        lim = e.limit_w
-        if lim < 0:
-            return max(lim, -self.rating_discharge_w) if e.v2g else 0
-        return min(lim, e.max_w, self.rating_w)
-
-    def update(self):
-        """The meters integrate the power up to now: before anything that changes it."""
-        import time
-
-        now = self.ticks_ms()
-        dt = time.ticks_diff(now, self.last)
-        self.last = now
-        if dt > 0:
-            for n in range(1, self.evses + 1):
-                p = self.power(n)
-                e = self.e[n - 1]
-                if p >= 0:
-                    e.wh_in += p * dt / 3600000
-                else:
-                    e.wh_out -= p * dt / 3600000
-
     # ---- inputs (Hal's)
-    def plugged(self, evse=1):
+    def plugged(self, evse):
         return self.e[evse - 1].plugged
 
     def take_card(self):
@@ -118,7 +115,7 @@ class SimHal:
         self.flags &= ~FLAG_CARD
         return c
 
-    def cp_state(self, evse=1):
+    def cp_state(self, evse):
         # IEC 61851: a ready EV moves from B to C only while the EVSE offers current (PWM),
         # which the firmware does by setting a limit; without an offer it stays in B.
         e = self.e[evse - 1]
@@ -126,13 +123,13 @@ class SimHal:
             return CP_STATE_A
         return CP_STATE_C if e.ready and e.limit_w else CP_STATE_B
 
-    def meter(self, evse=1):
-        self.update()
+    def meter(self, evse):
+        update(self)
         e = self.e[evse - 1]
-        p = self.power(evse)
+        p = e.power()
         return (int(e.wh_in), int(e.wh_out), p, p * 10000 // 2300, 2300)
 
-    def signed_meter(self, evse=1):
+    def signed_meter(self, evse):
         try:  # the meter's chip holds its key: read when it seals, never kept in the board's heap
             with open(self.meter_keys) as f:
                 seed = bytes.fromhex(f.read().split()[evse - 1])
@@ -179,33 +176,38 @@ class SimHal:
     def freq_mhz(self):
         return self.freq
 
-    def ev_needs(self, evse=1):
+    def ev_needs(self, evse):
         e = self.e[evse - 1]
         return e.needs if e.plugged else None
 
     def csr(self):
         # the secure element made the key pair and keeps the private key; the board holds only
-        # the PKCS#10 request (on the emulated board the host runner is the chip and hands the
-        # request over on the control channel: `se`). None: no secure element attached.
-        return self.se_csr
+        # the PKCS#10 request, read from the chip when asked (on the emulated board the host
+        # runner is the chip and hands the request over on the control channel, `se`, which
+        # keeps it in the file `se` names). None: no secure element attached.
+        p = getattr(self, "se", None)
+        if p is None:
+            return None
+        with open(p, "rb") as f:
+            return f.read()
 
     def install_key(self, key):
         self.se_key = bytes(key)
 
-    def ev_discharge_ok(self, evse=1):
+    def ev_discharge_ok(self, evse):
         e = self.e[evse - 1]
         return e.v2g and e.plugged
 
     # ---- outputs
-    def set_contactor(self, on, evse=1):
-        self.update()
+    def set_contactor(self, on, evse):
+        update(self)
         self.e[evse - 1].contactor = on
 
-    def set_limit_w(self, watts, evse=1):
-        self.update()
+    def set_limit_w(self, watts, evse):
+        update(self)
         self.e[evse - 1].limit_w = watts
 
-    def set_lock(self, locked, evse=1):
+    def set_lock(self, locked, evse):
         self.e[evse - 1].locked = locked
 
     def display(self, text):

@@ -36,6 +36,10 @@ if "" not in sys.path:
 
 
 _BLOCK = const(4096)  # the flash's erase block, as an ESP32's (a constant: no attribute for it)
+# LittleFS's read and program size: csc.store.LFS_IO, which every board mounts its flash with (written
+# again here: the flash is mounted before the loader chose the slot whose csc is imported; the layout
+# test holds the two equal)
+_LFS_IO = const(16)
 
 
 class FileBlockDev:
@@ -71,7 +75,7 @@ class FileBlockDev:
         return None
 
 
-SLOT_TRIES = 3  # boots a slot on trial gets to confirm itself before the loader goes back
+SLOT_TRIES = const(3)  # boots a slot on trial gets to confirm itself before the loader goes back
 _MAGIC = b"CSCIMG1\n"  # the update archive (tools/board/build.py `pack`)
 
 
@@ -224,10 +228,10 @@ def mount(path, blocks=256):
     # (the port has no such name): the VFS takes any object with this interface.
     bd = FileBlockDev(path, blocks=blocks)
     try:
-        vfs.mount(vfs.VfsLfs2(bd), "/flash")  # type: ignore[arg-type]
+        vfs.mount(vfs.VfsLfs2(bd, readsize=_LFS_IO, progsize=_LFS_IO), "/flash")  # type: ignore[arg-type]
     except OSError:
-        vfs.VfsLfs2.mkfs(bd)  # type: ignore[arg-type]
-        vfs.mount(vfs.VfsLfs2(bd), "/flash")  # type: ignore[arg-type]
+        vfs.VfsLfs2.mkfs(bd, readsize=_LFS_IO, progsize=_LFS_IO)  # type: ignore[arg-type]
+        vfs.mount(vfs.VfsLfs2(bd, readsize=_LFS_IO, progsize=_LFS_IO), "/flash")  # type: ignore[arg-type]
     return bd
 
 
@@ -253,7 +257,25 @@ def _jsonable(d):
     return d
 
 
+_TYPING = const(0)  # never true (the compiler drops the block): the name App, for mypy only
+if _TYPING:
+    from csc.app import App
+
+# The control channel's state, set at boot: globals of this module (the emulated board's entry,
+# imported before heap_start) rather than the attributes of an object built after it, which would
+# take an instance and its attribute table (48 B) in the figures for the board's life.
+_app: App = None  # the firmware; `_app.hal` is the simulated hardware (boards/sim.py)
+_meter = None  # the file of the meters' registers (`--meter`), or None
+_peak = 0  # the largest heap after gc seen (the footprint scenario): sampled every 250 ms and at the reboot
+
+
 def note(kind, data=None):
+    """An event on stdout, as JSON; the firmware's `note` too, which reports the peak at its reboot."""
+    global _peak
+    if kind == "reboot" and _app is not None:  # the last peak, for the footprint scenario
+        gc.collect()
+        _peak = max(_peak, gc.mem_alloc())
+        data = {"peak": _peak}
     d = {"ev": kind}
     if data:
         for k in data:
@@ -261,216 +283,231 @@ def note(kind, data=None):
     print(json.dumps(d))
 
 
-class Control:
-    """Line-oriented JSON commands on stdin: the test's hands on the simulated board."""
+def _meter_save():
+    if _meter:
+        # a real meter keeps its register through a power cut: written beside, then renamed
+        # over, so that a kill in the middle leaves the last register, never an empty file
+        tmp = _meter + ".tmp"
+        with open(tmp, "w") as f:
+            for e in _app.hal.e:
+                f.write("%f %f " % (e.wh_in, e.wh_out))
+        os.rename(tmp, _meter)
 
-    def __init__(self, app, hal, meter_path):
-        self.app = app
-        self.hal = hal
-        self.meter_path = meter_path
-        self.peak = 0
 
-    def _meter_save(self):
-        if self.meter_path:
-            # a real meter keeps its register through a power cut: written beside, then renamed
-            # over, so that a kill in the middle leaves the last register, never an empty file
-            tmp = self.meter_path + ".tmp"
-            with open(tmp, "w") as f:
-                for e in self.hal.e:
-                    f.write("%f %f " % (e.wh_in, e.wh_out))
-            os.rename(tmp, self.meter_path)
+# The emulated board's two tasks: a coroutine's frame is heap for the board's life, 48 B with up to
+# 5 slots of locals and stack, 64 B with up to 9.
+async def run():
+    """The control channel: line-oriented JSON commands on stdin, the test's hands on the board."""
+    from csc.app import wait_io  # asyncio's I/O queue: no asyncio.stream module (heap)
 
-    async def run(self):
-        from csc.app import wait_io  # asyncio's I/O queue: no asyncio.stream module (heap)
+    while True:
+        await wait_io(sys.stdin, 0)
+        if not take():
+            return
 
-        while True:
-            await wait_io(sys.stdin, 0)
-            line = sys.stdin.readline()  # a whole line (stdin blocks), as asyncio's StreamReader reads it
-            if not line:
-                return
-            self.take(line)
 
-    def take(self, line):
-        """One command: one that fails is reported and the channel goes on. (Not in `run`: a
-        try block in a coroutine keeps room for its handler in the coroutine's frame, 48 B of
-        heap for the board's life; here it takes stack only while a line is handled.)"""
-        try:
-            self.do(json.loads(line))
-        except Exception as e:
-            note("control_error", {"what": repr(e)})
+def take():
+    """One command: False at the end of stdin; one that fails is reported and the channel goes
+    on. (Not in `run`: the line and a try block, which keeps room for its handler, would widen
+    the coroutine's frame to 64 B for the board's life; this frame ends with the line.)"""
+    line = sys.stdin.readline()  # a whole line (stdin blocks), as asyncio's StreamReader reads it
+    if not line:
+        return False
+    try:
+        do(json.loads(line))
+    except Exception as e:
+        note("control_error", {"what": repr(e)})
+    return True
 
-    async def meter_task(self):
-        import asyncio
 
-        last = -1.0
-        while True:
-            await asyncio.sleep_ms(250)
-            self.hal.update()
-            wh = sum(e.wh_in for e in self.hal.e)  # not a loop: its variables would widen this frame
-            if wh != last:
-                last = wh
-                self._meter_save()
-            gc.collect()
-            m = gc.mem_alloc()
-            self.peak = max(self.peak, m)
+async def meter_task():
+    global _peak
+    import asyncio
 
-    def do(self, c):
-        # constants, inlined by the build; imported here, not above: csc only after Slots.select()
-        from csc.hal import FLAG_BUTTON, FLAG_CARD, FLAG_CP
+    last = -1.0
+    while True:
+        await asyncio.sleep_ms(250)
+        # the meters' work in the task itself, before the collection (64 B of frame, not 48):
+        # measured with it in a function of its own, the footprint's peak came out 0.9 KiB
+        # higher in a third of the runs, a firmware chunk the link had just handled kept by a
+        # stale pointer in this task's frame on the C stack, which the GC scans as it finds it
+        hal = _app.hal
+        hal.meter(1)  # a reading integrates every meter up to now
+        wh = sum(e.wh_in for e in hal.e)  # not a loop: its variables would widen this frame
+        if wh != last:
+            last = wh
+            _meter_save()
+        gc.collect()
+        _peak = max(_peak, gc.mem_alloc())
 
-        cmd = c.get("cmd")
-        hal = self.hal
-        app = self.app
-        n = c.get("evse", 1)  # the EVSE the EV (or the card, when given) is at
-        if cmd in ("plug", "unplug", "ready") and not 1 <= n <= hal.evses:
-            note("control_error", {"what": "no evse %s on this board" % n})
-        elif cmd in ("plug", "unplug", "ready"):  # the EV at EVSE n: a control-pilot edge
-            # straight on the simulated hardware (boards/sim.py), as an EV would change it
-            hal.update()  # the meters integrate up to the change
-            e = hal.e[n - 1]
-            if cmd == "plug":
-                e.plugged = True
-                e.ready = c.get("ready", True)
-                e.max_w = c.get("max_w", 11000)
-                e.v2g = c.get("v2g", False)
-                e.needs = c.get("needs")
-            elif cmd == "unplug":
-                e.plugged = False
-            else:
-                e.ready = c.get("on", True)
-            hal.flags |= FLAG_CP
-        elif cmd == "button":  # the emergency stop button
-            hal.flags |= FLAG_BUTTON
-        elif cmd == "ev_ocsp":  # the EV asks for the OCSP response of a certificate (M15)
-            app.security().ocsp_to_ev(bytes.fromhex(c["hash"]))
-        elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
-            app.security().ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
-        elif cmd == "card":  # at the reader of EVSE `evse`; without it at the board's shared reader
-            tok = c["token"]
-            tok = tok.encode() if isinstance(tok, str) else bytes(tok)
-            r = c.get("evse", 0)  # 0: the board's one card reader, shared by its EVSEs; n: EVSE n's
-            hal.card = (tok, c.get("type", 0), r) if r else (tok, c.get("type", 0))
-            hal.flags |= FLAG_CARD
-        elif cmd == "freq":
-            hal.freq = c["mhz"]
-        elif cmd == "temp":
-            hal.temp = c["dc"]
-        elif cmd == "step":
-            # the board's clock steps: its monotonic ticks, and with them its wall clock (App.time()
-            # counts from the ticks since the last time sync), by `ms` once
-            hal.skew_ms += c["ms"]
-            hal.update()
-            self._meter_save()  # the registers jumped: kept at once, as a real meter keeps each Wh
-        elif cmd == "tick":
-            app.tick()
-        elif cmd == "emit":  # test helper: n durable telemetry events, numbered from `from`
-            from csc.msgpack import Map
-            from csc.outbox import BILLING
-            from csc.schema import A_METER_VALUES, F_ENERGY_WH, F_EVSE, F_TIME
 
-            for i in range(c.get("n", 1)):
-                b = Map()
-                b[F_EVSE] = 1
-                b[F_ENERGY_WH] = c.get("from", 0) + i
-                b[F_TIME] = app.time()
-                app.emit(A_METER_VALUES, b, c.get("cls", BILLING))
-        elif cmd == "fill":  # occupy flash with a junk file (full-flash tests)
-            with open("/flash/junk", "ab") as f:
-                z = bytes(1024)
-                try:
-                    for _ in range(c.get("kb", 10000)):
-                        f.write(z)
-                        f.flush()
-                except OSError:
-                    pass
-            note("filled")
-        elif cmd == "unfill":
-            os.remove("/flash/junk")
-        elif cmd == "log":
-            app.log(c.get("text", "x") * c.get("n", 1))
-        elif cmd == "status":
-            # every EVSE's figures under `evses`: the simulated hardware's (boards/sim.py), then
-            # the firmware's; EVSE 1's at the top level too (as for a board with one EVSE)
-            d = {}
-            evses: list = []
-            for e in app.tx.e:
-                h = hal.e[e.n - 1]
-                e_in, e_out, p, _, _ = hal.meter(e.n)
-                y = {"cp": hal.cp_state(e.n), "contactor": h.contactor, "limit_w": h.limit_w, "power_w": p,
-                     "wh_in": e_in, "wh_out": e_out, "locked": h.locked}  # fmt: skip
-                if not evses:
-                    d.update(y)
-                y["tx_id"] = e.tx.id if e.tx else None
-                y["svc"] = e.svc
-                y["hw_limit"] = e.hw_limit
-                y["charging_state"] = e.state
-                y["status"] = e.status
-                evses.append(y)
-            e = app.tx.e[0]
-            d["tx_id"] = e.tx.id if e.tx else None
-            d["svc"] = e.svc
-            d["charging_state"] = e.state
-            d["evses"] = evses
-            d["text"] = hal.text
-            d["freq"] = hal.freq
-            d["online"] = app.online
-            d["registered"] = app.registered
-            d["outbox"] = len(app.outbox)
-            d["outbox_refused"] = app.outbox.refused
-            d["bad"] = app.link.bad
-            d["errors"] = app.link.errors
-            d["urgent_max_ms"] = app.link.urgent_max_ms
-            d["hw_limit"] = app.tx.hw_limit
-            d["time"] = app.time()
-            d["exi"] = hal.exi.hex() if hal.exi else None
-            d["ev_ocsp"] = hal.ocsp.hex() if hal.ocsp else None
-            d["se_key"] = hal.se_key.hex() if hal.se_key else None
-            d["operative"] = app.station.operative
-            d["estop"] = app.station.estop
-            d["version"] = app.version
-            d["slot"] = app.slots.running
-            d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
-            d["modules"] = [m for m in sys.modules if m.startswith("csc.")]  # on-demand ones come and go
-            gc.collect()
-            d["mem_alloc"] = gc.mem_alloc()
-            d["mem_free"] = gc.mem_free()
-            d["peak"] = self.peak
-            note("status", d)
-        elif cmd == "se":  # the host's simulated secure element (tools/board/runner.py): its CSR
-            hal.se_csr = bytes.fromhex(c["csr"])
-        elif cmd == "probe":  # the invariants' sampler (tools/site/invariants.py): small, no gc pass
-            # the board's total power, a transaction when any EVSE has one, any contactor closed;
-            # with several EVSEs each one's [power, transaction] under "e"
-            tx = None
-            on = False
-            for e in app.tx.e:
-                tx = tx or (e.tx.id if e.tx else None)
-                on = on or hal.e[e.n - 1].contactor
-            d = {"p": hal.power(0), "tx": tx, "c": on, "r": app.registered}
-            if hal.evses > 1:
-                d["e"] = [[hal.power(e.n), e.tx.id if e.tx else None] for e in app.tx.e]
-            note("probe", d)
-        elif cmd == "reset_peak":
-            gc.collect()
-            self.peak = gc.mem_alloc()
-        elif cmd == "heapprof":  # where the heap goes (tools/board/heapprof.py): the image's C module
-            try:
-                import heapprof  # type: ignore[import-not-found]  # a C module of the image (tools/board/cmodules)
-            except ImportError:
-                note("control_error", {"what": "no heapprof: the board image has it, not this build"})
-            else:
-                heapprof.dump(True)  # with the words: who holds what
-        elif cmd == "quit":
-            sys.exit(0)
+def do(c):
+    global _peak
+    # constants, inlined by the build; imported here, not above: csc only after Slots.select()
+    from csc.hal import FLAG_BUTTON, FLAG_CARD, FLAG_CP
+
+    cmd = c.get("cmd")
+    app = _app
+    hal = app.hal
+    n = c.get("evse", 1)  # the EVSE the EV (or the card, when given) is at
+    if cmd in ("plug", "unplug", "ready") and not 1 <= n <= hal.evses:
+        note("control_error", {"what": "no evse %s on this board" % n})
+    elif cmd in ("plug", "unplug", "ready"):  # the EV at EVSE n: a control-pilot edge
+        # straight on the simulated hardware (boards/sim.py), as an EV would change it
+        hal.meter(n)  # a reading integrates the meters up to the change
+        e = hal.e[n - 1]
+        if cmd == "plug":
+            e.plugged = True
+            e.ready = c.get("ready", True)
+            e.max_w = c.get("max_w", 11000)
+            e.v2g = c.get("v2g", False)
+            e.needs = c.get("needs")
+        elif cmd == "unplug":
+            e.plugged = False
         else:
-            note("control_error", {"what": "unknown command %s" % cmd})
+            e.ready = c.get("on", True)
+        hal.flags |= FLAG_CP
+    elif cmd == "button":  # the emergency stop button
+        hal.flags |= FLAG_BUTTON
+    elif cmd == "ev_ocsp":  # the EV asks for the OCSP response of a certificate (M15)
+        app.security().ocsp_to_ev(bytes.fromhex(c["hash"]))
+    elif cmd == "ev_cert":  # the EV asks for a contract certificate (ISO 15118)
+        app.security().ev_certificate(bytes.fromhex(c["exi"]), c.get("action", 0))
+    elif cmd == "card":  # at the reader of EVSE `evse`; without it at the board's shared reader
+        tok = c["token"]
+        tok = tok.encode() if isinstance(tok, str) else bytes(tok)
+        r = c.get("evse", 0)  # 0: the board's one card reader, shared by its EVSEs; n: EVSE n's
+        hal.card = (tok, c.get("type", 0), r) if r else (tok, c.get("type", 0))
+        hal.flags |= FLAG_CARD
+    elif cmd == "freq":
+        hal.freq = c["mhz"]
+    elif cmd == "temp":
+        hal.temp = c["dc"]
+    elif cmd == "step":
+        # the board's clock steps: its monotonic ticks, and with them its wall clock (App.time()
+        # counts from the ticks since the last time sync), by `ms` once
+        hal.skew_ms += c["ms"]
+        hal.meter(1)  # a reading integrates the meters over the step
+        _meter_save()  # the registers jumped: kept at once, as a real meter keeps each Wh
+    elif cmd == "tick":
+        app.tick()
+    elif cmd == "emit":  # test helper: n durable telemetry events, numbered from `from`
+        from csc.msgpack import Map
+        from csc.outbox import BILLING
+        from csc.schema import A_METER_VALUES, F_ENERGY_WH, F_EVSE, F_TIME
+
+        for i in range(c.get("n", 1)):
+            b = Map()
+            b[F_EVSE] = 1
+            b[F_ENERGY_WH] = c.get("from", 0) + i
+            b[F_TIME] = app.time()
+            app.emit(A_METER_VALUES, b, c.get("cls", BILLING))
+    elif cmd == "fill":  # occupy flash with a junk file (full-flash tests)
+        with open("/flash/junk", "ab") as f:
+            z = bytes(1024)
+            try:
+                for _ in range(c.get("kb", 10000)):
+                    f.write(z)
+                    f.flush()
+            except OSError:
+                pass
+        note("filled")
+    elif cmd == "unfill":
+        os.remove("/flash/junk")
+    elif cmd == "log":
+        app.log(c.get("text", "x") * c.get("n", 1))
+    elif cmd == "status":
+        # every EVSE's figures under `evses`: the simulated hardware's (boards/sim.py), then
+        # the firmware's; EVSE 1's at the top level too (as for a board with one EVSE)
+        d = {}
+        evses: list = []
+        for e in app.tx.e:
+            h = hal.e[e.n - 1]
+            e_in, e_out, p, _, _ = hal.meter(e.n)
+            y = {"cp": hal.cp_state(e.n), "contactor": h.contactor, "limit_w": h.limit_w, "power_w": p,
+                 "wh_in": e_in, "wh_out": e_out, "locked": h.locked}  # fmt: skip
+            if not evses:
+                d.update(y)
+            y["tx_id"] = e.tx.id if e.tx else None
+            y["svc"] = e.svc
+            y["hw_limit"] = e.hw_limit
+            y["charging_state"] = e.state
+            y["status"] = e.status
+            evses.append(y)
+        e = app.tx.e[0]
+        d["tx_id"] = e.tx.id if e.tx else None
+        d["svc"] = e.svc
+        d["charging_state"] = e.state
+        d["evses"] = evses
+        d["text"] = hal.text
+        d["freq"] = hal.freq
+        d["online"] = app.online
+        d["registered"] = app.registered
+        d["outbox"] = len(app.outbox)
+        d["outbox_refused"] = app.outbox.refused
+        d["bad"] = sum(app.link.errors.values())
+        d["errors"] = app.link.errors
+        d["urgent_max_ms"] = app.link.urgent_max_ms
+        d["hw_limit"] = app.tx.hw_limit
+        d["time"] = app.time()
+        # what the rarer features handed the board: attributes once they did (boards/sim.py)
+        for k, a in (("exi", "exi"), ("ev_ocsp", "ocsp"), ("se_key", "se_key")):
+            v = getattr(hal, a, None)
+            d[k] = v.hex() if v else None
+        d["operative"] = app.station.operative
+        d["estop"] = app.station.estop
+        d["version"] = app.version
+        d["slot"] = app.slots.running
+        d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
+        d["modules"] = [m for m in sys.modules if m.startswith("csc.")]  # on-demand ones come and go
+        gc.collect()
+        d["mem_alloc"] = gc.mem_alloc()
+        d["mem_free"] = gc.mem_free()
+        d["peak"] = _peak
+        note("status", d)
+    elif cmd == "se":  # the host's simulated secure element (tools/board/runner.py): its CSR
+        # kept where the chip keeps it, outside the board's heap (224 B there for the board's
+        # life): a file beside the flash image, read when the firmware asks (SimHal.csr)
+        p = _args(sys.argv).get("flash", "board.img") + ".se"
+        with open(p, "wb") as f:
+            f.write(bytes.fromhex(c["csr"]))
+        hal.se = p
+    elif cmd == "probe":  # the invariants' sampler (tools/site/invariants.py): small, no gc pass
+        # the board's total power, a transaction when any EVSE has one, any contactor closed;
+        # with several EVSEs each one's [power, transaction] under "e"
+        tx = None
+        on = False
+        for e in app.tx.e:
+            tx = tx or (e.tx.id if e.tx else None)
+            on = on or hal.e[e.n - 1].contactor
+        d = {"p": sum(h.power() for h in hal.e), "tx": tx, "c": on, "r": app.registered}
+        if hal.evses > 1:
+            d["e"] = [[hal.e[e.n - 1].power(), e.tx.id if e.tx else None] for e in app.tx.e]
+        note("probe", d)
+    elif cmd == "reset_peak":
+        gc.collect()
+        _peak = gc.mem_alloc()
+    elif cmd == "heapprof":  # where the heap goes (tools/board/heapprof.py): the image's C module
+        try:
+            import heapprof  # type: ignore[import-not-found]  # a C module of the image (tools/board/cmodules)
+        except ImportError:
+            note("control_error", {"what": "no heapprof: the board image has it, not this build"})
+        else:
+            heapprof.dump(True)  # with the words: who holds what
+    elif cmd == "quit":
+        sys.exit(0)
+    else:
+        note("control_error", {"what": "unknown command %s" % cmd})
 
 
-def main():
-    a = _args(sys.argv)
-    gc.threshold(4096)  # as main.py does on a board: see there
-    gc.collect()
-    m0 = gc.mem_alloc()
+def _boot(a):
+    """Power-up up to the firmware's imports: the flash mounted, the loader's choice made, csc
+    imported, the simulated hardware built (`a`: the command line's arguments); returns (hal,
+    slots). A function of its own, not main()'s body: main()'s frame lasts as long as the board
+    runs (a frame of more than 11 slots is a heap block, and the GC keeps what its slots still
+    point to: the strings split from the arguments, the meter file's words, the exception caught
+    when there is none yet), where this one ends before the figures are taken."""
+    global _meter
     mount(a.get("flash", "board.img"), int(a.get("blocks", "256")))
     signers = {}
     for kv in a.get("fw-signers", "").split(","):
@@ -478,11 +515,11 @@ def main():
             signers[kv.split("=")[0]] = bytes.fromhex(kv.split("=")[1])
     slots = Slots("/flash", signers)
     slots.select()  # before the first import of csc: the slot's package shadows the factory's
-    import asyncio
+    import asyncio  # noqa: F401 — every module the board runs, imported before the figure after imports
 
     from boards.sim import SimHal
     from csc import store
-    from csc.app import App
+    from csc.app import App  # noqa: F401
     from csc.services import (  # noqa: F401
         admin,
         auth,
@@ -495,10 +532,10 @@ def main():
 
     store.ROOT = "/flash"
     hal = SimHal(int(a.get("evses", "1")))
-    mp = a.get("meter")
-    if mp:
+    _meter = a.get("meter")
+    if _meter:
         try:
-            with open(mp) as f:
+            with open(_meter) as f:
                 w = f.read().split()
             for i, e in enumerate(hal.e):
                 e.wh_in = float(w[2 * i])
@@ -506,32 +543,38 @@ def main():
         except (OSError, IndexError, ValueError):
             pass
     hal.meter_keys = a.get("meter-keys")  # the meters' chips: read when a meter seals a reading
+    return hal, slots
+
+
+def main():
+    global _app, _peak
+    a = _args(sys.argv)  # before heap_start, as the command line it is read from: not in the figures
+    gc.threshold(4096)  # as main.py does on a board: see there
+    gc.collect()
+    m0 = gc.mem_alloc()
+    hal, slots = _boot(a)
+    import asyncio
+
+    from csc.app import App
+
     host, port = a.get("gw", "127.0.0.1:7700").split(":")
     gateway = (host, int(port))
+    port = None  # the one string here App does not keep: main()'s frame lasts as long as the board runs
     fk = bytes.fromhex(a.get("factory-key", "00" * 32))
-    # main's frame lasts as long as the board runs: what only the boot needed (the strings split
-    # from the arguments, the meter file's words) is let go rather than kept in the heap for good
-    kv = port = w = f = None
     gc.collect()
     m1 = gc.mem_alloc()
-    ctl = None
-
-    def board_note(kind, data=None):
-        if kind == "reboot" and ctl is not None:  # the last peak, for the footprint scenario
-            gc.collect()
-            ctl.peak = max(ctl.peak, gc.mem_alloc())
-            data = {"peak": ctl.peak}
-        note(kind, data)
-
-    app = App(hal, a.get("id", "evse-1"), fk, gateway, board_note, slots)
+    app = App(hal, a.get("id", "evse-1"), fk, gateway, note, slots)
     gc.collect()
     m2 = gc.mem_alloc()
-    ctl = Control(app, hal, mp)
-    ctl.peak = m2
+    _app = app
+    _peak = m2
     m = sys.maxsize  # 2**31 - 1 on the 32-bit board image, 2**63 - 1 on the 64-bit unix port
     note("boot", {"heap_start": m0, "heap_imports": m1, "heap_boot": m2, "heap_free": gc.mem_free(), "maxsize": m,
                   "slot": slots.running, "version": app.version})  # fmt: skip
-    asyncio.run(app.main((ctl.run(), ctl.meter_task())))
+    # two statements: the argument of the second call overwrites the slot of main()'s stack (its
+    # frame lasts as long as the board runs) in which the first left the tuple of the two tasks
+    coro = app.main((run(), meter_task()))
+    asyncio.run(coro)
 
 
 main()

@@ -127,8 +127,7 @@ def _ilen(v):
 # The link's small helpers are functions of the module rather than methods: a method takes an
 # entry of Link's method table too (heap on a board).
 def _count(link, code):
-    # a bad frame received (its error code counted)
-    link.bad += 1
+    # a bad frame received, counted under its error code (all of them: sum(link.errors.values()))
     link.errors[code] = link.errors.get(code, 0) + 1
 
 
@@ -204,8 +203,7 @@ class Link:
         # body (one small object), or (id, kind, action, prio, body) when the body has a secret field
         self.recent: list = [None] * _RECENT
         self.recent_i = 0
-        self.bad = 0  # bad frames received, in all
-        self.errors = {}  # error code -> count
+        self.errors = {}  # error code -> count of the bad frames received (no total kept: one attribute fewer)
         self._flood = 0
         self._flood_t = 0
         self.urgent_max_ms = 0  # enqueue → sealed, of the urgent frames
