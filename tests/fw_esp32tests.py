@@ -378,44 +378,44 @@ def test_board_charges_an_ev_through_pilot_lock_and_contactor():
     assert hal.serial == "246f28010203" and hal.rating_w == 22080
     assert f.pwm.d == P.DUTY_OFF and contactor.v == 0  # safe from the start
     f.step(hal)
-    assert hal.cp_state() == CP_A and not hal.plugged() and _rgb(f) == (0, 1, 0)
+    assert hal.cp_state(1) == CP_A and not hal.plugged(1) and _rgb(f) == (0, 1, 0)
     f.ev = (9, True)
     f.step(hal, 1)
-    assert hal.cp_state() == CP_A  # one sample is not a state (debounce)
+    assert hal.cp_state(1) == CP_A  # one sample is not a state (debounce)
     f.step(hal, 1)
-    assert hal.cp_state() == CP_B and hal.flags & FLAG_CP
+    assert hal.cp_state(1) == CP_B and hal.flags & FLAG_CP
     assert f.pwm.d == P.DUTY_OFF  # nothing offered before the firmware gives a limit
-    hal.set_limit_w(11040)  # a transaction started: the offer, in state B
+    hal.set_limit_w(11040, 1)  # a transaction started: the offer, in state B
     assert f.pwm.d == P.duty_u16(16000)
     f.ev = (6, True)  # the EV saw it and closes S2
     f.step(hal)
-    assert hal.cp_state() == CP_C and contactor.v == 0  # not asked for
-    hal.set_contactor(True)
+    assert hal.cp_state(1) == CP_C and contactor.v == 0  # not asked for
+    hal.set_contactor(True, 1)
     assert lock.v == 1  # locking first
     f.step(hal)
     assert contactor.v == 0  # not before the lock reports locked
     fb.v = 0
     f.step(hal, 1)
     assert contactor.v == 1 and f.pwm.d == P.duty_u16(16000) and _rgb(f) == (0, 0, 1)
-    hal.set_limit_w(7360)
+    hal.set_limit_w(7360, 1)
     assert f.pwm.d == P.duty_u16(10666)  # at once
-    hal.set_limit_w(0)  # a pause: steady +12 V, and the contactor opens
+    hal.set_limit_w(0, 1)  # a pause: steady +12 V, and the contactor opens
     f.step(hal, 1)
     assert f.pwm.d == P.DUTY_OFF and contactor.v == 0
-    hal.set_limit_w(11040)
+    hal.set_limit_w(11040, 1)
     f.step(hal, 1)
     assert contactor.v == 1
     f.ev = (9, True)  # the EV stops by itself
     f.step(hal)
-    assert hal.cp_state() == CP_B and contactor.v == 0
+    assert hal.cp_state(1) == CP_B and contactor.v == 0
     f.ev = (6, True)
     f.step(hal)
     assert contactor.v == 1
-    hal.set_contactor(False)
+    hal.set_contactor(False, 1)
     assert contactor.v == 0  # at once, not at the next poll
     f.ev = None
     f.step(hal)
-    assert hal.cp_state() == CP_A and lock.v == 0 and f.pwm.d == P.DUTY_OFF
+    assert hal.cp_state(1) == CP_A and lock.v == 0 and f.pwm.d == P.DUTY_OFF
     fb.v = 1
     f.step(hal, 50)
     assert not hal.fault and not hal.flags & FLAG_FAULT
@@ -426,18 +426,18 @@ def test_board_lock_failure_is_a_fault_and_state_f():
     hal = f.board()
     f.ev = (6, True)
     f.step(hal)
-    hal.set_limit_w(11040)
-    hal.set_contactor(True)
+    hal.set_limit_w(11040, 1)
+    hal.set_contactor(True, 1)
     f.step(hal, E.LOCK_MS // 20 + 2)  # the feedback never says locked
     assert hal.fault == "lock" and hal.flags & FLAG_FAULT
     assert f.pins[E.PIN_CONTACTOR].v == 0 and f.pwm.d == P.DUTY_F
     f.step(hal)
-    assert hal.cp_state() == CP_F and _rgb(f) == (1, 0, 0)
-    hal.set_lock(False)  # UnlockConnector: the lock is where it is asked to be again
+    assert hal.cp_state(1) == CP_F and _rgb(f) == (1, 0, 0)
+    hal.set_lock(False, 1)  # UnlockConnector: the lock is where it is asked to be again
     f.step(hal)
     assert not hal.fault and not hal.flags & FLAG_FAULT
     f.step(hal)
-    assert hal.cp_state() == CP_C
+    assert hal.cp_state(1) == CP_C
 
 
 def test_board_ev_without_diode_is_state_e():
@@ -445,18 +445,18 @@ def test_board_ev_without_diode_is_state_e():
     hal = f.board()
     f.ev = (6, False)
     f.step(hal)
-    assert hal.cp_state() == CP_C  # steady +12 V (nothing offered): the diode cannot be seen …
-    hal.set_limit_w(11040)  # a transaction offers current
+    assert hal.cp_state(1) == CP_C  # steady +12 V (nothing offered): the diode cannot be seen …
+    hal.set_limit_w(11040, 1)  # a transaction offers current
     f.step(hal)
-    assert hal.cp_state() == CP_E  # … once the PWM runs, the low phase gives it away
-    hal.set_contactor(True)
+    assert hal.cp_state(1) == CP_E  # … once the PWM runs, the low phase gives it away
+    hal.set_contactor(True, 1)
     f.pins[E.PIN_LOCK_FB].v = 0
     f.step(hal, 10)
-    assert hal.cp_state() == CP_E and f.pins[E.PIN_CONTACTOR].v == 0  # stays E, never charges
+    assert hal.cp_state(1) == CP_E and f.pins[E.PIN_CONTACTOR].v == 0  # stays E, never charges
     assert f.pwm.d != P.DUTY_OFF and _rgb(f) == (1, 0, 0)
     f.ev = None
     f.step(hal)
-    assert hal.cp_state() == CP_A and f.pwm.d == P.DUTY_OFF
+    assert hal.cp_state(1) == CP_A and f.pwm.d == P.DUTY_OFF
 
 
 def test_board_reads_the_meter_over_modbus_rtu():
@@ -473,7 +473,7 @@ def test_board_reads_the_meter_over_modbus_rtu():
     # import 12 345.60 kWh, export 78.90 kWh (u64, 0.01 kWh)
     u.rx += _answer(1, 3, [0, 0, 0x0012, 0xD680, 0, 0, 0, 7890])[:10]
     f.step(hal, 1)
-    assert hal.meter() == (0, 0, 0, 0, 0)  # half an answer: wait
+    assert hal.meter(1) == (0, 0, 0, 0, 0)  # half an answer: wait
     u.rx += _answer(1, 3, [0, 0, 0x0012, 0xD680, 0, 0, 0, 7890])[10:]
     f.step(hal, 1)
     assert u.sent == b""
@@ -486,7 +486,7 @@ def test_board_reads_the_meter_over_modbus_rtu():
     regs[21] = 1104000 & 0xFFFF
     u.rx += _answer(1, 3, regs)
     f.step(hal, 1)
-    assert hal.meter() == (12345600, 78900, 11040, 16000, 2301)
+    assert hal.meter(1) == (12345600, 78900, 11040, 16000, 2301)
     assert hal.emeter.errors == 0
     u.sent = bytearray()
     f.step(hal, 1)
@@ -497,7 +497,7 @@ def test_board_reads_the_meter_over_modbus_rtu():
     bad[-1] ^= 0xFF
     u.rx += bad
     f.step(hal, 1)
-    assert hal.emeter.errors == 1 and hal.meter()[0] == 12345600  # kept
+    assert hal.emeter.errors == 1 and hal.meter(1)[0] == 12345600  # kept
     f.step(hal, 1, E.METER_MS)
     exc = bytearray(b"\x01\x83\x02\x00\x00")
     c = MB.crc16(exc, 3)

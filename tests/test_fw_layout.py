@@ -225,17 +225,3 @@ def test_the_simulated_hal_has_every_input_and_output_of_hal() -> None:
     init = ast.parse((FIRMWARE / "boards" / "sim.py").read_text())
     assigned = {t.attr for t in ast.walk(init) if isinstance(t, ast.Attribute) and isinstance(t.ctx, ast.Store)}
     assert {"flags", "card"} <= assigned  # Hal.__init__'s
-
-
-def test_every_board_mounts_its_flash_with_the_firmwares_littlefs_sizes(mods: dict[str, build.Module]) -> None:
-    # csc/store.py's LFS_IO sizes LittleFS's caches (heap: the mount's two and one per open file);
-    # the emulated board writes it again (it mounts before any csc is imported)
-    io = mods["csc.store"].consts["LFS_IO"]
-    assert mods["boards.unix"].consts["_LFS_IO"] == io == 16
-    for m in ("boards.unix", "boards.esp32"):
-        calls = [
-            n
-            for n in ast.walk(mods[m].tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("VfsLfs2", "mkfs")
-        ]
-        assert calls and all({k.arg for k in c.keywords} == {"readsize", "progsize"} for c in calls), m

@@ -42,7 +42,6 @@ from boards.drivers.pn532 import PN532
 from boards.drivers.zero_cross import ZeroCross
 from csc.hal import FLAG_BUTTON, FLAG_CARD, FLAG_CP, FLAG_FAULT, Hal
 from csc.schema import CP_STATE_A, CP_STATE_B, CP_STATE_C, CP_STATE_E, CP_STATE_F
-from csc.store import LFS_IO
 from micropython import const
 
 # ---------------------------------------------------------------- the board's wiring (one table)
@@ -231,10 +230,10 @@ class Esp32Hal(Hal):
         b.value(c & 0x80)
 
     # ---- inputs
-    def cp_state(self, evse=1):
+    def cp_state(self, evse):
         return self.cp
 
-    def meter(self, evse=1):
+    def meter(self, evse):
         return self.emeter.reading
 
     def temperature_dc(self):
@@ -244,7 +243,7 @@ class Esp32Hal(Hal):
         return self.mains.mhz
 
     # ---- outputs
-    def set_contactor(self, on, evse=1):
+    def set_contactor(self, on, evse):
         self.want_on = on
         if on:
             if not self.want_lock:
@@ -254,11 +253,11 @@ class Esp32Hal(Hal):
         else:
             self.contactor.value(0)  # at once; the poll closes it only when all is well
 
-    def set_limit_w(self, watts, evse=1):
+    def set_limit_w(self, watts, evse):
         self.limit_ma = min(current_ma(watts, PHASES, VOLTS), RATED_A * 1000)
         self._pilot()
 
-    def set_lock(self, locked, evse=1):
+    def set_lock(self, locked, evse):
         if not locked:
             self.want_on = False
             self.contactor.value(0)
@@ -297,10 +296,10 @@ def mount_flash():
     if parts:
         p = parts[0]
         try:
-            vfs.mount(vfs.VfsLfs2(p, readsize=LFS_IO, progsize=LFS_IO), "/flash")
+            vfs.mount(vfs.VfsLfs2(p), "/flash")
         except OSError:
-            vfs.VfsLfs2.mkfs(p, readsize=LFS_IO, progsize=LFS_IO)
-            vfs.mount(vfs.VfsLfs2(p, readsize=LFS_IO, progsize=LFS_IO), "/flash")
+            vfs.VfsLfs2.mkfs(p)
+            vfs.mount(vfs.VfsLfs2(p), "/flash")
         return "/flash"
     try:
         os.mkdir("/flash")

@@ -29,7 +29,9 @@ FLAG_FAULT = const(8)
 
 
 class Hal:
-    """Base class of a board: override the inputs and outputs that exist on it."""
+    """Base class of a board: override the inputs and outputs that exist on it. The firmware passes
+    the EVSE's number (from 1) to every per-EVSE input and output: no default (a function with a
+    default argument takes twice the heap of one without on a board)."""
 
     rating_w = 11000  # hardware rating (charging), W
     rating_discharge_w = 0  # largest discharge power, W (0: no V2G)
@@ -49,17 +51,17 @@ class Hal:
         return time.ticks_ms()
 
     # ---- inputs
-    def cp_state(self, evse=1):
+    def cp_state(self, evse):
         return CP_STATE_A
 
-    def plugged(self, evse=1):
+    def plugged(self, evse):
         return self.cp_state(evse) != CP_STATE_A
 
-    def meter(self, evse=1):
+    def meter(self, evse):
         """(energy_import_wh, energy_export_wh, power_w, current_ma, voltage_dv)."""
         return (0, 0, 0, 0, 2300)
 
-    def signed_meter(self, evse=1):
+    def signed_meter(self, evse):
         """A signed reading (bytes, ≤ 512) from an eichrecht meter, or None."""
         return None
 
@@ -69,7 +71,7 @@ class Hal:
     def freq_mhz(self):
         return 50000
 
-    def ev_needs(self, evse=1):
+    def ev_needs(self, evse):
         """The EV's needs from ISO 15118 (energy_wh, departure in s from now, soc %), or None."""
         return None
 
@@ -82,7 +84,7 @@ class Hal:
     def install_key(self, key):
         """Put a private key delivered from outside (M18) into the secure element."""
 
-    def ev_discharge_ok(self, evse=1):
+    def ev_discharge_ok(self, evse):
         """True when the connected EV accepts discharging (ISO 15118-20 BPT)."""
         return False
 
@@ -94,13 +96,13 @@ class Hal:
         return c
 
     # ---- outputs
-    def set_contactor(self, on, evse=1):
+    def set_contactor(self, on, evse):
         pass
 
-    def set_limit_w(self, watts, evse=1):
+    def set_limit_w(self, watts, evse):
         """Power the EVSE may transfer: ≥ 0 charge limit, < 0 discharge setpoint."""
 
-    def set_lock(self, locked, evse=1):
+    def set_lock(self, locked, evse):
         pass
 
     def display(self, text):

@@ -7,17 +7,9 @@ content, never a mix. A full flash (ENOSPC) leaves the old file in place.
 
 import os
 
-from micropython import const
-
 from .msgpack import FrameError, Reader, Writer, check
 
 ROOT = "/flash"  # the mount point; the unix board and tests may point it elsewhere
-# LittleFS's read and program size on the board's data flash: boards mount it with
-# vfs.VfsLfs2(dev, readsize=LFS_IO, progsize=LFS_IO). MicroPython makes LittleFS's caches 4 times
-# that: the mount's read and program caches, and one per open file. 16 rather than MicroPython's
-# default 32 keeps 128 B of heap for the board's life and 64 B per open file, for reads and
-# writes through the flash driver in 64-byte pieces rather than 128 (docs/firmware.md, "Footprint").
-LFS_IO = const(16)
 
 
 def path(name):
