@@ -36,10 +36,6 @@ if "" not in sys.path:
 
 
 _BLOCK = const(4096)  # the flash's erase block, as an ESP32's (a constant: no attribute for it)
-# LittleFS's read and program size: csc.store.LFS_IO, which every board mounts its flash with (written
-# again here: the flash is mounted before the loader chose the slot whose csc is imported; the layout
-# test holds the two equal)
-_LFS_IO = const(16)
 
 
 class FileBlockDev:
@@ -228,10 +224,10 @@ def mount(path, blocks=256):
     # (the port has no such name): the VFS takes any object with this interface.
     bd = FileBlockDev(path, blocks=blocks)
     try:
-        vfs.mount(vfs.VfsLfs2(bd, readsize=_LFS_IO, progsize=_LFS_IO), "/flash")  # type: ignore[arg-type]
+        vfs.mount(vfs.VfsLfs2(bd), "/flash")  # type: ignore[arg-type]
     except OSError:
-        vfs.VfsLfs2.mkfs(bd, readsize=_LFS_IO, progsize=_LFS_IO)  # type: ignore[arg-type]
-        vfs.mount(vfs.VfsLfs2(bd, readsize=_LFS_IO, progsize=_LFS_IO), "/flash")  # type: ignore[arg-type]
+        vfs.VfsLfs2.mkfs(bd)  # type: ignore[arg-type]
+        vfs.mount(vfs.VfsLfs2(bd), "/flash")  # type: ignore[arg-type]
     return bd
 
 
@@ -458,7 +454,7 @@ def do(c):
         d["estop"] = app.station.estop
         d["version"] = app.version
         d["slot"] = app.slots.running
-        d["sec_loaded"] = app.sec is not None  # the certificate service is built on first use
+        d["sec_loaded"] = "csc.services.security" in sys.modules  # the certificate service is built on first use
         d["modules"] = [m for m in sys.modules if m.startswith("csc.")]  # on-demand ones come and go
         gc.collect()
         d["mem_alloc"] = gc.mem_alloc()

@@ -81,10 +81,17 @@ def park(app):
     yield
 
 
+def _built(app, name):
+    # the service of class `name` among those built (security and monitoring: on their first use)
+    for s in app.services:
+        if type(s).__name__ == name:
+            return s
+    return None
+
+
 class App:
     def __init__(self, hal, device_id, factory_key, gateway, note, slots):
         from . import FW_VERSION
-        from .frame import FrameSplitter  # (its module is loaded already: the link's)
 
         self.hal = hal
         # the board's loader: its firmware slots and the keys that sign updates (the firmware
@@ -98,15 +105,10 @@ class App:
         self.link = L.Link(q, device_id, FW_VERSION)
         self.link.load = self.outbox.load  # stored events are not kept in RAM while in flight
         self.link.anchor = store.read(store.path("anchor"))  # M14/M17 (services/security.py)
-        # the receive buffer is part of the send queue's: a frame above RX bytes borrows the
-        # shared send region (sendq.py), so the board holds no second 4 KiB buffer
-        self.split = FrameSplitter(q.w.mv[URGENT:], RX, q.lend)
         self.pending = {}  # our request id -> fn(body or None, error code)
         self.flying = {}  # outbox ids in flight
         # M13: the CSMS's last decision, on flash: a board that reboots offline obeys it still
-        self._reg = store.load(store.path("reg"), None)
-        self.registered = self._reg == REGISTRATION_ACCEPTED
-        self._barred = False  # the EVSE made unavailable because the board is not accepted
+        self.registered = store.load(store.path("reg"), None) == REGISTRATION_ACCEPTED
         self._boot_due = None  # when to ask again (BootNotification) while not accepted
         self._hold_ms = 0  # extra wait before reconnecting after the gateway refused our Hello
         self.interval_s = 300
@@ -115,8 +117,9 @@ class App:
         self._t_s = int(__import__("time").time()) - EPOCH_UNIX
         self._t_ticks = hal.ticks_ms()
         self._hb_due = 0
-        self._reconnect = False  # set when the link must be dropped and opened again
-        self._restart = False  # a soft reset (M5): the services are built again once the link is down
+        # the link must be dropped and opened again: True (1), or 2 for a soft reset (M5): the
+        # services are built again once the link is down
+        self._reconnect = 0
         self.version = FW_VERSION  # of the code that runs: the factory's or the slot's the loader booted
         # why the board booted (BootNotification, M5): what the reset before wrote, else a power-up
         self.boot_reason = store.load(store.path("bootr"), None) or "PowerUp"
@@ -149,29 +152,29 @@ class App:
         self.fw = firmware_update.FirmwareUpdate(self)
         self.admin = admin.Admin(self)
         self.station = station.Station(self)
-        self.sec = None  # security(), on its first command
-        self.mon = None  # monitoring(), on its first command
+        # security() and monitoring() are built on their first command and found among the
+        # services then (`_built`: no attribute of their own, App's attribute table is under a step)
         if store.exists(store.path("mon")):
             self.monitoring()
 
     def security(self):
         """The certificate service (M14–M19, S7), built on first use (it then registers its
         own commands)."""
-        s = self.sec
+        s = _built(self, "Security")
         if s is None:
             from .services import security
 
-            s = self.sec = security.Security(self)
+            s = security.Security(self)
         return s
 
     def monitoring(self):
         """The monitor service (M3), built on its first command, or at boot when monitors are
         stored: a board that has none spends no heap on its code."""
-        s = self.mon
+        s = _built(self, "Monitoring")
         if s is None:
             from .services import monitoring
 
-            s = self.mon = monitoring.Monitoring(self)
+            s = monitoring.Monitoring(self)
         return s
 
     # ---------------------------------------------------------------- clock
@@ -324,10 +327,10 @@ class App:
             elif t == L.KEY_PROVISIONED:
                 store.write_atomic(store.path("key"), ev[1])
                 self.note("key_provisioned")
-                self._reconnect = True
+                self._reconnect = self._reconnect or 1  # (a soft reset asked for stays asked for)
             elif t == L.CLOSED:
                 self.note("link_closed", {"reason": ev[1]})
-                self._reconnect = True
+                self._reconnect = self._reconnect or 1
                 if ev[1].startswith("hello refused"):  # e.g. deregistered (M11): ask again, slower
                     self._hold_ms = min(self._hold_ms * 2 or 500, _HOLD_MAX_MS)
         # done
@@ -386,23 +389,26 @@ class App:
         """M13: the CSMS's decision, obeyed and kept on flash. Only an accepted board charges:
         pending or rejected (or deregistered, M11), a running transaction ends, the EVSE is
         unavailable and the board asks again (BootNotification) after `interval_s`."""
-        if r != self._reg:
-            self._reg = r
-            store.save(store.path("reg"), r)
+        p = store.path("reg")
+        if r != store.load(p, None):  # read again rather than kept: decisions are rare, RAM is not
+            store.save(p, r)
+        was = self.registered
         self.registered = r == REGISTRATION_ACCEPTED
         self._boot_due = None if self.registered else self.now() + self.interval_s * 1000
-        self._obey()
+        self._obey(was)
 
-    def _obey(self):
+    def _obey(self, was):
+        # `was`: registered before the decision obeyed now. A board not accepted is made
+        # unavailable here (every tick while it is not); accepted after that, it gets back the
+        # availability the station service keeps
         tx = self.tx
         if not self.registered:
             if tx.active():
                 tx.stop(STOP_REASON_OTHER, TX_TRIGGER_ABNORMAL_CONDITION)
             if not tx.inoperative:  # (ChangeAvailability may have cleared it: made so again)
-                self._barred = tx.inoperative = True
+                tx.inoperative = True
                 tx.apply()
-        elif self._barred:  # accepted again: the availability the station service keeps
-            self._barred = False
+        elif not was:
             st = getattr(self, "station", None)
             tx.inoperative = st is not None and (st.estop or not st.operative)
             tx.apply()
@@ -420,12 +426,10 @@ class App:
         closed; once it is down (`run_link`) the services are built again from flash and booted,
         as at power-up, and the board connects again (BootNotification with `reason`)."""
         self.boot_reason = reason
-        self._restart = True
-        self._reconnect = True
+        self._reconnect = 2
         self.kick()
 
     def _rebuild(self):
-        self._restart = False
         hal = self.hal
         for n in range(1, hal.evses + 1):  # the outputs safe first, as at power-up
             hal.set_contactor(False, n)
@@ -443,8 +447,13 @@ class App:
 
     # ---------------------------------------------------------------- tasks
     async def _rx(self, s):
-        split = self.split
         link = self.link
+        q = link.q
+        # one connection's frame splitter (reset: nothing pending, no room lent). Its buffer is part
+        # of the send queue's: a frame above RX bytes borrows the shared send region (sendq.py), so
+        # the board holds no receive buffer of its own
+        split = L.frame.FrameSplitter(q.w.mv[URGENT:], RX, q.lend)
+        split.reset()
         while True:
             room = split.space()
             if room is None:  # a frame above RX bytes: the shared send region drains first
@@ -474,10 +483,9 @@ class App:
         backoff = 200
         link = self.link
         while True:
-            if self._restart:
+            if self._reconnect == 2:
                 self._rebuild()
-            self._reconnect = False
-            self.split.reset()
+            self._reconnect = 0
             s = None
             try:  # a non-blocking TCP connection, as asyncio's open_connection makes it
                 a = socket.getaddrinfo(self.gateway[0], self.gateway[1], 0, socket.SOCK_STREAM)[0]
@@ -544,7 +552,7 @@ class App:
             self._hb_due = now + self.interval_s * 1000
             self.request(A_HEARTBEAT, {}, self._heartbeat)
         if not self.registered:
-            self._obey()
+            self._obey(False)
             b = self._boot_due
             if self.online and b is not None and L.ticks_diff(now, b) >= 0:
                 self._boot_due = None

@@ -214,7 +214,9 @@ class Link:
         self.highest = 0
         self.bits = bytearray(8)
         self.bits[0] = 1
-        self._e = None  # the AES keys of secret fields, (up, down)
+        # the AES keys of secret fields, up (bytes 0-15) then down (16-31): one bytes object, not a
+        # tuple of two (48 B of heap for the session, not 96)
+        self._e = None
         # M14/M17: the Ed25519 public key of the local CSMS the board trusts (services.security
         # sets it from the local-CSMS certificate installed); None: trust on first use
         self.anchor = None
@@ -278,7 +280,7 @@ class Link:
             return
         self._mac_up = crypto.Hmac(k_up)
         self._mac_dn = mac_dn
-        self._e = (e_up, e_dn)
+        self._e = e_up + e_dn
         self.highest = 0  # the session's replay window: seq 0 seen, then the answer's seq 1
         b = self.bits
         for i in range(8):
@@ -321,7 +323,7 @@ class Link:
     # ---------------------------------------------------------------- receiving
     def decrypt(self, seq, key, value):
         """Plaintext of a secret field received in the frame with counter `seq`."""
-        return crypto.ctr(self._e[1], seq, key, value)
+        return crypto.ctr(self._e[16:], seq, key, value)
 
     def receive(self, data, now_ms, start=0, end=-1):
         """Process one received frame: data[start:end] (no length prefix; end -1: to the end)."""
@@ -531,7 +533,7 @@ class Link:
         w.integer(c)  # the class is the priority
         w.integer(ts)
         w.integer(q.action[s])
-        q.secrets(s, self._e[0] if self._e else None, seq)  # encrypted under this frame's seq: a resend re-encrypts
+        q.secrets(s, self._e, seq)  # encrypted under this frame's seq: a resend re-encrypts
         b = w.buf
         b[p] = 0xC4
         b[p + 1] = TAG_LEN

@@ -222,10 +222,11 @@ class SendQueue:
         return True
 
     def secrets(self, s, key, seq):
-        """The number of secret fields in the body of slot s; with `key` (not None), each is encrypted in
-        place (AES-CTR under `key` and the frame's `seq`, same length), as the link does when it
-        seals the frame. They lie at the body's top level (docs/protocol.md), so they are found
-        by walking its keys rather than recorded per slot."""
+        """The number of secret fields in the body of slot s; with `key` (not None: the link's AES
+        keys, the uplink's first 16 bytes), each is encrypted in place (AES-CTR under that key and
+        the frame's `seq`, same length), as the link does when it seals the frame. They lie at the
+        body's top level (docs/protocol.md), so they are found by walking its keys rather than
+        recorded per slot."""
         mv = self.w.mv
         x = self.off[s]
         end = x + self.ln[s]
@@ -251,7 +252,7 @@ class SendQueue:
                 x += 2 if t == 0xC4 else 3
                 m = mv[x - 1] if t == 0xC4 else mv[x - 2] << 8 | mv[x - 1]
                 if key is not None:
-                    mv[x : x + m] = ctr(key, seq, k, mv[x : x + m])
+                    mv[x : x + m] = ctr(key[:16], seq, k, mv[x : x + m])
                 x += m
                 found += 1
             else:

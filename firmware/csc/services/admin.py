@@ -311,4 +311,4 @@ class Admin(Service):
         c = getattr(self, "_close_at", None)
         if c is not None and ticks_diff(now, c) >= 0:
             self._close_at = None
-            app._reconnect = True
+            app._reconnect = app._reconnect or 1  # (a soft reset asked for stays asked for)
