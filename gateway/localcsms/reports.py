@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from gateway import _core
 from gateway.config import PowerConfig
-from gateway.link import proto_ts
+from gateway.link import FrameTooLarge, proto_ts
 from gateway.localcsms.forecast import Demand, Throttle, forecast, steps
 from gateway.localcsms.inventory import DISCOVER, Inventory
 from gateway.schema import MESSAGES, Action, Key, Kind, TxEvent
@@ -129,7 +129,7 @@ class SiteReports:
                 conn, Action.GET_VARIABLES, body, MESSAGES[Action.GET_VARIABLES].timeout_ms / 1000
             )
             ans = _core.decode(raw)
-        except (TimeoutError, ConnectionError, _core.CoreError) as e:
+        except (TimeoutError, ConnectionError, _core.CoreError, FrameTooLarge) as e:
             log.info("%s: configuration not discovered (%s)", device_id, type(e).__name__)
             return
         if ans.kind == Kind.RESPONSE and self.inventory.discovered(device_id, ans.body.get(Key.VARS, [])):

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway import _core
-from gateway.link import proto_ts
+from gateway.link import FrameTooLarge, proto_ts
 from gateway.localcsms.power import SITE, Cap, PowerManager
 from gateway.schema import MESSAGES, Action, Key, Kind, ProfilePurpose, Status, TxEvent
 
@@ -258,7 +258,7 @@ class PowerControl:
         timeout = deadline_s if deadline_s is not None else MESSAGES[action].timeout_ms / 1000
         try:
             ans = _core.decode(await self.links.request(conn, action, body, timeout))
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, FrameTooLarge):  # (a limit is far below any rx_max)
             return False
         return ans.kind == Kind.RESPONSE and ans.body.get(Key.STATUS, 0) == Status.ACCEPTED
 
