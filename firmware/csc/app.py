@@ -344,7 +344,7 @@ class App:
         for s in self.services:
             if action in s.COMMANDS:  # (action, method name, …): an int never equals a name
                 return s
-        if not build or not hasattr(self, "sec"):  # (a build without them: _build_services)
+        if not build or not hasattr(self, "station"):  # (a build without them: _build_services)
             return None
         # the certificate commands (services/security.py): rarely used, so the service is built on
         # the first of them (or the first security()) and its code costs no heap before

@@ -18,7 +18,7 @@ Bounded: at most MAX_RECORDS records and MAX_BYTES bytes. When full, the policy 
 `shed` counts the records dropped since the owner last reported them (the app reports
 them with a SecurityEvent "OutboxShed").
 
-The outbox also hands out the message ids (`next()`; the app's `ids`), unique for the device's
+The outbox also hands out the message ids (`next()`, as `app.outbox.next()`), unique for the device's
 life (docs/protocol.md, link behaviour 3), which key its records and every other message, session
 and transaction. The counter lives on flash (`ids`) as the start of the next unreserved block: at
 boot the board reserves a block of `BLOCK` ids with one write, hands them out from RAM, and

@@ -29,9 +29,10 @@ One buffer of 3 458 bytes (`w.buf`) holds
   decoded, link.py), which the bytes of that frame wait for in the socket meanwhile.
   The two are RX_MAX + 2 bytes. RX_MAX (3 072) is the largest frame this board receives: its
   Hello states it (`rx_max`) and the gateway sends nothing larger, as OCPP 2.0.1's
-  BytesPerMessage… settings make a CSMS split its requests (docs/protocol.md, "Frame size").
-  The protocol's MAX_FRAME (4 096) would cost the board 1 KiB more heap for frames it is never
-  sent: the largest it is (a 2 KiB certificate or local list) make frames of ~2 100 bytes.
+  BytesPerMessage… settings make a CSMS split its requests (docs/protocol.md, "Frame size"): a
+  firmware chunk makes ~1 100 bytes, a 2 KiB certificate or local list ~2 100; what the schema
+  allows above 3 072 (a SetVariables of 32 long values, a long fault table) is refused to its
+  sender, naming the sizes. The protocol's MAX_FRAME (4 096) would cost the board 1 KiB more heap.
 Regions are sized from the bodies measured (high-water marks of the test suite and the
 footprint scenario: 35 / 382 / 515 / 1 044 bytes). A refused message is not lost: the link's
 timer queues a refused request or durable event again 50 ms later, a refused answer is sent
