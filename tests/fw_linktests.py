@@ -708,6 +708,19 @@ def test_a_frame_above_the_receive_part_borrows_the_drained_shared_region():
     assert [e[1] for e in events(link)] == [51]
 
 
+def test_a_connection_lost_while_its_frame_borrowed_the_shared_region_lends_nothing_to_the_next():
+    # the receiver had the shared region lent (a long frame half read) when the connection went:
+    # the next connection's Hello (control class, in that region) still goes out
+    q = SendQueue()
+    link, _ = opened(q)
+    assert q.lend(True)  # drained: lent
+    link.close()
+    link.connect(0, KEY, _nonce(), 2)
+    (hello,) = frames(link)
+    link.receive(Gw().hello(hello), 0)
+    assert link.state == L.OPEN
+
+
 def test_a_length_prefix_above_the_boards_rx_max_fails_the_stream():
     # the gateway sends no frame above the Hello's rx_max: a prefix above it is a broken stream
     q = SendQueue()

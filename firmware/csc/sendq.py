@@ -158,11 +158,14 @@ class SendQueue:
         return self.n[0] + self.n[1] + self.n[2] + self.n[3]
 
     def clear(self):
+        """Empty (the link opens or closes a connection): nothing queued, nobody waiting, and no
+        room lent to a receiver, whose connection is gone too (else the next Hello is refused)."""
         for c in range(4):
             self.head[c] = 0
             self.n[c] = 0
             self.deficit[c] = 0
         self.waiting = self.need = 0
+        self.lent = False
 
     def lend(self, on):
         """Lend the shared region to the receiver for one frame longer than RX (on=True; True
